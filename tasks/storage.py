@@ -1,0 +1,327 @@
+"""One set of verbs over local folders and S3, so that no flow branches on the scheme.
+
+A location is a URI: a plain path, ``file:///abs/path`` or ``s3://bucket/prefix``. Credentials,
+region and endpoint come from the standard AWS environment and config files, so MinIO and moto
+work by setting ``AWS_ENDPOINT_URL``.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+__all__ = [
+    "AccessDenied",
+    "NotAFolder",
+    "NotFound",
+    "StorageError",
+    "create_if_absent",
+    "exists",
+    "is_s3",
+    "join",
+    "list_files",
+    "read_bytes",
+    "relative_to",
+    "write_bytes",
+]
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URI and what is wrong."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        super().__init__(f"{uri}: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+
+class NotFound(StorageError, FileNotFoundError):
+    """No such file, folder, key or bucket."""
+
+
+class AccessDenied(StorageError, PermissionError):
+    """The credentials in use may not perform this operation."""
+
+
+class NotAFolder(StorageError, NotADirectoryError):
+    """A folder was expected and a file was found."""
+
+
+@dataclass(frozen=True)
+class _S3Location:
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}" if self.key else f"s3://{self.bucket}"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _parse(uri: str) -> Path | _S3Location:
+    if not uri:
+        raise ValueError("empty location: expected a path, file:// URI or s3://bucket/prefix")
+    if is_s3(uri):
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        if not bucket:
+            raise ValueError(f"{uri!r} names no bucket: expected s3://bucket/prefix")
+        return _S3Location(bucket, key)
+    if uri.startswith("file:"):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{uri!r}: file URIs on another host are not supported")
+        return Path(unquote(parts.path))
+    if "://" in uri:
+        raise ValueError(f"{uri!r}: unsupported scheme (use a path, file:// or s3://)")
+    return Path(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join relative parts ('a/b' or 'a', 'b') onto a location, keeping its scheme."""
+    location = _parse(uri)
+    cleaned = [part.strip("/") for part in parts if part.strip("/")]
+    if isinstance(location, _S3Location):
+        key = "/".join([location.key.rstrip("/"), *cleaned] if location.key else cleaned)
+        return str(_S3Location(location.bucket, key))
+    return str(location.joinpath(*cleaned))
+
+
+def relative_to(uri: str, base: str) -> str:
+    """The part of ``uri`` below ``base``, with '/' separators."""
+    location, root = _parse(uri), _parse(base)
+    if isinstance(location, _S3Location) and isinstance(root, _S3Location):
+        prefix = root.key.rstrip("/") + "/" if root.key else ""
+        if location.bucket != root.bucket or not location.key.startswith(prefix):
+            raise ValueError(f"{uri} is not under {base}")
+        return location.key[len(prefix) :]
+    if isinstance(location, Path) and isinstance(root, Path):
+        return location.relative_to(root).as_posix()
+    raise ValueError(f"{uri} is not under {base}")
+
+
+# ---------------------------------------------------------------------------------------------
+# S3
+
+
+@functools.cache
+def _s3_client(endpoint_url: str | None):
+    import boto3
+    from botocore.config import Config
+
+    # Clients are thread-safe; one per endpoint, shared by all threads, with a pool large
+    # enough for the thread pools that read images in parallel.
+    config = Config(retries={"max_attempts": 5, "mode": "adaptive"}, max_pool_connections=32)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+_client_lock = threading.Lock()
+
+
+def _client():
+    with _client_lock:
+        return _s3_client(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+def _s3_error(uri: str, error: Exception) -> StorageError:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    if isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        bucket = _parse(uri).bucket  # type: ignore[union-attr]
+        if code in ("NoSuchBucket",):
+            return NotFound(uri, f"no such bucket {bucket!r}")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return NotFound(uri, "no such key")
+        if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return AccessDenied(uri, f"access denied ({code})")
+        message = error.response.get("Error", {}).get("Message", "")
+        return StorageError(uri, f"S3 error {code}: {message}".rstrip(": "))
+    if isinstance(error, NoCredentialsError):
+        return AccessDenied(uri, "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
+    if isinstance(error, BotoCoreError):
+        return StorageError(uri, f"S3 request failed: {error}")
+    return StorageError(uri, str(error))
+
+
+def _s3_call(uri: str, operation: str, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return getattr(_client(), operation)(**kwargs)
+    except (BotoCoreError, ClientError) as error:
+        raise _s3_error(uri, error) from error
+
+
+def _s3_missing_key_or_bucket(uri: str, location: _S3Location) -> StorageError:
+    """HEAD answers a bare 404 for both a missing key and a missing bucket: tell them apart."""
+    try:
+        _s3_call(uri, "head_bucket", Bucket=location.bucket)
+    except NotFound:
+        return NotFound(uri, f"no such bucket {location.bucket!r}")
+    return NotFound(uri, "no such key")
+
+
+# ---------------------------------------------------------------------------------------------
+# The verbs
+
+
+def list_files(uri: str, suffixes: Iterable[str] | None = None) -> Iterator[str]:
+    """Every file below ``uri``, recursively, as URIs in sorted order.
+
+    ``suffixes`` filters by name ending, case-insensitively (e.g. ``{".png", ".jpg"}``).
+    """
+    wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+    location = _parse(uri)
+    if isinstance(location, _S3Location):
+        names = _list_s3(uri, location)
+    else:
+        names = _list_local(uri, location)
+    for name in names:
+        if wanted is None or name.lower().endswith(wanted):
+            yield name
+
+
+def _list_s3(uri: str, location: _S3Location) -> Iterator[str]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    prefix = location.key.rstrip("/") + "/" if location.key else ""
+    paginator = _client().get_paginator("list_objects_v2")
+    try:
+        # S3 returns keys in UTF-8 binary order, which is sorted order for our purposes.
+        for page in paginator.paginate(Bucket=location.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                if not item["Key"].endswith("/"):  # folder markers made by consoles
+                    yield str(_S3Location(location.bucket, item["Key"]))
+    except (BotoCoreError, ClientError) as error:
+        raise _s3_error(uri, error) from error
+
+
+def _list_local(uri: str, root: Path) -> Iterator[str]:
+    if not root.exists():
+        raise NotFound(uri, "no such folder")
+    if not root.is_dir():
+        raise NotAFolder(uri, "not a folder")
+
+    def on_error(error: OSError) -> None:
+        if isinstance(error, PermissionError):
+            raise AccessDenied(str(error.filename), "permission denied") from error
+        raise StorageError(str(error.filename), error.strerror or str(error)) from error
+
+    found = []
+    for folder, subfolders, files in os.walk(root, onerror=on_error):
+        subfolders.sort()
+        found.extend(os.path.join(folder, name) for name in files)
+    yield from sorted(found)
+
+
+def read_bytes(uri: str) -> bytes:
+    location = _parse(uri)
+    if isinstance(location, _S3Location):
+        return _s3_call(uri, "get_object", Bucket=location.bucket, Key=location.key)["Body"].read()
+    try:
+        return location.read_bytes()
+    except FileNotFoundError as error:
+        raise NotFound(uri, "no such file") from error
+    except IsADirectoryError as error:
+        raise StorageError(uri, "is a folder, not a file") from error
+    except PermissionError as error:
+        raise AccessDenied(uri, "permission denied") from error
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: readers see the old content or the new, never a part."""
+    location = _parse(uri)
+    if isinstance(location, _S3Location):
+        _s3_call(uri, "put_object", Bucket=location.bucket, Key=location.key, Body=data)
+        return
+    temporary = _write_temporary(uri, location, data)
+    try:
+        os.replace(temporary, location)
+    except OSError:
+        os.unlink(temporary)
+        raise
+
+
+def create_if_absent(uri: str, data: bytes) -> bool:
+    """Create ``uri`` holding ``data`` unless it exists. True when this call created it.
+
+    Exactly one of any number of concurrent callers wins, on a folder and on S3 alike.
+    """
+    location = _parse(uri)
+    if isinstance(location, _S3Location):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            _client().put_object(Bucket=location.bucket, Key=location.key, Body=data, IfNoneMatch="*")
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            # 409 ConditionalRequestConflict: another writer's put to this key is in flight.
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise _s3_error(uri, error) from error
+        except BotoCoreError as error:
+            raise _s3_error(uri, error) from error
+        return True
+    # A hard link to a complete temporary file is O_EXCL with the content already in place:
+    # nobody ever sees the file half-written.
+    temporary = _write_temporary(uri, location, data)
+    try:
+        os.link(temporary, location)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+            raise StorageError(uri, error.strerror or str(error)) from error
+        return _create_exclusive(uri, location, data)  # file systems without hard links
+    finally:
+        os.unlink(temporary)
+
+
+def _create_exclusive(uri: str, location: Path, data: bytes) -> bool:
+    try:
+        descriptor = os.open(location, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+    return True
+
+
+def _write_temporary(uri: str, location: Path, data: bytes) -> str:
+    try:
+        location.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=location.parent, prefix=f".{location.name}.", suffix=".tmp")
+    except FileExistsError as error:
+        raise NotAFolder(uri, f"{error.filename} is a file, not a folder") from error
+    except PermissionError as error:
+        raise AccessDenied(uri, "permission denied") from error
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(temporary, 0o644)
+    return temporary
+
+
+def exists(uri: str) -> bool:
+    location = _parse(uri)
+    if isinstance(location, _S3Location):
+        try:
+            _s3_call(uri, "head_object", Bucket=location.bucket, Key=location.key)
+        except NotFound:
+            error = _s3_missing_key_or_bucket(uri, location)
+            if "bucket" in error.reason:
+                raise error from None
+            return False
+        return True
+    return location.exists()

@@ -1,0 +1,174 @@
+"""Every storage verb against a temp folder and against a moto S3 server over HTTP."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tasks import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_bucket") + "/store"
+
+
+def test_write_read_round_trip(root):
+    uri = storage.join(root, "a", "b.bin")
+    storage.write_bytes(uri, b"\x00payload\xff")
+    assert storage.read_bytes(uri) == b"\x00payload\xff"
+    storage.write_bytes(uri, b"replaced")
+    assert storage.read_bytes(uri) == b"replaced"
+
+
+def test_exists(root):
+    uri = storage.join(root, "present.txt")
+    assert not storage.exists(uri)
+    storage.write_bytes(uri, b"x")
+    assert storage.exists(uri)
+
+
+def test_list_is_recursive_sorted_and_filters_suffixes_case_insensitively(root):
+    names = ["b/2.PNG", "a/1.png", "a/deep/er/3.jpg", "notes.txt", "c.png"]
+    for name in names:
+        storage.write_bytes(storage.join(root, name), b"x")
+    listed = [storage.relative_to(uri, root) for uri in storage.list_files(root)]
+    assert listed == sorted(names)
+    images = [storage.relative_to(uri, root) for uri in storage.list_files(root, {".png", ".jpg"})]
+    assert images == ["a/1.png", "a/deep/er/3.jpg", "b/2.PNG", "c.png"]
+
+
+def test_list_does_not_match_sibling_prefixes(root):
+    storage.write_bytes(storage.join(root, "in", "x.png"), b"x")
+    storage.write_bytes(storage.join(root, "incoming", "y.png"), b"y")
+    listed = [storage.relative_to(uri, root) for uri in storage.list_files(storage.join(root, "in"))]
+    assert listed == ["in/x.png"] or listed == ["x.png"]
+    assert all("incoming" not in uri for uri in storage.list_files(storage.join(root, "in")))
+
+
+def test_keys_with_spaces_and_unicode(root):
+    name = "patient 001/Thorax – März ü 肺.png"
+    uri = storage.join(root, name)
+    storage.write_bytes(uri, b"unicode")
+    assert storage.read_bytes(uri) == b"unicode"
+    (listed,) = storage.list_files(root)
+    assert listed == uri
+    assert storage.relative_to(listed, root) == name
+
+
+def test_create_if_absent_never_overwrites(root):
+    uri = storage.join(root, "ledger", "entry.json")
+    assert storage.create_if_absent(uri, b"first") is True
+    assert storage.create_if_absent(uri, b"second") is False
+    assert storage.read_bytes(uri) == b"first"
+
+
+def test_create_if_absent_race_has_exactly_one_winner(root):
+    uri = storage.join(root, "race", "claim")
+    barrier = threading.Barrier(8)
+
+    def claim(worker: int) -> bool:
+        barrier.wait()
+        return storage.create_if_absent(uri, f"worker {worker}".encode())
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(claim, range(8)))
+    assert results.count(True) == 1
+    winner = results.index(True)
+    assert storage.read_bytes(uri) == f"worker {winner}".encode()
+
+
+def test_missing_key_names_the_uri(root):
+    uri = storage.join(root, "nope", "missing.png")
+    with pytest.raises(storage.NotFound) as caught:
+        storage.read_bytes(uri)
+    assert uri in str(caught.value)
+    assert "no such" in caught.value.reason
+
+
+def test_listing_2500_keys_pages_through_everything(s3_bucket):
+    from tasks.storage import _client
+
+    client = _client()
+    bucket = s3_bucket[len("s3://") :]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"many/{i:05d}.png", Body=b""), range(2500)))
+    listed = list(storage.list_files(f"{s3_bucket}/many", {".png"}))
+    assert len(listed) == 2500
+    assert listed[0] == f"{s3_bucket}/many/00000.png" and listed[-1] == f"{s3_bucket}/many/02499.png"
+
+
+def test_missing_bucket_is_named(moto_server):
+    uri = "s3://no-such-bucket-here/x/y.png"
+    for operation in (storage.read_bytes, lambda u: list(storage.list_files(u)), storage.exists):
+        with pytest.raises(storage.NotFound) as caught:
+            operation(uri)
+        assert "no such bucket 'no-such-bucket-here'" in str(caught.value)
+    with pytest.raises(storage.NotFound, match="no such bucket"):
+        storage.write_bytes(uri, b"x")
+
+
+def test_local_folder_errors(tmp_path):
+    with pytest.raises(storage.NotFound, match="no such folder"):
+        list(storage.list_files(str(tmp_path / "absent")))
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    with pytest.raises(storage.NotAFolder, match="not a folder"):
+        list(storage.list_files(str(file)))
+    with pytest.raises(storage.NotAFolder):
+        storage.write_bytes(str(file / "child.txt"), b"x")
+
+
+def test_access_denied_is_reported(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file; permission errors cannot be provoked")
+    locked = tmp_path / "locked.bin"
+    locked.write_bytes(b"x")
+    locked.chmod(0)
+    with pytest.raises(storage.AccessDenied):
+        storage.read_bytes(str(locked))
+
+
+def test_s3_bad_credentials_are_access_denied(s3_bucket, monkeypatch):
+    """moto accepts any key unless IAM checks are on; a real S3 answers 403 InvalidAccessKeyId."""
+    from botocore.exceptions import ClientError
+
+    error = ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "bad key"}}, "GetObject")
+    translated = storage._s3_error(f"{s3_bucket}/k", error)
+    assert isinstance(translated, storage.AccessDenied)
+    assert f"{s3_bucket}/k" in str(translated)
+
+
+def test_local_write_is_atomic_and_leaves_no_temporary_files(tmp_path):
+    uri = str(tmp_path / "out" / "predictions.csv")
+    storage.write_bytes(uri, b"a" * 1_000_000)
+    storage.create_if_absent(str(tmp_path / "out" / "claim"), b"x")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["claim", "predictions.csv"]
+
+
+def test_file_uris_and_plain_paths_are_the_same_place(tmp_path):
+    storage.write_bytes(f"file://{tmp_path}/with%20space.txt", b"x")
+    assert (tmp_path / "with space.txt").read_bytes() == b"x"
+    assert list(storage.list_files(f"file://{tmp_path}")) == [str(tmp_path / "with space.txt")]
+
+
+@pytest.mark.parametrize("bad", ["", "s3://", "gs://bucket/x", "file://otherhost/x"])
+def test_bad_uris_are_refused_with_a_message(bad):
+    with pytest.raises(ValueError):
+        storage.read_bytes(bad)
+
+
+def test_join_and_relative_to():
+    assert storage.join("s3://b", "x", "y.png") == "s3://b/x/y.png"
+    assert storage.join("s3://b/p/", "/x/") == "s3://b/p/x"
+    assert storage.join("/data", "a/b") == str(Path("/data/a/b"))
+    assert storage.relative_to("s3://b/p/x/y.png", "s3://b/p") == "x/y.png"
+    with pytest.raises(ValueError):
+        storage.relative_to("s3://other/p/x", "s3://b/p")
