@@ -40,7 +40,8 @@ def decode_dicom(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError(uri, f"unsupported DICOM photometric interpretation {photometric or '(missing)'}")
     check_size(uri, int(dataset.get("Columns", 0) or 0), int(dataset.get("Rows", 0) or 0), max_pixels)
 
-    transfer_syntax = dataset.file_meta.get("TransferSyntaxUID") if "file_meta" in dataset else None
+    file_meta = getattr(dataset, "file_meta", None)
+    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     try:
         pixels = dataset.pixel_array
     except (NotImplementedError, RuntimeError) as error:

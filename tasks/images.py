@@ -84,13 +84,16 @@ def _probe(data: bytes, uri: str) -> tuple[str, int, int]:
     from PIL import Image, UnidentifiedImageError
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow's own bomb warning: we apply our limit below
+        # Pillow's own bomb check fires at open(), before we know the size: ours (check_size)
+        # runs right after with a configurable limit and a message that names the size.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = None
         try:
             with Image.open(io.BytesIO(data)) as image:
                 return image.format or "", image.width, image.height
         except UnidentifiedImageError:
             raise ImageDecodeError(uri, "not an image: unrecognised file format") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        except (OSError, SyntaxError, ValueError) as error:
             raise ImageDecodeError(uri, f"corrupt header: {error}") from None
 
 
