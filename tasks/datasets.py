@@ -161,12 +161,19 @@ def hash_images(
     items: Iterable[LabelledImage],
     read: Callable[[str], bytes] = storage.read_bytes,
     workers: int = 8,
+    on_done: Callable[[], None] | None = None,
 ) -> list[LabelledImage]:
-    """The items with ``sha256`` filled in from their content (read in parallel)."""
+    """The items with ``sha256`` filled in from their content (read in parallel).
+
+    ``on_done`` is called once per hashed image, for progress bars.
+    """
     items = list(items)
 
     def digest(item: LabelledImage) -> LabelledImage:
-        return replace(item, sha256=hashlib.sha256(read(item.uri)).hexdigest())
+        hashed = replace(item, sha256=hashlib.sha256(read(item.uri)).hexdigest())
+        if on_done is not None:
+            on_done()
+        return hashed
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(digest, items))
