@@ -1,0 +1,98 @@
+"""Test-split metrics with scikit-learn, and the decision threshold for the positive class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score, roc_curve
+
+__all__ = ["choose_threshold", "evaluate", "sensitivity_specificity"]
+
+
+def choose_threshold(is_positive: np.ndarray, positive_probability: np.ndarray, target_sensitivity: float = 0.95) -> float:
+    """The highest threshold whose sensitivity on these (validation) images reaches the target.
+
+    Flag when probability >= threshold. The highest such threshold gives the best specificity
+    that still keeps the target sensitivity.
+    """
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+    is_positive = np.asarray(is_positive, bool)
+    scores = np.sort(np.asarray(positive_probability, float)[is_positive])[::-1]
+    if len(scores) == 0:
+        raise ValueError("no positive images to choose a threshold on")
+    needed = int(np.ceil(target_sensitivity * len(scores) - 1e-9))
+    return float(scores[max(needed, 1) - 1])
+
+
+def sensitivity_specificity(is_positive: np.ndarray, flagged: np.ndarray) -> tuple[float, float]:
+    is_positive, flagged = np.asarray(is_positive, bool), np.asarray(flagged, bool)
+    positives, negatives = is_positive.sum(), (~is_positive).sum()
+    sensitivity = float((flagged & is_positive).sum() / positives) if positives else float("nan")
+    specificity = float((~flagged & ~is_positive).sum() / negatives) if negatives else float("nan")
+    return sensitivity, specificity
+
+
+def evaluate(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    positive: str,
+    threshold: float,
+) -> dict:
+    """Everything the card, the report and the promotion decision need, as plain JSON types."""
+    labels = np.asarray(labels, int)
+    probabilities = np.asarray(probabilities, float)
+    predicted = probabilities.argmax(axis=1)
+    indices = list(range(len(classes)))
+    matrix = confusion_matrix(labels, predicted, labels=indices)
+    per_class = {}
+    for index, name in enumerate(classes):
+        true_positive = matrix[index, index]
+        false_negative = matrix[index].sum() - true_positive
+        false_positive = matrix[:, index].sum() - true_positive
+        true_negative = matrix.sum() - true_positive - false_negative - false_positive
+        per_class[name] = {
+            "sensitivity": _ratio(true_positive, true_positive + false_negative),
+            "specificity": _ratio(true_negative, true_negative + false_positive),
+            "auc": _auc(labels == index, probabilities[:, index]),
+        }
+    report = classification_report(
+        labels, predicted, labels=indices, target_names=list(classes), output_dict=True, zero_division=0
+    )
+    positive_index = list(classes).index(positive)
+    is_positive = labels == positive_index
+    sensitivity, specificity = sensitivity_specificity(is_positive, probabilities[:, positive_index] >= threshold)
+    fpr, tpr, _ = roc_curve(is_positive, probabilities[:, positive_index]) if 0 < is_positive.sum() < len(labels) else ([], [], [])
+    return {
+        "images": int(len(labels)),
+        "accuracy": float(report["accuracy"]),
+        "classification_report": report,
+        "confusion_matrix": matrix.tolist(),
+        "per_class": per_class,
+        "macro_auc": _mean([c["auc"] for c in per_class.values()]),
+        "positive": {
+            "class": positive,
+            "auc": per_class[positive]["auc"],
+            "threshold": float(threshold),
+            "sensitivity_at_threshold": sensitivity,
+            "specificity_at_threshold": specificity,
+            "roc": {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]},
+        },
+    }
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return float(numerator / denominator) if denominator else None
+
+
+def _auc(is_class: np.ndarray, scores: np.ndarray) -> float | None:
+    if is_class.all() or not is_class.any():
+        return None  # undefined with one side empty
+    return float(roc_auc_score(is_class, scores))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None

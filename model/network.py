@@ -1,0 +1,78 @@
+"""VGG16 transfer-learning classifier: the ImageNet base without its top, and a new head.
+
+The head pools over the whole feature map. The founding tutorial's ``AveragePooling2D((4, 4))``
+on VGG16's 7x7 map keeps only the top-left 4x4 cells and so ignores the lower and outer lungs.
+"""
+
+from __future__ import annotations
+
+import keras
+
+__all__ = ["WeightsUnavailable", "build_base", "build_classifier", "build_head", "unfreeze_top_block"]
+
+IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+class WeightsUnavailable(RuntimeError):
+    """The requested base weights could not be had."""
+
+
+def build_base(input_size: int = 224, weights: str | None = "imagenet") -> keras.Model:
+    """VGG16 without its classifier. ``weights``: 'imagenet' (Keras' download and cache),
+    a local weights file, or None (random initialisation)."""
+    shape = (input_size, input_size, 3)
+    if weights == "imagenet":
+        try:
+            return keras.applications.VGG16(include_top=False, weights="imagenet", input_shape=shape)
+        except Exception as error:  # Keras raises a bare Exception for a failed download
+            raise WeightsUnavailable(
+                f"could not download the ImageNet weights for VGG16 ({error}). Without internet access, "
+                f"pass a local or S3 copy of {IMAGENET_FILE} (--weights PATH_OR_URI), "
+                "or train from scratch (--weights none)"
+            ) from error
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
+    if weights is not None:
+        try:
+            base.load_weights(weights)
+        except (OSError, ValueError) as error:
+            raise WeightsUnavailable(f"{weights}: not a VGG16 (no top) weights file: {error}") from error
+    return base
+
+
+def build_head(feature_shape: tuple[int, ...], num_classes: int, units: int = 64, dropout: float = 0.5) -> keras.Model:
+    """Global average pooling -> Dense(units, relu) -> Dropout -> Dense(num_classes, softmax)."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    features = keras.Input(feature_shape, name="features")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    x = keras.layers.Dense(units, activation="relu", name="dense")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(features, outputs, name="head")
+
+
+def build_classifier(
+    num_classes: int,
+    input_size: int = 224,
+    weights: str | None = "imagenet",
+    head_units: int = 64,
+    dropout: float = 0.5,
+) -> keras.Model:
+    """The whole classifier, image in, class probabilities out, with the base frozen.
+
+    Its two parts are the layers named 'vgg16' and 'head', so stage 1 can train the head alone
+    on cached base features and the classifier shares the result.
+    """
+    base = build_base(input_size, weights)
+    base.trainable = False
+    head = build_head(tuple(base.output.shape[1:]), num_classes, head_units, dropout)
+    image = keras.Input((input_size, input_size, 3), name="image")
+    return keras.Model(image, head(base(image)), name="cxr_vgg16")
+
+
+def unfreeze_top_block(model: keras.Model) -> None:
+    """Make block5 of the base trainable and everything below it frozen (VGG16 has no BatchNorm)."""
+    base = model.get_layer("vgg16")
+    base.trainable = True
+    for layer in base.layers:
+        layer.trainable = layer.name.startswith("block5")

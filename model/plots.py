@@ -1,0 +1,75 @@
+"""Training curves, confusion matrix and ROC as PNG bytes (matplotlib, Agg: no display needed)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["confusion_png", "curves_png", "roc_png"]
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def curves_png(history: dict[str, dict[str, list[float]]]) -> bytes:
+    """Loss and accuracy per epoch, training vs validation, both stages in sequence."""
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0
+    for stage, values in history.items():
+        epochs = np.arange(1, len(values.get("loss", [])) + 1) + offset
+        for key, axis in (("loss", loss_axis), ("accuracy", accuracy_axis)):
+            if key in values:
+                axis.plot(epochs, values[key], label=f"train ({stage})")
+            if f"val_{key}" in values:
+                axis.plot(epochs, values[f"val_{key}"], linestyle="--", label=f"validation ({stage})")
+        if offset:
+            for axis in (loss_axis, accuracy_axis):
+                axis.axvline(offset + 0.5, color="grey", linewidth=0.8)
+        offset += len(epochs)
+    for axis, title in ((loss_axis, "Loss"), (accuracy_axis, "Accuracy")):
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> bytes:
+    matrix = np.asarray(matrix)
+    figure, axis = plt.subplots(figsize=(1.3 * len(classes) + 2.5, 1.1 * len(classes) + 2))
+    axis.imshow(matrix, cmap="Blues")
+    axis.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    axis.set_yticks(range(len(classes)), classes)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    for (row, column), value in np.ndenumerate(matrix):
+        colour = "white" if value > matrix.max() / 2 else "black"
+        axis.text(column, row, str(value), ha="center", va="center", color=colour)
+    axis.set_title("Confusion matrix (test split)")
+    return _png(figure)
+
+
+def roc_png(fpr: Sequence[float], tpr: Sequence[float], auc: float | None, positive: str,
+            operating_point: tuple[float, float] | None = None) -> bytes:
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    if len(fpr):
+        axis.plot(fpr, tpr, label=f"AUC {auc:.3f}" if auc is not None else "ROC")
+    if operating_point is not None:
+        sensitivity, specificity = operating_point
+        axis.plot([1 - specificity], [sensitivity], "o", label="threshold")
+    axis.set_xlabel("1 - specificity")
+    axis.set_ylabel("sensitivity")
+    axis.set_title(f"ROC: {positive} vs rest (test split)")
+    axis.legend(loc="lower right")
+    return _png(figure)

@@ -1,0 +1,223 @@
+"""Two-stage training: the head on cached base features (stage 1), then optionally block5 (stage 2).
+
+Stage 1 with the base frozen computes the base's features once per image and augmentation draw,
+so every epoch costs only the head. Epoch ``e`` trains on draw ``e mod augment_draws``, one
+augmented view of each image per epoch as in naive training. ``fit_naive_frozen`` trains the
+same thing end to end (kept for the benchmark and for checking the cached path).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
+
+from model.augmentation import Augmentation, build_augmentation
+from model.preprocessing import Preprocessing, scale
+
+__all__ = ["TrainingConfig", "TrainingData", "extract_features", "fine_tune", "fit_head_cached", "fit_naive_frozen"]
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    epochs: int = 25
+    fine_tune_epochs: int = 0
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    fine_tune_learning_rate: float = 1e-5
+    augment: bool = True
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    augment_draws: int = 3
+    class_weights: bool = True
+    patience: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "augment_draws"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.fine_tune_epochs < 0:
+            raise ValueError(f"fine_tune_epochs must be 0 or more, got {self.fine_tune_epochs}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Resized uint8 images ``(n, size, size, 3)`` and integer labels for training and validation."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    num_classes: int
+
+
+def sample_weights(labels: np.ndarray, num_classes: int, balanced: bool) -> np.ndarray:
+    """Per-sample weights from scikit-learn's 'balanced' class weights (or all ones)."""
+    if not balanced:
+        return np.ones(len(labels), np.float32)
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    table = np.ones(num_classes, np.float32)
+    table[present] = weights
+    return table[labels].astype(np.float32)
+
+
+def _compile(model: keras.Model, learning_rate: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+        weighted_metrics=[],
+    )
+
+
+def _batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
+
+
+def extract_features(
+    base: keras.Model,
+    images: np.ndarray,
+    spec: Preprocessing,
+    augmentation: keras.Sequential | None = None,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Base features of uint8 images, optionally through one draw of ``augmentation``."""
+    features = []
+    for batch in _batches(images, batch_size):
+        x = tf.convert_to_tensor(batch, tf.float32) / 255.0
+        if augmentation is not None:
+            x = augmentation(x, training=True)
+        features.append(keras.ops.convert_to_numpy(base(scale(x, spec), training=False)))
+    return np.concatenate(features) if features else np.zeros((0, *base.output.shape[1:]), np.float32)
+
+
+def _cached_epochs(
+    draws: Sequence[np.ndarray], targets: np.ndarray, weights: np.ndarray, config: TrainingConfig
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(config.seed)
+    for epoch in range(config.epochs):
+        features = draws[epoch % len(draws)]
+        order = rng.permutation(len(targets))
+        for start in range(0, len(order), config.batch_size):
+            index = order[start : start + config.batch_size]
+            yield features[index], targets[index], weights[index]
+
+
+def fit_head_cached(
+    model: keras.Model,
+    data: TrainingData,
+    spec: Preprocessing,
+    config: TrainingConfig,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    on_features: callable | None = None,
+) -> dict[str, list[float]]:
+    """Stage 1: train the head of ``model`` on cached base features. Returns the Keras history."""
+    base, head = model.get_layer("vgg16"), model.get_layer("head")
+    augmentation = build_augmentation(config.augmentation, config.seed) if config.augment else None
+    draws = []
+    for draw in range(config.augment_draws if augmentation is not None else 1):
+        draws.append(extract_features(base, data.x_train, spec, augmentation, config.batch_size))
+        if on_features is not None:
+            on_features(draw + 1, len(draws) if augmentation is None else config.augment_draws)
+    val_features = extract_features(base, data.x_val, spec, None, config.batch_size)
+
+    targets = keras.utils.to_categorical(data.y_train, data.num_classes)
+    weights = sample_weights(data.y_train, data.num_classes, config.class_weights)
+    _compile(head, config.learning_rate)
+    history = head.fit(
+        _cached_epochs(draws, targets, weights, config),
+        steps_per_epoch=math.ceil(len(targets) / config.batch_size),
+        epochs=config.epochs,
+        validation_data=(val_features, keras.utils.to_categorical(data.y_val, data.num_classes)),
+        callbacks=[*_early_stopping(config), *callbacks],
+        verbose=0,
+    )
+    return history.history
+
+
+def _early_stopping(config: TrainingConfig) -> list[keras.callbacks.Callback]:
+    return [keras.callbacks.EarlyStopping("val_loss", patience=config.patience, restore_best_weights=True)]
+
+
+def _image_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    spec: Preprocessing,
+    batch_size: int,
+    augmentation: keras.Sequential | None,
+    weights: np.ndarray | None,
+    seed: int,
+) -> tf.data.Dataset:
+    targets = keras.utils.to_categorical(labels, num_classes)
+    parts = (images, targets) if weights is None else (images, targets, weights)
+    dataset = tf.data.Dataset.from_tensor_slices(parts)
+    if augmentation is not None:
+        dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+
+    def prepare(x, *rest):
+        x = tf.cast(x, tf.float32) / 255.0
+        if augmentation is not None:
+            x = augmentation(x, training=True)
+        return (scale(x, spec), *rest)
+
+    return dataset.batch(batch_size).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+
+def fit_naive_frozen(
+    model: keras.Model,
+    data: TrainingData,
+    spec: Preprocessing,
+    config: TrainingConfig,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> dict[str, list[float]]:
+    """Stage 1 the textbook way: every epoch runs every image through the frozen base again."""
+    model.get_layer("vgg16").trainable = False
+    return _fit_end_to_end(model, data, spec, config, config.epochs, config.learning_rate, callbacks)
+
+
+def fine_tune(
+    model: keras.Model,
+    data: TrainingData,
+    spec: Preprocessing,
+    config: TrainingConfig,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> dict[str, list[float]]:
+    """Stage 2: unfreeze block5 and train end to end with a small learning rate."""
+    from model.network import unfreeze_top_block
+
+    unfreeze_top_block(model)
+    return _fit_end_to_end(model, data, spec, config, config.fine_tune_epochs, config.fine_tune_learning_rate, callbacks)
+
+
+def _fit_end_to_end(model, data, spec, config, epochs, learning_rate, callbacks) -> dict[str, list[float]]:
+    augmentation = build_augmentation(config.augmentation, config.seed) if config.augment else None
+    weights = sample_weights(data.y_train, data.num_classes, config.class_weights)
+    train = _image_dataset(
+        data.x_train, data.y_train, data.num_classes, spec, config.batch_size, augmentation, weights, config.seed
+    )
+    val = _image_dataset(data.x_val, data.y_val, data.num_classes, spec, config.batch_size, None, None, config.seed)
+    _compile(model, learning_rate)
+    history = model.fit(
+        train, epochs=epochs, validation_data=val, callbacks=[*_early_stopping(config), *callbacks], verbose=0
+    )
+    return history.history
+
+
+def predict_probabilities(model: keras.Model, images: np.ndarray, spec: Preprocessing, batch_size: int = 16) -> np.ndarray:
+    """Class probabilities for resized uint8 images."""
+    outputs = [
+        keras.ops.convert_to_numpy(model(scale(batch.astype(np.float32) / 255.0, spec), training=False))
+        for batch in _batches(images, batch_size)
+    ]
+    return np.concatenate(outputs) if outputs else np.zeros((0, model.output.shape[-1]), np.float32)
