@@ -31,7 +31,15 @@ def build_base(input_size: int = 224, weights: str | None = "imagenet") -> keras
                 "or train from scratch (--weights none)"
             ) from error
     base = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
-    if weights is not None:
+    if weights is None:
+        # Keras initialises VGG16 with Glorot, which roughly halves activations at each ReLU layer:
+        # after 13 of them the features are ~1e-3 and a head on a frozen base learns nothing.
+        # He initialisation keeps them of order one.
+        initializer = keras.initializers.HeNormal()
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.Conv2D):
+                layer.kernel.assign(initializer(layer.kernel.shape))
+    else:
         try:
             base.load_weights(weights)
         except (OSError, ValueError) as error:

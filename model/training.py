@@ -140,6 +140,7 @@ def fit_head_cached(
         epochs=config.epochs,
         validation_data=(val_features, keras.utils.to_categorical(data.y_val, data.num_classes)),
         callbacks=[*_early_stopping(config), *callbacks],
+        shuffle=False,  # the generator shuffles, with the config's seed
         verbose=0,
     )
     return history.history
@@ -209,7 +210,8 @@ def _fit_end_to_end(model, data, spec, config, epochs, learning_rate, callbacks)
     val = _image_dataset(data.x_val, data.y_val, data.num_classes, spec, config.batch_size, None, None, config.seed)
     _compile(model, learning_rate)
     history = model.fit(
-        train, epochs=epochs, validation_data=val, callbacks=[*_early_stopping(config), *callbacks], verbose=0
+        train, epochs=epochs, validation_data=val, callbacks=[*_early_stopping(config), *callbacks],
+        shuffle=False, verbose=0,  # tf.data shuffles, with the config's seed
     )
     return history.history
 
