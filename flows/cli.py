@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # Set before Prefect is imported anywhere: no telemetry, and quiet TensorFlow start-up.
@@ -71,6 +72,61 @@ def dataset(
         console.print(f"[yellow]duplicate:[/yellow] {line}")
     if not report:
         console.print("no exact duplicates under two labels or across the split")
+
+
+@app.command()
+def train(
+    dataset_uri: str = typer.Argument(..., help="Labelled dataset: class sub-folders or a manifest.csv."),
+    model_store: str = typer.Option("models", envvar="CXR_MODEL_STORE", help="Model store (folder or s3://)."),
+    positive: str = typer.Option("covid", help="The class to flag (COVID-19); binary mode trains it vs the rest."),
+    multiclass: bool = typer.Option(False, "--multiclass", help="One output per class folder instead of binary."),
+    epochs: int = typer.Option(25, help="Stage 1 epochs (head on cached features, base frozen)."),
+    fine_tune_epochs: int = typer.Option(0, help="Stage 2 epochs fine-tuning block5 (0: no stage 2)."),
+    batch_size: int = typer.Option(16),
+    input_size: int = typer.Option(224, help="Images are resized to this square size."),
+    weights: str = typer.Option("imagenet", help="'imagenet' (download), a weights file path or s3:// URI, or 'none'."),
+    seed: int = typer.Option(0, help="Seed of the split, initialisation, augmentation and shuffling."),
+    test_fraction: float = typer.Option(0.2, help="Share of patients held out for testing."),
+    target_sensitivity: float = typer.Option(0.95, help="Sensitivity the threshold is chosen for, on validation."),
+    augment_draws: int = typer.Option(3, help="Augmented copies of the training set whose features are cached."),
+    horizontal_flip: bool = typer.Option(False, "--horizontal-flip", help="Augment with mirror images (off: anatomy is not symmetric)."),
+    scale_mode: str = typer.Option("unit", help="'unit' ([0, 1], the paper) or 'caffe' (Keras VGG16 ImageNet scaling)."),
+    force_promote: bool = typer.Option(False, "--force-promote", help="Make the new model production even if it is not better."),
+) -> None:
+    """Train a VGG16 transfer-learning classifier, evaluate it and register it in the model store."""
+    from flows.train import train as train_flow
+
+    with _clean_errors():
+        result = train_flow(
+            dataset_uri=dataset_uri, model_store_uri=model_store, positive=positive, multiclass=multiclass,
+            epochs=epochs, fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, input_size=input_size,
+            weights=weights, seed=seed, test_fraction=test_fraction, target_sensitivity=target_sensitivity,
+            augment_draws=augment_draws, horizontal_flip=horizontal_flip, scale_mode=scale_mode,
+            force_promote=force_promote,
+        )
+    auc = "n/a" if result["auc"] is None else f"{result['auc']:.3f}"
+    console.print(
+        f"Model [bold]{result['version']}[/bold]: test accuracy {result['accuracy']:.3f}, {positive} AUC {auc}, "
+        f"sensitivity {result['sensitivity']:.3f} / specificity {result['specificity']:.3f} at threshold "
+        f"{result['threshold']:.3f}"
+    )
+    console.print(f"{'Promoted to production' if result['promoted'] else 'Not promoted'}: {result['reason']}")
+    console.print(f"Bundle: {result['bundle_uri']}")
+
+
+@contextlib.contextmanager
+def _clean_errors():
+    """Known failures end with one line naming the problem (Prefect has logged the details)."""
+    from model.bundle import BundleError
+    from model.network import WeightsUnavailable
+    from tasks.datasets import DatasetError
+    from tasks.storage import StorageError
+
+    try:
+        yield
+    except (WeightsUnavailable, BundleError, DatasetError, StorageError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=2) from None
 
 
 if __name__ == "__main__":

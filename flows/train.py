@@ -48,7 +48,7 @@ def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig, w
     logger = get_run_logger()
     keras.utils.set_random_seed(config.seed)
     _use_gpu_if_present()
-    model = build_classifier(data.num_classes, spec.input_size, weights)
+    model = build_classifier(data.num_classes, spec.input_size, weights, seed=config.seed)
     total = config.epochs + config.fine_tune_epochs
     started = time.perf_counter()
     reporter = EpochReporter("stage 1 (head, cached features)", config.epochs, total)

@@ -17,9 +17,9 @@ class WeightsUnavailable(RuntimeError):
     """The requested base weights could not be had."""
 
 
-def build_base(input_size: int = 224, weights: str | None = "imagenet") -> keras.Model:
+def build_base(input_size: int = 224, weights: str | None = "imagenet", seed: int = 0) -> keras.Model:
     """VGG16 without its classifier. ``weights``: 'imagenet' (Keras' download and cache),
-    a local weights file, or None (random initialisation)."""
+    a local weights file, or None (random initialisation from ``seed``)."""
     shape = (input_size, input_size, 3)
     if weights == "imagenet":
         try:
@@ -35,10 +35,11 @@ def build_base(input_size: int = 224, weights: str | None = "imagenet") -> keras
         # Keras initialises VGG16 with Glorot, which roughly halves activations at each ReLU layer:
         # after 13 of them the features are ~1e-3 and a head on a frozen base learns nothing.
         # He initialisation keeps them of order one.
-        initializer = keras.initializers.HeNormal()
-        for layer in base.layers:
-            if isinstance(layer, keras.layers.Conv2D):
-                layer.kernel.assign(initializer(layer.kernel.shape))
+        # Explicit seeds: unseeded Keras initialisers draw from Python's global RNG, which other
+        # threads (Prefect's among them) also draw from, so runs would not repeat.
+        convolutions = [layer for layer in base.layers if isinstance(layer, keras.layers.Conv2D)]
+        for number, layer in enumerate(convolutions):
+            layer.kernel.assign(keras.initializers.HeNormal(seed=seed * 1000 + number)(layer.kernel.shape))
     else:
         try:
             base.load_weights(weights)
@@ -47,15 +48,19 @@ def build_base(input_size: int = 224, weights: str | None = "imagenet") -> keras
     return base
 
 
-def build_head(feature_shape: tuple[int, ...], num_classes: int, units: int = 64, dropout: float = 0.5) -> keras.Model:
+def build_head(
+    feature_shape: tuple[int, ...], num_classes: int, units: int = 64, dropout: float = 0.5, seed: int = 0
+) -> keras.Model:
     """Global average pooling -> Dense(units, relu) -> Dropout -> Dense(num_classes, softmax)."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     features = keras.Input(feature_shape, name="features")
     x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
-    x = keras.layers.Dense(units, activation="relu", name="dense")(x)
-    x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    x = keras.layers.Dense(units, activation="relu", name="dense",
+                           kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+    x = keras.layers.Dropout(dropout, name="dropout", seed=seed + 1)(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities",
+                                 kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2))(x)
     return keras.Model(features, outputs, name="head")
 
 
@@ -65,15 +70,16 @@ def build_classifier(
     weights: str | None = "imagenet",
     head_units: int = 64,
     dropout: float = 0.5,
+    seed: int = 0,
 ) -> keras.Model:
     """The whole classifier, image in, class probabilities out, with the base frozen.
 
     Its two parts are the layers named 'vgg16' and 'head', so stage 1 can train the head alone
     on cached base features and the classifier shares the result.
     """
-    base = build_base(input_size, weights)
+    base = build_base(input_size, weights, seed)
     base.trainable = False
-    head = build_head(tuple(base.output.shape[1:]), num_classes, head_units, dropout)
+    head = build_head(tuple(base.output.shape[1:]), num_classes, head_units, dropout, seed)
     image = keras.Input((input_size, input_size, 3), name="image")
     return keras.Model(image, head(base(image)), name="cxr_vgg16")
 

@@ -1,0 +1,149 @@
+"""The training flow end to end on small phantom datasets, on a folder and on a moto S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from flows.train import class_layout, train
+from model.bundle import BundleError
+from tasks import registry, storage
+from tasks.datasets import LabelledImage, discover_dataset, fingerprint, hash_images
+from tasks.phantoms import write_phantom_dataset
+from tests.conftest import flow_run_artifacts
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(input_size=32, weights="none", epochs=3, augment_draws=2, batch_size=8)
+BUNDLE_FILES = {"model.keras", "card.json", "history.json", "curves.png", "confusion.png", "roc.png"}
+
+
+def bundle_files(bundle_uri: str) -> set[str]:
+    return {storage.relative_to(uri, bundle_uri) for uri in storage.list_files(bundle_uri)}
+
+
+def run(**parameters):
+    state = train(**parameters, return_state=True)
+    return state.result(), state.state_details.flow_run_id
+
+
+def test_train_on_a_folder_registers_promotes_and_reports(prefect_api, tmp_path):
+    dataset_uri, store = str(tmp_path / "dataset"), str(tmp_path / "models")
+    write_phantom_dataset(dataset_uri, per_class=16, size=96)
+    result, flow_run_id = run(dataset_uri=dataset_uri, model_store_uri=store, **SMALL)
+
+    assert result["promoted"] and "no comparable production model" in result["reason"]
+    assert bundle_files(result["bundle_uri"]) == BUNDLE_FILES
+    for plot in ("curves.png", "confusion.png", "roc.png"):
+        assert storage.read_bytes(storage.join(result["bundle_uri"], plot)).startswith(b"\x89PNG")
+    assert registry.production_version(store) == result["version"]
+
+    card = registry.load_card(store)
+    assert card.classes == ["non-covid", "covid"] and card.positive_class == "covid"
+    assert card.preprocessing == {"version": 1, "input_size": 32, "scale_mode": "unit", "interpolation": "area"}
+    assert card.weights == {"origin": "none", "sha256": None}
+    items = hash_images(discover_dataset(dataset_uri).items)
+    assert card.dataset["fingerprint"] == fingerprint(items)
+    assert card.dataset["train_images"] + card.dataset["validation_images"] + card.dataset["test_images"] == 32
+    assert card.metrics["images"] == card.dataset["test_images"]
+    assert 0.0 <= card.threshold <= 1.0 and card.threshold == result["threshold"]
+    assert card.software["keras"] == keras.__version__
+    model_bytes = storage.read_bytes(storage.join(result["bundle_uri"], "model.keras"))
+    assert card.model_sha256 == hashlib.sha256(model_bytes).hexdigest()
+    history = json.loads(storage.read_bytes(storage.join(result["bundle_uri"], "history.json")))
+    assert 1 <= len(history["stage1"]["loss"]) <= 3 and "val_loss" in history["stage1"]
+
+    model, loaded_card = registry.load_model(store)
+    assert model.output_shape == (None, 2) and loaded_card == card
+
+    artifacts = flow_run_artifacts(flow_run_id)
+    assert {"training-summary", "training-metrics", "training-progress"} <= artifacts.keys()
+    assert result["version"] in artifacts["training-summary"].data
+    assert artifacts["training-progress"].data == pytest.approx(100.0)
+
+    # Same data, same seed: the same model, which does not beat production. Forced, it does.
+    again, _ = run(dataset_uri=dataset_uri, model_store_uri=store, **SMALL)
+    assert not again["promoted"] and "does not beat production" in again["reason"]
+    assert registry.production_version(store) == result["version"]
+    assert registry.load_card(store, again["version"]).promotion["compared_with"] == result["version"]
+    forced, _ = run(dataset_uri=dataset_uri, model_store_uri=store, force_promote=True, **SMALL)
+    assert forced["promoted"] and registry.production_version(store) == forced["version"]
+    pointer = json.loads(storage.read_bytes(storage.join(store, registry.PRODUCTION)))
+    assert pointer["previous"] == result["version"] and pointer["reason"] == "promotion forced"
+    assert registry.list_versions(store) == sorted([result["version"], again["version"], forced["version"]])
+
+    # A damaged model file is refused on loading.
+    storage.write_bytes(storage.join(forced["bundle_uri"], "model.keras"), model_bytes)
+    with pytest.raises(BundleError, match="damaged or was replaced"):
+        registry.load_model(store)
+
+
+def test_train_on_s3_multiclass_with_an_s3_weights_file(prefect_api, s3_bucket, tmp_path):
+    dataset_uri, store = f"{s3_bucket}/cxr", f"{s3_bucket}/models"
+    write_phantom_dataset(dataset_uri, per_class=10, size=96, classes=("normal", "covid"), seed=0)
+    write_phantom_dataset(dataset_uri, per_class=10, size=96, classes=("viral", "bacterial"), seed=1)
+    storage.write_bytes(f"{dataset_uri}/covid/broken.png", b"\x89PNG\r\n\x1a\n truncated")
+
+    from model.network import build_base
+
+    keras.utils.set_random_seed(3)
+    weights_file = tmp_path / "vgg16.weights.h5"
+    build_base(32, None).save_weights(weights_file)
+    weights_uri = f"{s3_bucket}/weights/vgg16.weights.h5"
+    storage.write_bytes(weights_uri, weights_file.read_bytes())
+
+    result, _ = run(dataset_uri=dataset_uri, model_store_uri=store, multiclass=True,
+                    **{**SMALL, "weights": weights_uri})
+    assert result["bundle_uri"].startswith(f"{store}/v")
+    assert bundle_files(result["bundle_uri"]) == BUNDLE_FILES
+    card = registry.load_card(store)
+    assert card.classes == ["bacterial", "covid", "normal", "viral"]
+    assert card.weights == {"origin": weights_uri, "sha256": hashlib.sha256(weights_file.read_bytes()).hexdigest()}
+    ((rejected_uri, reason),) = card.dataset["rejected"]
+    assert rejected_uri == f"{dataset_uri}/covid/broken.png" and "corrupt" in reason
+    assert card.dataset["images"] == 40
+    assert set(card.metrics["per_class"]) == set(card.classes)
+    assert np.array(card.metrics["confusion_matrix"]).shape == (4, 4)
+    model, _ = registry.load_model(store)
+    assert model.output_shape == (None, 4)
+
+
+def test_offline_imagenet_fails_with_the_other_options_named(prefect_api, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    import keras.src.utils.file_utils as file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(file_utils.urllib.request, "urlretrieve", offline)
+    dataset_uri = str(tmp_path / "dataset")
+    write_phantom_dataset(dataset_uri, per_class=8, size=64)
+    with pytest.raises(Exception, match="--weights none"):
+        train(dataset_uri=dataset_uri, model_store_uri=str(tmp_path / "models"), **{**SMALL, "weights": "imagenet"})
+    assert not storage.exists(str(tmp_path / "models" / registry.PRODUCTION))
+
+
+def test_class_layout():
+    items = tuple(LabelledImage(f"{c}/{i}.png", c) for c in ("covid", "normal", "viral") for i in range(2))
+    classes, labels = class_layout(items, "covid", multiclass=False)
+    assert classes == ["non-covid", "covid"] and labels.tolist() == [1, 1, 0, 0, 0, 0]
+    classes, labels = class_layout(items, "covid", multiclass=True)
+    assert classes == ["covid", "normal", "viral"] and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="'pneumonia' is not among the classes found: covid, normal, viral"):
+        class_layout(items, "pneumonia", multiclass=False)
+
+
+def test_promotion_decision():
+    better = {"auc": 0.9, "sensitivity_at_threshold": 0.95}
+    worse = {"auc": 0.8, "sensitivity_at_threshold": 0.99}
+    assert registry.promotion_decision(better, worse)[0]
+    assert not registry.promotion_decision(worse, better)[0]
+    tie_breaker = {"auc": 0.9, "sensitivity_at_threshold": 0.97}
+    assert registry.promotion_decision(tie_breaker, better)[0]
+    assert not registry.promotion_decision(better, better)[0]
+    assert registry.promotion_decision(worse, better, force=True) == (True, "promotion forced")
+    assert registry.promotion_decision(worse, None) == (True, "no comparable production model")
