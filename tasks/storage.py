@@ -223,11 +223,21 @@ def _list_local(uri: str, root: Path) -> Iterator[str]:
     yield from sorted(found)
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, length: int | None = None) -> bytes:
+    """The file's content, or only its first ``length`` bytes (one ranged GET on S3)."""
     location = _parse(uri)
     if isinstance(location, _S3Location):
-        return _s3_call(uri, "get_object", Bucket=location.bucket, Key=location.key)["Body"].read()
+        extra = {"Range": f"bytes=0-{length - 1}"} if length else {}
+        try:
+            return _s3_call(uri, "get_object", Bucket=location.bucket, Key=location.key, **extra)["Body"].read()
+        except StorageError as error:
+            if length and "InvalidRange" in error.reason:  # an empty object has no byte 0
+                return b""
+            raise
     try:
+        if length is not None:
+            with open(location, "rb") as handle:
+                return handle.read(length)
         return location.read_bytes()
     except FileNotFoundError as error:
         raise NotFound(uri, "no such file") from error

@@ -172,3 +172,12 @@ def test_join_and_relative_to():
     assert storage.relative_to("s3://b/p/x/y.png", "s3://b/p") == "x/y.png"
     with pytest.raises(ValueError):
         storage.relative_to("s3://other/p/x", "s3://b/p")
+
+
+def test_read_a_prefix_of_a_file(root):
+    uri = storage.join(root, "dicom-without-suffix")
+    storage.write_bytes(uri, bytes(128) + b"DICM" + b"rest of the file")
+    assert storage.read_bytes(uri, length=132) == bytes(128) + b"DICM"
+    empty = storage.join(root, "empty")
+    storage.write_bytes(empty, b"")
+    assert storage.read_bytes(empty, length=132) == b""

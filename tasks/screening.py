@@ -1,0 +1,181 @@
+"""Screening work: find inputs, and screen one chunk of them (a Prefect task per chunk).
+
+A chunk is a pure function of its input URIs and the model version: it can run on any worker.
+Inside it, a thread pool reads and decodes while the model predicts the previous batch, and
+only the chunk's own images are ever in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+
+import cv2
+import keras
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from model.bundle import ModelCard
+from model.training import predict_probabilities
+from tasks import ledger, registry, storage
+from tasks.images import IMAGE_SUFFIXES, is_dicom
+from tasks.loading import LoadedImage, load_image
+
+__all__ = ["ChunkResult", "find_inputs", "part_uri", "probability_column", "screen_chunk", "screen_images"]
+
+# Never worth peeking into for a DICOM preamble.
+_NOT_IMAGES = {".csv", ".json", ".jsonl", ".txt", ".md", ".html", ".htm", ".log", ".xml", ".pdf", ".zip", ".gz"}
+
+
+def probability_column(class_name: str) -> str:
+    return f"prob_{class_name}"
+
+
+def part_uri(results_uri: str, run_id: str, chunk: int) -> str:
+    return storage.join(results_uri, "runs", run_id, "parts", f"chunk-{chunk:06d}.jsonl")
+
+
+@task(retries=2, retry_delay_seconds=10)
+def find_inputs(incoming_uri: str, exclude_uri: str | None = None) -> list[str]:
+    """Images under ``incoming_uri`` (by suffix, or DICOM by preamble), sorted; ``exclude_uri``
+    (the results location, when it lies inside the incoming one) is left out."""
+    found = []
+    for uri in storage.list_files(incoming_uri):
+        if exclude_uri and (uri == exclude_uri or uri.startswith(exclude_uri.rstrip("/") + "/")):
+            continue
+        suffix = PurePosixPath(uri).suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            found.append(uri)
+        elif suffix not in _NOT_IMAGES and is_dicom(storage.read_bytes(uri, length=132)):
+            found.append(uri)
+    return found
+
+
+@functools.lru_cache(maxsize=2)
+def _model(model_store_uri: str, model_version: str) -> tuple[keras.Model, ModelCard]:
+    """Loaded once per process and model version, however many chunks run here."""
+    return registry.load_model(model_store_uri, model_version)
+
+
+@dataclass
+class ChunkResult:
+    chunk: int
+    claimed: int = 0  # rows this run wrote to the ledger (its share of the chunk)
+    ok: int = 0
+    rejected: int = 0
+    flagged: int = 0
+    already_done: int = 0  # claimed first by another run: not this run's rows
+    vanished: list[str] = field(default_factory=list)  # listed, then gone before reading
+    seconds: float = 0.0
+
+
+def _thumbnail(pixels: np.ndarray, side: int = 160) -> str:
+    small = cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA)
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return base64.b64encode(jpeg.tobytes()).decode() if ok else ""
+
+
+def _load_or_vanish(uri: str, spec) -> LoadedImage | str:
+    try:
+        return load_image(uri, spec)
+    except storage.NotFound:
+        return uri  # deleted or moved since listing: not ours to record; a later run will see
+
+
+def screen_images(
+    uris: Sequence[str], model: keras.Model, card: ModelCard, batch_size: int = 32, workers: int = 4
+) -> Iterator[tuple[dict, str | None] | str]:
+    """Rows for ``uris`` (with a thumbnail for flagged images), or the URI of a vanished input.
+
+    Reading and decoding run ahead on ``workers`` threads while the model predicts.
+    """
+    spec = card.spec()
+    positive = card.classes.index(card.positive_class)
+
+    def rows_for(batch: list[LoadedImage]) -> Iterator[tuple[dict, str | None]]:
+        probabilities = predict_probabilities(model, np.stack([item.pixels for item in batch]), spec, batch_size)
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for item, p in zip(batch, probabilities):
+            flagged = bool(p[positive] >= card.threshold)
+            row = {"image_uri": item.uri, "sha256": item.sha256, "status": "ok", "reason": "",
+                   "model_version": card.version, "predicted_class": card.classes[int(p.argmax())],
+                   **{probability_column(c): round(float(v), 6) for c, v in zip(card.classes, p)},
+                   "flagged": flagged, "screened_at": now}
+            yield row, (_thumbnail(item.pixels) if flagged else None)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        batch: list[LoadedImage] = []
+        for loaded in pool.map(lambda uri: _load_or_vanish(uri, spec), uris):
+            if isinstance(loaded, str):
+                yield loaded
+            elif loaded.pixels is None:
+                yield {"image_uri": loaded.uri, "sha256": loaded.sha256, "status": "rejected",
+                       "reason": loaded.reason, "model_version": card.version, "predicted_class": "",
+                       **{probability_column(c): None for c in card.classes}, "flagged": False,
+                       "screened_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}, None
+            else:
+                batch.append(loaded)
+                if len(batch) == batch_size:
+                    yield from rows_for(batch)
+                    batch = []
+        if batch:
+            yield from rows_for(batch)
+
+
+@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, task_run_name="screen-chunk-{chunk}")
+def screen_chunk(
+    chunk: int,
+    uris: list[str],
+    model_store_uri: str,
+    model_version: str,
+    results_uri: str,
+    run_id: str,
+    batch_size: int = 32,
+) -> ChunkResult:
+    """Screen ``uris``, claim each row in the ledger, and write this run's rows as one part file."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    model, card = _model(model_store_uri, model_version)
+    result = ChunkResult(chunk)
+    mine: list[dict] = []
+    try:
+        for produced in screen_images(uris, model, card, batch_size):
+            if isinstance(produced, str):
+                logger.warning("%s disappeared before it could be read; left for a later run", produced)
+                result.vanished.append(produced)
+                continue
+            row, thumbnail = produced
+            row["run_id"] = run_id
+            if row["status"] == "rejected":
+                logger.warning("Rejected %s: %s", row["image_uri"], row["reason"])
+            if not ledger.claim(results_uri, card.version, row):
+                earlier = ledger.read_entry(results_uri, card.version, row["image_uri"])
+                if earlier.get("run_id") != run_id:  # another run's row; ours, from a retried attempt, we keep
+                    result.already_done += 1
+                    continue
+                row = earlier
+            mine.append({**row, "thumbnail": thumbnail} if thumbnail else row)
+    finally:
+        # Rows claimed before a failure are written too, so they reach this run's outputs.
+        if mine:
+            payload = "".join(json.dumps(row, sort_keys=True) + "\n" for row in mine).encode()
+            storage.write_bytes(part_uri(results_uri, run_id, chunk), payload)
+    result.claimed = len(mine)
+    result.ok = sum(row["status"] == "ok" for row in mine)
+    result.rejected = sum(row["status"] == "rejected" for row in mine)
+    result.flagged = sum(bool(row["flagged"]) for row in mine)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def chunked(items: Sequence[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
