@@ -114,6 +114,40 @@ def train(
     console.print(f"Bundle: {result['bundle_uri']}")
 
 
+@app.command()
+def screen(
+    incoming_uri: str = typer.Argument(..., help="Folder or s3:// prefix with incoming X-rays (searched recursively)."),
+    results: str = typer.Option("results", envvar="CXR_RESULTS", help="Where run folders and the ledger go."),
+    model_store: str = typer.Option("models", envvar="CXR_MODEL_STORE", help="Model store (folder or s3://)."),
+    model_version: str = typer.Option("production", help="A version in the store, or 'production'."),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    chunk_size: int = typer.Option(256, help="Images per Prefect task."),
+    limit: int | None = typer.Option(None, help="Screen at most this many new images."),
+) -> None:
+    """Screen the images not yet screened by the model, and write predictions and a report."""
+    from flows import screen as screening
+
+    with _clean_errors(), Progress(console=console) as progress:
+        bar = progress.add_task("Screening", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        screening.progress_listeners.append(advance)
+        try:
+            summary = screening.screen(
+                incoming_uri=incoming_uri, results_uri=results, model_store_uri=model_store,
+                model_version=model_version, batch_size=batch_size, chunk_size=chunk_size, limit=limit,
+            )
+        finally:
+            screening.progress_listeners.remove(advance)
+    console.print(
+        f"Screened {summary['screened']} new image(s) with model {summary['model_version']}: "
+        f"{summary['flagged']} flagged, {summary['rejected']} rejected, {summary['already_screened']} already done."
+    )
+    console.print(f"Report: {summary['outputs']['report.html']}")
+
+
 @contextlib.contextmanager
 def _clean_errors():
     """Known failures end with one line naming the problem (Prefect has logged the details)."""

@@ -1,0 +1,237 @@
+"""The screening flow end to end: every input exactly once, across reruns, failures and
+concurrent runs, on a folder and on a moto S3 server."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from flows.screen import screen
+from model.bundle import BundleError
+from tasks import ledger, registry, storage
+from tasks.phantoms import chest_phantom, write_phantom_dataset
+from tasks.screening import find_inputs
+from tests.conftest import flow_run_artifacts
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_store(prefect_api, tmp_path_factory) -> str:
+    """A tiny trained model (32 px, weights none), registered as production."""
+    from flows.train import train
+
+    root = tmp_path_factory.mktemp("model")
+    write_phantom_dataset(str(root / "dataset"), per_class=16, size=96, seed=11)
+    train(dataset_uri=str(root / "dataset"), model_store_uri=str(root / "models"), input_size=32,
+          weights="none", epochs=3, augment_draws=1, batch_size=8)
+    return str(root / "models")
+
+
+def copy_tree(source: str, target: str) -> None:
+    for uri in storage.list_files(source):
+        storage.write_bytes(storage.join(target, storage.relative_to(uri, source)), storage.read_bytes(uri))
+
+
+def dicom_without_suffix() -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.SOPClassUID = DigitalXRayImageStorageForPresentation
+    dataset.SOPInstanceUID = generate_uid()
+    pixels = chest_phantom(np.random.default_rng(3), 128).astype(np.uint16) * 16
+    dataset.set_pixel_data(pixels, photometric_interpretation="MONOCHROME2", bits_stored=12)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def make_incoming(root: str, seed: int = 0, per_class: int = 6) -> dict[str, str]:
+    """Phantoms, a DICOM with no suffix, broken files and a non-image; returns image URI -> expected status."""
+    expected = {uri: "ok" for uri in write_phantom_dataset(root, per_class=per_class, size=128, seed=seed)}
+    extras = {
+        f"scanner/IM{seed:04d}": (dicom_without_suffix(), "ok"),
+        f"broken/empty-{seed}.png": (b"", "rejected"),
+        f"broken/text-{seed}.jpg": (b"radiology report\n" * 20, "rejected"),
+        f"broken/truncated-{seed}.png": (cv2.imencode(".png", chest_phantom(np.random.default_rng(1), 128))[1].tobytes()[:400], "rejected"),
+    }
+    for name, (data, status) in extras.items():
+        uri = storage.join(root, name)
+        storage.write_bytes(uri, data)
+        expected[uri] = status
+    storage.write_bytes(storage.join(root, "notes.txt"), b"not an image")  # never listed
+    return expected
+
+
+def run_rows(results: str) -> list[dict]:
+    """All rows of all runs' predictions.csv under ``results``."""
+    rows = []
+    for uri in storage.list_files(storage.join(results, "runs"), {"predictions.csv"}):
+        rows.extend(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode())))
+    return rows
+
+
+def snapshot(root: str) -> dict[str, str]:
+    return {uri: hashlib.sha256(storage.read_bytes(uri)).hexdigest() for uri in storage.list_files(root)}
+
+
+def test_screen_a_folder_rerun_and_new_arrivals(model_store, tmp_path):
+    incoming, results = str(tmp_path / "incoming"), str(tmp_path / "results")
+    expected = make_incoming(incoming)
+    before = snapshot(incoming)
+
+    state = screen(incoming, results, model_store, chunk_size=5, batch_size=4, return_state=True)
+    summary = state.result()
+    assert summary["status"] == "completed" and summary["screened"] == len(expected)
+    rows = run_rows(results)
+    assert {row["image_uri"]: row["status"] for row in rows} == expected
+    assert len(rows) == len(expected)
+
+    card = registry.load_card(model_store)
+    header = list(rows[0].keys())
+    assert header == ["image_uri", "sha256", "status", "reason", "model_version", "predicted_class",
+                      "prob_non-covid", "prob_covid", "flagged", "screened_at", "run_id"]
+    for row in rows:
+        assert row["model_version"] == card.version and row["run_id"] == summary["run_id"]
+        assert row["sha256"] == before[row["image_uri"]]
+        if row["status"] == "ok":
+            probabilities = [float(row["prob_non-covid"]), float(row["prob_covid"])]
+            assert abs(sum(probabilities) - 1) < 1e-4
+            assert row["flagged"] == str(probabilities[1] >= card.threshold)
+            assert row["predicted_class"] == card.classes[int(np.argmax(probabilities))]
+        else:
+            assert row["reason"] and row["flagged"] == "False" and row["prob_covid"] == ""
+    reasons = {Path(r["image_uri"]).name: r["reason"] for r in rows if r["status"] == "rejected"}
+    assert reasons["empty-0.png"] == "empty file" and "not an image" in reasons["text-0.jpg"]
+    assert "truncated" in reasons["truncated-0.png"] or "corrupt" in reasons["truncated-0.png"]
+
+    outputs = summary["outputs"]
+    jsonl = [json.loads(line) for line in storage.read_bytes(outputs["predictions.jsonl"]).decode().splitlines()]
+    assert [r["image_uri"] for r in jsonl] == [r["image_uri"] for r in rows]
+    stored_summary = json.loads(storage.read_bytes(outputs["summary.json"]))
+    assert stored_summary["flagged"] == sum(r["flagged"] == "True" for r in rows)
+    assert stored_summary["rejected"] == 3 and stored_summary["model_version"] == card.version
+    report = storage.read_bytes(outputs["report.html"]).decode()
+    assert "not a diagnosis" in report and card.version in report and "empty file" in report
+    assert "<script" not in report and "http://" not in report and "https://" not in report
+    if stored_summary["flagged"]:
+        assert "data:image/jpeg;base64," in report
+    artifacts = flow_run_artifacts(state.state_details.flow_run_id)
+    assert {"screening-summary", "screening-flagged", "screening-progress"} <= artifacts.keys()
+    assert artifacts["screening-progress"].data == pytest.approx(100.0)
+
+    assert snapshot(incoming) == before  # nothing modified, moved or deleted
+
+    again = screen(incoming, results, model_store)
+    assert again["screened"] == 0 and again["already_screened"] == len(expected)
+
+    new = make_incoming(storage.join(incoming, "tuesday"), seed=1, per_class=2)
+    third = screen(incoming, results, model_store)
+    assert third["screened"] == len(new)
+    assert {r["image_uri"] for r in run_rows(results) if r["run_id"] == third["run_id"]} == set(new)
+    assert len(run_rows(results)) == len(expected) + len(new)
+    assert len(ledger.done_keys(results, card.version)) == len(expected) + len(new)
+
+
+def test_a_failed_run_then_a_rerun_gives_every_input_exactly_once(model_store, tmp_path, monkeypatch):
+    incoming, results = str(tmp_path / "incoming"), str(tmp_path / "results")
+    expected = make_incoming(incoming, per_class=8)
+    from flows import screen as screen_module
+
+    real_claim, calls = ledger.claim, {"n": 0}
+
+    def failing_claim(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 7:  # the storage goes away in the middle of the second chunk
+            raise storage.StorageError(args[0], "connection reset")
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "claim", failing_claim)
+    monkeypatch.setattr(screen_module.screen_chunk, "retries", 0)
+    state = screen(incoming, results, model_store, chunk_size=5, return_state=True)
+    assert state.is_failed()
+    failed_rows = run_rows(results)
+    assert len(failed_rows) == 7  # claimed before the failure, and in the failed run's outputs
+    (summary_uri,) = storage.list_files(storage.join(results, "runs"), {"summary.json"})
+    assert json.loads(storage.read_bytes(summary_uri))["status"] == "failed"
+
+    monkeypatch.setattr(ledger, "claim", real_claim)
+    rerun = screen(incoming, results, model_store, chunk_size=5)
+    assert rerun["status"] == "completed" and rerun["screened"] == len(expected) - 7
+    uris = [row["image_uri"] for row in run_rows(results)]
+    assert sorted(uris) == sorted(expected)  # every input, exactly once
+
+
+def test_two_runs_started_together_write_no_duplicates(model_store, tmp_path):
+    incoming, results = str(tmp_path / "incoming"), str(tmp_path / "results")
+    expected = make_incoming(incoming, per_class=15)
+    from prefect.settings import PREFECT_API_URL
+
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    command = [sys.executable, "-m", "flows.cli", "screen", incoming, "--results", results,
+               "--model-store", model_store, "--chunk-size", "4", "--batch-size", "4"]
+    processes = [subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for _ in range(2)]
+    outputs = [process.communicate(timeout=600)[0].decode() for process in processes]
+    assert all(process.returncode == 0 for process in processes), outputs
+    rows = run_rows(results)
+    assert sorted(row["image_uri"] for row in rows) == sorted(expected)
+    assert len({row["run_id"] for row in rows}) >= 1
+    assert all("report.html" in output for output in outputs)
+
+
+def test_screen_on_s3(model_store, s3_bucket):
+    store, incoming, results = f"{s3_bucket}/models", f"{s3_bucket}/incoming", f"{s3_bucket}/results"
+    copy_tree(model_store, store)
+    expected = make_incoming(incoming)
+    summary = screen(incoming, results, store, chunk_size=6)
+    assert summary["status"] == "completed"
+    assert summary["outputs"]["report.html"].startswith(f"{results}/runs/")
+    assert {row["image_uri"]: row["status"] for row in run_rows(results)} == expected
+    assert screen(incoming, results, store)["screened"] == 0
+
+
+def test_inputs_are_found_among_1500_keys_on_s3(s3_bucket):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.storage import _client
+
+    bucket = s3_bucket[len("s3://"):]
+    names = [f"incoming/day-{i % 7}/img {i:05d}.png" for i in range(1500)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda name: _client().put_object(Bucket=bucket, Key=name, Body=b"x"), names))
+    storage.write_bytes(f"{s3_bucket}/incoming/pacs/1.2.840.10008.42", bytes(128) + b"DICM" + bytes(10))
+    storage.write_bytes(f"{s3_bucket}/incoming/pacs/readme", b"no preamble here")
+    storage.write_bytes(f"{s3_bucket}/incoming/results/old.png", b"x")
+    found = find_inputs.fn(f"{s3_bucket}/incoming", exclude_uri=f"{s3_bucket}/incoming/results")
+    assert len(found) == 1501
+    assert f"{s3_bucket}/incoming/pacs/1.2.840.10008.42" in found
+
+
+def test_a_model_this_code_cannot_reproduce_is_refused(model_store, tmp_path):
+    store = str(tmp_path / "models")
+    copy_tree(model_store, store)
+    version = registry.production_version(store)
+    card_uri = storage.join(store, version, "card.json")
+    card = json.loads(storage.read_bytes(card_uri))
+    card["preprocessing"]["scale_mode"] = "histogram-equalised"
+    storage.write_bytes(card_uri, json.dumps(card).encode())
+    incoming = str(tmp_path / "incoming")
+    make_incoming(incoming, per_class=1)
+    with pytest.raises(BundleError, match="not supported by this code"):
+        screen(incoming, str(tmp_path / "results"), store)
+    assert not storage.exists(str(tmp_path / "results" / "ledger"))
