@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/cxr-screen dataset ../shared/data/cxr
+	$(BIN)/cxr-screen demo
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

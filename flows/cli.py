@@ -148,6 +148,27 @@ def screen(
     console.print(f"Report: {summary['outputs']['report.html']}")
 
 
+@app.command()
+def demo(
+    workdir: str = typer.Option("demo-run", help="Where the demo writes its data, models and results."),
+) -> None:
+    """Train on synthetic chest phantoms and screen new ones: no data, server or internet needed."""
+    from flows.demo import demo as demo_flow
+
+    with _clean_errors():
+        result = demo_flow(workdir=workdir)
+    trained, screened = result["train"], result["screen"]
+    console.rule("Demo finished")
+    console.print(f"Model {trained['version']} (test AUC {trained['auc']:.3f}): {trained['bundle_uri']}")
+    console.print("  card.json, curves.png, confusion.png, roc.png")
+    console.print(
+        f"Screened {screened['screened']} new image(s): {screened['flagged']} flagged for review, "
+        f"{screened['rejected']} rejected (see the report for the reason)."
+    )
+    console.print(f"  predictions.csv, predictions.jsonl, summary.json in {screened['outputs']['report.html'].rsplit('/', 1)[0]}")
+    console.print(f"[bold]Report: {screened['outputs']['report.html']}[/bold]")
+
+
 @contextlib.contextmanager
 def _clean_errors():
     """Known failures end with one line naming the problem (Prefect has logged the details)."""
