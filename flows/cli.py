@@ -8,6 +8,10 @@ import os
 # Set before Prefect is imported anywhere: no telemetry, and quiet TensorFlow start-up.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# A first start migrates a new database: on a busy 2-core machine that takes more than the default 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+if os.environ.get("PREFECT_HOME"):  # Prefect does not create it, and its database cannot open without it
+    os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402

@@ -69,7 +69,7 @@ def screen(
     run_id = new_run_id()
     card = resolve_model(model_store_uri, model_version)
 
-    inputs = find_inputs(incoming_uri, exclude_uri=results_uri)
+    inputs = find_inputs(incoming_uri, exclude=[results_uri, model_store_uri])
     done = already_screened(results_uri, card.version)
     todo = [uri for uri in inputs if ledger.entry_key(uri) not in done]
     already = len(inputs) - len(todo)

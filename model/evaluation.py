@@ -11,19 +11,25 @@ __all__ = ["choose_threshold", "evaluate", "sensitivity_specificity"]
 
 
 def choose_threshold(is_positive: np.ndarray, positive_probability: np.ndarray, target_sensitivity: float = 0.95) -> float:
-    """The highest threshold whose sensitivity on these (validation) images reaches the target.
+    """A threshold whose sensitivity on these (validation) images reaches the target, with the best
+    specificity that allows.
 
-    Flag when probability >= threshold. The highest such threshold gives the best specificity
-    that still keeps the target sensitivity.
+    Flag when probability >= threshold. The threshold sits halfway between the lowest positive
+    score that must be flagged and the next lower score of any image, rather than on that score
+    itself: on small validation sets a threshold at an observed score misses every test positive
+    just below it.
     """
     if not 0.0 < target_sensitivity <= 1.0:
         raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
     is_positive = np.asarray(is_positive, bool)
-    scores = np.sort(np.asarray(positive_probability, float)[is_positive])[::-1]
-    if len(scores) == 0:
+    scores = np.asarray(positive_probability, float)
+    positives = np.sort(scores[is_positive])[::-1]
+    if len(positives) == 0:
         raise ValueError("no positive images to choose a threshold on")
-    needed = int(np.ceil(target_sensitivity * len(scores) - 1e-9))
-    return float(scores[max(needed, 1) - 1])
+    needed = max(int(np.ceil(target_sensitivity * len(positives) - 1e-9)), 1)
+    lowest_flagged = positives[needed - 1]
+    below = scores[scores < lowest_flagged]
+    return float((lowest_flagged + below.max()) / 2) if len(below) else float(lowest_flagged)
 
 
 def sensitivity_specificity(is_positive: np.ndarray, flagged: np.ndarray) -> tuple[float, float]:

@@ -51,11 +51,14 @@ def build_base(input_size: int = 224, weights: str | None = "imagenet", seed: in
 def build_head(
     feature_shape: tuple[int, ...], num_classes: int, units: int = 64, dropout: float = 0.5, seed: int = 0
 ) -> keras.Model:
-    """Global average pooling -> Dense(units, relu) -> Dropout -> Dense(num_classes, softmax)."""
+    """Global average pooling -> BatchNormalization -> Dense(units, relu) -> Dropout -> Dense(num_classes, softmax)."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     features = keras.Input(feature_shape, name="features")
     x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    # Pooled VGG16 features differ in scale by orders of magnitude between channels (and between
+    # ImageNet and random weights); standardising them lets one learning rate suit all.
+    x = keras.layers.BatchNormalization(momentum=0.9, name="normalise")(x)  # few steps per epoch: adapt fast
     x = keras.layers.Dense(units, activation="relu", name="dense",
                            kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     x = keras.layers.Dropout(dropout, name="dropout", seed=seed + 1)(x)

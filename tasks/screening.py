@@ -44,12 +44,16 @@ def part_uri(results_uri: str, run_id: str, chunk: int) -> str:
 
 
 @task(retries=2, retry_delay_seconds=10)
-def find_inputs(incoming_uri: str, exclude_uri: str | None = None) -> list[str]:
-    """Images under ``incoming_uri`` (by suffix, or DICOM by preamble), sorted; ``exclude_uri``
-    (the results location, when it lies inside the incoming one) is left out."""
+def find_inputs(incoming_uri: str, exclude: Sequence[str] = ()) -> list[str]:
+    """Images under ``incoming_uri`` (by suffix, or DICOM by preamble), sorted.
+
+    Locations in ``exclude`` (the results and the model store, when they lie inside the incoming
+    location) are left out, so the system never screens its own outputs.
+    """
+    excluded = tuple(_comparable(uri).rstrip("/") + "/" for uri in exclude)
     found = []
     for uri in storage.list_files(incoming_uri):
-        if exclude_uri and (uri == exclude_uri or uri.startswith(exclude_uri.rstrip("/") + "/")):
+        if _comparable(uri).startswith(excluded):
             continue
         suffix = PurePosixPath(uri).suffix.lower()
         if suffix in IMAGE_SUFFIXES:
@@ -57,6 +61,10 @@ def find_inputs(incoming_uri: str, exclude_uri: str | None = None) -> list[str]:
         elif suffix not in _NOT_IMAGES and is_dicom(storage.read_bytes(uri, length=132)):
             found.append(uri)
     return found
+
+
+def _comparable(uri: str) -> str:
+    return storage.join(uri)  # absolute for local paths, unchanged for S3
 
 
 @functools.lru_cache(maxsize=2)

@@ -1,6 +1,7 @@
 """One set of verbs over local folders and S3, so that no flow branches on the scheme.
 
-A location is a URI: a plain path, ``file:///abs/path`` or ``s3://bucket/prefix``. Credentials,
+A location is a URI: a plain path, ``file:///abs/path`` or ``s3://bucket/prefix``. Local paths
+come back absolute from every verb. Credentials,
 region and endpoint come from the standard AWS environment and config files, so MinIO and moto
 work by setting ``AWS_ENDPOINT_URL``.
 """
@@ -82,7 +83,8 @@ def _parse(uri: str) -> Path | _S3Location:
         return Path(unquote(parts.path))
     if "://" in uri:
         raise ValueError(f"{uri!r}: unsupported scheme (use a path, file:// or s3://)")
-    return Path(uri)
+    # Absolute, so that one file has one URI whatever the working folder (ledger keys depend on it).
+    return Path(os.path.abspath(uri))
 
 
 def join(uri: str, *parts: str) -> str:

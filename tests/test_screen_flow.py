@@ -217,9 +217,19 @@ def test_inputs_are_found_among_1500_keys_on_s3(s3_bucket):
     storage.write_bytes(f"{s3_bucket}/incoming/pacs/1.2.840.10008.42", bytes(128) + b"DICM" + bytes(10))
     storage.write_bytes(f"{s3_bucket}/incoming/pacs/readme", b"no preamble here")
     storage.write_bytes(f"{s3_bucket}/incoming/results/old.png", b"x")
-    found = find_inputs.fn(f"{s3_bucket}/incoming", exclude_uri=f"{s3_bucket}/incoming/results")
+    storage.write_bytes(f"{s3_bucket}/incoming/models/v1/roc.png", b"x")
+    found = find_inputs.fn(f"{s3_bucket}/incoming", exclude=[f"{s3_bucket}/incoming/results", f"{s3_bucket}/incoming/models"])
     assert len(found) == 1501
     assert f"{s3_bucket}/incoming/pacs/1.2.840.10008.42" in found
+
+
+def test_results_and_models_inside_the_incoming_folder_are_not_screened(model_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    expected = make_incoming("incoming", per_class=1)
+    copy_tree(model_store, "incoming/models")
+    summary = screen("./incoming", "incoming/results", str(tmp_path / "incoming" / "models"))
+    assert summary["screened"] == len(expected)
+    assert screen("incoming", "./incoming/results", "incoming/models")["screened"] == 0
 
 
 def test_a_model_this_code_cannot_reproduce_is_refused(model_store, tmp_path):
