@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 # Set before Prefect is imported anywhere: no telemetry, and quiet TensorFlow start-up.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -171,6 +172,112 @@ def demo(
     )
     console.print(f"  predictions.csv, predictions.jsonl, summary.json in {screened['outputs']['report.html'].rsplit('/', 1)[0]}")
     console.print(f"[bold]Report: {screened['outputs']['report.html']}[/bold]")
+
+
+stack_app = typer.Typer(help="A local stack: Prefect server and UI, S3 endpoint, workers, deployments.",
+                        no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+STACK_DIR = typer.Option(".stack", envvar="CXR_STACK_DIR", help="Folder for the stack's state and logs.")
+
+
+@stack_app.command("up")
+def stack_up(
+    folder: Path = STACK_DIR,
+    port: int = typer.Option(4200, help="Port of the Prefect server and UI (127.0.0.1)."),
+    s3_port: int = typer.Option(5000, help="Port of the moto S3 server (127.0.0.1), when one is started."),
+) -> None:
+    """Start server, S3 endpoint (unless AWS_ENDPOINT_URL names one), cpu and gpu workers; deploy."""
+    from deployments import stack
+    from deployments.settings import Settings
+
+    try:
+        state = stack.up(folder, Settings(), port=port, s3_port=s3_port, echo=console.print)
+    except RuntimeError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=2) from None
+    console.print(f"Stack is up. Prefect UI: [bold]{state['ui']}[/bold]")
+    console.print(f"State and logs: {state['folder']}. Commands here find it there; elsewhere run:")
+    console.print("  " + " ".join(f"export {k}={v}" for k, v in state["environment"].items() if k != "PREFECT_HOME"))
+
+
+@stack_app.command("status")
+def stack_status(folder: Path = STACK_DIR) -> None:
+    """Which of the stack's processes are running."""
+    from deployments import stack
+
+    processes = stack.status(folder)
+    if not processes:
+        console.print(f"No stack recorded in {folder}.")
+        raise typer.Exit(code=1)
+    for name, alive in processes.items():
+        console.print(f"{name:16s} {'[green]running[/green]' if alive else '[red]stopped[/red]'}")
+    if not all(processes.values()):
+        raise typer.Exit(code=1)
+
+
+@stack_app.command("down")
+def stack_down(folder: Path = STACK_DIR) -> None:
+    """Stop exactly the processes that 'stack up' started."""
+    from deployments import stack
+
+    stopped = stack.down(folder)
+    console.print(f"Stopped: {', '.join(stopped)}" if stopped else "Nothing was running.")
+
+
+def _use_stack_if_up(folder: Path) -> None:
+    """Point Prefect (and boto3) at the local stack unless an API is configured already."""
+    from deployments import stack
+
+    if not os.environ.get("PREFECT_API_URL") and any(stack.status(folder).values()):
+        for key, value in stack.client_environment(folder.resolve()).items():
+            os.environ.setdefault(key, value)
+
+
+@app.command()
+def deploy() -> None:
+    """Create the work pools and (re)deploy nightly-screening and retrain to the configured Prefect API."""
+    _use_stack_if_up(Path(os.environ.get("CXR_STACK_DIR", ".stack")))
+    from deployments.deploy_cli import main as deploy_main
+
+    deploy_main()
+
+
+@app.command()
+def retrain(
+    folder: Path = STACK_DIR,
+    epochs: int | None = typer.Option(None, help="Override the deployment's stage-1 epochs."),
+    input_size: int | None = typer.Option(None, help="Override the deployment's input size."),
+    weights: str | None = typer.Option(None, help="Override the deployment's base weights."),
+    follow: bool = typer.Option(True, help="Wait for the run to end, printing its state changes."),
+) -> None:
+    """Start the retrain deployment through the Prefect API and follow it to its end."""
+    _use_stack_if_up(folder)
+    from deployments.deploy import RETRAIN
+    from deployments.follow import follow_run, start_run
+
+    overrides = {k: v for k, v in {"epochs": epochs, "input_size": input_size, "weights": weights}.items()
+                 if v is not None}
+    run = start_run(RETRAIN, overrides)
+    console.print(f"Started {RETRAIN}: flow run {run.name} ({run.id})")
+    if follow:
+        state = follow_run(run.id, echo=console.print)
+        if not state.is_completed():
+            raise typer.Exit(code=1)
+
+
+@app.command("dataset-updated")
+def dataset_updated(
+    dataset_uri: str = typer.Argument(None, help="The dataset that changed (default: the configured one)."),
+    folder: Path = STACK_DIR,
+) -> None:
+    """Emit the event cxr.dataset.updated, which starts the retrain deployment."""
+    _use_stack_if_up(folder)
+    from deployments.follow import emit_dataset_updated
+    from deployments.settings import Settings
+
+    uri = dataset_uri or Settings().dataset
+    emit_dataset_updated(uri)
+    console.print(f"Emitted cxr.dataset.updated for {uri}")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,49 @@
+"""The two deployments: ``nightly-screening`` on the cpu pool, ``retrain`` on the gpu pool.
+
+A deploy script rather than prefect.yaml: parameters come typed from ``Settings`` (prefect.yaml
+templating would hand the server strings for the integer parameters), and the schedule, the
+concurrency limit and the retrain trigger sit beside them in one readable place.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from prefect import flow
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.events import DeploymentEventTrigger
+from prefect.schedules import Cron
+
+from deployments.settings import Settings
+
+DATASET_UPDATED = "cxr.dataset.updated"
+SCREENING, RETRAIN = "screen/nightly-screening", "train/retrain"
+
+
+def deploy_all(settings: Settings) -> dict[str, UUID]:
+    common = dict(build=False, push=False, print_next_steps=False, ignore_warnings=True)
+    screening = flow.from_source(settings.project_dir, "flows/screen.py:screen").deploy(
+        name="nightly-screening",
+        work_pool_name=settings.cpu_pool,
+        description="Screen the X-rays that arrived since the last run with the production model.",
+        parameters={"incoming_uri": settings.incoming, "results_uri": settings.results,
+                    "model_store_uri": settings.model_store},
+        schedules=[Cron(settings.nightly_cron, timezone=settings.timezone)],
+        # One run at a time: a run due while another is still going is cancelled, not queued.
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+        tags=["screening"],
+        **common,
+    )
+    retrain = flow.from_source(settings.project_dir, "flows/train.py:train").deploy(
+        name="retrain",
+        work_pool_name=settings.gpu_pool,
+        description="Retrain on the current labelled dataset; promote the model if it beats production.",
+        parameters={"dataset_uri": settings.dataset, "model_store_uri": settings.model_store,
+                    "weights": settings.weights, "epochs": settings.train_epochs,
+                    "fine_tune_epochs": settings.train_fine_tune_epochs, "input_size": settings.train_input_size},
+        triggers=[DeploymentEventTrigger(name="retrain-when-dataset-updated", expect={DATASET_UPDATED},
+                                         match={"prefect.resource.id": "cxr.dataset.*"})],
+        tags=["training"],
+        **common,
+    )
+    return {SCREENING: screening, RETRAIN: retrain}

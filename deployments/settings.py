@@ -1,0 +1,34 @@
+"""Where the deployments read and write, and how they run: one settings object.
+
+Values come from environment variables ``CXR_<NAME>`` or from the file named by ``CXR_SETTINGS``
+(default ``cxr.env`` in the working folder; see ``deployments/cxr.env.example``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CXR_", env_file=os.environ.get("CXR_SETTINGS", "cxr.env"),
+                                      extra="ignore")
+
+    incoming: str = Field("s3://cxr/incoming", description="Where new X-rays arrive (folder or s3://).")
+    results: str = Field("s3://cxr/results", description="Where screening writes run folders and its ledger.")
+    model_store: str = Field("s3://cxr/models", description="Model store shared by training and screening.")
+    dataset: str = Field("s3://cxr/datasets/current", description="Labelled dataset the retrain deployment uses.")
+    weights: str = Field("imagenet", description="Base weights for retraining: imagenet, none, or a file URI.")
+    timezone: str = Field("UTC", description="Time zone of the nightly schedule (IANA name, e.g. Europe/Berlin).")
+    nightly_cron: str = Field("0 2 * * *", description="When nightly screening runs, in that time zone.")
+    train_epochs: int = Field(25, description="Stage-1 epochs of the retrain deployment.")
+    train_fine_tune_epochs: int = Field(0, description="Stage-2 (block5) epochs of the retrain deployment.")
+    train_input_size: int = Field(224, description="Input size of retrained models.")
+    cpu_pool: str = Field("cpu", description="Work pool of nightly screening.")
+    gpu_pool: str = Field("gpu", description="Work pool of retraining.")
+    project_dir: str = Field(str(PROJECT_DIR), description="Project folder the process workers run flows from.")

@@ -1,0 +1,148 @@
+"""A local stack on one machine, bound to 127.0.0.1: Prefect server and UI, a moto S3 server
+(unless real S3 is configured), a process worker for each pool, and the deployments.
+
+Everything it starts is recorded by pid in ``<folder>/stack.json``, with logs and Prefect's
+state beside it; ``down`` stops exactly those processes and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from deployments.settings import Settings
+
+__all__ = ["client_environment", "down", "status", "up"]
+
+STATE = "stack.json"
+
+
+def _wait_for(url: str, what: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status < 500:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s; see {log}")
+
+
+def _start(folder: Path, name: str, command: list[str], environment: dict) -> subprocess.Popen:
+    log = folder / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        # Own session: stopping the group stops the process and its children (flow runs) only.
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment,
+                                cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+
+
+def _alive(entry: dict) -> bool:
+    try:
+        cmdline = Path(f"/proc/{entry['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return entry["marker"] in cmdline  # guards against a recycled pid
+
+
+def client_environment(folder: Path) -> dict[str, str]:
+    """The variables that point Prefect and boto3 at a running stack."""
+    state = json.loads((folder / STATE).read_text())
+    return state["environment"]
+
+
+def status(folder: Path) -> dict[str, bool]:
+    path = folder / STATE
+    if not path.exists():
+        return {}
+    return {name: _alive(entry) for name, entry in json.loads(path.read_text())["processes"].items()}
+
+
+def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, start_s3: bool | None = None,
+       echo: Callable[[str], None] = print) -> dict:
+    """Start the stack and deploy; returns its state (processes, environment, UI address)."""
+    folder = folder.resolve()
+    if any(status(folder).values()):
+        raise RuntimeError(f"a stack is already running from {folder}: stop it first (cxr-screen stack down)")
+    folder.mkdir(parents=True, exist_ok=True)
+    uses_s3 = any(uri.startswith("s3://") for uri in (settings.incoming, settings.results, settings.model_store,
+                                                       settings.dataset))
+    start_s3 = (uses_s3 and not os.environ.get("AWS_ENDPOINT_URL")) if start_s3 is None else start_s3
+    api = f"http://127.0.0.1:{port}/api"
+    environment = {"PREFECT_API_URL": api, "PREFECT_HOME": str(folder / "prefect"),
+                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if start_s3:
+        environment.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", AWS_ACCESS_KEY_ID="testing",
+                           AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    child_environment = {**os.environ, **environment}
+    Path(environment["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    processes: dict[str, dict] = {}
+    state = {"folder": str(folder), "ui": f"http://127.0.0.1:{port}", "environment": environment,
+             "processes": processes}
+
+    def record(name: str, process: subprocess.Popen, marker: str) -> None:
+        processes[name] = {"pid": process.pid, "marker": marker, "log": str(folder / "logs" / f"{name}.log")}
+        (folder / STATE).write_text(json.dumps(state, indent=2))  # after each start: down works mid-way too
+
+    try:
+        if start_s3:
+            echo(f"Starting moto S3 on 127.0.0.1:{s3_port}")
+            moto = _start(folder, "s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                          child_environment)
+            record("s3", moto, "moto.server")
+            _wait_for(f"http://127.0.0.1:{s3_port}/", "moto", moto, folder / "logs" / "s3.log")
+        echo(f"Starting Prefect server on 127.0.0.1:{port}")
+        server = _start(folder, "server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                           "--port", str(port)], child_environment)
+        record("server", server, "prefect server start")
+        _wait_for(f"{api}/health", "Prefect server", server, folder / "logs" / "server.log")
+        echo("Creating work pools and deploying")
+        subprocess.run([sys.executable, "-m", "deployments.deploy_cli", *(["--buckets"] if start_s3 else [])],
+                       env=child_environment, cwd=Path(__file__).resolve().parents[1], check=True,
+                       stdout=open(folder / "logs" / "deploy.log", "ab"), stderr=subprocess.STDOUT)
+        for pool in (settings.cpu_pool, settings.gpu_pool):
+            echo(f"Starting a process worker for pool {pool}")
+            worker = _start(folder, f"worker-{pool}", [sys.executable, "-m", "prefect", "worker", "start",
+                                                       "--pool", pool, "--type", "process",
+                                                       "--name", f"{pool}-worker"], child_environment)
+            record(f"worker-{pool}", worker, f"--pool {pool}")
+    except (RuntimeError, subprocess.CalledProcessError) as error:
+        down(folder)
+        raise RuntimeError(f"stack did not start: {error}") from error
+    return state
+
+
+def down(folder: Path, timeout: float = 30) -> list[str]:
+    """Stop every process ``up`` started from ``folder``; returns their names."""
+    path = folder.resolve() / STATE
+    if not path.exists():
+        return []
+    state = json.loads(path.read_text())
+    stopped = []
+    # Workers first, the server and S3 last, so runs in flight can report their end.
+    for name, entry in reversed(list(state["processes"].items())):
+        if not _alive(entry):
+            continue
+        try:
+            os.killpg(entry["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + timeout
+        while _alive(entry) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(entry):
+            os.killpg(entry["pid"], signal.SIGKILL)
+        stopped.append(name)
+    path.unlink()
+    return stopped
