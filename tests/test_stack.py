@@ -1,0 +1,187 @@
+"""The local stack for real: Prefect server, moto S3, cpu and gpu process workers, deployments.
+
+Everything goes through processes and HTTP, as an operator's would: the CLI starts the stack and
+the runs, the checks read the Prefect REST API, S3 and the UI in a headless Chromium.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cli(*arguments: str, environment: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *arguments], env=environment, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"cxr-screen {' '.join(arguments)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stack")
+    port, s3_port = free_port(), free_port()
+    environment = {key: value for key, value in os.environ.items()
+                   if not key.startswith(("PREFECT_", "AWS_"))}  # nothing from other tests' harness
+    environment.update(
+        CXR_STACK_DIR=str(folder), CXR_SETTINGS=str(folder / "none.env"), CXR_WEIGHTS="none",
+        CXR_TRAIN_INPUT_SIZE="32", CXR_TRAIN_EPOCHS="2", CXR_TIMEZONE="Europe/Zurich", COLUMNS="200",
+        PREFECT_HOME=str(folder / "client-home"),
+    )
+    cli("stack", "up", "--port", str(port), "--s3-port", str(s3_port), environment=environment, timeout=300)
+    state = json.loads((folder / "stack.json").read_text())
+    pids = [entry["pid"] for entry in state["processes"].values()]
+    yield {"folder": folder, "environment": environment, "api": state["environment"]["PREFECT_API_URL"],
+           "ui": state["ui"], "s3": state["environment"]["AWS_ENDPOINT_URL"]}
+    cli("stack", "down", environment=environment, timeout=120)
+    assert not [pid for pid in pids if running(pid)], "stack down left processes running"
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit status may wait for a busy init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def s3_client(stack):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=stack["s3"], aws_access_key_id="testing",
+                        aws_secret_access_key="testing", region_name="us-east-1")
+
+
+def api(stack, method: str, path: str, body: dict | None = None):
+    response = httpx.request(method, stack["api"] + path, json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def runs_of(stack, deployment: str) -> list[dict]:
+    deployment_id = api(stack, "GET", f"/deployments/name/{deployment}")["id"]
+    return api(stack, "POST", "/flow_runs/filter",
+               {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_DESC"})
+
+
+def artifacts_of(stack, flow_run_id: str) -> dict[str, dict]:
+    found = api(stack, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+    return {artifact["key"]: artifact for artifact in found if artifact.get("key")}
+
+
+def upload_phantoms(stack, prefix: str, per_class: int, seed: int) -> int:
+    from tasks.phantoms import chest_phantom
+
+    import cv2
+    import numpy as np
+
+    client, rng, count = s3_client(stack), np.random.default_rng(seed), 0
+    for label, opacities in (("normal", False), ("covid", True)):
+        for number in range(per_class):
+            png = cv2.imencode(".png", chest_phantom(rng, 96, opacities))[1].tobytes()
+            client.put_object(Bucket="cxr", Key=f"{prefix}/{label}/{seed}-{number}.png", Body=png)
+            count += 1
+    return count
+
+
+def test_deployments_are_configured(stack):
+    screening = api(stack, "GET", "/deployments/name/screen/nightly-screening")
+    retrain = api(stack, "GET", "/deployments/name/train/retrain")
+    assert screening["work_pool_name"] == "cpu" and retrain["work_pool_name"] == "gpu"
+    (schedule,) = screening["schedules"]
+    assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "Europe/Zurich"
+    assert screening["concurrency_limit"] == 1 or screening["global_concurrency_limit"]["limit"] == 1
+    assert screening["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    assert retrain["schedules"] == []
+    assert retrain["parameters"]["weights"] == "none" and retrain["parameters"]["input_size"] == 32
+    pools = {pool["name"]: pool["type"] for pool in api(stack, "POST", "/work_pools/filter", {})}
+    assert pools["cpu"] == "process" and pools["gpu"] == "process"
+
+
+def test_retrain_then_nightly_screening_through_workers(stack):
+    upload_phantoms(stack, "datasets/current", per_class=12, seed=0)
+    incoming = upload_phantoms(stack, "incoming/night-1", per_class=4, seed=1)
+
+    done = cli("retrain", environment=stack["environment"])
+    assert "Completed" in done.stdout
+    (retrain_run,) = [run for run in runs_of(stack, "train/retrain") if run["state_type"] == "COMPLETED"]
+    assert {"training-summary", "training-metrics"} <= artifacts_of(stack, retrain_run["id"]).keys()
+    production = json.loads(s3_client(stack).get_object(Bucket="cxr", Key="models/production.json")["Body"].read())
+
+    script = ("from deployments.follow import start_run, follow_run; import sys; "
+              "run = start_run('screen/nightly-screening'); sys.exit(0 if follow_run(run.id).is_completed() else 1)")
+    environment = {**stack["environment"], "PREFECT_API_URL": stack["api"]}
+    subprocess.run([sys.executable, "-c", script], env=environment, cwd=ROOT, check=True, timeout=600,
+                   capture_output=True)
+    screening_run = next(run for run in runs_of(stack, "screen/nightly-screening") if run["state_type"] == "COMPLETED")
+    artifacts = artifacts_of(stack, screening_run["id"])
+    assert {"screening-summary", "screening-flagged", "screening-progress"} <= artifacts.keys()
+
+    client = s3_client(stack)
+    keys = [item["Key"] for item in client.list_objects_v2(Bucket="cxr", Prefix="results/runs/")["Contents"]]
+    (predictions,) = [key for key in keys if key.endswith("predictions.csv")]
+    rows = list(csv.DictReader(io.StringIO(client.get_object(Bucket="cxr", Key=predictions)["Body"].read().decode())))
+    assert len(rows) == incoming and {row["model_version"] for row in rows} == {production["version"]}
+    assert any(key.endswith("report.html") for key in keys)
+    stack["runs"] = {"retrain": retrain_run, "screening": screening_run}
+
+
+def test_dataset_updated_event_starts_a_retrain_run(stack):
+    before = {run["id"] for run in runs_of(stack, "train/retrain")}
+    cli("dataset-updated", environment=stack["environment"])
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        new = [run for run in runs_of(stack, "train/retrain") if run["id"] not in before]
+        if new:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail("no retrain run was started within 90 s of cxr.dataset.updated")
+    assert new[0]["parameters"]["dataset_uri"] == "s3://cxr/datasets/current"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian's chromium is not installed at {CHROMIUM}")
+def test_the_ui_shows_both_runs_completed_and_the_screening_artifacts(stack):
+    playwright = pytest.importorskip("playwright.sync_api")
+    runs = stack.get("runs")
+    if runs is None:
+        pytest.skip("the runs test did not complete")
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            for run in runs.values():
+                page.goto(f"{stack['ui']}/runs/flow-run/{run['id']}", wait_until="networkidle")
+                page.get_by_text(run["name"]).first.wait_for(timeout=30_000)
+                page.get_by_text("Completed").first.wait_for(timeout=30_000)
+            page.goto(f"{stack['ui']}/runs/flow-run/{runs['screening']['id']}", wait_until="networkidle")
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("screening-summary").first.wait_for(timeout=30_000)
+            page.get_by_text("screening-flagged").first.wait_for(timeout=30_000)
+            # Kept beside the stack's logs for whoever debugs a failure.
+            page.screenshot(path=str(stack["folder"] / "screening-artifacts.png"))
+        finally:
+            browser.close()
