@@ -56,7 +56,7 @@ def screen(
     results_uri: str,
     model_store_uri: str,
     model_version: str = "production",
-    batch_size: int = 32,
+    batch_size: int = 16,
     chunk_size: int = 256,
     limit: int | None = None,
 ) -> dict:

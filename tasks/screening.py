@@ -99,7 +99,7 @@ def _load_or_vanish(uri: str, spec) -> LoadedImage | str:
 
 
 def screen_images(
-    uris: Sequence[str], model: keras.Model, card: ModelCard, batch_size: int = 32, workers: int = 4
+    uris: Sequence[str], model: keras.Model, card: ModelCard, batch_size: int = 16, workers: int = 4
 ) -> Iterator[tuple[dict, str | None] | str]:
     """Rows for ``uris`` (with a thumbnail for flagged images), or the URI of a vanished input.
 
@@ -146,7 +146,7 @@ def screen_chunk(
     model_version: str,
     results_uri: str,
     run_id: str,
-    batch_size: int = 32,
+    batch_size: int = 16,
 ) -> ChunkResult:
     """Screen ``uris``, claim each row in the ledger, and write this run's rows as one part file."""
     logger = get_run_logger()

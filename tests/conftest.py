@@ -53,7 +53,7 @@ def moto_server():
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(f"moto server did not start; see {log.name}")
+                raise RuntimeError(f"moto server did not start; see {log.name}") from None
             time.sleep(0.2)
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION")}

@@ -147,6 +147,22 @@ def test_retrain_then_nightly_screening_through_workers(stack):
     stack["runs"] = {"retrain": retrain_run, "screening": screening_run}
 
 
+def test_a_second_nightly_run_while_one_runs_is_cancelled(stack):
+    """Concurrency limit 1 with CANCEL_NEW: of two runs due at once, one runs and one is cancelled."""
+    script = ("from deployments.follow import start_run; "
+              "print(' '.join(str(start_run('screen/nightly-screening').id) for _ in range(2)))")
+    environment = {**stack["environment"], "PREFECT_API_URL": stack["api"]}
+    created = subprocess.run([sys.executable, "-c", script], env=environment, cwd=ROOT, check=True,
+                             capture_output=True, text=True, timeout=120).stdout.split()[-2:]
+    deadline, states = time.monotonic() + 300, {}
+    while time.monotonic() < deadline:
+        states = {run_id: api(stack, "GET", f"/flow_runs/{run_id}")["state_type"] for run_id in created}
+        if all(state in ("COMPLETED", "CANCELLED", "FAILED", "CRASHED") for state in states.values()):
+            break
+        time.sleep(2)
+    assert sorted(states.values()) == ["CANCELLED", "COMPLETED"], states
+
+
 def test_dataset_updated_event_starts_a_retrain_run(stack):
     before = {run["id"] for run in runs_of(stack, "train/retrain")}
     cli("dataset-updated", environment=stack["environment"])
