@@ -9,7 +9,7 @@ same thing end to end (kept for the benchmark and for checking the cached path).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import keras
@@ -119,7 +119,7 @@ def fit_head_cached(
     spec: Preprocessing,
     config: TrainingConfig,
     callbacks: Sequence[keras.callbacks.Callback] = (),
-    on_features: callable | None = None,
+    on_features: Callable[[int, int], None] | None = None,
 ) -> dict[str, list[float]]:
     """Stage 1: train the head of ``model`` on cached base features. Returns the Keras history."""
     base, head = model.get_layer("vgg16"), model.get_layer("head")
