@@ -52,10 +52,14 @@ def stack(tmp_path_factory):
     cli("stack", "up", "--port", str(port), "--s3-port", str(s3_port), environment=environment, timeout=300)
     state = json.loads((folder / "stack.json").read_text())
     pids = [entry["pid"] for entry in state["processes"].values()]
+    shown = cli("stack", "status", environment=environment).stdout
+    assert all(f"{name}" in shown for name in ("server", "s3", "worker-cpu", "worker-gpu")) and "stopped" not in shown
     yield {"folder": folder, "environment": environment, "api": state["environment"]["PREFECT_API_URL"],
            "ui": state["ui"], "s3": state["environment"]["AWS_ENDPOINT_URL"]}
     cli("stack", "down", environment=environment, timeout=120)
     assert not [pid for pid in pids if running(pid)], "stack down left processes running"
+    assert not (folder / "stack.json").exists()
+    assert "Nothing was running" in cli("stack", "down", environment=environment).stdout
 
 
 def running(pid: int) -> bool:
