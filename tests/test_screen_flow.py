@@ -189,7 +189,6 @@ def test_two_runs_started_together_write_no_duplicates(model_store, tmp_path):
     assert all(process.returncode == 0 for process in processes), outputs
     rows = run_rows(results)
     assert sorted(row["image_uri"] for row in rows) == sorted(expected)
-    assert len({row["run_id"] for row in rows}) >= 1
     assert all("report.html" in output for output in outputs)
 
 
