@@ -1,7 +1,11 @@
 """Screening throughput and memory, all in one run on the same images and model:
 
-1. ceiling: the bare model forward pass on pre-decoded tensors (img/s);
-2. naive baseline: per image, cv2.imread + preprocess + model.predict (img/s);
+1. ceiling: the bare model forward pass on pre-decoded tensors (img/s), with the settings the
+   product runs with (TensorFlow's oneDNN kernels on, see model/__init__.py);
+2. naive baseline: per image, cv2.imread + preprocess + model.predict (img/s), in its own process,
+   once with oneDNN off (TensorFlow's default on CPUs without AVX-512) and once with it on. On such
+   CPUs per-image predict is slower with oneDNN on, so the baseline is the faster of the two:
+   nobody gets credit for a setting that only hurts the baseline;
 3. the screening flow end to end, in its own process (img/s and peak RSS);
 4. the flow again on N times the inputs (the same files linked under other names): peak RSS.
 
@@ -30,7 +34,6 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cv2  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -54,6 +57,36 @@ def make_store(store: str, input_size: int) -> keras.Model:
     registry.publish(store, card.version, {"model.keras": data}, card)
     registry.set_production(store, card.version, "benchmark")
     return model
+
+
+NAIVE_LOOP = """
+import sys, time
+from pathlib import Path
+import cv2
+from model.preprocessing import preprocess
+from tasks import registry
+from tasks.images import IMAGE_SUFFIXES
+model, card = registry.load_model(sys.argv[1], "v-bench")
+spec = card.spec()
+paths = sorted(p for p in Path(sys.argv[2]).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+def one(path):
+    image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    return model.predict(preprocess(image, spec)[None], verbose=0)
+one(paths[0])  # warm-up: traces predict, which the naive loop pays once, not per image
+started = time.perf_counter()
+for path in paths:
+    one(path)
+print("NAIVE", len(paths) / (time.perf_counter() - started))
+"""
+
+
+def naive_in_subprocess(store: str, data: str, onednn: str) -> float:
+    """The tutorial's loop, one image at a time, in a fresh process with oneDNN set to ``onednn``."""
+    output = subprocess.run([sys.executable, "-c", NAIVE_LOOP, store, data], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn})
+    if output.returncode != 0:
+        sys.exit(f"naive loop failed:\n{output.stderr[-3000:]}")
+    return float(next(line for line in output.stdout.splitlines() if line.startswith("NAIVE ")).split()[1])
 
 
 def flow_in_subprocess(incoming: str, results: str, store: str, batch_size: int, chunk_size: int) -> tuple[dict, float]:
@@ -104,15 +137,14 @@ def main() -> None:
             model.predict_on_batch(tensors[start : start + args.batch_size])
         ceiling = len(tensors) / (time.perf_counter() - started)
         del tensors
-        print(f"  ceiling   {ceiling:7.2f} img/s")
+        print(f"  ceiling   {ceiling:7.2f} img/s (oneDNN {'on' if os.environ['TF_ENABLE_ONEDNN_OPTS'] == '1' else 'off'})")
 
-        # 2. naive: the tutorial's loop, one image at a time.
-        started = time.perf_counter()
-        for path in paths:
-            image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-            model.predict(preprocess(image, spec)[None], verbose=0)
-        naive = len(paths) / (time.perf_counter() - started)
-        print(f"  naive     {naive:7.2f} img/s")
+        # 2. naive: the tutorial's loop, in fresh processes, with oneDNN off and on; the faster is the baseline.
+        naive_by_setting = {}
+        for onednn, label in (("0", "oneDNN off"), ("1", "oneDNN on")):
+            naive_by_setting[label] = naive_in_subprocess(store, args.data, onednn)
+            print(f"  naive     {naive_by_setting[label]:7.2f} img/s ({label})")
+        naive = max(naive_by_setting.values())
 
     # 3. the flow, end to end, in its own process.
     incoming = work / "incoming"
@@ -128,7 +160,7 @@ def main() -> None:
     if ceiling and naive:
         print()
         print(f"flow / ceiling = {flow / ceiling:.2f} (target >= 0.85): {'met' if flow / ceiling >= 0.85 else 'NOT met'}")
-        print(f"flow / naive   = {flow / naive:.2f} (target >= 1.7): {'met' if flow / naive >= 1.7 else 'NOT met'}")
+        print(f"flow / naive   = {flow / naive:.2f} (target >= 1.7, against the faster naive loop): {'met' if flow / naive >= 1.7 else 'NOT met'}")
 
     if args.repeat > 1:
         many = work / f"incoming-x{args.repeat}"

@@ -1,8 +1,9 @@
 """Nightly batch screening: new X-rays in, one prediction row each, reports out.
 
-Steps: resolve the model version, list the incoming images, skip those this model version has
-already screened (the ledger), screen the rest chunk by chunk, then write predictions, summary,
-report and Prefect artifacts for this run, also when a chunk failed (then the run fails after).
+Steps: resolve the model version, publish the rows of earlier runs that died without writing
+their outputs, list the incoming images, skip those this model version has already screened (the
+ledger), screen the rest chunk by chunk, then write predictions, summary, report and Prefect
+artifacts for this run, also when a chunk failed (then the run fails after).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
 from model.bundle import ModelCard
-from tasks import ledger, registry, reports
+from tasks import ledger, registry, reports, runs, storage
 from tasks.screening import chunked, find_inputs, screen_chunk
 
 # Process-local listeners of (screened so far, to screen), for progress bars in the command line.
@@ -39,11 +40,68 @@ def already_screened(results_uri: str, model_version: str) -> set[str]:
 
 @task(retries=3, retry_delay_seconds=10)
 def write_run_outputs(results_uri: str, run_id: str, card: ModelCard, facts: dict) -> dict:
-    rows = reports.read_run_rows(results_uri, run_id)
+    rows = reports.read_run_rows(results_uri, run_id, card.version)
     summary = reports.summarise(rows, card, run_id=run_id, **facts)
     outputs = reports.write_outputs(results_uri, run_id, rows, card, summary)
     reports.publish_artifacts(summary, rows, card, outputs["report.html"])
+    runs.close_run(results_uri, run_id)
     return {**summary, "outputs": outputs}
+
+
+@task(retries=2, retry_delay_seconds=10)
+def recover_abandoned_runs(results_uri: str, run_id: str) -> list[str]:
+    """Writes the outputs of runs that died without writing them (their leases went stale).
+
+    Their rows are in the ledger already, so no input is screened twice; this only makes them
+    reach a predictions file and a report, under the dead run's own folder, with status
+    ``abandoned``. Two runs recovering the same dead run write the same rows.
+    """
+    logger = get_run_logger()
+    recovered = []
+    for lease in runs.abandoned_runs(results_uri):
+        dead = lease["run_id"]
+        try:
+            card = registry.load_card(lease["model_store_uri"], lease["model_version"])
+        except Exception as error:  # noqa: BLE001 - one unreadable model must not stop tonight's run
+            logger.error("Run %s died without writing its outputs, and its model card cannot be read (%s); "
+                         "its lease %s is left for a later run", dead, error, runs.lease_uri(results_uri, dead))
+            continue
+        rows = reports.read_run_rows(results_uri, dead, card.version)
+        facts = {key: lease.get(key) for key in ("flow_run_id", "started_at", "incoming_uri", "inputs_found",
+                                                  "already_screened", "to_screen")}
+        summary = reports.summarise(rows, card, run_id=dead, **facts, status="abandoned", seconds=None,
+                                    last_seen_at=lease["renewed_at"], recovered_by=run_id,
+                                    recovered_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        outputs = reports.write_outputs(results_uri, dead, rows, card, summary)
+        runs.close_run(results_uri, dead)
+        _mark_crashed(lease.get("flow_run_id"), f"Abandoned: no sign of life since {lease['renewed_at']}; "
+                                                 f"its {len(rows)} screened rows were published by run {run_id}")
+        logger.warning("Run %s died at about %s without writing its outputs; its %d screened rows are now in %s",
+                       dead, lease["renewed_at"], len(rows), outputs["predictions.csv"])
+        recovered.append(dead)
+    return recovered
+
+
+def _mark_crashed(flow_run_id: str | None, message: str) -> None:
+    """Shows the dead run as Crashed in the Prefect UI, where it would otherwise stay Running."""
+    if not flow_run_id:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            if not client.read_flow_run(flow_run_id).state.is_final():
+                client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+    except Exception as error:  # noqa: BLE001 - the UI state is a courtesy; the outputs are what matter
+        get_run_logger().warning("Could not mark flow run %s as crashed: %s", flow_run_id, error)
+
+
+def _renew(results_uri: str, lease: dict, **facts) -> None:
+    try:
+        runs.renew(results_uri, lease, **facts)
+    except OSError as error:  # a missed renewal costs nothing unless it lasts ABANDONED_AFTER
+        get_run_logger().warning("Could not renew the run lease: %s", error)
 
 
 def new_run_id() -> str:
@@ -68,6 +126,11 @@ def screen(
     started = time.perf_counter()
     run_id = new_run_id()
     card = resolve_model(model_store_uri, model_version)
+    recovered = recover_abandoned_runs(results_uri, run_id)
+    # Absolute locations: the run that may one day recover this one can start in another folder.
+    lease = runs.open_run(results_uri, run_id, flow_run_id=str(flow_run.get_id() or ""), started_at=started_at,
+                          incoming_uri=storage.join(incoming_uri), model_store_uri=storage.join(model_store_uri),
+                          model_version=card.version)
 
     inputs = find_inputs(incoming_uri, exclude=[results_uri, model_store_uri])
     done = already_screened(results_uri, card.version)
@@ -75,18 +138,21 @@ def screen(
     already = len(inputs) - len(todo)
     if limit is not None:
         todo = todo[:limit]
+    _renew(results_uri, lease, inputs_found=len(inputs), already_screened=already, to_screen=len(todo))
     logger.info("Model %s; %d images found under %s, %d already screened by this model, %d to screen now",
                 card.version, len(inputs), incoming_uri, already, len(todo))
 
     progress = create_progress_artifact(0.0, key="screening-progress", description=f"Screening run {run_id}")
     facts = {"flow_run_id": str(flow_run.get_id() or ""), "started_at": started_at, "incoming_uri": incoming_uri,
              "inputs_found": len(inputs), "already_screened": already,
-             "to_screen": len(todo), "claimed_by_other_runs": 0, "vanished": 0, "status": "running"}
+             "to_screen": len(todo), "claimed_by_other_runs": 0, "vanished": 0, "recovered_runs": recovered,
+             "status": "running"}
     screened = 0
     try:
         for number, uris in enumerate(chunked(todo, chunk_size)):
             result = screen_chunk(number, uris, model_store_uri, card.version, results_uri, run_id, batch_size)
             screened += len(uris)
+            _renew(results_uri, lease)
             facts["claimed_by_other_runs"] += result.already_done
             facts["vanished"] += len(result.vanished)
             update_progress_artifact(progress, 100.0 * screened / len(todo))

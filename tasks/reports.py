@@ -8,12 +8,13 @@ import html
 import io
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from model.bundle import ModelCard
-from tasks import storage
+from tasks import ledger, storage
 from tasks.screening import probability_column
 
 __all__ = ["columns", "publish_artifacts", "read_run_rows", "report_html", "summarise", "write_outputs"]
@@ -31,17 +32,43 @@ def run_folder(results_uri: str, run_id: str) -> str:
     return storage.join(results_uri, "runs", run_id)
 
 
-def read_run_rows(results_uri: str, run_id: str) -> list[dict]:
-    """Every row this run claimed, from its part files (rows are small; images are not kept)."""
-    parts = storage.join(run_folder(results_uri, run_id), "parts")
+def read_run_rows(results_uri: str, run_id: str, model_version: str) -> list[dict]:
+    """Every row this run claimed, one per input, sorted by URI.
+
+    The part files hold them with thumbnails. Inputs a chunk recorded but no part covers (the
+    process died between claiming and writing its part) come from the ledger, when this run
+    claimed them there.
+    """
+    folder = run_folder(results_uri, run_id)
+    rows: dict[str, dict] = {}
+    for uri in _files(storage.join(folder, "parts"), ".jsonl"):
+        for line in storage.read_bytes(uri).decode().splitlines():
+            if line:
+                row = json.loads(line)
+                rows.setdefault(row["image_uri"], row)  # a retried chunk may repeat its own rows
+    started = set()
+    for uri in _files(storage.join(folder, "chunks"), ".json"):
+        started.update(json.loads(storage.read_bytes(uri)))
+    uncovered = sorted(started - rows.keys())
+    with ThreadPoolExecutor(max_workers=16) as pool:  # one small GET each: latency, not bandwidth, on S3
+        for entry in pool.map(lambda uri: _ledger_entry(results_uri, model_version, uri), uncovered):
+            if entry is not None and entry.get("run_id") == run_id:
+                rows[entry["image_uri"]] = entry
+    return [rows[uri] for uri in sorted(rows)]
+
+
+def _files(folder: str, suffix: str) -> list[str]:
     try:
-        uris = list(storage.list_files(parts, {".jsonl"}))
+        return list(storage.list_files(folder, {suffix}))
     except storage.NotFound:
         return []
-    rows = []
-    for uri in uris:
-        rows.extend(json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line)
-    return sorted(rows, key=lambda row: row["image_uri"])
+
+
+def _ledger_entry(results_uri: str, model_version: str, image_uri: str) -> dict | None:
+    try:
+        return ledger.read_entry(results_uri, model_version, image_uri)
+    except storage.NotFound:
+        return None  # never claimed by anyone: vanished before reading, or the process died first
 
 
 def write_outputs(results_uri: str, run_id: str, rows: list[dict], card: ModelCard, summary: dict) -> dict[str, str]:
@@ -117,6 +144,10 @@ def report_html(summary: dict, rows: list[dict], card: ModelCard, max_flagged: i
     rejects = "".join(f"<tr><td>{e(r['image_uri'])}</td><td>{e(r['reason'])}</td></tr>" for r in rejected)
     metrics = card.metrics.get("positive", {})
     auc = metrics.get("auc")
+    abandoned = (f"""<p class="notice">This run stopped without finishing: nothing was heard from it after
+{e(str(summary.get('last_seen_at')))}. Run {e(str(summary.get('recovered_by')))} wrote this report from the ledger: it lists
+every image this run screened (flagged images recovered that way have no thumbnail). Images it never
+reached were screened by later runs.</p>""" if summary.get("status") == "abandoned" else "")
     histogram = (f'<img src="data:image/png;base64,{_histogram_png(probabilities, card.threshold, positive)}" alt="histogram">'
                  if probabilities else "<p>No images were screened successfully.</p>")
     return f"""<!doctype html>
@@ -131,6 +162,7 @@ img {{ max-height: 160px; }}
 </style></head><body>
 <h1>Chest X-ray screening</h1>
 <p class="notice"><strong>{e(DISCLAIMER)}</strong></p>
+{abandoned}
 <h2>Run</h2>
 <table>
 <tr><th>run</th><td>{e(summary['run_id'])}</td></tr>
@@ -138,7 +170,7 @@ img {{ max-height: 160px; }}
 <tr><th>images screened in this run</th><td>{summary['screened']}</td></tr>
 <tr><th>flagged ({e(positive)} probability &ge; {card.threshold:.3f})</th><td>{summary['flagged']}</td></tr>
 <tr><th>rejected</th><td>{summary['rejected']}</td></tr>
-<tr><th>already screened earlier (skipped)</th><td>{summary.get('already_screened', 0)}</td></tr>
+<tr><th>already screened earlier (skipped)</th><td>{_or_na(summary.get('already_screened'))}</td></tr>
 <tr><th>throughput</th><td>{summary.get('images_per_second') or 'n/a'} images/s</td></tr>
 </table>
 <h2>Model</h2>
@@ -163,6 +195,10 @@ disease; they may not hold for your population.</p>
 <table><tr><th>location</th><th>reason</th></tr>{rejects}</table>
 </body></html>
 """
+
+
+def _or_na(value) -> str:
+    return "n/a" if value is None else str(value)
 
 
 def publish_artifacts(summary: dict, rows: list[dict], card: ModelCard, report_uri: str) -> None:

@@ -29,7 +29,7 @@ from tasks import ledger, registry, storage
 from tasks.images import IMAGE_SUFFIXES, is_dicom
 from tasks.loading import LoadedImage, load_image
 
-__all__ = ["ChunkResult", "find_inputs", "part_uri", "probability_column", "screen_chunk", "screen_images"]
+__all__ = ["ChunkResult", "chunk_inputs_uri", "find_inputs", "part_uri", "probability_column", "screen_chunk", "screen_images"]
 
 # Never worth peeking into for a DICOM preamble.
 _NOT_IMAGES = {".csv", ".json", ".jsonl", ".txt", ".md", ".html", ".htm", ".log", ".xml", ".pdf", ".zip", ".gz"}
@@ -40,7 +40,14 @@ def probability_column(class_name: str) -> str:
 
 
 def part_uri(results_uri: str, run_id: str, chunk: int) -> str:
+    """The rows a chunk claimed (with thumbnails), written when the chunk ends, also by failure."""
     return storage.join(results_uri, "runs", run_id, "parts", f"chunk-{chunk:06d}.jsonl")
+
+
+def chunk_inputs_uri(results_uri: str, run_id: str, chunk: int) -> str:
+    """The inputs a chunk set out to screen, written before it claims anything: should the process
+    die before the part is written, these and the ledger still say which rows the run owns."""
+    return storage.join(results_uri, "runs", run_id, "chunks", f"chunk-{chunk:06d}.json")
 
 
 @task(retries=2, retry_delay_seconds=10)
@@ -152,6 +159,7 @@ def screen_chunk(
     logger = get_run_logger()
     started = time.perf_counter()
     model, card = _model(model_store_uri, model_version)
+    storage.write_bytes(chunk_inputs_uri(results_uri, run_id, chunk), json.dumps(uris).encode())
     result = ChunkResult(chunk)
     mine: list[dict] = []
     try:

@@ -24,6 +24,7 @@ __all__ = [
     "NotFound",
     "StorageError",
     "create_if_absent",
+    "delete",
     "exists",
     "is_s3",
     "join",
@@ -337,3 +338,17 @@ def exists(uri: str) -> bool:
             return False
         return True
     return location.exists()
+
+
+def delete(uri: str) -> None:
+    """Remove one file; a file already gone is not an error. Used for run leases, never for inputs."""
+    location = _parse(uri)
+    if isinstance(location, _S3Location):
+        _s3_call(uri, "delete_object", Bucket=location.bucket, Key=location.key)  # S3 deletes are idempotent
+        return
+    try:
+        location.unlink(missing_ok=True)
+    except IsADirectoryError as error:
+        raise StorageError(uri, "is a folder, not a file") from error
+    except PermissionError as error:
+        raise AccessDenied(uri, "permission denied") from error

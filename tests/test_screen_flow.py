@@ -8,8 +8,11 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import cv2
@@ -18,7 +21,7 @@ import pytest
 
 from flows.screen import screen
 from model.bundle import BundleError
-from tasks import ledger, registry, storage
+from tasks import ledger, registry, runs, storage
 from tasks.phantoms import chest_phantom, write_phantom_dataset
 from tasks.screening import find_inputs
 from tests.conftest import flow_run_artifacts
@@ -190,6 +193,56 @@ def test_two_runs_started_together_write_no_duplicates(model_store, tmp_path):
     rows = run_rows(results)
     assert sorted(row["image_uri"] for row in rows) == sorted(expected)
     assert all("report.html" in output for output in outputs)
+
+
+def test_a_killed_run_is_published_by_a_later_run_once_its_lease_is_stale(model_store, tmp_path):
+    """SIGKILL between claiming rows and writing them: nothing reaches a report until a later run,
+    finding the dead run's lease stale, writes its outputs from the ledger. Every input once."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    incoming, results = str(tmp_path / "incoming"), str(tmp_path / "results")
+    expected = make_incoming(incoming, per_class=150)
+    version = registry.production_version(model_store)
+    claimed_folder = tmp_path / "results" / "ledger" / version
+    command = [sys.executable, "-m", "flows.cli", "screen", incoming, "--results", results,
+               "--model-store", model_store, "--chunk-size", "40", "--batch-size", "4"]
+    process = subprocess.Popen(command, env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (claimed_folder.is_dir() and any(claimed_folder.glob("*.json"))):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it claimed anything"
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    claimed_by_dead = len(ledger.done_keys(results, version))
+    (lease_file,) = storage.list_files(storage.join(results, "open-runs"))
+    dead = json.loads(storage.read_bytes(lease_file))
+    assert 0 < claimed_by_dead < len(expected), "the kill must land mid-way for this test to mean anything"
+    assert run_rows(results) == []  # the dead run wrote no outputs
+
+    # Soon after: the dead run might still be alive, so it is left alone.
+    first = screen(incoming, results, model_store, chunk_size=100)
+    assert first["recovered_runs"] == [] and first["screened"] == len(expected) - claimed_by_dead
+    assert len(run_rows(results)) == len(expected) - claimed_by_dead
+
+    # Later: its lease is stale, and its rows are published under its own run folder.
+    dead["renewed_at"] = (datetime.now(timezone.utc) - runs.ABANDONED_AFTER - timedelta(minutes=1)).isoformat()
+    storage.write_bytes(lease_file, json.dumps(dead).encode())
+    later = screen(incoming, results, model_store)
+    assert later["recovered_runs"] == [dead["run_id"]] and later["screened"] == 0
+    rows = run_rows(results)
+    assert sorted(row["image_uri"] for row in rows) == sorted(expected)  # every input, exactly once
+    assert sum(row["run_id"] == dead["run_id"] for row in rows) == claimed_by_dead
+    dead_folder = storage.join(results, "runs", dead["run_id"])
+    dead_summary = json.loads(storage.read_bytes(storage.join(dead_folder, "summary.json")))
+    assert dead_summary["status"] == "abandoned" and dead_summary["recovered_by"] == later["run_id"]
+    assert dead_summary["screened"] == claimed_by_dead
+    assert "stopped without finishing" in storage.read_bytes(storage.join(dead_folder, "report.html")).decode()
+    assert not storage.exists(lease_file)
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(dead["flow_run_id"]).state.is_crashed()
+    assert screen(incoming, results, model_store)["recovered_runs"] == []  # published once
 
 
 def test_screen_on_s3(model_store, s3_bucket):

@@ -33,6 +33,16 @@ def test_exists(root):
     assert storage.exists(uri)
 
 
+def test_delete_removes_one_file_and_tolerates_a_missing_one(root):
+    keep, gone = storage.join(root, "lease", "keep.json"), storage.join(root, "lease", "gone.json")
+    storage.write_bytes(keep, b"1")
+    storage.write_bytes(gone, b"2")
+    storage.delete(gone)
+    assert list(storage.list_files(root)) == [keep]
+    storage.delete(gone)  # already gone: a second closer of the same lease is not an error
+    assert storage.read_bytes(keep) == b"1"
+
+
 def test_list_is_recursive_sorted_and_filters_suffixes_case_insensitively(root):
     names = ["b/2.PNG", "a/1.png", "a/deep/er/3.jpg", "notes.txt", "c.png"]
     for name in names:
