@@ -3,9 +3,9 @@
 1. ceiling: the bare model forward pass on pre-decoded tensors (img/s), with the settings the
    product runs with (TensorFlow's oneDNN kernels on, see model/__init__.py);
 2. naive baseline: per image, cv2.imread + preprocess + model.predict (img/s), in its own process,
-   once with oneDNN off (TensorFlow's default on CPUs without AVX-512) and once with it on. On such
-   CPUs per-image predict is slower with oneDNN on, so the baseline is the faster of the two:
-   nobody gets credit for a setting that only hurts the baseline;
+   once with oneDNN off and once with it on (TensorFlow's default depends on the CPU). Per-image
+   predict can be slower with oneDNN on, so the baseline is the faster of the two: the flow gets
+   no credit for a setting that only hurts the baseline;
 3. the screening flow end to end, in its own process (img/s and peak RSS);
 4. the flow again on N times the inputs (the same files linked under other names): peak RSS.
 
