@@ -2,7 +2,8 @@
 
 import os
 
-# TensorFlow picks its oneDNN default from the CPU. Where it leaves the kernels off (an AVX2 AMD EPYC,
-# for one), turning them on makes VGG16's batched forward pass about 15% faster (bench/screen_bench.py). TensorFlow reads this when it first runs an op, so setting it here, before
-# any model is built, is early enough. An explicit value from the user wins.
+# TensorFlow picks its oneDNN default from the CPU. Where it leaves the kernels off (an AVX2 AMD
+# EPYC, for one), turning them on makes VGG16's batched forward pass about 15% faster
+# (bench/screen_bench.py). TensorFlow reads this when it first runs an op, so setting it here,
+# before any model is built, is early enough. An explicit value from the user wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
