@@ -97,9 +97,9 @@ def _mark_crashed(flow_run_id: str | None, message: str) -> None:
         get_run_logger().warning("Could not mark flow run %s as crashed: %s", flow_run_id, error)
 
 
-def _renew(results_uri: str, lease: dict, **facts) -> None:
+def _renew(results_uri: str, lease: dict) -> None:
     try:
-        runs.renew(results_uri, lease, **facts)
+        runs.renew(results_uri, lease)
     except OSError as error:  # a missed renewal costs nothing unless it lasts ABANDONED_AFTER
         get_run_logger().warning("Could not renew the run lease: %s", error)
 
@@ -127,10 +127,6 @@ def screen(
     run_id = new_run_id()
     card = resolve_model(model_store_uri, model_version)
     recovered = recover_abandoned_runs(results_uri, run_id)
-    # Absolute locations: the run that may one day recover this one can start in another folder.
-    lease = runs.open_run(results_uri, run_id, flow_run_id=str(flow_run.get_id() or ""), started_at=started_at,
-                          incoming_uri=storage.join(incoming_uri), model_store_uri=storage.join(model_store_uri),
-                          model_version=card.version)
 
     inputs = find_inputs(incoming_uri, exclude=[results_uri, model_store_uri])
     done = already_screened(results_uri, card.version)
@@ -138,7 +134,6 @@ def screen(
     already = len(inputs) - len(todo)
     if limit is not None:
         todo = todo[:limit]
-    _renew(results_uri, lease, inputs_found=len(inputs), already_screened=already, to_screen=len(todo))
     logger.info("Model %s; %d images found under %s, %d already screened by this model, %d to screen now",
                 card.version, len(inputs), incoming_uri, already, len(todo))
 
@@ -147,6 +142,10 @@ def screen(
              "inputs_found": len(inputs), "already_screened": already,
              "to_screen": len(todo), "claimed_by_other_runs": 0, "vanished": 0, "recovered_runs": recovered,
              "status": "running"}
+    # From the first claim on, a lease says this run is alive. Locations are absolute: the run that
+    # may one day recover this one can start in another folder.
+    lease = runs.open_run(results_uri, run_id, model_store_uri=storage.join(model_store_uri),
+                          model_version=card.version, **{**facts, "incoming_uri": storage.join(incoming_uri)})
     screened = 0
     try:
         for number, uris in enumerate(chunked(todo, chunk_size)):
