@@ -34,6 +34,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import tasks  # noqa: E402,F401  (first: through model/ it sets TensorFlow's runtime options before TensorFlow loads)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import tasks  # noqa: E402,F401  (first: through model/ it sets TensorFlow's runtime options before TensorFlow loads)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 

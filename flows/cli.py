@@ -150,6 +150,9 @@ def screen(
         f"Screened {summary['screened']} new image(s) with model {summary['model_version']}: "
         f"{summary['flagged']} flagged, {summary['rejected']} rejected, {summary['already_screened']} already done."
     )
+    for run_id in summary.get("recovered_runs", []):
+        console.print(f"[yellow]Run {run_id} had died without writing its outputs; they are now written, "
+                      f"with status 'abandoned', in its own run folder.[/yellow]")
     console.print(f"Report: {summary['outputs']['report.html']}")
 
 

@@ -97,13 +97,6 @@ def _mark_crashed(flow_run_id: str | None, message: str) -> None:
         get_run_logger().warning("Could not mark flow run %s as crashed: %s", flow_run_id, error)
 
 
-def _renew(results_uri: str, lease: dict) -> None:
-    try:
-        runs.renew(results_uri, lease)
-    except OSError as error:  # a missed renewal costs nothing unless it lasts ABANDONED_AFTER
-        get_run_logger().warning("Could not renew the run lease: %s", error)
-
-
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
 
@@ -144,14 +137,13 @@ def screen(
              "status": "running"}
     # From the first claim on, a lease says this run is alive. Locations are absolute: the run that
     # may one day recover this one can start in another folder.
-    lease = runs.open_run(results_uri, run_id, model_store_uri=storage.join(model_store_uri),
+    runs.open_run(results_uri, run_id, model_store_uri=storage.join(model_store_uri),
                           model_version=card.version, **{**facts, "incoming_uri": storage.join(incoming_uri)})
     screened = 0
     try:
         for number, uris in enumerate(chunked(todo, chunk_size)):
             result = screen_chunk(number, uris, model_store_uri, card.version, results_uri, run_id, batch_size)
             screened += len(uris)
-            _renew(results_uri, lease)
             facts["claimed_by_other_runs"] += result.already_done
             facts["vanished"] += len(result.vanished)
             update_progress_artifact(progress, 100.0 * screened / len(todo))

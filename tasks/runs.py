@@ -19,7 +19,7 @@ from tasks import storage
 
 __all__ = ["ABANDONED_AFTER", "abandoned_runs", "close_run", "lease_uri", "open_run", "renew"]
 
-# A live run renews its lease between chunks, and one chunk takes minutes even on a slow CPU; the
+# A live run renews its lease about once a minute while it screens, and a batch takes seconds; the
 # next nightly run comes hours later, so a long margin costs nothing.
 ABANDONED_AFTER = timedelta(minutes=30)
 
@@ -40,10 +40,15 @@ def open_run(results_uri: str, run_id: str, **facts) -> dict:
     return lease
 
 
-def renew(results_uri: str, lease: dict, **facts) -> None:
-    """Marks the run alive now; ``facts`` update what the lease knows of the run."""
-    lease.update(facts, renewed_at=_now())
-    storage.write_bytes(lease_uri(results_uri, lease["run_id"]), json.dumps(lease, indent=2).encode())
+def renew(results_uri: str, run_id: str) -> None:
+    """Marks the run alive now. A lease already closed (the run's outputs are written) stays closed."""
+    uri = lease_uri(results_uri, run_id)
+    try:
+        lease = json.loads(storage.read_bytes(uri))
+    except storage.NotFound:
+        return
+    lease["renewed_at"] = _now()
+    storage.write_bytes(uri, json.dumps(lease, indent=2).encode())
 
 
 def close_run(results_uri: str, run_id: str) -> None:

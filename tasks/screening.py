@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from model.bundle import ModelCard
 from model.training import predict_probabilities
-from tasks import ledger, registry, storage
+from tasks import ledger, registry, runs, storage
 from tasks.images import IMAGE_SUFFIXES, is_dicom
 from tasks.loading import LoadedImage, load_image
 
@@ -145,6 +145,16 @@ def screen_images(
             yield from rows_for(batch)
 
 
+RENEW_EVERY_SECONDS = 60
+
+
+def _keep_alive(results_uri: str, run_id: str, logger) -> None:
+    try:
+        runs.renew(results_uri, run_id)
+    except OSError as error:  # one missed renewal is harmless; only a silence of runs.ABANDONED_AFTER counts
+        logger.warning("Could not renew the lease of run %s: %s", run_id, error)
+
+
 @task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, task_run_name="screen-chunk-{chunk}")
 def screen_chunk(
     chunk: int,
@@ -160,10 +170,15 @@ def screen_chunk(
     started = time.perf_counter()
     model, card = _model(model_store_uri, model_version)
     storage.write_bytes(chunk_inputs_uri(results_uri, run_id, chunk), json.dumps(uris).encode())
+    _keep_alive(results_uri, run_id, logger)
     result = ChunkResult(chunk)
     mine: list[dict] = []
+    renewed = time.monotonic()
     try:
         for produced in screen_images(uris, model, card, batch_size):
+            if time.monotonic() - renewed > RENEW_EVERY_SECONDS:
+                _keep_alive(results_uri, run_id, logger)
+                renewed = time.monotonic()
             if isinstance(produced, str):
                 logger.warning("%s disappeared before it could be read; left for a later run", produced)
                 result.vanished.append(produced)

@@ -19,6 +19,8 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import model  # noqa: E402,F401  (TensorFlow's runtime options as in production, set before TensorFlow loads)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CXR = SHARED_DATA / "cxr"
 CXR_FULLSIZE = SHARED_DATA / "cxr-fullsize"

@@ -31,7 +31,7 @@ def test_no_leases_yet(results):
 
 def test_only_leases_silent_for_longer_than_the_limit_are_abandoned(results):
     runs.open_run(results, "alive", model_version="v1")
-    quiet = runs.open_run(results, "quiet", model_version="v1")
+    runs.open_run(results, "quiet", model_version="v1")
     runs.open_run(results, "dead", model_version="v2", incoming_uri="s3://pacs/in")
     backdate(results, "quiet", runs.ABANDONED_AFTER - timedelta(minutes=5))
     backdate(results, "dead", runs.ABANDONED_AFTER + timedelta(minutes=1))
@@ -39,12 +39,14 @@ def test_only_leases_silent_for_longer_than_the_limit_are_abandoned(results):
     (dead,) = runs.abandoned_runs(results)
     assert dead["run_id"] == "dead" and dead["model_version"] == "v2" and dead["incoming_uri"] == "s3://pacs/in"
 
-    runs.renew(results, quiet)  # a renewal resets the clock
+    runs.renew(results, "quiet")  # a renewal resets the clock
     assert [lease["run_id"] for lease in runs.abandoned_runs(results, after=timedelta(minutes=1))] == ["dead"]
 
     runs.close_run(results, "dead")
     runs.close_run(results, "dead")  # recovered by two runs at once: the second close is harmless
+    runs.renew(results, "dead")  # a late renewal does not reopen a closed lease
     assert runs.abandoned_runs(results) == []
+    assert not storage.exists(runs.lease_uri(results, "dead"))
 
 
 def test_a_damaged_lease_is_reported_and_skipped(results, caplog):
