@@ -137,8 +137,8 @@ def screen(
              "status": "running"}
     # From the first claim on, a lease says this run is alive. Locations are absolute: the run that
     # may one day recover this one can start in another folder.
-    runs.open_run(results_uri, run_id, model_store_uri=storage.join(model_store_uri),
-                          model_version=card.version, **{**facts, "incoming_uri": storage.join(incoming_uri)})
+    runs.open_run(results_uri, run_id, model_store_uri=storage.join(model_store_uri), model_version=card.version,
+                  **{**facts, "incoming_uri": storage.join(incoming_uri)})
     screened = 0
     try:
         for number, uris in enumerate(chunked(todo, chunk_size)):

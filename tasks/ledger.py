@@ -27,13 +27,9 @@ def entry_key(image_uri: str) -> str:
 
 def done_keys(results_uri: str, model_version: str) -> set[str]:
     """Keys of the inputs already screened by this model version (one listing, no reads)."""
-    folder = _folder(results_uri, model_version)
-    try:
-        return {storage.relative_to(uri, folder)[: -len(".json")] for uri in storage.list_files(folder, {".json"})}
-    except storage.NotFound as error:
-        if "bucket" in error.reason:
-            raise
-        return set()  # no ledger yet: the first run for this model version
+    folder = _folder(results_uri, model_version)  # absent before the first run for this model version
+    return {storage.relative_to(uri, folder)[: -len(".json")]
+            for uri in storage.list_files(folder, {".json"}, missing_ok=True)}
 
 
 def claim(results_uri: str, model_version: str, row: dict) -> bool:

@@ -41,11 +41,8 @@ def publish(store_uri: str, version: str, files: dict[str, bytes], card: ModelCa
 
 
 def list_versions(store_uri: str) -> list[str]:
-    try:
-        cards = storage.list_files(store_uri, {"/" + CARD})
-        return sorted(storage.relative_to(uri, store_uri).split("/")[0] for uri in cards)
-    except storage.NotFound:
-        return []
+    cards = storage.list_files(store_uri, {"/" + CARD}, missing_ok=True)
+    return sorted(storage.relative_to(uri, store_uri).split("/")[0] for uri in cards)
 
 
 def production_version(store_uri: str) -> str | None:

@@ -41,13 +41,13 @@ def read_run_rows(results_uri: str, run_id: str, model_version: str) -> list[dic
     """
     folder = run_folder(results_uri, run_id)
     rows: dict[str, dict] = {}
-    for uri in _files(storage.join(folder, "parts"), ".jsonl"):
+    for uri in storage.list_files(storage.join(folder, "parts"), {".jsonl"}, missing_ok=True):
         for line in storage.read_bytes(uri).decode().splitlines():
             if line:
                 row = json.loads(line)
                 rows.setdefault(row["image_uri"], row)  # a retried chunk may repeat its own rows
     started = set()
-    for uri in _files(storage.join(folder, "chunks"), ".json"):
+    for uri in storage.list_files(storage.join(folder, "chunks"), {".json"}, missing_ok=True):
         started.update(json.loads(storage.read_bytes(uri)))
     uncovered = sorted(started - rows.keys())
     with ThreadPoolExecutor(max_workers=16) as pool:  # one small GET each: latency, not bandwidth, on S3
@@ -55,13 +55,6 @@ def read_run_rows(results_uri: str, run_id: str, model_version: str) -> list[dic
             if entry is not None and entry.get("run_id") == run_id:
                 rows[entry["image_uri"]] = entry
     return [rows[uri] for uri in sorted(rows)]
-
-
-def _files(folder: str, suffix: str) -> list[str]:
-    try:
-        return list(storage.list_files(folder, {suffix}))
-    except storage.NotFound:
-        return []
 
 
 def _ledger_entry(results_uri: str, model_version: str, image_uri: str) -> dict | None:

@@ -32,12 +32,11 @@ def lease_uri(results_uri: str, run_id: str) -> str:
     return storage.join(results_uri, "open-runs", f"{run_id}.json")
 
 
-def open_run(results_uri: str, run_id: str, **facts) -> dict:
+def open_run(results_uri: str, run_id: str, **facts) -> None:
     """Writes the lease of a starting run; ``facts`` (model, incoming location...) let a later run
     write this run's summary should it die."""
     lease = {"run_id": run_id, **facts, "renewed_at": _now()}
     storage.write_bytes(lease_uri(results_uri, run_id), json.dumps(lease, indent=2).encode())
-    return lease
 
 
 def renew(results_uri: str, run_id: str) -> None:
@@ -57,13 +56,7 @@ def close_run(results_uri: str, run_id: str) -> None:
 
 def abandoned_runs(results_uri: str, after: timedelta = ABANDONED_AFTER) -> list[dict]:
     """Leases not renewed for ``after``: runs that died before writing their outputs."""
-    folder = storage.join(results_uri, "open-runs")
-    try:
-        uris = list(storage.list_files(folder, {".json"}))
-    except storage.NotFound as error:
-        if "bucket" in error.reason:
-            raise
-        return []
+    uris = list(storage.list_files(storage.join(results_uri, "open-runs"), {".json"}, missing_ok=True))
     cutoff = datetime.now(timezone.utc) - after
     dead = []
     for uri in uris:

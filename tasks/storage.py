@@ -177,15 +177,19 @@ def _s3_missing_key_or_bucket(uri: str, location: _S3Location) -> StorageError:
 # The verbs
 
 
-def list_files(uri: str, suffixes: Iterable[str] | None = None) -> Iterator[str]:
+def list_files(uri: str, suffixes: Iterable[str] | None = None, *, missing_ok: bool = False) -> Iterator[str]:
     """Every file below ``uri``, recursively, as URIs in sorted order.
 
     ``suffixes`` filters by name ending, case-insensitively (e.g. ``{".png", ".jpg"}``).
+    ``missing_ok``: a local folder not made yet lists as empty, as an S3 prefix with no keys
+    does (a missing bucket is still an error).
     """
     wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
     location = _parse(uri)
     if isinstance(location, _S3Location):
         names = _list_s3(uri, location)
+    elif missing_ok and not location.exists():
+        return
     else:
         names = _list_local(uri, location)
     for name in names:

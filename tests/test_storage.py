@@ -115,12 +115,20 @@ def test_listing_2500_keys_pages_through_everything(s3_bucket):
 
 def test_missing_bucket_is_named(moto_server):
     uri = "s3://no-such-bucket-here/x/y.png"
-    for operation in (storage.read_bytes, lambda u: list(storage.list_files(u)), storage.exists):
+    for operation in (storage.read_bytes, lambda u: list(storage.list_files(u)), storage.exists,
+                      lambda u: list(storage.list_files(u, missing_ok=True))):
         with pytest.raises(storage.NotFound) as caught:
             operation(uri)
         assert "no such bucket 'no-such-bucket-here'" in str(caught.value)
     with pytest.raises(storage.NotFound, match="no such bucket"):
         storage.write_bytes(uri, b"x")
+
+
+def test_a_folder_not_made_yet_lists_as_empty_when_allowed(root):
+    assert list(storage.list_files(storage.join(root, "ledger", "v1"), missing_ok=True)) == []
+    storage.write_bytes(storage.join(root, "ledger", "v1", "a.json"), b"{}")
+    assert list(storage.list_files(storage.join(root, "ledger", "v1"), missing_ok=True)) == [
+        storage.join(root, "ledger", "v1", "a.json")]
 
 
 def test_local_folder_errors(tmp_path):
