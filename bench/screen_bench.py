@@ -92,9 +92,10 @@ def naive_in_subprocess(store: str, data: str, onednn: str) -> float:
 
 def flow_in_subprocess(incoming: str, results: str, store: str, batch_size: int, chunk_size: int) -> tuple[dict, float]:
     """Runs the flow in a fresh process; returns its summary and that process's peak RSS in MiB."""
-    code = ("import json, sys; from flows.screen import screen; "
-            "s = screen(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=int(sys.argv[4]), chunk_size=int(sys.argv[5])); "
-            "print('SUMMARY ' + json.dumps(s))")
+    code = ("import json, sys; from flows.screen import screen; from flows.parameters import ScreenParameters; "
+            "s = screen(ScreenParameters(incoming_uri=sys.argv[1], results_uri=sys.argv[2], model_store_uri=sys.argv[3], "
+            "batch_size=int(sys.argv[4]), chunk_size=int(sys.argv[5]))); "
+            "print('SUMMARY ' + json.dumps(s.to_dict()))")
     script = "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); " \
              "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)"
     # The wrapper measures only the flow process (and the server it starts, if larger; it is not).

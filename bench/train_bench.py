@@ -23,7 +23,7 @@ import tasks  # noqa: E402,F401  (first: through model/ it sets TensorFlow's run
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flows.train import class_layout  # noqa: E402
+from tasks.train_steps import class_layout  # noqa: E402
 from model.evaluation import evaluate  # noqa: E402
 from model.network import build_classifier  # noqa: E402
 from model.preprocessing import Preprocessing  # noqa: E402

@@ -14,9 +14,17 @@ from prefect.events import emit_event
 from deployments.deploy import DATASET_UPDATED
 
 
-def start_run(deployment: str, parameters: dict | None = None) -> FlowRun:
-    """Create a run of ``deployment`` ('flow/deployment') and return at once."""
-    return run_deployment(deployment, parameters=parameters or {}, timeout=0)
+def start_run(deployment: str, overrides: dict | None = None) -> FlowRun:
+    """Create a run of ``deployment`` ('flow/deployment') and return at once.
+
+    ``overrides`` change single fields of the flow's parameters model. The server would replace
+    the deployment's whole ``params`` with a partial one, so they are merged here.
+    """
+    if not overrides:
+        return run_deployment(deployment, timeout=0)
+    with get_client(sync_client=True) as client:
+        params = dict(client.read_deployment_by_name(deployment).parameters.get("params", {}))
+    return run_deployment(deployment, parameters={"params": {**params, **overrides}}, timeout=0)
 
 
 def follow_run(flow_run_id: UUID, echo: Callable[[str], None] = print, poll_seconds: float = 3.0,

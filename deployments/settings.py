@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flows.parameters import ScreenParameters, TrainParameters
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -26,9 +28,23 @@ class Settings(BaseSettings):
     weights: str = Field("imagenet", description="Base weights for retraining: imagenet, none, or a file URI.")
     timezone: str = Field("UTC", description="Time zone of the nightly schedule (IANA name, e.g. Europe/Berlin).")
     nightly_cron: str = Field("0 2 * * *", description="When nightly screening runs, in that time zone.")
-    train_epochs: int = Field(25, description="Stage-1 epochs of the retrain deployment.")
-    train_fine_tune_epochs: int = Field(0, description="Stage-2 (block5) epochs of the retrain deployment.")
-    train_input_size: int = Field(224, description="Input size of retrained models.")
+    # Unset: the train flow's own default (flows/parameters.py), so each default is written once.
+    train_epochs: int | None = Field(None, description="Stage-1 epochs of the retrain deployment.")
+    train_fine_tune_epochs: int | None = Field(None, description="Stage-2 (block5) epochs of the retrain deployment.")
+    train_input_size: int | None = Field(None, description="Input size of retrained models.")
+    screen_batch_size: int | None = Field(None, description="Images per forward pass in nightly screening.")
+    screen_chunk_size: int | None = Field(None, description="Images per Prefect task in nightly screening.")
     cpu_pool: str = Field("cpu", description="Work pool of nightly screening.")
     gpu_pool: str = Field("gpu", description="Work pool of retraining.")
     project_dir: str = Field(str(PROJECT_DIR), description="Project folder the process workers run flows from.")
+
+    def screen_parameters(self) -> ScreenParameters:
+        overrides = {"batch_size": self.screen_batch_size, "chunk_size": self.screen_chunk_size}
+        return ScreenParameters(incoming_uri=self.incoming, results_uri=self.results, model_store_uri=self.model_store,
+                                **{k: v for k, v in overrides.items() if v is not None})
+
+    def train_parameters(self) -> TrainParameters:
+        overrides = {"epochs": self.train_epochs, "fine_tune_epochs": self.train_fine_tune_epochs,
+                     "input_size": self.train_input_size}
+        return TrainParameters(dataset_uri=self.dataset, model_store_uri=self.model_store, weights=self.weights,
+                               **{k: v for k, v in overrides.items() if v is not None})

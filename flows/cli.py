@@ -19,6 +19,8 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from flows.parameters import ScreenParameters, TrainParameters  # noqa: E402
+
 app = typer.Typer(
     help="Chest X-ray screening: VGG16 transfer learning and nightly batch screening on Prefect.",
     no_args_is_help=True,
@@ -79,57 +81,80 @@ def dataset(
         console.print("no exact duplicates under two labels or across the split")
 
 
+def _option(parameters, name: str, *declarations: str, **extra):
+    """A command-line option whose default and help come from the flow's parameters model."""
+    return typer.Option(parameters.default(name), *declarations, help=parameters.describe(name), **extra)
+
+
+def _validated(parameters, **values):
+    """The flow's parameters, checked before Prefect starts: a bad value ends with one line, exit 2."""
+    from pydantic import ValidationError
+
+    try:
+        return parameters(**values)
+    except ValidationError as error:
+        for problem in error.errors():
+            option = "--" + str(problem["loc"][0]).replace("_", "-")
+            console.print(f"[red]error:[/red] {option}: {problem['msg']} (got {problem.get('input')!r})")
+        raise typer.Exit(code=2) from None
+
+
 @app.command()
 def train(
-    dataset_uri: str = typer.Argument(..., help="Labelled dataset: class sub-folders or a manifest.csv."),
-    model_store: str = typer.Option("models", envvar="CXR_MODEL_STORE", help="Model store (folder or s3://)."),
-    positive: str = typer.Option("covid", help="The class to flag (COVID-19); binary mode trains it vs the rest."),
-    multiclass: bool = typer.Option(False, "--multiclass", help="One output per class folder instead of binary."),
-    epochs: int = typer.Option(25, help="Stage 1 epochs (head on cached features, base frozen)."),
-    fine_tune_epochs: int = typer.Option(0, help="Stage 2 epochs fine-tuning block5 (0: no stage 2)."),
-    batch_size: int = typer.Option(16),
-    input_size: int = typer.Option(224, help="Images are resized to this square size."),
-    weights: str = typer.Option("imagenet", help="'imagenet' (download), a weights file path or s3:// URI, or 'none'."),
-    seed: int = typer.Option(0, help="Seed of the split, initialisation, augmentation and shuffling."),
-    test_fraction: float = typer.Option(0.2, help="Share of patients held out for testing."),
-    target_sensitivity: float = typer.Option(0.95, help="Sensitivity the threshold is chosen for, on validation."),
-    augment_draws: int = typer.Option(3, help="Augmented copies of the training set whose features are cached."),
-    horizontal_flip: bool = typer.Option(False, "--horizontal-flip", help="Augment with mirror images (off: anatomy is not symmetric)."),
-    scale_mode: str = typer.Option("unit", help="'unit' ([0, 1], the paper) or 'caffe' (Keras VGG16 ImageNet scaling)."),
-    force_promote: bool = typer.Option(False, "--force-promote", help="Make the new model production even if it is not better."),
+    dataset_uri: str = typer.Argument(..., help=TrainParameters.describe("dataset_uri")),
+    model_store: str = _option(TrainParameters, "model_store_uri", "--model-store", envvar="CXR_MODEL_STORE"),
+    positive: str = _option(TrainParameters, "positive"),
+    multiclass: bool = _option(TrainParameters, "multiclass", "--multiclass"),
+    epochs: int = _option(TrainParameters, "epochs"),
+    fine_tune_epochs: int = _option(TrainParameters, "fine_tune_epochs"),
+    batch_size: int = _option(TrainParameters, "batch_size"),
+    input_size: int = _option(TrainParameters, "input_size"),
+    weights: str = _option(TrainParameters, "weights"),
+    seed: int = _option(TrainParameters, "seed"),
+    test_fraction: float = _option(TrainParameters, "test_fraction"),
+    target_sensitivity: float = _option(TrainParameters, "target_sensitivity"),
+    augment_draws: int = _option(TrainParameters, "augment_draws"),
+    horizontal_flip: bool = _option(TrainParameters, "horizontal_flip", "--horizontal-flip"),
+    class_weights: bool = _option(TrainParameters, "class_weights", "--class-weights/--no-class-weights"),
+    scale_mode: str = _option(TrainParameters, "scale_mode"),
+    force_promote: bool = _option(TrainParameters, "force_promote", "--force-promote"),
 ) -> None:
     """Train a VGG16 transfer-learning classifier, evaluate it and register it in the model store."""
+    params = _validated(TrainParameters, dataset_uri=dataset_uri, model_store_uri=model_store, positive=positive,
+                        multiclass=multiclass, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
+                        batch_size=batch_size, input_size=input_size, weights=weights, seed=seed,
+                        test_fraction=test_fraction, target_sensitivity=target_sensitivity,
+                        augment_draws=augment_draws, horizontal_flip=horizontal_flip, class_weights=class_weights,
+                        scale_mode=scale_mode, force_promote=force_promote)
     from flows.train import train as train_flow
 
     with _clean_errors():
-        result = train_flow(
-            dataset_uri=dataset_uri, model_store_uri=model_store, positive=positive, multiclass=multiclass,
-            epochs=epochs, fine_tune_epochs=fine_tune_epochs, batch_size=batch_size, input_size=input_size,
-            weights=weights, seed=seed, test_fraction=test_fraction, target_sensitivity=target_sensitivity,
-            augment_draws=augment_draws, horizontal_flip=horizontal_flip, scale_mode=scale_mode,
-            force_promote=force_promote,
-        )
-    auc = "n/a" if result["auc"] is None else f"{result['auc']:.3f}"
+        trained = train_flow(params)
+    metrics = trained.card.metrics
+    scores = metrics["positive"]
+    auc = "n/a" if scores["auc"] is None else f"{scores['auc']:.3f}"
     console.print(
-        f"Model [bold]{result['version']}[/bold]: test accuracy {result['accuracy']:.3f}, {positive} AUC {auc}, "
-        f"sensitivity {result['sensitivity']:.3f} / specificity {result['specificity']:.3f} at threshold "
-        f"{result['threshold']:.3f}"
+        f"Model [bold]{trained.version}[/bold]: test accuracy {metrics['accuracy']:.3f}, {trained.card.positive_class} "
+        f"AUC {auc}, sensitivity {scores['sensitivity_at_threshold']:.3f} / specificity "
+        f"{scores['specificity_at_threshold']:.3f} at threshold {trained.card.threshold:.3f}"
     )
-    console.print(f"{'Promoted to production' if result['promoted'] else 'Not promoted'}: {result['reason']}")
-    console.print(f"Bundle: {result['bundle_uri']}")
+    console.print(f"{'Promoted to production' if trained.promoted else 'Not promoted'}: {trained.reason}")
+    console.print(f"Bundle: {trained.bundle_uri}")
 
 
 @app.command()
 def screen(
-    incoming_uri: str = typer.Argument(..., help="Folder or s3:// prefix with incoming X-rays (searched recursively)."),
-    results: str = typer.Option("results", envvar="CXR_RESULTS", help="Where run folders and the ledger go."),
-    model_store: str = typer.Option("models", envvar="CXR_MODEL_STORE", help="Model store (folder or s3://)."),
-    model_version: str = typer.Option("production", help="A version in the store, or 'production'."),
-    batch_size: int = typer.Option(16, help="Images per forward pass (throughput is flat from 8 up; memory is not)."),
-    chunk_size: int = typer.Option(256, help="Images per Prefect task."),
-    limit: int | None = typer.Option(None, help="Screen at most this many new images."),
+    incoming_uri: str = typer.Argument(..., help=ScreenParameters.describe("incoming_uri")),
+    results: str = _option(ScreenParameters, "results_uri", "--results", envvar="CXR_RESULTS"),
+    model_store: str = _option(ScreenParameters, "model_store_uri", "--model-store", envvar="CXR_MODEL_STORE"),
+    model_version: str = _option(ScreenParameters, "model_version"),
+    batch_size: int = _option(ScreenParameters, "batch_size"),
+    chunk_size: int = _option(ScreenParameters, "chunk_size"),
+    limit: int | None = _option(ScreenParameters, "limit"),
 ) -> None:
     """Screen the images not yet screened by the model, and write predictions and a report."""
+    params = _validated(ScreenParameters, incoming_uri=incoming_uri, results_uri=results, model_store_uri=model_store,
+                        model_version=model_version, batch_size=batch_size, chunk_size=chunk_size, limit=limit)
     from flows import screen as screening
 
     with _clean_errors(), Progress(console=console) as progress:
@@ -140,20 +165,17 @@ def screen(
 
         screening.progress_listeners.append(advance)
         try:
-            summary = screening.screen(
-                incoming_uri=incoming_uri, results_uri=results, model_store_uri=model_store,
-                model_version=model_version, batch_size=batch_size, chunk_size=chunk_size, limit=limit,
-            )
+            summary = screening.screen(params)
         finally:
             screening.progress_listeners.remove(advance)
     console.print(
-        f"Screened {summary['screened']} new image(s) with model {summary['model_version']}: "
-        f"{summary['flagged']} flagged, {summary['rejected']} rejected, {summary['already_screened']} already done."
+        f"Screened {summary.screened} new image(s) with model {summary.model_version}: "
+        f"{summary.flagged} flagged, {summary.rejected} rejected, {summary.already_screened} already done."
     )
-    for run_id in summary.get("recovered_runs", []):
+    for run_id in summary.recovered_runs:
         console.print(f"[yellow]Run {run_id} had died without writing its outputs; they are now written, "
                       f"with status 'abandoned', in its own run folder.[/yellow]")
-    console.print(f"Report: {summary['outputs']['report.html']}")
+    console.print(f"Report: {summary.outputs['report.html']}")
 
 
 @app.command()
@@ -165,16 +187,16 @@ def demo(
 
     with _clean_errors():
         result = demo_flow(workdir=workdir)
-    trained, screened = result["train"], result["screen"]
+    trained, screened = result.trained, result.screened
     console.rule("Demo finished")
-    console.print(f"Model {trained['version']} (test AUC {trained['auc']:.3f}): {trained['bundle_uri']}")
+    console.print(f"Model {trained.version} (test AUC {trained.card.metrics['positive']['auc']:.3f}): {trained.bundle_uri}")
     console.print("  card.json, curves.png, confusion.png, roc.png")
     console.print(
-        f"Screened {screened['screened']} new image(s): {screened['flagged']} flagged for review, "
-        f"{screened['rejected']} rejected (see the report for the reason)."
+        f"Screened {screened.screened} new image(s): {screened.flagged} flagged for review, "
+        f"{screened.rejected} rejected (see the report for the reason)."
     )
-    console.print(f"  predictions.csv, predictions.jsonl, summary.json in {screened['outputs']['report.html'].rsplit('/', 1)[0]}")
-    console.print(f"[bold]Report: {screened['outputs']['report.html']}[/bold]")
+    console.print(f"  predictions.csv, predictions.jsonl, summary.json in {screened.outputs['report.html'].rsplit('/', 1)[0]}")
+    console.print(f"[bold]Report: {screened.outputs['report.html']}[/bold]")
 
 
 stack_app = typer.Typer(help="A local stack: Prefect server and UI, S3 endpoint, workers, deployments.",

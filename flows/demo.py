@@ -3,17 +3,28 @@ a model trained on them from scratch, and a screening run over new phantoms and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prefect import flow, get_run_logger
 
+from flows.parameters import ScreenParameters, TrainParameters
 from flows.screen import screen
 from flows.train import train
 from tasks import storage
+from tasks.bundling import TrainedModel
 from tasks.phantoms import write_phantom_dataset
+from tasks.results import RunSummary
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    trained: TrainedModel
+    screened: RunSummary
 
 
 @flow(name="demo", description="Train on synthetic phantoms and screen new ones, end to end.")
 def demo(workdir: str = "demo-run", per_class: int = 40, incoming_per_class: int = 12, input_size: int = 64,
-         epochs: int = 20) -> dict:
+         epochs: int = 20) -> DemoResult:
     """Returns the training result and the screening summary; everything is written under ``workdir``."""
     logger = get_run_logger()
     dataset, incoming = storage.join(workdir, "dataset"), storage.join(workdir, "incoming")
@@ -21,8 +32,8 @@ def demo(workdir: str = "demo-run", per_class: int = 40, incoming_per_class: int
     if not storage.exists(storage.join(dataset, "covid", "covid-0-0000.png")):
         write_phantom_dataset(dataset, per_class=per_class, size=256, seed=0)
         logger.info("Wrote %d labelled phantoms to %s", 2 * per_class, dataset)
-    trained = train(dataset_uri=dataset, model_store_uri=models, weights="none", input_size=input_size,
-                    epochs=epochs, augment_draws=2, batch_size=16)
+    trained = train(TrainParameters(dataset_uri=dataset, model_store_uri=models, weights="none",
+                                    input_size=input_size, epochs=epochs, augment_draws=2, batch_size=16))
 
     # Each demo run brings a new night's worth of X-rays, so reruns have something to screen.
     try:
@@ -32,6 +43,6 @@ def demo(workdir: str = "demo-run", per_class: int = 40, incoming_per_class: int
     tonight = storage.join(incoming, f"night-{night + 1:03d}")
     write_phantom_dataset(tonight, per_class=incoming_per_class, size=256, seed=100 + night)
     storage.write_bytes(storage.join(tonight, "broken", "scan-0001.png"), b"\x89PNG\r\n\x1a\n cut off in transfer")
-    summary = screen(incoming_uri=incoming, results_uri=results, model_store_uri=models)
-    logger.info("Report: %s", summary["outputs"]["report.html"])
-    return {"train": trained, "screen": summary}
+    summary = screen(ScreenParameters(incoming_uri=incoming, results_uri=results, model_store_uri=models))
+    logger.info("Report: %s", summary.outputs["report.html"])
+    return DemoResult(trained, summary)

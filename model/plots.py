@@ -1,4 +1,4 @@
-"""Training curves, confusion matrix and ROC as PNG bytes (matplotlib, Agg: no display needed)."""
+"""Training curves, confusion matrix, ROC and reliability diagram as PNG bytes (matplotlib, Agg: no display needed)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["confusion_png", "curves_png", "roc_png"]
+from model.calibration import expected_calibration_error, reliability_curve  # noqa: E402
+
+__all__ = ["confusion_png", "curves_png", "reliability_png", "roc_png"]
 
 
 def _png(figure) -> bytes:
@@ -72,4 +74,28 @@ def roc_png(fpr: Sequence[float], tpr: Sequence[float], auc: float | None, posit
     axis.set_ylabel("sensitivity")
     axis.set_title(f"ROC: {positive} vs rest (test split)")
     axis.legend(loc="lower right")
+    return _png(figure)
+
+
+def reliability_png(is_positive: Sequence[bool], before: Sequence[float], after: Sequence[float] | None = None,
+                    bins: int = 10) -> bytes:
+    """Reliability diagram of the positive-class probability: observed positive rate against mean
+    probability per bin, before and (optionally) after calibration, with the diagonal of perfect
+    calibration and each curve's expected calibration error."""
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for name, probability, style in (("before", before, "o-"), ("after", after, "s-")):
+        if probability is None:
+            continue
+        predicted, observed, counts = reliability_curve(is_positive, probability, bins)
+        filled = counts > 0
+        ece = expected_calibration_error(is_positive, probability, bins)
+        axis.plot(predicted[filled], observed[filled], style, label=f"{name} (ECE {ece:.3f})")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("mean predicted probability (positive class)")
+    axis.set_ylabel("observed positive rate")
+    axis.set_title("Reliability")
+    axis.legend(loc="upper left", fontsize=8)
+    axis.grid(alpha=0.3)
     return _png(figure)

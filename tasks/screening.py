@@ -28,26 +28,12 @@ from model.training import predict_probabilities
 from tasks import ledger, registry, runs, storage
 from tasks.images import IMAGE_SUFFIXES, is_dicom
 from tasks.loading import LoadedImage, load_image
+from tasks.results import PredictionRow, ResultsLayout
 
-__all__ = ["ChunkResult", "chunk_inputs_uri", "find_inputs", "part_uri", "probability_column", "screen_chunk", "screen_images"]
+__all__ = ["ChunkResult", "chunked", "find_inputs", "screen_chunk", "screen_images"]
 
 # Never worth peeking into for a DICOM preamble.
 _NOT_IMAGES = {".csv", ".json", ".jsonl", ".txt", ".md", ".html", ".htm", ".log", ".xml", ".pdf", ".zip", ".gz"}
-
-
-def probability_column(class_name: str) -> str:
-    return f"prob_{class_name}"
-
-
-def part_uri(results_uri: str, run_id: str, chunk: int) -> str:
-    """The rows a chunk claimed (with thumbnails), written when the chunk ends, also by failure."""
-    return storage.join(results_uri, "runs", run_id, "parts", f"chunk-{chunk:06d}.jsonl")
-
-
-def chunk_inputs_uri(results_uri: str, run_id: str, chunk: int) -> str:
-    """The inputs a chunk set out to screen, written before it claims anything: should the process
-    die before the part is written, these and the ledger still say which rows the run owns."""
-    return storage.join(results_uri, "runs", run_id, "chunks", f"chunk-{chunk:06d}.json")
 
 
 @task(retries=2, retry_delay_seconds=10)
@@ -105,26 +91,30 @@ def _load_or_vanish(uri: str, spec) -> LoadedImage | str:
         return uri  # deleted or moved since listing: not ours to record; a later run will see
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def screen_images(
     uris: Sequence[str], model: keras.Model, card: ModelCard, batch_size: int = 16, workers: int = 4
-) -> Iterator[tuple[dict, str | None] | str]:
-    """Rows for ``uris`` (with a thumbnail for flagged images), or the URI of a vanished input.
+) -> Iterator[PredictionRow | str]:
+    """Rows for ``uris`` (flagged ones with a thumbnail), or the URI of a vanished input.
 
     Reading and decoding run ahead on ``workers`` threads while the model predicts.
     """
     spec = card.spec()
     positive = card.classes.index(card.positive_class)
 
-    def rows_for(batch: list[LoadedImage]) -> Iterator[tuple[dict, str | None]]:
+    def rows_for(batch: list[LoadedImage]) -> Iterator[PredictionRow]:
         probabilities = predict_probabilities(model, np.stack([item.pixels for item in batch]), spec, batch_size)
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        now = _now()
         for item, p in zip(batch, probabilities):
             flagged = bool(p[positive] >= card.threshold)
-            row = {"image_uri": item.uri, "sha256": item.sha256, "status": "ok", "reason": "",
-                   "model_version": card.version, "predicted_class": card.classes[int(p.argmax())],
-                   **{probability_column(c): round(float(v), 6) for c, v in zip(card.classes, p)},
-                   "flagged": flagged, "screened_at": now}
-            yield row, (_thumbnail(item.pixels) if flagged else None)
+            yield PredictionRow(
+                image_uri=item.uri, sha256=item.sha256, status="ok", reason="", model_version=card.version,
+                predicted_class=card.classes[int(p.argmax())],
+                probabilities={c: round(float(v), 6) for c, v in zip(card.classes, p)},
+                flagged=flagged, screened_at=now, thumbnail=_thumbnail(item.pixels) if flagged else None)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         batch: list[LoadedImage] = []
@@ -132,10 +122,10 @@ def screen_images(
             if isinstance(loaded, str):
                 yield loaded
             elif loaded.pixels is None:
-                yield {"image_uri": loaded.uri, "sha256": loaded.sha256, "status": "rejected",
-                       "reason": loaded.reason, "model_version": card.version, "predicted_class": "",
-                       **{probability_column(c): None for c in card.classes}, "flagged": False,
-                       "screened_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}, None
+                yield PredictionRow(
+                    image_uri=loaded.uri, sha256=loaded.sha256, status="rejected", reason=loaded.reason or "",
+                    model_version=card.version, predicted_class="", probabilities=dict.fromkeys(card.classes),
+                    flagged=False, screened_at=_now())
             else:
                 batch.append(loaded)
                 if len(batch) == batch_size:
@@ -169,10 +159,11 @@ def screen_chunk(
     logger = get_run_logger()
     started = time.perf_counter()
     model, card = _model(model_store_uri, model_version)
-    storage.write_bytes(chunk_inputs_uri(results_uri, run_id, chunk), json.dumps(uris).encode())
+    layout = ResultsLayout(results_uri).run(run_id)
+    storage.write_bytes(layout.chunk_inputs(chunk), json.dumps(uris).encode())
     _keep_alive(results_uri, run_id, logger)
     result = ChunkResult(chunk)
-    mine: list[dict] = []
+    mine: list[PredictionRow] = []
     renewed = time.monotonic()
     try:
         for produced in screen_images(uris, model, card, batch_size):
@@ -183,26 +174,27 @@ def screen_chunk(
                 logger.warning("%s disappeared before it could be read; left for a later run", produced)
                 result.vanished.append(produced)
                 continue
-            row, thumbnail = produced
-            row["run_id"] = run_id
-            if row["status"] == "rejected":
-                logger.warning("Rejected %s: %s", row["image_uri"], row["reason"])
-            if not ledger.claim(results_uri, card.version, row):
-                earlier = ledger.read_entry(results_uri, card.version, row["image_uri"])
-                if earlier.get("run_id") != run_id:  # another run's row; ours, from a retried attempt, we keep
+            row = produced
+            row.run_id = run_id
+            if row.status == "rejected":
+                logger.warning("Rejected %s: %s", row.image_uri, row.reason)
+            if not ledger.claim(results_uri, row):
+                earlier = ledger.read_entry(results_uri, card.version, row.image_uri, card.classes)
+                if earlier.run_id != run_id:  # another run's row; ours, from a retried attempt, we keep
                     result.already_done += 1
                     continue
+                earlier.thumbnail = row.thumbnail
                 row = earlier
-            mine.append({**row, "thumbnail": thumbnail} if thumbnail else row)
+            mine.append(row)
     finally:
         # Rows claimed before a failure are written too, so they reach this run's outputs.
         if mine:
-            payload = "".join(json.dumps(row, sort_keys=True) + "\n" for row in mine).encode()
-            storage.write_bytes(part_uri(results_uri, run_id, chunk), payload)
+            payload = "".join(json.dumps(row.to_record(with_thumbnail=True), sort_keys=True) + "\n" for row in mine)
+            storage.write_bytes(layout.part(chunk), payload.encode())
     result.claimed = len(mine)
-    result.ok = sum(row["status"] == "ok" for row in mine)
-    result.rejected = sum(row["status"] == "rejected" for row in mine)
-    result.flagged = sum(bool(row["flagged"]) for row in mine)
+    result.ok = sum(row.status == "ok" for row in mine)
+    result.rejected = sum(row.status == "rejected" for row in mine)
+    result.flagged = sum(row.flagged for row in mine)
     result.seconds = time.perf_counter() - started
     return result
 

@@ -1,11 +1,11 @@
-"""Prefect tasks of the training flow: data in, model fitted and scored, bundle out."""
+"""Prefect tasks of the training flow: data in, split, model fitted and scored."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,15 +16,16 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from model.bundle import BundleError
-from model.evaluation import evaluate
-from model.network import IMAGENET_FILE
+from model.evaluation import choose_threshold, evaluate
+from model.network import IMAGENET_FILE, build_classifier
 from model.preprocessing import Preprocessing
-from model.training import predict_probabilities
+from model.training import TrainingConfig, TrainingData, fine_tune, fit_head_cached, predict_probabilities
 from tasks import registry, storage
-from tasks.datasets import Dataset, LabelledImage, discover_dataset
+from tasks.datasets import Dataset, LabelledImage, discover_dataset, find_duplicates, split_dataset
 from tasks.loading import load_images
 
-__all__ = ["LabelledArrays", "EpochReporter", "discover", "load_labelled", "resolve_weights", "score_production"]
+__all__ = ["EpochReporter", "LabelledArrays", "TrainingSplit", "class_layout", "discover", "evaluate_model",
+           "fit_model", "load_labelled", "resolve_weights", "score_production", "split_for_training"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,109 @@ def load_labelled(items: tuple[LabelledImage, ...], spec: Preprocessing) -> Labe
     return LabelledArrays(tuple(kept), np.stack(images), tuple(rejected))
 
 
+def class_layout(items: tuple[LabelledImage, ...], positive: str, multiclass: bool) -> tuple[list[str], np.ndarray]:
+    """Class names and integer labels: positive vs the rest, or one class per label."""
+    present = sorted({item.label for item in items})
+    if positive not in present:
+        raise ValueError(f"positive class {positive!r} is not among the classes found: {', '.join(present)}")
+    if multiclass:
+        return present, np.array([present.index(item.label) for item in items])
+    if len(present) < 2:
+        raise ValueError(f"only the class {positive!r} was found: binary training needs other classes too")
+    return [f"non-{positive}", positive], np.array([int(item.label == positive) for item in items])
+
+
+@dataclass(frozen=True)
+class TrainingSplit:
+    """Classes, labels and the row numbers (into ``LabelledArrays``) of each part of the split."""
+
+    classes: list[str]
+    positive: str
+    labels: np.ndarray
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+
+    def training_data(self, images: np.ndarray) -> TrainingData:
+        return TrainingData(images[self.train], self.labels[self.train], images[self.validation],
+                            self.labels[self.validation], len(self.classes))
+
+
+@task(cache_policy=NO_CACHE)
+def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, test_fraction: float,
+                       seed: int) -> TrainingSplit:
+    """Patient-held-out test split, then a validation part of the rest (the threshold is chosen on
+    validation, never on test)."""
+    logger = get_run_logger()
+    classes, labels = class_layout(loaded.items, positive, multiclass)
+    split = split_dataset(loaded.items, test_fraction=test_fraction, seed=seed)
+    for line in find_duplicates(loaded.items, split).lines():
+        logger.warning("Duplicate: %s", line)
+    fit_part = split_dataset(split.train, test_fraction=0.2, seed=seed + 1)
+    position = {item.uri: i for i, item in enumerate(loaded.items)}
+
+    def rows(part) -> np.ndarray:
+        return np.array([position[item.uri] for item in part], dtype=int)
+
+    result = TrainingSplit(classes, positive, labels, rows(fit_part.train), rows(fit_part.test), rows(split.test))
+    logger.info("Split by patient: %d train, %d validation, %d test images", len(result.train),
+                len(result.validation), len(result.test))
+    return result
+
+
+@task(cache_policy=NO_CACHE)
+def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig, weights: str | None) -> tuple[keras.Model, dict]:
+    """Stage 1 on cached features, then stage 2 (block5) when fine-tune epochs are asked for."""
+    logger = get_run_logger()
+    keras.utils.set_random_seed(config.seed)
+    _use_gpu_if_present()
+    model = build_classifier(data.num_classes, spec.input_size, weights, seed=config.seed)
+    total = config.epochs + config.fine_tune_epochs
+    started = time.perf_counter()
+    reporter = EpochReporter("stage 1 (head, cached features)", config.epochs, total)
+
+    def on_features(draw: int, draws: int) -> None:
+        logger.info("Computed base features of the training images: draw %d/%d (%.0f s)", draw, draws,
+                    time.perf_counter() - started)
+
+    history = {"stage1": fit_head_cached(model, data, spec, config, [reporter], on_features)}
+    if config.fine_tune_epochs:
+        tuner = EpochReporter("stage 2 (block5 fine-tuning)", config.fine_tune_epochs, total,
+                              len(history["stage1"]["loss"]), reporter.artifact_id)
+        history["stage2"] = fine_tune(model, data, spec, config, [tuner])
+    logger.info("Training took %.0f s", time.perf_counter() - started)
+    return model, {stage: {k: [float(v) for v in values] for k, values in h.items()} for stage, h in history.items()}
+
+
+def _use_gpu_if_present() -> None:
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised: growth can only be set before first use
+            pass
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
+                   target_sensitivity: float) -> tuple[float, dict]:
+    """The threshold, chosen on validation for ``target_sensitivity``, and the test-split metrics."""
+    logger = get_run_logger()
+    positive = split.classes.index(split.positive)
+    validation = predict_probabilities(model, loaded.images[split.validation], spec)
+    threshold = choose_threshold(split.labels[split.validation] == positive, validation[:, positive],
+                                 target_sensitivity)
+    test = predict_probabilities(model, loaded.images[split.test], spec)
+    metrics = evaluate(split.labels[split.test], test, split.classes, split.positive, threshold)
+    metrics["validation"] = {"images": int(len(split.validation)), "target_sensitivity": target_sensitivity}
+    scores = metrics["positive"]
+    logger.info("Test split: accuracy %.3f, %s AUC %s; threshold %.4f gives sensitivity %.3f, specificity %.3f",
+                metrics["accuracy"], split.positive, "n/a" if scores["auc"] is None else f"{scores['auc']:.4f}",
+                threshold, scores["sensitivity_at_threshold"], scores["specificity_at_threshold"])
+    return threshold, metrics
+
+
 @task(retries=2, retry_delay_seconds=5)
 def resolve_weights(weights: str) -> tuple[str | None, dict]:
     """'imagenet', 'none', or a path/URI of a weights file copied to local disk for Keras."""
@@ -82,8 +186,7 @@ def resolve_weights(weights: str) -> tuple[str | None, dict]:
 
 
 @task(cache_policy=NO_CACHE)
-def score_production(store_uri: str, classes: list[str], test_labels: np.ndarray,
-                     load_test_images: Callable[[Preprocessing], np.ndarray], positive: str) -> dict | None:
+def score_production(store_uri: str, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing) -> dict | None:
     """The production model's positive-class metrics on this test split, or None if not comparable."""
     logger = get_run_logger()
     if registry.production_version(store_uri) is None:
@@ -93,14 +196,18 @@ def score_production(store_uri: str, classes: list[str], test_labels: np.ndarray
     except (BundleError, storage.StorageError, ValueError) as error:
         logger.warning("Production model could not be loaded, so it is not compared: %s", error)
         return None
-    if card.classes != classes:
+    if card.classes != split.classes:
         logger.warning("Production model %s has classes %s, the new one %s: not comparable", card.version,
-                       card.classes, classes)
+                       card.classes, split.classes)
         return None
-    spec = card.spec()
-    images = load_test_images(spec)
-    probabilities = predict_probabilities(model, images, spec)
-    metrics = evaluate(test_labels, probabilities, classes, positive, card.threshold)["positive"]
+    production_spec = card.spec()
+    if production_spec.input_size == spec.input_size:  # stored images are resized uint8: scaling comes later
+        images = loaded.images[split.test]
+    else:
+        uris = [loaded.items[i].uri for i in split.test]
+        images = np.stack([image.pixels for image in load_images(uris, production_spec)])
+    probabilities = predict_probabilities(model, images, production_spec)
+    metrics = evaluate(split.labels[split.test], probabilities, split.classes, split.positive, card.threshold)["positive"]
     logger.info("Production model %s on this test split: AUC %s, sensitivity %.3f at its threshold",
                 card.version, metrics["auc"], metrics["sensitivity_at_threshold"])
     return {**metrics, "version": card.version}

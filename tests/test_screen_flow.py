@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
+from flows.parameters import ScreenParameters, TrainParameters
 from flows.screen import screen
 from model.bundle import BundleError
 from tasks import ledger, registry, runs, storage
@@ -36,9 +37,14 @@ def model_store(prefect_api, tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("model")
     write_phantom_dataset(str(root / "dataset"), per_class=16, size=96, seed=11)
-    train(dataset_uri=str(root / "dataset"), model_store_uri=str(root / "models"), input_size=32,
-          weights="none", epochs=3, augment_draws=1, batch_size=8)
+    train(TrainParameters(dataset_uri=str(root / "dataset"), model_store_uri=str(root / "models"), input_size=32,
+                          weights="none", epochs=3, augment_draws=1, batch_size=8))
     return str(root / "models")
+
+
+def run_screen(incoming: str, results: str, store: str, return_state: bool = False, **options):
+    return screen(ScreenParameters(incoming_uri=incoming, results_uri=results, model_store_uri=store, **options),
+                  return_state=return_state)
 
 
 def copy_tree(source: str, target: str) -> None:
@@ -96,9 +102,9 @@ def test_screen_a_folder_rerun_and_new_arrivals(model_store, tmp_path):
     expected = make_incoming(incoming)
     before = snapshot(incoming)
 
-    state = screen(incoming, results, model_store, chunk_size=5, batch_size=4, return_state=True)
+    state = run_screen(incoming, results, model_store, chunk_size=5, batch_size=4, return_state=True)
     summary = state.result()
-    assert summary["status"] == "completed" and summary["screened"] == len(expected)
+    assert summary.status == "completed" and summary.screened == len(expected)
     rows = run_rows(results)
     assert {row["image_uri"]: row["status"] for row in rows} == expected
     assert len(rows) == len(expected)
@@ -108,7 +114,7 @@ def test_screen_a_folder_rerun_and_new_arrivals(model_store, tmp_path):
     assert header == ["image_uri", "sha256", "status", "reason", "model_version", "predicted_class",
                       "prob_non-covid", "prob_covid", "flagged", "screened_at", "run_id"]
     for row in rows:
-        assert row["model_version"] == card.version and row["run_id"] == summary["run_id"]
+        assert row["model_version"] == card.version and row["run_id"] == summary.run_id
         assert row["sha256"] == before[row["image_uri"]]
         if row["status"] == "ok":
             probabilities = [float(row["prob_non-covid"]), float(row["prob_covid"])]
@@ -121,7 +127,7 @@ def test_screen_a_folder_rerun_and_new_arrivals(model_store, tmp_path):
     assert reasons["empty-0.png"] == "empty file" and "not an image" in reasons["text-0.jpg"]
     assert "truncated" in reasons["truncated-0.png"] or "corrupt" in reasons["truncated-0.png"]
 
-    outputs = summary["outputs"]
+    outputs = summary.outputs
     jsonl = [json.loads(line) for line in storage.read_bytes(outputs["predictions.jsonl"]).decode().splitlines()]
     assert [r["image_uri"] for r in jsonl] == [r["image_uri"] for r in rows]
     stored_summary = json.loads(storage.read_bytes(outputs["summary.json"]))
@@ -138,13 +144,13 @@ def test_screen_a_folder_rerun_and_new_arrivals(model_store, tmp_path):
 
     assert snapshot(incoming) == before  # nothing modified, moved or deleted
 
-    again = screen(incoming, results, model_store)
-    assert again["screened"] == 0 and again["already_screened"] == len(expected)
+    again = run_screen(incoming, results, model_store)
+    assert again.screened == 0 and again.already_screened == len(expected)
 
     new = make_incoming(storage.join(incoming, "tuesday"), seed=1, per_class=2)
-    third = screen(incoming, results, model_store)
-    assert third["screened"] == len(new)
-    assert {r["image_uri"] for r in run_rows(results) if r["run_id"] == third["run_id"]} == set(new)
+    third = run_screen(incoming, results, model_store)
+    assert third.screened == len(new)
+    assert {r["image_uri"] for r in run_rows(results) if r["run_id"] == third.run_id} == set(new)
     assert len(run_rows(results)) == len(expected) + len(new)
     assert len(ledger.done_keys(results, card.version)) == len(expected) + len(new)
 
@@ -164,7 +170,7 @@ def test_a_failed_run_then_a_rerun_gives_every_input_exactly_once(model_store, t
 
     monkeypatch.setattr(ledger, "claim", failing_claim)
     monkeypatch.setattr(screen_module.screen_chunk, "retries", 0)
-    state = screen(incoming, results, model_store, chunk_size=5, return_state=True)
+    state = run_screen(incoming, results, model_store, chunk_size=5, return_state=True)
     assert state.is_failed()
     failed_rows = run_rows(results)
     assert len(failed_rows) == 7  # claimed before the failure, and in the failed run's outputs
@@ -172,8 +178,8 @@ def test_a_failed_run_then_a_rerun_gives_every_input_exactly_once(model_store, t
     assert json.loads(storage.read_bytes(summary_uri))["status"] == "failed"
 
     monkeypatch.setattr(ledger, "claim", real_claim)
-    rerun = screen(incoming, results, model_store, chunk_size=5)
-    assert rerun["status"] == "completed" and rerun["screened"] == len(expected) - 7
+    rerun = run_screen(incoming, results, model_store, chunk_size=5)
+    assert rerun.status == "completed" and rerun.screened == len(expected) - 7
     uris = [row["image_uri"] for row in run_rows(results)]
     assert sorted(uris) == sorted(expected)  # every input, exactly once
 
@@ -222,38 +228,38 @@ def test_a_killed_run_is_published_by_a_later_run_once_its_lease_is_stale(model_
     assert run_rows(results) == []  # the dead run wrote no outputs
 
     # Soon after: the dead run might still be alive, so it is left alone.
-    first = screen(incoming, results, model_store, chunk_size=100)
-    assert first["recovered_runs"] == [] and first["screened"] == len(expected) - claimed_by_dead
+    first = run_screen(incoming, results, model_store, chunk_size=100)
+    assert first.recovered_runs == [] and first.screened == len(expected) - claimed_by_dead
     assert len(run_rows(results)) == len(expected) - claimed_by_dead
 
     # Later: its lease is stale, and its rows are published under its own run folder.
     dead["renewed_at"] = (datetime.now(timezone.utc) - runs.ABANDONED_AFTER - timedelta(minutes=1)).isoformat()
     storage.write_bytes(lease_file, json.dumps(dead).encode())
-    later = screen(incoming, results, model_store)
-    assert later["recovered_runs"] == [dead["run_id"]] and later["screened"] == 0
+    later = run_screen(incoming, results, model_store)
+    assert later.recovered_runs == [dead["run_id"]] and later.screened == 0
     rows = run_rows(results)
     assert sorted(row["image_uri"] for row in rows) == sorted(expected)  # every input, exactly once
     assert sum(row["run_id"] == dead["run_id"] for row in rows) == claimed_by_dead
     dead_folder = storage.join(results, "runs", dead["run_id"])
     dead_summary = json.loads(storage.read_bytes(storage.join(dead_folder, "summary.json")))
-    assert dead_summary["status"] == "abandoned" and dead_summary["recovered_by"] == later["run_id"]
+    assert dead_summary["status"] == "abandoned" and dead_summary["recovered_by"] == later.run_id
     assert dead_summary["screened"] == claimed_by_dead
     assert "stopped without finishing" in storage.read_bytes(storage.join(dead_folder, "report.html")).decode()
     assert not storage.exists(lease_file)
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(dead["flow_run_id"]).state.is_crashed()
-    assert screen(incoming, results, model_store)["recovered_runs"] == []  # published once
+    assert run_screen(incoming, results, model_store).recovered_runs == []  # published once
 
 
 def test_screen_on_s3(model_store, s3_bucket):
     store, incoming, results = f"{s3_bucket}/models", f"{s3_bucket}/incoming", f"{s3_bucket}/results"
     copy_tree(model_store, store)
     expected = make_incoming(incoming)
-    summary = screen(incoming, results, store, chunk_size=6)
-    assert summary["status"] == "completed"
-    assert summary["outputs"]["report.html"].startswith(f"{results}/runs/")
+    summary = run_screen(incoming, results, store, chunk_size=6)
+    assert summary.status == "completed"
+    assert summary.outputs["report.html"].startswith(f"{results}/runs/")
     assert {row["image_uri"]: row["status"] for row in run_rows(results)} == expected
-    assert screen(incoming, results, store)["screened"] == 0
+    assert run_screen(incoming, results, store).screened == 0
 
 
 def test_inputs_are_found_among_1500_keys_on_s3(s3_bucket):
@@ -278,9 +284,9 @@ def test_results_and_models_inside_the_incoming_folder_are_not_screened(model_st
     monkeypatch.chdir(tmp_path)
     expected = make_incoming("incoming", per_class=1)
     copy_tree(model_store, "incoming/models")
-    summary = screen("./incoming", "incoming/results", str(tmp_path / "incoming" / "models"))
-    assert summary["screened"] == len(expected)
-    assert screen("incoming", "./incoming/results", "incoming/models")["screened"] == 0
+    summary = run_screen("./incoming", "incoming/results", str(tmp_path / "incoming" / "models"))
+    assert summary.screened == len(expected)
+    assert run_screen("incoming", "./incoming/results", "incoming/models").screened == 0
 
 
 def test_a_model_this_code_cannot_reproduce_is_refused(model_store, tmp_path):
@@ -294,5 +300,5 @@ def test_a_model_this_code_cannot_reproduce_is_refused(model_store, tmp_path):
     incoming = str(tmp_path / "incoming")
     make_incoming(incoming, per_class=1)
     with pytest.raises(BundleError, match="not supported by this code"):
-        screen(incoming, str(tmp_path / "results"), store)
+        run_screen(incoming, str(tmp_path / "results"), store)
     assert not storage.exists(str(tmp_path / "results" / "ledger"))

@@ -118,7 +118,7 @@ def test_deployments_are_configured(stack):
     assert screening["concurrency_limit"] == 1 or screening["global_concurrency_limit"]["limit"] == 1
     assert screening["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     assert retrain["schedules"] == []
-    assert retrain["parameters"]["weights"] == "none" and retrain["parameters"]["input_size"] == 32
+    assert retrain["parameters"]["params"]["weights"] == "none" and retrain["parameters"]["params"]["input_size"] == 32
     pools = {pool["name"]: pool["type"] for pool in api(stack, "POST", "/work_pools/filter", {})}
     assert pools["cpu"] == "process" and pools["gpu"] == "process"
 
@@ -178,7 +178,7 @@ def test_dataset_updated_event_starts_a_retrain_run(stack):
         time.sleep(2)
     else:
         pytest.fail("no retrain run was started within 90 s of cxr.dataset.updated")
-    assert new[0]["parameters"]["dataset_uri"] == "s3://cxr/datasets/current"
+    assert new[0]["parameters"]["params"]["dataset_uri"] == "s3://cxr/datasets/current"
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian's chromium is not installed at {CHROMIUM}")

@@ -9,9 +9,11 @@ import keras
 import numpy as np
 import pytest
 
-from flows.train import class_layout, train
+from flows.parameters import TrainParameters
+from flows.train import train
 from model.bundle import BundleError
 from tasks import registry, storage
+from tasks.train_steps import class_layout
 from tasks.datasets import LabelledImage, discover_dataset, fingerprint, hash_images
 from tasks.phantoms import write_phantom_dataset
 from tests.conftest import flow_run_artifacts
@@ -27,7 +29,7 @@ def bundle_files(bundle_uri: str) -> set[str]:
 
 
 def run(**parameters):
-    state = train(**parameters, return_state=True)
+    state = train(TrainParameters(**parameters), return_state=True)
     return state.result(), state.state_details.flow_run_id
 
 
@@ -36,11 +38,11 @@ def test_train_on_a_folder_registers_promotes_and_reports(prefect_api, tmp_path)
     write_phantom_dataset(dataset_uri, per_class=16, size=96)
     result, flow_run_id = run(dataset_uri=dataset_uri, model_store_uri=store, **SMALL)
 
-    assert result["promoted"] and "no comparable production model" in result["reason"]
-    assert bundle_files(result["bundle_uri"]) == BUNDLE_FILES
+    assert result.promoted and "no comparable production model" in result.reason
+    assert bundle_files(result.bundle_uri) == BUNDLE_FILES
     for plot in ("curves.png", "confusion.png", "roc.png"):
-        assert storage.read_bytes(storage.join(result["bundle_uri"], plot)).startswith(b"\x89PNG")
-    assert registry.production_version(store) == result["version"]
+        assert storage.read_bytes(storage.join(result.bundle_uri, plot)).startswith(b"\x89PNG")
+    assert registry.production_version(store) == result.version
 
     card = registry.load_card(store)
     assert card.classes == ["non-covid", "covid"] and card.positive_class == "covid"
@@ -50,11 +52,11 @@ def test_train_on_a_folder_registers_promotes_and_reports(prefect_api, tmp_path)
     assert card.dataset["fingerprint"] == fingerprint(items)
     assert card.dataset["train_images"] + card.dataset["validation_images"] + card.dataset["test_images"] == 32
     assert card.metrics["images"] == card.dataset["test_images"]
-    assert 0.0 <= card.threshold <= 1.0 and card.threshold == result["threshold"]
+    assert 0.0 <= card.threshold <= 1.0 and card.threshold == result.card.threshold
     assert card.software["keras"] == keras.__version__
-    model_bytes = storage.read_bytes(storage.join(result["bundle_uri"], "model.keras"))
+    model_bytes = storage.read_bytes(storage.join(result.bundle_uri, "model.keras"))
     assert card.model_sha256 == hashlib.sha256(model_bytes).hexdigest()
-    history = json.loads(storage.read_bytes(storage.join(result["bundle_uri"], "history.json")))
+    history = json.loads(storage.read_bytes(storage.join(result.bundle_uri, "history.json")))
     assert 1 <= len(history["stage1"]["loss"]) <= 3 and "val_loss" in history["stage1"]
 
     model, loaded_card = registry.load_model(store)
@@ -62,22 +64,22 @@ def test_train_on_a_folder_registers_promotes_and_reports(prefect_api, tmp_path)
 
     artifacts = flow_run_artifacts(flow_run_id)
     assert {"training-summary", "training-metrics", "training-progress"} <= artifacts.keys()
-    assert result["version"] in artifacts["training-summary"].data
+    assert result.version in artifacts["training-summary"].data
     assert artifacts["training-progress"].data == pytest.approx(100.0)
 
     # Same data, same seed: the same model, which does not beat production. Forced, it does.
     again, _ = run(dataset_uri=dataset_uri, model_store_uri=store, **SMALL)
-    assert not again["promoted"] and "does not beat production" in again["reason"]
-    assert registry.production_version(store) == result["version"]
-    assert registry.load_card(store, again["version"]).promotion["compared_with"] == result["version"]
+    assert not again.promoted and "does not beat production" in again.reason
+    assert registry.production_version(store) == result.version
+    assert registry.load_card(store, again.version).promotion["compared_with"] == result.version
     forced, _ = run(dataset_uri=dataset_uri, model_store_uri=store, force_promote=True, **SMALL)
-    assert forced["promoted"] and registry.production_version(store) == forced["version"]
+    assert forced.promoted and registry.production_version(store) == forced.version
     pointer = json.loads(storage.read_bytes(storage.join(store, registry.PRODUCTION)))
-    assert pointer["previous"] == result["version"] and pointer["reason"] == "promotion forced"
-    assert registry.list_versions(store) == sorted([result["version"], again["version"], forced["version"]])
+    assert pointer["previous"] == result.version and pointer["reason"] == "promotion forced"
+    assert registry.list_versions(store) == sorted([result.version, again.version, forced.version])
 
     # A damaged model file is refused on loading.
-    storage.write_bytes(storage.join(forced["bundle_uri"], "model.keras"), model_bytes)
+    storage.write_bytes(storage.join(forced.bundle_uri, "model.keras"), model_bytes)
     with pytest.raises(BundleError, match="damaged or was replaced"):
         registry.load_model(store)
 
@@ -98,8 +100,8 @@ def test_train_on_s3_multiclass_with_an_s3_weights_file(prefect_api, s3_bucket, 
 
     result, _ = run(dataset_uri=dataset_uri, model_store_uri=store, multiclass=True,
                     **{**SMALL, "weights": weights_uri})
-    assert result["bundle_uri"].startswith(f"{store}/v")
-    assert bundle_files(result["bundle_uri"]) == BUNDLE_FILES
+    assert result.bundle_uri.startswith(f"{store}/v")
+    assert bundle_files(result.bundle_uri) == BUNDLE_FILES
     card = registry.load_card(store)
     assert card.classes == ["bacterial", "covid", "normal", "viral"]
     assert card.weights == {"origin": weights_uri, "sha256": hashlib.sha256(weights_file.read_bytes()).hexdigest()}
@@ -123,7 +125,8 @@ def test_offline_imagenet_fails_with_the_other_options_named(prefect_api, tmp_pa
     dataset_uri = str(tmp_path / "dataset")
     write_phantom_dataset(dataset_uri, per_class=8, size=64)
     with pytest.raises(Exception, match="--weights none"):
-        train(dataset_uri=dataset_uri, model_store_uri=str(tmp_path / "models"), **{**SMALL, "weights": "imagenet"})
+        train(TrainParameters(dataset_uri=dataset_uri, model_store_uri=str(tmp_path / "models"),
+                              **{**SMALL, "weights": "imagenet"}))
     assert not storage.exists(str(tmp_path / "models" / registry.PRODUCTION))
 
 

@@ -1,0 +1,56 @@
+"""One typed parameters model per flow: the flow takes it, the command line builds its options
+from it, and the deployments fill it from the settings. Each default and check is written here once."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ScreenParameters", "TrainParameters"]
+
+
+class _Parameters(BaseModel):
+    # Unknown names are mistakes (a typo in a deployment's parameters must not pass silently).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def default(cls, name: str):
+        return cls.model_fields[name].default
+
+    @classmethod
+    def describe(cls, name: str) -> str:
+        return cls.model_fields[name].description or ""
+
+
+class ScreenParameters(_Parameters):
+    incoming_uri: str = Field(description="Folder or s3:// prefix with incoming X-rays (searched recursively).")
+    results_uri: str = Field("results", description="Where run folders and the ledger go (folder or s3://).")
+    model_store_uri: str = Field("models", description="Model store (folder or s3://).")
+    model_version: str = Field("production", description="A version in the store, or 'production'.")
+    batch_size: int = Field(16, ge=1, le=1024,
+                            description="Images per forward pass (throughput is flat from 8 up; memory is not).")
+    chunk_size: int = Field(256, ge=1, description="Images per Prefect task.")
+    limit: int | None = Field(None, ge=0, description="Screen at most this many new images.")
+
+
+class TrainParameters(_Parameters):
+    dataset_uri: str = Field(description="Labelled dataset: class sub-folders or a manifest.csv (folder or s3://).")
+    model_store_uri: str = Field("models", description="Model store (folder or s3://).")
+    positive: str = Field("covid", description="The class to flag (COVID-19); binary mode trains it vs the rest.")
+    multiclass: bool = Field(False, description="One output per class folder instead of binary.")
+    epochs: int = Field(25, ge=1, description="Stage 1 epochs (head on cached features, base frozen).")
+    fine_tune_epochs: int = Field(0, ge=0, description="Stage 2 epochs fine-tuning block5 (0: no stage 2).")
+    batch_size: int = Field(16, ge=1, le=1024, description="Images per training step.")
+    input_size: int = Field(224, ge=32, le=1024, description="Images are resized to this square size.")
+    weights: str = Field("imagenet", description="'imagenet' (download), a weights file path or s3:// URI, or 'none'.")
+    seed: int = Field(0, description="Seed of the split, initialisation, augmentation and shuffling.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of patients held out for testing.")
+    target_sensitivity: float = Field(0.95, gt=0, le=1,
+                                      description="Sensitivity the threshold is chosen for, on validation.")
+    augment_draws: int = Field(3, ge=1, description="Augmented copies of the training set whose features are cached.")
+    horizontal_flip: bool = Field(False, description="Augment with mirror images (off: anatomy is not symmetric).")
+    class_weights: bool = Field(True, description="Weight classes inversely to their frequency.")
+    scale_mode: Literal["unit", "caffe"] = Field(
+        "unit", description="'unit' ([0, 1], the paper) or 'caffe' (Keras VGG16 ImageNet scaling).")
+    force_promote: bool = Field(False, description="Make the new model production even if it is not better.")

@@ -1,0 +1,104 @@
+"""Where does the classifier look? Grad-CAM (Selvaraju et al. 2017) on VGG16's last convolution.
+
+For ``model.network.build_classifier``'s model: the nested base 'vgg16' and the nested head
+'head'. The map weights each channel of block5_conv3 (the last convolution, before block5_pool) by
+the mean gradient of the class's score over that channel, sums, keeps the positive part, and is
+scaled to [0, 1] per image and resized to the input resolution.
+"""
+
+from __future__ import annotations
+
+import cv2
+import keras
+import numpy as np
+import tensorflow as tf
+
+from model.preprocessing import Preprocessing, scale
+
+__all__ = ["LAST_CONVOLUTION", "grad_cam", "grad_cam_and_probabilities", "overlay"]
+
+LAST_CONVOLUTION = "block5_conv3"
+
+
+def _parts(model: keras.Model) -> tuple[keras.Model, keras.layers.Layer, keras.Model, keras.layers.Dense]:
+    """The classifier as: image -> last convolution -> pooling -> head features -> class logits.
+
+    Keras 3 cannot hand out a nested model's inner tensors from the outer model, so the base is
+    re-entered from its own input; the layers (and weights) are the model's own.
+    """
+    base, head = model.get_layer("vgg16"), model.get_layer("head")
+    to_convolution = keras.Model(base.input, base.get_layer(LAST_CONVOLUTION).output)
+    pooling = base.get_layer("block5_pool")
+    # The score is built from the logits before softmax (see _log_odds), hence the final layer apart.
+    final = head.get_layer("probabilities")
+    to_head_features = keras.Model(head.input, final.input)
+    return to_convolution, pooling, to_head_features, final
+
+
+def _log_odds(logits: tf.Tensor, class_index: int) -> tf.Tensor:
+    """The class's logit minus the log-sum-exp of the others: its log-odds against the rest.
+
+    Softmax ignores a shift common to all logits, so nothing in training pins down the class's
+    logit alone: its gradient carries an arbitrary shared part, which in our two-class models
+    pointed Grad-CAM at the wrong lung. The log-odds cancels that part; unlike the probability it
+    does not saturate on confident images, where the gradient of a probability near 1 vanishes.
+    """
+    others = tf.concat([logits[:, :class_index], logits[:, class_index + 1 :]], axis=1)
+    return logits[:, class_index] - tf.reduce_logsumexp(others, axis=1)
+
+
+def grad_cam_and_probabilities(model: keras.Model, images_uint8: np.ndarray, spec: Preprocessing, class_index: int,
+                               batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM maps ``(n, H, W)`` float32 in [0, 1] at the input resolution for ``class_index``,
+    and the class probabilities ``(n, classes)`` of the same forward pass."""
+    images_uint8 = np.asarray(images_uint8)
+    if images_uint8.ndim != 4 or images_uint8.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images (n, h, w, 3), got {images_uint8.dtype} {images_uint8.shape}")
+    classes = model.output.shape[-1]
+    if not 0 <= class_index < classes:
+        raise ValueError(f"class_index must lie in 0..{classes - 1}, got {class_index}")
+    to_convolution, pooling, to_head_features, final = _parts(model)
+    height, width = images_uint8.shape[1:3]
+    maps, probabilities = [], []
+    for start in range(0, len(images_uint8), batch_size):
+        # The same preprocessing as model.training.predict_probabilities.
+        x = scale(images_uint8[start : start + batch_size].astype(np.float32) / 255.0, spec)
+        with tf.GradientTape() as tape:
+            convolution = to_convolution(x, training=False)
+            tape.watch(convolution)
+            features = to_head_features(pooling(convolution), training=False)
+            logits = tf.matmul(features, final.kernel) + final.bias
+            score = _log_odds(logits, class_index)
+        gradient = tape.gradient(score, convolution)
+        channel_weights = tf.reduce_mean(gradient, axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(channel_weights * convolution, axis=-1)).numpy()
+        peak = cam.max(axis=(1, 2), keepdims=True)
+        cam = np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)  # a map with no positive part stays 0
+        maps += [np.clip(cv2.resize(one, (width, height), interpolation=cv2.INTER_LINEAR), 0.0, 1.0) for one in cam]
+        probabilities.append(tf.nn.softmax(logits).numpy())
+    if not maps:
+        return np.zeros((0, height, width), np.float32), np.zeros((0, classes), np.float32)
+    return np.stack(maps).astype(np.float32), np.concatenate(probabilities)
+
+
+def grad_cam(model: keras.Model, images_uint8: np.ndarray, spec: Preprocessing, class_index: int,
+             batch_size: int = 8) -> np.ndarray:
+    """Grad-CAM maps ``(n, H, W)`` float32 in [0, 1] at the input resolution for ``class_index``."""
+    return grad_cam_and_probabilities(model, images_uint8, spec, class_index, batch_size)[0]
+
+
+def overlay(image_uint8_rgb: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """The image with the map laid over it in the JET colour map (red = most weight); uint8 RGB.
+    A grayscale image is shown in grey; the map is resized to the image."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    image = np.asarray(image_uint8_rgb)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 RGB or grayscale image, got {image.dtype} {image.shape}")
+    cam = cv2.resize(np.asarray(cam, np.float32), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap(np.uint8(np.clip(cam, 0.0, 1.0) * 255), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)  # OpenCV colour maps come in BGR
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * heat.astype(np.float32)
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)

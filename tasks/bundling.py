@@ -1,0 +1,121 @@
+"""Prefect tasks that turn a fitted, scored model into a registered version: card, plots, bundle,
+promotion, and the training artifacts in the Prefect UI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import keras
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from model.bundle import ModelCard, model_to_bytes, software_versions
+from model.plots import confusion_png, curves_png, roc_png
+from model.preprocessing import Preprocessing
+from model.training import TrainingConfig
+from tasks import registry
+from tasks.datasets import Dataset, fingerprint
+from tasks.train_steps import LabelledArrays, TrainingSplit
+
+__all__ = ["TrainedModel", "make_bundle", "promote", "publish_bundle", "report_training"]
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """What the train flow returns: the new version, where it is, and whether it became production."""
+
+    card: ModelCard
+    bundle_uri: str
+    promoted: bool
+    reason: str
+
+    @property
+    def version(self) -> str:
+        return self.card.version
+
+
+@task(cache_policy=NO_CACHE)
+def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: dict, *, dataset: Dataset,
+                loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing, config: TrainingConfig,
+                weights: dict, test_fraction: float, promotion: dict) -> tuple[ModelCard, dict[str, bytes]]:
+    """The card and every file of the bundle, as bytes."""
+    model_bytes = model_to_bytes(model)
+    card = ModelCard(
+        version=registry.new_version(), classes=split.classes, positive_class=split.positive, threshold=threshold,
+        preprocessing=spec.to_dict(), weights=weights,
+        dataset={"uri": dataset.uri, "source": dataset.source, "fingerprint": fingerprint(loaded.items),
+                 "images": len(loaded.items), "rejected": [list(r) for r in loaded.rejected],
+                 "split_seed": config.seed, "test_fraction": test_fraction, "train_images": int(len(split.train)),
+                 "validation_images": int(len(split.validation)), "test_images": int(len(split.test)),
+                 "test_fingerprint": fingerprint([loaded.items[i] for i in split.test]),
+                 "class_counts": dataset.class_counts},
+        metrics=metrics, training=config.to_dict(), software=software_versions(),
+        model_sha256=hashlib.sha256(model_bytes).hexdigest(),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), promotion=promotion,
+    )
+    positive = metrics["positive"]
+    files = {
+        "model.keras": model_bytes,
+        "history.json": json.dumps(history, indent=2).encode(),
+        "curves.png": curves_png(history),
+        "confusion.png": confusion_png(metrics["confusion_matrix"], split.classes),
+        "roc.png": roc_png(positive["roc"]["fpr"], positive["roc"]["tpr"], positive["auc"], split.positive,
+                           (positive["sensitivity_at_threshold"], positive["specificity_at_threshold"])),
+    }
+    return card, files
+
+
+@task(retries=3, retry_delay_seconds=5)
+def publish_bundle(store_uri: str, files: dict[str, bytes], card: ModelCard) -> str:
+    return registry.publish(store_uri, card.version, files, card)
+
+
+@task(retries=3, retry_delay_seconds=5)
+def promote(store_uri: str, version: str, reason: str) -> None:
+    registry.set_production(store_uri, version, reason)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+@task
+def report_training(trained: TrainedModel) -> None:
+    """Log line, markdown summary and per-class table in the Prefect UI."""
+    card, bundle_uri = trained.card, trained.bundle_uri
+    get_run_logger().info("Model %s written to %s; %s: %s", card.version, bundle_uri,
+                          "promoted" if trained.promoted else "not promoted", trained.reason)
+    metrics, positive = card.metrics, card.metrics["positive"]
+    rows = []
+    for name in card.classes:
+        report = metrics["classification_report"][name]
+        extra = metrics["per_class"][name]
+        rows.append({"class": name, "precision": round(report["precision"], 4), "recall": round(report["recall"], 4),
+                     "f1": round(report["f1-score"], 4), "support": int(report["support"]),
+                     "sensitivity": extra["sensitivity"], "specificity": extra["specificity"], "auc": extra["auc"]})
+    create_table_artifact(rows, key="training-metrics", description=f"Test-split metrics of model {card.version}")
+    create_markdown_artifact(key="training-summary", description=f"Model {card.version}", markdown=f"""
+# Model {card.version}
+
+**{'Promoted to production' if trained.promoted else 'Not promoted'}**: {trained.reason}
+
+| | |
+|---|---|
+| classes | {', '.join(card.classes)} |
+| test images (patient-held-out) | {metrics['images']} |
+| accuracy | {metrics['accuracy']:.4f} |
+| {card.positive_class} AUC | {_fmt(positive['auc'])} |
+| threshold (chosen on validation for sensitivity {metrics['validation']['target_sensitivity']}) | {card.threshold:.4f} |
+| sensitivity / specificity at threshold (test) | {positive['sensitivity_at_threshold']:.3f} / {positive['specificity_at_threshold']:.3f} |
+| weights | {card.weights['origin']} |
+| data fingerprint | `{card.dataset['fingerprint'][:16]}` |
+
+Plots: `{bundle_uri}/curves.png`, `{bundle_uri}/confusion.png`, `{bundle_uri}/roc.png`
+
+High accuracy on public COVID-19 collections often reflects age and source (paediatric normals,
+adult COVID images from publications) rather than disease: validate on local data before use.
+""")

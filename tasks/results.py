@@ -1,0 +1,199 @@
+"""The screening output contract in one place: where everything lives under a results location,
+what one prediction row holds, and what a run's summary says (DESIGN.md, 'Screening outputs').
+
+    <results>/runs/<run id>/predictions.csv, predictions.jsonl, summary.json, report.html
+    <results>/runs/<run id>/parts/chunk-NNNNNN.jsonl    rows a chunk claimed (with thumbnails)
+    <results>/runs/<run id>/chunks/chunk-NNNNNN.json    inputs a chunk set out to screen
+    <results>/ledger/<model version>/<sha256 of the image URI>.json
+    <results>/open-runs/<run id>.json                   the lease of a live run
+
+Nobody else builds these paths. CSV and JSONL columns derive from ``PredictionRow``'s fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks import storage
+
+__all__ = ["OUTPUT_NAMES", "PredictionRow", "ResultsLayout", "RunLayout", "RunSummary", "entry_key",
+           "probability_column"]
+
+OUTPUT_NAMES = ("predictions.csv", "predictions.jsonl", "summary.json", "report.html")
+# Run ids and model versions become folder names: a forged lease or card must not reach outside.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _safe_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise ValueError(f"{kind} {name!r} is not a safe name (letters, digits, '.', '_', '-'; no '..')")
+    return name
+
+
+def entry_key(image_uri: str) -> str:
+    """The ledger's name for an input. Names that are not valid UTF-8 (possible on Linux) keep their
+    raw bytes through surrogateescape instead of failing the run."""
+    return hashlib.sha256(image_uri.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def probability_column(class_name: str) -> str:
+    return f"prob_{class_name}"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of one screening run."""
+
+    folder: str
+    run_id: str
+
+    @property
+    def parts(self) -> str:
+        return storage.join(self.folder, "parts")
+
+    @property
+    def chunks(self) -> str:
+        return storage.join(self.folder, "chunks")
+
+    def part(self, chunk: int) -> str:
+        """The rows a chunk claimed, written when the chunk ends, also by failure."""
+        return storage.join(self.parts, f"chunk-{chunk:06d}.jsonl")
+
+    def chunk_inputs(self, chunk: int) -> str:
+        """The inputs a chunk set out to screen, written before it claims anything: should the
+        process die before the part is written, these and the ledger still say which rows it owns."""
+        return storage.join(self.chunks, f"chunk-{chunk:06d}.json")
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {name: storage.join(self.folder, name) for name in OUTPUT_NAMES}
+
+
+@dataclass(frozen=True)
+class ResultsLayout:
+    """Every location under one results URI."""
+
+    uri: str
+
+    def run(self, run_id: str) -> RunLayout:
+        return RunLayout(storage.join(self.uri, "runs", _safe_name("run id", run_id)), run_id)
+
+    def ledger(self, model_version: str) -> str:
+        return storage.join(self.uri, "ledger", _safe_name("model version", model_version))
+
+    def ledger_entry(self, model_version: str, image_uri: str) -> str:
+        return storage.join(self.ledger(model_version), entry_key(image_uri) + ".json")
+
+    @property
+    def leases(self) -> str:
+        return storage.join(self.uri, "open-runs")
+
+    def lease(self, run_id: str) -> str:
+        return storage.join(self.leases, _safe_name("run id", run_id) + ".json")
+
+
+@dataclass
+class PredictionRow:
+    """One input's outcome. ``to_record`` is its CSV, JSONL and ledger form."""
+
+    image_uri: str
+    sha256: str | None
+    status: str  # "ok" or "rejected"
+    reason: str
+    model_version: str
+    predicted_class: str
+    probabilities: dict[str, float | None]  # one column per class, in the card's order
+    flagged: bool
+    screened_at: str
+    run_id: str = ""
+    # Kept in part files for the report's worklist; never in the CSV, the JSONL or the ledger.
+    thumbnail: str | None = field(default=None, metadata={"column": False})
+
+    @classmethod
+    def columns(cls, classes: list[str]) -> list[str]:
+        names = []
+        for item in dataclasses.fields(cls):
+            if item.name == "probabilities":
+                names += [probability_column(c) for c in classes]
+            elif item.metadata.get("column", True):
+                names.append(item.name)
+        return names
+
+    def to_record(self, with_thumbnail: bool = False) -> dict[str, Any]:
+        record = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name == "probabilities":
+                record.update({probability_column(c): v for c, v in value.items()})
+            elif item.metadata.get("column", True) or (with_thumbnail and value):
+                record[item.name] = value
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], classes: list[str]) -> PredictionRow:
+        known = {item.name for item in dataclasses.fields(cls)} - {"probabilities"}
+        return cls(**{k: v for k, v in record.items() if k in known},
+                   probabilities={c: record.get(probability_column(c)) for c in classes})
+
+    def probability(self, class_name: str) -> float:
+        return self.probabilities.get(class_name) or 0.0
+
+
+@dataclass
+class RunSummary:
+    """What a run did: its facts (known to the flow and kept in its lease) and its counts (from
+    its rows). ``summary.json``, the report, the artifacts and the CLI all read this."""
+
+    run_id: str
+    model_version: str
+    model_store_uri: str = ""
+    incoming_uri: str = ""
+    flow_run_id: str = ""
+    status: str = "running"  # running | completed | failed | abandoned
+    started_at: str = ""
+    finished_at: str | None = None
+    seconds: float | None = None
+    inputs_found: int | None = None
+    already_screened: int | None = None
+    to_screen: int | None = None
+    claimed_by_other_runs: int = 0
+    vanished: int = 0
+    recovered_runs: list[str] = field(default_factory=list)
+    # Set only on the summary of an abandoned run, by the run that recovered it.
+    last_seen_at: str | None = None
+    recovered_by: str | None = None
+    recovered_at: str | None = None
+    # Counts, from the rows.
+    classes: list[str] = field(default_factory=list)
+    threshold: float | None = None
+    screened: int = 0
+    ok: int = 0
+    rejected: int = 0
+    flagged: int = 0
+    predicted: dict[str, int] = field(default_factory=dict)
+    images_per_second: float | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def tally(self, rows: list[PredictionRow], classes: list[str], threshold: float) -> RunSummary:
+        """This summary with its counts taken from ``rows``."""
+        ok = [row for row in rows if row.status == "ok"]
+        return dataclasses.replace(
+            self, classes=list(classes), threshold=threshold, screened=len(rows), ok=len(ok),
+            rejected=len(rows) - len(ok), flagged=sum(row.flagged for row in rows),
+            predicted=dict(sorted(Counter(row.predicted_class for row in ok).items())),
+            images_per_second=round(len(rows) / self.seconds, 3) if self.seconds else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSummary:
+        """Tolerates keys it does not know (a lease or summary written by another version)."""
+        known = {item.name for item in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
