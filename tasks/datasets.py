@@ -1,7 +1,9 @@
 """Labelled X-ray datasets: discovery, patient-grouped splits, fingerprints and duplicate checks.
 
 A dataset lives at a URI as class sub-folders (class = folder name, case-insensitive) or as a
-``manifest.csv`` with columns ``file,class[,patient_id]`` (``file`` relative to the dataset).
+``manifest.csv`` with columns ``file,class[,patient_id]`` (``file`` relative to the dataset). Any
+further manifest columns (source, age group, view, site...) are kept as each image's metadata:
+the training flow evaluates within their levels (strata).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class LabelledImage:
     label: str
     patient_id: str | None = None
     sha256: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict, compare=False, hash=False)  # extra manifest columns
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,12 @@ class Dataset:
     @property
     def class_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(item.label for item in self.items).items()))
+
+    @property
+    def metadata_columns(self) -> dict[str, list[str]]:
+        """Each extra manifest column and its values, in the order of ``items``."""
+        names = sorted({name for item in self.items for name in item.metadata})
+        return {name: [item.metadata.get(name, "") for item in self.items] for name in names}
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,9 @@ def _from_manifest(uri: str, manifest_uri: str, files: list[str]) -> Dataset:
             absent.append(name)
             continue
         patient = (row.get(columns["patient_id"]) or "").strip() if "patient_id" in columns else ""
-        items.append(LabelledImage(file_uri, label, patient or None))
+        metadata = {name: (row.get(original) or "").strip() for name, original in columns.items()
+                    if name not in ("file", "class", "patient_id")}
+        items.append(LabelledImage(file_uri, label, patient or None, metadata=metadata))
     if absent:
         shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
         raise DatasetError(f"{manifest_uri}: {len(absent)} listed file(s) not found under {uri}: {shown}")

@@ -6,7 +6,7 @@ import hashlib
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import keras
@@ -57,7 +57,7 @@ def load_labelled(items: tuple[LabelledImage, ...], spec: Preprocessing) -> Labe
             logger.warning("Left out %s: %s", image.uri, image.reason)
             rejected.append((image.uri, image.reason or ""))
             continue
-        kept.append(LabelledImage(item.uri, item.label, item.patient_id, image.sha256))
+        kept.append(replace(item, sha256=image.sha256))
         images.append(image.pixels)
     if not images:
         raise ValueError("no usable images: every file was rejected (see the warnings above)")
