@@ -53,4 +53,18 @@ class TrainParameters(_Parameters):
     class_weights: bool = Field(True, description="Weight classes inversely to their frequency.")
     scale_mode: Literal["unit", "caffe"] = Field(
         "unit", description="'unit' ([0, 1], the paper) or 'caffe' (Keras VGG16 ImageNet scaling).")
-    force_promote: bool = Field(False, description="Make the new model production even if it is not better.")
+    force_promote: bool = Field(False, description="Make the new model production even if it is not better, "
+                                                   "or carries a shortcut warning the production model does not.")
+    strata: list[str] | None = Field(
+        None, description="Manifest columns to evaluate within (default: every extra column with 2 to 20 levels "
+                          "that is not an identifier, hash, path or size).")
+    balance_strata: str | None = Field(
+        None, description="A manifest column whose levels are balanced by class in training, early stopping "
+                          "and the threshold, so the label says nothing about the level.")
+    mixed_strata_only: bool = Field(False, description="With balance_strata: leave out levels that hold one class only "
+                                                       "(by default they count a tenth).")
+    leave_out: str | None = Field(None, pattern=r"^[^=]+=.+$",
+                                  description="COL=LEVEL: train without that level and report performance on it.")
+    calibrate: bool = Field(True, description="Temperature-scale the probabilities on validation (the threshold is "
+                                              "then chosen on calibrated probabilities).")
+    bootstrap: int = Field(1000, ge=100, description="Patient-level bootstrap resamples for confidence intervals.")

@@ -1,7 +1,8 @@
 """On-demand retraining: VGG16 transfer learning, evaluation on a patient-held-out split, registry.
 
-Reads top to bottom as the steps: find the data, load it, split it, fit, choose the threshold on
-validation and score on test, compare with production on the same split, write the bundle,
+Reads top to bottom as the steps: find the data, load it, split it, fit, calibrate on validation,
+choose the threshold on validation and score on test, audit what the model learned (metadata
+strata, masked lungs, Grad-CAM), compare with production on the same split, write the bundle,
 promote if it is better.
 """
 
@@ -15,6 +16,7 @@ from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
 from tasks import registry
 from tasks.bundling import TrainedModel, make_bundle, promote, publish_bundle, report_training
+from tasks.clinical import audit_model, calibrate_model
 from tasks.train_steps import (discover, evaluate_model, fit_model, load_labelled, resolve_weights, score_production,
                                split_for_training)
 
@@ -32,17 +34,24 @@ def train(params: TrainParameters) -> TrainedModel:
     dataset = discover(params.dataset_uri)
     loaded = load_labelled(dataset.items, spec)
     split = split_for_training(loaded, params.positive.strip().lower(), params.multiclass, params.test_fraction,
-                               params.seed)
+                               params.seed, params.strata, params.balance_strata, params.mixed_strata_only,
+                               params.leave_out)
 
     model, history = fit_model(split.training_data(loaded.images), spec, config, weights)
     if weights_info["origin"] == "imagenet" and weights_info["sha256"] is None:
         weights_info = resolve_weights.fn("imagenet")[1]  # the download has happened by now
+    calibration, reliability = calibrate_model(model, loaded, split, spec) if params.calibrate else ({}, None)
     threshold, metrics = evaluate_model(model, loaded, split, spec, params.target_sensitivity)
+    validity, mean_cam = audit_model(model, loaded, split, spec, threshold, params.bootstrap, params.seed)
 
     production = score_production(params.model_store_uri, loaded, split, spec)
-    promoted, reason = registry.promotion_decision(metrics["positive"], production, params.force_promote)
+    promoted, reason = registry.promotion_decision(
+        {**metrics["positive"], "within_auc": validity["mean_within_auc"], "warnings": validity["warnings"]},
+        production, params.force_promote)
     card, files = make_bundle(model, history, threshold, metrics, dataset=dataset, loaded=loaded, split=split,
                               spec=spec, config=config, weights=weights_info, test_fraction=params.test_fraction,
+                              validity=validity, calibration=calibration,
+                              figures={"calibration.png": reliability, "gradcam.png": mean_cam},
                               promotion={"promoted": promoted, "reason": reason,
                                          "compared_with": production and production["version"]})
     trained = TrainedModel(card, publish_bundle(params.model_store_uri, files, card), promoted, reason)

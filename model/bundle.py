@@ -38,6 +38,14 @@ class ModelCard:
     model_sha256: str = ""
     created_at: str = ""
     promotion: dict = field(default_factory=dict)
+    # Test-split metrics by metadata stratum, metadata-only baselines, intervals, masked audit and
+    # shortcut warnings (model.validity.audit); empty for a dataset without metadata columns.
+    validity: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)  # temperature, ECE and Brier before/after
+
+    @property
+    def shortcut_warnings(self) -> list[str]:
+        return list(self.validity.get("warnings", []))
 
     @property
     def input_size(self) -> int:

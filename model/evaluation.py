@@ -10,9 +10,11 @@ from sklearn.metrics import classification_report, confusion_matrix, roc_auc_sco
 __all__ = ["choose_threshold", "evaluate", "sensitivity_specificity"]
 
 
-def choose_threshold(is_positive: np.ndarray, positive_probability: np.ndarray, target_sensitivity: float = 0.95) -> float:
+def choose_threshold(is_positive: np.ndarray, positive_probability: np.ndarray, target_sensitivity: float = 0.95,
+                     weights: np.ndarray | None = None) -> float:
     """A threshold whose sensitivity on these (validation) images reaches the target, with the best
-    specificity that allows.
+    specificity that allows. With ``weights`` the sensitivity is weighted (each positive counts by
+    its weight), as when strata are balanced in training.
 
     Flag when probability >= threshold. The threshold sits halfway between the lowest positive
     score that must be flagged and the next lower score of any image, rather than on that score
@@ -23,11 +25,14 @@ def choose_threshold(is_positive: np.ndarray, positive_probability: np.ndarray, 
         raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
     is_positive = np.asarray(is_positive, bool)
     scores = np.asarray(positive_probability, float)
-    positives = np.sort(scores[is_positive])[::-1]
-    if len(positives) == 0:
+    weights = np.ones(len(scores)) if weights is None else np.asarray(weights, float)
+    order = np.argsort(-scores[is_positive], kind="stable")
+    positives, positive_weights = scores[is_positive][order], weights[is_positive][order]
+    if len(positives) == 0 or positive_weights.sum() <= 0:
         raise ValueError("no positive images to choose a threshold on")
-    needed = max(int(np.ceil(target_sensitivity * len(positives) - 1e-9)), 1)
-    lowest_flagged = positives[needed - 1]
+    # The fewest top-scored positives whose weight reaches the target share of all positives' weight.
+    reached = np.cumsum(positive_weights) >= target_sensitivity * positive_weights.sum() - 1e-9
+    lowest_flagged = positives[int(np.argmax(reached))]
     below = scores[scores < lowest_flagged]
     return float((lowest_flagged + below.max()) / 2) if len(below) else float(lowest_flagged)
 

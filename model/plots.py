@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from model.calibration import expected_calibration_error, reliability_curve  # noqa: E402
 
-__all__ = ["confusion_png", "curves_png", "reliability_png", "roc_png"]
+__all__ = ["confusion_png", "curves_png", "mean_cam_png", "reliability_png", "roc_png"]
 
 
 def _png(figure) -> bytes:
@@ -98,4 +98,19 @@ def reliability_png(is_positive: Sequence[bool], before: Sequence[float], after:
     axis.set_title("Reliability")
     axis.legend(loc="upper left", fontsize=8)
     axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+def mean_cam_png(cams: dict[str, np.ndarray], images: dict[str, np.ndarray]) -> bytes:
+    """Per class: the mean image and the mean Grad-CAM over it (where the model looks on average)."""
+    names = [name for name in cams if len(cams[name])]
+    figure, axes = plt.subplots(1, max(len(names), 1), figsize=(3.2 * max(len(names), 1), 3.4), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        axis.imshow(images[name].mean(axis=0).mean(axis=-1), cmap="gray")
+        axis.imshow(cams[name].mean(axis=0), cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        axis.set_title(f"{name} (n={len(cams[name])})", fontsize=9)
+        axis.axis("off")
+    if not names:
+        axes[0][0].axis("off")
+    figure.suptitle("Mean Grad-CAM on the test split", fontsize=10)
     return _png(figure)

@@ -57,6 +57,15 @@ class TrainingData:
     x_val: np.ndarray
     y_val: np.ndarray
     num_classes: int
+    # Per-image weights (e.g. balancing classes inside metadata strata). When given they replace
+    # the class weights in training, and weight the validation loss that early stopping watches.
+    w_train: np.ndarray | None = None
+    w_val: np.ndarray | None = None
+
+    def train_weights(self, class_weights: bool) -> np.ndarray:
+        if self.w_train is not None:
+            return np.asarray(self.w_train, np.float32)
+        return sample_weights(self.y_train, self.num_classes, class_weights)
 
 
 def sample_weights(labels: np.ndarray, num_classes: int, balanced: bool) -> np.ndarray:
@@ -132,13 +141,14 @@ def fit_head_cached(
     val_features = extract_features(base, data.x_val, spec, None, config.batch_size)
 
     targets = keras.utils.to_categorical(data.y_train, data.num_classes)
-    weights = sample_weights(data.y_train, data.num_classes, config.class_weights)
+    weights = data.train_weights(config.class_weights)
     _compile(head, config.learning_rate)
+    validation = (val_features, keras.utils.to_categorical(data.y_val, data.num_classes))
     history = head.fit(
         _cached_epochs(draws, targets, weights, config),
         steps_per_epoch=math.ceil(len(targets) / config.batch_size),
         epochs=config.epochs,
-        validation_data=(val_features, keras.utils.to_categorical(data.y_val, data.num_classes)),
+        validation_data=validation if data.w_val is None else (*validation, np.asarray(data.w_val, np.float32)),
         callbacks=[*_early_stopping(config), *callbacks],
         shuffle=False,  # the generator shuffles, with the config's seed
         verbose=0,
@@ -203,11 +213,12 @@ def fine_tune(
 
 def _fit_end_to_end(model, data, spec, config, epochs, learning_rate, callbacks) -> dict[str, list[float]]:
     augmentation = build_augmentation(config.augmentation, config.seed) if config.augment else None
-    weights = sample_weights(data.y_train, data.num_classes, config.class_weights)
+    weights = data.train_weights(config.class_weights)
     train = _image_dataset(
         data.x_train, data.y_train, data.num_classes, spec, config.batch_size, augmentation, weights, config.seed
     )
-    val = _image_dataset(data.x_val, data.y_val, data.num_classes, spec, config.batch_size, None, None, config.seed)
+    val = _image_dataset(data.x_val, data.y_val, data.num_classes, spec, config.batch_size, None, data.w_val,
+                         config.seed)
     _compile(model, learning_rate)
     history = model.fit(
         train, epochs=epochs, validation_data=val, callbacks=[*_early_stopping(config), *callbacks],

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import jinja2
 import keras
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -21,7 +22,7 @@ from tasks import registry
 from tasks.datasets import Dataset, fingerprint
 from tasks.train_steps import LabelledArrays, TrainingSplit
 
-__all__ = ["TrainedModel", "make_bundle", "promote", "publish_bundle", "report_training"]
+__all__ = ["TrainedModel", "card_markdown", "make_bundle", "promote", "publish_bundle", "report_training"]
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,22 @@ class TrainedModel:
         return self.card.version
 
 
+_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("tasks", "templates"), autoescape=True,
+                                trim_blocks=True, lstrip_blocks=True)
+
+
+def card_markdown(card: ModelCard) -> str:
+    """The human-readable model card: intended use, data, subgroup tables, calibration, limitations."""
+    return _TEMPLATES.get_template("card.md.j2").render(
+        card=card, validity=card.validity, overall=card.validity.get("overall", {}), calibration=card.calibration,
+        promotion=card.promotion)
+
+
 @task(cache_policy=NO_CACHE)
 def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: dict, *, dataset: Dataset,
                 loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing, config: TrainingConfig,
-                weights: dict, test_fraction: float, promotion: dict) -> tuple[ModelCard, dict[str, bytes]]:
+                weights: dict, test_fraction: float, promotion: dict, validity: dict, calibration: dict,
+                figures: dict[str, bytes | None]) -> tuple[ModelCard, dict[str, bytes]]:
     """The card and every file of the bundle, as bytes."""
     model_bytes = model_to_bytes(model)
     card = ModelCard(
@@ -53,7 +66,9 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
                  "validation_images": int(len(split.validation)), "test_images": int(len(split.test)),
                  "test_fingerprint": fingerprint([loaded.items[i] for i in split.test]),
                  "class_counts": dataset.class_counts},
-        metrics=metrics, training=config.to_dict(), software=software_versions(),
+        metrics=metrics, training={**config.to_dict(), "balance_strata": split.balance,
+                                   "leave_out": "=".join(split.leave_out) if split.leave_out else None},
+        software=software_versions(), validity=validity, calibration=calibration,
         model_sha256=hashlib.sha256(model_bytes).hexdigest(),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), promotion=promotion,
     )
@@ -65,6 +80,8 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
         "confusion.png": confusion_png(metrics["confusion_matrix"], split.classes),
         "roc.png": roc_png(positive["roc"]["fpr"], positive["roc"]["tpr"], positive["auc"], split.positive,
                            (positive["sensitivity_at_threshold"], positive["specificity_at_threshold"])),
+        **{name: figure for name, figure in figures.items() if figure is not None},
+        "card.md": card_markdown(card).encode(),
     }
     return card, files
 
@@ -98,8 +115,12 @@ def report_training(trained: TrainedModel) -> None:
                      "f1": round(report["f1-score"], 4), "support": int(report["support"]),
                      "sensitivity": extra["sensitivity"], "specificity": extra["specificity"], "auc": extra["auc"]})
     create_table_artifact(rows, key="training-metrics", description=f"Test-split metrics of model {card.version}")
+    warnings = "".join(f"> - {line}\n" for line in card.shortcut_warnings)
+    warnings = f"> **Shortcut warning**: the model may recognise image source rather than disease.\n{warnings}\n" if warnings else ""
+    within = "".join(f"| within-stratum AUC by {name} | {_fmt(found['within_auc'])} (metadata-only {_fmt(found['metadata_baseline_auc'])}) |\n"
+                     for name, found in card.validity.get("strata", {}).items())
     create_markdown_artifact(key="training-summary", description=f"Model {card.version}", markdown=f"""
-# Model {card.version}
+{warnings}# Model {card.version}
 
 **{'Promoted to production' if trained.promoted else 'Not promoted'}**: {trained.reason}
 
@@ -109,12 +130,13 @@ def report_training(trained: TrainedModel) -> None:
 | test images (patient-held-out) | {metrics['images']} |
 | accuracy | {metrics['accuracy']:.4f} |
 | {card.positive_class} AUC | {_fmt(positive['auc'])} |
-| threshold (chosen on validation for sensitivity {metrics['validation']['target_sensitivity']}) | {card.threshold:.4f} |
+{within}| threshold (chosen on validation for sensitivity {metrics['validation']['target_sensitivity']}) | {card.threshold:.4f} |
 | sensitivity / specificity at threshold (test) | {positive['sensitivity_at_threshold']:.3f} / {positive['specificity_at_threshold']:.3f} |
 | weights | {card.weights['origin']} |
 | data fingerprint | `{card.dataset['fingerprint'][:16]}` |
 
-Plots: `{bundle_uri}/curves.png`, `{bundle_uri}/confusion.png`, `{bundle_uri}/roc.png`
+Model card: `{bundle_uri}/card.md`. Plots: `{bundle_uri}/curves.png`, `{bundle_uri}/confusion.png`,
+`{bundle_uri}/roc.png`, `{bundle_uri}/calibration.png`, `{bundle_uri}/gradcam.png`
 
 High accuracy on public COVID-19 collections often reflects age and source (paediatric normals,
 adult COVID images from publications) rather than disease: validate on local data before use.

@@ -33,6 +33,7 @@ __all__ = [
     "find_duplicates",
     "fingerprint",
     "hash_images",
+    "metadata_columns",
     "split_dataset",
 ]
 
@@ -69,9 +70,7 @@ class Dataset:
 
     @property
     def metadata_columns(self) -> dict[str, list[str]]:
-        """Each extra manifest column and its values, in the order of ``items``."""
-        names = sorted({name for item in self.items for name in item.metadata})
-        return {name: [item.metadata.get(name, "") for item in self.items] for name in names}
+        return metadata_columns(self.items)
 
 
 @dataclass(frozen=True)
@@ -101,6 +100,12 @@ class DuplicateReport:
             names = ", ".join(c.uri for c in copies)
             out.append(f"same image in train and test [{digest[:12]}]: {names}")
         return out
+
+
+def metadata_columns(items: Sequence[LabelledImage]) -> dict[str, list[str]]:
+    """Each extra manifest column and its values, in the order of ``items``."""
+    names = sorted({name for item in items for name in item.metadata})
+    return {name: [item.metadata.get(name, "") for item in items] for name in names}
 
 
 def normalise_label(label: str) -> str:

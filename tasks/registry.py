@@ -85,20 +85,29 @@ def load_model(store_uri: str, version: str = "production") -> tuple[keras.Model
 
 
 def promotion_decision(new: dict, current: dict | None, force: bool = False) -> tuple[bool, str]:
-    """Compare positive-class metrics of the new and the production model on the same test split.
+    """Compare the new and the production model on the same test split.
 
-    ``new`` and ``current`` are ``evaluate(...)['positive']`` dicts; ``current`` is None when
-    there is no production model or it could not be scored on this split.
+    ``new`` and ``current`` are ``evaluate(...)['positive']`` dicts, optionally with
+    ``within_auc`` (mean within-stratum AUC over the metadata variables) and ``warnings`` (the
+    model's shortcut warnings); ``current`` is None when there is no production model or it could
+    not be scored on this split. A model with a shortcut warning never replaces one without.
+    Within-stratum AUC, which shortcut learning cannot inflate, is compared first when both have it.
     """
     if force:
         return True, "promotion forced"
     if current is None:
         return True, "no comparable production model"
-    key = ("auc", "sensitivity_at_threshold")
+    if new.get("warnings") and not current.get("warnings"):
+        return False, ("it carries a shortcut warning and production does not (see its card); "
+                       "--force-promote overrides")
+    key = ["auc", "sensitivity_at_threshold"]
+    if new.get("within_auc") is not None and current.get("within_auc") is not None:
+        key.insert(0, "within_auc")
+    names = {"within_auc": "within-stratum AUC", "auc": "AUC", "sensitivity_at_threshold": "sensitivity at threshold"}
     new_scores = tuple((new.get(k) or 0.0) for k in key)
     old_scores = tuple((current.get(k) or 0.0) for k in key)
-    summary = (f"AUC {new_scores[0]:.4f} vs {old_scores[0]:.4f}, sensitivity at threshold "
-               f"{new_scores[1]:.3f} vs {old_scores[1]:.3f} (new vs production, same test split)")
+    summary = ", ".join(f"{names[k]} {a:.4f} vs {b:.4f}" for k, a, b in zip(key, new_scores, old_scores))
+    summary += " (new vs production, same test split)"
     if new_scores > old_scores:
         return True, f"beats production: {summary}"
     return False, f"does not beat production: {summary}"

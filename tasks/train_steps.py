@@ -6,7 +6,7 @@ import hashlib
 import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import keras
@@ -20,12 +20,14 @@ from model.evaluation import choose_threshold, evaluate
 from model.network import IMAGENET_FILE, build_classifier
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig, TrainingData, fine_tune, fit_head_cached, predict_probabilities
+from model.validity import default_strata, stratum_sample_weights, within_stratum_auc
 from tasks import registry, storage
-from tasks.datasets import Dataset, LabelledImage, discover_dataset, find_duplicates, split_dataset
+from tasks.datasets import (Dataset, DatasetError, LabelledImage, discover_dataset, find_duplicates, metadata_columns,
+                            split_dataset)
 from tasks.loading import load_images
 
 __all__ = ["EpochReporter", "LabelledArrays", "TrainingSplit", "class_layout", "discover", "evaluate_model",
-           "fit_model", "load_labelled", "resolve_weights", "score_production", "split_for_training"]
+           "fit_model", "load_labelled", "mean_within_auc", "resolve_weights", "score_production", "split_for_training"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,8 @@ def class_layout(items: tuple[LabelledImage, ...], positive: str, multiclass: bo
 
 @dataclass(frozen=True)
 class TrainingSplit:
-    """Classes, labels and the row numbers (into ``LabelledArrays``) of each part of the split."""
+    """Classes, labels and the row numbers (into ``LabelledArrays``) of each part of the split,
+    with the metadata strata of every image and, when strata are balanced, per-image weights."""
 
     classes: list[str]
     positive: str
@@ -87,21 +90,61 @@ class TrainingSplit:
     train: np.ndarray
     validation: np.ndarray
     test: np.ndarray
+    strata: dict[str, list[str]] = field(default_factory=dict)  # variable -> level of every loaded image
+    patients: list[str] = field(default_factory=list)
+    held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # rows of the left-out level
+    leave_out: tuple[str, str] | None = None
+    balance: str | None = None  # the stratum variable balanced by ``weights``
+    weights: np.ndarray | None = None  # per loaded image; set on train and validation rows only
+
+    @property
+    def is_positive(self) -> np.ndarray:
+        return self.labels == self.classes.index(self.positive)
+
+    def levels(self, variable: str, rows: np.ndarray) -> list[str]:
+        return [self.strata[variable][i] for i in rows]
 
     def training_data(self, images: np.ndarray) -> TrainingData:
+        weights = self.weights
         return TrainingData(images[self.train], self.labels[self.train], images[self.validation],
-                            self.labels[self.validation], len(self.classes))
+                            self.labels[self.validation], len(self.classes),
+                            None if weights is None else weights[self.train],
+                            None if weights is None else weights[self.validation])
+
+
+def _parse_leave_out(leave_out: str | None, columns: dict[str, list[str]]) -> tuple[str, str] | None:
+    if not leave_out:
+        return None
+    variable, _, level = leave_out.partition("=")
+    variable, level = variable.strip(), level.strip()
+    if variable not in columns:
+        raise DatasetError(f"--leave-out {leave_out}: no manifest column {variable!r} "
+                           f"(columns: {', '.join(columns) or 'none: the dataset has no manifest'})")
+    if level not in set(columns[variable]):
+        raise DatasetError(f"--leave-out {leave_out}: {variable} has no level {level!r} "
+                           f"(levels: {', '.join(sorted(set(columns[variable])))})")
+    return variable, level
 
 
 @task(cache_policy=NO_CACHE)
-def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, test_fraction: float,
-                       seed: int) -> TrainingSplit:
+def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, test_fraction: float, seed: int,
+                       strata: list[str] | None = None, balance_strata: str | None = None,
+                       mixed_strata_only: bool = False, leave_out: str | None = None) -> TrainingSplit:
     """Patient-held-out test split, then a validation part of the rest (the threshold is chosen on
-    validation, never on test)."""
+    validation, never on test). ``leave_out`` ('COL=LEVEL') keeps a whole level out of all three,
+    to measure how the model does on a source or site it never saw."""
     logger = get_run_logger()
     classes, labels = class_layout(loaded.items, positive, multiclass)
-    split = split_dataset(loaded.items, test_fraction=test_fraction, seed=seed)
-    for line in find_duplicates(loaded.items, split).lines():
+    columns = metadata_columns(loaded.items)
+    chosen = default_strata(columns) if strata is None else list(strata)
+    for name in [*chosen, *([balance_strata] if balance_strata else [])]:
+        if name not in columns:
+            raise DatasetError(f"no manifest column {name!r} to stratify by "
+                               f"(columns: {', '.join(columns) or 'none: the dataset has no manifest'})")
+    left_out = _parse_leave_out(leave_out, columns)
+    kept = [item for item in loaded.items if left_out is None or item.metadata.get(left_out[0]) != left_out[1]]
+    split = split_dataset(kept, test_fraction=test_fraction, seed=seed)
+    for line in find_duplicates(kept, split).lines():
         logger.warning("Duplicate: %s", line)
     fit_part = split_dataset(split.train, test_fraction=0.2, seed=seed + 1)
     position = {item.uri: i for i, item in enumerate(loaded.items)}
@@ -109,9 +152,23 @@ def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, 
     def rows(part) -> np.ndarray:
         return np.array([position[item.uri] for item in part], dtype=int)
 
-    result = TrainingSplit(classes, positive, labels, rows(fit_part.train), rows(fit_part.test), rows(split.test))
-    logger.info("Split by patient: %d train, %d validation, %d test images", len(result.train),
-                len(result.validation), len(result.test))
+    train, validation = rows(fit_part.train), rows(fit_part.test)
+    weights = None
+    if balance_strata:
+        levels = np.array(columns[balance_strata])
+        weights = np.zeros(len(labels))
+        for part in (train, validation):
+            weights[part] = stratum_sample_weights(labels[part], levels[part], len(classes), mixed_strata_only)
+    held = np.array([i for i, item in enumerate(loaded.items) if left_out and item.metadata.get(left_out[0]) == left_out[1]],
+                    dtype=int)
+    result = TrainingSplit(classes, positive, labels, train, validation, rows(split.test),
+                           strata={name: columns[name] for name in chosen},
+                           patients=[item.patient_id or item.uri for item in loaded.items],
+                           held_out=held, leave_out=left_out, balance=balance_strata, weights=weights)
+    logger.info("Split by patient: %d train, %d validation, %d test images%s; strata: %s", len(train),
+                len(validation), len(result.test),
+                f", {len(held)} left out ({left_out[0]}={left_out[1]})" if left_out else "",
+                ", ".join(chosen) or "none (no manifest columns)")
     return result
 
 
@@ -156,8 +213,9 @@ def evaluate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSp
     logger = get_run_logger()
     positive = split.classes.index(split.positive)
     validation = predict_probabilities(model, loaded.images[split.validation], spec)
+    weights = None if split.weights is None else split.weights[split.validation]
     threshold = choose_threshold(split.labels[split.validation] == positive, validation[:, positive],
-                                 target_sensitivity)
+                                 target_sensitivity, weights)
     test = predict_probabilities(model, loaded.images[split.test], spec)
     metrics = evaluate(split.labels[split.test], test, split.classes, split.positive, threshold)
     metrics["validation"] = {"images": int(len(split.validation)), "target_sensitivity": target_sensitivity}
@@ -210,7 +268,16 @@ def score_production(store_uri: str, loaded: LabelledArrays, split: TrainingSpli
     metrics = evaluate(split.labels[split.test], probabilities, split.classes, split.positive, card.threshold)["positive"]
     logger.info("Production model %s on this test split: AUC %s, sensitivity %.3f at its threshold",
                 card.version, metrics["auc"], metrics["sensitivity_at_threshold"])
-    return {**metrics, "version": card.version}
+    scores = probabilities[:, split.classes.index(split.positive)]
+    return {**metrics, "version": card.version, "warnings": card.shortcut_warnings,
+            "within_auc": mean_within_auc(split, split.test, scores)}
+
+
+def mean_within_auc(split: TrainingSplit, rows: np.ndarray, scores: np.ndarray) -> float | None:
+    """Mean within-stratum AUC over the split's metadata variables (None without any)."""
+    values = [within_stratum_auc(split.is_positive[rows], scores, split.levels(name, rows)) for name in split.strata]
+    values = [value for value in values if value is not None]
+    return float(np.mean(values)) if values else None
 
 
 class EpochReporter(keras.callbacks.Callback):

@@ -21,7 +21,8 @@ from tests.conftest import flow_run_artifacts
 pytestmark = pytest.mark.slow
 
 SMALL = dict(input_size=32, weights="none", epochs=3, augment_draws=2, batch_size=8)
-BUNDLE_FILES = {"model.keras", "card.json", "history.json", "curves.png", "confusion.png", "roc.png"}
+BUNDLE_FILES = {"model.keras", "card.json", "card.md", "history.json", "curves.png", "confusion.png", "roc.png",
+                "calibration.png", "gradcam.png"}
 
 
 def bundle_files(bundle_uri: str) -> set[str]:
@@ -40,7 +41,7 @@ def test_train_on_a_folder_registers_promotes_and_reports(prefect_api, tmp_path)
 
     assert result.promoted and "no comparable production model" in result.reason
     assert bundle_files(result.bundle_uri) == BUNDLE_FILES
-    for plot in ("curves.png", "confusion.png", "roc.png"):
+    for plot in ("curves.png", "confusion.png", "roc.png", "calibration.png", "gradcam.png"):
         assert storage.read_bytes(storage.join(result.bundle_uri, plot)).startswith(b"\x89PNG")
     assert registry.production_version(store) == result.version
 
@@ -61,6 +62,12 @@ def test_train_on_a_folder_registers_promotes_and_reports(prefect_api, tmp_path)
 
     model, loaded_card = registry.load_model(store)
     assert model.output_shape == (None, 2) and loaded_card == card
+    # Calibrated: the temperature is baked into the saved model, and recorded with its effect.
+    assert card.calibration["temperature"] > 0 and "ece_after" in card.calibration["test"]
+    assert card.validity["strata"] == {}  # class folders: no metadata to stratify by
+    assert card.validity["masked"]["auc_lungs_blanked"] is not None or card.metrics["positive"]["auc"] is None
+    text = storage.read_bytes(storage.join(result.bundle_uri, "card.md")).decode()
+    assert f"# Model card: {card.version}" in text and "Intended use" in text and "Calibration" in text
 
     artifacts = flow_run_artifacts(flow_run_id)
     assert {"training-summary", "training-metrics", "training-progress"} <= artifacts.keys()
