@@ -138,8 +138,17 @@ def train(
         f"AUC {auc}, sensitivity {scores['sensitivity_at_threshold']:.3f} / specificity "
         f"{scores['specificity_at_threshold']:.3f} at threshold {trained.card.threshold:.3f}"
     )
+    for name, found in trained.card.validity.get("strata", {}).items():
+        within, interval = found["within_auc"], found["within_auc_ci"]
+        shown = "n/a" if within is None else f"{within:.3f}" + (
+            f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})" if interval and interval[0] is not None else "")
+        baseline = found["metadata_baseline_auc"]
+        console.print(f"  within {name}: AUC {shown}; {name} alone reaches "
+                      f"{'n/a' if baseline is None else f'{baseline:.3f}'}")
     console.print(f"{'Promoted to production' if trained.promoted else 'Not promoted'}: {trained.reason}")
-    console.print(f"Bundle: {trained.bundle_uri}")
+    console.print(f"Bundle: {trained.bundle_uri} (model card: card.md)")
+    for line in trained.card.shortcut_warnings:  # last, where a reader's eye lands
+        console.print(f"[bold red]Shortcut warning:[/bold red] {line}")
 
 
 @app.command()
@@ -151,10 +160,12 @@ def screen(
     batch_size: int = _option(ScreenParameters, "batch_size"),
     chunk_size: int = _option(ScreenParameters, "chunk_size"),
     limit: int | None = _option(ScreenParameters, "limit"),
+    explain: str = _option(ScreenParameters, "explain"),
 ) -> None:
     """Screen the images not yet screened by the model, and write predictions and a report."""
     params = _validated(ScreenParameters, incoming_uri=incoming_uri, results_uri=results, model_store_uri=model_store,
-                        model_version=model_version, batch_size=batch_size, chunk_size=chunk_size, limit=limit)
+                        model_version=model_version, batch_size=batch_size, chunk_size=chunk_size, limit=limit,
+                        explain=explain)
     from flows import screen as screening
 
     with _clean_errors(), Progress(console=console) as progress:

@@ -32,6 +32,8 @@ class ScreenParameters(_Parameters):
                             description="Images per forward pass (throughput is flat from 8 up; memory is not).")
     chunk_size: int = Field(256, ge=1, description="Images per Prefect task.")
     limit: int | None = Field(None, ge=0, description="Screen at most this many new images.")
+    explain: Literal["flagged", "all", "none"] = Field(
+        "flagged", description="Which images get a Grad-CAM overlay and cam_lung_share (a gradient pass each).")
 
 
 class TrainParameters(_Parameters):

@@ -52,7 +52,7 @@ def screen(params: ScreenParameters) -> RunSummary:
     try:
         for number, uris in enumerate(chunked(todo, params.chunk_size)):
             result = screen_chunk(number, uris, params.model_store_uri, card.version, results, run.run_id,
-                                  params.batch_size)
+                                  params.batch_size, params.explain)
             screened += len(uris)
             run.claimed_by_other_runs += result.already_done
             run.vanished += len(result.vanished)

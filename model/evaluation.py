@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score, roc_curve
 
-__all__ = ["choose_threshold", "evaluate", "sensitivity_specificity"]
+__all__ = ["choose_threshold", "evaluate", "predict_classes", "sensitivity_specificity"]
 
 
 def choose_threshold(is_positive: np.ndarray, positive_probability: np.ndarray, target_sensitivity: float = 0.95,
@@ -37,6 +37,17 @@ def choose_threshold(is_positive: np.ndarray, positive_probability: np.ndarray, 
     return float((lowest_flagged + below.max()) / 2) if len(below) else float(lowest_flagged)
 
 
+def predict_classes(probabilities: np.ndarray, classes: Sequence[str], positive: str, threshold: float) -> np.ndarray:
+    """Class indices. With two classes the threshold decides, so the predicted class is the positive
+    one exactly when the image is flagged; with more, the most probable class (and a flag, from the
+    threshold on the positive class, may then sit beside another predicted class)."""
+    probabilities = np.asarray(probabilities, float)
+    if len(classes) == 2:
+        index = list(classes).index(positive)
+        return np.where(probabilities[:, index] >= threshold, index, 1 - index)
+    return probabilities.argmax(axis=1)
+
+
 def sensitivity_specificity(is_positive: np.ndarray, flagged: np.ndarray) -> tuple[float, float]:
     is_positive, flagged = np.asarray(is_positive, bool), np.asarray(flagged, bool)
     positives, negatives = is_positive.sum(), (~is_positive).sum()
@@ -55,7 +66,7 @@ def evaluate(
     """Everything the card, the report and the promotion decision need, as plain JSON types."""
     labels = np.asarray(labels, int)
     probabilities = np.asarray(probabilities, float)
-    predicted = probabilities.argmax(axis=1)
+    predicted = predict_classes(probabilities, classes, positive, threshold)
     indices = list(range(len(classes)))
     matrix = confusion_matrix(labels, predicted, labels=indices)
     per_class = {}

@@ -108,6 +108,7 @@ def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard,
         rejected=[row for row in rows if row.status == "rejected"],
         histogram=_histogram_png(probabilities, card.threshold, positive) if probabilities else None,
         metrics=card.metrics.get("positive", {}),
+        card_uri=storage.join(summary.model_store_uri, card.version, "card.md") if summary.model_store_uri else "n/a",
         target_sensitivity=card.metrics.get("validation", {}).get("target_sensitivity"),
     )
 

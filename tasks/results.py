@@ -111,8 +111,11 @@ class PredictionRow:
     flagged: bool
     screened_at: str
     run_id: str = ""
+    # Share of the Grad-CAM map inside the lung-field prior (model/anatomy.py), for explained images.
+    cam_lung_share: float | None = None
     # Kept in part files for the report's worklist; never in the CSV, the JSONL or the ledger.
-    thumbnail: str | None = field(default=None, metadata={"column": False})
+    thumbnail: str | None = field(default=None, metadata={"column": False})  # JPEG, base64
+    explanation: str | None = field(default=None, metadata={"column": False})  # Grad-CAM overlay, JPEG, base64
 
     @classmethod
     def columns(cls, classes: list[str]) -> list[str]:
@@ -130,7 +133,7 @@ class PredictionRow:
             value = getattr(self, item.name)
             if item.name == "probabilities":
                 record.update({probability_column(c): v for c, v in value.items()})
-            elif item.metadata.get("column", True) or (with_thumbnail and value):
+            elif item.metadata.get("column", True) or (with_thumbnail and value):  # pictures: part files only
                 record[item.name] = value
         return record
 

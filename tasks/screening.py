@@ -23,7 +23,10 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from model.anatomy import lung_share
 from model.bundle import ModelCard
+from model.evaluation import predict_classes
+from model.gradcam import grad_cam, overlay
 from model.training import predict_probabilities
 from tasks import ledger, registry, runs, storage
 from tasks.images import IMAGE_SUFFIXES, is_dicom
@@ -91,30 +94,45 @@ def _load_or_vanish(uri: str, spec) -> LoadedImage | str:
         return uri  # deleted or moved since listing: not ours to record; a later run will see
 
 
+def _rounded(value: float) -> float | None:
+    return None if np.isnan(value) else round(float(value), 4)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def screen_images(
-    uris: Sequence[str], model: keras.Model, card: ModelCard, batch_size: int = 16, workers: int = 4
+    uris: Sequence[str], model: keras.Model, card: ModelCard, batch_size: int = 16, workers: int = 4,
+    explain: str = "flagged",
 ) -> Iterator[PredictionRow | str]:
-    """Rows for ``uris`` (flagged ones with a thumbnail), or the URI of a vanished input.
+    """Rows for ``uris``, or the URI of a vanished input. Flagged rows carry a thumbnail.
 
-    Reading and decoding run ahead on ``workers`` threads while the model predicts.
+    Reading and decoding run ahead on ``workers`` threads while the model predicts. Prediction
+    stays on the fast path; only the images ``explain`` names ('flagged', 'all' or 'none') take
+    Grad-CAM's gradient pass.
     """
     spec = card.spec()
     positive = card.classes.index(card.positive_class)
 
     def rows_for(batch: list[LoadedImage]) -> Iterator[PredictionRow]:
-        probabilities = predict_probabilities(model, np.stack([item.pixels for item in batch]), spec, batch_size)
+        pixels = np.stack([item.pixels for item in batch])
+        probabilities = predict_probabilities(model, pixels, spec, batch_size)
+        flagged = probabilities[:, positive] >= card.threshold
+        predicted = predict_classes(probabilities, card.classes, card.positive_class, card.threshold)
+        chosen = {"all": np.ones(len(batch), bool), "flagged": flagged, "none": np.zeros(len(batch), bool)}[explain]
+        cams = dict(zip(np.flatnonzero(chosen), grad_cam(model, pixels[chosen], spec, positive))) if chosen.any() else {}
         now = _now()
-        for item, p in zip(batch, probabilities):
-            flagged = bool(p[positive] >= card.threshold)
+        for index, (item, p) in enumerate(zip(batch, probabilities)):
+            cam = cams.get(index)
             yield PredictionRow(
                 image_uri=item.uri, sha256=item.sha256, status="ok", reason="", model_version=card.version,
-                predicted_class=card.classes[int(p.argmax())],
+                predicted_class=card.classes[int(predicted[index])],
                 probabilities={c: round(float(v), 6) for c, v in zip(card.classes, p)},
-                flagged=flagged, screened_at=now, thumbnail=_thumbnail(item.pixels) if flagged else None)
+                flagged=bool(flagged[index]), screened_at=now,
+                cam_lung_share=None if cam is None else _rounded(lung_share(cam)),
+                thumbnail=_thumbnail(item.pixels) if flagged[index] else None,
+                explanation=None if cam is None else _thumbnail(overlay(item.pixels, cam)))
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         batch: list[LoadedImage] = []
@@ -154,6 +172,7 @@ def screen_chunk(
     results_uri: str,
     run_id: str,
     batch_size: int = 16,
+    explain: str = "flagged",
 ) -> ChunkResult:
     """Screen ``uris``, claim each row in the ledger, and write this run's rows as one part file."""
     logger = get_run_logger()
@@ -166,7 +185,7 @@ def screen_chunk(
     mine: list[PredictionRow] = []
     renewed = time.monotonic()
     try:
-        for produced in screen_images(uris, model, card, batch_size):
+        for produced in screen_images(uris, model, card, batch_size, explain=explain):
             if time.monotonic() - renewed > RENEW_EVERY_SECONDS:
                 _keep_alive(results_uri, run_id, logger)
                 renewed = time.monotonic()
@@ -183,7 +202,7 @@ def screen_chunk(
                 if earlier.run_id != run_id:  # another run's row; ours, from a retried attempt, we keep
                     result.already_done += 1
                     continue
-                earlier.thumbnail = row.thumbnail
+                earlier.thumbnail, earlier.explanation = row.thumbnail, row.explanation
                 row = earlier
             mine.append(row)
     finally:

@@ -35,7 +35,7 @@ def row(name: str, p: float | None, **changes) -> PredictionRow:
 def test_columns_follow_the_row_fields_and_the_classes():
     assert PredictionRow.columns(CLASSES) == ["image_uri", "sha256", "status", "reason", "model_version",
                                               "predicted_class", "prob_non-covid", "prob_covid", "flagged",
-                                              "screened_at", "run_id"]
+                                              "screened_at", "run_id", "cam_lung_share"]
     record = row("a.png", 0.8, thumbnail="abc").to_record()
     assert list(record) == PredictionRow.columns(CLASSES)  # the thumbnail never reaches CSV or ledger
     assert row("a.png", 0.8, thumbnail="abc").to_record(with_thumbnail=True)["thumbnail"] == "abc"
@@ -90,6 +90,17 @@ def test_outputs_agree_and_the_report_escapes_what_storage_says(tmp_path):
     assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert page.count("&lt;script&gt;") == 3  # the worklist entry, the rejected reason and the card's weights
     assert "not a diagnosis" in page and "0.900" in page
+
+
+def test_a_shortcut_warning_follows_the_model_into_every_report():
+    warned = card(validity={"warnings": ["the label is predictable from age_group alone: metadata-only AUC 0.93"],
+                            "strata": {"age_group": {"within_auc": 0.41, "within_auc_ci": [0.2, 0.6]}}})
+    rows = [row("a.png", 0.9, cam_lung_share=0.8, explanation="Y2Ft")]
+    page = reports.report_html(RunSummary("r1", "v1", model_store_uri="/store").tally(rows, CLASSES, 0.5), rows, warned)
+    assert "Shortcut warning" in page and "predictable from age_group alone" in page
+    assert "within-stratum AUC by age_group" in page and "0.410" in page and "/store/v1/card.md" in page
+    assert 'src="data:image/jpeg;base64,Y2Ft"' in page and "0.80" in page  # the Grad-CAM overlay and its lung share
+    assert "Shortcut warning" not in reports.report_html(RunSummary("r1", "v1").tally(rows, CLASSES, 0.5), rows, card())
 
 
 def test_a_report_with_no_rows_still_renders():

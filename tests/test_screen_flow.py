@@ -112,7 +112,7 @@ def test_screen_a_folder_rerun_and_new_arrivals(model_store, tmp_path):
     card = registry.load_card(model_store)
     header = list(rows[0].keys())
     assert header == ["image_uri", "sha256", "status", "reason", "model_version", "predicted_class",
-                      "prob_non-covid", "prob_covid", "flagged", "screened_at", "run_id"]
+                      "prob_non-covid", "prob_covid", "flagged", "screened_at", "run_id", "cam_lung_share"]
     for row in rows:
         assert row["model_version"] == card.version and row["run_id"] == summary.run_id
         assert row["sha256"] == before[row["image_uri"]]
@@ -120,7 +120,9 @@ def test_screen_a_folder_rerun_and_new_arrivals(model_store, tmp_path):
             probabilities = [float(row["prob_non-covid"]), float(row["prob_covid"])]
             assert abs(sum(probabilities) - 1) < 1e-4
             assert row["flagged"] == str(probabilities[1] >= card.threshold)
-            assert row["predicted_class"] == card.classes[int(np.argmax(probabilities))]
+            # Binary: the threshold decides the predicted class too, so it always agrees with the flag.
+            assert row["predicted_class"] == ("covid" if row["flagged"] == "True" else "non-covid")
+            assert (row["cam_lung_share"] != "") == (row["flagged"] == "True")  # flagged images are explained
         else:
             assert row["reason"] and row["flagged"] == "False" and row["prob_covid"] == ""
     reasons = {Path(r["image_uri"]).name: r["reason"] for r in rows if r["status"] == "rejected"}
@@ -137,7 +139,7 @@ def test_screen_a_folder_rerun_and_new_arrivals(model_store, tmp_path):
     assert "not a diagnosis" in report and card.version in report and "empty file" in report
     assert "<script" not in report and "http://" not in report and "https://" not in report
     if stored_summary["flagged"]:
-        assert "data:image/jpeg;base64," in report
+        assert "data:image/jpeg;base64," in report and 'alt="Grad-CAM"' in report
     artifacts = flow_run_artifacts(state.state_details.flow_run_id)
     assert {"screening-summary", "screening-flagged", "screening-progress"} <= artifacts.keys()
     assert artifacts["screening-progress"].data == pytest.approx(100.0)
