@@ -19,7 +19,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from flows.parameters import ScreenParameters, TrainParameters  # noqa: E402
+from flows.parameters import AuditParameters, ScreenParameters, TrainParameters  # noqa: E402
 
 app = typer.Typer(
     help="Chest X-ray screening: VGG16 transfer learning and nightly batch screening on Prefect.",
@@ -118,6 +118,12 @@ def train(
     class_weights: bool = _option(TrainParameters, "class_weights", "--class-weights/--no-class-weights"),
     scale_mode: str = _option(TrainParameters, "scale_mode"),
     force_promote: bool = _option(TrainParameters, "force_promote", "--force-promote"),
+    strata: str | None = typer.Option(None, help="COL[,COL]: " + TrainParameters.describe("strata")),
+    balance_strata: str | None = _option(TrainParameters, "balance_strata"),
+    mixed_strata_only: bool = _option(TrainParameters, "mixed_strata_only", "--mixed-strata-only"),
+    leave_out: str | None = _option(TrainParameters, "leave_out"),
+    calibrate: bool = _option(TrainParameters, "calibrate", "--calibrate/--no-calibrate"),
+    bootstrap: int = _option(TrainParameters, "bootstrap"),
 ) -> None:
     """Train a VGG16 transfer-learning classifier, evaluate it and register it in the model store."""
     params = _validated(TrainParameters, dataset_uri=dataset_uri, model_store_uri=model_store, positive=positive,
@@ -125,7 +131,10 @@ def train(
                         batch_size=batch_size, input_size=input_size, weights=weights, seed=seed,
                         test_fraction=test_fraction, target_sensitivity=target_sensitivity,
                         augment_draws=augment_draws, horizontal_flip=horizontal_flip, class_weights=class_weights,
-                        scale_mode=scale_mode, force_promote=force_promote)
+                        scale_mode=scale_mode, force_promote=force_promote,
+                        strata=None if strata is None else [name.strip() for name in strata.split(",") if name.strip()],
+                        balance_strata=balance_strata, mixed_strata_only=mixed_strata_only, leave_out=leave_out,
+                        calibrate=calibrate, bootstrap=bootstrap)
     from flows.train import train as train_flow
 
     with _clean_errors():
@@ -187,6 +196,41 @@ def screen(
         console.print(f"[yellow]Run {run_id} had died without writing its outputs; they are now written, "
                       f"with status 'abandoned', in its own run folder.[/yellow]")
     console.print(f"Report: {summary.outputs['report.html']}")
+
+
+@app.command()
+def audit(
+    dataset_uri: str = typer.Argument(..., help=AuditParameters.describe("dataset_uri")),
+    by: str = typer.Option(..., help=AuditParameters.describe("by")),
+    output: str = _option(AuditParameters, "output_uri", "--output"),
+    epochs: int = _option(AuditParameters, "epochs"),
+    input_size: int = _option(AuditParameters, "input_size"),
+    weights: str = _option(AuditParameters, "weights"),
+    augment_draws: int = _option(AuditParameters, "augment_draws"),
+    batch_size: int = _option(AuditParameters, "batch_size"),
+    seed: int = _option(AuditParameters, "seed"),
+    positive: str = _option(AuditParameters, "positive"),
+) -> None:
+    """Leave each level of a manifest column out of training in turn; score the level it never saw."""
+    params = _validated(AuditParameters, dataset_uri=dataset_uri, by=by, output_uri=output, epochs=epochs,
+                        input_size=input_size, weights=weights, augment_draws=augment_draws, batch_size=batch_size,
+                        seed=seed, positive=positive)
+    from flows.audit import audit as audit_flow
+
+    with _clean_errors():
+        result = audit_flow(params)
+    table = Table(title=f"Leave one {result.variable} out")
+    for column in ("left out", "images", "positives", "AUC there", "flagged there", "test AUC of the rest"):
+        table.add_column(column, justify="left" if column == "left out" else "right")
+    for fold in result.folds:
+        table.add_row(fold["level"], str(fold["images"]), str(fold["positives"]), _shown(fold["auc"]),
+                      _shown(fold["flagged_share"]), _shown(fold["test_auc"]))
+    console.print(table)
+    console.print(f"Table: {result.outputs['table.csv']}  Plot: {result.outputs['plot.png']}")
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 @app.command()

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ScreenParameters", "TrainParameters"]
+__all__ = ["AuditParameters", "ScreenParameters", "TrainParameters"]
 
 
 class _Parameters(BaseModel):
@@ -70,3 +70,10 @@ class TrainParameters(_Parameters):
     calibrate: bool = Field(True, description="Temperature-scale the probabilities on validation (the threshold is "
                                               "then chosen on calibrated probabilities).")
     bootstrap: int = Field(1000, ge=100, description="Patient-level bootstrap resamples for confidence intervals.")
+
+
+class AuditParameters(TrainParameters):
+    """A leave-one-level-out audit: the training parameters, plus the column whose levels are left out."""
+
+    by: str = Field(description="Manifest column whose levels are left out of training, one fold each.")
+    output_uri: str = Field("audit", description="Where the audit table and plot are written (folder or s3://).")

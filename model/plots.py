@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from model.calibration import expected_calibration_error, reliability_curve  # noqa: E402
 
-__all__ = ["confusion_png", "curves_png", "mean_cam_png", "reliability_png", "roc_png"]
+__all__ = ["audit_png", "confusion_png", "curves_png", "mean_cam_png", "reliability_png", "roc_png"]
 
 
 def _png(figure) -> bytes:
@@ -113,4 +113,24 @@ def mean_cam_png(cams: dict[str, np.ndarray], images: dict[str, np.ndarray]) -> 
     if not names:
         axes[0][0].axis("off")
     figure.suptitle("Mean Grad-CAM on the test split", fontsize=10)
+    return _png(figure)
+
+
+def audit_png(folds: Sequence[dict], variable: str) -> bytes:
+    """Leave-one-level-out audit: per left-out level, its AUC (or, with one class, the share flagged)
+    beside the AUC on the usual test split of the other levels."""
+    figure, axis = plt.subplots(figsize=(max(5.0, 1.4 * len(folds) + 2), 3.8))
+    positions = np.arange(len(folds))
+    left_out = [fold["auc"] if fold.get("auc") is not None else np.nan for fold in folds]
+    flagged = [fold["flagged_share"] if fold.get("auc") is None and fold.get("flagged_share") is not None else np.nan
+               for fold in folds]
+    test = [fold["test_auc"] if fold.get("test_auc") is not None else np.nan for fold in folds]
+    axis.bar(positions - 0.27, left_out, 0.27, label="AUC on the left-out level", color="#4c72b0")
+    axis.bar(positions, flagged, 0.27, label="share flagged (left-out level has one class)", color="#dd8452")
+    axis.bar(positions + 0.27, test, 0.27, label="AUC on the test split of the rest", color="#8c8c8c")
+    axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axis.set_xticks(positions, [f"{fold['level']}\n(n={fold['images']})" for fold in folds], fontsize=8)
+    axis.set_ylim(0, 1.05)
+    axis.set_title(f"Leave one {variable} out")
+    axis.legend(fontsize=7, loc="lower right")
     return _png(figure)

@@ -3,9 +3,13 @@ learned (metadata strata, a left-out level, masked lungs, where Grad-CAM looks).
 
 from __future__ import annotations
 
+import csv
+import io
+
 import keras
 import numpy as np
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import roc_auc_score
 
@@ -13,13 +17,15 @@ from model.anatomy import lung_share, mask_images
 from model.calibration import brier_score, expected_calibration_error, fit_temperature
 from model.evaluation import sensitivity_specificity
 from model.gradcam import grad_cam
-from model.plots import mean_cam_png, reliability_png
+from model.plots import audit_png, mean_cam_png, reliability_png
 from model.preprocessing import Preprocessing
-from model.training import predict_probabilities
+from model.training import TrainingConfig, predict_probabilities
 from model.validity import audit
-from tasks.train_steps import LabelledArrays, TrainingSplit, mean_within_auc
+from tasks import storage
+from tasks.train_steps import (LabelledArrays, TrainingSplit, evaluate_model, fit_model, mean_within_auc,
+                               split_for_training)
 
-__all__ = ["audit_model", "calibrate_model"]
+__all__ = ["audit_fold", "audit_model", "calibrate_model", "write_audit"]
 
 
 def _auc(is_positive: np.ndarray, scores: np.ndarray) -> float | None:
@@ -115,3 +121,55 @@ def audit_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit
 def _mean(values: np.ndarray) -> float | None:
     values = values[~np.isnan(values)]
     return float(values.mean()) if len(values) else None
+
+
+@task(cache_policy=NO_CACHE, task_run_name="leave-out-{variable}={level}")
+def audit_fold(loaded: LabelledArrays, variable: str, level: str, *, positive: str, multiclass: bool,
+               test_fraction: float, seed: int, spec: Preprocessing, config: TrainingConfig, weights: str | None,
+               target_sensitivity: float) -> dict:
+    """Train without one level of ``variable``; score the level it never saw and the usual test split."""
+    split = split_for_training.fn(loaded, positive, multiclass, test_fraction, seed, strata=[variable],
+                                  leave_out=f"{variable}={level}")
+    model, _ = fit_model.fn(split.training_data(loaded.images), spec, config, weights)
+    threshold, metrics = evaluate_model.fn(model, loaded, split, spec, target_sensitivity)
+    index = split.classes.index(split.positive)
+    held_truth = split.is_positive[split.held_out]
+    held_scores = predict_probabilities(model, loaded.images[split.held_out], spec)[:, index]
+    sensitivity, specificity = sensitivity_specificity(held_truth, held_scores >= threshold)
+    test_scores = predict_probabilities(model, loaded.images[split.test], spec)[:, index]
+    return {"variable": variable, "level": level, "images": int(len(split.held_out)),
+            "positives": int(held_truth.sum()), "auc": _auc(held_truth, held_scores),
+            "sensitivity": None if np.isnan(sensitivity) else sensitivity,
+            "specificity": None if np.isnan(specificity) else specificity,
+            "flagged_share": float((held_scores >= threshold).mean()) if len(held_scores) else None,
+            "mean_probability": float(held_scores.mean()) if len(held_scores) else None,
+            "test_auc": metrics["positive"]["auc"], "test_within_auc": mean_within_auc(split, split.test, test_scores),
+            "train_images": int(len(split.train)), "threshold": threshold}
+
+
+@task(retries=2, retry_delay_seconds=5)
+def write_audit(output_uri: str, variable: str, folds: list[dict]) -> dict[str, str]:
+    """The audit's table (CSV), plot and markdown, under ``output_uri``; also a Prefect artifact."""
+    columns = ["level", "images", "positives", "auc", "sensitivity", "specificity", "flagged_share",
+               "mean_probability", "test_auc", "test_within_auc", "train_images", "threshold"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if fold.get(k) is None else fold[k] for k in columns} for fold in folds)
+
+    def shown(value) -> str:
+        return "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+    markdown = (f"# Leave-one-level-out audit by {variable}\n\nEach row: a model trained without that level, "
+                "scored on the level it never saw (AUC needs both classes in the level; otherwise read the "
+                "share flagged), and on the usual patient-held-out test split of the other levels.\n\n"
+                "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+                + "".join("| " + " | ".join(shown(fold.get(k)) for k in columns) + " |\n" for fold in folds))
+    outputs = {name: storage.join(output_uri, f"audit-{variable}.{name.split('.')[-1]}")
+               for name in ("table.csv", "plot.png", "report.md")}
+    storage.write_bytes(outputs["table.csv"], text.getvalue().encode())
+    storage.write_bytes(outputs["plot.png"], audit_png(folds, variable))
+    storage.write_bytes(outputs["report.md"], markdown.encode())
+    create_markdown_artifact(key="leave-one-out-audit", description=f"Leave-one-level-out audit by {variable}",
+                             markdown=markdown + f"\nTable: `{outputs['table.csv']}`, plot: `{outputs['plot.png']}`\n")
+    return outputs
