@@ -32,7 +32,7 @@ def audit(params: AuditParameters) -> AuditResult:
     spec = Preprocessing(input_size=params.input_size, scale_mode=params.scale_mode)
     config = TrainingConfig(epochs=params.epochs, fine_tune_epochs=params.fine_tune_epochs,
                             batch_size=params.batch_size, seed=params.seed, augment_draws=params.augment_draws,
-                            class_weights=params.class_weights,
+                            class_weights=params.class_weights, head=params.head,
                             augmentation=Augmentation(horizontal_flip=params.horizontal_flip))
     weights, _ = resolve_weights(params.weights)
     dataset = discover(params.dataset_uri)

@@ -123,6 +123,7 @@ def train(
     mixed_strata_only: bool = _option(TrainParameters, "mixed_strata_only", "--mixed-strata-only"),
     leave_out: str | None = _option(TrainParameters, "leave_out"),
     calibrate: bool = _option(TrainParameters, "calibrate", "--calibrate/--no-calibrate"),
+    head: str = _option(TrainParameters, "head"),
     bootstrap: int = _option(TrainParameters, "bootstrap"),
 ) -> None:
     """Train a VGG16 transfer-learning classifier, evaluate it and register it in the model store."""
@@ -134,7 +135,7 @@ def train(
                         scale_mode=scale_mode, force_promote=force_promote,
                         strata=None if strata is None else [name.strip() for name in strata.split(",") if name.strip()],
                         balance_strata=balance_strata, mixed_strata_only=mixed_strata_only, leave_out=leave_out,
-                        calibrate=calibrate, bootstrap=bootstrap)
+                        calibrate=calibrate, head=head, bootstrap=bootstrap)
     from flows.train import train as train_flow
 
     with _clean_errors():

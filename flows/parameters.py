@@ -41,7 +41,8 @@ class TrainParameters(_Parameters):
     model_store_uri: str = Field("models", description="Model store (folder or s3://).")
     positive: str = Field("covid", description="The class to flag (COVID-19); binary mode trains it vs the rest.")
     multiclass: bool = Field(False, description="One output per class folder instead of binary.")
-    epochs: int = Field(25, ge=1, description="Stage 1 epochs (head on cached features, base frozen).")
+    epochs: int = Field(60, ge=1, description="Most stage 1 epochs (head on cached features, base frozen); "
+                                              "early stopping usually ends it sooner.")
     fine_tune_epochs: int = Field(0, ge=0, description="Stage 2 epochs fine-tuning block5 (0: no stage 2).")
     batch_size: int = Field(16, ge=1, le=1024, description="Images per training step.")
     input_size: int = Field(224, ge=32, le=1024, description="Images are resized to this square size.")
@@ -61,14 +62,19 @@ class TrainParameters(_Parameters):
         None, description="Manifest columns to evaluate within (default: every extra column with 2 to 20 levels "
                           "that is not an identifier, hash, path or size).")
     balance_strata: str | None = Field(
-        None, description="A manifest column whose levels are balanced by class in training, early stopping "
-                          "and the threshold, so the label says nothing about the level.")
+        "auto", description="A manifest column whose levels are balanced by class in training and the threshold, "
+                            "and whose within-stratum AUC on validation chooses the epoch and the head's L2, so the "
+                            "label says nothing about the level; 'auto': the stratum that best predicts the label "
+                            "on its own in the training split (if any reaches AUC 0.6); 'none': off.")
     mixed_strata_only: bool = Field(False, description="With balance_strata: leave out levels that hold one class only "
                                                        "(by default they count a tenth).")
     leave_out: str | None = Field(None, pattern=r"^[^=]+=.+$",
                                   description="COL=LEVEL: train without that level and report performance on it.")
     calibrate: bool = Field(True, description="Temperature-scale the probabilities on validation (the threshold is "
                                               "then chosen on calibrated probabilities).")
+    head: Literal["linear", "mlp"] = Field(
+        "linear", description="'linear' (standardised pooled features, L2-regularised softmax; L2 chosen on "
+                              "validation) or 'mlp' (the tutorial's Dense(64)-dropout head).")
     bootstrap: int = Field(1000, ge=100, description="Patient-level bootstrap resamples for confidence intervals.")
 
 

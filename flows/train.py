@@ -27,7 +27,7 @@ def train(params: TrainParameters) -> TrainedModel:
     spec = Preprocessing(input_size=params.input_size, scale_mode=params.scale_mode)
     config = TrainingConfig(epochs=params.epochs, fine_tune_epochs=params.fine_tune_epochs,
                             batch_size=params.batch_size, seed=params.seed, augment_draws=params.augment_draws,
-                            class_weights=params.class_weights,
+                            class_weights=params.class_weights, head=params.head,
                             augmentation=Augmentation(horizontal_flip=params.horizontal_flip))
     weights, weights_info = resolve_weights(params.weights)  # fail fast on a missing weights file
 

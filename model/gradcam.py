@@ -2,8 +2,14 @@
 
 For ``model.network.build_classifier``'s model: the nested base 'vgg16' and the nested head
 'head'. The map weights each channel of block5_conv3 (the last convolution, before block5_pool) by
-the mean gradient of the class's score over that channel, sums, keeps the positive part, and is
-scaled to [0, 1] per image and resized to the input resolution.
+the mean gradient of the class's score (its log-odds, see ``_log_odds``) over that channel, sums,
+keeps the positive part, and is scaled to [0, 1] per image and resized to the input resolution.
+
+Read the maps with care on models without ImageNet weights: there block5's features are dense,
+each map carries a large part that is the same for every image, and on phantoms the share of
+mass on the side of the opacities stays near 0.5 even when the model relies on that side; only
+the shift between images is evidence (tests/test_gradcam.py). At 64 px the 4x4 map's cells all
+see the whole image, so even that shift is unreliable there.
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ def _log_odds(logits: tf.Tensor, class_index: int) -> tf.Tensor:
     """The class's logit minus the log-sum-exp of the others: its log-odds against the rest.
 
     Softmax ignores a shift common to all logits, so nothing in training pins down the class's
-    logit alone: its gradient carries an arbitrary shared part, which in our two-class models
-    pointed Grad-CAM at the wrong lung. The log-odds cancels that part; unlike the probability it
-    does not saturate on confident images, where the gradient of a probability near 1 vanishes.
+    logit alone: its gradient carries an arbitrary shared part (with the raw logit, maps of our
+    two-class phantom models changed side with it). The log-odds cancels that part; unlike the
+    probability it does not saturate on confident images, where the gradient of a probability
+    near 1 vanishes.
     """
     others = tf.concat([logits[:, :class_index], logits[:, class_index + 1 :]], axis=1)
     return logits[:, class_index] - tf.reduce_logsumexp(others, axis=1)

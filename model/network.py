@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import keras
 
-__all__ = ["WeightsUnavailable", "build_base", "build_classifier", "build_head", "unfreeze_top_block"]
+__all__ = ["HEADS", "WeightsUnavailable", "build_base", "build_classifier", "build_head", "needs_standardising",
+           "standardise_on", "unfreeze_top_block"]
 
 IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
@@ -48,23 +49,57 @@ def build_base(input_size: int = 224, weights: str | None = "imagenet", seed: in
     return base
 
 
+HEADS = ("linear", "mlp")
+
+
 def build_head(
-    feature_shape: tuple[int, ...], num_classes: int, units: int = 64, dropout: float = 0.5, seed: int = 0
+    feature_shape: tuple[int, ...], num_classes: int, units: int = 64, dropout: float = 0.5, seed: int = 0,
+    kind: str = "mlp", l2: float = 0.0,
 ) -> keras.Model:
-    """Global average pooling -> BatchNormalization -> Dense(units, relu) -> Dropout -> Dense(num_classes, softmax)."""
+    """The new head on VGG16's feature map. Both pool over the whole map.
+
+    ``mlp``: BatchNormalization -> Dense(units, relu) -> Dropout -> Dense(num_classes, softmax), the
+    tutorial's shape. ``linear``: a standardisation fitted on the training features (a Keras
+    ``Normalization`` layer, adapted before training) -> Dense(num_classes, softmax) with an L2
+    penalty: a regularised logistic regression. On data where age and source predict the label,
+    the small linear head fits that shortcut less than the MLP (bench/validity_bench.py).
+    """
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if kind not in HEADS:
+        raise ValueError(f"kind must be one of {HEADS}, got {kind!r}")
     features = keras.Input(feature_shape, name="features")
     x = keras.layers.GlobalAveragePooling2D(name="pool")(features)
-    # Pooled VGG16 features differ in scale by orders of magnitude between channels (and between
-    # ImageNet and random weights); standardising them lets one learning rate suit all.
-    x = keras.layers.BatchNormalization(momentum=0.9, name="normalise")(x)  # few steps per epoch: adapt fast
-    x = keras.layers.Dense(units, activation="relu", name="dense",
-                           kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
-    x = keras.layers.Dropout(dropout, name="dropout", seed=seed + 1)(x)
+    regulariser = keras.regularizers.L2(l2) if l2 else None
+    if kind == "linear":
+        x = keras.layers.Normalization(axis=-1, name="standardise")(x)
+    else:
+        # Pooled VGG16 features differ in scale by orders of magnitude between channels (and between
+        # ImageNet and random weights); standardising them lets one learning rate suit all.
+        x = keras.layers.BatchNormalization(momentum=0.9, name="normalise")(x)  # few steps per epoch: adapt fast
+        x = keras.layers.Dense(units, activation="relu", name="dense", kernel_regularizer=regulariser,
+                               kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+        x = keras.layers.Dropout(dropout, name="dropout", seed=seed + 1)(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities",
+                                 kernel_regularizer=regulariser if kind == "linear" else None,
                                  kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2))(x)
     return keras.Model(features, outputs, name="head")
+
+
+def needs_standardising(model: keras.Model) -> bool:
+    """Whether the classifier's linear head still waits for its standardisation to be fitted."""
+    head = model.get_layer("head")
+    if not any(layer.name == "standardise" for layer in head.layers):
+        return False
+    mean, variance = (weight.numpy() for weight in head.get_layer("standardise").weights[:2])
+    return bool((mean == 0).all() and (variance == 1).all())  # as built, before adapt()
+
+
+def standardise_on(model: keras.Model, features) -> None:
+    """Fit the linear head's standardisation on base features ``(n, h, w, c)`` of training images."""
+    head = model.get_layer("head")
+    layer = head.get_layer("standardise")
+    layer.adapt(features.mean(axis=(1, 2)))
 
 
 def build_classifier(
@@ -74,6 +109,8 @@ def build_classifier(
     head_units: int = 64,
     dropout: float = 0.5,
     seed: int = 0,
+    head: str = "mlp",
+    l2: float = 0.0,
 ) -> keras.Model:
     """The whole classifier, image in, class probabilities out, with the base frozen.
 
@@ -82,9 +119,9 @@ def build_classifier(
     """
     base = build_base(input_size, weights, seed)
     base.trainable = False
-    head = build_head(tuple(base.output.shape[1:]), num_classes, head_units, dropout, seed)
+    top = build_head(tuple(base.output.shape[1:]), num_classes, head_units, dropout, seed, head, l2)
     image = keras.Input((input_size, input_size, 3), name="image")
-    return keras.Model(image, head(base(image)), name="cxr_vgg16")
+    return keras.Model(image, top(base(image)), name="cxr_vgg16")
 
 
 def unfreeze_top_block(model: keras.Model) -> None:

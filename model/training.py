@@ -15,10 +15,13 @@ from dataclasses import asdict, dataclass, field
 import keras
 import numpy as np
 import tensorflow as tf
+from sklearn.metrics import roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
 
 from model.augmentation import Augmentation, build_augmentation
+from model.network import needs_standardising, standardise_on
 from model.preprocessing import Preprocessing, scale
+from model.validity import within_stratum_auc
 
 __all__ = ["TrainingConfig", "TrainingData", "extract_features", "fine_tune", "fit_head_cached", "fit_naive_frozen"]
 
@@ -34,8 +37,12 @@ class TrainingConfig:
     augmentation: Augmentation = field(default_factory=Augmentation)
     augment_draws: int = 3
     class_weights: bool = True
-    patience: int = 5
+    patience: int = 10
     seed: int = 0
+    head: str = "linear"  # model.network.HEADS
+    # L2 strengths tried for the linear head; the one that does best on validation is kept (see
+    # fit_head_cached). One value: no choice.
+    head_l2: tuple[float, ...] = (0.1, 1.0, 10.0)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "augment_draws"):
@@ -43,6 +50,8 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.fine_tune_epochs < 0:
             raise ValueError(f"fine_tune_epochs must be 0 or more, got {self.fine_tune_epochs}")
+        if not self.head_l2 or any(value < 0 for value in self.head_l2):
+            raise ValueError(f"head_l2 must hold one or more values >= 0, got {self.head_l2}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +70,11 @@ class TrainingData:
     # the class weights in training, and weight the validation loss that early stopping watches.
     w_train: np.ndarray | None = None
     w_val: np.ndarray | None = None
+    # Metadata level of each validation image. When given, training selects on the validation
+    # within-stratum AUC of ``positive_index`` (early stopping, head L2) instead of the loss:
+    # shortcut learning cannot inflate it.
+    val_levels: np.ndarray | None = None
+    positive_index: int = 1
 
     def train_weights(self, class_weights: bool) -> np.ndarray:
         if self.w_train is not None:
@@ -140,24 +154,83 @@ def fit_head_cached(
             on_features(draw + 1, len(draws) if augmentation is None else config.augment_draws)
     val_features = extract_features(base, data.x_val, spec, None, config.batch_size)
 
+    if needs_standardising(model):
+        standardise_on(model, np.concatenate(draws))
     targets = keras.utils.to_categorical(data.y_train, data.num_classes)
     weights = data.train_weights(config.class_weights)
-    _compile(head, config.learning_rate)
     validation = (val_features, keras.utils.to_categorical(data.y_val, data.num_classes))
-    history = head.fit(
-        _cached_epochs(draws, targets, weights, config),
-        steps_per_epoch=math.ceil(len(targets) / config.batch_size),
-        epochs=config.epochs,
-        validation_data=validation if data.w_val is None else (*validation, np.asarray(data.w_val, np.float32)),
-        callbacks=[*_early_stopping(config), *callbacks],
-        shuffle=False,  # the generator shuffles, with the config's seed
-        verbose=0,
-    )
-    return history.history
+    if data.w_val is not None:
+        validation = (*validation, np.asarray(data.w_val, np.float32))
+    final = head.get_layer("probabilities")
+    candidates = config.head_l2 if config.head == "linear" else (None,)
+    start, best = head.get_weights(), None
+    for l2 in candidates:
+        if l2 is not None:
+            final.kernel.regularizer = keras.regularizers.L2(l2) if l2 else None
+        head.set_weights(start)
+        _compile(head, config.learning_rate)
+        selection = ValidationAUC(val_features, data.y_val, data.positive_index, data.val_levels)
+        history = head.fit(
+            _cached_epochs(draws, targets, weights, config),
+            steps_per_epoch=math.ceil(len(targets) / config.batch_size),
+            epochs=config.epochs,
+            validation_data=validation,
+            callbacks=[selection, *_early_stopping(config, selection.monitor),
+                       *(callbacks if len(candidates) == 1 else ())],
+            shuffle=False,  # the generator shuffles, with the config's seed
+            verbose=0,
+        )
+        score = selection.best
+        if best is None or score > best[0]:
+            best = (score, l2, head.get_weights(), history.history)
+    score, l2, chosen, found = best
+    head.set_weights(chosen)
+    if l2 is not None:
+        final.kernel.regularizer = keras.regularizers.L2(l2) if l2 else None
+    if len(candidates) > 1:
+        for callback in callbacks:  # progress and logging see the chosen run, replayed
+            callback.set_model(head)
+            for epoch in range(len(found["loss"])):
+                callback.on_epoch_end(epoch, {k: v[epoch] for k, v in found.items()})
+    found = dict(found)
+    if l2 is not None:
+        found["selected_l2"] = [float(l2)]
+    return found
 
 
-def _early_stopping(config: TrainingConfig) -> list[keras.callbacks.Callback]:
-    return [keras.callbacks.EarlyStopping("val_loss", patience=config.patience, restore_best_weights=True)]
+class ValidationAUC(keras.callbacks.Callback):
+    """Adds ``val_auc`` (positive class vs rest) and, given metadata levels with both classes,
+    ``val_within_auc`` to each epoch's logs; ``val_selection`` (the latter, or else the former,
+    with the loss as tie-breaker) drives early stopping and the choice of the head's L2."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, positive_index: int,
+                 levels: np.ndarray | None = None) -> None:
+        super().__init__()
+        self.features, self.levels = features, levels
+        self.is_positive = np.asarray(labels) == positive_index
+        self.positive_index = positive_index
+        mixed = levels is not None and within_stratum_auc(self.is_positive, np.zeros(len(labels)), levels) is not None
+        self.monitor = "val_selection"
+        self.by = "val_within_auc" if mixed else "val_auc"
+        self.best = -np.inf
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None:
+            return
+        scores = keras.ops.convert_to_numpy(self.model(self.features, training=False))[:, self.positive_index]
+        both = 0 < self.is_positive.sum() < len(scores)
+        logs["val_auc"] = float(roc_auc_score(self.is_positive, scores)) if both else 0.5
+        if self.by == "val_within_auc":
+            logs["val_within_auc"] = within_stratum_auc(self.is_positive, scores, self.levels) or 0.5
+        # AUCs on a small validation split tie (often at 1.0 on easy data); the loss breaks ties, so
+        # a tie never keeps an under-trained first epoch.
+        logs[self.monitor] = logs[self.by] - 1e-3 * logs.get("val_loss", 0.0)
+        self.best = max(self.best, logs[self.monitor])
+
+
+def _early_stopping(config: TrainingConfig, monitor: str = "val_loss") -> list[keras.callbacks.Callback]:
+    mode = "min" if monitor.endswith("loss") else "max"
+    return [keras.callbacks.EarlyStopping(monitor, mode=mode, patience=config.patience, restore_best_weights=True)]
 
 
 def _image_dataset(
@@ -212,6 +285,8 @@ def fine_tune(
 
 
 def _fit_end_to_end(model, data, spec, config, epochs, learning_rate, callbacks) -> dict[str, list[float]]:
+    if needs_standardising(model):
+        standardise_on(model, extract_features(model.get_layer("vgg16"), data.x_train, spec, None, config.batch_size))
     augmentation = build_augmentation(config.augmentation, config.seed) if config.augment else None
     weights = data.train_weights(config.class_weights)
     train = _image_dataset(

@@ -62,6 +62,8 @@ def within_stratum_auc(is_positive: Sequence | np.ndarray, scores: Sequence | np
     level has both classes.
     """
     is_positive, scores, levels = np.asarray(is_positive, bool), np.asarray(scores, float), np.asarray(levels)
+    if levels.dtype == object:  # None among the levels: np.unique cannot sort None with strings
+        levels = _levels(levels)
     total, pairs = 0.0, 0
     for level in np.unique(levels):
         inside = levels == level

@@ -20,7 +20,7 @@ from model.evaluation import choose_threshold, evaluate
 from model.network import IMAGENET_FILE, build_classifier
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig, TrainingData, fine_tune, fit_head_cached, predict_probabilities
-from model.validity import default_strata, stratum_sample_weights, within_stratum_auc
+from model.validity import default_strata, metadata_baseline_auc, stratum_sample_weights, within_stratum_auc
 from tasks import registry, storage
 from tasks.datasets import (Dataset, DatasetError, LabelledImage, discover_dataset, find_duplicates, metadata_columns,
                             split_dataset)
@@ -105,11 +105,29 @@ class TrainingSplit:
         return [self.strata[variable][i] for i in rows]
 
     def training_data(self, images: np.ndarray) -> TrainingData:
+        """Training and validation arrays; validation selects on the balanced variable's
+        within-stratum AUC when strata are balanced."""
         weights = self.weights
+        levels = None if self.balance is None else np.array(self.levels(self.balance, self.validation))
         return TrainingData(images[self.train], self.labels[self.train], images[self.validation],
                             self.labels[self.validation], len(self.classes),
                             None if weights is None else weights[self.train],
-                            None if weights is None else weights[self.validation])
+                            None if weights is None else weights[self.validation],
+                            val_levels=levels, positive_index=self.classes.index(self.positive))
+
+
+def most_confounded(is_positive: np.ndarray, strata: dict[str, list[str]], limit: float = 0.6) -> str | None:
+    """The stratum variable that best predicts the label on its own (metadata-only AUC on these
+    training images, at least ``limit``), among those with a level that holds both classes: the
+    one worth balancing. None when no variable qualifies."""
+    best, best_auc = None, limit
+    for name, levels in strata.items():
+        levels = np.array(levels)
+        mixed = any(0 < is_positive[levels == level].sum() < (levels == level).sum() for level in set(levels))
+        auc = metadata_baseline_auc(levels, is_positive, levels, is_positive)
+        if mixed and auc is not None and auc >= best_auc:
+            best, best_auc = name, auc
+    return best
 
 
 def _parse_leave_out(leave_out: str | None, columns: dict[str, list[str]]) -> tuple[str, str] | None:
@@ -137,7 +155,8 @@ def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, 
     classes, labels = class_layout(loaded.items, positive, multiclass)
     columns = metadata_columns(loaded.items)
     chosen = default_strata(columns) if strata is None else list(strata)
-    for name in [*chosen, *([balance_strata] if balance_strata else [])]:
+    balance_strata = None if balance_strata in (None, "", "none") else balance_strata
+    for name in [*chosen, *([balance_strata] if balance_strata not in (None, "auto") else [])]:
         if name not in columns:
             raise DatasetError(f"no manifest column {name!r} to stratify by "
                                f"(columns: {', '.join(columns) or 'none: the dataset has no manifest'})")
@@ -153,6 +172,11 @@ def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, 
         return np.array([position[item.uri] for item in part], dtype=int)
 
     train, validation = rows(fit_part.train), rows(fit_part.test)
+    if balance_strata == "auto":
+        balance_strata = most_confounded(labels[train] == classes.index(positive),
+                                         {name: [columns[name][i] for i in train] for name in chosen})
+        logger.info("Balancing strata: %s", balance_strata or "none (no stratum predicts the label from training "
+                                                             "data alone, or none holds both classes)")
     weights = None
     if balance_strata:
         levels = np.array(columns[balance_strata])
@@ -178,7 +202,8 @@ def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig, w
     logger = get_run_logger()
     keras.utils.set_random_seed(config.seed)
     _use_gpu_if_present()
-    model = build_classifier(data.num_classes, spec.input_size, weights, seed=config.seed)
+    model = build_classifier(data.num_classes, spec.input_size, weights, seed=config.seed, head=config.head,
+                             l2=config.head_l2[0] if config.head == "linear" else 0.0)
     total = config.epochs + config.fine_tune_epochs
     started = time.perf_counter()
     reporter = EpochReporter("stage 1 (head, cached features)", config.epochs, total)
@@ -188,6 +213,9 @@ def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig, w
                     time.perf_counter() - started)
 
     history = {"stage1": fit_head_cached(model, data, spec, config, [reporter], on_features)}
+    if "selected_l2" in history["stage1"]:
+        logger.info("Linear head: L2 %g did best on validation (%s) among %s", history["stage1"]["selected_l2"][0],
+                    "within-stratum AUC" if data.val_levels is not None else "AUC", list(config.head_l2))
     if config.fine_tune_epochs:
         tuner = EpochReporter("stage 2 (block5 fine-tuning)", config.fine_tune_epochs, total,
                               len(history["stage1"]["loss"]), reporter.artifact_id)

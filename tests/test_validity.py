@@ -194,14 +194,16 @@ def test_stratum_table_by_hand():
 
 
 def _shortcut_split(seed: int, shortcut: bool):
-    """Images whose score tracks age group; with ``shortcut`` the label does too."""
+    """With ``shortcut``, adults are mostly positive and the score sees only the age group;
+    without, the label is independent of age and the score sees only the label."""
     rng = np.random.default_rng(seed)
     ages = rng.choice(["adult", "paediatric"], 120)
     if shortcut:
         is_positive = np.where(ages == "adult", rng.random(120) < 0.9, rng.random(120) < 0.1)
+        scores = np.where(ages == "adult", 0.7, 0.3) + rng.normal(0, 0.05, 120)
     else:
         is_positive = rng.random(120) < 0.5
-    scores = np.where(ages == "adult", 0.7, 0.3) + rng.normal(0, 0.05, 120) + (0.3 * is_positive if not shortcut else 0)
+        scores = 0.35 + 0.3 * is_positive + rng.normal(0, 0.15, 120)
     return is_positive, np.clip(scores, 0, 1), ages
 
 
@@ -212,7 +214,7 @@ def test_audit_flags_a_shortcut_and_is_json():
                    {"age_group": list(train_ages)}, train_is_positive, n_resamples=200)
     json.dumps(result)  # plain types only
     age = result["strata"]["age_group"]
-    assert result["overall"]["auc"] > 0.85 and age["within_auc"] < 0.65
+    assert result["overall"]["auc"] > 0.8 and age["within_auc"] < 0.65
     assert age["metadata_baseline_auc"] > 0.85
     low, high = result["overall"]["auc_ci"]
     assert low <= result["overall"]["auc"] <= high
