@@ -62,10 +62,11 @@ class TrainParameters(_Parameters):
         None, description="Manifest columns to evaluate within (default: every extra column with 2 to 20 levels "
                           "that is not an identifier, hash, path or size).")
     balance_strata: str | None = Field(
-        "auto", description="A manifest column whose levels are balanced by class in training and the threshold, "
-                            "and whose within-stratum AUC on validation chooses the epoch and the head's L2, so the "
-                            "label says nothing about the level; 'auto': the stratum that best predicts the label "
-                            "on its own in the training split (if any reaches AUC 0.6); 'none': off.")
+        "auto", description="Manifest column(s), joined by '+', whose levels are balanced by class in training and "
+                            "the threshold, and whose within-stratum AUC on validation chooses the epoch and the "
+                            "head's L2, so the label says nothing about the level; 'auto': jointly, every stratum "
+                            "that predicts the label on its own in the training split (metadata-only AUC >= 0.6); "
+                            "'none': off.")
     mixed_strata_only: bool = Field(False, description="With balance_strata: leave out levels that hold one class only "
                                                        "(by default they count a tenth).")
     leave_out: str | None = Field(None, pattern=r"^[^=]+=.+$",

@@ -37,7 +37,8 @@ def train(params: TrainParameters) -> TrainedModel:
                                params.seed, params.strata, params.balance_strata, params.mixed_strata_only,
                                params.leave_out)
 
-    model, history = fit_model(split.training_data(loaded.images), spec, config, weights)
+    model, history, balance = fit_model(split.training_data(loaded.images), spec, config, weights)
+    split = split.balanced_by(balance) if balance else split
     if weights_info["origin"] == "imagenet" and weights_info["sha256"] is None:
         weights_info = resolve_weights.fn("imagenet")[1]  # the download has happened by now
     calibration, reliability = calibrate_model(model, loaded, split, spec) if params.calibrate else ({}, None)

@@ -70,10 +70,13 @@ class TrainingData:
     # the class weights in training, and weight the validation loss that early stopping watches.
     w_train: np.ndarray | None = None
     w_val: np.ndarray | None = None
-    # Metadata level of each validation image. When given, training selects on the validation
-    # within-stratum AUC of ``positive_index`` (early stopping, head L2) instead of the loss:
-    # shortcut learning cannot inflate it.
-    val_levels: np.ndarray | None = None
+    # Metadata levels of the validation images, per variable. When one has a level holding both
+    # classes, training selects (early stopping, head L2, weighting) on the mean validation
+    # within-stratum AUC of ``positive_index`` instead of the loss: shortcut learning cannot inflate it.
+    val_strata: dict[str, np.ndarray] = field(default_factory=dict)
+    # Candidate weightings (name, train weights, validation weights), tried in turn; the one that
+    # does best on validation is kept. Empty: ``w_train``/``w_val`` (or class weights) alone.
+    weightings: tuple[tuple[str, np.ndarray | None, np.ndarray | None], ...] = ()
     positive_index: int = 1
 
     def train_weights(self, class_weights: bool) -> np.ndarray:
@@ -157,19 +160,22 @@ def fit_head_cached(
     if needs_standardising(model):
         standardise_on(model, np.concatenate(draws))
     targets = keras.utils.to_categorical(data.y_train, data.num_classes)
-    weights = data.train_weights(config.class_weights)
-    validation = (val_features, keras.utils.to_categorical(data.y_val, data.num_classes))
-    if data.w_val is not None:
-        validation = (*validation, np.asarray(data.w_val, np.float32))
     final = head.get_layer("probabilities")
-    candidates = config.head_l2 if config.head == "linear" else (None,)
+    strengths = config.head_l2 if config.head == "linear" else (None,)
+    weightings = data.weightings or ((None, data.w_train, data.w_val),)
+    candidates = [(index, l2) for index in range(len(weightings)) for l2 in strengths]
     start, best = head.get_weights(), None
-    for l2 in candidates:
+    for index, l2 in candidates:
+        _, w_train, w_val = weightings[index]
+        weights = np.asarray(w_train, np.float32) if w_train is not None else data.train_weights(config.class_weights)
+        validation = (val_features, keras.utils.to_categorical(data.y_val, data.num_classes))
+        if w_val is not None:
+            validation = (*validation, np.asarray(w_val, np.float32))
         if l2 is not None:
             final.kernel.regularizer = keras.regularizers.L2(l2) if l2 else None
         head.set_weights(start)
         _compile(head, config.learning_rate)
-        selection = ValidationAUC(val_features, data.y_val, data.positive_index, data.val_levels)
+        selection = ValidationAUC(val_features, data.y_val, data.positive_index, data.val_strata)
         history = head.fit(
             _cached_epochs(draws, targets, weights, config),
             steps_per_epoch=math.ceil(len(targets) / config.batch_size),
@@ -180,10 +186,9 @@ def fit_head_cached(
             shuffle=False,  # the generator shuffles, with the config's seed
             verbose=0,
         )
-        score = selection.best
-        if best is None or score > best[0]:
-            best = (score, l2, head.get_weights(), history.history)
-    score, l2, chosen, found = best
+        if best is None or selection.best > best[0]:
+            best = (selection.best, index, l2, head.get_weights(), history.history)
+    score, index, l2, chosen, found = best
     head.set_weights(chosen)
     if l2 is not None:
         final.kernel.regularizer = keras.regularizers.L2(l2) if l2 else None
@@ -195,6 +200,8 @@ def fit_head_cached(
     found = dict(found)
     if l2 is not None:
         found["selected_l2"] = [float(l2)]
+    if data.weightings:
+        found["selected_weighting"] = [float(index)]
     return found
 
 
@@ -204,14 +211,16 @@ class ValidationAUC(keras.callbacks.Callback):
     with the loss as tie-breaker) drives early stopping and the choice of the head's L2."""
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, positive_index: int,
-                 levels: np.ndarray | None = None) -> None:
+                 strata: dict[str, np.ndarray] | None = None) -> None:
         super().__init__()
-        self.features, self.levels = features, levels
+        self.features = features
         self.is_positive = np.asarray(labels) == positive_index
         self.positive_index = positive_index
-        mixed = levels is not None and within_stratum_auc(self.is_positive, np.zeros(len(labels)), levels) is not None
+        # Only variables with a level holding both classes can say anything within levels.
+        self.strata = {name: levels for name, levels in (strata or {}).items()
+                       if within_stratum_auc(self.is_positive, np.zeros(len(labels)), levels) is not None}
         self.monitor = "val_selection"
-        self.by = "val_within_auc" if mixed else "val_auc"
+        self.by = "val_within_auc" if self.strata else "val_auc"
         self.best = -np.inf
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -220,8 +229,9 @@ class ValidationAUC(keras.callbacks.Callback):
         scores = keras.ops.convert_to_numpy(self.model(self.features, training=False))[:, self.positive_index]
         both = 0 < self.is_positive.sum() < len(scores)
         logs["val_auc"] = float(roc_auc_score(self.is_positive, scores)) if both else 0.5
-        if self.by == "val_within_auc":
-            logs["val_within_auc"] = within_stratum_auc(self.is_positive, scores, self.levels) or 0.5
+        if self.strata:
+            logs["val_within_auc"] = float(np.mean([within_stratum_auc(self.is_positive, scores, levels)
+                                                    for levels in self.strata.values()]))
         # AUCs on a small validation split tie (often at 1.0 on easy data); the loss breaks ties, so
         # a tie never keeps an under-trained first epoch.
         logs[self.monitor] = logs[self.by] - 1e-3 * logs.get("val_loss", 0.0)

@@ -130,7 +130,7 @@ def audit_fold(loaded: LabelledArrays, variable: str, level: str, *, positive: s
     """Train without one level of ``variable``; score the level it never saw and the usual test split."""
     split = split_for_training.fn(loaded, positive, multiclass, test_fraction, seed, strata=[variable],
                                   leave_out=f"{variable}={level}")
-    model, _ = fit_model.fn(split.training_data(loaded.images), spec, config, weights)
+    model, _, _ = fit_model.fn(split.training_data(loaded.images), spec, config, weights)
     threshold, metrics = evaluate_model.fn(model, loaded, split, spec, target_sensitivity)
     index = split.classes.index(split.positive)
     held_truth = split.is_positive[split.held_out]

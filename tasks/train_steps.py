@@ -94,7 +94,10 @@ class TrainingSplit:
     patients: list[str] = field(default_factory=list)
     held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # rows of the left-out level
     leave_out: tuple[str, str] | None = None
-    balance: str | None = None  # the stratum variable balanced by ``weights``
+    # Weightings that balance classes inside strata, by name ('age_group', 'age_group+source', 'none');
+    # training tries each and keeps the best on validation (``balanced_by`` then records it).
+    balance_candidates: dict[str, np.ndarray | None] = field(default_factory=dict)
+    balance: str | None = None  # the stratum variable(s, joined by '+') balanced by ``weights``
     weights: np.ndarray | None = None  # per loaded image; set on train and validation rows only
 
     @property
@@ -104,30 +107,56 @@ class TrainingSplit:
     def levels(self, variable: str, rows: np.ndarray) -> list[str]:
         return [self.strata[variable][i] for i in rows]
 
+    def balanced_by(self, name: str, columns: dict | None = None) -> TrainingSplit:
+        """This split with the weighting ``name`` (one of ``balance_candidates``) chosen."""
+        weights = self.balance_candidates[name]
+        return replace(self, balance=None if weights is None else name, weights=weights)
+
     def training_data(self, images: np.ndarray) -> TrainingData:
-        """Training and validation arrays; validation selects on the balanced variable's
-        within-stratum AUC when strata are balanced."""
-        weights = self.weights
-        levels = None if self.balance is None else np.array(self.levels(self.balance, self.validation))
+        """Training and validation arrays, every candidate weighting, and the validation images'
+        strata, on whose within-stratum AUC training selects."""
+        def part(weights, rows):
+            return None if weights is None else weights[rows]
+
         return TrainingData(images[self.train], self.labels[self.train], images[self.validation],
                             self.labels[self.validation], len(self.classes),
-                            None if weights is None else weights[self.train],
-                            None if weights is None else weights[self.validation],
-                            val_levels=levels, positive_index=self.classes.index(self.positive))
+                            part(self.weights, self.train), part(self.weights, self.validation),
+                            val_strata={name: np.array(self.levels(name, self.validation)) for name in self.strata},
+                            weightings=tuple((name, part(w, self.train), part(w, self.validation))
+                                             for name, w in self.balance_candidates.items()
+                                             if len(self.balance_candidates) > 1),
+                            positive_index=self.classes.index(self.positive))
 
 
-def most_confounded(is_positive: np.ndarray, strata: dict[str, list[str]], limit: float = 0.6) -> str | None:
-    """The stratum variable that best predicts the label on its own (metadata-only AUC on these
-    training images, at least ``limit``), among those with a level that holds both classes: the
-    one worth balancing. None when no variable qualifies."""
-    best, best_auc = None, limit
+def joint_levels(columns: dict[str, list[str]], variables: str) -> list[str]:
+    """Levels of one column, or of several joined by '+' (each image's levels, joined by ' | ')."""
+    names = [name.strip() for name in variables.split("+")]
+    for name in names:
+        if name not in columns:
+            raise DatasetError(f"no manifest column {name!r} to balance by "
+                               f"(columns: {', '.join(columns) or 'none: the dataset has no manifest'})")
+    return [" | ".join(values) for values in zip(*(columns[name] for name in names))]
+
+
+def _has_mixed_level(is_positive: np.ndarray, levels: list[str]) -> bool:
+    levels = np.array(levels)
+    return any(0 < is_positive[levels == level].sum() < (levels == level).sum() for level in set(levels))
+
+
+def confounders(is_positive: np.ndarray, strata: dict[str, list[str]], limit: float = 0.6) -> str | None:
+    """What 'auto' balances: every stratum variable that predicts the label on its own (metadata-only
+    AUC on these training images of at least ``limit``), jointly ('age_group+source_dataset'), so
+    that no combination of them says anything about the label. Falls back to the single strongest
+    when no joint level holds both classes; None when no variable qualifies."""
+    found = []
     for name, levels in strata.items():
-        levels = np.array(levels)
-        mixed = any(0 < is_positive[levels == level].sum() < (levels == level).sum() for level in set(levels))
         auc = metadata_baseline_auc(levels, is_positive, levels, is_positive)
-        if mixed and auc is not None and auc >= best_auc:
-            best, best_auc = name, auc
-    return best
+        if auc is not None and auc >= limit and _has_mixed_level(is_positive, levels):
+            found.append((auc, name))
+    names = [name for _, name in sorted(found, reverse=True)]
+    if len(names) > 1 and _has_mixed_level(is_positive, joint_levels(strata, "+".join(names))):
+        return "+".join(names)
+    return names[0] if names else None
 
 
 def _parse_leave_out(leave_out: str | None, columns: dict[str, list[str]]) -> tuple[str, str] | None:
@@ -156,7 +185,9 @@ def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, 
     columns = metadata_columns(loaded.items)
     chosen = default_strata(columns) if strata is None else list(strata)
     balance_strata = None if balance_strata in (None, "", "none") else balance_strata
-    for name in [*chosen, *([balance_strata] if balance_strata not in (None, "auto") else [])]:
+    if balance_strata not in (None, "auto"):
+        joint_levels(columns, balance_strata)  # refuses an unknown column before any work
+    for name in chosen:
         if name not in columns:
             raise DatasetError(f"no manifest column {name!r} to stratify by "
                                f"(columns: {', '.join(columns) or 'none: the dataset has no manifest'})")
@@ -172,23 +203,31 @@ def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, 
         return np.array([position[item.uri] for item in part], dtype=int)
 
     train, validation = rows(fit_part.train), rows(fit_part.test)
+    is_positive = labels == classes.index(positive)
     if balance_strata == "auto":
-        balance_strata = most_confounded(labels[train] == classes.index(positive),
-                                         {name: [columns[name][i] for i in train] for name in chosen})
-        logger.info("Balancing strata: %s", balance_strata or "none (no stratum predicts the label from training "
-                                                             "data alone, or none holds both classes)")
-    weights = None
-    if balance_strata:
-        levels = np.array(columns[balance_strata])
+        found = confounders(is_positive[train], {name: [columns[name][i] for i in train] for name in chosen})
+        names = list(dict.fromkeys([*found.split("+"), found])) if found else []  # each, then jointly
+    else:
+        names = [balance_strata] if balance_strata else []
+    candidates: dict[str, np.ndarray | None] = {}
+    for name in names:
+        levels = np.array(joint_levels(columns, name))
         weights = np.zeros(len(labels))
         for part in (train, validation):
             weights[part] = stratum_sample_weights(labels[part], levels[part], len(classes), mixed_strata_only)
+        candidates[name] = weights
+    if balance_strata == "auto" and candidates:
+        candidates["none"] = None  # class weights only: it must beat the others on validation to be kept
+        logger.info("Balancing: each of %s is tried and the best on validation within-stratum AUC kept",
+                    ", ".join(candidates))
     held = np.array([i for i, item in enumerate(loaded.items) if left_out and item.metadata.get(left_out[0]) == left_out[1]],
                     dtype=int)
     result = TrainingSplit(classes, positive, labels, train, validation, rows(split.test),
                            strata={name: columns[name] for name in chosen},
                            patients=[item.patient_id or item.uri for item in loaded.items],
-                           held_out=held, leave_out=left_out, balance=balance_strata, weights=weights)
+                           held_out=held, leave_out=left_out, balance_candidates=candidates)
+    if len(candidates) == 1:
+        result = result.balanced_by(next(iter(candidates)), columns)
     logger.info("Split by patient: %d train, %d validation, %d test images%s; strata: %s", len(train),
                 len(validation), len(result.test),
                 f", {len(held)} left out ({left_out[0]}={left_out[1]})" if left_out else "",
@@ -197,8 +236,10 @@ def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, 
 
 
 @task(cache_policy=NO_CACHE)
-def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig, weights: str | None) -> tuple[keras.Model, dict]:
-    """Stage 1 on cached features, then stage 2 (block5) when fine-tune epochs are asked for."""
+def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig,
+              weights: str | None) -> tuple[keras.Model, dict, str | None]:
+    """Stage 1 on cached features, then stage 2 (block5) when fine-tune epochs are asked for.
+    Returns the model, its history and the weighting chosen among ``data.weightings`` (if any)."""
     logger = get_run_logger()
     keras.utils.set_random_seed(config.seed)
     _use_gpu_if_present()
@@ -213,15 +254,20 @@ def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig, w
                     time.perf_counter() - started)
 
     history = {"stage1": fit_head_cached(model, data, spec, config, [reporter], on_features)}
+    chosen = None
+    if "selected_weighting" in history["stage1"]:
+        chosen = data.weightings[int(history["stage1"].pop("selected_weighting")[0])][0]
+        logger.info("Balancing %s did best on validation", chosen)
     if "selected_l2" in history["stage1"]:
-        logger.info("Linear head: L2 %g did best on validation (%s) among %s", history["stage1"]["selected_l2"][0],
-                    "within-stratum AUC" if data.val_levels is not None else "AUC", list(config.head_l2))
+        logger.info("Linear head: L2 %g did best on validation among %s", history["stage1"]["selected_l2"][0],
+                    list(config.head_l2))
     if config.fine_tune_epochs:
         tuner = EpochReporter("stage 2 (block5 fine-tuning)", config.fine_tune_epochs, total,
                               len(history["stage1"]["loss"]), reporter.artifact_id)
         history["stage2"] = fine_tune(model, data, spec, config, [tuner])
     logger.info("Training took %.0f s", time.perf_counter() - started)
-    return model, {stage: {k: [float(v) for v in values] for k, values in h.items()} for stage, h in history.items()}
+    history = {stage: {k: [float(v) for v in values] for k, values in h.items()} for stage, h in history.items()}
+    return model, history, chosen
 
 
 def _use_gpu_if_present() -> None:
