@@ -3,8 +3,8 @@
 Same data, split and seed for every row:
   default   the train flow with its defaults (linear head, strata balanced automatically, L2 and
             epoch chosen on validation within-stratum AUC, calibrated)
-  mlp       the train flow with the previous defaults (Dense(64) head, early stopping on the
-            validation loss, class weights only)
+  mlp       the previous head (Dense(64), dropout) with class weights only, no strata balancing;
+            its epoch is still chosen on validation within-stratum AUC
   logreg    scikit-learn's L2-regularised logistic regression (standardised, class-balanced,
             C=0.01) on the same frozen base's pooled features, fitted on the training part
 Each with overall and within-stratum AUC by age_group and by source_dataset (95 % patient-level
@@ -71,7 +71,7 @@ def flow_row(name: str, params: TrainParameters) -> dict:
     return {"name": name, "seconds": time.perf_counter() - started, "overall": validity["overall"],
             "strata": validity["strata"], "masked": validity.get("masked", {}), "calibration": card.calibration,
             "warnings": card.shortcut_warnings, "balance": card.training.get("balance_strata"),
-            "l2": card.training.get("head_l2")}
+            "l2": card.training.get("selected_l2")}
 
 
 def logreg_row(data: str, input_size: int, seed: int, resamples: int) -> dict:
@@ -154,7 +154,8 @@ def main() -> None:
                          f"only lungs {shown(row['masked'].get('auc_only_lungs'))}")
         overall = row["overall"]
         extra.append(f"sens/spec at threshold {shown(overall['sensitivity'])}/{shown(overall['specificity'])}")
-        print(f"{row['name']:8s} {row['seconds']:6.0f} s; balanced by {row['balance']}; {'; '.join(extra)}")
+        print(f"{row['name']:8s} {row['seconds']:6.0f} s; balanced by {row['balance']}; L2 {row['l2']}; "
+              f"{'; '.join(extra)}")
         for line in row["warnings"]:
             print(f"{'':8s} warning: {line}")
     default, logreg = rows[0]["strata"]["age_group"]["within_auc"], rows[-1]["strata"]["age_group"]["within_auc"]

@@ -23,8 +23,11 @@ def start_run(deployment: str, overrides: dict | None = None) -> FlowRun:
     if not overrides:
         return run_deployment(deployment, timeout=0)
     with get_client(sync_client=True) as client:
-        params = dict(client.read_deployment_by_name(deployment).parameters.get("params", {}))
-    return run_deployment(deployment, parameters={"params": {**params, **overrides}}, timeout=0)
+        stored = client.read_deployment_by_name(deployment).parameters
+    if "params" not in stored:
+        raise RuntimeError(f"{deployment} was deployed by an older version (flat parameters): "
+                           "run 'cxr-screen deploy' again")
+    return run_deployment(deployment, parameters={"params": {**stored["params"], **overrides}}, timeout=0)
 
 
 def follow_run(flow_run_id: UUID, echo: Callable[[str], None] = print, poll_seconds: float = 3.0,

@@ -46,6 +46,7 @@ def audit(params: AuditParameters) -> AuditResult:
     # One after another: each fold already uses every core, and a shared seed must not race.
     folds = [audit_fold(loaded, params.by, level, positive=params.positive.strip().lower(),
                         multiclass=params.multiclass, test_fraction=params.test_fraction, seed=params.seed,
-                        spec=spec, config=config, weights=weights, target_sensitivity=params.target_sensitivity)
+                        spec=spec, config=config, weights=weights, target_sensitivity=params.target_sensitivity,
+                        balance_strata=params.balance_strata, mixed_strata_only=params.mixed_strata_only)
              for level in levels]
     return AuditResult(params.by, folds, write_audit(params.output_uri, params.by, folds))

@@ -16,6 +16,7 @@ if os.environ.get("PREFECT_HOME"):  # Prefect does not create it, and its databa
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -153,12 +154,12 @@ def train(
         shown = "n/a" if within is None else f"{within:.3f}" + (
             f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})" if interval and interval[0] is not None else "")
         baseline = found["metadata_baseline_auc"]
-        console.print(f"  within {name}: AUC {shown}; {name} alone reaches "
+        console.print(f"  within {escape(name)}: AUC {shown}; {escape(name)} alone reaches "
                       f"{'n/a' if baseline is None else f'{baseline:.3f}'}")
     console.print(f"{'Promoted to production' if trained.promoted else 'Not promoted'}: {trained.reason}")
     console.print(f"Bundle: {trained.bundle_uri} (model card: card.md)")
     for line in trained.card.shortcut_warnings:  # last, where a reader's eye lands
-        console.print(f"[bold red]Shortcut warning:[/bold red] {line}")
+        console.print(f"[bold red]Shortcut warning:[/bold red] {escape(line)}")
 
 
 @app.command()
@@ -221,11 +222,12 @@ def audit(
     with _clean_errors():
         result = audit_flow(params)
     table = Table(title=f"Leave one {result.variable} out")
-    for column in ("left out", "images", "positives", "AUC there", "flagged there", "test AUC of the rest"):
-        table.add_column(column, justify="left" if column == "left out" else "right")
+    for column in ("left out", "images", "positives", "AUC there", "flagged there", "test AUC of the rest", "note"):
+        table.add_column(column, justify="left" if column in ("left out", "note") else "right")
     for fold in result.folds:
-        table.add_row(fold["level"], str(fold["images"]), str(fold["positives"]), _shown(fold["auc"]),
-                      _shown(fold["flagged_share"]), _shown(fold["test_auc"]))
+        table.add_row(escape(fold["level"]), str(fold["images"]), str(fold.get("positives") or 0),
+                      _shown(fold.get("auc")), _shown(fold.get("flagged_share")), _shown(fold.get("test_auc")),
+                      escape(fold.get("note", "")))
     console.print(table)
     console.print(f"Table: {result.outputs['table.csv']}  Plot: {result.outputs['plot.png']}")
 
@@ -338,7 +340,11 @@ def retrain(
 
     overrides = {k: v for k, v in {"epochs": epochs, "input_size": input_size, "weights": weights}.items()
                  if v is not None}
-    run = start_run(RETRAIN, overrides)
+    try:
+        run = start_run(RETRAIN, overrides)
+    except RuntimeError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=2) from None
     console.print(f"Started {RETRAIN}: flow run {run.name} ({run.id})")
     if follow:
         state = follow_run(run.id, echo=console.print)

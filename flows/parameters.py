@@ -63,8 +63,8 @@ class TrainParameters(_Parameters):
                           "that is not an identifier, hash, path or size).")
     balance_strata: str | None = Field(
         "auto", description="Manifest column(s), joined by '+', whose levels are balanced by class in training and "
-                            "the threshold, and whose within-stratum AUC on validation chooses the epoch and the "
-                            "head's L2, so the label says nothing about the level; 'auto': jointly, every stratum "
+                            "early stopping, so the label says nothing about the level; 'auto': each, and jointly, "
+                            "every stratum "
                             "that predicts the label on its own in the training split (metadata-only AUC >= 0.6); "
                             "'none': off.")
     mixed_strata_only: bool = Field(False, description="With balance_strata: leave out levels that hold one class only "
@@ -80,7 +80,9 @@ class TrainParameters(_Parameters):
 
 
 class AuditParameters(TrainParameters):
-    """A leave-one-level-out audit: the training parameters, plus the column whose levels are left out."""
+    """A leave-one-level-out audit: the training parameters (each fold trains as ``train`` does;
+    registry, calibration, leave-out and bootstrap settings do not apply), plus the column whose
+    levels are left out."""
 
     by: str = Field(description="Manifest column whose levels are left out of training, one fold each.")
     output_uri: str = Field("audit", description="Where the audit table and plot are written (folder or s3://).")

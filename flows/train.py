@@ -47,8 +47,10 @@ def train(params: TrainParameters) -> TrainedModel:
 
     production = score_production(params.model_store_uri, loaded, split, spec)
     promoted, reason = registry.promotion_decision(
-        {**metrics["positive"], "within_auc": validity["mean_within_auc"], "warnings": validity["warnings"]},
+        {**metrics["positive"], "within_auc": validity["mean_within_auc"], "warnings": validity["model_warnings"]},
         production, params.force_promote)
+    if params.leave_out and promoted and not params.force_promote:
+        promoted, reason = False, f"trained with {params.leave_out} left out: an experiment, not a candidate"
     card, files = make_bundle(model, history, threshold, metrics, dataset=dataset, loaded=loaded, split=split,
                               spec=spec, config=config, weights=weights_info, test_fraction=params.test_fraction,
                               validity=validity, calibration=calibration,

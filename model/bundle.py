@@ -5,6 +5,7 @@ Pure: bytes in, bytes out. ``tasks.registry`` puts them in a model store (folder
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -58,9 +59,13 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> ModelCard:
-        fields = json.loads(data)
-        fields.pop("input_size", None)
-        return cls(**fields)
+        """Keeps the fields this code knows: a card written by a newer version still loads here."""
+        try:
+            values = json.loads(data)
+            known = {item.name for item in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in values.items() if k in known})
+        except (ValueError, TypeError, AttributeError) as error:
+            raise BundleError(f"not a model card: {error}") from error
 
     def spec(self) -> Preprocessing:
         """The preprocessing this model was trained with; refuses what this code cannot reproduce."""

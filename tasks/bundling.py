@@ -8,7 +8,6 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import jinja2
 import keras
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -19,6 +18,7 @@ from model.plots import confusion_png, curves_png, roc_png
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
 from tasks import registry
+from tasks.rendering import render
 from tasks.datasets import Dataset, fingerprint
 from tasks.train_steps import LabelledArrays, TrainingSplit
 
@@ -39,13 +39,9 @@ class TrainedModel:
         return self.card.version
 
 
-_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("tasks", "templates"), autoescape=True,
-                                trim_blocks=True, lstrip_blocks=True)
-
-
 def card_markdown(card: ModelCard) -> str:
     """The human-readable model card: intended use, data, subgroup tables, calibration, limitations."""
-    return _TEMPLATES.get_template("card.md.j2").render(
+    return render("card.md.j2",
         card=card, validity=card.validity, overall=card.validity.get("overall", {}), calibration=card.calibration,
         promotion=card.promotion)
 
@@ -67,6 +63,7 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
                  "test_fingerprint": fingerprint([loaded.items[i] for i in split.test]),
                  "class_counts": dataset.class_counts},
         metrics=metrics, training={**config.to_dict(), "balance_strata": split.balance,
+                                   "selected_l2": history["stage1"].get("selected_l2", [None])[0],
                                    "leave_out": "=".join(split.leave_out) if split.leave_out else None},
         software=software_versions(), validity=validity, calibration=calibration,
         model_sha256=hashlib.sha256(model_bytes).hexdigest(),
@@ -96,10 +93,6 @@ def promote(store_uri: str, version: str, reason: str) -> None:
     registry.set_production(store_uri, version, reason)
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 @task
 def report_training(trained: TrainedModel) -> None:
     """Log line, markdown summary and per-class table in the Prefect UI."""
@@ -115,29 +108,6 @@ def report_training(trained: TrainedModel) -> None:
                      "f1": round(report["f1-score"], 4), "support": int(report["support"]),
                      "sensitivity": extra["sensitivity"], "specificity": extra["specificity"], "auc": extra["auc"]})
     create_table_artifact(rows, key="training-metrics", description=f"Test-split metrics of model {card.version}")
-    warnings = "".join(f"> - {line}\n" for line in card.shortcut_warnings)
-    warnings = f"> **Shortcut warning**: the model may recognise image source rather than disease.\n{warnings}\n" if warnings else ""
-    within = "".join(f"| within-stratum AUC by {name} | {_fmt(found['within_auc'])} (metadata-only {_fmt(found['metadata_baseline_auc'])}) |\n"
-                     for name, found in card.validity.get("strata", {}).items())
-    create_markdown_artifact(key="training-summary", description=f"Model {card.version}", markdown=f"""
-{warnings}# Model {card.version}
-
-**{'Promoted to production' if trained.promoted else 'Not promoted'}**: {trained.reason}
-
-| | |
-|---|---|
-| classes | {', '.join(card.classes)} |
-| test images (patient-held-out) | {metrics['images']} |
-| accuracy | {metrics['accuracy']:.4f} |
-| {card.positive_class} AUC | {_fmt(positive['auc'])} |
-{within}| threshold (chosen on validation for sensitivity {metrics['validation']['target_sensitivity']}) | {card.threshold:.4f} |
-| sensitivity / specificity at threshold (test) | {positive['sensitivity_at_threshold']:.3f} / {positive['specificity_at_threshold']:.3f} |
-| weights | {card.weights['origin']} |
-| data fingerprint | `{card.dataset['fingerprint'][:16]}` |
-
-Model card: `{bundle_uri}/card.md`. Plots: `{bundle_uri}/curves.png`, `{bundle_uri}/confusion.png`,
-`{bundle_uri}/roc.png`, `{bundle_uri}/calibration.png`, `{bundle_uri}/gradcam.png`
-
-High accuracy on public COVID-19 collections often reflects age and source (paediatric normals,
-adult COVID images from publications) rather than disease: validate on local data before use.
-""")
+    create_markdown_artifact(key="training-summary", description=f"Model {card.version}",
+                             markdown=render("training.md.j2", card=card, trained=trained, bundle_uri=bundle_uri,
+                                             metrics=metrics, positive=positive))

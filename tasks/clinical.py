@@ -20,8 +20,10 @@ from model.gradcam import grad_cam
 from model.plots import audit_png, mean_cam_png, reliability_png
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig, predict_probabilities
-from model.validity import audit
+from model.validity import audit, shortcut_warnings
 from tasks import storage
+from tasks.datasets import DatasetError
+from tasks.rendering import render
 from tasks.train_steps import (LabelledArrays, TrainingSplit, evaluate_model, fit_model, mean_within_auc,
                                split_for_training)
 
@@ -113,6 +115,12 @@ def audit_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit
     figure = mean_cam_png({name: cams[split.labels[test] == index] for index, name in enumerate(split.classes)},
                           {name: loaded.images[test][split.labels[test] == index] for index, name in enumerate(split.classes)})
     record["mean_within_auc"] = mean_within_auc(split, test, scores)
+    # What promotion weighs: warnings about this model's scores (within-stratum gaps), measured the
+    # same way for the production model on this split. A metadata-only baseline describes the data,
+    # which both models share.
+    record["model_warnings"] = shortcut_warnings(
+        {"overall": record["overall"], "strata": {name: {"within_auc": found["within_auc"]}
+                                                  for name, found in record["strata"].items()}})
     for line in record["warnings"]:
         logger.warning("Shortcut warning: %s", line)
     return record, figure
@@ -126,45 +134,56 @@ def _mean(values: np.ndarray) -> float | None:
 @task(cache_policy=NO_CACHE, task_run_name="leave-out-{variable}={level}")
 def audit_fold(loaded: LabelledArrays, variable: str, level: str, *, positive: str, multiclass: bool,
                test_fraction: float, seed: int, spec: Preprocessing, config: TrainingConfig, weights: str | None,
-               target_sensitivity: float) -> dict:
-    """Train without one level of ``variable``; score the level it never saw and the usual test split."""
-    split = split_for_training.fn(loaded, positive, multiclass, test_fraction, seed, strata=[variable],
-                                  leave_out=f"{variable}={level}")
-    model, _, _ = fit_model.fn(split.training_data(loaded.images), spec, config, weights)
-    threshold, metrics = evaluate_model.fn(model, loaded, split, spec, target_sensitivity)
+               target_sensitivity: float, balance_strata: str | None = "auto", mixed_strata_only: bool = False) -> dict:
+    """Train without one level of ``variable`` (the train flow's recipe); score the level it never
+    saw and the usual test split. A level whose absence leaves nothing to train on (it held every
+    positive, say) is reported as such, not raised: the other folds still count."""
+    row = {"variable": variable, "level": level, "images": int(sum(item.metadata.get(variable) == level
+                                                                   for item in loaded.items))}
+    try:
+        split = split_for_training.fn(loaded, positive, multiclass, test_fraction, seed, strata=None,
+                                      balance_strata=balance_strata, mixed_strata_only=mixed_strata_only,
+                                      leave_out=f"{variable}={level}")
+        _require_both_classes(split)
+        model, _, balance = fit_model.fn(split.training_data(loaded.images), spec, config, weights)
+        split = split.balanced_by(balance) if balance else split
+        threshold, metrics = evaluate_model.fn(model, loaded, split, spec, target_sensitivity)
+    except (ValueError, DatasetError) as error:
+        get_run_logger().warning("Cannot train without %s=%s: %s", variable, level, error)
+        return {**row, "positives": None, "auc": None, "note": f"not trainable without it: {error}"}
     index = split.classes.index(split.positive)
     held_truth = split.is_positive[split.held_out]
     held_scores = predict_probabilities(model, loaded.images[split.held_out], spec)[:, index]
     sensitivity, specificity = sensitivity_specificity(held_truth, held_scores >= threshold)
     test_scores = predict_probabilities(model, loaded.images[split.test], spec)[:, index]
-    return {"variable": variable, "level": level, "images": int(len(split.held_out)),
-            "positives": int(held_truth.sum()), "auc": _auc(held_truth, held_scores),
+    return {**row, "positives": int(held_truth.sum()), "auc": _auc(held_truth, held_scores),
             "sensitivity": None if np.isnan(sensitivity) else sensitivity,
             "specificity": None if np.isnan(specificity) else specificity,
             "flagged_share": float((held_scores >= threshold).mean()) if len(held_scores) else None,
             "mean_probability": float(held_scores.mean()) if len(held_scores) else None,
             "test_auc": metrics["positive"]["auc"], "test_within_auc": mean_within_auc(split, split.test, test_scores),
-            "train_images": int(len(split.train)), "threshold": threshold}
+            "train_images": int(len(split.train)), "threshold": threshold, "balanced_by": split.balance, "note": ""}
+
+
+def _require_both_classes(split: TrainingSplit) -> None:
+    for name, rows in (("training", split.train), ("validation", split.validation), ("test", split.test)):
+        positives = int(split.is_positive[rows].sum())
+        if positives in (0, len(rows)):
+            raise ValueError(f"the {name} part would hold {'no' if positives == 0 else 'only'} "
+                             f"{split.positive} images")
 
 
 @task(retries=2, retry_delay_seconds=5)
 def write_audit(output_uri: str, variable: str, folds: list[dict]) -> dict[str, str]:
     """The audit's table (CSV), plot and markdown, under ``output_uri``; also a Prefect artifact."""
     columns = ["level", "images", "positives", "auc", "sensitivity", "specificity", "flagged_share",
-               "mean_probability", "test_auc", "test_within_auc", "train_images", "threshold"]
+               "mean_probability", "test_auc", "test_within_auc", "train_images", "threshold", "balanced_by", "note"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: "" if fold.get(k) is None else fold[k] for k in columns} for fold in folds)
 
-    def shown(value) -> str:
-        return "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
-
-    markdown = (f"# Leave-one-level-out audit by {variable}\n\nEach row: a model trained without that level, "
-                "scored on the level it never saw (AUC needs both classes in the level; otherwise read the "
-                "share flagged), and on the usual patient-held-out test split of the other levels.\n\n"
-                "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-                + "".join("| " + " | ".join(shown(fold.get(k)) for k in columns) + " |\n" for fold in folds))
+    markdown = render("audit.md.j2", variable=variable, columns=columns, folds=folds)
     outputs = {name: storage.join(output_uri, f"audit-{variable}.{name.split('.')[-1]}")
                for name in ("table.csv", "plot.png", "report.md")}
     storage.write_bytes(outputs["table.csv"], text.getvalue().encode())

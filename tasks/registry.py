@@ -89,8 +89,9 @@ def promotion_decision(new: dict, current: dict | None, force: bool = False) -> 
 
     ``new`` and ``current`` are ``evaluate(...)['positive']`` dicts, optionally with
     ``within_auc`` (mean within-stratum AUC over the metadata variables) and ``warnings`` (the
-    model's shortcut warnings); ``current`` is None when there is no production model or it could
-    not be scored on this split. A model with a shortcut warning never replaces one without.
+    model's own shortcut warnings on this split: within-stratum AUC far below the overall AUC);
+    ``current`` is None when there is no production model or it could not be scored on this split.
+    A model with such a warning never replaces one without.
     Within-stratum AUC, which shortcut learning cannot inflate, is compared first when both have it.
     """
     if force:

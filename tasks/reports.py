@@ -8,12 +8,12 @@ import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import jinja2
 import numpy as np
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from model.bundle import ModelCard
 from tasks import ledger, storage
+from tasks.rendering import render
 from tasks.results import PredictionRow, ResultsLayout, RunSummary, probability_column
 
 __all__ = ["DISCLAIMER", "publish_artifacts", "read_run_rows", "report_html", "write_outputs"]
@@ -21,9 +21,6 @@ __all__ = ["DISCLAIMER", "publish_artifacts", "read_run_rows", "report_html", "w
 DISCLAIMER = ("Flags are a worklist for radiologist review, not a diagnosis. A flagged image needs a "
               "radiologist's reading; an unflagged image is not cleared.")
 
-# Autoescaping everywhere: image names, reasons and card fields come from storage and are not trusted.
-_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("tasks", "templates"), autoescape=True,
-                                undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
 def read_run_rows(results_uri: str, run_id: str, card: ModelCard) -> list[PredictionRow]:
@@ -102,7 +99,7 @@ def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard,
     """One self-contained page: no external files, scripts or fonts."""
     positive = card.positive_class
     probabilities = [row.probability(positive) for row in rows if row.status == "ok"]
-    return _TEMPLATES.get_template("report.html.j2").render(
+    return render("report.html.j2",
         summary=summary, card=card, positive=positive, disclaimer=DISCLAIMER,
         flagged=_worklist(rows, card), max_flagged=max_flagged,
         rejected=[row for row in rows if row.status == "rejected"],
@@ -120,6 +117,6 @@ def publish_artifacts(summary: RunSummary, rows: list[PredictionRow], card: Mode
           "predicted_class": row.predicted_class} for row in _worklist(rows, card)[:1000]],
         key="screening-flagged", description=f"Flagged images, run {summary.run_id} (worklist, not a diagnosis)",
     )
-    markdown = _TEMPLATES.get_template("summary.md.j2").render(summary=summary, card=card, disclaimer=DISCLAIMER)
+    markdown = render("summary.md.j2", summary=summary, card=card, disclaimer=DISCLAIMER)
     create_markdown_artifact(key="screening-summary", description=f"Screening run {summary.run_id}",
                              markdown=markdown)

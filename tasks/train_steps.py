@@ -20,7 +20,8 @@ from model.evaluation import choose_threshold, evaluate
 from model.network import IMAGENET_FILE, build_classifier
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig, TrainingData, fine_tune, fit_head_cached, predict_probabilities
-from model.validity import default_strata, metadata_baseline_auc, stratum_sample_weights, within_stratum_auc
+from model.validity import (default_strata, metadata_baseline_auc, shortcut_warnings, stratum_sample_weights,
+                            within_stratum_auc)
 from tasks import registry, storage
 from tasks.datasets import (Dataset, DatasetError, LabelledImage, discover_dataset, find_duplicates, metadata_columns,
                             split_dataset)
@@ -107,7 +108,7 @@ class TrainingSplit:
     def levels(self, variable: str, rows: np.ndarray) -> list[str]:
         return [self.strata[variable][i] for i in rows]
 
-    def balanced_by(self, name: str, columns: dict | None = None) -> TrainingSplit:
+    def balanced_by(self, name: str) -> TrainingSplit:
         """This split with the weighting ``name`` (one of ``balance_candidates``) chosen."""
         weights = self.balance_candidates[name]
         return replace(self, balance=None if weights is None else name, weights=weights)
@@ -227,7 +228,7 @@ def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, 
                            patients=[item.patient_id or item.uri for item in loaded.items],
                            held_out=held, leave_out=left_out, balance_candidates=candidates)
     if len(candidates) == 1:
-        result = result.balanced_by(next(iter(candidates)), columns)
+        result = result.balanced_by(next(iter(candidates)))
     logger.info("Split by patient: %d train, %d validation, %d test images%s; strata: %s", len(train),
                 len(validation), len(result.test),
                 f", {len(held)} left out ({left_out[0]}={left_out[1]})" if left_out else "",
@@ -256,7 +257,8 @@ def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig,
     history = {"stage1": fit_head_cached(model, data, spec, config, [reporter], on_features)}
     chosen = None
     if "selected_weighting" in history["stage1"]:
-        chosen = data.weightings[int(history["stage1"].pop("selected_weighting")[0])][0]
+        chosen, w_train, w_val = data.weightings[int(history["stage1"].pop("selected_weighting")[0])]
+        data = replace(data, w_train=w_train, w_val=w_val, weightings=())  # stage 2 trains the same way
         logger.info("Balancing %s did best on validation", chosen)
     if "selected_l2" in history["stage1"]:
         logger.info("Linear head: L2 %g did best on validation among %s", history["stage1"]["selected_l2"][0],
@@ -287,9 +289,9 @@ def evaluate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSp
     logger = get_run_logger()
     positive = split.classes.index(split.positive)
     validation = predict_probabilities(model, loaded.images[split.validation], spec)
-    weights = None if split.weights is None else split.weights[split.validation]
+    # Unweighted: the target is a promise about real patients, whatever weights balanced training.
     threshold = choose_threshold(split.labels[split.validation] == positive, validation[:, positive],
-                                 target_sensitivity, weights)
+                                 target_sensitivity)
     test = predict_probabilities(model, loaded.images[split.test], spec)
     metrics = evaluate(split.labels[split.test], test, split.classes, split.positive, threshold)
     metrics["validation"] = {"images": int(len(split.validation)), "target_sensitivity": target_sensitivity}
@@ -343,7 +345,11 @@ def score_production(store_uri: str, loaded: LabelledArrays, split: TrainingSpli
     logger.info("Production model %s on this test split: AUC %s, sensitivity %.3f at its threshold",
                 card.version, metrics["auc"], metrics["sensitivity_at_threshold"])
     scores = probabilities[:, split.classes.index(split.positive)]
-    return {**metrics, "version": card.version, "warnings": card.shortcut_warnings,
+    within = {name: within_stratum_auc(split.is_positive[split.test], scores, split.levels(name, split.test))
+              for name in split.strata}
+    # Its own model warnings, on this split (data warnings, from metadata alone, are the same for both).
+    found = {"overall": {"auc": metrics["auc"]}, "strata": {k: {"within_auc": v} for k, v in within.items()}}
+    return {**metrics, "version": card.version, "warnings": shortcut_warnings(found),
             "within_auc": mean_within_auc(split, split.test, scores)}
 
 

@@ -106,3 +106,12 @@ def test_a_shortcut_warning_follows_the_model_into_every_report():
 def test_a_report_with_no_rows_still_renders():
     page = reports.report_html(RunSummary("r1", "v1").tally([], CLASSES, 0.5), [], card())
     assert "No images were screened successfully." in page and "n/a images/s" in page
+
+
+def test_markdown_from_untrusted_names_stays_text():
+    from tasks.rendering import render
+
+    hostile = "St Mary's A&E | <script>x</script> [link](http://x)"
+    text = render("summary.md.j2", summary=RunSummary(hostile, "v1").tally([], CLASSES, 0.5), card=card(),
+                  disclaimer="d")
+    assert "\\|" in text and "\\<script\\>" in text and "\\[link\\]" in text and "A&E" in text
