@@ -71,8 +71,8 @@ class TrainParameters(_Parameters):
                                                        "(by default they count a tenth).")
     leave_out: str | None = Field(None, pattern=r"^[^=]+=.+$",
                                   description="COL=LEVEL: train without that level and report performance on it.")
-    calibrate: bool = Field(True, description="Temperature-scale the probabilities on validation (the threshold is "
-                                              "then chosen on calibrated probabilities).")
+    calibrate: bool = Field(True, description="Calibrate the probabilities on validation (temperature and class "
+                                              "bias; the threshold is then chosen on calibrated probabilities).")
     head: Literal["linear", "mlp"] = Field(
         "linear", description="'linear' (standardised pooled features, L2-regularised softmax; L2 chosen on "
                               "validation) or 'mlp' (the tutorial's Dense(64)-dropout head).")

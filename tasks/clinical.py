@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import roc_auc_score
 
 from model.anatomy import lung_share, mask_images
-from model.calibration import brier_score, expected_calibration_error, fit_temperature
+from model.calibration import brier_score, expected_calibration_error, fit_temperature_and_bias
 from model.evaluation import sensitivity_specificity
 from model.gradcam import grad_cam
 from model.plots import audit_png, mean_cam_png, reliability_png
@@ -34,27 +34,32 @@ def _auc(is_positive: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(is_positive, scores)) if 0 < is_positive.sum() < len(is_positive) else None
 
 
-def _set_temperature(model: keras.Model, temperature: float) -> None:
-    """Bakes ``softmax(z / T)`` into the saved model: the final Dense's kernel and bias divided by T
-    give exactly the scaled logits, so screening writes calibrated probabilities with no extra code."""
+def _set_calibration(model: keras.Model, temperature: float, bias: np.ndarray) -> None:
+    """Bakes ``softmax(z / T + b)`` into the saved model: the final Dense's kernel divided by T and
+    its bias divided by T plus b give exactly those logits, so screening writes calibrated
+    probabilities with no extra code."""
     final = model.get_layer("head").get_layer("probabilities")
     final.kernel.assign(final.kernel / temperature)
-    final.bias.assign(final.bias / temperature)
+    final.bias.assign(final.bias / temperature + bias.astype(np.float32))
 
 
 @task(cache_policy=NO_CACHE)
 def calibrate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit,
-                    spec: Preprocessing) -> tuple[dict, bytes]:
-    """Temperature scaling fitted on validation and baked into ``model``; returns the calibration
+                    spec: Preprocessing) -> tuple[dict, bytes | None]:
+    """Temperature (and class-bias) scaling fitted on validation and baked into ``model``; returns the calibration
     record (temperature, ECE and Brier of the positive class before and after, on validation and
     test) and a reliability diagram of the test split."""
     positive = split.classes.index(split.positive)
+    if len(np.unique(split.labels[split.validation])) < 2:
+        get_run_logger().warning("Not calibrated: the validation split holds one class only")
+        return {}, None
     parts = {"validation": split.validation, "test": split.test}
     before = {name: predict_probabilities(model, loaded.images[rows], spec) for name, rows in parts.items()}
-    temperature = fit_temperature(before["validation"], split.labels[split.validation])
-    _set_temperature(model, temperature)
+    temperature, bias = fit_temperature_and_bias(before["validation"], split.labels[split.validation])
+    _set_calibration(model, temperature, bias)
     after = {name: predict_probabilities(model, loaded.images[rows], spec) for name, rows in parts.items()}
-    record: dict = {"method": "temperature scaling on the validation split", "temperature": temperature, "bins": 10}
+    record: dict = {"method": "temperature and class-bias scaling on the validation split", "temperature": temperature,
+                    "bias": [float(value) for value in bias], "bins": 10}
     for name, rows in parts.items():
         truth = split.labels[rows] == positive
         record[name] = {f"{measure}_{when}": function(truth, probabilities[name][:, positive])

@@ -78,3 +78,20 @@ def test_reliability_png_is_a_png():
     probabilities, labels = _over_confident(300, seed=3)
     png = reliability_png(labels, probabilities[:, 1], apply_temperature(probabilities, 3.0)[:, 1])
     assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_temperature_and_bias_undo_a_shifted_prior_that_temperature_alone_cannot():
+    from model.calibration import apply_temperature_and_bias, fit_temperature_and_bias
+
+    rng = np.random.default_rng(11)
+    true_logit = rng.normal(0, 2, 4000)
+    labels = (rng.random(4000) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    # What a model trained with class-balancing weights reports: sharpened and pushed towards class 1.
+    reported = 1 / (1 + np.exp(-(2.0 * true_logit + 1.5)))
+    probabilities = np.column_stack([1 - reported, reported])
+    temperature, bias = fit_temperature_and_bias(probabilities, labels)
+    assert temperature == pytest.approx(2.0, rel=0.15) and bias[0] == 0.0
+    assert bias[1] == pytest.approx(-0.75, abs=0.2)  # log-odds shift of 1.5, divided by T
+    both = apply_temperature_and_bias(probabilities, temperature, bias)[:, 1]
+    alone = apply_temperature(probabilities, fit_temperature(probabilities, labels))[:, 1]
+    assert expected_calibration_error(labels, both) < 0.02 < expected_calibration_error(labels, alone)
