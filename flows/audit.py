@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger
 
 from flows.parameters import AuditParameters
-from model.augmentation import Augmentation
-from model.preprocessing import Preprocessing
-from model.training import TrainingConfig
+from flows.train import preprocessing_and_config
 from tasks.clinical import audit_fold, write_audit
 from tasks.datasets import DatasetError, metadata_columns
 from tasks.train_steps import discover, load_labelled, resolve_weights
@@ -29,11 +27,7 @@ class AuditResult:
 @flow(name="audit", description="Leave one level of a metadata column out of training, for each level.")
 def audit(params: AuditParameters) -> AuditResult:
     logger = get_run_logger()
-    spec = Preprocessing(input_size=params.input_size, scale_mode=params.scale_mode)
-    config = TrainingConfig(epochs=params.epochs, fine_tune_epochs=params.fine_tune_epochs,
-                            batch_size=params.batch_size, seed=params.seed, augment_draws=params.augment_draws,
-                            class_weights=params.class_weights, head=params.head,
-                            augmentation=Augmentation(horizontal_flip=params.horizontal_flip))
+    spec, config = preprocessing_and_config(params)
     weights, _ = resolve_weights(params.weights)
     dataset = discover(params.dataset_uri)
     columns = metadata_columns(dataset.items)

@@ -21,14 +21,18 @@ from tasks.train_steps import (discover, evaluate_model, fit_model, load_labelle
                                split_for_training)
 
 
+def preprocessing_and_config(params: TrainParameters) -> tuple[Preprocessing, TrainingConfig]:
+    """The model's preprocessing and the training recipe the parameters ask for."""
+    return Preprocessing(input_size=params.input_size, scale_mode=params.scale_mode), TrainingConfig(
+        epochs=params.epochs, fine_tune_epochs=params.fine_tune_epochs, batch_size=params.batch_size,
+        seed=params.seed, augment_draws=params.augment_draws, class_weights=params.class_weights, head=params.head,
+        augmentation=Augmentation(horizontal_flip=params.horizontal_flip))
+
+
 @flow(name="train", description="Train a VGG16 transfer-learning classifier and register it.")
 def train(params: TrainParameters) -> TrainedModel:
     """Returns the new version, whether it was promoted and why; its card holds the test metrics."""
-    spec = Preprocessing(input_size=params.input_size, scale_mode=params.scale_mode)
-    config = TrainingConfig(epochs=params.epochs, fine_tune_epochs=params.fine_tune_epochs,
-                            batch_size=params.batch_size, seed=params.seed, augment_draws=params.augment_draws,
-                            class_weights=params.class_weights, head=params.head,
-                            augmentation=Augmentation(horizontal_flip=params.horizontal_flip))
+    spec, config = preprocessing_and_config(params)
     weights, weights_info = resolve_weights(params.weights)  # fail fast on a missing weights file
 
     dataset = discover(params.dataset_uri)
