@@ -14,6 +14,8 @@ see the whole image, so even that shift is unreliable there.
 
 from __future__ import annotations
 
+import weakref
+
 import cv2
 import keras
 import numpy as np
@@ -26,7 +28,17 @@ __all__ = ["LAST_CONVOLUTION", "grad_cam", "grad_cam_and_probabilities", "overla
 LAST_CONVOLUTION = "block5_conv3"
 
 
+# Built once per model: screening explains a few images per batch, night after night.
+_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _parts(model: keras.Model) -> tuple[keras.Model, keras.layers.Layer, keras.Model, keras.layers.Dense]:
+    if model not in _PARTS:
+        _PARTS[model] = _build_parts(model)
+    return _PARTS[model]
+
+
+def _build_parts(model: keras.Model) -> tuple[keras.Model, keras.layers.Layer, keras.Model, keras.layers.Dense]:
     """The classifier as: image -> last convolution -> pooling -> head features -> class logits.
 
     Keras 3 cannot hand out a nested model's inner tensors from the outer model, so the base is
