@@ -111,3 +111,5 @@ def report_training(trained: TrainedModel) -> None:
     create_markdown_artifact(key="training-summary", description=f"Model {card.version}",
                              markdown=render("training.md.j2", card=card, trained=trained, bundle_uri=bundle_uri,
                                              metrics=metrics, positive=positive))
+    create_markdown_artifact(key="model-card", description=f"Model card of {card.version}: subgroups, intervals, "
+                                                           "calibration, limitations", markdown=card_markdown(card))

@@ -70,7 +70,7 @@ def test_train_on_a_folder_registers_promotes_and_reports(prefect_api, tmp_path)
     assert f"# Model card: {card.version}" in text and "Intended use" in text and "Calibration" in text
 
     artifacts = flow_run_artifacts(flow_run_id)
-    assert {"training-summary", "training-metrics", "training-progress"} <= artifacts.keys()
+    assert {"training-summary", "training-metrics", "training-progress", "model-card"} <= artifacts.keys()
     assert result.version in artifacts["training-summary"].data
     assert artifacts["training-progress"].data == pytest.approx(100.0)
 
