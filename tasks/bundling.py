@@ -17,6 +17,7 @@ from model.bundle import ModelCard, model_to_bytes, software_versions
 from model.plots import confusion_png, curves_png, roc_png
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
+from tasks.retrying import transient_only
 from tasks import registry
 from tasks.rendering import render
 from tasks.datasets import Dataset, fingerprint
@@ -83,12 +84,12 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
     return card, files
 
 
-@task(retries=3, retry_delay_seconds=5)
+@task(retries=3, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def publish_bundle(store_uri: str, files: dict[str, bytes], card: ModelCard) -> str:
     return registry.publish(store_uri, card.version, files, card)
 
 
-@task(retries=3, retry_delay_seconds=5)
+@task(retries=3, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def promote(store_uri: str, version: str, reason: str) -> None:
     registry.set_production(store_uri, version, reason)
 

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from prefect import get_run_logger, task
 
 from model.bundle import ModelCard
+from tasks.retrying import transient_only
 from tasks import ledger, registry, reports, runs
 from tasks.results import ResultsLayout, RunSummary, entry_key
 
@@ -23,7 +24,7 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-@task(retries=2, retry_delay_seconds=10)
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
 def resolve_model(model_store_uri: str, model_version: str) -> ModelCard:
     """The card of the version to use; refuses a bundle this code cannot reproduce."""
     card = registry.load_card(model_store_uri, model_version)
@@ -31,14 +32,14 @@ def resolve_model(model_store_uri: str, model_version: str) -> ModelCard:
     return card
 
 
-@task(retries=2, retry_delay_seconds=10)
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
 def not_yet_screened(results_uri: str, model_version: str, inputs: Sequence[str]) -> list[str]:
     """The inputs this model version has no ledger entry for (one listing, no reads)."""
     done = ledger.done_keys(results_uri, model_version)
     return [uri for uri in inputs if entry_key(uri) not in done]
 
 
-@task(retries=3, retry_delay_seconds=10)
+@task(retries=3, retry_delay_seconds=10, retry_condition_fn=transient_only)
 def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard) -> RunSummary:
     """Predictions, summary, report and artifacts from every row the run claimed; then its lease goes."""
     rows = reports.read_run_rows(results_uri, summary.run_id, card)
@@ -48,7 +49,7 @@ def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard) ->
     return summary
 
 
-@task(retries=2, retry_delay_seconds=10)
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
 def recover_abandoned_runs(results_uri: str, run_id: str) -> list[str]:
     """Writes the outputs of runs that died without writing them (their leases went stale).
 

@@ -28,6 +28,7 @@ from model.bundle import ModelCard
 from model.evaluation import predict_classes
 from model.gradcam import grad_cam, overlay
 from model.training import predict_probabilities
+from tasks.retrying import transient_only
 from tasks import ledger, registry, runs, storage
 from tasks.images import IMAGE_SUFFIXES, is_dicom
 from tasks.loading import LoadedImage, load_image
@@ -39,7 +40,7 @@ __all__ = ["ChunkResult", "chunked", "find_inputs", "screen_chunk", "screen_imag
 _NOT_IMAGES = {".csv", ".json", ".jsonl", ".txt", ".md", ".html", ".htm", ".log", ".xml", ".pdf", ".zip", ".gz"}
 
 
-@task(retries=2, retry_delay_seconds=10)
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
 def find_inputs(incoming_uri: str, exclude: Sequence[str] = ()) -> list[str]:
     """Images under ``incoming_uri`` (by suffix, or DICOM by preamble), sorted.
 
@@ -163,7 +164,7 @@ def _keep_alive(results_uri: str, run_id: str, logger) -> None:
         logger.warning("Could not renew the lease of run %s: %s", run_id, error)
 
 
-@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, task_run_name="screen-chunk-{chunk}")
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only, cache_policy=NO_CACHE, task_run_name="screen-chunk-{chunk}")
 def screen_chunk(
     chunk: int,
     uris: list[str],

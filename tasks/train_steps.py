@@ -22,6 +22,7 @@ from model.preprocessing import Preprocessing
 from model.training import TrainingConfig, TrainingData, fine_tune, fit_head_cached, predict_probabilities
 from model.validity import (default_strata, metadata_baseline_auc, shortcut_warnings, stratum_sample_weights,
                             within_stratum_auc)
+from tasks.retrying import transient_only
 from tasks import registry, storage
 from tasks.datasets import (Dataset, DatasetError, LabelledImage, discover_dataset, find_duplicates, metadata_columns,
                             split_dataset)
@@ -38,7 +39,7 @@ class LabelledArrays:
     rejected: tuple[tuple[str, str], ...]  # (uri, reason)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def discover(dataset_uri: str) -> Dataset:
     dataset = discover_dataset(dataset_uri)
     logger = get_run_logger()
@@ -49,7 +50,7 @@ def discover(dataset_uri: str) -> Dataset:
     return dataset
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)
 def load_labelled(items: tuple[LabelledImage, ...], spec: Preprocessing) -> LabelledArrays:
     """Read, hash, decode and resize every image; unusable ones are logged and left out."""
     logger = get_run_logger()
@@ -302,7 +303,7 @@ def evaluate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSp
     return threshold, metrics
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def resolve_weights(weights: str) -> tuple[str | None, dict]:
     """'imagenet', 'none', or a path/URI of a weights file copied to local disk for Keras."""
     if weights.lower() == "none":

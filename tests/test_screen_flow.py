@@ -305,3 +305,20 @@ def test_a_model_this_code_cannot_reproduce_is_refused(model_store, tmp_path):
     with pytest.raises(BundleError, match="not supported by this code"):
         run_screen(incoming, str(tmp_path / "results"), store)
     assert not storage.exists(str(tmp_path / "results" / "ledger"))
+
+
+def test_a_deterministic_error_fails_at_once_without_retries(model_store, tmp_path):
+    """A missing folder fails the same way every time: no retry, no retry wait, one clear error."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    started = time.monotonic()
+    state = run_screen(str(tmp_path / "no-such-folder"), str(tmp_path / "results"), model_store, return_state=True)
+    assert state.is_failed() and time.monotonic() - started < 10  # find_inputs' retry delay is 10 s
+    with pytest.raises(storage.NotFound, match="no-such-folder"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    (find,) = [run for run in task_runs if run.name.startswith("find_inputs")]
+    assert find.run_count == 1 and find.state.is_failed()
