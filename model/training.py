@@ -211,9 +211,9 @@ class ValidationAUC(keras.callbacks.Callback):
     with the loss as tie-breaker) drives early stopping and the choice of the head's L2."""
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, positive_index: int,
-                 strata: dict[str, np.ndarray] | None = None) -> None:
+                 strata: dict[str, np.ndarray] | None = None, batch_size: int = 256) -> None:
         super().__init__()
-        self.features = features
+        self.features, self.batch_size = features, batch_size
         self.is_positive = np.asarray(labels) == positive_index
         self.positive_index = positive_index
         # Only variables with a level holding both classes can say anything within levels.
@@ -226,7 +226,8 @@ class ValidationAUC(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is None:
             return
-        scores = keras.ops.convert_to_numpy(self.model(self.features, training=False))[:, self.positive_index]
+        scores = np.concatenate([keras.ops.convert_to_numpy(self.model(batch, training=False))[:, self.positive_index]
+                                 for batch in _batches(self.features, self.batch_size)])
         both = 0 < self.is_positive.sum() < len(scores)
         logs["val_auc"] = float(roc_auc_score(self.is_positive, scores)) if both else 0.5
         if self.strata:
@@ -305,8 +306,12 @@ def _fit_end_to_end(model, data, spec, config, epochs, learning_rate, callbacks)
     val = _image_dataset(data.x_val, data.y_val, data.num_classes, spec, config.batch_size, None, data.w_val,
                          config.seed)
     _compile(model, learning_rate)
+    # The same selection as stage 1: within-stratum AUC on validation, which shortcuts cannot raise.
+    selection = ValidationAUC(scale(data.x_val.astype(np.float32) / 255.0, spec), data.y_val, data.positive_index,
+                              data.val_strata, config.batch_size)
     history = model.fit(
-        train, epochs=epochs, validation_data=val, callbacks=[*_early_stopping(config), *callbacks],
+        train, epochs=epochs, validation_data=val,
+        callbacks=[selection, *_early_stopping(config, selection.monitor), *callbacks],
         shuffle=False, verbose=0,  # tf.data shuffles, with the config's seed
     )
     return history.history
