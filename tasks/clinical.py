@@ -56,6 +56,12 @@ def calibrate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingS
         return {}, None
     parts = {"validation": split.validation, "test": split.test}
     before = {name: predict_probabilities(model, loaded.images[rows], spec) for name, rows in parts.items()}
+    if _auc(split.labels[split.validation] == positive, before["validation"][:, positive]) == 1.0:
+        # Perfectly separated: the likelihood only grows as probabilities go to 0 and 1, so a fitted
+        # temperature would just make the model as over-confident as its bounds allow.
+        get_run_logger().warning("Not calibrated: validation is perfectly separated, so calibration could only "
+                                 "sharpen the probabilities to 0 and 1")
+        return {}, None
     temperature, bias = fit_temperature_and_bias(before["validation"], split.labels[split.validation])
     _set_calibration(model, temperature, bias)
     after = {name: predict_probabilities(model, loaded.images[rows], spec) for name, rows in parts.items()}

@@ -56,29 +56,51 @@ def test_no_warning_where_the_source_says_nothing_and_a_model_with_one_is_not_pr
     assert decision[0] is False and "shortcut warning" in decision[1]
 
 
-def test_calibration_is_baked_in_and_the_threshold_uses_it(prefect_api, tmp_path):
-    dataset = str(tmp_path / "data")
-    write_phantom_dataset(dataset, per_class=20, size=96, seed=5, source="independent")
-    store = str(tmp_path / "models")
-    trained = train(TrainParameters(dataset_uri=dataset, model_store_uri=store, **SMALL))
-    calibration = trained.card.calibration
-    assert calibration["temperature"] > 0 and set(calibration["test"]) == {"ece_before", "ece_after", "brier_before",
-                                                                           "brier_after"}
-    model, card = registry.load_model(store)
-    # The saved model gives the calibrated probabilities: the card's threshold reproduces its test figures.
+def test_calibration_is_baked_into_the_saved_model_exactly(prefect_api):
+    """What calibrate_model records is what the model then computes: softmax(log p / T + b)."""
     import numpy as np
+    from prefect import flow
 
+    from model.calibration import apply_temperature_and_bias
+    from model.network import build_classifier
+    from model.preprocessing import Preprocessing
     from model.training import predict_probabilities
-    from tasks.loading import load_images
+    from tasks.clinical import calibrate_model
+    from tasks.datasets import LabelledImage
+    from tasks.train_steps import LabelledArrays, TrainingSplit
 
-    uris = sorted(storage.list_files(dataset, {".png"}))
-    images = np.stack([image.pixels for image in load_images(uris, card.spec())])
-    probabilities = predict_probabilities(model, images, card.spec())
-    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    uncalibrated = train(TrainParameters(dataset_uri=dataset, model_store_uri=str(tmp_path / "raw"), calibrate=False,
-                                         **SMALL))
-    assert uncalibrated.card.calibration == {}
-    assert uncalibrated.card.metrics["positive"]["auc"] == pytest.approx(card.metrics["positive"]["auc"], abs=1e-6)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+    labels = np.array([0, 1] * 30)
+    spec = Preprocessing(input_size=32)
+    model = build_classifier(2, 32, None, seed=1, head="linear", l2=1.0)
+    model.get_layer("head").get_layer("standardise").adapt(rng.normal(size=(60, 512)))
+    loaded = LabelledArrays(tuple(LabelledImage(f"/x/{i}.png", "covid" if y else "normal") for i, y in enumerate(labels)),
+                            images, ())
+    split = TrainingSplit(["non-covid", "covid"], "covid", labels, np.arange(0, 20), np.arange(20, 40), np.arange(40, 60))
+    before = predict_probabilities(model, images, spec)
+
+    @flow
+    def calibrate():
+        return calibrate_model(model, loaded, split, spec)
+
+    record, figure = calibrate()
+    assert figure.startswith(b"\x89PNG") and record["method"].startswith("temperature and class-bias")
+    after = predict_probabilities(model, images, spec)
+    expected = apply_temperature_and_bias(before, record["temperature"], np.array(record["bias"]))
+    assert np.allclose(after, expected, atol=1e-5)
+    assert record["validation"]["brier_after"] <= record["validation"]["brier_before"] + 1e-9
+    assert set(record["test"]) == {"ece_before", "ece_after", "brier_before", "brier_after"}
+
+
+def test_no_calibration_asked_means_none_recorded(prefect_api, tmp_path):
+    dataset = str(tmp_path / "data")
+    write_phantom_dataset(dataset, per_class=12, size=96, seed=5, source="independent")
+    trained = train(TrainParameters(dataset_uri=dataset, model_store_uri=str(tmp_path / "raw"), calibrate=False,
+                                    **SMALL))
+    assert trained.card.calibration == {}
+    assert "calibration.png" not in {storage.relative_to(u, trained.bundle_uri)
+                                     for u in storage.list_files(trained.bundle_uri)}
 
 
 def test_leave_out_and_balance_strata(prefect_api, tmp_path):
