@@ -39,12 +39,15 @@ class Settings(BaseSettings):
     project_dir: str = Field(str(PROJECT_DIR), description="Project folder the process workers run flows from.")
 
     def screen_parameters(self) -> ScreenParameters:
-        overrides = {"batch_size": self.screen_batch_size, "chunk_size": self.screen_chunk_size}
         return ScreenParameters(incoming_uri=self.incoming, results_uri=self.results, model_store_uri=self.model_store,
-                                **{k: v for k, v in overrides.items() if v is not None})
+                                **_given(batch_size=self.screen_batch_size, chunk_size=self.screen_chunk_size))
 
     def train_parameters(self) -> TrainParameters:
-        overrides = {"epochs": self.train_epochs, "fine_tune_epochs": self.train_fine_tune_epochs,
-                     "input_size": self.train_input_size}
         return TrainParameters(dataset_uri=self.dataset, model_store_uri=self.model_store, weights=self.weights,
-                               **{k: v for k, v in overrides.items() if v is not None})
+                               **_given(epochs=self.train_epochs, fine_tune_epochs=self.train_fine_tune_epochs,
+                                        input_size=self.train_input_size))
+
+
+def _given(**values) -> dict:
+    """The settings that are set; the rest take the flow's defaults."""
+    return {name: value for name, value in values.items() if value is not None}

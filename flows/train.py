@@ -46,8 +46,9 @@ def train(params: TrainParameters) -> TrainedModel:
     if weights_info["origin"] == "imagenet" and weights_info["sha256"] is None:
         weights_info = resolve_weights.fn("imagenet")[1]  # the download has happened by now
     calibration, reliability = calibrate_model(model, loaded, split, spec) if params.calibrate else ({}, None)
-    threshold, metrics = evaluate_model(model, loaded, split, spec, params.target_sensitivity)
-    validity, mean_cam = audit_model(model, loaded, split, spec, threshold, params.bootstrap, params.seed)
+    threshold, metrics, test_probabilities = evaluate_model(model, loaded, split, spec, params.target_sensitivity)
+    validity, mean_cam = audit_model(model, loaded, split, spec, threshold, test_probabilities, params.bootstrap,
+                                     params.seed)
 
     production = score_production(params.model_store_uri, loaded, split, spec)
     promoted, reason = registry.promotion_decision(

@@ -82,7 +82,8 @@ def calibrate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingS
 
 @task(cache_policy=NO_CACHE)
 def audit_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
-                threshold: float, n_resamples: int = 1000, seed: int = 0) -> tuple[dict, bytes]:
+                threshold: float, test_probabilities: np.ndarray, n_resamples: int = 1000,
+                seed: int = 0) -> tuple[dict, bytes]:
     """What the model learned, on the test split: metrics within metadata strata with patient-level
     bootstrap intervals and metadata-only baselines, the left-out level, the masked-lung audit and
     Grad-CAM's share inside the lungs. Returns the card's ``validity`` record and the mean Grad-CAM
@@ -91,7 +92,7 @@ def audit_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit
     positive = split.classes.index(split.positive)
     test = split.test
     truth = split.is_positive[test]
-    scores = predict_probabilities(model, loaded.images[test], spec)[:, positive]
+    scores = test_probabilities[:, positive]
     train_rows = np.concatenate([split.train, split.validation])
     record = audit(truth, scores, threshold,
                    {name: split.levels(name, test) for name in split.strata},
@@ -116,14 +117,7 @@ def audit_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit
                                   "the model reads something outside the lungs")
 
     if len(split.held_out):
-        variable, level = split.leave_out
-        held_truth = split.is_positive[split.held_out]
-        held_scores = predict_probabilities(model, loaded.images[split.held_out], spec)[:, positive]
-        sensitivity, specificity = sensitivity_specificity(held_truth, held_scores >= threshold)
-        record["left_out"] = {"variable": variable, "level": level, "images": int(len(split.held_out)),
-                              "positives": int(held_truth.sum()), "auc": _auc(held_truth, held_scores),
-                              "sensitivity": None if np.isnan(sensitivity) else sensitivity,
-                              "specificity": None if np.isnan(specificity) else specificity}
+        record["left_out"] = _held_out_metrics(model, loaded, split, spec, threshold)
 
     cams = grad_cam(model, loaded.images[test], spec, positive)
     shares = np.array([lung_share(cam) for cam in cams])
@@ -164,22 +158,29 @@ def audit_fold(loaded: LabelledArrays, variable: str, level: str, *, positive: s
         _require_both_classes(split)
         model, _, balance = fit_model.fn(split.training_data(loaded.images), spec, config, weights)
         split = split.balanced_by(balance) if balance else split
-        threshold, metrics = evaluate_model.fn(model, loaded, split, spec, target_sensitivity)
+        threshold, metrics, test_probabilities = evaluate_model.fn(model, loaded, split, spec, target_sensitivity)
     except (ValueError, DatasetError) as error:
         get_run_logger().warning("Cannot train without %s=%s: %s", variable, level, error)
         return {**row, "positives": None, "auc": None, "note": f"not trainable without it: {error}"}
-    index = split.classes.index(split.positive)
-    held_truth = split.is_positive[split.held_out]
-    held_scores = predict_probabilities(model, loaded.images[split.held_out], spec)[:, index]
-    sensitivity, specificity = sensitivity_specificity(held_truth, held_scores >= threshold)
-    test_scores = predict_probabilities(model, loaded.images[split.test], spec)[:, index]
-    return {**row, "positives": int(held_truth.sum()), "auc": _auc(held_truth, held_scores),
-            "sensitivity": None if np.isnan(sensitivity) else sensitivity,
-            "specificity": None if np.isnan(specificity) else specificity,
-            "flagged_share": float((held_scores >= threshold).mean()) if len(held_scores) else None,
-            "mean_probability": float(held_scores.mean()) if len(held_scores) else None,
+    test_scores = test_probabilities[:, split.classes.index(split.positive)]
+    return {**row, **_held_out_metrics(model, loaded, split, spec, threshold),
             "test_auc": metrics["positive"]["auc"], "test_within_auc": mean_within_auc(split, split.test, test_scores),
             "train_images": int(len(split.train)), "threshold": threshold, "balanced_by": split.balance, "note": ""}
+
+
+def _held_out_metrics(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
+                      threshold: float) -> dict:
+    """How the model does on the level left out of training: AUC where both classes are there,
+    sensitivity, specificity, share flagged and mean probability at the threshold."""
+    variable, level = split.leave_out
+    truth = split.is_positive[split.held_out]
+    scores = predict_probabilities(model, loaded.images[split.held_out], spec)[:, split.classes.index(split.positive)]
+    sensitivity, specificity = sensitivity_specificity(truth, scores >= threshold)
+    return {"variable": variable, "level": level, "images": int(len(split.held_out)), "positives": int(truth.sum()),
+            "auc": _auc(truth, scores), "sensitivity": None if np.isnan(sensitivity) else sensitivity,
+            "specificity": None if np.isnan(specificity) else specificity,
+            "flagged_share": float((scores >= threshold).mean()) if len(scores) else None,
+            "mean_probability": float(scores.mean()) if len(scores) else None}
 
 
 def _require_both_classes(split: TrainingSplit) -> None:

@@ -68,10 +68,6 @@ class Dataset:
     def class_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(item.label for item in self.items).items()))
 
-    @property
-    def metadata_columns(self) -> dict[str, list[str]]:
-        return metadata_columns(self.items)
-
 
 @dataclass(frozen=True)
 class Split:
