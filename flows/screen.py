@@ -36,7 +36,7 @@ def screen(params: ScreenParameters) -> RunSummary:
     run = RunSummary(new_run_id(), card.version, model_store_uri=storage.join(params.model_store_uri),
                      incoming_uri=storage.join(params.incoming_uri), flow_run_id=str(flow_run.get_id() or ""),
                      started_at=now())
-    run.recovered_runs = recover_abandoned_runs(results, run.run_id)
+    run.recovered_runs = recover_abandoned_runs(results, run.run_id, params.abandoned_after_minutes)
 
     inputs = find_inputs(params.incoming_uri, exclude=[results, params.model_store_uri])
     todo = not_yet_screened(results, card.version, inputs)

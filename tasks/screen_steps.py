@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from prefect import get_run_logger, task
 
@@ -50,7 +50,7 @@ def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard) ->
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
-def recover_abandoned_runs(results_uri: str, run_id: str) -> list[str]:
+def recover_abandoned_runs(results_uri: str, run_id: str, after_minutes: float = 30.0) -> list[str]:
     """Writes the outputs of runs that died without writing them (their leases went stale).
 
     Their rows are in the ledger already, so no input is screened twice; this only makes them
@@ -59,7 +59,7 @@ def recover_abandoned_runs(results_uri: str, run_id: str) -> list[str]:
     """
     logger = get_run_logger()
     recovered = []
-    for dead in runs.abandoned_runs(results_uri):
+    for dead in runs.abandoned_runs(results_uri, timedelta(minutes=after_minutes)):
         try:
             card = registry.load_card(dead.model_store_uri, dead.model_version)
         except Exception as error:  # noqa: BLE001 - one unreadable model must not stop tonight's run
