@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 
 from flows.parameters import ScreenParameters
 from tasks import runs, storage
+from tasks.loading import InputLimits
 from tasks.results import RunSummary
 from tasks.screen_steps import new_run_id, not_yet_screened, now, recover_abandoned_runs, resolve_model, write_run_outputs
 from tasks.screening import chunked, find_inputs, screen_chunk
@@ -46,13 +47,14 @@ def screen(params: ScreenParameters) -> RunSummary:
     logger.info("Model %s; %d images found under %s, %d already screened by this model, %d to screen now",
                 card.version, len(inputs), params.incoming_uri, run.already_screened, len(todo))
 
+    limits = InputLimits(params.max_file_bytes, params.decode_timeout_seconds, within=run.incoming_uri)
     progress = create_progress_artifact(0.0, key="screening-progress", description=f"Screening run {run.run_id}")
     runs.open_run(results, run)  # from the first claim on, a lease says this run is alive
     screened = 0
     try:
         for number, uris in enumerate(chunked(todo, params.chunk_size)):
             result = screen_chunk(number, uris, params.model_store_uri, card.version, results, run.run_id,
-                                  params.batch_size, params.explain)
+                                  params.batch_size, params.explain, limits)
             screened += len(uris)
             run.claimed_by_other_runs += result.already_done
             run.vanished += len(result.vanished)

@@ -1,4 +1,10 @@
-"""Read, hash, decode and resize images in parallel; bad files are set aside with their reason."""
+"""Read, hash, decode and resize images in parallel; bad files are set aside with their reason.
+
+Inputs are untrusted: reading refuses what is not a regular file, links out of the tree and files
+over the size limit (``tasks.storage``), and decoding runs in killable worker processes with a
+memory ceiling and a deadline (``tasks.sandbox``). Whatever is wrong with one input becomes its
+reason; only storage faults that may pass (S3 5xx, throttling, resets) are raised, for a retry.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.preprocessing import Preprocessing, resize
+from model.preprocessing import Preprocessing
 from tasks import storage
-from tasks.images import ImageDecodeError, decode_image
+from tasks.sandbox import decode_isolated
 
-__all__ = ["LoadedImage", "load_image", "load_images"]
+__all__ = ["InputLimits", "LoadedImage", "load_image", "load_images"]
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one input may cost; the defaults are ``ScreenParameters``'."""
+
+    max_file_bytes: int = 128 * 1024 * 1024
+    decode_timeout_seconds: float = 60.0
+    within: str | None = None  # local links may not lead outside this folder
 
 
 @dataclass(frozen=True)
@@ -24,14 +39,20 @@ class LoadedImage:
     reason: str | None = None  # why it was rejected
 
 
-def load_image(uri: str, spec: Preprocessing) -> LoadedImage:
-    """One image, ready for ``model.preprocessing.scale``; never raises for a bad image."""
-    data = storage.read_bytes(uri)
-    digest = hashlib.sha256(data).hexdigest()
+def load_image(uri: str, spec: Preprocessing, limits: InputLimits = InputLimits()) -> LoadedImage:
+    """One image, ready for ``model.preprocessing.scale``; never raises for a bad image.
+
+    Raises ``storage.NotFound`` for an input gone since it was listed, and storage errors that
+    may pass on a retry.
+    """
     try:
-        return LoadedImage(uri, digest, resize(decode_image(data, uri), spec))
-    except ImageDecodeError as error:
-        return LoadedImage(uri, digest, None, error.reason)
+        data = storage.read_bytes(uri, max_bytes=limits.max_file_bytes, within=limits.within)
+    except storage.Unreadable as error:
+        return LoadedImage(uri, None, None, error.reason)
+    digest = hashlib.sha256(data).hexdigest()
+    decoded = decode_isolated(data, uri, spec.input_size, limits.decode_timeout_seconds)
+    del data
+    return LoadedImage(uri, digest, decoded.pixels, decoded.reason)
 
 
 def load_images(
@@ -39,11 +60,12 @@ def load_images(
     spec: Preprocessing,
     workers: int = 8,
     on_done: Callable[[], None] | None = None,
+    limits: InputLimits = InputLimits(),
 ) -> list[LoadedImage]:
     """``load_image`` for each URI, in order, on a thread pool (OpenCV and I/O release the GIL)."""
 
     def load(uri: str) -> LoadedImage:
-        loaded = load_image(uri, spec)
+        loaded = load_image(uri, spec, limits)
         if on_done is not None:
             on_done()
         return loaded

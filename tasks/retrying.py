@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from model.bundle import BundleError
 from model.network import WeightsUnavailable
-from tasks.storage import AccessDenied, NotAFolder, NotFound
+from tasks.storage import AccessDenied, NoSpace, NotAFolder, NotFound, Unreadable
 
 __all__ = ["DETERMINISTIC", "transient_only"]
 
 # ValueError covers BundleError, DatasetError, unsupported schemes and bad parameters.
-DETERMINISTIC = (ValueError, TypeError, KeyError, NotFound, AccessDenied, NotAFolder, BundleError, WeightsUnavailable)
+DETERMINISTIC = (ValueError, TypeError, KeyError, NotFound, AccessDenied, NotAFolder, Unreadable, NoSpace, BundleError,
+                 WeightsUnavailable)
 
 
 def transient_only(task, task_run, state) -> bool:

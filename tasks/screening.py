@@ -31,7 +31,7 @@ from model.training import predict_probabilities
 from tasks.retrying import transient_only
 from tasks import ledger, registry, runs, storage
 from tasks.images import IMAGE_SUFFIXES, is_dicom
-from tasks.loading import LoadedImage, load_image
+from tasks.loading import InputLimits, LoadedImage, load_image
 from tasks.results import PredictionRow, ResultsLayout
 
 __all__ = ["ChunkResult", "chunked", "find_inputs", "screen_chunk", "screen_images"]
@@ -42,7 +42,10 @@ _NOT_IMAGES = {".csv", ".json", ".jsonl", ".txt", ".md", ".html", ".htm", ".log"
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
 def find_inputs(incoming_uri: str, exclude: Sequence[str] = ()) -> list[str]:
-    """Images under ``incoming_uri`` (by suffix, or DICOM by preamble), sorted.
+    """What gets a row: every entry under ``incoming_uri`` named like an image, whatever it is, and
+    of the rest (``.csv``, ``.json`` and the like aside) regular files that carry the DICOM preamble
+    and entries that cannot be read as a regular file (a FIFO, a broken link, a folder that cannot
+    be listed), so that an operator sees them. Sorted.
 
     Locations in ``exclude`` (the results and the model store, when they lie inside the incoming
     location) are left out, so the system never screens its own outputs.
@@ -55,8 +58,14 @@ def find_inputs(incoming_uri: str, exclude: Sequence[str] = ()) -> list[str]:
         suffix = PurePosixPath(uri).suffix.lower()
         if suffix in IMAGE_SUFFIXES:
             found.append(uri)
-        elif suffix not in _NOT_IMAGES and is_dicom(storage.read_bytes(uri, length=132)):
-            found.append(uri)
+        elif suffix not in _NOT_IMAGES:
+            try:
+                if is_dicom(storage.read_bytes(uri, length=132, within=incoming_uri)):
+                    found.append(uri)
+            except storage.Unreadable:
+                found.append(uri)  # its row will say why
+            except storage.NotFound:
+                continue  # gone since the listing
     return found
 
 
@@ -88,9 +97,9 @@ def _thumbnail(pixels: np.ndarray, side: int = 160) -> str:
     return base64.b64encode(jpeg.tobytes()).decode() if ok else ""
 
 
-def _load_or_vanish(uri: str, spec) -> LoadedImage | str:
+def _load_or_vanish(uri: str, spec, limits: InputLimits) -> LoadedImage | str:
     try:
-        return load_image(uri, spec)
+        return load_image(uri, spec, limits)
     except storage.NotFound:
         return uri  # deleted or moved since listing: not ours to record; a later run will see
 
@@ -105,7 +114,7 @@ def _now() -> str:
 
 def screen_images(
     uris: Sequence[str], model: keras.Model, card: ModelCard, batch_size: int = 16, workers: int = 4,
-    explain: str = "flagged",
+    explain: str = "flagged", limits: InputLimits = InputLimits(),
 ) -> Iterator[PredictionRow | str]:
     """Rows for ``uris``, or the URI of a vanished input. Flagged rows carry a thumbnail.
 
@@ -137,7 +146,7 @@ def screen_images(
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         batch: list[LoadedImage] = []
-        for loaded in pool.map(lambda uri: _load_or_vanish(uri, spec), uris):
+        for loaded in pool.map(lambda uri: _load_or_vanish(uri, spec, limits), uris):
             if isinstance(loaded, str):
                 yield loaded
             elif loaded.pixels is None:
@@ -174,6 +183,7 @@ def screen_chunk(
     run_id: str,
     batch_size: int = 16,
     explain: str = "flagged",
+    limits: InputLimits = InputLimits(),
 ) -> ChunkResult:
     """Screen ``uris``, claim each row in the ledger, and write this run's rows as one part file."""
     logger = get_run_logger()
@@ -186,7 +196,7 @@ def screen_chunk(
     mine: list[PredictionRow] = []
     renewed = time.monotonic()
     try:
-        for produced in screen_images(uris, model, card, batch_size, explain=explain):
+        for produced in screen_images(uris, model, card, batch_size, explain=explain, limits=limits):
             if time.monotonic() - renewed > RENEW_EVERY_SECONDS:
                 _keep_alive(results_uri, run_id, logger)
                 renewed = time.monotonic()

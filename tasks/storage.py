@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -21,8 +22,10 @@ from urllib.parse import unquote, urlsplit
 __all__ = [
     "AccessDenied",
     "NotAFolder",
+    "NoSpace",
     "NotFound",
     "StorageError",
+    "Unreadable",
     "create_if_absent",
     "delete",
     "exists",
@@ -54,6 +57,15 @@ class AccessDenied(StorageError, PermissionError):
 
 class NotAFolder(StorageError, NotADirectoryError):
     """A folder was expected and a file was found."""
+
+
+class Unreadable(StorageError):
+    """This one file cannot be read, and retrying will not change that: not a regular file, a broken
+    or escaping link, over the size limit, permission denied, archived. An input's rejected row."""
+
+
+class NoSpace(StorageError):
+    """The file system is full (or over a quota): nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -213,45 +225,143 @@ def _list_s3(uri: str, location: _S3Location) -> Iterator[str]:
 
 
 def _list_local(uri: str, root: Path) -> Iterator[str]:
+    """Every entry that is not a folder, found without following links or opening anything (a FIFO
+    opened to peek would hang). Links to folders are not descended into; a sub-folder that cannot be
+    listed is yielded itself, so that the caller can say so (reading it raises ``Unreadable``)."""
     if not root.exists():
         raise NotFound(uri, "no such folder")
     if not root.is_dir():
         raise NotAFolder(uri, "not a folder")
+    found: list[str] = []
 
-    def on_error(error: OSError) -> None:
-        if isinstance(error, PermissionError):
-            raise AccessDenied(str(error.filename), "permission denied") from error
-        raise StorageError(str(error.filename), error.strerror or str(error)) from error
+    def walk(folder: str) -> None:
+        try:
+            with os.scandir(folder) as entries:
+                listed = sorted(entries, key=lambda entry: entry.name)
+        except PermissionError as error:
+            if folder == str(root):
+                raise AccessDenied(uri, "permission denied") from error
+            found.append(folder)
+            return
+        except OSError as error:
+            if folder == str(root):
+                raise StorageError(uri, error.strerror or str(error)) from error
+            found.append(folder)
+            return
+        for entry in listed:
+            if entry.is_dir(follow_symlinks=False):
+                walk(entry.path)
+            else:
+                found.append(entry.path)
 
-    found = []
-    for folder, subfolders, files in os.walk(root, onerror=on_error):
-        subfolders.sort()
-        found.extend(os.path.join(folder, name) for name in files)
+    walk(str(root))
     yield from sorted(found)
 
 
-def read_bytes(uri: str, length: int | None = None) -> bytes:
-    """The file's content, or only its first ``length`` bytes (one ranged GET on S3)."""
+def read_bytes(uri: str, length: int | None = None, *, max_bytes: int | None = None,
+               within: str | None = None) -> bytes:
+    """The file's content, or only its first ``length`` bytes (one ranged GET on S3).
+
+    For inputs that nobody vouches for: ``max_bytes`` refuses a larger file from its size (stat, or
+    the GET's Content-Length) before reading it; ``within`` refuses a local link that leads outside
+    that folder. Only regular files are ever opened, so a FIFO or a device cannot hang or flood the
+    reader. Such refusals raise ``Unreadable``.
+    """
     location = _parse(uri)
     if isinstance(location, _S3Location):
-        extra = {"Range": f"bytes=0-{length - 1}"} if length else {}
-        try:
-            return _s3_call(uri, "get_object", Bucket=location.bucket, Key=location.key, **extra)["Body"].read()
-        except StorageError as error:
-            if length and "InvalidRange" in error.reason:  # an empty object has no byte 0
-                return b""
-            raise
+        return _read_s3(uri, location, length, max_bytes)
+    return _read_local(uri, location, length, max_bytes, within)
+
+
+def _read_s3(uri: str, location: _S3Location, length: int | None, max_bytes: int | None) -> bytes:
+    extra = {"Range": f"bytes=0-{length - 1}"} if length else {}
     try:
-        if length is not None:
-            with open(location, "rb") as handle:
-                return handle.read(length)
-        return location.read_bytes()
+        response = _s3_call(uri, "get_object", Bucket=location.bucket, Key=location.key, **extra)
+    except StorageError as error:
+        if length and "InvalidRange" in error.reason:  # an empty object has no byte 0
+            return b""
+        if "InvalidObjectState" in error.reason:
+            raise Unreadable(uri, "archived object (Glacier or Deep Archive): restore it to screen it") from error
+        raise
+    body = response["Body"]
+    try:
+        if max_bytes is not None and not length and int(response.get("ContentLength") or 0) > max_bytes:
+            raise Unreadable(uri, _too_large(int(response["ContentLength"]), max_bytes))
+        data = body.read(None if max_bytes is None or length else max_bytes + 1)
+    finally:
+        body.close()
+    if max_bytes is not None and not length and len(data) > max_bytes:
+        raise Unreadable(uri, _too_large(len(data), max_bytes))
+    return data
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"file too large: {size:,} bytes, over the limit of {limit:,} (max_file_bytes)"
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
+
+
+def _read_local(uri: str, path: Path, length: int | None, max_bytes: int | None, within: str | None) -> bytes:
+    try:
+        if os.path.islink(path):
+            path = _follow(uri, path, within)
+        info = os.stat(path)
+        _check_regular(uri, info, max_bytes if length is None else None)
+        # O_NONBLOCK: should a FIFO replace the file after the check, open() and read() return at once.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError as error:
         raise NotFound(uri, "no such file") from error
-    except IsADirectoryError as error:
-        raise StorageError(uri, "is a folder, not a file") from error
     except PermissionError as error:
-        raise AccessDenied(uri, "permission denied") from error
+        raise Unreadable(uri, "permission denied") from error
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise Unreadable(uri, "replaced by a link while being read: not followed") from error
+        raise Unreadable(uri, f"cannot be read: {error.strerror or error}") from error
+    with os.fdopen(descriptor, "rb") as handle:
+        opened = os.fstat(handle.fileno())
+        if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+            raise Unreadable(uri, "replaced while being read")
+        _check_regular(uri, opened, max_bytes if length is None else None)
+        try:
+            if length is not None:
+                return handle.read(length)
+            # One byte over the limit tells a file that grew after the check.
+            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+        except OSError as error:
+            raise Unreadable(uri, f"read error: {error.strerror or error}") from error
+    if max_bytes is not None and len(data) > max_bytes:
+        raise Unreadable(uri, _too_large(len(data), max_bytes))
+    return data
+
+
+def _follow(uri: str, path: Path, within: str | None) -> Path:
+    try:
+        target = Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:
+        raise Unreadable(uri, "broken link: its target does not exist") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise Unreadable(uri, "broken link: a loop of symbolic links") from None
+        raise Unreadable(uri, f"broken link: {error.strerror or error}") from None
+    if within is not None:
+        root = Path(os.path.realpath(_parse(within)))
+        if target != root and root not in target.parents:
+            raise Unreadable(uri, "link leads outside the incoming folder: not followed")
+    return target
+
+
+def _check_regular(uri: str, info: os.stat_result, max_bytes: int | None) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        # Listing yields a sub-folder only when it could not list it.
+        listable = os.access(_parse(uri), os.R_OK | os.X_OK)
+        raise Unreadable(uri, "a folder, not a file" if listable else "a folder that cannot be listed: permission denied")
+    if not stat.S_ISREG(info.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a file")
+        raise Unreadable(uri, f"not a regular file: {kind}")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise Unreadable(uri, _too_large(info.st_size, max_bytes))
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -263,9 +373,9 @@ def write_bytes(uri: str, data: bytes) -> None:
     temporary = _write_temporary(uri, location, data)
     try:
         os.replace(temporary, location)
-    except OSError:
+    except OSError as error:
         os.unlink(temporary)
-        raise
+        raise _write_error(uri, error) from error
 
 
 def create_if_absent(uri: str, data: bytes) -> bool:
@@ -309,8 +419,12 @@ def _create_exclusive(uri: str, location: Path, data: bytes) -> bool:
         descriptor = os.open(location, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+    except OSError as error:
+        os.unlink(location)  # a half-written claim would stand for ever
+        raise _write_error(uri, error) from error
     return True
 
 
@@ -322,12 +436,24 @@ def _write_temporary(uri: str, location: Path, data: bytes) -> str:
         raise NotAFolder(uri, f"{error.filename} is a file, not a folder") from error
     except PermissionError as error:
         raise AccessDenied(uri, "permission denied") from error
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(temporary, 0o644)
+    except OSError as error:
+        raise _write_error(uri, error) from error
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)
+    except OSError as error:
+        os.unlink(temporary)  # a full disk must not also fill up with halves of files
+        raise _write_error(uri, error) from error
     return temporary
+
+
+def _write_error(uri: str, error: OSError) -> StorageError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return NoSpace(uri, f"cannot write: {os.strerror(error.errno)}; nothing was written")
+    return StorageError(uri, f"cannot write: {error.strerror or error}")
 
 
 def exists(uri: str) -> bool:

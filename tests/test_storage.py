@@ -150,7 +150,7 @@ def test_access_denied_is_reported(tmp_path):
     locked = tmp_path / "locked.bin"
     locked.write_bytes(b"x")
     locked.chmod(0)
-    with pytest.raises(storage.AccessDenied):
+    with pytest.raises(storage.Unreadable, match="permission denied"):
         storage.read_bytes(str(locked))
 
 

@@ -1,0 +1,221 @@
+"""Decoding untrusted files in worker processes that can be killed.
+
+A decoder that hangs on a crafted file, or allocates until the machine swaps, cannot be stopped
+from inside a thread. Each input is therefore decoded (and resized) in a small worker process
+with a memory ceiling (``RLIMIT_DATA``) and a deadline: an input that overruns either costs its
+own rejected row and a fresh worker, never the run. Workers import only NumPy, OpenCV, Pillow and
+pydicom (no TensorFlow, no Prefect), start in about half a second, are reused for every input of
+the process, and exit when their parent does, even after a SIGKILL (their pipe closes).
+
+Run as ``python -m tasks.sandbox READ_FD WRITE_FD DATA_LIMIT``: that is a worker.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+__all__ = ["DEFAULT_MEMORY_BYTES", "Decoded", "DecoderPool", "decode_isolated"]
+
+# Headroom over a worker's own footprint: the largest file we read (128 MB by default) plus the
+# decoded-size budget of tasks.images and the copies made while converting and resizing.
+DEFAULT_MEMORY_BYTES = 768 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Decoded:
+    pixels: object | None  # (input_size, input_size, 3) uint8, or None when rejected
+    reason: str | None = None
+
+
+class DecoderPool:
+    """``size`` worker processes shared by any number of threads; ``decode`` blocks for a free one."""
+
+    def __init__(self, size: int, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
+        self.memory_bytes = memory_bytes
+        self._idle: queue.LifoQueue[_Worker | None] = queue.LifoQueue()
+        for _ in range(size):
+            self._idle.put(None)  # started on first use
+        self._lock = threading.Lock()
+        self._workers: set[_Worker] = set()
+        self.size = size
+
+    def decode(self, data: bytes, uri: str, input_size: int, timeout: float) -> Decoded:
+        worker = self._idle.get()
+        try:
+            if worker is None or not worker.alive():
+                worker = self._start()
+            decoded, healthy = worker.decode(data, uri, input_size, timeout)
+            if not healthy:
+                self._stop(worker)
+                worker = None
+            return decoded
+        finally:
+            self._idle.put(worker)
+
+    def close(self) -> None:
+        with self._lock:
+            workers, self._workers = list(self._workers), set()
+        for worker in workers:
+            worker.stop()
+
+    def _start(self) -> _Worker:
+        worker = _Worker(self.memory_bytes)
+        with self._lock:
+            self._workers.add(worker)
+        return worker
+
+    def _stop(self, worker: _Worker) -> None:
+        with self._lock:
+            self._workers.discard(worker)
+        worker.stop()
+
+
+class _Worker:
+    def __init__(self, memory_bytes: int) -> None:
+        to_child_read, to_child_write = os.pipe()
+        from_child_read, from_child_write = os.pipe()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tasks.sandbox", str(to_child_read), str(from_child_write), str(memory_bytes)],
+            pass_fds=(to_child_read, from_child_write), env=env, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C meant for the run is handled by the run, not by every worker
+        )
+        os.close(to_child_read)
+        os.close(from_child_write)
+        self.requests = Connection(to_child_write, readable=False)
+        self.replies = Connection(from_child_read, writable=False)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def decode(self, data: bytes, uri: str, input_size: int, timeout: float) -> tuple[Decoded, bool]:
+        """The outcome, and whether this worker may be used again."""
+        import numpy as np
+
+        try:
+            self.requests.send_bytes(json.dumps({"uri": uri, "input_size": input_size}).encode("utf-8", "surrogatepass"))
+            self.requests.send_bytes(data)
+            if not self.replies.poll(timeout):
+                return Decoded(None, f"decoding took longer than {timeout:g} s (decode_timeout_seconds): stopped"), False
+            header = json.loads(self.replies.recv_bytes())
+            if header["status"] == "ok":
+                pixels = np.frombuffer(self.replies.recv_bytes(), np.uint8).reshape(header["shape"])
+                return Decoded(pixels), True
+            return Decoded(None, header["reason"]), not header.get("recycle", False)
+        except (EOFError, OSError):
+            return Decoded(None, self._death()), False
+
+    def _death(self) -> str:
+        try:
+            code = self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "the decoder stopped answering: stopped"
+        if code < 0 and -code in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
+            name = signal.Signals(-code).name
+            return f"the decoder crashed on this file ({name}; out of its memory budget or a decoder fault)"
+        return f"the decoder crashed on this file (exit status {code})"
+
+    def stop(self) -> None:
+        for connection in (self.requests, self.replies):
+            try:
+                connection.close()
+            except OSError:
+                pass
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+_pool: DecoderPool | None = None
+_pool_lock = threading.Lock()
+
+
+def _shared_pool() -> DecoderPool:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = DecoderPool(size=max(1, min(4, os.cpu_count() or 1)))
+            atexit.register(_pool.close)
+        return _pool
+
+
+def decode_isolated(data: bytes, uri: str, input_size: int, timeout: float) -> Decoded:
+    """Decode ``data`` and resize it to ``input_size`` in a worker process of this process' pool."""
+    return _shared_pool().decode(data, uri, input_size, timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker
+
+
+def _serve(read_fd: int, write_fd: int, memory_bytes: int) -> None:
+    import resource
+
+    import cv2
+    import numpy as np
+
+    from model.preprocessing import Preprocessing, resize
+    from tasks.images import ImageDecodeError, decode_image
+
+    cv2.setNumThreads(1)  # parallelism comes from the number of workers
+    requests, replies = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    _exit_with_parent()
+    # From here on every allocation counts against the ceiling; the imports above do not.
+    used = _data_segment_bytes()
+    resource.setrlimit(resource.RLIMIT_DATA, (used + memory_bytes, used + memory_bytes))
+    while True:
+        try:
+            request = json.loads(requests.recv_bytes().decode("utf-8", "surrogatepass"))
+            data = requests.recv_bytes()
+        except (EOFError, OSError):
+            return
+        uri = request["uri"]
+        try:
+            pixels = resize(decode_image(data, uri), Preprocessing(input_size=request["input_size"]))
+            header, body = {"status": "ok", "shape": list(pixels.shape)}, np.ascontiguousarray(pixels).tobytes()
+        except ImageDecodeError as error:
+            header, body = {"status": "rejected", "reason": error.reason}, None
+        except MemoryError:
+            header, body = {"status": "rejected", "recycle": True,
+                            "reason": "decoding needs more memory than a worker may use: not decoded"}, None
+        except Exception as error:  # noqa: BLE001 - a decoder bug on one file must cost only that file
+            header, body = {"status": "rejected", "recycle": True,
+                            "reason": f"the decoder failed on this file ({type(error).__name__})"}, None
+        del data
+        replies.send_bytes(json.dumps(header).encode())
+        if body is not None:
+            replies.send_bytes(body)
+
+
+def _data_segment_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _exit_with_parent() -> None:
+    """A worker busy decoding does not read its pipe, so it also watches for its parent's end."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(0)
+            threading.Event().wait(1.0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
