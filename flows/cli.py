@@ -20,6 +20,8 @@ from rich.markup import escape  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+# lifeline.arm() before a flow: Prefect's temporary server must not outlive a killed command.
+from flows import lifeline  # noqa: E402
 from flows.parameters import AuditParameters, ScreenParameters, TrainParameters  # noqa: E402
 
 app = typer.Typer(
@@ -137,6 +139,7 @@ def train(
                         strata=None if strata is None else [name.strip() for name in strata.split(",") if name.strip()],
                         balance_strata=balance_strata, mixed_strata_only=mixed_strata_only, leave_out=leave_out,
                         calibrate=calibrate, head=head, bootstrap=bootstrap)
+    lifeline.arm()
     from flows.train import train as train_flow
 
     with _clean_errors():
@@ -177,6 +180,7 @@ def screen(
     params = _validated(ScreenParameters, incoming_uri=incoming_uri, results_uri=results, model_store_uri=model_store,
                         model_version=model_version, batch_size=batch_size, chunk_size=chunk_size, limit=limit,
                         explain=explain)
+    lifeline.arm()
     from flows import screen as screening
 
     with _clean_errors(), Progress(console=console) as progress:
@@ -217,6 +221,7 @@ def audit(
     params = _validated(AuditParameters, dataset_uri=dataset_uri, by=by, output_uri=output, epochs=epochs,
                         input_size=input_size, weights=weights, augment_draws=augment_draws, batch_size=batch_size,
                         seed=seed, positive=positive)
+    lifeline.arm()
     from flows.audit import audit as audit_flow
 
     with _clean_errors():
@@ -241,6 +246,7 @@ def demo(
     workdir: str = typer.Option("demo-run", help="Where the demo writes its data, models and results."),
 ) -> None:
     """Train on synthetic chest phantoms and screen new ones: no data, server or internet needed."""
+    lifeline.arm()
     from flows.demo import demo as demo_flow
 
     with _clean_errors():

@@ -1,0 +1,193 @@
+"""A `cxr-screen` command leaves no process behind: not when it ends, not when it is killed with SIGKILL.
+
+Real processes: the command line starts Prefect's temporary API server (no PREFECT_API_URL, its own
+PREFECT_HOME); the killed run is held up on an S3 endpoint that accepts connections and never answers,
+as a stalled storage would, so that the kill lands while the server is up and in use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flows.lifeline import MARK
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")]
+
+SERVER_START_SECONDS = 240  # a first start migrates a new database; slow on a busy 2-core machine
+CLEANUP_SECONDS = 15
+
+
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    started: int  # clock ticks after boot: a pid reused by a later process has another value
+    command: list[str]
+
+    def alive(self) -> bool:
+        found = _stat(self.pid)
+        return found is not None and found[1] == self.started and found[2] != "Z"
+
+    def environment(self) -> dict[str, str]:
+        try:
+            raw = Path(f"/proc/{self.pid}/environ").read_bytes()
+        except OSError:
+            return {}
+        return dict(entry.decode(errors="replace").partition("=")[::2] for entry in raw.split(b"\0") if entry)
+
+
+def _stat(pid: int) -> tuple[int, int, str] | None:
+    """(parent pid, start time, state) of a process, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the command name before it may hold spaces
+    return int(fields[1]), int(fields[19]), fields[0]
+
+
+def children(parent: int) -> list[Process]:
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        stat = _stat(int(name))
+        if stat is None or stat[0] != parent:
+            continue
+        try:
+            command = Path(f"/proc/{name}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        found.append(Process(int(name), stat[1], command))
+    return found
+
+
+def carrying(token: str) -> list[int]:
+    """Pids of the processes whose environment carries a command line's lifeline token."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and token in Process(int(name), 0, []).environment().get(MARK, "").split():
+            pids.append(int(name))
+    return pids
+
+
+def answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def server_port(server: Process) -> int:
+    return int(server.command[server.command.index("--port") + 1])
+
+
+def command_environment(tmp_path: Path, **extra: str) -> dict[str, str]:
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith(("PREFECT_API_", "AWS_")) and name != MARK}
+    environment.update(PREFECT_HOME=str(tmp_path / "prefect-home"), **extra)
+    return environment
+
+
+def cxr_screen() -> str:
+    found = shutil.which("cxr-screen", path=str(Path(sys.executable).parent))
+    assert found, "the cxr-screen entry point is not installed in this environment"
+    return found
+
+
+@pytest.fixture
+def stalled_s3():
+    """An S3 endpoint that accepts connections (the kernel does) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_sigkill_of_the_command_line_takes_its_prefect_server_with_it(tmp_path, stalled_s3):
+    environment = command_environment(tmp_path, AWS_ENDPOINT_URL=stalled_s3, AWS_ACCESS_KEY_ID="testing",
+                                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    log = tmp_path / "cli.log"
+    with open(log, "wb") as output:
+        command = subprocess.Popen([cxr_screen(), "screen", "s3://stalled/incoming", "--results",
+                                    str(tmp_path / "results"), "--model-store", "s3://stalled/models"],
+                                   env=environment, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        server = None
+        while server is None or not answers(server_port(server)):
+            assert command.poll() is None, f"the command ended before the test could kill it:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no temporary Prefect server answered:\n{log.read_text()}"
+            time.sleep(0.2)
+            server = next((p for p in children(command.pid) if any("uvicorn" in word for word in p.command)), None)
+        started = children(command.pid)
+        token = server.environment()[MARK]
+        port = server_port(server)
+        time.sleep(1.0)  # let the flow reach the stalled storage: the server is in use, not just up
+        assert command.poll() is None and answers(port)
+
+        command.send_signal(signal.SIGKILL)
+        command.wait()
+        killed_at = time.monotonic()
+        while server.alive() or port_open(port):
+            assert time.monotonic() - killed_at < CLEANUP_SECONDS, (
+                f"the temporary server (pid {server.pid}) still runs {CLEANUP_SECONDS} s after the kill")
+            time.sleep(0.05)
+        print(f"server gone and port {port} closed {time.monotonic() - killed_at:.2f} s after SIGKILL")
+        while any(process.alive() for process in started):  # the watchdog too, once its work is done
+            assert time.monotonic() - killed_at < CLEANUP_SECONDS, [p for p in started if p.alive()]
+            time.sleep(0.05)
+        assert carrying(token) == []
+        assert "ended and left 1 process(es) running" in log.read_text()  # the watchdog said what it stopped
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+
+
+def test_a_command_that_ends_leaves_nothing_running(tmp_path):
+    """It ends with an error (there is no model), after its temporary server has served a flow run."""
+    log = tmp_path / "cli.log"
+    with open(log, "wb") as output:
+        command = subprocess.Popen([cxr_screen(), "screen", str(tmp_path / "incoming"), "--results",
+                                    str(tmp_path / "results"), "--model-store", str(tmp_path / "no-models")],
+                                   env=command_environment(tmp_path), stdout=output, stderr=subprocess.STDOUT)
+    seen: dict[int, Process] = {}
+    tokens: set[str] = set()
+    deadline = time.monotonic() + SERVER_START_SECONDS
+    while command.poll() is None:
+        assert time.monotonic() < deadline, log.read_text()
+        for process in children(command.pid):
+            seen.setdefault(process.pid, process)
+            tokens.update(process.environment().get(MARK, "").split())
+        time.sleep(0.02)
+    ended_at = time.monotonic()
+    assert command.returncode == 2, log.read_text()
+    servers = [p for p in seen.values() if any("uvicorn" in word for word in p.command)]
+    assert servers, f"no temporary server was started, so this proves nothing:\n{log.read_text()}"
+    assert tokens, "the server did not carry the command line's lifeline token"
+    while any(process.alive() for process in seen.values()):
+        assert time.monotonic() - ended_at < 10, [p for p in seen.values() if p.alive()]
+        time.sleep(0.05)
+    print(f"all {len(seen)} child process(es) gone {time.monotonic() - ended_at:.2f} s after the command ended")
+    assert all(carrying(token) == [] for token in tokens)
+    assert "ended and left" not in log.read_text()  # Prefect stopped its server itself: the watchdog had nothing to do
