@@ -13,7 +13,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from model.bundle import ModelCard, model_to_bytes, software_versions
+from model.bundle import ModelCard, file_digests, model_to_bytes, software_versions
 from model.plots import confusion_png, curves_png, roc_png
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
@@ -52,7 +52,7 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
                 loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing, config: TrainingConfig,
                 weights: dict, test_fraction: float, promotion: dict, validity: dict, calibration: dict,
                 figures: dict[str, bytes | None]) -> tuple[ModelCard, dict[str, bytes]]:
-    """The card and every file of the bundle, as bytes."""
+    """The card and every other file of the bundle, as bytes; the card lists their sha256."""
     model_bytes = model_to_bytes(model)
     card = ModelCard(
         version=registry.new_version(), classes=split.classes, positive_class=split.positive, threshold=threshold,
@@ -81,6 +81,7 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
         **{name: figure for name, figure in figures.items() if figure is not None},
         "card.md": card_markdown(card).encode(),
     }
+    card.files = file_digests(files)  # card.json vouches for every other file (tasks/registry.py)
     return card, files
 
 

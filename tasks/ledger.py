@@ -2,7 +2,8 @@
 
 An entry (``ResultsLayout.ledger_entry``) is created with create-if-absent once its prediction is
 known, so whichever run claims an input first owns its row; any other run (a rerun, a concurrent
-run) skips it or drops its own copy. Entries are never changed or deleted.
+run) skips it or drops its own copy. Entries are never changed or deleted. An entry read back is
+checked (``read_entry``): it must be a valid row of this input and model version.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from tasks import storage
 from tasks.results import PredictionRow, ResultsLayout
 
-__all__ = ["claim", "done_keys", "read_entry"]
+__all__ = ["LedgerError", "claim", "done_keys", "read_entry"]
 
 
 def done_keys(results_uri: str, model_version: str) -> set[str]:
@@ -29,6 +30,20 @@ def claim(results_uri: str, row: PredictionRow) -> bool:
     return storage.create_if_absent(uri, json.dumps(row.to_record(), sort_keys=True).encode())
 
 
+class LedgerError(ValueError):
+    """A ledger entry that is not what this code wrote: its row cannot be trusted or used."""
+
+
 def read_entry(results_uri: str, model_version: str, image_uri: str, classes: list[str]) -> PredictionRow:
+    """The row recorded for ``image_uri``; LedgerError, naming the entry, for one that is damaged or
+    belongs elsewhere (another input or model version: a copied or forged file)."""
     uri = ResultsLayout(results_uri).ledger_entry(model_version, image_uri)
-    return PredictionRow.from_record(json.loads(storage.read_bytes(uri)), classes)
+    data = storage.read_bytes(uri)
+    try:
+        row = PredictionRow.from_record(json.loads(data), classes)
+    except ValueError as error:  # JSON, UTF-8 and schema alike
+        raise LedgerError(f"{uri}: not a ledger entry: {error}") from error
+    if row.model_version != model_version or row.image_uri != image_uri:
+        raise LedgerError(f"{uri}: records {row.image_uri!r} for model {row.model_version}, not {image_uri!r} "
+                          f"for model {model_version}")
+    return row

@@ -1,28 +1,47 @@
 """The model store: one folder per version, and ``production.json`` naming the current one.
 
-    <store>/<version>/model.keras, card.json, history.json, curves.png, confusion.png, roc.png
+    <store>/<version>/model.keras, history.json, curves.png, confusion.png, roc.png, ..., card.md
+    <store>/<version>/card.json.sig     HMAC of card.json, when a signing key is set
+    <store>/<version>/card.json         written last: the version's schema-checked card, with the
+                                        sha256 of every other file (``files``)
     <store>/production.json
 
 ``card.json`` is written last, so a version folder without one is an unfinished upload and is
-never loaded or listed.
+never loaded or listed. With ``CXR_MODEL_SIGNING_KEY`` set, publishing signs card.json and loading
+refuses a bundle whose signature is missing or wrong.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import os
 import secrets
 from datetime import datetime, timezone
 
 import keras
 
-from model.bundle import BundleError, ModelCard, model_from_bytes
+from model.bundle import (BundleError, ModelCard, check_file, file_digests, is_safe_name, model_from_bytes, sign,
+                          signature_matches)
 from tasks import storage
 
-__all__ = ["PRODUCTION", "list_versions", "load_card", "load_model", "new_version", "production_version",
-           "promotion_decision", "publish", "set_production"]
+__all__ = ["CARD", "PRODUCTION", "SIGNATURE", "SIGNING_KEY_VARIABLE", "list_versions", "load_card", "load_model",
+           "new_version", "production_version", "promotion_decision", "publish", "read_file", "set_production",
+           "signing_key", "verify_bundle"]
 
 PRODUCTION = "production.json"
 CARD = "card.json"
+SIGNATURE = "card.json.sig"
+SIGNING_KEY_VARIABLE = "CXR_MODEL_SIGNING_KEY"
+
+logger = logging.getLogger(__name__)
+
+
+def signing_key() -> bytes | None:
+    """The HMAC key bundles are signed and checked with, or None: then nothing is signed or checked."""
+    key = os.environ.get(SIGNING_KEY_VARIABLE, "")
+    return key.encode() if key else None
 
 
 def new_version() -> str:
@@ -31,29 +50,65 @@ def new_version() -> str:
 
 
 def publish(store_uri: str, version: str, files: dict[str, bytes], card: ModelCard) -> str:
-    """Write a bundle; returns its folder URI. The card goes last and marks it complete."""
+    """Write a bundle; returns its folder URI. The card goes last and marks it complete.
+
+    The card written lists the sha256 of every file (``files``); one that lists other digests is
+    refused. With a signing key, the signature goes just before the card.
+    """
     folder = storage.join(store_uri, version)
+    card_json = _card_to_publish(card, version, files, folder)
+    if storage.exists(storage.join(folder, CARD)):  # before overwriting a published version's files
+        raise BundleError(f"{folder}: version {version} already exists")
     for name, data in files.items():
         storage.write_bytes(storage.join(folder, name), data)
-    if not storage.create_if_absent(storage.join(folder, CARD), card.to_json()):
+    key = signing_key()
+    if key is not None:
+        storage.write_bytes(storage.join(folder, SIGNATURE), sign(card_json, key))
+    if not storage.create_if_absent(storage.join(folder, CARD), card_json):
         raise BundleError(f"{folder}: version {version} already exists")
     return folder
 
 
+def _card_to_publish(card: ModelCard, version: str, files: dict[str, bytes], folder: str) -> bytes:
+    """card.json's bytes, checked as loading will check them, so a bundle that could never load is
+    never written."""
+    if {CARD, SIGNATURE} & files.keys():
+        raise BundleError(f"{folder}: {CARD} and {SIGNATURE} are written by the registry, not passed as files")
+    digests = file_digests(files)
+    if card.files and card.files != digests:
+        raise BundleError(f"{folder}: the card's file manifest does not match the files being published")
+    card_json = dataclasses.replace(card, files=digests).to_json()
+    checked = ModelCard.from_json(card_json, f"{folder}/{CARD}")
+    if checked.version != version:
+        raise BundleError(f"{folder}: the card is for version {checked.version}, not {version}")
+    return card_json
+
+
 def list_versions(store_uri: str) -> list[str]:
     cards = storage.list_files(store_uri, {"/" + CARD}, missing_ok=True)
-    return sorted(storage.relative_to(uri, store_uri).split("/")[0] for uri in cards)
+    names = {storage.relative_to(uri, store_uri).split("/")[0] for uri in cards}
+    return sorted(name for name in names if is_safe_name(name))
 
 
 def production_version(store_uri: str) -> str | None:
     uri = storage.join(store_uri, PRODUCTION)
     if not storage.exists(uri):
         return None
-    return json.loads(storage.read_bytes(uri))["version"]
+    try:
+        version = json.loads(storage.read_bytes(uri))["version"]
+    except (ValueError, TypeError, KeyError) as error:
+        raise BundleError(f"{uri}: not a production pointer ({error!r})") from error
+    if not is_safe_name(version):
+        raise BundleError(f"{uri}: version {version!r} is not a safe name")
+    return version
 
 
 def set_production(store_uri: str, version: str, reason: str) -> None:
-    previous = production_version(store_uri)
+    try:
+        previous = production_version(store_uri)
+    except BundleError as error:  # a damaged pointer is what promotion replaces, not a reason to stop
+        logger.warning("%s; replacing it", error)
+        previous = None
     record = {"version": version, "previous": previous, "reason": reason,
               "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     storage.write_bytes(storage.join(store_uri, PRODUCTION), json.dumps(record, indent=2).encode())
@@ -69,19 +124,70 @@ def resolve(store_uri: str, version: str = "production") -> str:
 
 
 def load_card(store_uri: str, version: str = "production") -> ModelCard:
+    """The version's card: signed (when a key is set), valid against the schema, and for the
+    folder it lies in. A card without a file manifest (an old bundle) loads with a warning."""
     version = resolve(store_uri, version)
+    if not is_safe_name(version):
+        raise BundleError(f"{store_uri}: {version!r} is not a model version")
     uri = storage.join(store_uri, version, CARD)
     try:
-        return ModelCard.from_json(storage.read_bytes(uri))
+        card_json = storage.read_bytes(uri)
     except storage.NotFound:
         raise BundleError(f"{uri}: no such model version (known: {', '.join(list_versions(store_uri)) or 'none'})") from None
+    _check_signature(storage.join(store_uri, version), card_json)
+    card = ModelCard.from_json(card_json, uri)
+    if card.version != version:
+        raise BundleError(f"{uri}: the card says version {card.version!r}, but it lies in folder {version!r}")
+    if not card.files:
+        logger.warning("%s has no file manifest (written before manifests): only model.keras can be checked", uri)
+    return card
+
+
+def _check_signature(folder: str, card_json: bytes) -> None:
+    key = signing_key()
+    if key is None:
+        return
+    uri = storage.join(folder, SIGNATURE)
+    try:
+        signature = storage.read_bytes(uri)
+    except storage.NotFound:
+        raise BundleError(f"{uri}: missing: {SIGNING_KEY_VARIABLE} is set, so only signed bundles are "
+                          "loaded") from None
+    if not signature_matches(card_json, signature, key):
+        raise BundleError(f"{uri}: does not match card.json under the key in {SIGNING_KEY_VARIABLE}: the card "
+                          "was changed or signed with another key")
+
+
+def read_file(store_uri: str, card: ModelCard, name: str) -> bytes:
+    """A file of the card's bundle, checked against its manifest."""
+    if not is_safe_name(name):
+        raise BundleError(f"model {card.version}: {name!r} is not a bundle file name")
+    data = storage.read_bytes(storage.join(store_uri, card.version, name))
+    check_file(card, name, data)
+    return data
 
 
 def load_model(store_uri: str, version: str = "production") -> tuple[keras.Model, ModelCard]:
-    """The model and its card; checks the sha256 and the preprocessing, loads in Keras safe mode."""
+    """The model and its card; checks signature, schema, sha256 and preprocessing, loads in Keras safe mode."""
     card = load_card(store_uri, version)
-    data = storage.read_bytes(storage.join(store_uri, card.version, "model.keras"))
-    return model_from_bytes(data, card), card
+    return model_from_bytes(read_file(store_uri, card, "model.keras"), card), card
+
+
+def verify_bundle(store_uri: str, version: str = "production", *, include_model: bool = True) -> ModelCard:
+    """Checks every file of a bundle against its card's manifest, and that the folder holds no file
+    the card does not list; returns the card. ``include_model=False`` leaves model.keras (the
+    largest) to ``load_model``, which checks it anyway."""
+    card = load_card(store_uri, version)
+    folder = storage.join(store_uri, card.version)
+    present = {storage.relative_to(uri, folder) for uri in storage.list_files(folder)} - {CARD, SIGNATURE}
+    listed = set(card.files) if card.files else {"model.keras"}
+    if present - listed:
+        raise BundleError(f"{folder}: {', '.join(sorted(present - listed))} not in the card's file manifest")
+    if listed - present:
+        raise BundleError(f"{folder}: {', '.join(sorted(listed - present))} missing")
+    for name in sorted(listed - (set() if include_model else {"model.keras"})):
+        read_file(store_uri, card, name)
+    return card
 
 
 def promotion_decision(new: dict, current: dict | None, force: bool = False) -> tuple[bool, str]:

@@ -6,7 +6,9 @@ import base64
 import csv
 import io
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
 
 import numpy as np
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -21,31 +23,59 @@ __all__ = ["DISCLAIMER", "publish_artifacts", "read_run_rows", "report_html", "w
 DISCLAIMER = ("Flags are a worklist for radiologist review, not a diagnosis. A flagged image needs a "
               "radiologist's reading; an unflagged image is not cleared.")
 
-
+logger = logging.getLogger(__name__)
 
 def read_run_rows(results_uri: str, run_id: str, card: ModelCard) -> list[PredictionRow]:
     """Every row this run claimed, one per input, sorted by URI.
 
     The part files hold them with thumbnails. Inputs a chunk recorded but no part covers (the
-    process died between claiming and writing its part) come from the ledger, when this run
-    claimed them there.
+    process died between claiming and writing its part, or a part line is damaged) come from the
+    ledger, when this run claimed them there. A damaged chunk record or ledger entry raises an
+    error naming the file: which rows the run owns could not be told.
     """
     layout = ResultsLayout(results_uri).run(run_id)
     rows: dict[str, PredictionRow] = {}
     for uri in storage.list_files(layout.parts, {".jsonl"}, missing_ok=True):
-        for line in storage.read_bytes(uri).decode().splitlines():
-            if line:
-                row = PredictionRow.from_record(json.loads(line), card.classes)
-                rows.setdefault(row.image_uri, row)  # a retried chunk may repeat its own rows
+        for row in _part_rows(uri, run_id, card):
+            rows.setdefault(row.image_uri, row)  # a retried chunk may repeat its own rows
     started = set()
     for uri in storage.list_files(layout.chunks, {".json"}, missing_ok=True):
-        started.update(json.loads(storage.read_bytes(uri)))
+        started.update(_chunk_inputs(uri))
     uncovered = sorted(started - rows.keys())
     with ThreadPoolExecutor(max_workers=16) as pool:  # one small GET each: latency, not bandwidth, on S3
         for entry in pool.map(lambda uri: _ledger_entry(results_uri, card, uri), uncovered):
             if entry is not None and entry.run_id == run_id:
                 rows[entry.image_uri] = entry
     return [rows[uri] for uri in sorted(rows)]
+
+
+def _part_rows(uri: str, run_id: str, card: ModelCard) -> list[PredictionRow]:
+    """The valid rows of one part file. A damaged line is logged and left out: its input is in the
+    chunk's record, so its row still comes from the ledger."""
+    rows = []
+    for number, line in enumerate(storage.read_bytes(uri).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = PredictionRow.from_record(json.loads(line), card.classes)
+            if (row.run_id, row.model_version) != (run_id, card.version):
+                raise ValueError(f"a row of run {row.run_id!r} and model {row.model_version}")
+        except ValueError as error:  # JSON, UTF-8 and schema alike
+            logger.error("%s, line %d: not a row of run %s (%s); its row is read from the ledger", uri, number,
+                         run_id, error)
+            continue
+        rows.append(row)
+    return rows
+
+
+def _chunk_inputs(uri: str) -> list[str]:
+    try:
+        inputs = json.loads(storage.read_bytes(uri))
+    except ValueError as error:
+        raise ValueError(f"{uri}: not a chunk record: {error}") from error
+    if not isinstance(inputs, list) or not all(isinstance(item, str) for item in inputs):
+        raise ValueError(f"{uri}: not a chunk record: a list of input locations was expected")
+    return inputs
 
 
 def _ledger_entry(results_uri: str, card: ModelCard, image_uri: str) -> PredictionRow | None:
@@ -81,7 +111,7 @@ def _histogram_png(values: list[float], threshold: float, positive: str) -> str:
     figure, axis = plt.subplots(figsize=(6, 2.8))
     axis.hist(values, bins=np.linspace(0, 1, 41), color="#4c72b0")
     axis.axvline(threshold, color="#c44e52", linestyle="--", label=f"threshold {threshold:.3f}")
-    axis.set_xlabel(f"probability of {positive}")
+    axis.set_xlabel(f"probability of {positive}", parse_math=False)  # a '$' in a class name is not TeX
     axis.set_ylabel("images")
     axis.legend()
     buffer = io.BytesIO()
@@ -99,15 +129,20 @@ def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard,
     """One self-contained page: no external files, scripts or fonts."""
     positive = card.positive_class
     probabilities = [row.probability(positive) for row in rows if row.status == "ok"]
+    card_uri = storage.join(summary.model_store_uri, card.version, "card.md") if summary.model_store_uri else "n/a"
     return render("report.html.j2",
         summary=summary, card=card, positive=positive, disclaimer=DISCLAIMER,
         flagged=_worklist(rows, card), max_flagged=max_flagged,
         rejected=[row for row in rows if row.status == "rejected"],
         histogram=_histogram_png(probabilities, card.threshold, positive) if probabilities else None,
-        metrics=card.metrics.get("positive", {}),
-        card_uri=storage.join(summary.model_store_uri, card.version, "card.md") if summary.model_store_uri else "n/a",
-        target_sensitivity=card.metrics.get("validation", {}).get("target_sensitivity"),
+        card_uri=card_uri, card_href=_file_link(card_uri),
     )
+
+
+def _file_link(uri: str) -> str | None:
+    """A file:// link for a local path, percent-encoded; nothing else becomes a link (the store
+    location comes from a lease, and a scheme it chose, javascript: say, must not become one)."""
+    return PurePosixPath(uri).as_uri() if uri.startswith("/") else None
 
 
 def publish_artifacts(summary: RunSummary, rows: list[PredictionRow], card: ModelCard) -> None:

@@ -14,23 +14,29 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
+import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
+from model.bundle import is_safe_name
 from tasks import storage
 
-__all__ = ["OUTPUT_NAMES", "PredictionRow", "ResultsLayout", "RunLayout", "RunSummary", "entry_key",
-           "probability_column"]
+__all__ = ["OUTPUT_NAMES", "ROW_STATUSES", "RUN_STATUSES", "PredictionRow", "ResultsLayout", "RunLayout", "RunSummary",
+           "entry_key", "probability_column"]
 
 OUTPUT_NAMES = ("predictions.csv", "predictions.jsonl", "summary.json", "report.html")
-# Run ids and model versions become folder names: a forged lease or card must not reach outside.
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ROW_STATUSES = ("ok", "rejected")
+RUN_STATUSES = ("running", "completed", "failed", "abandoned")
 
 
 def _safe_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+    """Run ids and model versions become folder names: a forged lease or card must not reach outside."""
+    if not is_safe_name(name):
         raise ValueError(f"{kind} {name!r} is not a safe name (letters, digits, '.', '_', '-'; no '..')")
     return name
 
@@ -138,7 +144,11 @@ class PredictionRow:
         return record
 
     @classmethod
-    def from_record(cls, record: dict[str, Any], classes: list[str]) -> PredictionRow:
+    def from_record(cls, record: Any, classes: list[str]) -> PredictionRow:
+        """A row read back from storage (ledger, part file); ValueError names the first field that is
+        not what this code wrote."""
+        rules = {**_ROW_RULES, **{probability_column(c): _PROBABILITY for c in classes}}
+        _check_record(record, rules, required=_ROW_REQUIRED)
         known = {item.name for item in dataclasses.fields(cls)} - {"probabilities"}
         return cls(**{k: v for k, v in record.items() if k in known},
                    probabilities={c: record.get(probability_column(c)) for c in classes})
@@ -196,7 +206,97 @@ class RunSummary:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunSummary:
-        """Tolerates keys it does not know (a lease or summary written by another version)."""
+    def from_dict(cls, data: Any) -> RunSummary:
+        """Tolerates keys it does not know (a lease or summary written by another version); ValueError
+        names the first known one that is not what this code wrote."""
+        _check_record(data, _SUMMARY_RULES, required=("run_id", "model_version"))
         known = {item.name for item in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# What rows and summaries read back from storage must hold. Each rule: a test, and what it means.
+class _Rule(NamedTuple):
+    test: Callable[[Any], bool]
+    means: str
+
+
+def _check_record(record: Any, rules: dict[str, _Rule], required: tuple[str, ...]) -> None:
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON object was expected, found {type(record).__name__}")
+    missing = [name for name in required if name not in record]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} missing")
+    for name, rule in rules.items():
+        if name in record and not rule.test(record[name]):
+            raise ValueError(f"{name} {_shown(record[name])} is not {rule.means}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_time(value: Any) -> bool:
+    try:
+        datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _is_uuid(value: Any) -> bool:
+    try:
+        uuid.UUID(value)
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return True
+
+
+def _optional(rule: _Rule) -> _Rule:
+    return _Rule(lambda value: value is None or rule.test(value), rule.means + " or null")
+
+
+_TEXT = _Rule(lambda value: isinstance(value, str), "a string")
+_SAFE = _Rule(is_safe_name, "a safe name (letters, digits, '.', '_', '-')")
+_TIME = _Rule(_is_time, "an ISO 8601 time")
+_COUNT = _Rule(lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 0, "a count")
+_SECONDS = _Rule(lambda value: _is_number(value) and value >= 0, "a finite number >= 0")
+_PROBABILITY = _optional(_Rule(lambda value: _is_number(value) and 0 <= value <= 1, "a number in [0, 1]"))
+_BASE64 = _optional(_Rule(lambda value: isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", value)
+                          is not None, "base64 text"))
+
+_ROW_REQUIRED = ("image_uri", "sha256", "status", "reason", "model_version", "predicted_class", "flagged",
+                 "screened_at")
+_ROW_RULES = {
+    "image_uri": _Rule(lambda value: isinstance(value, str) and value != "", "a location"),
+    "sha256": _optional(_Rule(lambda value: isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)
+                              is not None, "a sha256")),
+    "status": _Rule(lambda value: value in ROW_STATUSES, f"one of {', '.join(ROW_STATUSES)}"),
+    "reason": _TEXT, "model_version": _SAFE, "predicted_class": _TEXT,
+    "flagged": _Rule(lambda value: isinstance(value, bool), "true or false"), "screened_at": _TIME,
+    "run_id": _Rule(lambda value: value == "" or is_safe_name(value), "a run id"),
+    "cam_lung_share": _PROBABILITY, "thumbnail": _BASE64, "explanation": _BASE64,
+}
+_SUMMARY_RULES = {
+    "run_id": _SAFE, "model_version": _SAFE, "model_store_uri": _TEXT, "incoming_uri": _TEXT,
+    "flow_run_id": _Rule(lambda value: value == "" or _is_uuid(value), "a flow run id (a UUID)"),
+    "status": _Rule(lambda value: value in RUN_STATUSES, f"one of {', '.join(RUN_STATUSES)}"),
+    "started_at": _Rule(lambda value: value == "" or _is_time(value), "an ISO 8601 time"),
+    "finished_at": _optional(_TIME), "last_seen_at": _optional(_TIME), "recovered_at": _optional(_TIME),
+    "recovered_by": _optional(_SAFE), "seconds": _optional(_SECONDS), "images_per_second": _optional(_SECONDS),
+    "inputs_found": _optional(_COUNT), "already_screened": _optional(_COUNT), "to_screen": _optional(_COUNT),
+    "claimed_by_other_runs": _COUNT, "vanished": _COUNT, "screened": _COUNT, "ok": _COUNT, "rejected": _COUNT,
+    "flagged": _COUNT, "threshold": _PROBABILITY,
+    "recovered_runs": _Rule(lambda value: isinstance(value, list) and all(map(is_safe_name, value)),
+                            "a list of run ids"),
+    "classes": _Rule(lambda value: isinstance(value, list) and all(isinstance(c, str) for c in value),
+                     "a list of class names"),
+    "predicted": _Rule(lambda value: isinstance(value, dict) and all(map(_COUNT.test, value.values())),
+                       "counts by class"),
+    "outputs": _Rule(lambda value: isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
+                     "locations by name"),
+}

@@ -2,22 +2,29 @@
 is noticed, so that the rows it screened still reach a report.
 
 A lease (``ResultsLayout.lease``) is written when a run starts, renewed while it works and removed
-once its outputs are written. It holds the run's summary so far. A run whose lease has not been
-renewed for ``ABANDONED_AFTER`` is taken for dead. Every row it claimed is in the ledger and every
-chunk it started recorded its inputs first, so a later run can write the dead run's outputs
-exactly (see ``reports.read_run_rows``).
+once its outputs are written. It holds the run's summary so far. A run is taken for dead when its
+lease has not been renewed for ``ABANDONED_AFTER`` (a setting), or at once when its Prefect flow
+run is known to be over (``abandoned_runs``' ``finished``). Every row it claimed is in the ledger
+and every chunk it started recorded its inputs first, so a later run can write the dead run's
+outputs exactly (see ``reports.read_run_rows``).
+
+Leases are read back from shared storage and trusted no further than ``RunSummary.from_dict``
+checks them: a damaged or forged one is logged and left for an operator, never followed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from tasks import storage
 from tasks.results import ResultsLayout, RunSummary
 
 __all__ = ["ABANDONED_AFTER", "abandoned_runs", "close_run", "open_run", "renew"]
+
+logger = logging.getLogger(__name__)
 
 # A live run renews its lease about once a minute while it screens, and a batch takes seconds; the
 # next nightly run comes hours later, so a long margin costs nothing.
@@ -42,6 +49,12 @@ def renew(results_uri: str, run_id: str) -> None:
         lease = json.loads(storage.read_bytes(uri))
     except storage.NotFound:
         return
+    except ValueError as error:  # a missed renewal only risks an early recovery; a crash would lose the chunk
+        logger.error("%s is not a run lease (%s); not renewed", uri, error)
+        return
+    if not isinstance(lease, dict):
+        logger.error("%s is not a run lease (a JSON object was expected); not renewed", uri)
+        return
     lease["renewed_at"] = _now()
     storage.write_bytes(uri, json.dumps(lease, indent=2).encode())
 
@@ -50,26 +63,49 @@ def close_run(results_uri: str, run_id: str) -> None:
     storage.delete(ResultsLayout(results_uri).lease(run_id))
 
 
-def abandoned_runs(results_uri: str, after: timedelta = ABANDONED_AFTER) -> list[RunSummary]:
-    """Summaries of runs that died before writing their outputs (leases not renewed for ``after``),
-    with ``last_seen_at`` set to their last renewal."""
-    layout = ResultsLayout(results_uri)
+def abandoned_runs(results_uri: str, after: timedelta = ABANDONED_AFTER, *,
+                   finished: Callable[[str], bool] = lambda flow_run_id: False,
+                   current_run_id: str | None = None) -> list[RunSummary]:
+    """Summaries of runs that died before writing their outputs, with ``last_seen_at`` set to their
+    last renewal: leases not renewed for ``after``, and leases whose flow run ``finished`` says is
+    over (a final state in Prefect: it cannot still be writing). ``current_run_id``'s own lease is
+    never among them."""
     cutoff = datetime.now(timezone.utc) - after
     dead = []
-    for uri in storage.list_files(layout.leases, {".json"}, missing_ok=True):
-        try:
-            lease = json.loads(storage.read_bytes(uri))
-            renewed = datetime.fromisoformat(lease["renewed_at"])
-            summary = RunSummary.from_dict(lease)
-            if layout.lease(summary.run_id) != uri:
-                raise ValueError(f"its run id {summary.run_id!r} does not match its name")
-        except storage.NotFound:
-            continue  # closed between the listing and the read
-        except (ValueError, TypeError, KeyError, AttributeError) as error:
-            # Blocking every later run on one damaged file would be worse than leaving it to a person.
-            logging.getLogger(__name__).error("%s is not a run lease (%s); left for an operator", uri, error)
+    for uri in storage.list_files(ResultsLayout(results_uri).leases, {".json"}, missing_ok=True):
+        lease = _read_lease(results_uri, uri)
+        if lease is None or lease[0].run_id == current_run_id:
             continue
-        if renewed < cutoff:
-            summary.last_seen_at = lease["renewed_at"]
+        summary, renewed_at = lease
+        if renewed_at < cutoff or (summary.flow_run_id and finished(summary.flow_run_id)):
+            summary.last_seen_at = renewed_at.isoformat(timespec="seconds")
             dead.append(summary)
     return dead
+
+
+def _read_lease(results_uri: str, uri: str) -> tuple[RunSummary, datetime] | None:
+    """The lease at ``uri`` and its last renewal, or None when it is gone or not a valid lease."""
+    try:
+        lease = json.loads(storage.read_bytes(uri))
+        summary = RunSummary.from_dict(lease)
+        renewed_at = _renewal(lease.get("renewed_at"))
+        if ResultsLayout(results_uri).lease(summary.run_id) != uri:
+            raise ValueError(f"its run id {summary.run_id!r} does not match its name")
+    except storage.NotFound:
+        return None  # closed between the listing and the read
+    except ValueError as error:  # JSON, schema and names alike (UnicodeDecodeError is one too)
+        # Blocking every later run on one damaged file would be worse than leaving it to a person.
+        logger.error("%s is not a run lease (%s); left for an operator", uri, error)
+        return None
+    return summary, renewed_at
+
+
+def _renewal(value: object) -> datetime:
+    """An aware time: a naive one could not be compared with now, and would end the whole listing."""
+    try:
+        renewed_at = datetime.fromisoformat(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"renewed_at {value!r} is not an ISO 8601 time") from None
+    if renewed_at.tzinfo is None:
+        raise ValueError(f"renewed_at {value!r} has no time zone")
+    return renewed_at

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
@@ -13,7 +14,10 @@ from tasks.retrying import transient_only
 from tasks import ledger, registry, reports, runs
 from tasks.results import ResultsLayout, RunSummary, entry_key
 
-__all__ = ["new_run_id", "not_yet_screened", "recover_abandoned_runs", "resolve_model", "write_run_outputs"]
+__all__ = ["flow_run_finished", "new_run_id", "not_yet_screened", "recover_abandoned_runs", "resolve_model",
+           "write_run_outputs"]
+
+_logger = logging.getLogger(__name__)  # for helpers that may run outside a Prefect task
 
 
 def new_run_id() -> str:
@@ -26,8 +30,9 @@ def now() -> str:
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
 def resolve_model(model_store_uri: str, model_version: str) -> ModelCard:
-    """The card of the version to use; refuses a bundle this code cannot reproduce."""
-    card = registry.load_card(model_store_uri, model_version)
+    """The card of the version to use; refuses a bundle this code cannot reproduce, and one whose
+    files are not those its card lists (model.keras is checked where it is loaded)."""
+    card = registry.verify_bundle(model_store_uri, model_version, include_model=False)
     card.spec()  # raises BundleError for preprocessing this code does not implement
     return card
 
@@ -51,32 +56,59 @@ def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard) ->
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
 def recover_abandoned_runs(results_uri: str, run_id: str, after_minutes: float = 30.0) -> list[str]:
-    """Writes the outputs of runs that died without writing them (their leases went stale).
+    """Writes the outputs of runs that died without writing them: their leases went stale, or
+    their flow runs ended (Failed, Crashed, Cancelled, Completed) with the lease still open.
 
     Their rows are in the ledger already, so no input is screened twice; this only makes them
     reach a predictions file and a report, under the dead run's own folder, with status
-    ``abandoned``. Two runs recovering the same dead run write the same rows.
+    ``abandoned``. Two runs recovering the same dead run write the same rows. A dead run that
+    cannot be recovered (unreadable card, damaged files) is logged and its lease left.
     """
     logger = get_run_logger()
     recovered = []
-    for dead in runs.abandoned_runs(results_uri, timedelta(minutes=after_minutes)):
+    for dead in runs.abandoned_runs(results_uri, timedelta(minutes=after_minutes), finished=flow_run_finished,
+                                    current_run_id=run_id):
         try:
-            card = registry.load_card(dead.model_store_uri, dead.model_version)
-        except Exception as error:  # noqa: BLE001 - one unreadable model must not stop tonight's run
-            logger.error("Run %s died without writing its outputs, and its model card cannot be read (%s); "
+            rows = _recover(results_uri, dead, run_id)
+        except (ValueError, OSError) as error:  # BundleError, LedgerError, StorageError: this run, not tonight's
+            logger.error("Run %s died without writing its outputs, and they cannot be written now (%s); "
                          "its lease %s is left for a later run", dead.run_id, error,
                          ResultsLayout(results_uri).lease(dead.run_id))
             continue
-        dead.status, dead.recovered_by, dead.recovered_at, dead.seconds = "abandoned", run_id, now(), None
-        rows = reports.read_run_rows(results_uri, dead.run_id, card)
-        summary = reports.write_outputs(results_uri, rows, card, dead.tally(rows, card.classes, card.threshold))
-        runs.close_run(results_uri, dead.run_id)
         _mark_crashed(dead.flow_run_id, f"Abandoned: no sign of life since {dead.last_seen_at}; "
-                                        f"its {len(rows)} screened rows were published by run {run_id}")
+                                        f"its {rows} screened rows were published by run {run_id}")
         logger.warning("Run %s died at about %s without writing its outputs; its %d screened rows are now in %s",
-                       dead.run_id, dead.last_seen_at, len(rows), summary.outputs["predictions.csv"])
+                       dead.run_id, dead.last_seen_at, rows, dead.outputs["predictions.csv"])
         recovered.append(dead.run_id)
     return recovered
+
+
+def _recover(results_uri: str, dead: RunSummary, run_id: str) -> int:
+    """Writes a dead run's outputs from its rows and closes its lease; returns its row count."""
+    card = registry.load_card(dead.model_store_uri, dead.model_version)
+    dead.status, dead.recovered_by, dead.recovered_at, dead.seconds = "abandoned", run_id, now(), None
+    rows = reports.read_run_rows(results_uri, dead.run_id, card)
+    summary = reports.write_outputs(results_uri, rows, card, dead.tally(rows, card.classes, card.threshold))
+    dead.outputs = summary.outputs
+    runs.close_run(results_uri, dead.run_id)
+    return len(rows)
+
+
+def flow_run_finished(flow_run_id: str) -> bool:
+    """Whether Prefect has this flow run in a final state (Completed, Failed, Crashed, Cancelled):
+    then its process is done and cannot still be writing. False when Prefect cannot say (another
+    server, an API that is down, a run it does not know), so the lease's age decides."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except (ObjectNotFound, httpx.HTTPError, OSError) as error:
+        _logger.info("Prefect cannot say how flow run %s ended (%r): its lease's age decides", flow_run_id, error)
+        return False
+    return state is not None and state.is_final()
 
 
 def _mark_crashed(flow_run_id: str | None, message: str) -> None:

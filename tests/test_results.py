@@ -114,4 +114,89 @@ def test_markdown_from_untrusted_names_stays_text():
     hostile = "St Mary's A&E | <script>x</script> [link](http://x)"
     text = render("summary.md.j2", summary=RunSummary(hostile, "v1").tally([], CLASSES, 0.5), card=card(),
                   disclaimer="d")
-    assert "\\|" in text and "\\<script\\>" in text and "\\[link\\]" in text and "A&E" in text
+    assert "&#124;" in text and "&lt;script&gt;" in text and "&#91;link&#93;" in text and "A&E" in text
+    assert "<" not in text and "[" not in text
+
+
+# --- what is read back from storage is checked ----------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("prob_covid", "0.9", "prob_covid '0.9' is not a number in [0, 1] or null"),
+    ("prob_covid", 1.5, "prob_covid 1.5 is not a number"),
+    ("prob_covid", float("nan"), "prob_covid nan"),
+    ("status", "maybe", "status 'maybe' is not one of ok, rejected"),
+    ("model_version", "../../x", "model_version '../../x' is not a safe name"),
+    ("run_id", "../r1", "run_id '../r1' is not a run id"),
+    ("flagged", "yes", "flagged 'yes' is not true or false"),
+    ("screened_at", "last night", "screened_at 'last night' is not an ISO 8601 time"),
+    ("image_uri", 7, "image_uri 7 is not a location"),
+    ("sha256", "abc", "sha256 'abc' is not a sha256"),
+    ("thumbnail", '"><img src=x onerror=alert(1)>', "is not base64 text"),
+])
+def test_a_row_read_back_is_refused_when_a_field_is_wrong(field, value, message):
+    record = {**row("a.png", 0.9).to_record(), field: value}
+    with pytest.raises(ValueError) as raised:
+        PredictionRow.from_record(record, CLASSES)
+    assert message in str(raised.value)
+    with pytest.raises(ValueError, match="status missing"):
+        PredictionRow.from_record({k: v for k, v in row("a.png", 0.9).to_record().items() if k != "status"}, CLASSES)
+    with pytest.raises(ValueError, match="JSON object was expected, found list"):
+        PredictionRow.from_record([1, 2], CLASSES)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("run_id", "../../elsewhere"), ("model_version", "a/b"), ("status", "<script>"), ("seconds", "fast"),
+    ("seconds", float("inf")), ("recovered_runs", ["ok", "../x"]), ("flow_run_id", "not-a-uuid"),
+    ("recovered_by", "<b>x</b>"), ("last_seen_at", "<script>"), ("incoming_uri", ["s3://x"]),
+    ("to_screen", -1), ("screened", True), ("predicted", {"covid": "many"}), ("outputs", {"report.html": 1}),
+])
+def test_a_summary_read_back_is_refused_when_a_field_is_wrong(field, value):
+    good = RunSummary("r1", "v1", flow_run_id="0b8f6c1e-5b7e-4e43-9d2e-3a4f1f1f0a11", started_at="2026-11-27T00:00:00+00:00")
+    assert RunSummary.from_dict(good.to_dict()) == good
+    with pytest.raises(ValueError, match=f"^{field} "):
+        RunSummary.from_dict({**good.to_dict(), field: value})
+
+
+def test_a_damaged_or_misplaced_ledger_entry_is_refused_naming_its_file(tmp_path):
+    from tasks import ledger
+
+    results = str(tmp_path / "results")
+    assert ledger.claim(results, row("a.png", 0.9))
+    assert ledger.read_entry(results, "v1", "/in/a.png", CLASSES) == row("a.png", 0.9)
+    entry = ResultsLayout(results).ledger_entry("v1", "/in/b.png")
+    cases = {
+        b"{not json": "not a ledger entry",
+        b"\xff\xfe": "not a ledger entry",
+        json.dumps({**row("b.png", 0.9).to_record(), "prob_covid": "high"}).encode(): "prob_covid 'high'",
+        json.dumps(row("a.png", 0.9).to_record()).encode(): "records '/in/a.png' for model v1, not '/in/b.png'",
+    }
+    for content, message in cases.items():
+        storage.write_bytes(entry, content)
+        with pytest.raises(ledger.LedgerError, match=message) as raised:
+            ledger.read_entry(results, "v1", "/in/b.png", CLASSES)
+        assert str(raised.value).startswith(entry)
+
+
+def test_a_damaged_part_line_falls_back_to_the_ledger_and_a_damaged_chunk_record_names_its_file(tmp_path, caplog):
+    import logging
+
+    from tasks import ledger
+
+    results = str(tmp_path / "results")
+    mine = [row("a.png", 0.9, thumbnail="dGh1bWI="), row("b.png", 0.1)]
+    for claimed in mine:
+        ledger.claim(results, claimed)
+    layout = ResultsLayout(results).run("r1")
+    storage.write_bytes(layout.chunk_inputs(0), json.dumps(["/in/a.png", "/in/b.png"]).encode())
+    forged = {**mine[1].to_record(), "run_id": "another-run"}
+    storage.write_bytes(layout.part(0), (json.dumps(mine[0].to_record(True)) + "\n{damaged\n" + json.dumps(forged)
+                                         + "\n").encode())
+    with caplog.at_level(logging.ERROR, logger="tasks.reports"):
+        rows = reports.read_run_rows(results, "r1", card())
+    assert rows == mine  # b.png from the ledger, a.png with its thumbnail from the part
+    assert "chunk-000000.jsonl, line 2: not a row of run r1" in caplog.text and "line 3" in caplog.text
+
+    storage.write_bytes(layout.chunk_inputs(1), json.dumps({"a": 1}).encode())
+    with pytest.raises(ValueError, match=r"chunk-000001.json: not a chunk record"):
+        reports.read_run_rows(results, "r1", card())
