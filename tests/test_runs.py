@@ -1,4 +1,5 @@
-"""Run leases: a live run is left alone, a silent one is found, a damaged or forged lease blocks nobody."""
+"""Run leases: a live run is left alone, a silent one or one whose flow run ended is found, a damaged or
+forged lease blocks nobody."""
 
 from __future__ import annotations
 
@@ -71,3 +72,119 @@ def test_a_forged_lease_cannot_point_a_run_outside_its_folder(results, caplog):
     assert "renamed.json is not a run lease" in caplog.text and "does not match its name" in caplog.text
     with pytest.raises(ValueError, match="not a safe name"):
         ResultsLayout(results).run("../x")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"renewed_at": "2026-11-27T00:00:00"}, "has no time zone"),  # naive: could not be compared with now
+    ({"renewed_at": 5}, "renewed_at 5 is not an ISO 8601 time"),
+    ({"renewed_at": None}, "renewed_at None"),
+    ({"status": "<script>alert(1)</script>"}, "status '<script>alert(1)</script>' is not one of"),
+    ({"model_version": "../../models"}, "model_version '../../models' is not a safe name"),
+    ({"to_screen": "7"}, "to_screen '7' is not a count"),
+    ({"recovered_runs": "r1"}, "recovered_runs 'r1' is not a list of run ids"),
+    ({"flow_run_id": "../x"}, "flow_run_id '../x' is not a flow run id"),
+    ({"incoming_uri": {"a": 1}}, "incoming_uri {'a': 1} is not a string"),
+])
+def test_a_lease_with_a_wrong_field_is_reported_and_skipped(results, caplog, change, message):
+    old = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()
+    lease = {**RunSummary("bad", "v1").to_dict(), "renewed_at": old, **change}
+    storage.write_bytes(ResultsLayout(results).lease("bad"), json.dumps(lease).encode())
+    storage.write_bytes(storage.join(ResultsLayout(results).leases, "list.json"), b"[1, 2]")
+    runs.open_run(results, RunSummary("dead", "v1"))
+    backdate(results, "dead", timedelta(days=1))
+    with caplog.at_level(logging.ERROR, logger="tasks.runs"):
+        assert [lease.run_id for lease in runs.abandoned_runs(results)] == ["dead"]
+    assert "bad.json is not a run lease" in caplog.text and message in caplog.text
+    assert "list.json is not a run lease" in caplog.text
+
+
+def test_a_damaged_own_lease_is_not_renewed_and_does_not_fail_the_run(results, caplog):
+    storage.write_bytes(ResultsLayout(results).lease("mine"), b"\xff not json")
+    with caplog.at_level(logging.ERROR, logger="tasks.runs"):
+        runs.renew(results, "mine")
+    assert "mine.json is not a run lease" in caplog.text
+
+
+def test_a_fresh_lease_whose_flow_run_ended_is_dead_at_once_but_never_the_current_runs(results):
+    ended = {"r-ended": "5b0e7c1e-0000-4000-8000-000000000001", "r-running": "5b0e7c1e-0000-4000-8000-000000000002"}
+    for run_id, flow_run_id in ended.items():
+        runs.open_run(results, RunSummary(run_id, "v1", flow_run_id=flow_run_id))
+    runs.open_run(results, RunSummary("r-current", "v1", flow_run_id=ended["r-ended"]))
+    runs.open_run(results, RunSummary("r-no-flow-run", "v1"))
+    asked = []
+
+    def finished(flow_run_id: str) -> bool:
+        asked.append(flow_run_id)
+        return flow_run_id == ended["r-ended"]
+
+    dead = runs.abandoned_runs(results, finished=finished, current_run_id="r-current")
+    assert [summary.run_id for summary in dead] == ["r-ended"] and dead[0].last_seen_at is not None
+    assert sorted(asked) == sorted(ended.values())  # no lease without a flow run id is asked about
+    assert runs.abandoned_runs(results) == []  # without the question only age counts
+
+
+# --- with a real Prefect API -----------------------------------------------------------------------
+
+
+def _flow_runs_in(states: dict) -> dict[str, str]:
+    """Flow run ids, by name, of flow runs put in the given states."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    @flow(name="nightly-screen")
+    def nightly() -> None:
+        pass
+
+    ids = {}
+    with get_client(sync_client=True) as client:
+        for name, state in states.items():
+            flow_run = client.create_flow_run(nightly, name=name, state=Running())
+            if state.type != Running().type:
+                client.set_flow_run_state(flow_run.id, state, force=True)
+            ids[name] = str(flow_run.id)
+    return ids
+
+
+def test_prefect_says_which_flow_runs_are_over(prefect_api):
+    from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running
+
+    from tasks.screen_steps import flow_run_finished
+
+    ids = _flow_runs_in({"failed": Failed(), "crashed": Crashed(), "cancelled": Cancelled(),
+                         "completed": Completed(), "running": Running(), "pending": Pending()})
+    assert {name: flow_run_finished(flow_run_id) for name, flow_run_id in ids.items()} == {
+        "failed": True, "crashed": True, "cancelled": True, "completed": True, "running": False, "pending": False}
+    assert not flow_run_finished("5b0e7c1e-0000-4000-8000-0000000000ff")  # unknown here: the lease's age decides
+
+
+def test_the_lease_of_a_failed_or_crashed_flow_run_is_recovered_at_once(prefect_api, tmp_path):
+    import hashlib
+
+    from prefect import flow
+    from prefect.states import Crashed, Failed, Running
+
+    from model.bundle import ModelCard
+    from tasks import registry
+    from tasks.screen_steps import recover_abandoned_runs
+
+    store, results = str(tmp_path / "models"), str(tmp_path / "results")
+    card = ModelCard(version="v1", classes=["non-covid", "covid"], positive_class="covid", threshold=0.5,
+                     preprocessing={"version": 1, "input_size": 32, "scale_mode": "unit", "interpolation": "area"},
+                     weights={"origin": "none"}, dataset={}, metrics={}, model_sha256=hashlib.sha256(b"m").hexdigest())
+    registry.publish(store, "v1", {"model.keras": b"m"}, card)
+    ids = _flow_runs_in({"failed": Failed(), "crashed": Crashed(), "running": Running()})
+    for name, flow_run_id in ids.items():  # fresh leases: age alone would leave them for 30 minutes
+        runs.open_run(results, RunSummary(f"run-{name}", "v1", model_store_uri=store, flow_run_id=flow_run_id))
+
+    @flow
+    def recover(run_id: str) -> list[str]:
+        return recover_abandoned_runs(results, run_id, 30.0)
+
+    assert sorted(recover("tonight")) == ["run-crashed", "run-failed"]
+    for name in ("failed", "crashed"):
+        summary = json.loads(storage.read_bytes(ResultsLayout(results).run(f"run-{name}").outputs["summary.json"]))
+        assert summary["status"] == "abandoned" and summary["recovered_by"] == "tonight"
+        assert not storage.exists(ResultsLayout(results).lease(f"run-{name}"))
+    assert storage.exists(ResultsLayout(results).lease("run-running"))
+    assert recover("tomorrow") == []
