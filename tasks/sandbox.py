@@ -28,6 +28,8 @@ __all__ = ["DEFAULT_MEMORY_BYTES", "Decoded", "DecoderPool", "decode_isolated"]
 # Headroom over a worker's own footprint: the largest file we read (128 MB by default) plus the
 # decoded-size budget of tasks.images and the copies made while converting and resizing.
 DEFAULT_MEMORY_BYTES = 768 * 1024 * 1024
+_OUT_OF_MEMORY = 75  # a worker's exit status when it hit its ceiling
+_START_SECONDS = 120  # imports on a loaded machine; a worker that cannot start is a fault of the host
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,14 @@ class _Worker:
         os.close(from_child_write)
         self.requests = Connection(to_child_write, readable=False)
         self.replies = Connection(from_child_read, writable=False)
+        # Its imports must not count against the first input's deadline.
+        try:
+            ready = self.replies.poll(_START_SECONDS) and self.replies.recv_bytes() == b"ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self.stop()
+            raise RuntimeError(f"a decoder worker did not start within {_START_SECONDS} s")
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -119,6 +129,8 @@ class _Worker:
             code = self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             return "the decoder stopped answering: stopped"
+        if code == _OUT_OF_MEMORY:
+            return "decoding needs more memory than a decoder worker may use: not decoded"
         if code < 0 and -code in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
             name = signal.Signals(-code).name
             return f"the decoder crashed on this file ({name}; out of its memory budget or a decoder fault)"
@@ -161,10 +173,9 @@ def _serve(read_fd: int, write_fd: int, memory_bytes: int) -> None:
     import resource
 
     import cv2
-    import numpy as np
 
-    from model.preprocessing import Preprocessing, resize
-    from tasks.images import ImageDecodeError, decode_image
+    import model.preprocessing  # noqa: F401 - imported before the ceiling is set
+    import tasks.images  # noqa: F401
 
     cv2.setNumThreads(1)  # parallelism comes from the number of workers
     requests, replies = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
@@ -172,6 +183,20 @@ def _serve(read_fd: int, write_fd: int, memory_bytes: int) -> None:
     # From here on every allocation counts against the ceiling; the imports above do not.
     used = _data_segment_bytes()
     resource.setrlimit(resource.RLIMIT_DATA, (used + memory_bytes, used + memory_bytes))
+    replies.send_bytes(b"ready")
+    try:
+        _answer(requests, replies)
+    except MemoryError:
+        # Whatever held the memory, this process may now be in any state: the parent starts another.
+        os._exit(_OUT_OF_MEMORY)
+
+
+def _answer(requests: Connection, replies: Connection) -> None:
+    import numpy as np
+
+    from model.preprocessing import Preprocessing, resize
+    from tasks.images import ImageDecodeError, decode_image
+
     while True:
         try:
             request = json.loads(requests.recv_bytes().decode("utf-8", "surrogatepass"))
@@ -185,8 +210,7 @@ def _serve(read_fd: int, write_fd: int, memory_bytes: int) -> None:
         except ImageDecodeError as error:
             header, body = {"status": "rejected", "reason": error.reason}, None
         except MemoryError:
-            header, body = {"status": "rejected", "recycle": True,
-                            "reason": "decoding needs more memory than a worker may use: not decoded"}, None
+            raise
         except Exception as error:  # noqa: BLE001 - a decoder bug on one file must cost only that file
             header, body = {"status": "rejected", "recycle": True,
                             "reason": f"the decoder failed on this file ({type(error).__name__})"}, None

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 __all__ = [
     "AccessDenied",
@@ -93,7 +93,7 @@ def _parse(uri: str) -> Path | _S3Location:
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
             raise ValueError(f"{uri!r}: file URIs on another host are not supported")
-        return Path(unquote(parts.path))
+        return Path(unquote(parts.path, errors="surrogateescape"))
     if "://" in uri:
         raise ValueError(f"{uri!r}: unsupported scheme (use a path, file:// or s3://)")
     # Absolute, so that one file has one URI whatever the working folder (ledger keys depend on it).
@@ -255,7 +255,18 @@ def _list_local(uri: str, root: Path) -> Iterator[str]:
                 found.append(entry.path)
 
     walk(str(root))
-    yield from sorted(found)
+    yield from (_local_uri(path) for path in sorted(found))
+
+
+def _local_uri(path: str) -> str:
+    """A path, or, where the name is not valid UTF-8 (Linux allows any bytes), a ``file://`` URI with
+    its bytes percent-encoded (RFC 8089): every output (JSON, CSV, Prefect's database) stays UTF-8,
+    and the URI still opens the same file."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + quote(os.fsencode(path))
 
 
 def read_bytes(uri: str, length: int | None = None, *, max_bytes: int | None = None,
@@ -311,6 +322,8 @@ def _read_local(uri: str, path: Path, length: int | None, max_bytes: int | None,
         _check_regular(uri, info, max_bytes if length is None else None)
         # O_NONBLOCK: should a FIFO replace the file after the check, open() and read() return at once.
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except Unreadable:
+        raise
     except FileNotFoundError as error:
         raise NotFound(uri, "no such file") from error
     except PermissionError as error:
@@ -338,6 +351,7 @@ def _read_local(uri: str, path: Path, length: int | None, max_bytes: int | None,
 
 def _follow(uri: str, path: Path, within: str | None) -> Path:
     try:
+        os.stat(path)  # realpath() does not tell a loop from a dangling link
         target = Path(os.path.realpath(path, strict=True))
     except FileNotFoundError:
         raise Unreadable(uri, "broken link: its target does not exist") from None
