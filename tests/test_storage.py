@@ -142,16 +142,48 @@ def test_local_folder_errors(tmp_path):
         storage.write_bytes(str(file / "child.txt"), b"x")
 
 
-def test_access_denied_is_reported(tmp_path):
+def test_unreadable_file_and_folder_are_listed_and_refused_one_by_one():
+    """As a non-root runner sees them (root reads anything, so as root the check runs as 'nobody')."""
     import os
+    import shutil
+    import tempfile
 
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file; permission errors cannot be provoked")
-    locked = tmp_path / "locked.bin"
-    locked.write_bytes(b"x")
-    locked.chmod(0)
-    with pytest.raises(storage.Unreadable, match="permission denied"):
-        storage.read_bytes(str(locked))
+    root = Path(tempfile.mkdtemp(prefix="cxr-perm-"))
+    try:
+        root.chmod(0o755)
+        (root / "ok.png").write_bytes(b"x")
+        (root / "locked.png").write_bytes(b"x")
+        (root / "locked.png").chmod(0)
+        (root / "closed").mkdir()
+        (root / "closed" / "inside.png").write_bytes(b"x")
+        (root / "closed").chmod(0)
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                listed = list(storage.list_files(str(root)))
+                lines = [repr(sorted(uri.rsplit("/", 1)[1] for uri in listed))]
+                for uri in listed:
+                    try:
+                        storage.read_bytes(uri)
+                        lines.append("read")
+                    except storage.Unreadable as error:
+                        lines.append(error.reason)
+                os.write(write_end, "\n".join(lines).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            lines = pipe.read().splitlines()
+        os.waitpid(child, 0)
+        assert lines[0] == "['closed', 'locked.png', 'ok.png']"  # the folder itself: its content is unknown
+        assert lines[1:] == ["a folder that cannot be listed: permission denied", "permission denied", "read"]
+    finally:
+        (root / "closed").chmod(0o755)
+        shutil.rmtree(root)
 
 
 def test_s3_bad_credentials_are_access_denied(s3_bucket, monkeypatch):
@@ -199,3 +231,47 @@ def test_read_a_prefix_of_a_file(root):
     empty = storage.join(root, "empty")
     storage.write_bytes(empty, b"")
     assert storage.read_bytes(empty, length=132) == b""
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_file(tmp_path):
+    """A real full file system where this runner may mount one; else a file-size limit (EFBIG)."""
+    import os
+    import subprocess
+
+    full = tmp_path / "full"
+    full.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)],
+                             capture_output=True).returncode == 0
+    try:
+        if mounted:
+            with pytest.raises(storage.NoSpace, match="No space left on device; nothing was written"):
+                storage.write_bytes(str(full / "out" / "predictions.csv"), b"x" * 200_000)
+            with pytest.raises(storage.NoSpace):
+                storage.create_if_absent(str(full / "ledger" / "entry.json"), b"x" * 200_000)
+            assert [p.name for p in full.rglob("*") if p.is_file()] == []
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child
+            import resource
+            import signal
+
+            try:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+                try:
+                    storage.write_bytes(str(tmp_path / "capped" / "predictions.csv"), b"x" * 200_000)
+                    message = "written"
+                except storage.NoSpace as error:
+                    message = str(error)
+                os.write(write_end, message.encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            message = pipe.read()
+        os.waitpid(child, 0)
+        assert message.endswith("predictions.csv: cannot write: File too large; nothing was written")
+        assert list((tmp_path / "capped").iterdir()) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(full)])
