@@ -129,7 +129,7 @@ def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard,
     """One self-contained page: no external files, scripts or fonts."""
     positive = card.positive_class
     probabilities = [row.probability(positive) for row in rows if row.status == "ok"]
-    card_uri = storage.join(summary.model_store_uri, card.version, "card.md") if summary.model_store_uri else "n/a"
+    card_uri = _card_location(summary.model_store_uri, card.version)
     return render("report.html.j2",
         summary=summary, card=card, positive=positive, disclaimer=DISCLAIMER,
         flagged=_worklist(rows, card), max_flagged=max_flagged,
@@ -137,6 +137,16 @@ def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard,
         histogram=_histogram_png(probabilities, card.threshold, positive) if probabilities else None,
         card_uri=card_uri, card_href=_file_link(card_uri),
     )
+
+
+def _card_location(model_store_uri: str, version: str) -> str:
+    """Where the model card lies, as text: a recovered run's store location comes from its lease."""
+    if not model_store_uri:
+        return "n/a"
+    try:
+        return storage.join(model_store_uri, version, "card.md")
+    except ValueError:  # an unsupported scheme: shown as it is, never followed
+        return f"{model_store_uri} (version {version}, card.md)"
 
 
 def _file_link(uri: str) -> str | None:
