@@ -174,15 +174,17 @@ def load_model(store_uri: str, version: str = "production") -> tuple[keras.Model
 
 
 def verify_bundle(store_uri: str, version: str = "production", *, include_model: bool = True) -> ModelCard:
-    """Checks every file of a bundle against its card's manifest, and that the folder holds no file
-    the card does not list; returns the card. ``include_model=False`` leaves model.keras (the
-    largest) to ``load_model``, which checks it anyway."""
+    """Checks every file the card lists against its manifest, and that none is missing; returns the
+    card. ``include_model=False`` leaves model.keras (the largest) to ``load_model``, which checks
+    it anyway. Files the card does not list are no part of the bundle: nothing reads them, so they
+    are named in a warning, not refused (a stray note in a version folder must not stop a night)."""
     card = load_card(store_uri, version)
     folder = storage.join(store_uri, card.version)
     present = {storage.relative_to(uri, folder) for uri in storage.list_files(folder)} - {CARD, SIGNATURE}
     listed = set(card.files) if card.files else {"model.keras"}
-    if present - listed:
-        raise BundleError(f"{folder}: {', '.join(sorted(present - listed))} not in the card's file manifest")
+    if card.files and present - listed:
+        logger.warning("%s: %s not in the card's file manifest: not part of the bundle, ignored", folder,
+                       ", ".join(sorted(present - listed)))
     if listed - present:
         raise BundleError(f"{folder}: {', '.join(sorted(listed - present))} missing")
     for name in sorted(listed - (set() if include_model else {"model.keras"})):
