@@ -29,6 +29,7 @@ from tasks.images import (
     ImageDecodeError,
     check_decoded_bytes,
     check_size,
+    error_kind,
     lookup_domain,
     scale_table,
     to_uint8,
@@ -64,6 +65,7 @@ def decode_dicom(
 ) -> np.ndarray:
     """A 2-D uint8 array (grayscale) or an ``(h, w, 3)`` uint8 RGB array from DICOM bytes."""
     dataset = _read(data, uri, max_decoded_bytes + _HEADER_ALLOWANCE)
+    _check_element_lengths(dataset, uri)
     if "PixelData" not in dataset:
         raise ImageDecodeError(uri, f"DICOM without pixel data{_sop_class(dataset, uri)}: not an image")
     layout = _layout(dataset, uri)
@@ -101,7 +103,7 @@ def _read(data: bytes, uri: str, inflate_limit: int) -> Dataset:
     except ImageDecodeError:
         raise
     except DECODER_FAILURES as error:
-        raise ImageDecodeError(uri, f"corrupt DICOM: the data set cannot be parsed ({type(error).__name__})") from None
+        raise ImageDecodeError(uri, f"corrupt DICOM: the data set cannot be parsed ({error_kind(error)})") from None
 
 
 def _inflate(deflated: memoryview, limit: int, uri: str) -> io.BytesIO:
@@ -122,6 +124,20 @@ def _inflate(deflated: memoryview, limit: int, uri: str) -> io.BytesIO:
         raise ImageDecodeError(uri, "truncated deflated DICOM: the compressed data set ends early")
     inflated.seek(0)
     return inflated
+
+
+def _check_element_lengths(dataset: Dataset, uri: str) -> None:
+    """pydicom keeps an element whose declared length runs past the end of the file, cut short
+    and without a word; the file is truncated (or the length is a lie) either way."""
+    for element in dataset.elements():  # raw elements, not converted
+        length, value = getattr(element, "length", None), getattr(element, "value", None)
+        if isinstance(value, bytes) and isinstance(length, int) and length != 0xFFFFFFFF and len(value) < length:
+            tag = int(element.tag)
+            raise ImageDecodeError(
+                uri,
+                f"truncated DICOM: element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} bytes, "
+                f"the file holds {len(value)}",
+            )
 
 
 def _sop_class(dataset: Dataset, uri: str) -> str:
@@ -151,7 +167,7 @@ def _value(dataset: Dataset, keyword: str, uri: str) -> object | None:
     try:
         value = dataset.get(keyword)
     except DECODER_FAILURES as error:
-        raise ImageDecodeError(uri, f"unreadable DICOM {keyword} ({type(error).__name__})") from None
+        raise ImageDecodeError(uri, f"unreadable DICOM {keyword} ({error_kind(error)})") from None
     return None if value is None or (isinstance(value, (str, bytes)) and not value) else value
 
 
@@ -203,12 +219,12 @@ def _layout(dataset: Dataset, uri: str) -> _Layout:
     bits_allocated = _integer(dataset, "BitsAllocated", uri)
     if bits_allocated not in (8, 16):
         raise ImageDecodeError(uri, f"unsupported DICOM BitsAllocated {bits_allocated} (expected 8 or 16)")
-    bits_stored = _integer(dataset, "BitsStored", uri, default=bits_allocated)
+    bits_stored = _integer(dataset, "BitsStored", uri)
     if not 1 <= bits_stored <= bits_allocated:
         raise ImageDecodeError(uri, f"invalid DICOM BitsStored {bits_stored} for BitsAllocated {bits_allocated}")
-    if _integer(dataset, "PixelRepresentation", uri, default=0) not in (0, 1):
+    if _integer(dataset, "PixelRepresentation", uri) not in (0, 1):
         raise ImageDecodeError(uri, "invalid DICOM PixelRepresentation (expected 0 or 1)")
-    if samples == 3 and _integer(dataset, "PlanarConfiguration", uri, default=0) not in (0, 1):
+    if samples == 3 and _integer(dataset, "PlanarConfiguration", uri) not in (0, 1):
         raise ImageDecodeError(uri, "invalid DICOM PlanarConfiguration (expected 0 or 1)")
     rows, columns = _integer(dataset, "Rows", uri), _integer(dataset, "Columns", uri)
     stated = _value(dataset, "NumberOfFrames", uri) is not None
@@ -264,7 +280,7 @@ def _pixel_array(dataset: Dataset, transfer_syntax: UID | None, layout: _Layout,
     try:
         pixels = dataset.pixel_array
     except DECODER_FAILURES as error:
-        raise ImageDecodeError(uri, f"truncated or corrupt DICOM pixel data ({type(error).__name__})") from None
+        raise ImageDecodeError(uri, f"truncated or corrupt DICOM pixel data ({error_kind(error)})") from None
     expected = (layout.rows, layout.columns) + ((3,) if layout.samples == 3 else ())
     if pixels.shape != expected or pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2:
         raise ImageDecodeError(uri, f"DICOM pixel data decoded to {pixels.shape} {pixels.dtype}, expected {expected}")
@@ -302,7 +318,7 @@ def _display_gray(pixels: np.ndarray, dataset: Dataset, uri: str, invert: bool) 
         values = np.array(apply_voi_lut(apply_modality_lut(stored, dataset), dataset), dtype=np.float64)
     except DECODER_FAILURES as error:
         raise ImageDecodeError(
-            uri, f"the DICOM display transform (rescale, LUT or window) cannot be applied ({type(error).__name__})"
+            uri, f"the DICOM display transform (rescale, LUT or window) cannot be applied ({error_kind(error)})"
         ) from None
     table = _table_to_uint8(values, _present(index, len(stored)), uri)
     return (255 - table if invert else table)[index]
@@ -382,7 +398,7 @@ def _palette_to_rgb(pixels: np.ndarray, dataset: Dataset, uri: str) -> np.ndarra
     try:
         colours = apply_color_lut(stored, dataset)[:, :3]
     except DECODER_FAILURES as error:
-        raise ImageDecodeError(uri, f"broken PALETTE COLOR lookup table ({type(error).__name__})") from None
+        raise ImageDecodeError(uri, f"broken PALETTE COLOR lookup table ({error_kind(error)})") from None
     if colours.dtype != np.uint8:
         present = _present(index, len(stored))
         colours = _table_to_uint8(colours.astype(np.float64), present, uri)

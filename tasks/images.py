@@ -124,7 +124,7 @@ def decode_image(
     except MemoryError:
         raise ImageDecodeError(uri, "out of memory while decoding: not decoded") from None
     except DECODER_FAILURES as error:
-        raise ImageDecodeError(uri, f"the decoder failed on this file ({type(error).__name__})") from None
+        raise ImageDecodeError(uri, f"the decoder failed on this file ({error_kind(error)})") from None
 
 
 def _decode(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: int) -> np.ndarray:
@@ -133,6 +133,13 @@ def _decode(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: int) -> n
 
         return decode_dicom(data, uri, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes)
     return _decode_raster(data, uri, max_pixels, max_decoded_bytes)
+
+
+def error_kind(error: BaseException) -> str:
+    """An exception's type for a reason; never its message, which may quote the file's content."""
+    kind = type(error)
+    package = kind.__module__.split(".")[0]
+    return kind.__name__ if package == "builtins" else f"{package}.{kind.__name__}"
 
 
 def _as_rgb(pixels: np.ndarray, uri: str) -> np.ndarray:
@@ -164,12 +171,12 @@ def check_decoded_bytes(
     if needed > max_decoded_bytes:
         what = f"{width}x{height}, {samples} samples of {bits} bits" + (f", {frames} frames" if frames > 1 else "")
         raise ImageDecodeError(
-            uri, f"too large to decode: {what} need {_mib(needed)}, over the {_mib(max_decoded_bytes)} budget"
+            uri, f"too large to decode: {what} need {_size(needed)}, over the budget of {_size(max_decoded_bytes)}"
         )
 
 
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
+def _size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size} bytes"
 
 
 # --- raster formats ---------------------------------------------------------------------------
@@ -200,7 +207,8 @@ def _decode_raster(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: in
     if problem is not None:
         raise ImageDecodeError(uri, problem)
     if pixels is None:
-        raise ImageDecodeError(uri, _pillow_diagnosis(data, header.image_format))
+        reason, _ = _with_decoder_messages(lambda: _pillow_diagnosis(data, header.image_format))
+        raise ImageDecodeError(uri, reason)
     pixels = to_uint8(pixels, uri)
     if pixels.ndim == 3:  # OpenCV's BGR(A) to RGB, in place: the array is ours
         code = cv2.COLOR_BGRA2RGB if pixels.shape[2] == 4 else cv2.COLOR_BGR2RGB
@@ -225,7 +233,7 @@ def _probe(data: bytes, uri: str) -> _RasterHeader:
     except (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct.error) as error:
         claimed = _claimed_format(data)
         raise ImageDecodeError(
-            uri, f"damaged {claimed or 'image'} header ({type(error).__name__} while reading it)"
+            uri, f"damaged {claimed or 'image'} header ({error_kind(error)} while reading it)"
         ) from None
 
 
@@ -285,8 +293,8 @@ def _png_header_damage(data: bytes) -> str:
     return "damaged PNG header: the IHDR chunk holds invalid values"
 
 
-# libjpeg and libpng report damage as lines on stderr (warnings for JPEG, where libjpeg pads the
-# missing part with grey and carries on): the first phrase found decides the reason. They hold
+# libjpeg, libpng and libtiff report damage as lines on stderr (warnings for JPEG, where libjpeg
+# pads the missing part with grey and carries on): the first phrase found decides the reason. They hold
 # numbers at most, never file content, but the reasons below are our own words anyway.
 _DAMAGE_PHRASES = {
     "JPEG": (
@@ -307,8 +315,14 @@ _DAMAGE_PHRASES = {
         ("CRC error", "corrupt PNG: a chunk fails its checksum"),
         ("libpng error", "corrupt PNG: the compressed image data is damaged"),
     ),
+    "TIFF": (
+        ("Not enough data at scanline", "truncated TIFF: a strip ends before its rows do"),
+        ("Read error on strip", "truncated or corrupt TIFF: a strip cannot be read"),
+        ("TIFF_Error", "corrupt TIFF data"),
+    ),
 }
-_DECODER_LINE_MARKS = ("JPEG", "libpng", "TIFF", "grfmt_")
+# Lines that are the decoders' own (libjpeg, libpng, libtiff directly or through OpenCV's logger).
+_DECODER_LINE_MARKS = ("JPEG", "libpng", "TIFF", "grfmt_", "tempfile.tif", "Decode: ")
 
 _T = TypeVar("_T")
 _stderr_lock = threading.Lock()
@@ -335,7 +349,11 @@ def _with_decoder_messages(decode: Callable[[], _T]) -> tuple[_T, str]:
             os.close(saved)
         sink.seek(0)
         text = sink.read(1 << 16).decode("utf-8", "replace")
-    others = [line for line in text.splitlines(keepends=True) if not any(m in line for m in _DECODER_LINE_MARKS)]
+    others = [
+        line
+        for line in text.splitlines(keepends=True)
+        if line.strip() and not any(mark in line for mark in _DECODER_LINE_MARKS)
+    ]
     if others:
         sys.stderr.write("".join(others))
     return result, text

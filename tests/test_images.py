@@ -1,8 +1,13 @@
-"""Decoding real X-rays and every raster variant; broken files rejected with their reason."""
+"""Decoding real X-rays and every raster variant; broken and hostile files rejected with their reason."""
 
 from __future__ import annotations
 
+import io
+import os
 import struct
+import sys
+import threading
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -11,27 +16,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.images import IMAGE_SUFFIXES, ImageDecodeError, decode_image
+from tasks import images
+from tasks.images import IMAGE_SUFFIXES, MAX_DECODED_BYTES, ImageDecodeError, decode_image, to_uint8
 from tests.conftest import CXR, CXR_FULLSIZE, require_shared_data
-
-
-def gradient(height: int = 96, width: int = 128, dtype=np.uint8, high: int = 255, low: int = 0) -> np.ndarray:
-    ramp = np.linspace(low, high, width, dtype=np.float64)
-    return np.tile(ramp, (height, 1)).round().astype(dtype)
-
-
-def encode(pixels: np.ndarray, suffix: str) -> bytes:
-    ok, buffer = cv2.imencode(suffix, pixels)
-    assert ok
-    return buffer.tobytes()
-
-
-def pil_bytes(image: Image.Image, image_format: str) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, image_format)
-    return buffer.getvalue()
+from tests.hostile_files import (
+    PATIENT_NAME,
+    decoder_cases,
+    dicom_bytes,
+    encode,
+    gradient,
+    pil_bytes,
+    radiograph,
+    textured,
+)
 
 
 # --- real data ------------------------------------------------------------------------------
@@ -54,6 +51,28 @@ def test_every_shared_image_decodes_to_rgb_uint8(folder):
             if original.getexif().get(0x0112, 1) in (1, None):
                 assert pixels.shape[:2] == (original.height, original.width), path
         assert pixels.std() > 5, f"{path} decoded to a nearly flat image"
+
+
+def _decoded_as_before(data: bytes) -> np.ndarray:
+    """The decoder this module replaced (OpenCV, float32 scaling), for real images only."""
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    if pixels.ndim == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGB if pixels.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    if pixels.dtype != np.uint8:
+        pixels = pixels.astype(np.float32)
+        low, high = float(pixels.min()), float(pixels.max())
+        pixels = np.clip(np.rint((pixels - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels
+
+
+@pytest.mark.needs_data
+def test_real_images_decode_to_the_same_pixels_as_before():
+    require_shared_data(CXR_FULLSIZE)
+    paths = _real_images(CXR_FULLSIZE) + _real_images(CXR)[::10]
+    for path in paths:
+        data = path.read_bytes()
+        difference = np.abs(decode_image(data, str(path)).astype(int) - _decoded_as_before(data)).max()
+        assert difference <= 1, path
 
 
 # --- raster variants ------------------------------------------------------------------------
@@ -112,12 +131,33 @@ def test_16_bit_tiff():
     assert np.abs(pixels.astype(int) - np.rint(raw / 60000 * 255)).max() <= 1
 
 
+def test_float_tiff_is_scaled_over_its_range():
+    values = np.tile(np.linspace(-1.0, 2.0, 128, dtype=np.float32), (96, 1))  # any range, not 0..1
+    pixels = decode_image(encode(values, ".tif"), "float.tif")[..., 0]
+    assert np.abs(pixels.astype(int) - gradient()).max() <= 1
+
+
+def test_sixteen_bit_is_scaled_through_a_table_without_a_float_copy():
+    raw = np.tile(np.arange(3000, dtype=np.uint16) * 20, (3000, 1))  # 18 MB; float32 would add 36 MB
+    tracemalloc.start()
+    scaled = to_uint8(raw)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert scaled.dtype == np.uint8 and scaled[0, 0] == 0 and scaled[0, -1] == 255
+    assert np.abs(scaled[0].astype(int) - np.rint(np.arange(3000) * 255 / 2999)).max() <= 1
+    assert peak < scaled.nbytes + 4_000_000
+
+
+def test_signed_sixteen_bit_keeps_its_order():
+    raw = np.linspace(-1000, 3000, 128).round().astype(np.int16)[None, :].repeat(4, axis=0)
+    scaled = to_uint8(raw)
+    assert scaled[0, 0] == 0 and scaled[0, -1] == 255 and (np.diff(scaled[0].astype(int)) >= 0).all()
+
+
 def test_exif_orientation_is_applied():
     image = Image.fromarray(gradient(64, 100))  # wide
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise for display
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
     pixels = decode_image(buffer.getvalue(), "rotated.jpg")
@@ -169,8 +209,6 @@ def test_broken_inputs_are_rejected_with_their_reason(name):
 
 
 def test_bomb_is_refused_before_any_pixel_is_allocated():
-    import tracemalloc
-
     data = _png_with_header_size(60_000, 60_000)  # 3.6 GP: 10 GB as RGB
     tracemalloc.start()
     with pytest.raises(ImageDecodeError, match="too large"):
@@ -178,3 +216,135 @@ def test_bomb_is_refused_before_any_pixel_is_allocated():
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 5_000_000
+
+
+def test_the_decoded_size_budget_is_read_from_the_header():
+    rgb16 = encode(np.stack([gradient(200, 200, np.uint16, high=60000)] * 3, axis=2), ".png")
+    assert decode_image(rgb16, "ok.png").shape == (200, 200, 3)
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(rgb16, "x.png", max_decoded_bytes=200_000)
+    assert caught.value.reason == (
+        "too large to decode: 200x200, 3 samples of 16 bits need 240000 bytes, over the budget of 200000 bytes"
+    )
+    assert MAX_DECODED_BYTES >= 4280 * 3520 * 3 * 2  # the largest real CXR (16-bit RGB) fits
+
+
+# --- hostile inputs ---------------------------------------------------------------------------
+
+CASES = {name: (data, reason) for name, data, reason in decoder_cases()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_case_decodes_or_is_rejected_with_its_reason(name):
+    data, reason = CASES[name]
+    if not reason:
+        pixels = decode_image(data, f"s3://incoming/{name}")
+        assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8
+        return
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(data, f"s3://incoming/{name}")
+    assert reason in caught.value.reason
+    assert caught.value.uri == f"s3://incoming/{name}"
+    for part in PATIENT_NAME.split("^"):
+        assert part not in caught.value.reason
+
+
+def test_hostile_cases_are_small_unique_and_realistically_named():
+    cases = decoder_cases()
+    names = [name for name, _, _ in cases]
+    assert len(names) == len(set(names)) >= 30
+    assert all(len(data) < 5_000_000 for _, data, _ in cases)
+    assert sum(1 for _, _, reason in cases if not reason) >= 2
+    suffixes = {Path(name).suffix for name in names}
+    assert suffixes == {".dcm", ".png", ".jpg", ".tif", ""}
+
+
+def test_decoder_messages_stay_off_stderr_but_other_output_passes(capfd):
+    with pytest.raises(ImageDecodeError, match="truncated JPEG"):
+        decode_image(CASES["half-with-end-marker.jpg"][0], "cut.jpg")
+    assert capfd.readouterr().err == ""
+
+    def decode_while_someone_else_writes() -> None:
+        os.write(2, b"Corrupt JPEG data: premature end of data segment\n")
+        os.write(2, b"a log line from another thread\n")
+
+    images._with_decoder_messages(decode_while_someone_else_writes)
+    assert capfd.readouterr().err == "a log line from another thread\n"
+
+
+def test_concurrent_decodes_each_get_their_own_reason():
+    names = ["valid-chest.jpg", "half-with-end-marker.jpg", "cut.jpg", "valid-chest.png", "cut.png"] * 6
+    outcomes: dict[int, str] = {}
+
+    def decode(index: int, name: str) -> None:
+        try:
+            decode_image(CASES[name][0], name)
+            outcomes[index] = ""
+        except ImageDecodeError as error:
+            outcomes[index] = error.reason
+
+    threads = [threading.Thread(target=decode, args=(i, name)) for i, name in enumerate(names)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, name in enumerate(names):
+        expected = CASES[name][1]
+        assert (expected in outcomes[index]) if expected else outcomes[index] == "", name
+
+
+@pytest.mark.parametrize(
+    "failure, reason",
+    [
+        (MemoryError(), "out of memory while decoding: not decoded"),
+        (cv2.error("boom"), "the decoder failed on this file (cv2.error)"),
+        (RecursionError(), "the decoder failed on this file (RecursionError)"),
+    ],
+)
+def test_whatever_a_decoder_raises_becomes_a_reason(monkeypatch, failure, reason):
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(images.cv2, "imdecode", fail)
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(encode(gradient(), ".png"), "x.png")
+    assert caught.value.reason == reason
+
+
+def _mutations(seed: bytes, rng: np.random.Generator, count: int):
+    """Bit flips, truncations and insertions of random bytes, the damage transfers and disks do."""
+    for _ in range(count):
+        data = bytearray(seed)
+        kind = rng.integers(3)
+        if kind == 0:
+            for _ in range(rng.integers(1, 9)):
+                data[rng.integers(len(data))] ^= 1 << int(rng.integers(8))
+        elif kind == 1:
+            del data[rng.integers(len(data)) :]
+        else:
+            at = int(rng.integers(len(data) + 1))
+            data[at:at] = rng.bytes(int(rng.integers(1, 17)))
+        yield bytes(data)
+
+
+def test_fuzzed_files_decode_or_are_rejected_never_anything_else():
+    seeds = {
+        "fuzz.dcm": dicom_bytes(radiograph()),
+        "fuzz.png": encode(textured(96, 128), ".png"),
+        "fuzz.jpg": encode(textured(96, 128), ".jpg"),
+        "fuzz.tif": encode(gradient(96, 128, np.uint16, high=60000), ".tif"),
+    }
+    rng = np.random.default_rng(12)
+    outcomes = {"decoded": 0, "rejected": 0}
+    for name, seed in seeds.items():
+        for number, data in enumerate(_mutations(seed, rng, 100)):
+            try:
+                pixels = decode_image(data, name, max_pixels=4_000_000, max_decoded_bytes=16 << 20)
+            except ImageDecodeError:
+                outcomes["rejected"] += 1
+                continue
+            except BaseException as error:  # the contract under test: nothing else may escape
+                pytest.fail(f"{name} mutation {number}: {type(error).__name__} escaped the decoder")
+            assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8, (name, number)
+            outcomes["decoded"] += 1
+    assert outcomes["rejected"] > 200 and outcomes["decoded"] > 20  # both paths exercised
