@@ -47,7 +47,6 @@ _VOI_FUNCTIONS = {"LINEAR", "LINEAR_EXACT", "SIGMOID"}
 _HEADER_ALLOWANCE = 16 * 1024 * 1024
 _INFLATE_INPUT = 1 << 20  # deflated bytes fed per step
 _INFLATE_OUTPUT = 16 << 20  # most inflated bytes produced per step
-_COUNT_BLOCK = 1 << 22  # pixels counted per step when finding the values present
 
 
 @dataclass(frozen=True)
@@ -279,6 +278,7 @@ def _pixel_array(dataset: Dataset, transfer_syntax: UID | None, layout: _Layout,
             )
     try:
         pixels = dataset.pixel_array
+        del dataset.PixelData  # its bytes are no longer needed: free them before the conversions
     except DECODER_FAILURES as error:
         raise ImageDecodeError(uri, f"truncated or corrupt DICOM pixel data ({error_kind(error)})") from None
     expected = (layout.rows, layout.columns) + ((3,) if layout.samples == 3 else ())
@@ -288,12 +288,11 @@ def _pixel_array(dataset: Dataset, transfer_syntax: UID | None, layout: _Layout,
 
 
 def _present(index: np.ndarray, size: int) -> np.ndarray:
-    """Which table entries the image uses, counted a block at a time (bincount widens to int64)."""
-    counts = np.zeros(size, np.int64)
-    flat = index.reshape(-1)
-    for start in range(0, flat.size, _COUNT_BLOCK):
-        counts += np.bincount(flat[start : start + _COUNT_BLOCK], minlength=size)
-    return counts > 0
+    """Which table entries the image uses (marking them makes no copy of the image; bincount would
+    widen every index to int64)."""
+    present = np.zeros(size, bool)
+    present[index] = True
+    return present
 
 
 def _table_to_uint8(values: np.ndarray, present: np.ndarray, uri: str) -> np.ndarray:

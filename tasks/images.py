@@ -69,22 +69,9 @@ _SIGNATURES = {
 # file becomes that file's reason instead of ending the run. Listed rather than ``Exception`` so
 # that a NameError or ImportError in our own code still fails loudly.
 DECODER_FAILURES = (
-    ArithmeticError,
-    AssertionError,
-    AttributeError,
-    BufferError,
-    EOFError,
-    LookupError,
-    NotImplementedError,
-    OSError,
-    RuntimeError,
-    SyntaxError,
-    TypeError,
-    ValueError,
-    struct.error,
-    zlib.error,
-    cv2.error,
-)
+    ArithmeticError, AssertionError, AttributeError, BufferError, EOFError, LookupError, NotImplementedError,
+    OSError, RuntimeError, SyntaxError, TypeError, ValueError, struct.error, zlib.error, cv2.error,
+)  # fmt: skip
 
 
 class ImageDecodeError(ValueError):
@@ -282,20 +269,29 @@ def _unidentified_reason(data: bytes) -> str:
 
 
 def _png_header_damage(data: bytes) -> str:
-    chunk = data[12:16]
-    if chunk != b"IHDR" or data[8:12] != b"\x00\x00\x00\x0d":
-        return "damaged PNG header: the first chunk is not a valid IHDR"
-    if len(data) < 33:
-        return "damaged PNG header: the file ends inside the IHDR chunk"
-    stored = struct.unpack(">I", data[29:33])[0]
-    if zlib.crc32(data[12:29]) & 0xFFFFFFFF != stored:
-        return "damaged PNG header: the IHDR chunk fails its checksum"
-    return "damaged PNG header: the IHDR chunk holds invalid values"
+    """Pillow checks every chunk's CRC up to the image data and then gives no reason: find which."""
+    if data[12:16] != b"IHDR":
+        return "damaged PNG header: the first chunk is not IHDR"
+    position = 8
+    while position + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        end = position + 12 + length
+        if end > len(data):
+            return "truncated PNG: the file ends inside its header"
+        (stored,) = struct.unpack(">I", data[end - 4 : end])
+        if zlib.crc32(data[position + 4 : end - 4]) & 0xFFFFFFFF != stored:
+            where = "the IHDR chunk" if kind == b"IHDR" else "a chunk before the image data"
+            return f"damaged PNG header: {where} fails its checksum"
+        if kind == b"IDAT":
+            break
+        position = end
+    return "damaged PNG header: its chunks hold invalid values"
 
 
 # libjpeg, libpng and libtiff report damage as lines on stderr (warnings for JPEG, where libjpeg
-# pads the missing part with grey and carries on): the first phrase found decides the reason. They hold
-# numbers at most, never file content, but the reasons below are our own words anyway.
+# pads the missing part with grey and carries on; a CRC error in an ancillary PNG chunk is also only
+# a warning): the first phrase found decides the reason. The lines hold chunk names and numbers at
+# most, but a reason uses only our own words.
 _DAMAGE_PHRASES = {
     "JPEG": (
         ("Premature end of JPEG file", "truncated JPEG: the file ends before the image does"),
@@ -311,7 +307,7 @@ _DAMAGE_PHRASES = {
     "PNG": (
         ("input buffer is incomplete", "truncated PNG: the file ends before the image does"),
         ("Not enough image data", "truncated PNG: the image data ends before the image does"),
-        ("IHDR", "damaged PNG header"),
+        ("libpng error: IHDR", "damaged PNG header"),
         ("CRC error", "corrupt PNG: a chunk fails its checksum"),
         ("libpng error", "corrupt PNG: the compressed image data is damaged"),
     ),

@@ -1,51 +1,32 @@
-"""DICOM written by pydicom in the test: display transforms, compression, and refusals."""
+"""DICOM written by pydicom in the test: display transforms, compression, refusals, hostile headers."""
 
 from __future__ import annotations
 
 import io
+import logging
+import tracemalloc
+import warnings
 
 import cv2
 import numpy as np
+import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import (
-    DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGLSLossless,
-    RLELossless,
-    generate_uid,
-)
+from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
 from tasks.images import ImageDecodeError, decode_image
-
-ROWS, COLUMNS = 80, 100
-
-
-def ramp(low: int, high: int) -> np.ndarray:
-    return np.tile(np.linspace(low, high, COLUMNS), (ROWS, 1)).round().astype(np.uint16)
-
-
-def dicom_bytes(dataset: Dataset, preamble: bool = True) -> bytes:
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=preamble)
-    return buffer.getvalue()
-
-
-def radiograph(
-    pixels: np.ndarray | None = None, photometric: str = "MONOCHROME2", bits_stored: int = 16
-) -> Dataset:
-    pixels = ramp(0, 4000) if pixels is None else pixels
-    dataset = Dataset()
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.SOPClassUID = DigitalXRayImageStorageForPresentation
-    dataset.SOPInstanceUID = generate_uid()
-    dataset.Modality = "DX"
-    dataset.set_pixel_data(pixels, photometric_interpretation=photometric, bits_stored=bits_stored)
-    return dataset
+from tests.hostile_files import (
+    COLUMNS,
+    PATIENT_NAME,
+    ROWS,
+    _deflate_bomb,
+    _deflated,
+    dicom_bytes,
+    radiograph,
+    ramp,
+)
 
 
 def gray(dataset: Dataset, name: str = "x.dcm") -> np.ndarray:
@@ -152,7 +133,7 @@ def test_non_image_dicom_is_rejected():
 
 def test_truncated_pixel_data_is_rejected():
     data = dicom_bytes(radiograph())
-    with pytest.raises(ImageDecodeError, match="DICOM"):
+    with pytest.raises(ImageDecodeError, match=r"truncated DICOM: element \(7FE0,0010\) declares 16000 bytes"):
         decode_image(data[: len(data) - 5000], "cut.dcm")
 
 
@@ -161,3 +142,139 @@ def test_oversized_dicom_is_refused_from_its_header():
     dataset.Rows, dataset.Columns = 50_000, 50_000  # pixel data unchanged: the header lies
     with pytest.raises(ImageDecodeError, match="too large: 50000x50000"):
         decode_image(dicom_bytes(dataset), "huge.dcm")
+
+
+# --- hostile headers (the rest are in tests/hostile_files.py) ----------------------------------
+
+
+def rejected(dataset_or_bytes: Dataset | bytes, name: str = "x.dcm", **limits: int) -> str:
+    data = dataset_or_bytes if isinstance(dataset_or_bytes, bytes) else dicom_bytes(dataset_or_bytes)
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(data, name, **limits)
+    return caught.value.reason
+
+
+def test_deflated_decodes_like_uncompressed():
+    assert np.array_equal(gray(radiograph()), decode_image(_deflated(radiograph()), "d.dcm")[..., 0])
+
+
+def test_deflate_bomb_is_refused_in_bounded_steps():
+    bomb = _deflate_bomb()  # 1.1 MB that inflates to 1.1 GB
+    tracemalloc.start()
+    reason = rejected(bomb, max_decoded_bytes=8 << 20)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert reason == "deflated DICOM inflates to more than 24 MiB: refused before parsing it"
+    assert peak < 64_000_000
+
+
+def test_truncated_deflate_stream_is_named():
+    data = _deflated(radiograph())
+    assert rejected(data[:-200]) == "truncated deflated DICOM: the compressed data set ends early"
+
+
+def test_header_text_reaches_no_reason_warning_log_or_stderr(caplog, capfd):
+    hostile = [radiograph() for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns while the test writes them
+        hostile[0].PhotometricInterpretation = PATIENT_NAME
+        hostile[1].add_new(0x00280008, "LO", PATIENT_NAME)  # NumberOfFrames, as text (implicit VR below)
+        hostile[2].WindowCenter, hostile[2].WindowWidth, hostile[2].VOILUTFunction = 100, 50, PATIENT_NAME
+        hostile[3].add_new(0x00281053, "LO", PATIENT_NAME)  # RescaleSlope
+        files = [dicom_bytes(dataset, implicit=index in (1, 3)) for index, dataset in enumerate(hostile)]
+    capfd.readouterr()
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="pydicom")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reasons = [rejected(data) for data in files]
+    output = capfd.readouterr()
+    said = " ".join([*reasons, caplog.text, output.out, output.err, *(str(w.message) for w in caught)])
+    for part in PATIENT_NAME.split("^"):
+        assert part not in said
+    assert reasons[0] == "unsupported DICOM photometric interpretation (non-standard value)"
+    assert reasons[1] == "invalid DICOM NumberOfFrames: not an integer"
+    assert reasons[2] == "unsupported DICOM VOI LUT function (non-standard value)"
+    assert reasons[3] == "invalid DICOM RescaleSlope: not a number"
+
+
+def test_decoding_leaves_warning_filters_and_the_pydicom_logger_as_they_were():
+    filters, logger_filters = list(warnings.filters), list(logging.getLogger("pydicom").filters)
+    gray(radiograph())
+    broken = radiograph()
+    broken.BitsAllocated = 7
+    rejected(broken)
+    assert warnings.filters == filters and logging.getLogger("pydicom").filters == logger_filters
+
+
+def test_unregistered_uids_are_not_echoed():
+    dataset = radiograph()
+    dataset.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.99.1"
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    assert rejected(buffer.getvalue()) == "unsupported DICOM transfer syntax (non-standard UID)"
+    dataset = radiograph()
+    dataset.SOPClassUID = "1.2.826.0.1.3680043.99.2"
+    del dataset.PixelData
+    assert rejected(dataset) == "DICOM without pixel data: not an image"
+
+
+def test_signed_pixels_keep_their_order():
+    pixels = (ramp(0, 4000).astype(np.int32) - 2000).astype(np.int16)
+    dataset = radiograph(pixels)
+    assert dataset.PixelRepresentation == 1
+    values = gray(dataset)
+    assert values[0, 0] == 0 and values[0, -1] == 255 and (np.diff(values[0]) >= 0).all()
+
+
+def test_rescale_overflowing_to_inf_is_named():
+    dataset = radiograph()
+    dataset.RescaleSlope, dataset.RescaleIntercept = "1e305", 0
+    assert rejected(dataset) == "non-finite pixel values after the DICOM rescale or window"
+
+
+def test_broken_modality_lut_is_named():
+    dataset = radiograph(ramp(0, 255), bits_stored=8)
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 16]
+    item.add_new(0x00283006, "OW", bytes(100))
+    dataset.ModalityLUTSequence = Sequence([item])
+    assert rejected(dataset) == "broken modality LUT: the descriptor says 256 entries, the table holds 50"
+
+
+def test_palette_colour_is_applied_not_shown_as_grey_indices():
+    dataset = radiograph(ramp(0, 255).astype(np.uint8), photometric="PALETTE COLOR", bits_stored=8)
+    rising = np.linspace(0, 65535, 256).astype("<u2")
+    for channel, table in (("Red", rising), ("Green", rising[::-1]), ("Blue", np.zeros(256, "<u2"))):
+        setattr(dataset, f"{channel}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(dataset, f"{channel}PaletteColorLookupTableData", table.tobytes())
+    pixels = decode_image(dicom_bytes(dataset), "palette.dcm")
+    assert pixels[0, 0].tolist() == [0, 255, 0] and pixels[0, -1].tolist() == [255, 0, 0]
+
+
+def test_segmented_palette_is_refused():
+    dataset = radiograph(ramp(0, 255).astype(np.uint8), photometric="PALETTE COLOR", bits_stored=8)
+    dataset.SegmentedRedPaletteColorLookupTableData = bytes(8)
+    assert rejected(dataset) == "segmented PALETTE COLOR lookup tables are not supported"
+
+
+def test_sixteen_bit_display_makes_no_float_copy_of_the_image():
+    side = 2000
+    pixels = np.tile(np.linspace(0, 4000, side), (side, 1)).round().astype(np.uint16)  # 8 MB
+    dataset = radiograph(pixels)
+    dataset.RescaleSlope, dataset.RescaleIntercept = 0.5, -100  # float64 in pydicom: 32 MB a copy
+    dataset.WindowCenter, dataset.WindowWidth = 900, 1200
+    data = dicom_bytes(dataset)
+    tracemalloc.start()
+    decoded = decode_image(data, "big.dcm")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert decoded.shape == (side, side, 3)
+    # The pixel data read, the decoded array, the uint8 image and its RGB copy: about 6 bytes a pixel.
+    assert peak < 7 * side * side
+
+
+def test_pixel_data_that_is_not_bytes_is_refused():
+    dataset = radiograph()
+    dataset.add_new(0x7FE00010, "SQ", Sequence([Dataset()]))
+    assert rejected(dataset) == "corrupt DICOM pixel data element (not a byte string)"
