@@ -73,6 +73,8 @@ def decode_dicom(
     transfer_syntax = _transfer_syntax(dataset, uri)
     if transfer_syntax is None or not transfer_syntax.is_encapsulated:
         _check_native_length(dataset, layout, uri)
+    else:
+        _check_encapsulated_frames(dataset, layout, uri)
     pixels = _pixel_array(dataset, transfer_syntax, layout, uri)
     if layout.photometric == _PALETTE:
         return _palette_to_rgb(pixels, dataset, uri)
@@ -110,13 +112,16 @@ def _inflate(deflated: memoryview, limit: int, uri: str) -> io.BytesIO:
     inflated = io.BytesIO()
     for start in range(0, len(deflated), _INFLATE_INPUT):
         pending: bytes | memoryview = deflated[start : start + _INFLATE_INPUT]
-        while pending and not inflater.eof:
-            inflated.write(inflater.decompress(pending, _INFLATE_OUTPUT))
+        while not inflater.eof:
+            piece = inflater.decompress(pending, _INFLATE_OUTPUT)
+            inflated.write(piece)
             if inflated.tell() > limit:
                 raise ImageDecodeError(
                     uri, f"deflated DICOM inflates to more than {limit / 2**20:.0f} MiB: refused before parsing it"
                 )
             pending = inflater.unconsumed_tail
+            if not pending and len(piece) < _INFLATE_OUTPUT:
+                break  # this input is used up and zlib holds no output back
         if inflater.eof:
             break
     if not inflater.eof:
@@ -261,6 +266,30 @@ def _check_native_length(dataset: Dataset, layout: _Layout, uri: str) -> None:
             uri,
             f"DICOM pixel data holds {len(value)} bytes, {len(value) // frame} frames of {frame} bytes "
             f"for {size}, but NumberOfFrames is {stated}: not guessing which frame to show",
+        )
+
+
+def _check_encapsulated_frames(dataset: Dataset, layout: _Layout, uri: str) -> None:
+    """Compressed frames are listed in the offset tables, when there are any (they are optional):
+    more than one entry is a multi-frame image whose NumberOfFrames is missing."""
+    from pydicom.encaps import parse_basic_offsets
+
+    value = _value(dataset, "PixelData", uri)
+    if not isinstance(value, (bytes, bytearray)):
+        raise ImageDecodeError(uri, "corrupt DICOM pixel data element (not a byte string)")
+    try:
+        frames = len(parse_basic_offsets(value))
+    except DECODER_FAILURES as error:
+        raise ImageDecodeError(uri, f"corrupt compressed DICOM pixel data ({error_kind(error)})") from None
+    extended = _value(dataset, "ExtendedOffsetTable", uri)
+    if isinstance(extended, bytes):
+        frames = max(frames, len(extended) // 8)
+    if frames > 1:
+        stated = "1" if layout.frames_stated else "absent"
+        raise ImageDecodeError(
+            uri,
+            f"compressed DICOM pixel data lists {frames} frames in its offset table, but NumberOfFrames "
+            f"is {stated}: not guessing which frame to show",
         )
 
 

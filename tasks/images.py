@@ -313,12 +313,13 @@ _DAMAGE_PHRASES = {
     ),
     "TIFF": (
         ("Not enough data at scanline", "truncated TIFF: a strip ends before its rows do"),
-        ("Read error on strip", "truncated or corrupt TIFF: a strip cannot be read"),
+        ("Read error on strip", "truncated or corrupt TIFF: a strip cannot be read in full"),
+        ("Read error at scanline", "truncated or corrupt TIFF: a strip cannot be read in full"),
         ("TIFF_Error", "corrupt TIFF data"),
     ),
 }
-# Lines that are the decoders' own (libjpeg, libpng, libtiff directly or through OpenCV's logger).
-_DECODER_LINE_MARKS = ("JPEG", "libpng", "TIFF", "grfmt_", "tempfile.tif", "Decode: ")
+# Lines that are the decoders' own: libjpeg, libpng and libtiff directly, or through OpenCV's logger.
+_DECODER_LINE_MARKS = ("JPEG", "libpng", "TIFF", "] global ", "tempfile.tif", "Decode: ")
 
 _T = TypeVar("_T")
 _stderr_lock = threading.Lock()

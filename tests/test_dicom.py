@@ -124,6 +124,22 @@ def test_multi_frame_is_rejected():
         decode_image(dicom_bytes(dataset), "cine.dcm")
 
 
+def test_compressed_frames_without_number_of_frames_are_rejected():
+    pixels = ramp(0, 255).astype(np.uint8)
+    dataset = radiograph(pixels, bits_stored=8)
+    frame = cv2.imencode(".jpg", pixels)[1].tobytes()
+    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.PixelData = encapsulate([frame, frame])  # the offset table lists both
+    dataset["PixelData"].VR = "OB"
+    dataset["PixelData"].is_undefined_length = True
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(dicom_bytes(dataset), "two.dcm")
+    assert caught.value.reason == (
+        "compressed DICOM pixel data lists 2 frames in its offset table, but NumberOfFrames is absent: "
+        "not guessing which frame to show"
+    )
+
+
 def test_non_image_dicom_is_rejected():
     dataset = radiograph()
     del dataset.PixelData
