@@ -46,7 +46,7 @@ _VOI_FUNCTIONS = {"LINEAR", "LINEAR_EXACT", "SIGMOID"}
 # A deflated data set is the pixels plus the rest of the header; this much header is plenty.
 _HEADER_ALLOWANCE = 16 * 1024 * 1024
 _INFLATE_INPUT = 1 << 20  # deflated bytes fed per step
-_INFLATE_OUTPUT = 16 << 20  # most inflated bytes produced per step
+_INFLATE_OUTPUT = 4 << 20  # most inflated bytes produced per step
 
 
 @dataclass(frozen=True)
