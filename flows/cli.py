@@ -175,11 +175,15 @@ def screen(
     chunk_size: int = _option(ScreenParameters, "chunk_size"),
     limit: int | None = _option(ScreenParameters, "limit"),
     explain: str = _option(ScreenParameters, "explain"),
+    max_file_bytes: int = _option(ScreenParameters, "max_file_bytes"),
+    decode_timeout_seconds: float = _option(ScreenParameters, "decode_timeout_seconds"),
+    abandoned_after_minutes: float = _option(ScreenParameters, "abandoned_after_minutes"),
 ) -> None:
     """Screen the images not yet screened by the model, and write predictions and a report."""
     params = _validated(ScreenParameters, incoming_uri=incoming_uri, results_uri=results, model_store_uri=model_store,
                         model_version=model_version, batch_size=batch_size, chunk_size=chunk_size, limit=limit,
-                        explain=explain)
+                        explain=explain, max_file_bytes=max_file_bytes, decode_timeout_seconds=decode_timeout_seconds,
+                        abandoned_after_minutes=abandoned_after_minutes)
     lifeline.arm()
     from flows import screen as screening
 

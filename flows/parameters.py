@@ -36,10 +36,10 @@ class ScreenParameters(_Parameters):
         "flagged", description="Which images get a Grad-CAM overlay and cam_lung_share (a gradient pass each).")
     max_file_bytes: int = Field(
         128 * 1024 * 1024, ge=1024,
-        description="Inputs larger than this (from stat or HEAD, before reading) get a rejected row; "
+        description="Inputs larger than this (from stat, or the S3 object's size, before reading) get a rejected row; "
                     "the largest real CXR files are about 40 MB.")
     decode_timeout_seconds: float = Field(
-        60.0, gt=0, description="An input whose reading and decoding takes longer gets a rejected row.")
+        60.0, gt=0, description="An input whose decoding takes longer is stopped and gets a rejected row.")
     abandoned_after_minutes: float = Field(
         30.0, gt=0, description="A run whose lease was not renewed for this long is taken for dead and its rows "
                                 "published (at once when Prefect already shows its flow run as finished).")
