@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -37,6 +38,8 @@ from tasks.images import (
 
 __all__ = ["decode_dicom"]
 
+# pydicom's own exceptions derive from Exception alone; its messages quote element values.
+_FAILURES = (*DECODER_FAILURES, BytesLengthException, InvalidDicomError)
 _GRAY = {"MONOCHROME1", "MONOCHROME2"}
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422"}
 _PALETTE = "PALETTE COLOR"
@@ -63,6 +66,13 @@ def decode_dicom(
     data: bytes, uri: str, max_pixels: int = MAX_PIXELS, max_decoded_bytes: int = MAX_DECODED_BYTES
 ) -> np.ndarray:
     """A 2-D uint8 array (grayscale) or an ``(h, w, 3)`` uint8 RGB array from DICOM bytes."""
+    try:
+        return _decode(data, uri, max_pixels, max_decoded_bytes)
+    except (BytesLengthException, InvalidDicomError) as error:  # wherever else pydicom raises them
+        raise ImageDecodeError(uri, f"corrupt DICOM ({error_kind(error)})") from None
+
+
+def _decode(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: int) -> np.ndarray:
     dataset = _read(data, uri, max_decoded_bytes + _HEADER_ALLOWANCE)
     _check_element_lengths(dataset, uri)
     if "PixelData" not in dataset:
@@ -103,7 +113,7 @@ def _read(data: bytes, uri: str, inflate_limit: int) -> Dataset:
         return dataset
     except ImageDecodeError:
         raise
-    except DECODER_FAILURES as error:
+    except _FAILURES as error:
         raise ImageDecodeError(uri, f"corrupt DICOM: the data set cannot be parsed ({error_kind(error)})") from None
 
 
@@ -133,7 +143,8 @@ def _inflate(deflated: memoryview, limit: int, uri: str) -> io.BytesIO:
 def _check_element_lengths(dataset: Dataset, uri: str) -> None:
     """pydicom keeps an element whose declared length runs past the end of the file, cut short
     and without a word; the file is truncated (or the length is a lie) either way."""
-    for element in dataset.elements():  # raw elements, not converted
+    for tag in dataset.keys():
+        element = dataset.get_item(tag, keep_deferred=True)  # as read: converting could raise
         length, value = getattr(element, "length", None), getattr(element, "value", None)
         if isinstance(value, bytes) and isinstance(length, int) and length != 0xFFFFFFFF and len(value) < length:
             tag = int(element.tag)
@@ -170,7 +181,7 @@ def _value(dataset: Dataset, keyword: str, uri: str) -> object | None:
     """An element's value, None when absent or empty; values are converted lazily, so this raises."""
     try:
         value = dataset.get(keyword)
-    except DECODER_FAILURES as error:
+    except _FAILURES as error:
         raise ImageDecodeError(uri, f"unreadable DICOM {keyword} ({error_kind(error)})") from None
     return None if value is None or (isinstance(value, (str, bytes)) and not value) else value
 
@@ -279,7 +290,7 @@ def _check_encapsulated_frames(dataset: Dataset, layout: _Layout, uri: str) -> N
         raise ImageDecodeError(uri, "corrupt DICOM pixel data element (not a byte string)")
     try:
         frames = len(parse_basic_offsets(value))
-    except DECODER_FAILURES as error:
+    except _FAILURES as error:
         raise ImageDecodeError(uri, f"corrupt compressed DICOM pixel data ({error_kind(error)})") from None
     extended = _value(dataset, "ExtendedOffsetTable", uri)
     if isinstance(extended, bytes):
@@ -299,7 +310,7 @@ def _pixel_array(dataset: Dataset, transfer_syntax: UID | None, layout: _Layout,
     if transfer_syntax is not None and transfer_syntax.is_encapsulated:
         try:
             available = get_decoder(transfer_syntax).is_available
-        except NotImplementedError:
+        except _FAILURES:  # no decoder exists for this syntax at all
             available = False
         if not available:
             raise ImageDecodeError(
@@ -308,7 +319,7 @@ def _pixel_array(dataset: Dataset, transfer_syntax: UID | None, layout: _Layout,
     try:
         pixels = dataset.pixel_array
         del dataset.PixelData  # its bytes are no longer needed: free them before the conversions
-    except DECODER_FAILURES as error:
+    except _FAILURES as error:
         raise ImageDecodeError(uri, f"truncated or corrupt DICOM pixel data ({error_kind(error)})") from None
     expected = (layout.rows, layout.columns) + ((3,) if layout.samples == 3 else ())
     if pixels.shape != expected or pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2:
@@ -344,7 +355,7 @@ def _display_gray(pixels: np.ndarray, dataset: Dataset, uri: str, invert: bool) 
     index, stored = lookup_domain(pixels)
     try:
         values = np.array(apply_voi_lut(apply_modality_lut(stored, dataset), dataset), dtype=np.float64)
-    except DECODER_FAILURES as error:
+    except _FAILURES as error:
         raise ImageDecodeError(
             uri, f"the DICOM display transform (rescale, LUT or window) cannot be applied ({error_kind(error)})"
         ) from None
@@ -425,7 +436,7 @@ def _palette_to_rgb(pixels: np.ndarray, dataset: Dataset, uri: str) -> np.ndarra
     index, stored = lookup_domain(pixels)
     try:
         colours = apply_color_lut(stored, dataset)[:, :3]
-    except DECODER_FAILURES as error:
+    except _FAILURES as error:
         raise ImageDecodeError(uri, f"broken PALETTE COLOR lookup table ({error_kind(error)})") from None
     if colours.dtype != np.uint8:
         present = _present(index, len(stored))

@@ -21,7 +21,7 @@ import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import cv2
 import numpy as np
@@ -186,6 +186,8 @@ def _decode_raster(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: in
         )
     check_size(uri, header.width, header.height, max_pixels)
     check_decoded_bytes(uri, header.width, header.height, header.samples, header.bits, max_decoded_bytes)
+    if header.image_format == "PNG" and (problem := _png_chunk_problem(data)) is not None:
+        raise ImageDecodeError(uri, problem)
     # ANYDEPTH keeps 16-bit samples; ANYCOLOR keeps grayscale as one channel and drops alpha;
     # both, unlike IMREAD_UNCHANGED, apply the EXIF orientation.
     flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
@@ -270,22 +272,29 @@ def _unidentified_reason(data: bytes) -> str:
 
 def _png_header_damage(data: bytes) -> str:
     """Pillow checks every chunk's CRC up to the image data and then gives no reason: find which."""
+    return _png_chunk_problem(data, checksums=True) or "damaged PNG header: its chunks hold invalid values"
+
+
+def _png_chunk_problem(data: bytes, checksums: bool = False) -> str | None:
+    """What is wrong with the chunk structure, if anything. OpenCV allocates a chunk's declared
+    length before reading it (6 KB declaring a 4 GB IDAT cost 4 GB), so lengths are checked
+    against the file first; ``checksums`` also checks the CRCs up to the image data, as Pillow does."""
     if data[12:16] != b"IHDR":
         return "damaged PNG header: the first chunk is not IHDR"
-    position = 8
+    position, in_header = 8, True
     while position + 12 <= len(data):
         length, kind = struct.unpack(">I4s", data[position : position + 8])
         end = position + 12 + length
         if end > len(data):
-            return "truncated PNG: the file ends inside its header"
-        (stored,) = struct.unpack(">I", data[end - 4 : end])
-        if zlib.crc32(data[position + 4 : end - 4]) & 0xFFFFFFFF != stored:
+            return f"truncated PNG: a chunk declares {length} bytes, only {len(data) - position - 12} remain in the file"
+        in_header = in_header and kind != b"IDAT"
+        if checksums and in_header and zlib.crc32(data[position + 4 : end - 4]) != int.from_bytes(data[end - 4 : end]):
             where = "the IHDR chunk" if kind == b"IHDR" else "a chunk before the image data"
             return f"damaged PNG header: {where} fails its checksum"
-        if kind == b"IDAT":
-            break
+        if kind == b"IEND":
+            return None
         position = end
-    return "damaged PNG header: its chunks hold invalid values"
+    return None  # no IEND: libpng tells a truncated file from trailing junk
 
 
 # libjpeg, libpng and libtiff report damage as lines on stderr (warnings for JPEG, where libjpeg
@@ -318,8 +327,14 @@ _DAMAGE_PHRASES = {
         ("TIFF_Error", "corrupt TIFF data"),
     ),
 }
-# Lines that are the decoders' own: libjpeg, libpng and libtiff directly, or through OpenCV's logger.
-_DECODER_LINE_MARKS = ("JPEG", "libpng", "TIFF", "] global ", "tempfile.tif", "Decode: ")
+# Lines that are the decoders' own: libjpeg, libpng and libtiff directly, or through OpenCV's
+# logger. Any other line written during a decode (another thread's) is passed on to stderr.
+_DECODER_LINE_MARKS = (
+    "JPEG", "JFIF", "Adobe", "progression", "SOS", "scanlines", "libpng", "TIFF", "] global ", "tempfile.tif",
+    "Decode: ", "PredictorSetup: ",
+)  # fmt: skip
+
+_ALL_PHRASES = tuple(phrase for phrases in _DAMAGE_PHRASES.values() for phrase, _ in phrases)
 
 _T = TypeVar("_T")
 _stderr_lock = threading.Lock()
@@ -330,12 +345,24 @@ def _damage(image_format: str, messages: str) -> str | None:
     return next((reason for phrase, reason in phrases if phrase in messages), None)
 
 
+def _message_sink() -> BinaryIO:
+    # In memory where the platform allows: a full disk must not turn every image into a rejection.
+    if hasattr(os, "memfd_create"):
+        return os.fdopen(os.memfd_create("decoder-messages"), "w+b")
+    return tempfile.TemporaryFile()
+
+
+def _is_decoder_line(line: str) -> bool:
+    # OpenCV continues a multi-line error with "> "
+    return line.startswith("> ") or any(mark in line for mark in _DECODER_LINE_MARKS + _ALL_PHRASES)
+
+
 def _with_decoder_messages(decode: Callable[[], _T]) -> tuple[_T, str]:
     """Run ``decode`` with the process' stderr (fd 2) captured: libjpeg and libpng write their
     warnings there and nowhere else, and OpenCV offers no hook. Decodes that capture are serialised
     (a lock) so that messages are never attributed to the wrong file; lines from anything else that
     wrote meanwhile are passed on to the real stderr."""
-    with _stderr_lock, tempfile.TemporaryFile() as sink:
+    with _stderr_lock, _message_sink() as sink:
         sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(sink.fileno(), 2)
@@ -346,11 +373,7 @@ def _with_decoder_messages(decode: Callable[[], _T]) -> tuple[_T, str]:
             os.close(saved)
         sink.seek(0)
         text = sink.read(1 << 16).decode("utf-8", "replace")
-    others = [
-        line
-        for line in text.splitlines(keepends=True)
-        if line.strip() and not any(mark in line for mark in _DECODER_LINE_MARKS)
-    ]
+    others = [line for line in text.splitlines(keepends=True) if line.strip() and not _is_decoder_line(line)]
     if others:
         sys.stderr.write("".join(others))
     return result, text
@@ -360,19 +383,19 @@ def _with_decoder_messages(decode: Callable[[], _T]) -> tuple[_T, str]:
 
 
 class _QuietDecoders:
-    """While any decode runs, warnings are ignored and pydicom's logger is muted.
+    """While any decode runs, warnings are ignored and pydicom's and Pillow's loggers are muted.
 
-    pydicom's warnings and log lines quote header values (a patient's name among them), so they
-    must not reach logs. ``warnings.catch_warnings`` swaps process-wide state, which concurrent
-    threads would restore under each other: the first decode to start enters it and the last to
-    finish leaves it.
+    Their warnings and log lines can quote header values (a DICOM patient name, a TIFF
+    description), so they must not reach logs. ``warnings.catch_warnings`` swaps process-wide
+    state, which concurrent threads would restore under each other: the first decode to start
+    enters it and the last to finish leaves it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._depth = 0
         self._catcher: warnings.catch_warnings | None = None
-        self._logger = logging.getLogger("pydicom")
+        self._muted: list[logging.Logger] = []
 
     def __enter__(self) -> None:
         with self._lock:
@@ -380,16 +403,31 @@ class _QuietDecoders:
                 self._catcher = warnings.catch_warnings()
                 self._catcher.__enter__()
                 warnings.simplefilter("ignore")
-                self._logger.addFilter(_drop_record)
+                self._muted = _decoder_loggers()
+                for logger in self._muted:
+                    logger.addFilter(_drop_record)
             self._depth += 1
 
     def __exit__(self, *exc_info: object) -> None:
         with self._lock:
             self._depth -= 1
             if self._depth == 0 and self._catcher is not None:
-                self._logger.removeFilter(_drop_record)
+                for logger in self._muted:
+                    logger.removeFilter(_drop_record)
                 self._catcher.__exit__(None, None, None)
                 self._catcher = None
+
+
+def _decoder_loggers() -> list[logging.Logger]:
+    """pydicom logs to one logger; Pillow to one per module, and a filter on a parent logger does
+    not see its children's records, so each is muted (all plugins imported first, so they exist)."""
+    from PIL import Image
+
+    Image.init()
+    names = {"pydicom", "PIL"} | {
+        name for name in logging.root.manager.loggerDict if name.startswith(("pydicom.", "PIL."))
+    }
+    return [logging.getLogger(name) for name in sorted(names)]
 
 
 def _drop_record(record: logging.LogRecord) -> bool:

@@ -121,6 +121,14 @@ def _vr_swapped(tag: int, vr: str, value: object) -> bytes:
     return dicom_bytes(dataset)
 
 
+def _odd_length_rows() -> bytes:
+    """Rows (US, two bytes a value) holding three bytes: pydicom cannot convert it."""
+    data = dicom_bytes(radiograph(), implicit=True)
+    element = struct.pack("<HHI", 0x0028, 0x0010, 2) + struct.pack("<H", ROWS)
+    assert data.count(element) == 1
+    return data.replace(element, struct.pack("<HHI", 0x0028, 0x0010, 3) + struct.pack("<H", ROWS) + b"\x00")
+
+
 def _frames(count: int, stated: int | None) -> bytes:
     dataset = radiograph(np.stack([ramp(0, 4000 - 100 * i) for i in range(count)]))
     if stated is None:
@@ -236,6 +244,14 @@ def _corrupt_idat() -> bytes:
     return bytes(data)
 
 
+def _idat_claiming(length: int) -> bytes:
+    """A small PNG whose IDAT declares ``length`` bytes (OpenCV would allocate them all)."""
+    data = bytearray(encode(textured(96, 128), ".png"))
+    at = data.index(b"IDAT") - 4
+    data[at : at + 4] = struct.pack(">I", length)
+    return bytes(data)
+
+
 def _float_tiff(bad_value: float) -> bytes:
     pixels = gradient(dtype=np.float32, high=1)
     pixels[10, 10] = bad_value
@@ -297,6 +313,7 @@ def _cases() -> list[tuple[str, bytes, str]]:
         ("half-with-end-marker.jpg", jpeg[: len(jpeg) // 2] + b"\xff\xd9", "truncated JPEG"),
         ("cut.jpg", jpeg[: len(jpeg) // 2], "truncated JPEG"),
         ("cut.png", png[: len(png) // 2], "truncated PNG"),
+        ("idat-claims-4gb.png", _idat_claiming(0xFFFFFFFF), "truncated PNG: a chunk declares 4294967295 bytes"),
         ("damaged-ihdr.png", _damaged_ihdr(), "damaged PNG header"),
         ("corrupt-idat.png", _corrupt_idat(), "corrupt PNG"),
         ("rgba16-over-budget.png", _png_with_header(6000, 6000, 16, 6), "too large to decode"),
@@ -331,6 +348,7 @@ def _cases() -> list[tuple[str, bytes, str]]:
         # DICOM: image pixel module
         ("rows-text.dcm", _text_in(0x00280010, "abc"), "invalid DICOM Rows: several values where one is expected"),
         ("rows-as-text.dcm", _vr_swapped(0x00280010, "LO", "abc"), "invalid DICOM Rows: not an integer"),
+        ("IM-ROWS-ODD-LENGTH", _odd_length_rows(), "unreadable DICOM Rows (pydicom.BytesLengthException)"),
         ("rows-zero.dcm", _with(Rows=0), "corrupt header: size 100x0"),
         ("rows-huge.dcm", _with(Rows=65535, Columns=65535), "too large: 65535x65535"),
         ("bits-allocated-0.dcm", _with(BitsAllocated=0), "unsupported DICOM BitsAllocated 0 (expected 8 or 16)"),

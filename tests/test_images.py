@@ -188,7 +188,7 @@ BROKEN = {
     "empty.png": (b"", "empty file"),
     "notes.png": (b"this is a radiology report, not an image\n" * 10, "not an image"),
     "random.jpg": (np.random.default_rng(0).bytes(5000), "not an image"),
-    "truncated.png": (encode(gradient(), ".png")[:300], "truncated PNG: the file ends before the image does"),
+    "truncated.png": (encode(gradient(), ".png")[:300], "truncated PNG: a chunk declares"),
     "truncated.jpg": (encode(gradient(300, 300), ".jpg")[:2000], "truncated JPEG"),
     "corrupt.png": (_corrupt_idat(), "corrupt PNG: the compressed image data is damaged"),
     "tiny.png": (encode(gradient(32, 200), ".png"), "too small: 200x32"),
@@ -216,6 +216,16 @@ def test_bomb_is_refused_before_any_pixel_is_allocated():
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 5_000_000
+
+
+def test_a_chunk_length_past_the_end_is_refused_before_opencv_allocates_it():
+    import resource
+
+    data = CASES["idat-claims-4gb.png"][0]  # 6 KB; OpenCV 5 allocated 4 GB for it
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageDecodeError, match="a chunk declares 4294967295 bytes"):
+        decode_image(data, "x.png")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
 
 
 def test_the_decoded_size_budget_is_read_from_the_header():
