@@ -17,6 +17,7 @@ import zlib
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -31,6 +32,8 @@ from pydicom.uid import (
 __all__ = [
     "PATIENT_NAME",
     "decoder_cases",
+    "deflate_bomb",
+    "deflated_dicom",
     "dicom_bytes",
     "encode",
     "gradient",
@@ -48,7 +51,9 @@ PATIENT_NAME = "DOE^JANE^HOSTILE"
 # --- building blocks --------------------------------------------------------------------------
 
 
-def gradient(height: int = 96, width: int = 128, dtype=np.uint8, high: int = 255, low: int = 0) -> np.ndarray:
+def gradient(
+    height: int = 96, width: int = 128, dtype: npt.DTypeLike = np.uint8, high: float = 255, low: float = 0
+) -> np.ndarray:
     ramp_row = np.linspace(low, high, width, dtype=np.float64)
     return np.tile(ramp_row, (height, 1)).round().astype(dtype)
 
@@ -166,7 +171,7 @@ def _palette(red_entries_held: int | None) -> bytes:
     return dicom_bytes(dataset)
 
 
-def _deflated(dataset: Dataset) -> bytes:
+def deflated_dicom(dataset: Dataset) -> bytes:
     """Deflated Explicit VR Little Endian, written by hand: the data set after the file meta is
     one raw deflate stream."""
     explicit = dicom_bytes(dataset)
@@ -176,7 +181,7 @@ def _deflated(dataset: Dataset) -> bytes:
     return header + packer.compress(explicit[meta_end:]) + packer.flush()
 
 
-def _deflate_bomb(inflated_bytes: int = 1100 << 20) -> bytes:
+def deflate_bomb(inflated_bytes: int = 1100 << 20) -> bytes:
     """About 1 MB that inflates to ``inflated_bytes``: a fully flushed deflate block is
     self-contained, so one block of compressed zeros repeated is a valid stream of many zeros."""
     explicit = dicom_bytes(radiograph())
@@ -304,7 +309,7 @@ def _cases() -> list[tuple[str, bytes, str]]:
         ("valid-chest.png", encode(textured(), ".png"), ""),
         ("valid-chest.jpg", jpeg, ""),
         ("IM-VALID-0001", dicom_bytes(radiograph()), ""),
-        ("valid-deflated.dcm", _deflated(radiograph()), ""),
+        ("valid-deflated.dcm", deflated_dicom(radiograph()), ""),
         # raster
         ("empty.png", b"", "empty file"),
         ("random.jpg", np.random.default_rng(0).bytes(5000), "not an image"),
@@ -364,7 +369,7 @@ def _cases() -> list[tuple[str, bytes, str]]:
          "broken PALETTE COLOR red lookup table: the descriptor says 256 entries, the table holds 200 bytes"),
         ("palette-missing.dcm", _palette(red_entries_held=None), "PALETTE COLOR without its red lookup table"),
         # DICOM: deflate
-        ("deflate-bomb.dcm", _deflate_bomb(), "deflated DICOM inflates to more than"),
+        ("deflate-bomb.dcm", deflate_bomb(), "deflated DICOM inflates to more than"),
     ]
 
 

@@ -9,7 +9,6 @@ import warnings
 
 import cv2
 import numpy as np
-import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
@@ -21,8 +20,8 @@ from tests.hostile_files import (
     COLUMNS,
     PATIENT_NAME,
     ROWS,
-    _deflate_bomb,
-    _deflated,
+    deflate_bomb,
+    deflated_dicom,
     dicom_bytes,
     radiograph,
     ramp,
@@ -171,11 +170,11 @@ def rejected(dataset_or_bytes: Dataset | bytes, name: str = "x.dcm", **limits: i
 
 
 def test_deflated_decodes_like_uncompressed():
-    assert np.array_equal(gray(radiograph()), decode_image(_deflated(radiograph()), "d.dcm")[..., 0])
+    assert np.array_equal(gray(radiograph()), decode_image(deflated_dicom(radiograph()), "d.dcm")[..., 0])
 
 
 def test_deflate_bomb_is_refused_in_bounded_steps():
-    bomb = _deflate_bomb()  # 1.1 MB that inflates to 1.1 GB
+    bomb = deflate_bomb()  # 1.1 MB that inflates to 1.1 GB
     tracemalloc.start()
     reason = rejected(bomb, max_decoded_bytes=8 << 20)
     _, peak = tracemalloc.get_traced_memory()
@@ -185,7 +184,7 @@ def test_deflate_bomb_is_refused_in_bounded_steps():
 
 
 def test_truncated_deflate_stream_is_named():
-    data = _deflated(radiograph())
+    data = deflated_dicom(radiograph())
     assert rejected(data[:-200]) == "truncated deflated DICOM: the compressed data set ends early"
 
 
