@@ -151,7 +151,7 @@ def _check_element_lengths(dataset: Dataset, uri: str) -> None:
             raise ImageDecodeError(
                 uri,
                 f"truncated DICOM: element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {length} bytes, "
-                f"the file holds {len(value)}",
+                f"only {len(value)} remain in the file",
             )
 
 
