@@ -21,6 +21,7 @@ from tests.conftest import CXR, CXR_FULLSIZE, require_shared_data
 from tests.hostile_files import (
     PATIENT_NAME,
     decoder_cases,
+    deflated_dicom,
     dicom_bytes,
     encode,
     gradient,
@@ -339,6 +340,8 @@ def _mutations(seed: bytes, rng: np.random.Generator, count: int):
 def test_fuzzed_files_decode_or_are_rejected_never_anything_else():
     seeds = {
         "fuzz.dcm": dicom_bytes(radiograph()),
+        "fuzz-implicit.dcm": dicom_bytes(radiograph(), implicit=True),
+        "fuzz-deflated.dcm": deflated_dicom(radiograph()),
         "fuzz.png": encode(textured(96, 128), ".png"),
         "fuzz.jpg": encode(textured(96, 128), ".jpg"),
         "fuzz.tif": encode(gradient(96, 128, np.uint16, high=60000), ".tif"),
@@ -356,4 +359,4 @@ def test_fuzzed_files_decode_or_are_rejected_never_anything_else():
                 pytest.fail(f"{name} mutation {number}: {type(error).__name__} escaped the decoder")
             assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8, (name, number)
             outcomes["decoded"] += 1
-    assert outcomes["rejected"] > 200 and outcomes["decoded"] > 20  # both paths exercised
+    assert outcomes["rejected"] > 300 and outcomes["decoded"] > 50  # both paths exercised
