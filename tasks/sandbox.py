@@ -208,7 +208,9 @@ def _answer(requests: Connection, replies: Connection) -> None:
             pixels = resize(decode_image(data, uri), Preprocessing(input_size=request["input_size"]))
             header, body = {"status": "ok", "shape": list(pixels.shape)}, np.ascontiguousarray(pixels).tobytes()
         except ImageDecodeError as error:
-            header, body = {"status": "rejected", "reason": error.reason}, None
+            # After running out of memory this process may hold anything: the parent starts another.
+            header, body = {"status": "rejected", "reason": error.reason,
+                            "recycle": error.reason.startswith("out of memory")}, None
         except MemoryError:
             raise
         except Exception as error:  # noqa: BLE001 - a decoder bug on one file must cost only that file
