@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import images
+from tasks import decoder_messages, images
 from tasks.images import IMAGE_SUFFIXES, MAX_DECODED_BYTES, ImageDecodeError, decode_image, to_uint8
 from tests.conftest import CXR, CXR_FULLSIZE, require_shared_data
 from tests.hostile_files import (
@@ -278,7 +278,7 @@ def test_decoder_messages_stay_off_stderr_but_other_output_passes(capfd):
         os.write(2, b"Corrupt JPEG data: premature end of data segment\n")
         os.write(2, b"a log line from another thread\n")
 
-    images._with_decoder_messages(decode_while_someone_else_writes)
+    decoder_messages.with_decoder_messages(decode_while_someone_else_writes)
     assert capfd.readouterr().err == "a log line from another thread\n"
 
 
