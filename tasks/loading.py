@@ -47,7 +47,7 @@ def load_image(uri: str, spec: Preprocessing, limits: InputLimits = InputLimits(
     """
     try:
         data = storage.read_bytes(uri, max_bytes=limits.max_file_bytes, within=limits.within)
-    except storage.Unreadable as error:
+    except (storage.Unreadable, storage.AccessDenied) as error:  # an object-level 403 concerns this input only
         return LoadedImage(uri, None, None, error.reason)
     digest = hashlib.sha256(data).hexdigest()
     decoded = decode_isolated(data, uri, spec.input_size, limits.decode_timeout_seconds)

@@ -175,6 +175,7 @@ def _serve(read_fd: int, write_fd: int, memory_bytes: int) -> None:
     import cv2
 
     import model.preprocessing  # noqa: F401 - imported before the ceiling is set
+    import tasks.dicom  # noqa: F401 - pydicom too: the first DICOM must not pay for it
     import tasks.images  # noqa: F401
 
     cv2.setNumThreads(1)  # parallelism comes from the number of workers
