@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     train_input_size: int | None = Field(None, description="Input size of retrained models.")
     screen_batch_size: int | None = Field(None, description="Images per forward pass in nightly screening.")
     screen_chunk_size: int | None = Field(None, description="Images per Prefect task in nightly screening.")
+    screen_engine: str | None = Field(None, description="auto, fp32 or bf16 (see model/inference.py).")
     screen_max_file_bytes: int | None = Field(None, description="Inputs larger than this get a rejected row.")
     screen_decode_timeout_seconds: float | None = Field(None, description="Per-input read and decode time limit.")
     screen_abandoned_after_minutes: float | None = Field(
@@ -45,7 +46,7 @@ class Settings(BaseSettings):
     def screen_parameters(self) -> ScreenParameters:
         return ScreenParameters(incoming_uri=self.incoming, results_uri=self.results, model_store_uri=self.model_store,
                                 **_given(batch_size=self.screen_batch_size, chunk_size=self.screen_chunk_size,
-                                         max_file_bytes=self.screen_max_file_bytes,
+                                         engine=self.screen_engine, max_file_bytes=self.screen_max_file_bytes,
                                          decode_timeout_seconds=self.screen_decode_timeout_seconds,
                                          abandoned_after_minutes=self.screen_abandoned_after_minutes))
 

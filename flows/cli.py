@@ -175,6 +175,7 @@ def screen(
     chunk_size: int = _option(ScreenParameters, "chunk_size"),
     limit: int | None = _option(ScreenParameters, "limit"),
     explain: str = _option(ScreenParameters, "explain"),
+    engine: str = _option(ScreenParameters, "engine"),
     max_file_bytes: int = _option(ScreenParameters, "max_file_bytes"),
     decode_timeout_seconds: float = _option(ScreenParameters, "decode_timeout_seconds"),
     abandoned_after_minutes: float = _option(ScreenParameters, "abandoned_after_minutes"),
@@ -182,8 +183,8 @@ def screen(
     """Screen the images not yet screened by the model, and write predictions and a report."""
     params = _validated(ScreenParameters, incoming_uri=incoming_uri, results_uri=results, model_store_uri=model_store,
                         model_version=model_version, batch_size=batch_size, chunk_size=chunk_size, limit=limit,
-                        explain=explain, max_file_bytes=max_file_bytes, decode_timeout_seconds=decode_timeout_seconds,
-                        abandoned_after_minutes=abandoned_after_minutes)
+                        explain=explain, engine=engine, max_file_bytes=max_file_bytes,
+                        decode_timeout_seconds=decode_timeout_seconds, abandoned_after_minutes=abandoned_after_minutes)
     lifeline.arm()
     from flows import screen as screening
 
@@ -202,6 +203,8 @@ def screen(
         f"Screened {summary.screened} new image(s) with model {summary.model_version}: "
         f"{summary.flagged} flagged, {summary.rejected} rejected, {summary.already_screened} already done."
     )
+    if summary.engine:
+        console.print(f"Engine: {summary.engine} ({summary.engine_reason})")
     for run_id in summary.recovered_runs:
         console.print(f"[yellow]Run {run_id} had died without writing its outputs; they are now written, "
                       f"with status 'abandoned', in its own run folder.[/yellow]")

@@ -54,10 +54,13 @@ def screen(params: ScreenParameters) -> RunSummary:
     try:
         for number, uris in enumerate(chunked(todo, params.chunk_size)):
             result = screen_chunk(number, uris, params.model_store_uri, card.version, results, run.run_id,
-                                  params.batch_size, params.explain, limits)
+                                  params.batch_size, params.explain, limits, params.engine)
             screened += len(uris)
             run.claimed_by_other_runs += result.already_done
             run.vanished += len(result.vanished)
+            if result.engine and result.engine not in run.engine.split(", "):
+                run.engine = ", ".join(filter(None, [run.engine, result.engine]))
+                run.engine_reason = "; ".join(filter(None, [run.engine_reason, result.engine_reason]))
             update_progress_artifact(progress, 100.0 * screened / len(todo))
             for listener in progress_listeners:
                 listener(screened, len(todo))

@@ -17,7 +17,7 @@ from model.training import TrainingConfig
 from tasks import registry
 from tasks.bundling import TrainedModel, make_bundle, promote, publish_bundle, report_training
 from tasks.clinical import audit_model, calibrate_model
-from tasks.train_steps import (discover, evaluate_model, fit_model, load_labelled, resolve_weights, score_production,
+from tasks.train_steps import (check_engines, discover, evaluate_model, fit_model, load_labelled, resolve_weights, score_production,
                                split_for_training)
 
 
@@ -47,6 +47,7 @@ def train(params: TrainParameters) -> TrainedModel:
         weights_info = resolve_weights.fn("imagenet")[1]  # the download has happened by now
     calibration, reliability = calibrate_model(model, loaded, split, spec) if params.calibrate else ({}, None)
     threshold, metrics, test_probabilities = evaluate_model(model, loaded, split, spec, params.target_sensitivity)
+    engine_checks = check_engines(model, loaded, split, spec, threshold, test_probabilities)
     validity, mean_cam = audit_model(model, loaded, split, spec, threshold, test_probabilities, params.bootstrap,
                                      params.seed)
 
@@ -62,7 +63,7 @@ def train(params: TrainParameters) -> TrainedModel:
                               figures={"calibration.png": reliability, "gradcam.png": mean_cam},
                               promotion={"promoted": promoted, "reason": reason,
                                          "compared_with": production and production["version"]})
-    trained = TrainedModel(card, publish_bundle(params.model_store_uri, files, card), promoted, reason)
+    trained = TrainedModel(card, publish_bundle(params.model_store_uri, files, card, engine_checks), promoted, reason)
     if promoted:
         promote(params.model_store_uri, card.version, reason)
     report_training(trained)

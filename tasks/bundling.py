@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -14,11 +15,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from model.bundle import ModelCard, file_digests, model_to_bytes, software_versions
+from model.inference import EngineCheck
 from model.plots import confusion_png, curves_png, roc_png
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
 from tasks.retrying import transient_only
-from tasks import registry
+from tasks import engines, registry
 from tasks.rendering import render
 from tasks.datasets import Dataset, fingerprint
 from tasks.train_steps import LabelledArrays, TrainingSplit
@@ -86,8 +88,13 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
 
 
 @task(retries=3, retry_delay_seconds=5, retry_condition_fn=transient_only)
-def publish_bundle(store_uri: str, files: dict[str, bytes], card: ModelCard) -> str:
-    return registry.publish(store_uri, card.version, files, card)
+def publish_bundle(store_uri: str, files: dict[str, bytes], card: ModelCard,
+                   engine_checks: Sequence[EngineCheck] = ()) -> str:
+    """The bundle, then its engine checks beside it (until they land, the version is served by fp32)."""
+    folder = registry.publish(store_uri, card.version, files, card)
+    if engine_checks:
+        engines.record_checks(store_uri, card, engine_checks)
+    return folder
 
 
 @task(retries=3, retry_delay_seconds=5, retry_condition_fn=transient_only)

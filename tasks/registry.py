@@ -180,7 +180,9 @@ def verify_bundle(store_uri: str, version: str = "production", *, include_model:
     are named in a warning, not refused (a stray note in a version folder must not stop a night)."""
     card = load_card(store_uri, version)
     folder = storage.join(store_uri, card.version)
-    present = {storage.relative_to(uri, folder) for uri in storage.list_files(folder)} - {CARD, SIGNATURE}
+    # Engine checks (tasks/engines.py) lie beside the bundle with their own binding and signature.
+    present = {storage.relative_to(uri, folder) for uri in storage.list_files(folder)} - {
+        CARD, SIGNATURE, "engines.json", "engines.json.sig"}
     listed = set(card.files) if card.files else {"model.keras"}
     if card.files and present - listed:
         logger.warning("%s: %s not in the card's file manifest: not part of the bundle, ignored", folder,

@@ -117,6 +117,7 @@ class PredictionRow:
     flagged: bool
     screened_at: str
     run_id: str = ""
+    engine: str = ""  # what ran the forward pass (model/inference.py); empty for rejected rows
     # Share of the Grad-CAM map inside the lung-field prior (model/anatomy.py), for explained images.
     cam_lung_share: float | None = None
     # Kept in part files for the report's worklist; never in the CSV, the JSONL or the ledger.
@@ -176,6 +177,8 @@ class RunSummary:
     to_screen: int | None = None
     claimed_by_other_runs: int = 0
     vanished: int = 0
+    engine: str = ""  # the engine(s) that ran the forward pass
+    engine_reason: str = ""  # why: what auto measured, which engines the version may use
     recovered_runs: list[str] = field(default_factory=list)
     # Set only on the summary of an abandoned run, by the run that recovered it.
     last_seen_at: str | None = None
@@ -280,9 +283,11 @@ _ROW_RULES = {
     "flagged": _Rule(lambda value: isinstance(value, bool), "true or false"), "screened_at": _TIME,
     "run_id": _Rule(lambda value: value == "" or is_safe_name(value), "a run id"),
     "cam_lung_share": _PROBABILITY, "thumbnail": _BASE64, "explanation": _BASE64,
+    "engine": _Rule(lambda value: value == "" or is_safe_name(value), "an engine name"),
 }
 _SUMMARY_RULES = {
     "run_id": _SAFE, "model_version": _SAFE, "model_store_uri": _TEXT, "incoming_uri": _TEXT,
+    "engine": _TEXT, "engine_reason": _TEXT,
     "flow_run_id": _Rule(lambda value: value == "" or _is_uuid(value), "a flow run id (a UUID)"),
     "status": _Rule(lambda value: value in RUN_STATUSES, f"one of {', '.join(RUN_STATUSES)}"),
     "started_at": _Rule(lambda value: value == "" or _is_time(value), "an ISO 8601 time"),

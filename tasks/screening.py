@@ -24,12 +24,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from model.anatomy import lung_share
-from model.bundle import ModelCard
+from model.bundle import BundleError, ModelCard
 from model.evaluation import predict_classes
 from model.gradcam import grad_cam, overlay
-from model.training import predict_probabilities
+from model.inference import Predictor, fastest, make_predictor
 from tasks.retrying import transient_only
 from tasks import ledger, registry, runs, storage
+from tasks.engines import validated_engines
 from tasks.images import IMAGE_SUFFIXES, is_dicom
 from tasks.loading import InputLimits, LoadedImage, load_image
 from tasks.results import PredictionRow, ResultsLayout
@@ -73,10 +74,30 @@ def _comparable(uri: str) -> str:
     return storage.join(uri)  # absolute for local paths, unchanged for S3
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    card: ModelCard
+    predictor: Predictor  # runs the forward pass
+    model: keras.Model  # the fp32 model, for Grad-CAM's gradients
+    why: str  # why this engine
+
+
 @functools.lru_cache(maxsize=2)
-def _model(model_store_uri: str, model_version: str) -> tuple[keras.Model, ModelCard]:
-    """Loaded once per process and model version, however many chunks run here."""
-    return registry.load_model(model_store_uri, model_version)
+def _model(model_store_uri: str, model_version: str, engine: str) -> LoadedModel:
+    """Loaded once per process, model version and engine, however many chunks run here."""
+    model, card = registry.load_model(model_store_uri, model_version)
+    allowed, notes = validated_engines(model_store_uri, card)
+    spec = card.spec()
+    if engine != "auto":
+        if engine not in allowed:
+            raise BundleError(f"engine {engine} may not serve model {card.version}: {notes}")
+        return LoadedModel(card, make_predictor(model, spec, engine), model, f"{engine} asked for")
+    predictors = [make_predictor(model, spec, name) for name in allowed]
+    best, speeds = fastest(predictors) if len(predictors) > 1 else (predictors[0], {})
+    measured = ", ".join(f"{name} {speed:g} img/s" for name, speed in speeds.items())
+    why = f"auto: fastest of the validated engines here ({measured})" if speeds else "auto: the only validated engine"
+    get_run_logger().info("Engine %s for model %s: %s%s", best.engine, card.version, why, f"; {notes}" if notes else "")
+    return LoadedModel(card, best, model, why + (f"; {notes}" if notes else ""))
 
 
 @dataclass
@@ -89,6 +110,8 @@ class ChunkResult:
     already_done: int = 0  # claimed first by another run: not this run's rows
     vanished: list[str] = field(default_factory=list)  # listed, then gone before reading
     seconds: float = 0.0
+    engine: str = ""
+    engine_reason: str = ""
 
 
 def _thumbnail(pixels: np.ndarray, side: int = 160) -> str:
@@ -113,21 +136,22 @@ def _now() -> str:
 
 
 def screen_images(
-    uris: Sequence[str], model: keras.Model, card: ModelCard, batch_size: int = 16, workers: int = 4,
+    uris: Sequence[str], loaded_model: LoadedModel, batch_size: int = 16, workers: int = 4,
     explain: str = "flagged", limits: InputLimits = InputLimits(),
 ) -> Iterator[PredictionRow | str]:
     """Rows for ``uris``, or the URI of a vanished input. Flagged rows carry a thumbnail.
 
     Reading and decoding run ahead on ``workers`` threads while the model predicts. Prediction
     stays on the fast path; only the images ``explain`` names ('flagged', 'all' or 'none') take
-    Grad-CAM's gradient pass.
+    Grad-CAM's gradient pass (on the fp32 model, whatever the engine).
     """
+    card, predictor, model = loaded_model.card, loaded_model.predictor, loaded_model.model
     spec = card.spec()
     positive = card.classes.index(card.positive_class)
 
     def rows_for(batch: list[LoadedImage]) -> Iterator[PredictionRow]:
         pixels = np.stack([item.pixels for item in batch])
-        probabilities = predict_probabilities(model, pixels, spec, batch_size)
+        probabilities = predictor.predict(pixels, batch_size)
         flagged = probabilities[:, positive] >= card.threshold
         predicted = predict_classes(probabilities, card.classes, card.positive_class, card.threshold)
         chosen = {"all": np.ones(len(batch), bool), "flagged": flagged, "none": np.zeros(len(batch), bool)}[explain]
@@ -139,7 +163,7 @@ def screen_images(
                 image_uri=item.uri, sha256=item.sha256, status="ok", reason="", model_version=card.version,
                 predicted_class=card.classes[int(predicted[index])],
                 probabilities={c: round(float(v), 6) for c, v in zip(card.classes, p)},
-                flagged=bool(flagged[index]), screened_at=now,
+                flagged=bool(flagged[index]), screened_at=now, engine=predictor.engine,
                 cam_lung_share=None if cam is None else _rounded(lung_share(cam)),
                 thumbnail=_thumbnail(item.pixels) if flagged[index] else None,
                 explanation=None if cam is None else _thumbnail(overlay(item.pixels, cam)))
@@ -184,19 +208,21 @@ def screen_chunk(
     batch_size: int = 16,
     explain: str = "flagged",
     limits: InputLimits = InputLimits(),
+    engine: str = "auto",
 ) -> ChunkResult:
     """Screen ``uris``, claim each row in the ledger, and write this run's rows as one part file."""
     logger = get_run_logger()
     started = time.perf_counter()
-    model, card = _model(model_store_uri, model_version)
+    loaded_model = _model(model_store_uri, model_version, engine)
+    card = loaded_model.card
     layout = ResultsLayout(results_uri).run(run_id)
     storage.write_bytes(layout.chunk_inputs(chunk), json.dumps(uris).encode())
     _keep_alive(results_uri, run_id, logger)
-    result = ChunkResult(chunk)
+    result = ChunkResult(chunk, engine=loaded_model.predictor.engine, engine_reason=loaded_model.why)
     mine: list[PredictionRow] = []
     renewed = time.monotonic()
     try:
-        for produced in screen_images(uris, model, card, batch_size, explain=explain, limits=limits):
+        for produced in screen_images(uris, loaded_model, batch_size, explain=explain, limits=limits):
             if time.monotonic() - renewed > RENEW_EVERY_SECONDS:
                 _keep_alive(results_uri, run_id, logger)
                 renewed = time.monotonic()

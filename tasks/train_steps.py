@@ -19,6 +19,7 @@ from model.bundle import BundleError
 from model.evaluation import choose_threshold, evaluate
 from model.network import IMAGENET_FILE, build_classifier
 from model.preprocessing import Preprocessing
+from model.inference import ENGINES, EngineCheck, check_engine, make_predictor
 from model.training import TrainingConfig, TrainingData, fine_tune, fit_head_cached, predict_probabilities
 from model.validity import (default_strata, metadata_baseline_auc, shortcut_warnings, stratum_sample_weights,
                             within_stratum_auc)
@@ -302,6 +303,23 @@ def evaluate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSp
                 metrics["accuracy"], split.positive, "n/a" if scores["auc"] is None else f"{scores['auc']:.4f}",
                 threshold, scores["sensitivity_at_threshold"], scores["specificity_at_threshold"])
     return threshold, metrics, test
+
+
+@task(cache_policy=NO_CACHE)
+def check_engines(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
+                  threshold: float, test_probabilities: np.ndarray) -> list[EngineCheck]:
+    """Every reduced-precision engine against fp32 (``test_probabilities``) on the test split: the
+    gate an engine passes before it may serve this version (model/inference.py)."""
+    logger = get_run_logger()
+    positive = split.classes.index(split.positive)
+    labels = (split.labels[split.test] == positive).astype(int)
+    checks = []
+    for engine in ENGINES[1:]:
+        candidate = make_predictor(model, spec, engine).predict(loaded.images[split.test])
+        check = check_engine(engine, test_probabilities[:, positive], candidate[:, positive], labels, threshold)
+        logger.info("Engine %s (%s)", check.summary, "passes" if check.passed else "FAILS the gate: never used")
+        checks.append(check)
+    return checks
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)

@@ -78,7 +78,7 @@ def hostile_summary(attack: str, card: ModelCard, rows: list[PredictionRow], sta
         run_id=h("run"), model_version="v1", model_store_uri=model_store_uri, incoming_uri=h("incoming"),
         flow_run_id=h("flow-run"), status=status, started_at=h("started"), finished_at=h("finished"), seconds=2.0,
         recovered_runs=[h("recovered-run")], last_seen_at=h("last-seen"), recovered_by=h("recovered-by"),
-        recovered_at=h("recovered-at"),
+        recovered_at=h("recovered-at"), engine=h("engine"), engine_reason=h("engine-reason"),
     ).tally(rows, card.classes, card.threshold)
     summary.outputs = {"report.html": h("report")}
     return summary

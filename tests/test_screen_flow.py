@@ -22,7 +22,8 @@ import pytest
 from flows.parameters import ScreenParameters, TrainParameters
 from flows.screen import screen
 from model.bundle import BundleError
-from tasks import ledger, registry, runs, storage
+from model.inference import EngineCheck
+from tasks import engines, ledger, registry, runs, storage
 from tasks.phantoms import chest_phantom, write_phantom_dataset
 from tasks.screening import find_inputs
 from tests.conftest import flow_run_artifacts
@@ -112,10 +113,13 @@ def test_screen_a_folder_rerun_and_new_arrivals(model_store, tmp_path):
     card = registry.load_card(model_store)
     header = list(rows[0].keys())
     assert header == ["image_uri", "sha256", "status", "reason", "model_version", "predicted_class",
-                      "prob_non-covid", "prob_covid", "flagged", "screened_at", "run_id", "cam_lung_share"]
+                      "prob_non-covid", "prob_covid", "flagged", "screened_at", "run_id", "engine", "cam_lung_share"]
+    allowed, _ = engines.validated_engines(model_store, card)
+    assert summary.engine in allowed and summary.engine_reason.startswith("auto:")
     for row in rows:
         assert row["model_version"] == card.version and row["run_id"] == summary.run_id
         assert row["sha256"] == before[row["image_uri"]]
+        assert row["engine"] == (summary.engine if row["status"] == "ok" else "")
         if row["status"] == "ok":
             probabilities = [float(row["prob_non-covid"]), float(row["prob_covid"])]
             assert abs(sum(probabilities) - 1) < 1e-4
@@ -322,3 +326,23 @@ def test_a_deterministic_error_fails_at_once_without_retries(model_store, tmp_pa
             id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     (find,) = [run for run in task_runs if run.name.startswith("find_inputs")]
     assert find.run_count == 1 and find.state.is_failed()
+
+
+def test_an_engine_that_failed_its_gate_is_refused_and_auto_says_why(model_store, tmp_path):
+    store = str(tmp_path / "models")
+    copy_tree(model_store, store)
+    card = registry.load_card(store)
+    recorded = json.loads(storage.read_bytes(storage.join(store, card.version, engines.ENGINES_FILE)))
+    assert set(recorded["checks"]) == {"bf16"}  # training checked it on the test split
+    failed = EngineCheck("bf16", 10, 0.9, 0.2, 0.05, False)
+    engines.record_checks(store, card, [failed])
+    incoming = str(tmp_path / "incoming")
+    write_phantom_dataset(incoming, per_class=2, size=96, seed=5)
+
+    state = run_screen(incoming, str(tmp_path / "results"), store, engine="bf16", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(BundleError, match="engine bf16 may not serve model .*bf16 failed the gate"):
+        state.result()
+    summary = run_screen(incoming, str(tmp_path / "results-auto"), store)
+    assert summary.engine == "fp32" and "bf16 failed the gate" in summary.engine_reason
+    assert {row["engine"] for row in run_rows(str(tmp_path / "results-auto"))} == {"fp32"}

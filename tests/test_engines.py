@@ -1,0 +1,74 @@
+"""Engine checks beside a bundle: bound to its model, signed with the card's key, the gate re-applied."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model.bundle import ModelCard
+from model.inference import EngineCheck
+from tasks import engines, storage
+
+SHA = "ab" * 32
+
+
+def card(version: str = "v1", sha: str = SHA) -> ModelCard:
+    return ModelCard(version=version, classes=["non-covid", "covid"], positive_class="covid", threshold=0.5,
+                     preprocessing={}, weights={}, dataset={}, metrics={}, model_sha256=sha)
+
+
+def check(passed: bool = True, agreement: float = 1.0, auc: float | None = 0.001) -> EngineCheck:
+    return EngineCheck("bf16", 100, agreement, 0.003, auc, passed)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> str:
+    return str(tmp_path / "models") if request.param == "local" else request.getfixturevalue("s3_bucket") + "/models"
+
+
+def test_a_passing_engine_may_serve(store):
+    engines.record_checks(store, card(), [check()])
+    assert engines.validated_engines(store, card()) == (["fp32", "bf16"], "")
+
+
+def test_without_checks_only_fp32_and_the_note_says_how_to_check(store):
+    allowed, note = engines.validated_engines(store, card())
+    assert allowed == ["fp32"] and "cxr-screen validate-engines v1" in note
+
+
+def test_a_failed_engine_is_never_used_and_the_note_says_why(store):
+    engines.record_checks(store, card(), [check(passed=False, agreement=0.97)])
+    allowed, note = engines.validated_engines(store, card())
+    assert allowed == ["fp32"] and "bf16 failed the gate" in note and "97.0%" in note
+
+
+def test_a_forged_verdict_is_not_believed(store):
+    engines.record_checks(store, card(), [check(passed=True, agreement=0.9)])  # figures that fail the gate
+    assert engines.validated_engines(store, card())[0] == ["fp32"]
+
+
+def test_checks_of_another_model_are_ignored(store):
+    engines.record_checks(store, card(sha="cd" * 32), [check()])
+    allowed, note = engines.validated_engines(store, card())
+    assert allowed == ["fp32"] and "checks of another model" in note
+
+
+@pytest.mark.parametrize("damage", [b"not json", b'{"model_version": "v1"}',
+                                    json.dumps({"model_version": "v1", "model_sha256": SHA, "checks": {
+                                        "bf16": {"engine": "bf16", "surprise": 1}}}).encode()])
+def test_a_damaged_record_means_fp32_only(store, damage):
+    storage.write_bytes(storage.join(store, "v1", engines.ENGINES_FILE), damage)
+    allowed, note = engines.validated_engines(store, card())
+    assert allowed == ["fp32"] and "not an engine record" in note
+
+
+def test_with_a_signing_key_only_signed_checks_count(store, monkeypatch):
+    engines.record_checks(store, card(), [check()])  # unsigned
+    monkeypatch.setenv("CXR_MODEL_SIGNING_KEY", "secret")
+    allowed, note = engines.validated_engines(store, card())
+    assert allowed == ["fp32"] and "not signed" in note
+    engines.record_checks(store, card(), [check()])
+    assert engines.validated_engines(store, card())[0] == ["fp32", "bf16"]
+    monkeypatch.setenv("CXR_MODEL_SIGNING_KEY", "another")
+    assert "signature does not match" in engines.validated_engines(store, card())[1]
