@@ -46,7 +46,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from model.bundle import ModelCard, model_to_bytes  # noqa: E402
-from model.inference import ENGINES, check_engine, make_predictor  # noqa: E402
+from model.inference import ENGINES, check_engine, make_predictor, quantize_int8  # noqa: E402
 from model.network import build_classifier  # noqa: E402
 from model.preprocessing import Preprocessing  # noqa: E402
 from tasks import engines, registry  # noqa: E402
@@ -74,9 +74,12 @@ def make_store(store: str, input_size: int, checked_on: tuple[np.ndarray, np.nda
         reference = make_predictor(model, spec, "fp32").predict(images)[:, 1]
         # An untrained model's probabilities sit near 0.5: check at their median, a threshold that splits them.
         threshold = float(np.median(reference))
-        checks = [check_engine(engine, reference, make_predictor(model, spec, engine).predict(images)[:, 1], labels,
-                               threshold) for engine in ENGINES[1:]]
-        engines.record_checks(store, card, checks)
+        calibration = images[np.random.default_rng(0).permutation(len(images))[:300]]
+        artifacts = quantize_int8(model, spec, calibration)
+        checks = [check_engine(engine, reference,
+                               make_predictor(model, spec, engine, artifacts if engine == "int8" else None)
+                               .predict(images)[:, 1], labels, threshold) for engine in ENGINES[1:]]
+        engines.record_checks(store, card, checks, artifacts)
         for check in checks:
             print(f"  check     {check.summary}: {'passes' if check.passed else 'FAILS'}")
     return model
@@ -183,8 +186,9 @@ def main() -> None:
     naive = None
     if not args.memory_only:
         # 1. ceilings: decoded beforehand, only each engine's forward pass is timed.
+        card = registry.load_card(store)
         for engine in ENGINES:
-            predictor = make_predictor(model, spec, engine)
+            predictor = make_predictor(model, spec, engine, engines.load_artifacts(store, card, engine))
             predictor.predict(images[: args.batch_size], args.batch_size)  # warm-up: builds the compiled function
             started = time.perf_counter()
             predictor.predict(images, args.batch_size)

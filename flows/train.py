@@ -47,7 +47,7 @@ def train(params: TrainParameters) -> TrainedModel:
         weights_info = resolve_weights.fn("imagenet")[1]  # the download has happened by now
     calibration, reliability = calibrate_model(model, loaded, split, spec) if params.calibrate else ({}, None)
     threshold, metrics, test_probabilities = evaluate_model(model, loaded, split, spec, params.target_sensitivity)
-    engine_checks = check_engines(model, loaded, split, spec, threshold, test_probabilities)
+    engine_checks, engine_files = check_engines(model, loaded, split, spec, threshold, test_probabilities, params.seed)
     validity, mean_cam = audit_model(model, loaded, split, spec, threshold, test_probabilities, params.bootstrap,
                                      params.seed)
 
@@ -63,7 +63,7 @@ def train(params: TrainParameters) -> TrainedModel:
                               figures={"calibration.png": reliability, "gradcam.png": mean_cam},
                               promotion={"promoted": promoted, "reason": reason,
                                          "compared_with": production and production["version"]})
-    trained = TrainedModel(card, publish_bundle(params.model_store_uri, files, card, engine_checks), promoted, reason)
+    trained = TrainedModel(card, publish_bundle(params.model_store_uri, files, card, engine_checks, engine_files), promoted, reason)
     if promoted:
         promote(params.model_store_uri, card.version, reason)
     report_training(trained)

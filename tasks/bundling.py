@@ -89,11 +89,11 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
 
 @task(retries=3, retry_delay_seconds=5, retry_condition_fn=transient_only)
 def publish_bundle(store_uri: str, files: dict[str, bytes], card: ModelCard,
-                   engine_checks: Sequence[EngineCheck] = ()) -> str:
-    """The bundle, then its engine checks beside it (until they land, the version is served by fp32)."""
+                   engine_checks: Sequence[EngineCheck] = (), engine_files: dict[str, bytes] | None = None) -> str:
+    """The bundle, then its engines beside it (until they land, the version is served by fp32)."""
     folder = registry.publish(store_uri, card.version, files, card)
     if engine_checks:
-        engines.record_checks(store_uri, card, engine_checks)
+        engines.record_checks(store_uri, card, engine_checks, engine_files)
     return folder
 
 

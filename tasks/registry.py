@@ -24,6 +24,7 @@ import keras
 
 from model.bundle import (BundleError, ModelCard, check_file, file_digests, is_safe_name, model_from_bytes, sign,
                           signature_matches)
+from model.inference import INT8_FILES
 from tasks import storage
 
 __all__ = ["CARD", "PRODUCTION", "SIGNATURE", "SIGNING_KEY_VARIABLE", "list_versions", "load_card", "load_model",
@@ -34,6 +35,10 @@ PRODUCTION = "production.json"
 CARD = "card.json"
 SIGNATURE = "card.json.sig"
 SIGNING_KEY_VARIABLE = "CXR_MODEL_SIGNING_KEY"
+# Written beside a bundle by tasks/engines.py: engine checks, their signature, engine files.
+ENGINES = "engines.json"
+ENGINES_SIGNATURE = "engines.json.sig"
+ENGINE_FILES = (ENGINES, ENGINES_SIGNATURE, *INT8_FILES)
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +185,9 @@ def verify_bundle(store_uri: str, version: str = "production", *, include_model:
     are named in a warning, not refused (a stray note in a version folder must not stop a night)."""
     card = load_card(store_uri, version)
     folder = storage.join(store_uri, card.version)
-    # Engine checks (tasks/engines.py) lie beside the bundle with their own binding and signature.
+    # Engine files (tasks/engines.py) lie beside the bundle, vouched for by their own signed record.
     present = {storage.relative_to(uri, folder) for uri in storage.list_files(folder)} - {
-        CARD, SIGNATURE, "engines.json", "engines.json.sig"}
+        CARD, SIGNATURE, *ENGINE_FILES}
     listed = set(card.files) if card.files else {"model.keras"}
     if card.files and present - listed:
         logger.warning("%s: %s not in the card's file manifest: not part of the bundle, ignored", folder,

@@ -30,7 +30,7 @@ from model.gradcam import grad_cam, overlay
 from model.inference import Predictor, fastest, make_predictor
 from tasks.retrying import transient_only
 from tasks import ledger, registry, runs, storage
-from tasks.engines import validated_engines
+from tasks.engines import load_artifacts, validated_engines
 from tasks.images import IMAGE_SUFFIXES, is_dicom
 from tasks.loading import InputLimits, LoadedImage, load_image
 from tasks.results import PredictionRow, ResultsLayout
@@ -91,8 +91,9 @@ def _model(model_store_uri: str, model_version: str, engine: str) -> LoadedModel
     if engine != "auto":
         if engine not in allowed:
             raise BundleError(f"engine {engine} may not serve model {card.version}: {notes}")
-        return LoadedModel(card, make_predictor(model, spec, engine), model, f"{engine} asked for")
-    predictors = [make_predictor(model, spec, name) for name in allowed]
+        predictor = make_predictor(model, spec, engine, load_artifacts(model_store_uri, card, engine))
+        return LoadedModel(card, predictor, model, f"{engine} asked for")
+    predictors = [make_predictor(model, spec, name, load_artifacts(model_store_uri, card, name)) for name in allowed]
     best, speeds = fastest(predictors) if len(predictors) > 1 else (predictors[0], {})
     measured = ", ".join(f"{name} {speed:g} img/s" for name, speed in speeds.items())
     why = f"auto: fastest of the validated engines here ({measured})" if speeds else "auto: the only validated engine"

@@ -19,7 +19,7 @@ from model.bundle import BundleError
 from model.evaluation import choose_threshold, evaluate
 from model.network import IMAGENET_FILE, build_classifier
 from model.preprocessing import Preprocessing
-from model.inference import ENGINES, EngineCheck, check_engine, make_predictor
+from model.inference import ENGINES, EngineCheck, check_engine, make_predictor, quantize_int8
 from model.training import TrainingConfig, TrainingData, fine_tune, fit_head_cached, predict_probabilities
 from model.validity import (default_strata, metadata_baseline_auc, shortcut_warnings, stratum_sample_weights,
                             within_stratum_auc)
@@ -305,21 +305,30 @@ def evaluate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSp
     return threshold, metrics, test
 
 
+# Enough images to place int8 ranges well; more only slows quantisation down.
+CALIBRATION_IMAGES = 300
+
+
 @task(cache_policy=NO_CACHE)
 def check_engines(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
-                  threshold: float, test_probabilities: np.ndarray) -> list[EngineCheck]:
+                  threshold: float, test_probabilities: np.ndarray,
+                  seed: int = 0) -> tuple[list[EngineCheck], dict[str, bytes]]:
     """Every reduced-precision engine against fp32 (``test_probabilities``) on the test split: the
-    gate an engine passes before it may serve this version (model/inference.py)."""
+    gate an engine passes before it may serve this version (model/inference.py). int8 is quantised
+    first, calibrated on training images only. Returns the checks and the int8 engine's files."""
     logger = get_run_logger()
     positive = split.classes.index(split.positive)
     labels = (split.labels[split.test] == positive).astype(int)
+    rows = np.random.default_rng(seed).permutation(split.train)[:CALIBRATION_IMAGES]
+    artifacts = quantize_int8(model, spec, loaded.images[np.sort(rows)])
     checks = []
     for engine in ENGINES[1:]:
-        candidate = make_predictor(model, spec, engine).predict(loaded.images[split.test])
+        predictor = make_predictor(model, spec, engine, artifacts if engine == "int8" else None)
+        candidate = predictor.predict(loaded.images[split.test])
         check = check_engine(engine, test_probabilities[:, positive], candidate[:, positive], labels, threshold)
         logger.info("Engine %s (%s)", check.summary, "passes" if check.passed else "FAILS the gate: never used")
         checks.append(check)
-    return checks
+    return checks, artifacts
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from model.bundle import ModelCard
+from model.bundle import BundleError, ModelCard
 from model.inference import EngineCheck
 from tasks import engines, storage
 
@@ -18,8 +18,11 @@ def card(version: str = "v1", sha: str = SHA) -> ModelCard:
                      preprocessing={}, weights={}, dataset={}, metrics={}, model_sha256=sha)
 
 
-def check(passed: bool = True, agreement: float = 1.0, auc: float | None = 0.001) -> EngineCheck:
-    return EngineCheck("bf16", 100, agreement, 0.003, auc, passed)
+def check(passed: bool = True, agreement: float = 1.0, auc: float | None = 0.001, engine: str = "bf16") -> EngineCheck:
+    return EngineCheck(engine, 100, agreement, 0.003, auc, passed)
+
+
+INT8 = {"model-int8.xml": b"<net/>", "model-int8.bin": b"\x00" * 16}
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -29,7 +32,7 @@ def store(request, tmp_path) -> str:
 
 def test_a_passing_engine_may_serve(store):
     engines.record_checks(store, card(), [check()])
-    assert engines.validated_engines(store, card()) == (["fp32", "bf16"], "")
+    assert engines.validated_engines(store, card()) == (["fp32", "bf16"], "not checked: int8")
 
 
 def test_without_checks_only_fp32_and_the_note_says_how_to_check(store):
@@ -72,3 +75,18 @@ def test_with_a_signing_key_only_signed_checks_count(store, monkeypatch):
     assert engines.validated_engines(store, card())[0] == ["fp32", "bf16"]
     monkeypatch.setenv("CXR_MODEL_SIGNING_KEY", "another")
     assert "signature does not match" in engines.validated_engines(store, card())[1]
+
+
+def test_int8_serves_only_with_its_files_as_recorded(store):
+    engines.record_checks(store, card(), [check(), check(engine="int8")], INT8)
+    assert engines.validated_engines(store, card())[0] == ["fp32", "bf16", "int8"]
+    assert engines.load_artifacts(store, card(), "int8") == INT8
+    assert engines.load_artifacts(store, card(), "bf16") is None
+    storage.write_bytes(storage.join(store, "v1", "model-int8.bin"), b"\x01" * 16)
+    with pytest.raises(BundleError, match="model-int8.bin: does not match its sha256"):
+        engines.load_artifacts(store, card(), "int8")
+
+
+def test_an_int8_check_without_its_files_does_not_serve(store):
+    engines.record_checks(store, card(), [check(engine="int8")])
+    assert engines.validated_engines(store, card())[0] == ["fp32"]

@@ -1,4 +1,4 @@
-"""Engines against the fp32 reference: bf16 stays close, the gate refuses what does not."""
+"""Engines against the fp32 reference: bf16 and int8 stay close, the gate refuses what does not."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from model.inference import ENGINES, check_engine, fastest, make_predictor
+from model.inference import ENGINES, INT8_FILES, check_engine, fastest, make_predictor, quantize_int8, with_base_policy
 from model.network import build_classifier
 from model.preprocessing import Preprocessing
 
@@ -26,22 +26,38 @@ def images() -> np.ndarray:
 
 def test_bf16_runs_the_base_in_bf16_and_stays_close_to_fp32(model, images):
     reference = make_predictor(model, SPEC, "fp32").predict(images, 8)
-    bf16 = make_predictor(model, SPEC, "bf16")
-    candidate = bf16.predict(images, 8)
+    candidate = make_predictor(model, SPEC, "bf16").predict(images, 8)
     assert candidate.dtype == np.float32 and candidate.shape == reference.shape
     assert np.allclose(candidate.sum(axis=1), 1, atol=1e-5)  # the softmax stays float32
     difference = np.abs(candidate - reference).max()
     assert 0 < difference < 0.02, difference  # bf16 arithmetic really ran, and stayed close
-    base = bf16.model.get_layer(index=1)
+    base = with_base_policy(model, "mixed_bfloat16").get_layer(index=1)
     assert {layer.compute_dtype for layer in base.layers[1:]} == {"bfloat16"}
     assert {variable.dtype for variable in base.weights} == {"float32"}
     # The model it was made from is untouched.
     assert np.array_equal(make_predictor(model, SPEC, "fp32").predict(images, 8), reference)
 
 
-def test_unknown_engine_is_refused(model):
+@pytest.fixture(scope="module")
+def int8(model, images) -> dict[str, bytes]:
+    return quantize_int8(model, SPEC, images[:16])
+
+
+def test_int8_is_quantised_from_training_images_and_stays_close_to_fp32(model, images, int8):
+    assert set(int8) == set(INT8_FILES)
+    assert b"FakeQuantize" in int8["model-int8.xml"] or b'element_type="i8"' in int8["model-int8.xml"]
+    reference = make_predictor(model, SPEC, "fp32").predict(images, 8)
+    candidate = make_predictor(model, SPEC, "int8", int8).predict(images, 8)
+    assert candidate.shape == reference.shape and np.allclose(candidate.sum(axis=1), 1, atol=1e-4)
+    assert 0 < np.abs(candidate - reference).max() < 0.05
+    assert make_predictor(model, SPEC, "int8", int8).predict(images[:0]).shape == (0, 2)
+
+
+def test_unknown_engine_and_missing_artifacts_are_refused(model):
     with pytest.raises(ValueError, match="unknown engine 'int4'"):
         make_predictor(model, SPEC, "int4")
+    with pytest.raises(ValueError, match="made by quantize_int8"):
+        make_predictor(model, SPEC, "int8")
 
 
 def test_gate_passes_agreement_and_refuses_flips_and_auc_drift():
@@ -62,8 +78,22 @@ def test_gate_passes_agreement_and_refuses_flips_and_auc_drift():
     assert one_class.auc_difference is None and one_class.passed
 
 
-def test_fastest_times_every_engine_and_takes_the_quickest(model):
-    predictors = [make_predictor(model, SPEC, engine) for engine in ENGINES]
+def test_fastest_times_every_engine_and_takes_the_quickest(model, int8):
+    predictors = [make_predictor(model, SPEC, engine, int8 if engine == "int8" else None) for engine in ENGINES]
     best, speeds = fastest(predictors, batch_size=4, batches=1)
     assert set(speeds) == set(ENGINES) and all(speed > 0 for speed in speeds.values())
     assert speeds[best.engine] == max(speeds.values())
+
+
+def test_openvino_and_nncf_send_no_telemetry():
+    """Outside pytest (NNCF silences itself under pytest), in a fresh process, as the CLI runs."""
+    import subprocess
+    import sys
+
+    code = ("import model.inference as inference; inference._openvino(); import nncf, nncf.telemetry.wrapper as w; "
+            "import openvino.tools.ovc.telemetry_utils as t; "
+            "print(isinstance(w.telemetry, w.NNCFTelemetryStub), t.tm.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": "."})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "openvino.tools.ovc.telemetry_stub"]  # both use their no-op stubs

@@ -333,7 +333,7 @@ def test_an_engine_that_failed_its_gate_is_refused_and_auto_says_why(model_store
     copy_tree(model_store, store)
     card = registry.load_card(store)
     recorded = json.loads(storage.read_bytes(storage.join(store, card.version, engines.ENGINES_FILE)))
-    assert set(recorded["checks"]) == {"bf16"}  # training checked it on the test split
+    assert set(recorded["checks"]) == {"bf16", "int8"}  # training checked them on the test split
     failed = EngineCheck("bf16", 10, 0.9, 0.2, 0.05, False)
     engines.record_checks(store, card, [failed])
     incoming = str(tmp_path / "incoming")
