@@ -17,7 +17,7 @@ from model.training import TrainingConfig
 from tasks import registry
 from tasks.bundling import TrainedModel, make_bundle, promote, publish_bundle, report_training
 from tasks.clinical import audit_model, calibrate_model
-from tasks.train_steps import (check_engines, discover, evaluate_model, fit_model, load_labelled, resolve_weights, score_production,
+from tasks.train_steps import (calibration_sample, check_engines, discover, evaluate_model, fit_model, load_labelled, resolve_weights, score_production,
                                split_for_training)
 
 
@@ -41,13 +41,15 @@ def train(params: TrainParameters) -> TrainedModel:
                                params.seed, params.strata, params.balance_strata, params.mixed_strata_only,
                                params.leave_out)
 
-    model, history, balance = fit_model(split.training_data(loaded.images), spec, config, weights)
+    model, history, balance, features_engine = fit_model(split.training_data(loaded.images), spec, config, weights)
     split = split.balanced_by(balance) if balance else split
     if weights_info["origin"] == "imagenet" and weights_info["sha256"] is None:
         weights_info = resolve_weights.fn("imagenet")[1]  # the download has happened by now
     calibration, reliability = calibrate_model(model, loaded, split, spec) if params.calibrate else ({}, None)
     threshold, metrics, test_probabilities = evaluate_model(model, loaded, split, spec, params.target_sensitivity)
-    engine_checks, engine_files = check_engines(model, loaded, split, spec, threshold, test_probabilities, params.seed)
+    engine_checks, engine_files = check_engines(
+        model, spec, threshold, split.classes.index(split.positive), loaded.images[split.test], split.labels[split.test],
+        test_probabilities, loaded.images[calibration_sample(split.train, params.seed)])
     validity, mean_cam = audit_model(model, loaded, split, spec, threshold, test_probabilities, params.bootstrap,
                                      params.seed)
 
@@ -59,7 +61,7 @@ def train(params: TrainParameters) -> TrainedModel:
         promoted, reason = False, f"trained with {params.leave_out} left out: an experiment, not a candidate"
     card, files = make_bundle(model, history, threshold, metrics, dataset=dataset, loaded=loaded, split=split,
                               spec=spec, config=config, weights=weights_info, test_fraction=params.test_fraction,
-                              validity=validity, calibration=calibration,
+                              validity=validity, calibration=calibration, features_engine=features_engine,
                               figures={"calibration.png": reliability, "gradcam.png": mean_cam},
                               promotion={"promoted": promoted, "reason": reason,
                                          "compared_with": production and production["version"]})

@@ -28,8 +28,8 @@ import numpy as np
 
 from model.preprocessing import Preprocessing, scale
 
-__all__ = ["ENGINES", "GATE", "EngineCheck", "Predictor", "check_engine", "fastest", "make_predictor", "passes_gate",
-           "quantize_int8"]
+__all__ = ["ENGINES", "GATE", "EngineCheck", "Predictor", "cast_base", "check_engine", "choose_feature_base", "fastest",
+           "make_predictor", "passes_gate", "quantize_int8", "with_base_policy"]
 
 ENGINES = ("fp32", "bf16", "int8")
 # What the int8 engine is made of, beside the bundle (tasks/engines.py records their sha256).
@@ -72,8 +72,14 @@ def make_predictor(model: keras.Model, spec: Preprocessing, engine: str = "fp32"
 
 
 def with_base_policy(model: keras.Model, policy: str) -> keras.Model:
-    """The classifier with its VGG16 base computing under ``policy``; weights shared by value."""
-    base, head = model.get_layer("vgg16"), model.get_layer("head")
+    """The classifier with its VGG16 base computing under ``policy``; weights copied."""
+    image = keras.Input(model.input_shape[1:], name="image")
+    head = model.get_layer("head")
+    return keras.Model(image, head(cast_base(model.get_layer("vgg16"), policy)(image)), name=f"{model.name}_{policy}")
+
+
+def cast_base(base: keras.Model, policy: str) -> keras.Model:
+    """A copy of the VGG16 base computing under ``policy`` (its variables stay float32)."""
 
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
         config = layer.get_config()
@@ -82,9 +88,35 @@ def with_base_policy(model: keras.Model, policy: str) -> keras.Model:
         return layer.__class__.from_config(config)
 
     cast = keras.models.clone_model(base, clone_function=clone)
-    cast.set_weights(base.get_weights())  # variables stay float32; only the arithmetic is bf16
-    image = keras.Input(model.input_shape[1:], name="image")
-    return keras.Model(image, head(cast(image)), name=f"{model.name}_{policy}")
+    cast.set_weights(base.get_weights())
+    return cast
+
+
+# Stage 1's features by bf16 may differ from fp32's by this much (median relative L2 distance of the
+# pooled feature vectors); bf16 keeps 8 bits of mantissa, and VGG16's pooled features measure ~0.5 %.
+FEATURE_TOLERANCE = 0.02
+
+
+def choose_feature_base(base: keras.Model, images: np.ndarray, spec: Preprocessing) -> tuple[keras.Model, dict]:
+    """The frozen base that computes stage 1's features: bf16 where its pooled features agree with
+    fp32's on ``images`` (a batch of training images) within ``FEATURE_TOLERANCE`` and it is faster
+    here; fp32 otherwise. Returns the base and what was measured (for the card)."""
+    batch = scale(np.asarray(images, np.float32) / 255.0, spec)
+    candidates = {"fp32": base, "bf16": cast_base(base, "mixed_bfloat16")}
+    features, speeds = {}, {}
+    for engine, candidate in candidates.items():
+        candidate(batch, training=False)  # warm-up: oneDNN picks its kernels on the first call
+        started = time.perf_counter()
+        output = keras.ops.convert_to_numpy(candidate(batch, training=False)).astype(np.float32)
+        speeds[engine] = round(len(batch) / (time.perf_counter() - started), 2)
+        features[engine] = output.mean(axis=(1, 2))
+    distance = np.linalg.norm(features["bf16"] - features["fp32"], axis=1)
+    relative = float(np.median(distance / np.maximum(np.linalg.norm(features["fp32"], axis=1), 1e-12)))
+    agrees = relative <= FEATURE_TOLERANCE
+    engine = "bf16" if agrees and speeds["bf16"] > speeds["fp32"] else "fp32"
+    report = {"engine": engine, "images_per_second": speeds, "bf16_median_relative_difference": round(relative, 6),
+              "tolerance": FEATURE_TOLERANCE}
+    return candidates[engine], report
 
 
 def _openvino():

@@ -123,7 +123,7 @@ def extract_features(
         x = tf.convert_to_tensor(batch, tf.float32) / 255.0
         if augmentation is not None:
             x = augmentation(x, training=True)
-        features.append(keras.ops.convert_to_numpy(base(scale(x, spec), training=False)))
+        features.append(keras.ops.convert_to_numpy(base(scale(x, spec), training=False)).astype(np.float32))
     return np.concatenate(features) if features else np.zeros((0, *base.output.shape[1:]), np.float32)
 
 
@@ -146,9 +146,12 @@ def fit_head_cached(
     config: TrainingConfig,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     on_features: Callable[[int, int], None] | None = None,
+    feature_base: keras.Model | None = None,
 ) -> dict[str, list[float]]:
-    """Stage 1: train the head of ``model`` on cached base features. Returns the Keras history."""
-    base, head = model.get_layer("vgg16"), model.get_layer("head")
+    """Stage 1: train the head of ``model`` on cached base features. Returns the Keras history.
+    ``feature_base`` computes them when given (the same base under another engine,
+    model.inference.choose_feature_base)."""
+    base, head = feature_base or model.get_layer("vgg16"), model.get_layer("head")
     augmentation = build_augmentation(config.augmentation, config.seed) if config.augment else None
     draws = []
     for draw in range(config.augment_draws if augmentation is not None else 1):

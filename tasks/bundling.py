@@ -53,7 +53,7 @@ def card_markdown(card: ModelCard) -> str:
 def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: dict, *, dataset: Dataset,
                 loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing, config: TrainingConfig,
                 weights: dict, test_fraction: float, promotion: dict, validity: dict, calibration: dict,
-                figures: dict[str, bytes | None]) -> tuple[ModelCard, dict[str, bytes]]:
+                figures: dict[str, bytes | None], features_engine: dict | None = None) -> tuple[ModelCard, dict[str, bytes]]:
     """The card and every other file of the bundle, as bytes; the card lists their sha256."""
     model_bytes = model_to_bytes(model)
     card = ModelCard(
@@ -67,7 +67,8 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
                  "class_counts": dataset.class_counts},
         metrics=metrics, training={**config.to_dict(), "balance_strata": split.balance,
                                    "selected_l2": history["stage1"].get("selected_l2", [None])[0],
-                                   "leave_out": "=".join(split.leave_out) if split.leave_out else None},
+                                   "leave_out": "=".join(split.leave_out) if split.leave_out else None,
+                                   "features_engine": features_engine or {}},
         software=software_versions(), validity=validity, calibration=calibration,
         model_sha256=hashlib.sha256(model_bytes).hexdigest(),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), promotion=promotion,

@@ -156,7 +156,7 @@ def audit_fold(loaded: LabelledArrays, variable: str, level: str, *, positive: s
                                       balance_strata=balance_strata, mixed_strata_only=mixed_strata_only,
                                       leave_out=f"{variable}={level}")
         _require_both_classes(split)
-        model, _, balance = fit_model.fn(split.training_data(loaded.images), spec, config, weights)
+        model, _, balance, _ = fit_model.fn(split.training_data(loaded.images), spec, config, weights)
         split = split.balanced_by(balance) if balance else split
         threshold, metrics, test_probabilities = evaluate_model.fn(model, loaded, split, spec, target_sensitivity)
     except (ValueError, DatasetError) as error:

@@ -19,7 +19,7 @@ from model.bundle import BundleError
 from model.evaluation import choose_threshold, evaluate
 from model.network import IMAGENET_FILE, build_classifier
 from model.preprocessing import Preprocessing
-from model.inference import ENGINES, EngineCheck, check_engine, make_predictor, quantize_int8
+from model.inference import ENGINES, EngineCheck, check_engine, choose_feature_base, make_predictor, quantize_int8
 from model.training import TrainingConfig, TrainingData, fine_tune, fit_head_cached, predict_probabilities
 from model.validity import (default_strata, metadata_baseline_auc, shortcut_warnings, stratum_sample_weights,
                             within_stratum_auc)
@@ -240,9 +240,10 @@ def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, 
 
 @task(cache_policy=NO_CACHE)
 def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig,
-              weights: str | None) -> tuple[keras.Model, dict, str | None]:
+              weights: str | None) -> tuple[keras.Model, dict, str | None, dict]:
     """Stage 1 on cached features, then stage 2 (block5) when fine-tune epochs are asked for.
-    Returns the model, its history and the weighting chosen among ``data.weightings`` (if any)."""
+    Returns the model, its history, the weighting chosen among ``data.weightings`` (if any) and
+    which engine computed stage 1's features, with what it measured."""
     logger = get_run_logger()
     keras.utils.set_random_seed(config.seed)
     _use_gpu_if_present()
@@ -256,7 +257,11 @@ def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig,
         logger.info("Computed base features of the training images: draw %d/%d (%.0f s)", draw, draws,
                     time.perf_counter() - started)
 
-    history = {"stage1": fit_head_cached(model, data, spec, config, [reporter], on_features)}
+    feature_base, features_engine = choose_feature_base(model.get_layer("vgg16"), data.x_train[: config.batch_size], spec)
+    logger.info("Stage 1 features by %s (%s img/s; bf16 features differ from fp32 by %.2f %%, median)",
+                features_engine["engine"], features_engine["images_per_second"],
+                100 * features_engine["bf16_median_relative_difference"])
+    history = {"stage1": fit_head_cached(model, data, spec, config, [reporter], on_features, feature_base)}
     chosen = None
     if "selected_weighting" in history["stage1"]:
         chosen, w_train, w_val = data.weightings[int(history["stage1"].pop("selected_weighting")[0])]
@@ -271,7 +276,7 @@ def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig,
         history["stage2"] = fine_tune(model, data, spec, config, [tuner])
     logger.info("Training took %.0f s", time.perf_counter() - started)
     history = {stage: {k: [float(v) for v in values] for k, values in h.items()} for stage, h in history.items()}
-    return model, history, chosen
+    return model, history, chosen, features_engine
 
 
 def _use_gpu_if_present() -> None:
@@ -310,25 +315,30 @@ CALIBRATION_IMAGES = 300
 
 
 @task(cache_policy=NO_CACHE)
-def check_engines(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
-                  threshold: float, test_probabilities: np.ndarray,
-                  seed: int = 0) -> tuple[list[EngineCheck], dict[str, bytes]]:
-    """Every reduced-precision engine against fp32 (``test_probabilities``) on the test split: the
-    gate an engine passes before it may serve this version (model/inference.py). int8 is quantised
-    first, calibrated on training images only. Returns the checks and the int8 engine's files."""
+def check_engines(model: keras.Model, spec: Preprocessing, threshold: float, positive: int, test_images: np.ndarray,
+                  test_labels: np.ndarray, reference: np.ndarray,
+                  calibration_images: np.ndarray) -> tuple[list[EngineCheck], dict[str, bytes]]:
+    """Every reduced-precision engine against fp32 on the test split (``reference``: fp32's
+    probabilities of ``test_images``; ``test_labels``: their class indices; ``positive``: the
+    flagged class): the gate an engine passes before it may serve this version
+    (model/inference.py). int8 is quantised first, calibrated on ``calibration_images`` (training
+    images only). Returns the checks and the int8 engine's files."""
     logger = get_run_logger()
-    positive = split.classes.index(split.positive)
-    labels = (split.labels[split.test] == positive).astype(int)
-    rows = np.random.default_rng(seed).permutation(split.train)[:CALIBRATION_IMAGES]
-    artifacts = quantize_int8(model, spec, loaded.images[np.sort(rows)])
+    artifacts = quantize_int8(model, spec, calibration_images)
     checks = []
     for engine in ENGINES[1:]:
         predictor = make_predictor(model, spec, engine, artifacts if engine == "int8" else None)
-        candidate = predictor.predict(loaded.images[split.test])
-        check = check_engine(engine, test_probabilities[:, positive], candidate[:, positive], labels, threshold)
+        candidate = predictor.predict(test_images)
+        check = check_engine(engine, reference[:, positive], candidate[:, positive], (test_labels == positive).astype(int),
+                             threshold)
         logger.info("Engine %s (%s)", check.summary, "passes" if check.passed else "FAILS the gate: never used")
         checks.append(check)
     return checks, artifacts
+
+
+def calibration_sample(train_rows: np.ndarray, seed: int) -> np.ndarray:
+    """Up to CALIBRATION_IMAGES rows of the training part, drawn with the run's seed, in order."""
+    return np.sort(np.random.default_rng(seed).permutation(train_rows)[:CALIBRATION_IMAGES])
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)

@@ -97,3 +97,17 @@ def test_openvino_and_nncf_send_no_telemetry():
                           env={**__import__("os").environ, "PYTHONPATH": "."})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True", "openvino.tools.ovc.telemetry_stub"]  # both use their no-op stubs
+
+
+def test_stage_one_features_use_bf16_only_where_it_agrees_and_is_faster(model, images, monkeypatch):
+    import model.inference as inference
+
+    base = model.get_layer("vgg16")
+    chosen, report = inference.choose_feature_base(base, images[:8], SPEC)
+    speeds = report["images_per_second"]
+    assert 0 < report["bf16_median_relative_difference"] < inference.FEATURE_TOLERANCE
+    assert report["engine"] == ("bf16" if speeds["bf16"] > speeds["fp32"] else "fp32")
+    assert (chosen is base) == (report["engine"] == "fp32")
+    monkeypatch.setattr(inference, "FEATURE_TOLERANCE", 0.0)  # nothing agrees exactly: fp32 it is
+    chosen, report = inference.choose_feature_base(base, images[:8], SPEC)
+    assert report["engine"] == "fp32" and chosen is base

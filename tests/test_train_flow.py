@@ -158,3 +158,33 @@ def test_promotion_decision():
     assert not registry.promotion_decision(better, better)[0]
     assert registry.promotion_decision(worse, better, force=True) == (True, "promotion forced")
     assert registry.promotion_decision(worse, None) == (True, "no comparable production model")
+
+
+def test_validate_engines_rechecks_an_existing_version_on_its_own_test_split(prefect_api, tmp_path):
+    from flows.validate_engines import validate_engines
+    from tasks import engines
+
+    dataset_uri, store = str(tmp_path / "dataset"), str(tmp_path / "models")
+    write_phantom_dataset(dataset_uri, per_class=16, size=96, seed=4)
+    result, _ = run(dataset_uri=dataset_uri, model_store_uri=store, **SMALL)
+    card = registry.load_card(store)
+    recorded = json.loads(storage.read_bytes(storage.join(result.bundle_uri, "engines.json")))
+    for name in engines.ENGINE_FILES[:1] + engines.ENGINE_FILES[2:]:  # a version from before engines existed
+        (tmp_path / "models" / card.version / name).unlink()
+    assert engines.validated_engines(store, card)[0] == ["fp32"]
+
+    checks = validate_engines(store, card.version)
+
+    assert [check.engine for check in checks] == ["bf16", "int8"]
+    again = json.loads(storage.read_bytes(storage.join(result.bundle_uri, "engines.json")))
+    for engine in ("bf16", "int8"):  # the same test images as at training: the same figures
+        for figure in ("images", "flag_agreement", "auc_difference"):
+            assert again["checks"][engine][figure] == pytest.approx(recorded["checks"][engine][figure], abs=1e-3)
+    allowed, _ = engines.validated_engines(store, card)
+    assert allowed == ["fp32", *(check.engine for check in checks if check.passed)]
+
+    # A dataset that changed since training cannot stand in for the version's test split.
+    victim = next(iter(sorted((tmp_path / "dataset").rglob("*.png"))))
+    victim.unlink()
+    with pytest.raises(BundleError, match="not the one its card recorded"):
+        validate_engines(store, card.version)
