@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     train_input_size: int | None = Field(None, description="Input size of retrained models.")
     screen_batch_size: int | None = Field(None, description="Images per forward pass in nightly screening.")
     screen_chunk_size: int | None = Field(None, description="Images per Prefect task in nightly screening.")
-    screen_engine: str | None = Field(None, description="auto, fp32 or bf16 (see model/inference.py).")
+    screen_engine: str | None = Field(None, description="auto, fp32, bf16 or int8 (see model/inference.py).")
     screen_max_file_bytes: int | None = Field(None, description="Inputs larger than this get a rejected row.")
     screen_decode_timeout_seconds: float | None = Field(None, description="Per-input read and decode time limit.")
     screen_abandoned_after_minutes: float | None = Field(

@@ -34,7 +34,7 @@ class ScreenParameters(_Parameters):
     limit: int | None = Field(None, ge=0, description="Screen at most this many new images.")
     explain: Literal["flagged", "all", "none"] = Field(
         "flagged", description="Which images get a Grad-CAM overlay and cam_lung_share (a gradient pass each).")
-    engine: Literal["auto", "fp32", "bf16"] = Field(
+    engine: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto", description="What runs the forward pass: 'auto' times every engine validated for the model version "
                             "(model/inference.py) here and takes the fastest; 'fp32' is the reference.")
     max_file_bytes: int = Field(

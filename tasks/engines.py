@@ -91,6 +91,10 @@ def load_artifacts(store_uri: str, card: ModelCard, engine: str) -> dict[str, by
     return loaded
 
 
+def _share(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
 def _read_record(uri: str, store_uri: str, card: ModelCard) -> tuple[dict[str, dict], dict[str, str]]:
     data = storage.read_bytes(uri)
     key = registry.signing_key()
@@ -110,6 +114,10 @@ def _read_record(uri: str, store_uri: str, card: ModelCard) -> tuple[dict[str, d
             check = EngineCheck(**fields)
             if engine not in ENGINES or check.engine != engine:
                 raise ValueError(f"engine {engine!r}")
+            if not (_share(check.flag_agreement) and _share(check.max_probability_difference)
+                    and (check.auc_difference is None or _share(check.auc_difference))
+                    and isinstance(check.images, int) and not isinstance(check.images, bool) and check.images > 0):
+                raise ValueError(f"the figures of {engine}")
             # The verdict is the gate's, applied to the figures here, not a stored flag.
             checks[engine] = {**check.to_dict(), "passed": passes_gate(check.flag_agreement, check.auc_difference)}
         files = record.get("files", {})

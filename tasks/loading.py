@@ -37,6 +37,7 @@ class LoadedImage:
     sha256: str | None
     pixels: np.ndarray | None  # resized uint8 RGB, or None when rejected
     reason: str | None = None  # why it was rejected
+    final: bool = True  # False: the reason may pass (access denied), so the input is tried again next run
 
 
 def load_image(uri: str, spec: Preprocessing, limits: InputLimits = InputLimits()) -> LoadedImage:
@@ -47,8 +48,12 @@ def load_image(uri: str, spec: Preprocessing, limits: InputLimits = InputLimits(
     """
     try:
         data = storage.read_bytes(uri, max_bytes=limits.max_file_bytes, within=limits.within)
-    except (storage.Unreadable, storage.AccessDenied) as error:  # an object-level 403 concerns this input only
+    except storage.Unreadable as error:
         return LoadedImage(uri, None, None, error.reason)
+    except storage.AccessDenied as error:
+        # One object's 403 must not stop the night, nor may a policy fixed tomorrow leave every input
+        # rejected for ever: a row now, no ledger claim, another try next run.
+        return LoadedImage(uri, None, None, f"{error.reason}: tried again next run", final=False)
     digest = hashlib.sha256(data).hexdigest()
     decoded = decode_isolated(data, uri, spec.input_size, limits.decode_timeout_seconds)
     del data

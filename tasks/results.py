@@ -47,6 +47,9 @@ def entry_key(image_uri: str) -> str:
     return hashlib.sha256(image_uri.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+_PICTURES = ("thumbnail", "explanation")  # part files only
+
+
 def probability_column(class_name: str) -> str:
     return f"prob_{class_name}"
 
@@ -123,6 +126,8 @@ class PredictionRow:
     # Kept in part files for the report's worklist; never in the CSV, the JSONL or the ledger.
     thumbnail: str | None = field(default=None, metadata={"column": False})  # JPEG, base64
     explanation: str | None = field(default=None, metadata={"column": False})  # Grad-CAM overlay, JPEG, base64
+    # False for a rejection that may pass (access denied): reported, but not claimed in the ledger.
+    final: bool = field(default=True, metadata={"column": False})
 
     @classmethod
     def columns(cls, classes: list[str]) -> list[str]:
@@ -140,7 +145,7 @@ class PredictionRow:
             value = getattr(self, item.name)
             if item.name == "probabilities":
                 record.update({probability_column(c): v for c, v in value.items()})
-            elif item.metadata.get("column", True) or (with_thumbnail and value):  # pictures: part files only
+            elif item.metadata.get("column", True) or (with_thumbnail and value and item.name in _PICTURES):
                 record[item.name] = value
         return record
 

@@ -22,6 +22,10 @@ import sys
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["DEFAULT_MEMORY_BYTES", "Decoded", "DecoderPool", "decode_isolated"]
 
@@ -34,7 +38,7 @@ _START_SECONDS = 120  # imports on a loaded machine; a worker that cannot start 
 
 @dataclass(frozen=True)
 class Decoded:
-    pixels: object | None  # (input_size, input_size, 3) uint8, or None when rejected
+    pixels: np.ndarray | None  # (input_size, input_size, 3) uint8, or None when rejected
     reason: str | None = None
 
 
@@ -53,15 +57,23 @@ class DecoderPool:
     def decode(self, data: bytes, uri: str, input_size: int, timeout: float) -> Decoded:
         worker = self._idle.get()
         try:
-            if worker is None or not worker.alive():
-                worker = self._start()
-            decoded, healthy = worker.decode(data, uri, input_size, timeout)
-            if not healthy:
+            if worker is not None and not worker.alive():
                 self._stop(worker)
                 worker = None
-            return decoded
-        finally:
-            self._idle.put(worker)
+            if worker is None:
+                worker = self._start()
+            decoded, healthy = worker.decode(data, uri, input_size, timeout)
+        except BaseException:
+            # Interrupted between request and reply: its next reply would answer the wrong input.
+            if worker is not None:
+                self._stop(worker)
+            self._idle.put(None)
+            raise
+        if not healthy:
+            self._stop(worker)
+            worker = None
+        self._idle.put(worker)
+        return decoded
 
     def close(self) -> None:
         with self._lock:
@@ -85,14 +97,22 @@ class _Worker:
     def __init__(self, memory_bytes: int) -> None:
         to_child_read, to_child_write = os.pipe()
         from_child_read, from_child_write = os.pipe()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tasks.sandbox", str(to_child_read), str(from_child_write), str(memory_bytes)],
-            pass_fds=(to_child_read, from_child_write), env=env, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C meant for the run is handled by the run, not by every worker
-        )
-        os.close(to_child_read)
-        os.close(from_child_write)
+        try:
+            # -P: the working folder is not on the path (a folder named 'tasks' there must not be imported).
+            self.process = subprocess.Popen(
+                [sys.executable, "-P", "-m", "tasks.sandbox", str(to_child_read), str(from_child_write),
+                 str(memory_bytes)],
+                pass_fds=(to_child_read, from_child_write), env=_worker_environment(), stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C meant for the run is handled by the run, not by every worker
+            )
+        except OSError:
+            for descriptor in (to_child_read, to_child_write, from_child_read, from_child_write):
+                os.close(descriptor)
+            raise
+        finally:
+            if hasattr(self, "process"):
+                os.close(to_child_read)
+                os.close(from_child_write)
         self.requests = Connection(to_child_write, readable=False)
         self.replies = Connection(from_child_read, writable=False)
         # Its imports must not count against the first input's deadline.
@@ -145,6 +165,14 @@ class _Worker:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+
+
+def _worker_environment() -> dict[str, str]:
+    """What a decoder needs, and no secret: it parses hostile files, so credentials and the model
+    signing key stay with the parent (which does all reading)."""
+    kept = {name: value for name, value in os.environ.items()
+            if name in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")}
+    return {**kept, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
 
 
 _pool: DecoderPool | None = None

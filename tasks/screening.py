@@ -63,7 +63,7 @@ def find_inputs(incoming_uri: str, exclude: Sequence[str] = ()) -> list[str]:
             try:
                 if is_dicom(storage.read_bytes(uri, length=132, within=incoming_uri)):
                     found.append(uri)
-            except storage.Unreadable:
+            except (storage.Unreadable, storage.AccessDenied):
                 found.append(uri)  # its row will say why
             except storage.NotFound:
                 continue  # gone since the listing
@@ -83,7 +83,7 @@ class LoadedModel:
 
 
 @functools.lru_cache(maxsize=2)
-def _model(model_store_uri: str, model_version: str, engine: str) -> LoadedModel:
+def _model(model_store_uri: str, model_version: str, engine: str, batch_size: int = 16) -> LoadedModel:
     """Loaded once per process, model version and engine, however many chunks run here."""
     model, card = registry.load_model(model_store_uri, model_version)
     allowed, notes = validated_engines(model_store_uri, card)
@@ -93,8 +93,14 @@ def _model(model_store_uri: str, model_version: str, engine: str) -> LoadedModel
             raise BundleError(f"engine {engine} may not serve model {card.version}: {notes}")
         predictor = make_predictor(model, spec, engine, load_artifacts(model_store_uri, card, engine))
         return LoadedModel(card, predictor, model, f"{engine} asked for")
-    predictors = [make_predictor(model, spec, name, load_artifacts(model_store_uri, card, name)) for name in allowed]
-    best, speeds = fastest(predictors) if len(predictors) > 1 else (predictors[0], {})
+    predictors = []
+    for name in allowed:
+        try:
+            predictors.append(make_predictor(model, spec, name, load_artifacts(model_store_uri, card, name)))
+        except (BundleError, storage.StorageError, ImportError, RuntimeError) as error:
+            # An optional engine that cannot be loaded here is left out; fp32 always can be.
+            notes = "; ".join(filter(None, [notes, f"{name} could not be loaded ({error})"]))
+    best, speeds = fastest(predictors, batch_size) if len(predictors) > 1 else (predictors[0], {})
     measured = ", ".join(f"{name} {speed:g} img/s" for name, speed in speeds.items())
     why = f"auto: fastest of the validated engines here ({measured})" if speeds else "auto: the only validated engine"
     get_run_logger().info("Engine %s for model %s: %s%s", best.engine, card.version, why, f"; {notes}" if notes else "")
@@ -178,7 +184,7 @@ def screen_images(
                 yield PredictionRow(
                     image_uri=loaded.uri, sha256=loaded.sha256, status="rejected", reason=loaded.reason or "",
                     model_version=card.version, predicted_class="", probabilities=dict.fromkeys(card.classes),
-                    flagged=False, screened_at=_now())
+                    flagged=False, screened_at=_now(), final=loaded.final)
             else:
                 batch.append(loaded)
                 if len(batch) == batch_size:
@@ -214,7 +220,7 @@ def screen_chunk(
     """Screen ``uris``, claim each row in the ledger, and write this run's rows as one part file."""
     logger = get_run_logger()
     started = time.perf_counter()
-    loaded_model = _model(model_store_uri, model_version, engine)
+    loaded_model = _model(model_store_uri, model_version, engine, batch_size)
     card = loaded_model.card
     layout = ResultsLayout(results_uri).run(run_id)
     storage.write_bytes(layout.chunk_inputs(chunk), json.dumps(uris).encode())
@@ -235,6 +241,9 @@ def screen_chunk(
             row.run_id = run_id
             if row.status == "rejected":
                 logger.warning("Rejected %s: %s", row.image_uri, row.reason)
+            if not row.final:
+                mine.append(row)
+                continue
             if not ledger.claim(results_uri, row):
                 earlier = ledger.read_entry(results_uri, card.version, row.image_uri, card.classes)
                 if earlier.run_id != run_id:  # another run's row; ours, from a retried attempt, we keep

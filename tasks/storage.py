@@ -107,7 +107,7 @@ def join(uri: str, *parts: str) -> str:
     if isinstance(location, _S3Location):
         key = "/".join([location.key.rstrip("/"), *cleaned] if location.key else cleaned)
         return str(_S3Location(location.bucket, key))
-    return str(location.joinpath(*cleaned))
+    return _local_uri(str(location.joinpath(*cleaned)))
 
 
 def relative_to(uri: str, base: str) -> str:
@@ -233,29 +233,25 @@ def _list_local(uri: str, root: Path) -> Iterator[str]:
     if not root.is_dir():
         raise NotAFolder(uri, "not a folder")
     found: list[str] = []
-
-    def walk(folder: str) -> None:
+    pending = [str(root)]  # a stack, not recursion: a thousand nested folders must not end the listing
+    while pending:
+        folder = pending.pop()
         try:
             with os.scandir(folder) as entries:
-                listed = sorted(entries, key=lambda entry: entry.name)
-        except PermissionError as error:
-            if folder == str(root):
-                raise AccessDenied(uri, "permission denied") from error
-            found.append(folder)
-            return
+                listed = list(entries)
         except OSError as error:
             if folder == str(root):
+                if isinstance(error, PermissionError):
+                    raise AccessDenied(uri, "permission denied") from error
                 raise StorageError(uri, error.strerror or str(error)) from error
             found.append(folder)
-            return
+            continue
         for entry in listed:
             if entry.is_dir(follow_symlinks=False):
-                walk(entry.path)
+                pending.append(entry.path)
             else:
                 found.append(entry.path)
-
-    walk(str(root))
-    yield from (_local_uri(path) for path in sorted(found))
+    yield from sorted(_local_uri(path) for path in found)
 
 
 def _local_uri(path: str) -> str:
@@ -294,11 +290,16 @@ def _read_s3(uri: str, location: _S3Location, length: int | None, max_bytes: int
         if "InvalidObjectState" in error.reason:
             raise Unreadable(uri, "archived object (Glacier or Deep Archive): restore it to screen it") from error
         raise
+    from botocore.exceptions import BotoCoreError
+
     body = response["Body"]
     try:
         if max_bytes is not None and not length and int(response.get("ContentLength") or 0) > max_bytes:
             raise Unreadable(uri, _too_large(int(response["ContentLength"]), max_bytes))
-        data = body.read(None if max_bytes is None or length else max_bytes + 1)
+        # Bounded even if a server ignores the Range header or the object grew.
+        data = body.read(length if length else None if max_bytes is None else max_bytes + 1)
+    except BotoCoreError as error:  # the connection broke mid-body: worth a retry
+        raise _s3_error(uri, error) from error
     finally:
         body.close()
     if max_bytes is not None and not length and len(data) > max_bytes:
@@ -336,6 +337,8 @@ def _read_local(uri: str, path: Path, length: int | None, max_bytes: int | None,
         opened = os.fstat(handle.fileno())
         if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
             raise Unreadable(uri, "replaced while being read")
+        if within is not None:
+            _check_inside(uri, handle.fileno(), within)
         _check_regular(uri, opened, max_bytes if length is None else None)
         try:
             if length is not None:
@@ -364,6 +367,18 @@ def _follow(uri: str, path: Path, within: str | None) -> Path:
         if target != root and root not in target.parents:
             raise Unreadable(uri, "link leads outside the incoming folder: not followed")
     return target
+
+
+def _check_inside(uri: str, descriptor: int, within: str) -> None:
+    """Where the open file really is (a folder on its path may have become a link since the listing);
+    the descriptor is fixed, so this cannot race."""
+    try:
+        actual = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+    except OSError:
+        return  # no /proc (not Linux): the link checks above are what there is
+    root = Path(os.path.realpath(_parse(within)))
+    if actual != root and root not in actual.parents:
+        raise Unreadable(uri, "lies outside the incoming folder through a linked folder: not read")
 
 
 def _check_regular(uri: str, info: os.stat_result, max_bytes: int | None) -> None:

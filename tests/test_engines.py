@@ -57,7 +57,15 @@ def test_checks_of_another_model_are_ignored(store):
     assert allowed == ["fp32"] and "checks of another model" in note
 
 
+BAD_FIGURES = {"engine": "bf16", "images": 100, "flag_agreement": "0.999", "max_probability_difference": 0.0,
+               "auc_difference": None, "passed": True}
+
+
 @pytest.mark.parametrize("damage", [b"not json", b'{"model_version": "v1"}',
+                                    json.dumps({"model_version": "v1", "model_sha256": SHA,
+                                                "checks": {"bf16": BAD_FIGURES}}).encode(),
+                                    json.dumps({"model_version": "v1", "model_sha256": SHA, "checks": {
+                                        "bf16": {**BAD_FIGURES, "flag_agreement": True}}}).encode(),
                                     json.dumps({"model_version": "v1", "model_sha256": SHA, "checks": {
                                         "bf16": {"engine": "bf16", "surprise": 1}}}).encode()])
 def test_a_damaged_record_means_fp32_only(store, damage):

@@ -346,3 +346,19 @@ def test_an_engine_that_failed_its_gate_is_refused_and_auto_says_why(model_store
     summary = run_screen(incoming, str(tmp_path / "results-auto"), store)
     assert summary.engine == "fp32" and "bf16 failed the gate" in summary.engine_reason
     assert {row["engine"] for row in run_rows(str(tmp_path / "results-auto"))} == {"fp32"}
+
+
+def test_auto_leaves_out_an_engine_whose_files_were_replaced(model_store, tmp_path):
+    store = str(tmp_path / "models")
+    copy_tree(model_store, store)
+    card = registry.load_card(store)
+    storage.write_bytes(storage.join(store, card.version, "model-int8.bin"), b"\x00" * 64)
+    allowed, _ = engines.validated_engines(store, card)
+    incoming = str(tmp_path / "incoming")
+    write_phantom_dataset(incoming, per_class=2, size=96, seed=6)
+
+    summary = run_screen(incoming, str(tmp_path / "results"), store)
+
+    assert summary.status == "completed" and summary.engine in set(allowed) - {"int8"}
+    if "int8" in allowed:
+        assert "int8 could not be loaded" in summary.engine_reason and "does not match its sha256" in summary.engine_reason

@@ -275,3 +275,27 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_file(tmp_path):
     finally:
         if mounted:
             subprocess.run(["umount", str(full)])
+
+
+def test_listing_survives_deep_nesting_and_reads_never_leave_the_tree_through_a_linked_folder(tmp_path):
+    import os
+    import sys
+
+    root = tmp_path / "incoming"
+    deep = root.joinpath(*["d"] * 400)
+    deep.mkdir(parents=True)
+    (deep / "x.png").write_bytes(b"x")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(300)  # deeper nesting than the stack allows: a recursive walk would fail
+    try:
+        assert list(storage.list_files(str(root))) == [str(deep / "x.png")]
+    finally:
+        sys.setrecursionlimit(limit)
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"secret")
+    os.symlink(outside, root / "linked")  # e.g. a folder swapped for a link after the listing
+    with pytest.raises(storage.Unreadable, match="outside the incoming folder through a linked folder"):
+        storage.read_bytes(str(root / "linked" / "secret.png"), within=str(root))
+    assert storage.read_bytes(str(root / "linked" / "secret.png")) == b"secret"  # trusted reads are not limited
