@@ -49,7 +49,8 @@ def train(params: TrainParameters) -> TrainedModel:
     threshold, metrics, test_probabilities = evaluate_model(model, loaded, split, spec, params.target_sensitivity)
     engine_checks, engine_files = check_engines(
         model, spec, threshold, split.classes.index(split.positive), loaded.images[split.test], split.labels[split.test],
-        test_probabilities, loaded.images[calibration_sample(split.train, params.seed)])
+        test_probabilities, loaded.images[calibration_sample(split.train, params.seed)],
+        [loaded.items[index].uri for index in split.test])
     validity, mean_cam = audit_model(model, loaded, split, spec, threshold, test_probabilities, params.bootstrap,
                                      params.seed)
 

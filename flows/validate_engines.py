@@ -41,7 +41,7 @@ def validate_engines(model_store_uri: str, model_version: str = "production",
 
     checks, files = check_engines(model, spec, card.threshold, card.classes.index(card.positive_class),
                                   loaded.images[test], labels, predict_probabilities(model, loaded.images[test], spec),
-                                  loaded.images[calibration_sample(train, seed)])
+                                  loaded.images[calibration_sample(train, seed)], [item.uri for item in split.test])
     uri = engines.record_checks(model_store_uri, card, checks, files)
     allowed, notes = engines.validated_engines(model_store_uri, card)
     get_run_logger().info("Engine checks of %s written to %s; may serve it: %s%s", card.version, uri,

@@ -32,6 +32,8 @@ __all__ = ["ENGINES", "GATE", "EngineCheck", "Predictor", "cast_base", "check_en
            "make_predictor", "passes_gate", "quantize_int8", "with_base_policy"]
 
 ENGINES = ("fp32", "bf16", "int8")
+# A decoding shortcut held to the same gate: large JPEGs decoded at reduced resolution by libjpeg.
+REDUCED_DECODE = "reduced-jpeg"
 # What the int8 engine is made of, beside the bundle (tasks/engines.py records their sha256).
 INT8_FILES = ("model-int8.xml", "model-int8.bin")
 # The gate every engine passes before it serves a version: flags agree on at least 99.5 % of the

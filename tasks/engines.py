@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from model.bundle import BundleError, ModelCard, sign, signature_matches
-from model.inference import ENGINES, GATE, INT8_FILES, EngineCheck, passes_gate
+from model.inference import ENGINES, GATE, INT8_FILES, REDUCED_DECODE, EngineCheck, passes_gate
 from tasks import registry, storage
 
 __all__ = ["ENGINE_FILES", "ENGINES_FILE", "ENGINES_SIGNATURE", "load_artifacts", "record_checks",
-           "validated_engines"]
+           "reduced_decode_allowed", "validated_engines"]
 
 ENGINES_FILE, ENGINES_SIGNATURE, ENGINE_FILES = registry.ENGINES, registry.ENGINES_SIGNATURE, registry.ENGINE_FILES
 logger = logging.getLogger(__name__)
@@ -75,6 +75,16 @@ def validated_engines(store_uri: str, card: ModelCard) -> tuple[list[str], str]:
     return passed, "; ".join(notes)
 
 
+def reduced_decode_allowed(store_uri: str, card: ModelCard) -> bool:
+    """Whether large JPEGs may be decoded at reduced resolution for this version: only after that
+    shortcut passed the gate on its test split."""
+    try:
+        checks, _ = _read_record(storage.join(store_uri, card.version, ENGINES_FILE), store_uri, card)
+    except (storage.NotFound, BundleError):
+        return False
+    return bool(checks.get(REDUCED_DECODE, {}).get("passed"))
+
+
 def load_artifacts(store_uri: str, card: ModelCard, engine: str) -> dict[str, bytes] | None:
     """The files ``engine`` runs for this version, each checked against its sha256 in the record;
     None for an engine that runs the Keras model itself."""
@@ -112,7 +122,7 @@ def _read_record(uri: str, store_uri: str, card: ModelCard) -> tuple[dict[str, d
         checks = {}
         for engine, fields in record["checks"].items():
             check = EngineCheck(**fields)
-            if engine not in ENGINES or check.engine != engine:
+            if engine not in (*ENGINES, REDUCED_DECODE) or check.engine != engine:
                 raise ValueError(f"engine {engine!r}")
             if not (_share(check.flag_agreement) and _share(check.max_probability_difference)
                     and (check.auc_difference is None or _share(check.auc_difference))

@@ -71,8 +71,11 @@ def decode_image(
     uri: str = "<bytes>",
     max_pixels: int = MAX_PIXELS,
     max_decoded_bytes: int = MAX_DECODED_BYTES,
+    reduce_to: int | None = None,
 ) -> np.ndarray:
-    """Decode ``data`` to an ``(height, width, 3)`` uint8 RGB array.
+    """Decode ``data`` to an ``(height, width, 3)`` uint8 RGB array; with ``reduce_to``, a JPEG at
+    least twice that size a side at reduced resolution (a shortcut only used where it passed the
+    engine gate, tasks/engines.py).
 
     Raises ``ImageDecodeError`` naming ``uri`` and the reason for any input that is not a usable
     image (empty, not an image, truncated or corrupt, too small, too large, blank), and for nothing
@@ -82,7 +85,7 @@ def decode_image(
         raise ImageDecodeError(uri, "empty file")
     try:
         with quiet_decoders:
-            pixels = _decode(data, uri, max_pixels, max_decoded_bytes)
+            pixels = _decode(data, uri, max_pixels, max_decoded_bytes, reduce_to)
             return _as_rgb(pixels, uri)
     except ImageDecodeError:
         raise
@@ -92,12 +95,12 @@ def decode_image(
         raise ImageDecodeError(uri, f"the decoder failed on this file ({error_kind(error)})") from None
 
 
-def _decode(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: int) -> np.ndarray:
+def _decode(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: int, reduce_to: int | None) -> np.ndarray:
     if is_dicom(data, uri):
         from tasks.dicom import decode_dicom
 
         return decode_dicom(data, uri, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes)
-    return decode_raster(data, uri, max_pixels, max_decoded_bytes)
+    return decode_raster(data, uri, max_pixels, max_decoded_bytes, reduce_to)
 
 
 def _as_rgb(pixels: np.ndarray, uri: str) -> np.ndarray:

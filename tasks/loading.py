@@ -29,6 +29,7 @@ class InputLimits:
     max_file_bytes: int = 128 * 1024 * 1024
     decode_timeout_seconds: float = 60.0
     within: str | None = None  # local links may not lead outside this folder
+    reduced_decode: bool = False  # large JPEGs at reduced resolution (only where it passed the gate)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def load_image(uri: str, spec: Preprocessing, limits: InputLimits = InputLimits(
         # rejected for ever: a row now, no ledger claim, another try next run.
         return LoadedImage(uri, None, None, f"{error.reason}: tried again next run", final=False)
     digest = hashlib.sha256(data).hexdigest()
-    decoded = decode_isolated(data, uri, spec.input_size, limits.decode_timeout_seconds)
+    decoded = decode_isolated(data, uri, spec.input_size, limits.decode_timeout_seconds, limits.reduced_decode)
     del data
     return LoadedImage(uri, digest, decoded.pixels, decoded.reason)
 

@@ -47,8 +47,23 @@ class _RasterHeader:
     bits: int  # per sample
 
 
-def decode_raster(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: int) -> np.ndarray:
-    """A 2-D (grayscale) or ``(h, w, 3)`` RGB uint8 array; ``ImageDecodeError`` for an unusable file."""
+_REDUCED = {(2, True): cv2.IMREAD_REDUCED_COLOR_2, (4, True): cv2.IMREAD_REDUCED_COLOR_4,
+            (8, True): cv2.IMREAD_REDUCED_COLOR_8, (2, False): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+            (4, False): cv2.IMREAD_REDUCED_GRAYSCALE_4, (8, False): cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
+def reduction(image_format: str, width: int, height: int, reduce_to: int | None) -> int:
+    """By how much libjpeg may shrink a JPEG while decoding it (its DCT scaling: 1/2, 1/4, 1/8)
+    and still leave at least ``reduce_to`` pixels a side; 1 for anything else."""
+    if not reduce_to or image_format not in ("JPEG", "MPO"):
+        return 1
+    return next((factor for factor in (8, 4, 2) if min(width, height) // factor >= reduce_to), 1)
+
+
+def decode_raster(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: int,
+                  reduce_to: int | None = None) -> np.ndarray:
+    """A 2-D (grayscale) or ``(h, w, 3)`` RGB uint8 array; ``ImageDecodeError`` for an unusable file.
+    ``reduce_to``: a JPEG at least twice that size a side is decoded at reduced resolution."""
     header = _probe(data, uri)
     if header.image_format not in _SUPPORTED_FORMATS:
         raise ImageDecodeError(
@@ -61,6 +76,9 @@ def decode_raster(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: int
     # ANYDEPTH keeps 16-bit samples; ANYCOLOR keeps grayscale as one channel and drops alpha;
     # both, unlike IMREAD_UNCHANGED, apply the EXIF orientation.
     flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+    factor = reduction(header.image_format, header.width, header.height, reduce_to)
+    if factor > 1:
+        flags = _REDUCED[factor, header.samples >= 3]
     pixels, messages = with_decoder_messages(lambda: cv2.imdecode(np.frombuffer(data, np.uint8), flags))
     problem = damage_reason(header.image_format, messages)
     if problem is not None:

@@ -54,7 +54,8 @@ class DecoderPool:
         self._workers: set[_Worker] = set()
         self.size = size
 
-    def decode(self, data: bytes, uri: str, input_size: int, timeout: float) -> Decoded:
+    def decode(self, data: bytes, uri: str, input_size: int, timeout: float, reduced: bool = False) -> Decoded:
+        """``reduced``: a JPEG at least twice ``input_size`` a side is decoded at reduced resolution."""
         worker = self._idle.get()
         try:
             if worker is not None and not worker.alive():
@@ -62,7 +63,7 @@ class DecoderPool:
                 worker = None
             if worker is None:
                 worker = self._start()
-            decoded, healthy = worker.decode(data, uri, input_size, timeout)
+            decoded, healthy = worker.decode(data, uri, input_size, timeout, reduced)
         except BaseException:
             # Interrupted between request and reply: its next reply would answer the wrong input.
             if worker is not None:
@@ -127,12 +128,14 @@ class _Worker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def decode(self, data: bytes, uri: str, input_size: int, timeout: float) -> tuple[Decoded, bool]:
+    def decode(self, data: bytes, uri: str, input_size: int, timeout: float,
+               reduced: bool) -> tuple[Decoded, bool]:
         """The outcome, and whether this worker may be used again."""
         import numpy as np
 
         try:
-            self.requests.send_bytes(json.dumps({"uri": uri, "input_size": input_size}).encode("utf-8", "surrogatepass"))
+            request = {"uri": uri, "input_size": input_size, "reduced": reduced}
+            self.requests.send_bytes(json.dumps(request).encode("utf-8", "surrogatepass"))
             self.requests.send_bytes(data)
             if not self.replies.poll(timeout):
                 return Decoded(None, f"decoding took longer than {timeout:g} s (decode_timeout_seconds): stopped"), False
@@ -188,9 +191,9 @@ def _shared_pool() -> DecoderPool:
         return _pool
 
 
-def decode_isolated(data: bytes, uri: str, input_size: int, timeout: float) -> Decoded:
+def decode_isolated(data: bytes, uri: str, input_size: int, timeout: float, reduced: bool = False) -> Decoded:
     """Decode ``data`` and resize it to ``input_size`` in a worker process of this process' pool."""
-    return _shared_pool().decode(data, uri, input_size, timeout)
+    return _shared_pool().decode(data, uri, input_size, timeout, reduced)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +237,9 @@ def _answer(requests: Connection, replies: Connection) -> None:
             return
         uri = request["uri"]
         try:
-            pixels = resize(decode_image(data, uri), Preprocessing(input_size=request["input_size"]))
+            size = request["input_size"]
+            pixels = resize(decode_image(data, uri, reduce_to=size if request.get("reduced") else None),
+                            Preprocessing(input_size=size))
             header, body = {"status": "ok", "shape": list(pixels.shape)}, np.ascontiguousarray(pixels).tobytes()
         except ImageDecodeError as error:
             # After running out of memory this process may hold anything: the parent starts another.

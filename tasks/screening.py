@@ -8,6 +8,7 @@ only the chunk's own images are ever in memory.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import json
 import time
@@ -30,7 +31,7 @@ from model.gradcam import grad_cam, overlay
 from model.inference import Predictor, fastest, make_predictor
 from tasks.retrying import transient_only
 from tasks import ledger, registry, runs, storage
-from tasks.engines import load_artifacts, validated_engines
+from tasks.engines import load_artifacts, reduced_decode_allowed, validated_engines
 from tasks.images import IMAGE_SUFFIXES, is_dicom
 from tasks.loading import InputLimits, LoadedImage, load_image
 from tasks.results import PredictionRow, ResultsLayout
@@ -80,6 +81,7 @@ class LoadedModel:
     predictor: Predictor  # runs the forward pass
     model: keras.Model  # the fp32 model, for Grad-CAM's gradients
     why: str  # why this engine
+    reduced_decode: bool = False  # large JPEGs decoded at reduced resolution: passed the gate
 
 
 @functools.lru_cache(maxsize=2)
@@ -88,11 +90,13 @@ def _model(model_store_uri: str, model_version: str, engine: str, batch_size: in
     model, card = registry.load_model(model_store_uri, model_version)
     allowed, notes = validated_engines(model_store_uri, card)
     spec = card.spec()
+    reduced = reduced_decode_allowed(model_store_uri, card)
+    shortcut = "; large JPEGs decoded at reduced resolution (passed the gate)" if reduced else ""
     if engine != "auto":
         if engine not in allowed:
             raise BundleError(f"engine {engine} may not serve model {card.version}: {notes}")
         predictor = make_predictor(model, spec, engine, load_artifacts(model_store_uri, card, engine))
-        return LoadedModel(card, predictor, model, f"{engine} asked for")
+        return LoadedModel(card, predictor, model, f"{engine} asked for{shortcut}", reduced)
     predictors = []
     for name in allowed:
         try:
@@ -104,7 +108,7 @@ def _model(model_store_uri: str, model_version: str, engine: str, batch_size: in
     measured = ", ".join(f"{name} {speed:g} img/s" for name, speed in speeds.items())
     why = f"auto: fastest of the validated engines here ({measured})" if speeds else "auto: the only validated engine"
     get_run_logger().info("Engine %s for model %s: %s%s", best.engine, card.version, why, f"; {notes}" if notes else "")
-    return LoadedModel(card, best, model, why + (f"; {notes}" if notes else ""))
+    return LoadedModel(card, best, model, why + (f"; {notes}" if notes else "") + shortcut, reduced)
 
 
 @dataclass
@@ -229,6 +233,7 @@ def screen_chunk(
     mine: list[PredictionRow] = []
     renewed = time.monotonic()
     try:
+        limits = dataclasses.replace(limits, reduced_decode=loaded_model.reduced_decode)
         for produced in screen_images(uris, loaded_model, batch_size, explain=explain, limits=limits):
             if time.monotonic() - renewed > RENEW_EVERY_SECONDS:
                 _keep_alive(results_uri, run_id, logger)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from model.bundle import BundleError
 from model.evaluation import choose_threshold, evaluate
 from model.network import IMAGENET_FILE, build_classifier
 from model.preprocessing import Preprocessing
-from model.inference import ENGINES, EngineCheck, check_engine, choose_feature_base, make_predictor, quantize_int8
+from model.inference import ENGINES, REDUCED_DECODE, EngineCheck, check_engine, choose_feature_base, make_predictor, quantize_int8
 from model.training import TrainingConfig, TrainingData, fine_tune, fit_head_cached, predict_probabilities
 from model.validity import (default_strata, metadata_baseline_auc, shortcut_warnings, stratum_sample_weights,
                             within_stratum_auc)
@@ -316,13 +318,14 @@ CALIBRATION_IMAGES = 300
 
 @task(cache_policy=NO_CACHE)
 def check_engines(model: keras.Model, spec: Preprocessing, threshold: float, positive: int, test_images: np.ndarray,
-                  test_labels: np.ndarray, reference: np.ndarray,
-                  calibration_images: np.ndarray) -> tuple[list[EngineCheck], dict[str, bytes]]:
+                  test_labels: np.ndarray, reference: np.ndarray, calibration_images: np.ndarray,
+                  test_uris: Sequence[str] = ()) -> tuple[list[EngineCheck], dict[str, bytes] | None]:
     """Every reduced-precision engine against fp32 on the test split (``reference``: fp32's
     probabilities of ``test_images``; ``test_labels``: their class indices; ``positive``: the
     flagged class): the gate an engine passes before it may serve this version
     (model/inference.py). int8 is quantised first, calibrated on ``calibration_images`` (training
-    images only). Returns the checks and the int8 engine's files."""
+    images only). With ``test_uris`` (the files of ``test_images``), reduced-resolution JPEG
+    decoding is held to the same gate. Returns the checks and the int8 engine's files."""
     logger = get_run_logger()
     try:
         artifacts = quantize_int8(model, spec, calibration_images)
@@ -340,7 +343,42 @@ def check_engines(model: keras.Model, spec: Preprocessing, threshold: float, pos
                              threshold)
         logger.info("Engine %s (%s)", check.summary, "passes" if check.passed else "FAILS the gate: never used")
         checks.append(check)
+    if test_uris:
+        shortcut = _check_reduced_decode(model, spec, threshold, positive, test_uris, test_images, test_labels, reference)
+        if shortcut is not None:
+            logger.info("Decoding %s (%s)", shortcut.summary, "passes" if shortcut.passed else "FAILS the gate: not used")
+            checks.append(shortcut)
     return checks, artifacts or None
+
+
+def _check_reduced_decode(model: keras.Model, spec: Preprocessing, threshold: float, positive: int,
+                          uris: Sequence[str], images: np.ndarray, labels: np.ndarray,
+                          reference: np.ndarray) -> EngineCheck | None:
+    """The test images decoded again with the reduced-resolution JPEG shortcut, predicted by fp32,
+    against the reference decode's predictions; None when no test image is a JPEG large enough."""
+    from PIL import Image
+
+    from tasks.images import is_dicom
+    from tasks.raster import reduction
+    from tasks.sandbox import decode_isolated
+
+    shortcut = images.copy()
+    reduced = 0
+    for index, uri in enumerate(uris):
+        data = storage.read_bytes(uri)
+        if is_dicom(data, uri) or not data.startswith(b"\xff\xd8"):
+            continue
+        with Image.open(io.BytesIO(data)) as header:
+            if reduction("JPEG", header.width, header.height, spec.input_size) == 1:
+                continue
+        decoded = decode_isolated(data, uri, spec.input_size, 60.0, reduced=True)
+        if decoded.pixels is not None:
+            shortcut[index], reduced = decoded.pixels, reduced + 1
+    if not reduced:
+        return None
+    candidate = predict_probabilities(model, shortcut, spec)
+    return check_engine(REDUCED_DECODE, reference[:, positive], candidate[:, positive],
+                        (labels == positive).astype(int), threshold)
 
 
 def calibration_sample(train_rows: np.ndarray, seed: int) -> np.ndarray:

@@ -98,3 +98,12 @@ def test_int8_serves_only_with_its_files_as_recorded(store):
 def test_an_int8_check_without_its_files_does_not_serve(store):
     engines.record_checks(store, card(), [check(engine="int8")])
     assert engines.validated_engines(store, card())[0] == ["fp32"]
+
+
+def test_reduced_decoding_is_used_only_after_it_passed_the_gate(store):
+    assert not engines.reduced_decode_allowed(store, card())
+    engines.record_checks(store, card(), [check(engine="reduced-jpeg", agreement=0.98)])
+    assert not engines.reduced_decode_allowed(store, card())
+    engines.record_checks(store, card(), [check(), check(engine="reduced-jpeg")])
+    assert engines.reduced_decode_allowed(store, card())
+    assert engines.validated_engines(store, card())[0] == ["fp32", "bf16"]  # a shortcut, not an engine

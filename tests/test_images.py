@@ -360,3 +360,21 @@ def test_fuzzed_files_decode_or_are_rejected_never_anything_else():
             assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8, (name, number)
             outcomes["decoded"] += 1
     assert outcomes["rejected"] > 300 and outcomes["decoded"] > 50  # both paths exercised
+
+
+def test_reduced_resolution_jpeg_decode_is_close_to_the_full_decode_and_only_for_large_jpegs():
+    from model.preprocessing import Preprocessing, resize
+    from tasks.phantoms import chest_phantom
+    from tasks.raster import reduction
+
+    spec = Preprocessing(input_size=64)
+    phantom = chest_phantom(np.random.default_rng(2), 512)
+    jpeg = cv2.imencode(".jpg", phantom, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    full = resize(images.decode_image(jpeg, "a.jpg"), spec)
+    reduced = resize(images.decode_image(jpeg, "a.jpg", reduce_to=64), spec)
+    assert reduction("JPEG", 512, 512, 64) == 8 and reduction("JPEG", 100, 100, 64) == 1
+    assert reduction("PNG", 512, 512, 64) == 1 and reduction("JPEG", 512, 512, None) == 1
+    assert reduced.shape == full.shape and np.abs(reduced.astype(int) - full).mean() < 2.0
+    assert not np.array_equal(reduced, full)  # the shortcut really ran
+    png = cv2.imencode(".png", phantom)[1].tobytes()
+    assert np.array_equal(images.decode_image(png, "a.png", reduce_to=64), images.decode_image(png, "a.png"))

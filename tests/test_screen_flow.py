@@ -25,6 +25,7 @@ from model.bundle import BundleError
 from model.inference import EngineCheck
 from tasks import engines, ledger, registry, runs, storage
 from tasks.phantoms import chest_phantom, write_phantom_dataset
+from tasks import screening
 from tasks.screening import find_inputs
 from tests.conftest import flow_run_artifacts
 
@@ -362,3 +363,26 @@ def test_auto_leaves_out_an_engine_whose_files_were_replaced(model_store, tmp_pa
     assert summary.status == "completed" and summary.engine in set(allowed) - {"int8"}
     if "int8" in allowed:
         assert "int8 could not be loaded" in summary.engine_reason and "does not match its sha256" in summary.engine_reason
+
+
+def test_large_jpegs_are_decoded_at_reduced_resolution_once_that_passed_the_gate(model_store, tmp_path):
+    store = str(tmp_path / "models")
+    copy_tree(model_store, store)
+    card = registry.load_card(store)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for index in range(4):  # 128 px JPEGs for a 32 px model: libjpeg may decode them at 1/4
+        image = chest_phantom(np.random.default_rng(index), 128)
+        cv2.imwrite(str(incoming / f"{index}.jpg"), image)
+    before = run_screen(str(incoming), str(tmp_path / "results-full"), store, engine="fp32")
+    assert "reduced resolution" not in before.engine_reason  # the phantoms are PNGs: never checked
+    engines.record_checks(store, card, [EngineCheck("reduced-jpeg", 10, 1.0, 0.001, 0.0, True)])
+    screening._model.cache_clear()  # a process loads a version once; a flow run is a new process
+
+    after = run_screen(str(incoming), str(tmp_path / "results-reduced"), store, engine="fp32")
+
+    assert "large JPEGs decoded at reduced resolution" in after.engine_reason and after.ok == 4
+    full = {row["image_uri"]: float(row["prob_covid"]) for row in run_rows(str(tmp_path / "results-full"))}
+    reduced = {row["image_uri"]: float(row["prob_covid"]) for row in run_rows(str(tmp_path / "results-reduced"))}
+    assert full.keys() == reduced.keys() and full != reduced  # the shortcut really changed the pixels
+    assert max(abs(full[uri] - reduced[uri]) for uri in full) < 0.05
