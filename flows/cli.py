@@ -247,7 +247,8 @@ def audit(
 @app.command("validate-engines")
 def validate_engines(
     version: str = typer.Argument("production", help="A version in the store, or 'production'."),
-    model_store: str = typer.Option("models", "--model-store", envvar="CXR_MODEL_STORE", help="Model store (folder or s3://)."),
+    model_store: str = typer.Option("models", "--model-store", envvar="CXR_MODEL_STORE",
+                                    help="Model store (folder or s3://)."),
     dataset: str | None = typer.Option(None, help="The version's dataset, if it moved (default: the card's)."),
 ) -> None:
     """Check each engine (bf16, int8) against fp32 on a version's test split; record which may serve it."""
