@@ -284,7 +284,10 @@ def demo(
     trained, screened = result.trained, result.screened
     console.rule("Demo finished")
     console.print(f"Model {trained.version} (test AUC {trained.card.metrics['positive']['auc']:.3f}): {trained.bundle_uri}")
-    console.print("  card.json, card.md, curves.png, confusion.png, roc.png, calibration.png, gradcam.png")
+    from tasks import storage
+
+    bundle = trained.bundle_uri
+    console.print("  " + ", ".join(sorted(storage.relative_to(uri, bundle) for uri in storage.list_files(bundle))))
     console.print(
         f"Screened {screened.screened} new image(s): {screened.flagged} flagged for review, "
         f"{screened.rejected} rejected (see the report for the reason)."
