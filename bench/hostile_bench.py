@@ -18,7 +18,6 @@ Goal (issue #12): the worker's peak stays within +500 MB of its baseline on any 
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ import tasks  # noqa: E402,F401  (first: TensorFlow's runtime options)
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.screen_bench import make_store  # noqa: E402
+from bench.screen_bench import cpu_line, make_store  # noqa: E402
 from flows.parameters import ScreenParameters  # noqa: E402
 from flows.screen import screen  # noqa: E402
 from tasks import sandbox  # noqa: E402
@@ -107,11 +106,7 @@ def write_corpus(folder: Path, cap: int) -> dict[str, str]:
 
 
 def main() -> None:
-    flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0] if Path("/proc/cpuinfo").exists() else ""
-    model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.startswith("model name")), platform.processor())
-    print(f"CPU: {model_name}; {os.cpu_count()} cores; "
-          f"{' '.join(f for f in ('avx2', 'avx512f', 'amx_bf16') if f in flags.split())}")
+    print(cpu_line())
     cap = ScreenParameters.default("max_file_bytes")
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
-from model.bundle import BundleError, ModelCard, sign, signature_matches
+from model.bundle import BundleError, ModelCard, sign
 from model.inference import ENGINES, GATE, INT8_FILES, REDUCED_DECODE, EngineCheck, passes_gate
 from tasks import registry, storage
 
@@ -107,14 +107,7 @@ def _share(value: object) -> bool:
 
 def _read_record(uri: str, store_uri: str, card: ModelCard) -> tuple[dict[str, dict], dict[str, str]]:
     data = storage.read_bytes(uri)
-    key = registry.signing_key()
-    if key is not None:
-        try:
-            signature = storage.read_bytes(storage.join(store_uri, card.version, ENGINES_SIGNATURE))
-        except storage.NotFound:
-            raise BundleError(f"{uri}: not signed, and {registry.SIGNING_KEY_VARIABLE} is set") from None
-        if not signature_matches(data, signature, key):
-            raise BundleError(f"{uri}: its signature does not match")
+    registry.check_signature(storage.join(store_uri, card.version, ENGINES_SIGNATURE), data, ENGINES_FILE)
     try:
         record = json.loads(data)
         if record["model_sha256"] != card.model_sha256 or record["model_version"] != card.version:

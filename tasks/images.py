@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from tasks.decoder_messages import quiet_decoders
+from tasks import image_limits
 from tasks.image_limits import (
     MAX_DECODED_BYTES,
     MAX_PIXELS,
@@ -32,16 +33,10 @@ from tasks.sample_scaling import lookup_domain, scale_table, to_uint8
 # use them without importing this one); they are exported here too, where callers have always
 # imported them from.
 __all__ = [
+    *image_limits.__all__,
     "DECODER_FAILURES",
     "IMAGE_SUFFIXES",
-    "MAX_DECODED_BYTES",
-    "MAX_PIXELS",
-    "MIN_SIDE",
-    "ImageDecodeError",
-    "check_decoded_bytes",
-    "check_size",
     "decode_image",
-    "error_kind",
     "is_dicom",
     "lookup_domain",
     "scale_table",

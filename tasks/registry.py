@@ -149,18 +149,23 @@ def load_card(store_uri: str, version: str = "production") -> ModelCard:
 
 
 def _check_signature(folder: str, card_json: bytes) -> None:
+    check_signature(storage.join(folder, SIGNATURE), card_json, CARD)
+
+
+def check_signature(signature_uri: str, data: bytes, signed: str) -> None:
+    """With a signing key set, ``data`` (the file named ``signed``) must carry a valid signature at
+    ``signature_uri``; without one, nothing is checked."""
     key = signing_key()
     if key is None:
         return
-    uri = storage.join(folder, SIGNATURE)
     try:
-        signature = storage.read_bytes(uri)
+        signature = storage.read_bytes(signature_uri)
     except storage.NotFound:
-        raise BundleError(f"{uri}: missing: {SIGNING_KEY_VARIABLE} is set, so only signed bundles are "
-                          "loaded") from None
-    if not signature_matches(card_json, signature, key):
-        raise BundleError(f"{uri}: does not match card.json under the key in {SIGNING_KEY_VARIABLE}: the card "
-                          "was changed or signed with another key")
+        raise BundleError(f"{signature_uri}: missing: {SIGNING_KEY_VARIABLE} is set, so only signed bundles are "
+                          f"loaded ({signed} is not signed)") from None
+    if not signature_matches(data, signature, key):
+        raise BundleError(f"{signature_uri}: does not match {signed} under the key in {SIGNING_KEY_VARIABLE}: "
+                          f"{signed} was changed or signed with another key (its signature does not match)")
 
 
 def read_file(store_uri: str, card: ModelCard, name: str) -> bytes:
