@@ -1,12 +1,21 @@
-"""A screening run's outputs: predictions.csv/.jsonl, summary.json, report.html, Prefect artifacts."""
+"""A screening run's outputs: predictions.csv/.jsonl, summary.json, report.html, Prefect artifacts.
+
+Built to stay flat at a national night's scale: the full table goes only to the CSV and JSONL;
+report.html shows the ``MAX_FLAGGED`` most probable flagged images and the first ``MAX_REJECTED``
+rejected inputs, and says how many more the CSV holds. Only the pictures the report can show are
+kept in memory while a run's parts are read.
+"""
 
 from __future__ import annotations
 
 import base64
 import csv
+import heapq
 import io
 import json
 import logging
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
@@ -18,42 +27,115 @@ from tasks import ledger, storage
 from tasks.rendering import render
 from tasks.results import PredictionRow, ResultsLayout, RunSummary, probability_column
 
-__all__ = ["DISCLAIMER", "publish_artifacts", "read_run_rows", "report_html", "write_outputs"]
+__all__ = ["DISCLAIMER", "MAX_FLAGGED", "MAX_REJECTED", "publish_artifacts", "read_run_rows", "report_html",
+           "write_outputs"]
 
 DISCLAIMER = ("Flags are a worklist for radiologist review, not a diagnosis. A flagged image needs a "
               "radiologist's reading; an unflagged image is not cleared.")
+MAX_FLAGGED = 500  # flagged images shown in report.html, most probable first; every one is in predictions.csv
+MAX_REJECTED = 500  # rejected inputs listed in report.html; every one is in predictions.csv
+READ_AHEAD = 8  # part and chunk files read at once: on S3 a read is mostly latency
 
 logger = logging.getLogger(__name__)
 
-def read_run_rows(results_uri: str, run_id: str, card: ModelCard) -> list[PredictionRow]:
+
+def read_run_rows(results_uri: str, run_id: str, card: ModelCard,
+                  max_flagged: int = MAX_FLAGGED) -> list[PredictionRow]:
     """Every row this run claimed, one per input, sorted by URI.
 
-    The part files hold them with thumbnails. Inputs a chunk recorded but no part covers (the
-    process died between claiming and writing its part, or a part line is damaged) come from the
-    ledger, when this run claimed them there. A damaged chunk record or ledger entry raises an
-    error naming the file: which rows the run owns could not be told.
+    The part files hold them with thumbnails. Only the ``max_flagged`` most probable flagged rows
+    keep theirs (and their Grad-CAM overlays): those are all the report can show, and the rest are
+    dropped as the parts are read, so a run of any size holds at most that many pictures.
+
+    Inputs a chunk recorded but no part covers (the process died between claiming and writing its
+    part, or a part line is damaged) come from the ledger, when this run claimed them there. A
+    damaged chunk record or ledger entry raises an error naming the file: which rows the run owns
+    could not be told.
     """
     layout = ResultsLayout(results_uri).run(run_id)
     rows: dict[str, PredictionRow] = {}
-    for uri in storage.list_files(layout.parts, {".jsonl"}, missing_ok=True):
-        for row in _part_rows(uri, run_id, card):
-            rows.setdefault(row.image_uri, row)  # a retried chunk may repeat its own rows
-    started = set()
-    for uri in storage.list_files(layout.chunks, {".json"}, missing_ok=True):
-        started.update(_chunk_inputs(uri))
-    uncovered = sorted(started - rows.keys())
+    pictured = _MostProbable(card.positive_class, max_flagged)
+    repeated: dict[str, str] = {}
+    for uri, data in _read_ahead(storage.list_files(layout.parts, {".jsonl"}, missing_ok=True)):
+        for row in _part_rows(uri, data, run_id, card):
+            if row.image_uri not in rows:  # a retried chunk may repeat its own rows
+                rows[row.image_uri] = _share_repeated(row, repeated)
+                pictured.offer(row)
+    uncovered: set[str] = set()
+    for uri, data in _read_ahead(storage.list_files(layout.chunks, {".json"}, missing_ok=True)):
+        uncovered.update(image_uri for image_uri in _chunk_inputs(uri, data) if image_uri not in rows)
     with ThreadPoolExecutor(max_workers=16) as pool:  # one small GET each: latency, not bandwidth, on S3
-        for entry in pool.map(lambda uri: _ledger_entry(results_uri, card, uri), uncovered):
+        for entry in pool.map(lambda uri: _ledger_entry(results_uri, card, uri), sorted(uncovered)):
             if entry is not None and entry.run_id == run_id:
                 rows[entry.image_uri] = entry
     return [rows[uri] for uri in sorted(rows)]
 
 
-def _part_rows(uri: str, run_id: str, card: ModelCard) -> list[PredictionRow]:
+def _read_ahead(uris: Iterable[str], ahead: int = READ_AHEAD) -> Iterator[tuple[str, bytes]]:
+    """(location, content) of each file in order, with up to ``ahead`` reads in flight: never more
+    than that many files in memory, however many there are."""
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending: deque = deque()
+        for uri in uris:
+            pending.append((uri, pool.submit(storage.read_bytes, uri)))
+            if len(pending) >= ahead:
+                done, future = pending.popleft()
+                yield done, future.result()
+        for done, future in pending:
+            yield done, future.result()
+
+
+class _MostProbable:
+    """The ``limit`` most probable flagged rows seen so far, in a min-heap; a row that falls out
+    (or was never flagged) loses its pictures. Ties go to the earlier location, as in the report."""
+
+    def __init__(self, positive_class: str, limit: int) -> None:
+        self.positive_class, self.limit = positive_class, limit
+        self.heap: list[_Ranked] = []
+
+    def offer(self, row: PredictionRow) -> None:
+        if not row.flagged or self.limit <= 0:
+            _drop_pictures(row)
+            return
+        ranked = _Ranked(row.probability(self.positive_class), row)
+        if len(self.heap) < self.limit:
+            heapq.heappush(self.heap, ranked)
+        else:
+            _drop_pictures(heapq.heappushpop(self.heap, ranked).row)
+
+
+class _Ranked:
+    """A heap entry: the least probable row on top, then the one with the later location."""
+
+    __slots__ = ("probability", "row")
+
+    def __init__(self, probability: float, row: PredictionRow) -> None:
+        self.probability, self.row = probability, row
+
+    def __lt__(self, other: _Ranked) -> bool:
+        return (self.probability, other.row.image_uri) < (other.probability, self.row.image_uri)
+
+
+def _drop_pictures(row: PredictionRow) -> None:
+    row.thumbnail = row.explanation = None
+
+
+# Fields whose values repeat from row to row (the run, the model, the engine, the class, the second
+# screened): one string object per distinct value instead of one per row, a third of a row's memory.
+_REPEATED_FIELDS = ("model_version", "run_id", "status", "reason", "predicted_class", "engine", "screened_at")
+
+
+def _share_repeated(row: PredictionRow, seen: dict[str, str]) -> PredictionRow:
+    for name in _REPEATED_FIELDS:
+        value = getattr(row, name)
+        setattr(row, name, seen.setdefault(value, value))
+    return row
+
+
+def _part_rows(uri: str, data: bytes, run_id: str, card: ModelCard) -> Iterator[PredictionRow]:
     """The valid rows of one part file. A damaged line is logged and left out: its input is in the
     chunk's record, so its row still comes from the ledger."""
-    rows = []
-    for number, line in enumerate(storage.read_bytes(uri).splitlines(), start=1):
+    for number, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -64,13 +146,12 @@ def _part_rows(uri: str, run_id: str, card: ModelCard) -> list[PredictionRow]:
             logger.error("%s, line %d: not a row of run %s (%s); its row is read from the ledger", uri, number,
                          run_id, error)
             continue
-        rows.append(row)
-    return rows
+        yield row
 
 
-def _chunk_inputs(uri: str) -> list[str]:
+def _chunk_inputs(uri: str, data: bytes) -> list[str]:
     try:
-        inputs = json.loads(storage.read_bytes(uri))
+        inputs = json.loads(data)
     except ValueError as error:
         raise ValueError(f"{uri}: not a chunk record: {error}") from error
     if not isinstance(inputs, list) or not all(isinstance(item, str) for item in inputs):
@@ -86,23 +167,38 @@ def _ledger_entry(results_uri: str, card: ModelCard, image_uri: str) -> Predicti
 
 
 def write_outputs(results_uri: str, rows: list[PredictionRow], card: ModelCard, summary: RunSummary) -> RunSummary:
-    """Writes the run's four output files; returns the summary with their locations."""
+    """Writes the run's four output files; returns the summary with their locations. Each file is
+    built as one bytes object from the rows, one row at a time, and dropped once written."""
     outputs = ResultsLayout(results_uri).run(summary.run_id).outputs
     summary.outputs = outputs
-    names = PredictionRow.columns(card.classes)
-    records = [row.to_record() for row in rows]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=names, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: "" if v is None else v for k, v in record.items()} for record in records)
-    storage.write_bytes(outputs["predictions.csv"], text.getvalue().encode())
-    storage.write_bytes(outputs["predictions.jsonl"], "".join(json.dumps(r) + "\n" for r in records).encode())
+    storage.write_bytes(outputs["predictions.csv"], _csv_bytes(rows, card.classes))
+    storage.write_bytes(outputs["predictions.jsonl"], _jsonl_bytes(rows))
     storage.write_bytes(outputs["summary.json"], json.dumps(summary.to_dict(), indent=2).encode())
     storage.write_bytes(outputs["report.html"], report_html(summary, rows, card).encode())
     return summary
 
 
-def _histogram_png(values: list[float], threshold: float, positive: str) -> str:
+def _csv_bytes(rows: list[PredictionRow], classes: list[str]) -> bytes:
+    names = PredictionRow.columns(classes)
+    buffer = io.BytesIO()
+    text = io.TextIOWrapper(buffer, encoding="utf-8", newline="")
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(names)
+    for row in rows:
+        record = row.to_record()
+        writer.writerow(["" if record.get(name) is None else record[name] for name in names])
+    text.detach()  # flushes into the buffer and leaves it open
+    return buffer.getvalue()
+
+
+def _jsonl_bytes(rows: list[PredictionRow]) -> bytes:
+    buffer = io.BytesIO()
+    for row in rows:
+        buffer.write(json.dumps(row.to_record()).encode() + b"\n")
+    return buffer.getvalue()
+
+
+def _histogram_png(values: np.ndarray, threshold: float, positive: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,21 +216,26 @@ def _histogram_png(values: list[float], threshold: float, positive: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _worklist(rows: list[PredictionRow], card: ModelCard) -> list[PredictionRow]:
-    """Flagged rows, most probable first."""
-    return sorted((row for row in rows if row.flagged), key=lambda row: -row.probability(card.positive_class))
+def _worklist(rows: Iterable[PredictionRow], card: ModelCard, limit: int) -> list[PredictionRow]:
+    """The ``limit`` most probable flagged rows, most probable first (ties in the rows' order)."""
+    return heapq.nsmallest(limit, (row for row in rows if row.flagged),
+                           key=lambda row: -row.probability(card.positive_class))
 
 
-def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard, max_flagged: int = 500) -> str:
-    """One self-contained page: no external files, scripts or fonts."""
+def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard, max_flagged: int = MAX_FLAGGED,
+                max_rejected: int = MAX_REJECTED) -> str:
+    """One self-contained page: no external files, scripts or fonts. The worklist first (at most
+    ``max_flagged`` images), then the rejected inputs (at most ``max_rejected``), then the counts;
+    the page says how many more of each are in predictions.csv."""
     positive = card.positive_class
-    probabilities = [row.probability(positive) for row in rows if row.status == "ok"]
+    probabilities = np.fromiter((row.probability(positive) for row in rows if row.status == "ok"), float)
+    rejected = [row for row in rows if row.status == "rejected"]
     card_uri = _card_location(summary.model_store_uri, card.version)
     return render("report.html.j2",
         summary=summary, card=card, positive=positive, disclaimer=DISCLAIMER,
-        flagged=_worklist(rows, card), max_flagged=max_flagged,
-        rejected=[row for row in rows if row.status == "rejected"],
-        histogram=_histogram_png(probabilities, card.threshold, positive) if probabilities else None,
+        worklist=_worklist(rows, card, max_flagged), flagged=sum(row.flagged for row in rows),
+        rejected=rejected[:max_rejected], rejected_count=len(rejected),
+        histogram=_histogram_png(probabilities, card.threshold, positive) if probabilities.size else None,
         card_uri=card_uri, card_href=_file_link(card_uri),
     )
 
@@ -159,7 +260,7 @@ def publish_artifacts(summary: RunSummary, rows: list[PredictionRow], card: Mode
     column = probability_column(card.positive_class)
     create_table_artifact(
         [{"image_uri": row.image_uri, column: row.probability(card.positive_class),
-          "predicted_class": row.predicted_class} for row in _worklist(rows, card)[:1000]],
+          "predicted_class": row.predicted_class} for row in _worklist(rows, card, 1000)],
         key="screening-flagged", description=f"Flagged images, run {summary.run_id} (worklist, not a diagnosis)",
     )
     markdown = render("summary.md.j2", summary=summary, card=card, disclaimer=DISCLAIMER)
