@@ -428,10 +428,12 @@ def minutes(seconds: float) -> str:
 def print_projection(costs: dict[str, Cost], large: dict | None, args: argparse.Namespace) -> None:
     efficiency = dask_worker_scaling(None)
     per_row = large["total_s"] / large["rows"] if large else 0.0
+    report_cpu = f"{per_row * 1e6:.0f} us a row from (b)" if large else "not measured (--skip-report: counted as 0)"
     print(f"  assumptions: chunk {args.chunk_size}; S3-like costs from (a) at {args.latency_ms:g} ms; listings "
           f"linear in keys (from {args.keys:,}); S3 limits per prefix from the AWS docs ({PUT_PER_PREFIX:,} PUT/s, "
-          f"{GET_PER_PREFIX:,} GET/s), the ledger one prefix, the inputs one prefix; report CPU {per_row * 1e6:.0f} "
-          f"us a row from (b); not included: Prefect and Dask overheads, the outputs' upload, model loading")
+          f"{GET_PER_PREFIX:,} GET/s), the ledger one prefix, the inputs one prefix; report CPU {report_cpu}; "
+          f"claims take turns with compute; not included: Prefect and Dask overheads, the outputs' upload, "
+          f"model loading")
     print(f"  the done-keys listing covers every entry of the model version: it grows by a night's inputs each night")
     scenarios = [(f"{args.workers} two-core workers, fp32 at {args.worker_img_s:g} img/s each", args.workers,
                   args.worker_img_s),
