@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     screen_decode_timeout_seconds: float | None = Field(None, description="Per-input read and decode time limit.")
     screen_abandoned_after_minutes: float | None = Field(
         None, description="Silence after which a screening run's lease is taken for dead.")
+    screen_chunk_timeout_minutes: float | None = Field(None, description="A chunk running longer is stopped and retried.")
+    screen_workers: int | None = Field(None, description="Screen on a local Dask cluster of this many processes.")
+    dask_address: str | None = Field(None, description="Screen on this Dask cluster (tcp://HOST:8786): see README.")
     cpu_pool: str = Field("cpu", description="Work pool of nightly screening.")
     gpu_pool: str = Field("gpu", description="Work pool of retraining.")
     project_dir: str = Field(str(PROJECT_DIR), description="Project folder the process workers run flows from.")
@@ -48,7 +51,9 @@ class Settings(BaseSettings):
                                 **_given(batch_size=self.screen_batch_size, chunk_size=self.screen_chunk_size,
                                          engine=self.screen_engine, max_file_bytes=self.screen_max_file_bytes,
                                          decode_timeout_seconds=self.screen_decode_timeout_seconds,
-                                         abandoned_after_minutes=self.screen_abandoned_after_minutes))
+                                         abandoned_after_minutes=self.screen_abandoned_after_minutes,
+                                         chunk_timeout_minutes=self.screen_chunk_timeout_minutes,
+                                         workers=self.screen_workers, dask_address=self.dask_address))
 
     def train_parameters(self) -> TrainParameters:
         return TrainParameters(dataset_uri=self.dataset, model_store_uri=self.model_store, weights=self.weights,

@@ -97,8 +97,11 @@ def _validated(parameters, **values):
         return parameters(**values)
     except ValidationError as error:
         for problem in error.errors():
-            option = "--" + str(problem["loc"][0]).replace("_", "-")
-            console.print(f"[red]error:[/red] {option}: {problem['msg']} (got {problem.get('input')!r})")
+            if problem["loc"]:
+                option = "--" + str(problem["loc"][0]).replace("_", "-")
+                console.print(f"[red]error:[/red] {option}: {problem['msg']} (got {problem.get('input')!r})")
+            else:  # a rule across options
+                console.print(f"[red]error:[/red] {problem['msg'].removeprefix('Value error, ')}")
         raise typer.Exit(code=2) from None
 
 
@@ -179,12 +182,16 @@ def screen(
     max_file_bytes: int = _option(ScreenParameters, "max_file_bytes"),
     decode_timeout_seconds: float = _option(ScreenParameters, "decode_timeout_seconds"),
     abandoned_after_minutes: float = _option(ScreenParameters, "abandoned_after_minutes"),
+    chunk_timeout_minutes: float = _option(ScreenParameters, "chunk_timeout_minutes"),
+    workers: int | None = _option(ScreenParameters, "workers"),
+    dask_address: str | None = _option(ScreenParameters, "dask_address", envvar="CXR_DASK_ADDRESS"),
 ) -> None:
     """Screen the images not yet screened by the model, and write predictions and a report."""
     params = _validated(ScreenParameters, incoming_uri=incoming_uri, results_uri=results, model_store_uri=model_store,
                         model_version=model_version, batch_size=batch_size, chunk_size=chunk_size, limit=limit,
                         explain=explain, engine=engine, max_file_bytes=max_file_bytes,
-                        decode_timeout_seconds=decode_timeout_seconds, abandoned_after_minutes=abandoned_after_minutes)
+                        decode_timeout_seconds=decode_timeout_seconds, abandoned_after_minutes=abandoned_after_minutes,
+                        chunk_timeout_minutes=chunk_timeout_minutes, workers=workers, dask_address=dask_address)
     lifeline.arm()
     from flows import screen as screening
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["AuditParameters", "ScreenParameters", "TrainParameters"]
 
@@ -46,6 +46,22 @@ class ScreenParameters(_Parameters):
     abandoned_after_minutes: float = Field(
         30.0, gt=0, description="A run whose lease was not renewed for this long is taken for dead and its rows "
                                 "published (at once when Prefect already shows its flow run as finished).")
+    chunk_timeout_minutes: float = Field(
+        60.0, gt=0, description="A chunk still running after this long is stopped and retried (a hung read "
+                                "must not hold the night's only concurrency slot).")
+    workers: int | None = Field(
+        None, ge=1, le=256, description="Screen on a local Dask cluster of this many processes (threads sized so "
+                                        "that the cores are shared, not oversubscribed). Unset: in this process.")
+    dask_address: str | None = Field(
+        None, pattern=r"^(tcp|tls|ws|wss|inproc)://\S+$",
+        description="Screen on an existing Dask cluster (tcp://HOST:8786). Its workers need the model store and "
+                    "results (s3://) and the Prefect API (PREFECT_API_URL) within reach.")
+
+    @model_validator(mode="after")
+    def _one_place_to_run(self):
+        if self.workers is not None and self.dask_address is not None:
+            raise ValueError("workers and dask_address exclude each other: a local cluster or an existing one")
+        return self
 
 
 class TrainParameters(_Parameters):

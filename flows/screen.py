@@ -2,7 +2,8 @@
 
 Steps: resolve the model version, publish the rows of earlier runs that died without writing
 their outputs, list the incoming images, skip those this model version has already screened (the
-ledger), screen the rest chunk by chunk, then write predictions, summary, report and Prefect
+ledger), screen the rest in chunks (in this process, or fanned out over Dask: flows/fan_out.py),
+gathered as they finish, then write predictions, summary, report and Prefect
 artifacts for this run, also when a chunk failed (then the run fails after).
 """
 
@@ -13,14 +14,17 @@ from collections.abc import Callable
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner
 
+from flows.fan_out import chunk_runner
 from flows.parameters import ScreenParameters
 from tasks import runs, storage
 from tasks.loading import InputLimits
 from tasks.results import RunSummary
 from tasks.screen_steps import new_run_id, not_yet_screened, now, recover_abandoned_runs, resolve_model, write_run_outputs
-from tasks.screening import chunked, find_inputs, screen_chunk
+from tasks.screening import ChunkResult, chunked, find_inputs, screen_chunk
 
 # Process-local listeners of (screened so far, to screen), for progress bars in the command line.
 progress_listeners: list[Callable[[int, int], None]] = []
@@ -48,31 +52,56 @@ def screen(params: ScreenParameters) -> RunSummary:
                 card.version, len(inputs), params.incoming_uri, run.already_screened, len(todo))
 
     limits = InputLimits(params.max_file_bytes, params.decode_timeout_seconds, within=run.incoming_uri)
-    progress = create_progress_artifact(0.0, key="screening-progress", description=f"Screening run {run.run_id}")
-    runs.open_run(results, run)  # from the first claim on, a lease says this run is alive
-    screened = 0
-    try:
-        for number, uris in enumerate(chunked(todo, params.chunk_size)):
-            result = screen_chunk(number, uris, params.model_store_uri, card.version, results, run.run_id,
-                                  params.batch_size, params.explain, limits, params.engine)
-            screened += len(uris)
-            run.claimed_by_other_runs += result.already_done
-            run.vanished += len(result.vanished)
-            if result.engine and result.engine not in run.engine.split(", "):
-                run.engine = ", ".join(filter(None, [run.engine, result.engine]))
-                run.engine_reason = "; ".join(filter(None, [run.engine_reason, result.engine_reason]))
-            update_progress_artifact(progress, 100.0 * screened / len(todo))
-            for listener in progress_listeners:
-                listener(screened, len(todo))
-            logger.info("Chunk %d: %d images in %.1f s (%d flagged, %d rejected, %d already done by another run)",
-                        number, len(uris), result.seconds, result.flagged, result.rejected, result.already_done)
-        run.status = "completed"
-    except BaseException:
-        run.status = "failed"
-        raise
-    finally:
-        run.finished_at, run.seconds = now(), round(time.perf_counter() - started, 3)
-        run = write_run_outputs(results, run, card)
-        logger.info("Run %s %s: %d screened, %d flagged, %d rejected. Report: %s", run.run_id, run.status,
-                    run.screened, run.flagged, run.rejected, run.outputs["report.html"])
+    with chunk_runner(params.workers, params.dask_address, [params.model_store_uri, results, params.incoming_uri]) \
+            as runner:
+        runs.open_run(results, run)  # from the first claim on, a lease says this run is alive
+        try:
+            with runs.kept_alive(results, run.run_id):  # also while chunks queue on a busy cluster
+                failures = _screen_chunks(runner, params, card.version, todo, run, limits)
+            if failures:
+                raise failures[0]
+            run.status = "completed"
+        except BaseException:
+            run.status = "failed"
+            raise
+        finally:
+            run.finished_at, run.seconds = now(), round(time.perf_counter() - started, 3)
+            run = write_run_outputs(results, run, card)
+            logger.info("Run %s %s: %d screened, %d flagged, %d rejected. Report: %s", run.run_id, run.status,
+                        run.screened, run.flagged, run.rejected, run.outputs["report.html"])
     return run
+
+
+def _screen_chunks(runner: TaskRunner, params: ScreenParameters, model_version: str, todo: list[str],
+                   run: RunSummary, limits: InputLimits) -> list[Exception]:
+    """Submits every chunk and counts them into ``run`` as they finish, in whatever order; returns
+    the failures, once every chunk has ended (so the outputs cover all that was screened)."""
+    logger = get_run_logger()
+    progress = create_progress_artifact(0.0, key="screening-progress", description=f"Screening run {run.run_id}")
+    chunk = screen_chunk.with_options(timeout_seconds=params.chunk_timeout_minutes * 60)
+    sizes = {runner.submit(chunk, parameters=dict(
+        chunk=number, uris=uris, model_store_uri=params.model_store_uri, model_version=model_version,
+        results_uri=params.results_uri, run_id=run.run_id, batch_size=params.batch_size, explain=params.explain,
+        limits=limits, engine=params.engine)): len(uris) for number, uris in enumerate(chunked(todo, params.chunk_size))}
+    screened, failures = 0, []
+    for future in as_completed(list(sizes)):
+        screened += sizes[future]
+        try:
+            _count(run, future.result(), sizes[future], logger)
+        except Exception as error:  # noqa: BLE001 - the other chunks go on; the run fails after its outputs
+            logger.error("A chunk failed: %s", error)
+            failures.append(error)
+        update_progress_artifact(progress, 100.0 * screened / len(todo))
+        for listener in progress_listeners:
+            listener(screened, len(todo))
+    return failures
+
+
+def _count(run: RunSummary, result: ChunkResult, size: int, logger) -> None:
+    run.claimed_by_other_runs += result.already_done
+    run.vanished += len(result.vanished)
+    if result.engine and result.engine not in run.engine.split(", "):
+        run.engine = ", ".join(filter(None, [run.engine, result.engine]))
+        run.engine_reason = "; ".join(filter(None, [run.engine_reason, result.engine_reason]))
+    logger.info("Chunk %d: %d images in %.1f s (%d flagged, %d rejected, %d already done by another run)",
+                result.chunk, size, result.seconds, result.flagged, result.rejected, result.already_done)

@@ -16,6 +16,7 @@ that version's test split (``GATE``); the result is recorded with the bundle.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -155,7 +156,12 @@ def _int8_forward(artifacts: dict[str, bytes], head: keras.Model) -> Callable[[n
     weights = openvino.Tensor(np.frombuffer(artifacts[INT8_FILES[1]], np.uint8))
     network = core.read_model(model=artifacts[INT8_FILES[0]].decode(), weights=weights)
     # Layers left in floating point stay float32: int8 is the one approximation this engine makes.
-    base = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    # One thread budget per process: where TensorFlow's is set (a Dask worker sharing the machine's
+    # cores with others, flows/fan_out.py), OpenVINO keeps to it rather than taking every core.
+    if os.environ.get("TF_NUM_INTRAOP_THREADS", "").isdigit() and int(os.environ["TF_NUM_INTRAOP_THREADS"]) > 0:
+        config["INFERENCE_NUM_THREADS"] = int(os.environ["TF_NUM_INTRAOP_THREADS"])
+    base = core.compile_model(network, "CPU", config)
     return lambda batch: head.predict_on_batch(base(batch)[0])
 
 

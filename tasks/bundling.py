@@ -19,7 +19,7 @@ from model.inference import EngineCheck
 from model.plots import confusion_png, curves_png, roc_png
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
-from tasks.retrying import transient_only
+from tasks.retrying import io_step
 from tasks import engines, registry
 from tasks.rendering import render
 from tasks.datasets import Dataset, fingerprint
@@ -88,7 +88,7 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
     return card, files
 
 
-@task(retries=3, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(**io_step(retries=3, retry_delay_seconds=5))
 def publish_bundle(store_uri: str, files: dict[str, bytes], card: ModelCard,
                    engine_checks: Sequence[EngineCheck] = (), engine_files: dict[str, bytes] | None = None) -> str:
     """The bundle, then its engines beside it (until they land, the version is served by fp32)."""
@@ -98,7 +98,7 @@ def publish_bundle(store_uri: str, files: dict[str, bytes], card: ModelCard,
     return folder
 
 
-@task(retries=3, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(**io_step(retries=3, retry_delay_seconds=5))
 def promote(store_uri: str, version: str, reason: str) -> None:
     registry.set_production(store_uri, version, reason)
 

@@ -21,7 +21,7 @@ from model.plots import audit_png, mean_cam_png, reliability_png
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig, predict_probabilities
 from model.validity import audit, shortcut_warnings
-from tasks.retrying import transient_only
+from tasks.retrying import io_step
 from tasks import storage
 from tasks.datasets import DatasetError
 from tasks.rendering import render
@@ -191,7 +191,7 @@ def _require_both_classes(split: TrainingSplit) -> None:
                              f"{split.positive} images")
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(**io_step(retry_delay_seconds=5))
 def write_audit(output_uri: str, variable: str, folds: list[dict]) -> dict[str, str]:
     """The audit's table (CSV), plot and markdown, under ``output_uri``; also a Prefect artifact."""
     columns = ["level", "images", "positives", "auc", "sensitivity", "specificity", "flagged_share",

@@ -14,21 +14,24 @@ checks them: a damaged or forged one is logged and left for an operator, never f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 
 from tasks import storage
 from tasks.results import ResultsLayout, RunSummary
 
-__all__ = ["ABANDONED_AFTER", "abandoned_runs", "close_run", "open_run", "renew"]
+__all__ = ["ABANDONED_AFTER", "RENEW_EVERY_SECONDS", "abandoned_runs", "close_run", "kept_alive", "open_run", "renew", "renew_quietly"]
 
 logger = logging.getLogger(__name__)
 
 # A live run renews its lease about once a minute while it screens, and a batch takes seconds; the
 # next nightly run comes hours later, so a long margin costs nothing.
 ABANDONED_AFTER = timedelta(minutes=30)
+RENEW_EVERY_SECONDS = 60
 
 
 def _now() -> str:
@@ -57,6 +60,34 @@ def renew(results_uri: str, run_id: str) -> None:
         return
     lease["renewed_at"] = _now()
     storage.write_bytes(uri, json.dumps(lease, indent=2).encode())
+
+
+def renew_quietly(results_uri: str, run_id: str) -> None:
+    """``renew``, where a failure is only logged: one missed renewal is harmless, only a silence of
+    the lease's whole margin counts, and failing the work for it would lose more than it saves."""
+    try:
+        renew(results_uri, run_id)
+    except OSError as error:
+        logger.warning("Could not renew the lease of run %s: %s", run_id, error)
+
+
+@contextlib.contextmanager
+def kept_alive(results_uri: str, run_id: str, every: float = RENEW_EVERY_SECONDS) -> Iterator[None]:
+    """Renews the run's lease from a background thread while the block runs: chunks queued on a
+    busy cluster renew nothing themselves, and a long queue must not look like a dead run."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            renew_quietly(results_uri, run_id)
+
+    thread = threading.Thread(target=loop, name=f"lease-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def close_run(results_uri: str, run_id: str) -> None:

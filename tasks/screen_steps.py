@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from prefect import get_run_logger, task
 
 from model.bundle import ModelCard
-from tasks.retrying import transient_only
+from tasks.retrying import io_step
 from tasks import ledger, registry, reports, runs
 from tasks.results import ResultsLayout, RunSummary, entry_key
 
@@ -28,7 +28,7 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-@task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
+@task(**io_step())
 def resolve_model(model_store_uri: str, model_version: str) -> ModelCard:
     """The card of the version to use; refuses a bundle this code cannot reproduce, and one whose
     files are not those its card lists (model.keras is checked where it is loaded)."""
@@ -37,14 +37,14 @@ def resolve_model(model_store_uri: str, model_version: str) -> ModelCard:
     return card
 
 
-@task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
+@task(**io_step())
 def not_yet_screened(results_uri: str, model_version: str, inputs: Sequence[str]) -> list[str]:
     """The inputs this model version has no ledger entry for (one listing, no reads)."""
     done = ledger.done_keys(results_uri, model_version)
     return [uri for uri in inputs if entry_key(uri) not in done]
 
 
-@task(retries=3, retry_delay_seconds=10, retry_condition_fn=transient_only)
+@task(**io_step(retries=3))
 def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard) -> RunSummary:
     """Predictions, summary, report and artifacts from every row the run claimed; then its lease goes."""
     rows = reports.read_run_rows(results_uri, summary.run_id, card)
@@ -54,7 +54,7 @@ def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard) ->
     return summary
 
 
-@task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
+@task(**io_step())
 def recover_abandoned_runs(results_uri: str, run_id: str, after_minutes: float = 30.0) -> list[str]:
     """Writes the outputs of runs that died without writing them: their leases went stale, or
     their flow runs ended (Failed, Crashed, Cancelled, Completed) with the lease still open.

@@ -13,7 +13,7 @@ import functools
 import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
@@ -29,7 +29,7 @@ from model.bundle import BundleError, ModelCard
 from model.evaluation import predict_classes
 from model.gradcam import grad_cam, overlay
 from model.inference import Predictor, fastest, make_predictor
-from tasks.retrying import transient_only
+from tasks.retrying import io_step
 from tasks import ledger, registry, runs, storage
 from tasks.engines import load_artifacts, reduced_decode_allowed, validated_engines
 from tasks.images import IMAGE_SUFFIXES, is_dicom
@@ -42,7 +42,7 @@ __all__ = ["ChunkResult", "chunked", "find_inputs", "screen_chunk", "screen_imag
 _NOT_IMAGES = {".csv", ".json", ".jsonl", ".txt", ".md", ".html", ".htm", ".log", ".xml", ".pdf", ".zip", ".gz"}
 
 
-@task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
+@task(**io_step())
 def find_inputs(incoming_uri: str, exclude: Sequence[str] = ()) -> list[str]:
     """What gets a row: every entry under ``incoming_uri`` named like an image, whatever it is, and
     of the rest (``.csv``, ``.json`` and the like aside) regular files that carry the DICOM preamble
@@ -198,17 +198,12 @@ def screen_images(
             yield from rows_for(batch)
 
 
-RENEW_EVERY_SECONDS = 60
+# Ledger claims in flight while the model works: one conditional PUT each, ~30 ms on S3, which in
+# sequence would cost a fast engine more than its forward passes (bench/scale_bench.py).
+CLAIMS_IN_FLIGHT = 16
 
 
-def _keep_alive(results_uri: str, run_id: str, logger) -> None:
-    try:
-        runs.renew(results_uri, run_id)
-    except OSError as error:  # one missed renewal is harmless; only a silence of runs.ABANDONED_AFTER counts
-        logger.warning("Could not renew the lease of run %s: %s", run_id, error)
-
-
-@task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only, cache_policy=NO_CACHE, task_run_name="screen-chunk-{chunk}")
+@task(**io_step(), cache_policy=NO_CACHE, task_run_name="screen-chunk-{chunk}")  # the flow sets its timeout
 def screen_chunk(
     chunk: int,
     uris: list[str],
@@ -221,53 +216,72 @@ def screen_chunk(
     limits: InputLimits = InputLimits(),
     engine: str = "auto",
 ) -> ChunkResult:
-    """Screen ``uris``, claim each row in the ledger, and write this run's rows as one part file."""
+    """Screen ``uris``, claim each row in the ledger, and write this run's rows as one part file.
+
+    Safe to run again, whole or after dying half-way (a retry, a lost Dask worker): rows this run
+    claimed before are kept as they were, rows another run claimed are left to it.
+    """
     logger = get_run_logger()
     started = time.perf_counter()
     loaded_model = _model(model_store_uri, model_version, engine, batch_size)
     card = loaded_model.card
     layout = ResultsLayout(results_uri).run(run_id)
     storage.write_bytes(layout.chunk_inputs(chunk), json.dumps(uris).encode())
-    _keep_alive(results_uri, run_id, logger)
+    runs.renew_quietly(results_uri, run_id)
     result = ChunkResult(chunk, engine=loaded_model.predictor.engine, engine_reason=loaded_model.why)
-    mine: list[PredictionRow] = []
+    claimed: list[Future[PredictionRow | None]] = []
     renewed = time.monotonic()
+    limits = dataclasses.replace(limits, reduced_decode=loaded_model.reduced_decode)
     try:
-        limits = dataclasses.replace(limits, reduced_decode=loaded_model.reduced_decode)
-        for produced in screen_images(uris, loaded_model, batch_size, explain=explain, limits=limits):
-            if time.monotonic() - renewed > RENEW_EVERY_SECONDS:
-                _keep_alive(results_uri, run_id, logger)
-                renewed = time.monotonic()
-            if isinstance(produced, str):
-                logger.warning("%s disappeared before it could be read; left for a later run", produced)
-                result.vanished.append(produced)
-                continue
-            row = produced
-            row.run_id = run_id
-            if row.status == "rejected":
-                logger.warning("Rejected %s: %s", row.image_uri, row.reason)
-            if not row.final:
-                mine.append(row)
-                continue
-            if not ledger.claim(results_uri, row):
-                earlier = ledger.read_entry(results_uri, card.version, row.image_uri, card.classes)
-                if earlier.run_id != run_id:  # another run's row; ours, from a retried attempt, we keep
-                    result.already_done += 1
+        with ThreadPoolExecutor(max_workers=CLAIMS_IN_FLIGHT, thread_name_prefix="claim") as claims:
+            for produced in screen_images(uris, loaded_model, batch_size, explain=explain, limits=limits):
+                if time.monotonic() - renewed > runs.RENEW_EVERY_SECONDS:
+                    runs.renew_quietly(results_uri, run_id)
+                    renewed = time.monotonic()
+                if isinstance(produced, str):
+                    logger.warning("%s disappeared before it could be read; left for a later run", produced)
+                    result.vanished.append(produced)
                     continue
-                earlier.thumbnail, earlier.explanation = row.thumbnail, row.explanation
-                row = earlier
-            mine.append(row)
+                produced.run_id = run_id
+                if produced.status == "rejected":
+                    logger.warning("Rejected %s: %s", produced.image_uri, produced.reason)
+                claimed.append(claims.submit(_claim, results_uri, card, produced))
     finally:
         # Rows claimed before a failure are written too, so they reach this run's outputs.
+        kept, failure = _settled(claimed)
+        mine = [row for row in kept if row is not None]
         if mine:
             payload = "".join(json.dumps(row.to_record(with_thumbnail=True), sort_keys=True) + "\n" for row in mine)
             storage.write_bytes(layout.part(chunk), payload.encode())
+    if failure is not None:
+        raise failure
+    result.already_done = len(kept) - len(mine)
     result.claimed = len(mine)
     result.ok = sum(row.status == "ok" for row in mine)
     result.rejected = sum(row.status == "rejected" for row in mine)
     result.flagged = sum(row.flagged for row in mine)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _claim(results_uri: str, card: ModelCard, row: PredictionRow) -> PredictionRow | None:
+    """The row this run keeps for ``row``'s input: ``row`` once claimed in the ledger (a row that
+    may change, e.g. access denied, is kept unclaimed), the one this run claimed in an earlier
+    attempt, or None when another run claimed it first."""
+    if not row.final or ledger.claim(results_uri, row):
+        return row
+    earlier = ledger.read_entry(results_uri, card.version, row.image_uri, card.classes)
+    if earlier.run_id != row.run_id:
+        return None
+    earlier.thumbnail, earlier.explanation = row.thumbnail, row.explanation
+    return earlier
+
+
+def _settled(futures: list[Future[PredictionRow | None]]) -> tuple[list[PredictionRow | None], BaseException | None]:
+    """The results of the claims that succeeded (the executor has waited for all), and the first failure."""
+    done = [future for future in futures if future.exception() is None]
+    failures = [future.exception() for future in futures if future.exception() is not None]
+    return [future.result() for future in done], (failures[0] if failures else None)
 
 
 def chunked(items: Sequence[str], size: int) -> Iterable[list[str]]:

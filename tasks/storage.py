@@ -133,8 +133,10 @@ def _s3_client(endpoint_url: str | None):
     from botocore.config import Config
 
     # Clients are thread-safe; one per endpoint, shared by all threads, with a pool large
-    # enough for the thread pools that read images in parallel.
-    config = Config(retries={"max_attempts": 5, "mode": "adaptive"}, max_pool_connections=32)
+    # enough for the thread pools that read images and claim rows in parallel. A silent endpoint
+    # costs a request 30 s, not botocore's 60 (the step around it has its own limit too).
+    config = Config(retries={"max_attempts": 5, "mode": "adaptive"}, max_pool_connections=32,
+                    connect_timeout=10, read_timeout=30)
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 

@@ -25,7 +25,7 @@ from model.inference import ENGINES, REDUCED_DECODE, EngineCheck, check_engine, 
 from model.training import TrainingConfig, TrainingData, fine_tune, fit_head_cached, predict_probabilities
 from model.validity import (default_strata, metadata_baseline_auc, shortcut_warnings, stratum_sample_weights,
                             within_stratum_auc)
-from tasks.retrying import transient_only
+from tasks.retrying import io_step
 from tasks import registry, storage
 from tasks.datasets import (Dataset, DatasetError, LabelledImage, discover_dataset, find_duplicates, metadata_columns,
                             split_dataset)
@@ -42,7 +42,7 @@ class LabelledArrays:
     rejected: tuple[tuple[str, str], ...]  # (uri, reason)
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(**io_step(retry_delay_seconds=5))
 def discover(dataset_uri: str) -> Dataset:
     dataset = discover_dataset(dataset_uri)
     logger = get_run_logger()
@@ -53,7 +53,8 @@ def discover(dataset_uri: str) -> Dataset:
     return dataset
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)
+# Reads and decodes every image of the dataset: a large one on S3 takes a while.
+@task(**io_step(retry_delay_seconds=5, timeout_seconds=4 * 3600), cache_policy=NO_CACHE)
 def load_labelled(items: tuple[LabelledImage, ...], spec: Preprocessing) -> LabelledArrays:
     """Read, hash, decode and resize every image; unusable ones are logged and left out."""
     logger = get_run_logger()
@@ -386,7 +387,7 @@ def calibration_sample(train_rows: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(train_rows)[:CALIBRATION_IMAGES])
 
 
-@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+@task(**io_step(retry_delay_seconds=5))
 def resolve_weights(weights: str) -> tuple[str | None, dict]:
     """'imagenet', 'none', or a path/URI of a weights file copied to local disk for Keras."""
     if weights.lower() == "none":
