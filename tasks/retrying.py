@@ -41,3 +41,4 @@ def io_step(retries: int = 2, retry_delay_seconds: float = 10, timeout_seconds: 
     only, and stopped when it hangs."""
     return dict(retries=retries, retry_delay_seconds=retry_delay_seconds, retry_condition_fn=transient_only,
                 timeout_seconds=timeout_seconds)
+

@@ -21,6 +21,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 __all__ = [
     "AccessDenied",
+    "LocationError",
     "NotAFolder",
     "NoSpace",
     "NotFound",
@@ -36,6 +37,10 @@ __all__ = [
     "relative_to",
     "write_bytes",
 ]
+
+
+class LocationError(ValueError):
+    """A location this code cannot address: no retry can help."""
 
 
 class StorageError(OSError):
@@ -83,19 +88,19 @@ def is_s3(uri: str) -> bool:
 
 def _parse(uri: str) -> Path | _S3Location:
     if not uri:
-        raise ValueError("empty location: expected a path, file:// URI or s3://bucket/prefix")
+        raise LocationError("empty location: expected a path, file:// URI or s3://bucket/prefix")
     if is_s3(uri):
         bucket, _, key = uri[len("s3://") :].partition("/")
         if not bucket:
-            raise ValueError(f"{uri!r} names no bucket: expected s3://bucket/prefix")
+            raise LocationError(f"{uri!r} names no bucket: expected s3://bucket/prefix")
         return _S3Location(bucket, key)
     if uri.startswith("file:"):
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"{uri!r}: file URIs on another host are not supported")
+            raise LocationError(f"{uri!r}: file URIs on another host are not supported")
         return Path(unquote(parts.path, errors="surrogateescape"))
     if "://" in uri:
-        raise ValueError(f"{uri!r}: unsupported scheme (use a path, file:// or s3://)")
+        raise LocationError(f"{uri!r}: unsupported scheme (use a path, file:// or s3://)")
     # Absolute, so that one file has one URI whatever the working folder (ledger keys depend on it).
     return Path(os.path.abspath(uri))
 

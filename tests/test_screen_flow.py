@@ -317,9 +317,24 @@ def test_a_deterministic_error_fails_at_once_without_retries(model_store, tmp_pa
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    import logging
+
+    records: list[logging.LogRecord] = []
+    catcher = logging.Handler()
+    catcher.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(catcher)
     started = time.monotonic()
-    state = run_screen(str(tmp_path / "no-such-folder"), str(tmp_path / "results"), model_store, return_state=True)
+    try:
+        state = run_screen(str(tmp_path / "no-such-folder"), str(tmp_path / "results"), model_store, return_state=True)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(catcher)
     assert state.is_failed() and time.monotonic() - started < 10  # find_inputs' retry delay is 10 s
+    errors = [record for record in records if record.levelno >= logging.ERROR]
+    assert errors and all("no-such-folder" in record.getMessage() for record in errors)
+    assert not any(record.exc_info for record in errors), "a traceback buries the one line that says what is wrong"
     with pytest.raises(storage.NotFound, match="no-such-folder"):
         state.result()
     with get_client(sync_client=True) as client:
