@@ -11,7 +11,11 @@
     overlays, 2% rejected) on a local folder: time and peak RSS of read_run_rows + write_outputs in a
     fresh process, against that process's own baseline (imports done, one small report rendered),
     and report.html's size.
-(c) A projection for 1,000,000 X-rays on 16 two-core workers (and on 4 GPU workers when --gpu-img-s
+(c) The screening flow on real X-rays (fp32): in this process, and on local Dask clusters of 1 and 2
+    worker processes, each on half the images and on all, so that the steady rate and the fixed
+    costs (cluster start, model loads) come apart; on a 2-core machine 2 processes should match 1
+    (shared cores), and 1 worker against in-process gives Dask's steady overhead.
+(d) A projection for 1,000,000 X-rays on 16 two-core workers (and on 4 GPU workers when --gpu-img-s
     is given): time per phase, the step that saturates first, whether the night fits in one hour.
 
     .venv/bin/python bench/scale_bench.py
@@ -52,6 +56,7 @@ from model.bundle import ModelCard  # noqa: E402
 from tasks import ledger, reports, storage  # noqa: E402
 from tasks.phantoms import chest_phantom  # noqa: E402
 from tasks.results import PredictionRow, ResultsLayout, RunSummary  # noqa: E402
+from tasks.screening import CLAIMS_IN_FLIGHT  # noqa: E402
 
 CLASSES = ["non-covid", "covid"]
 RUN_ID = "20261127T010000Z-bench1"
@@ -332,22 +337,51 @@ def increase(run: dict) -> float:
     return run["peak_mb"] - run["baseline_mb"]
 
 
-# --- (c) projection ----------------------------------------------------------------------------------
+# --- (c) throughput and (d) projection ---------------------------------------------------------
 
 
-def dask_worker_scaling(img_s_by_workers: dict[int, float] | None) -> float:
-    """HOOK for the measured "1 vs 2 local Dask worker processes" section (not built here): given the
-    throughput (img/s) measured with each number of local worker processes, prints it and returns
-    the scaling efficiency the projection uses (throughput with N / (N x throughput with 1)).
-    Without measurements the projection assumes linear scaling (efficiency 1.0) and says so."""
-    if not img_s_by_workers:
-        print("  worker scaling: not measured (hook dask_worker_scaling); linear scaling assumed (efficiency 1.0)")
+def worker_throughput(args: argparse.Namespace) -> dict[int, float]:
+    """(c) The screening flow on real X-rays, fp32, in this process (key 0) and on local Dask
+    clusters of 1 and 2 worker processes. Each runs twice, on half the images and on all: the
+    difference is the steady rate, free of the fixed costs (cluster start, model loads), which
+    are shown apart."""
+    from bench.screen_bench import DEFAULT_DATA, flow_in_subprocess, link_or_copy, make_store
+
+    sources = sorted(path for path in DEFAULT_DATA.rglob("*") if path.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    if not sources:
+        print(f"  not measured: no X-rays under {DEFAULT_DATA} (see ../shared/data/README.md)")
+        return {}
+    measured = {}
+    with tempfile.TemporaryDirectory() as folder:
+        sizes = (args.flow_images // 2, args.flow_images)
+        for size in sizes:
+            for index in range(size):  # the data set again under other names when it is smaller
+                source = sources[index % len(sources)]
+                link_or_copy(source, Path(folder, f"in-{size}", str(index // len(sources)),
+                                          source.relative_to(DEFAULT_DATA)))
+        make_store(f"{folder}/models", 224)
+        for workers in (0, 1, 2):
+            seconds = [flow_in_subprocess(f"{folder}/in-{size}", f"{folder}/results-{workers}-{size}",
+                                          f"{folder}/models", 16, args.flow_chunk_size, engine="fp32",
+                                          workers=workers or None)[0]["seconds"] for size in sizes]
+            measured[workers] = (sizes[1] - sizes[0]) / (seconds[1] - seconds[0])
+            fixed = seconds[1] - sizes[1] / measured[workers]
+            where = f"{workers} local Dask worker process(es)" if workers else "in process (no Dask)"
+            print(f"  {where:38}{sizes[0]} / {sizes[1]} images in {seconds[0]:5.1f} / {seconds[1]:5.1f} s: "
+                  f"{measured[workers]:6.2f} img/s steady, {measured[workers] / measured[0]:.2f}x in process; "
+                  f"fixed {fixed:4.1f} s a run")
+    print(f"  2 worker processes / 1 on these {os.cpu_count()} cores: {measured[2] / measured[1]:.2f} "
+          f"(the cores are shared, so about 1 is right: no oversubscription, no idle core)")
+    return measured
+
+
+def dask_efficiency(measured: dict[int, float]) -> float:
+    """What one Dask worker keeps of the in-process throughput (cluster start, task and model
+    loading overheads), applied to every worker of the projection: each has its own cores there."""
+    if not measured:
+        print("  Dask overhead: not measured; none assumed")
         return 1.0
-    one = img_s_by_workers[min(img_s_by_workers)]
-    for workers, img_s in sorted(img_s_by_workers.items()):
-        print(f"  {workers} local worker process(es): {img_s:.2f} img/s, {img_s / one:.2f}x one")
-    most = max(img_s_by_workers)
-    return img_s_by_workers[most] / (most * one)
+    return min(1.0, measured[1] / measured[0])
 
 
 @dataclass
@@ -356,8 +390,8 @@ class Night:
 
     listing: float  # the flow, before the fan-out
     done_keys: float
-    compute: float  # per worker; compute, claims and part writes take turns inside a chunk
-    claims: float
+    compute: float  # per worker; compute and part writes take turns inside a chunk
+    claims: float  # per worker, in threads beside compute (overlapped)
     part_writes: float
     input_reads: float  # per worker, in threads that run ahead of compute (overlapped)
     report: float  # the flow, after the fan-out
@@ -366,7 +400,7 @@ class Night:
 
     @property
     def fan_out(self) -> float:
-        return max(self.compute + self.claims + self.part_writes, self.input_reads)
+        return max(self.compute + self.part_writes, self.claims, self.input_reads)
 
     @property
     def total(self) -> float:
@@ -387,7 +421,7 @@ def project_night(costs: dict[str, Cost], workers: int, img_s: float, args: argp
         compute=per_worker * compute_s, claims=per_worker * claim_s, part_writes=per_worker * write_s,
         input_reads=per_worker * read_s,
         report=parts * costs["part_read"].s3_like / reports.READ_AHEAD + images * report_s_per_row,
-        worker_img_s=min(1 / (compute_s + claim_s + write_s), 1 / read_s),
+        worker_img_s=min(1 / (compute_s + write_s), 1 / claim_s, 1 / read_s),
         ceilings={"compute": workers * img_s * efficiency,
                   f"claims, {args.claims_in_flight} in flight a worker": workers / claim_s,
                   f"input reads, {args.read_threads} in flight a worker": workers / read_s,
@@ -402,7 +436,7 @@ def print_night(title: str, night: Night, args: argparse.Namespace) -> None:
         (f"listing {args.images:,} inputs (flow, one page after another)", night.listing),
         (f"done-keys listing at {args.images:,} ledger entries (flow)", night.done_keys),
         ("compute (each worker; all in parallel)", night.compute),
-        (f"claims, one per image, {args.claims_in_flight} at a time inside a chunk", night.claims),
+        (f"claims, one per image, {args.claims_in_flight} in flight beside compute (overlapped)", night.claims),
         ("chunk record + part write, one each per chunk", night.part_writes),
         (f"input reads, {args.read_threads} threads ahead of compute (overlapped)", night.input_reads),
         (f"report: parts and chunk records read {reports.READ_AHEAD} at a time, outputs built", night.report),
@@ -425,15 +459,16 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:7.1f} min"
 
 
-def print_projection(costs: dict[str, Cost], large: dict | None, args: argparse.Namespace) -> None:
-    efficiency = dask_worker_scaling(None)
+def print_projection(costs: dict[str, Cost], large: dict | None, args: argparse.Namespace,
+                     measured: dict[int, float]) -> None:
+    efficiency = dask_efficiency(measured)
     per_row = large["total_s"] / large["rows"] if large else 0.0
     report_cpu = f"{per_row * 1e6:.0f} us a row from (b)" if large else "not measured (--skip-report: counted as 0)"
     print(f"  assumptions: chunk {args.chunk_size}; S3-like costs from (a) at {args.latency_ms:g} ms; listings "
           f"linear in keys (from {args.keys:,}); S3 limits per prefix from the AWS docs ({PUT_PER_PREFIX:,} PUT/s, "
           f"{GET_PER_PREFIX:,} GET/s), the ledger one prefix, the inputs one prefix; report CPU {report_cpu}; "
-          f"claims take turns with compute; not included: Prefect and Dask overheads, the outputs' upload, "
-          f"model loading")
+          f"claims beside compute ({args.claims_in_flight} in flight); Dask overhead {1 - efficiency:.0%} (from (c)); "
+          f"not included: the outputs' upload")
     print(f"  the done-keys listing covers every entry of the model version: it grows by a night's inputs each night")
     scenarios = [(f"{args.workers} two-core workers, fp32 at {args.worker_img_s:g} img/s each", args.workers,
                   args.worker_img_s),
@@ -470,12 +505,17 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--fast-img-s", type=float, default=150.0, help="one two-core worker, fast engine (img/s)")
     parser.add_argument("--gpu-img-s", type=float, help="one GPU worker (img/s); without it: not measured")
     parser.add_argument("--gpu-workers", type=int, default=4)
-    parser.add_argument("--claims-in-flight", type=int, default=1, help="claims a worker keeps in flight (now 1)")
+    parser.add_argument("--claims-in-flight", type=int, default=CLAIMS_IN_FLIGHT,
+                        help=f"claims a worker keeps in flight (tasks/screening.py: {CLAIMS_IN_FLIGHT})")
+    parser.add_argument("--flow-images", type=int, help="X-rays of the larger run in (c), half in the smaller (default 480; quick 128)")
+    parser.add_argument("--flow-chunk-size", type=int, default=32, help="chunk size in (c), so chunks spread")
+    parser.add_argument("--skip-flow", action="store_true", help="skip (c)")
     parser.add_argument("--skip-report", action="store_true", help="skip (b)")
     parser.add_argument("--measure-report", metavar="FOLDER", help=argparse.SUPPRESS)  # (b)'s fresh process
     args = parser.parse_args()
     args.keys = args.keys or (2000 if args.quick else 10_000)
     args.samples = args.samples or (10 if args.quick else 30)
+    args.flow_images = args.flow_images or (128 if args.quick else 480)
     args.report_rows = args.report_rows or ([2000, 20_000] if args.quick else [10_000, 100_000])
     return args
 
@@ -507,8 +547,14 @@ def main() -> None:
         large = report_in_subprocess(large_rows, args)
         print_reports(small, large)
 
-    print(f"\n(c) projection: {args.images:,} X-rays in one night")
-    print_projection(latent, large, args)
+    measured = {}
+    if not args.skip_flow:
+        print(f"\n(c) screening throughput, {args.flow_images // 2} and {args.flow_images} real X-rays, fp32, untrained 224 px VGG16, "
+              f"chunks of {args.flow_chunk_size}, no Grad-CAM")
+        measured = worker_throughput(args)
+
+    print(f"\n(d) projection: {args.images:,} X-rays in one night")
+    print_projection(latent, large, args, measured)
     print(f"\nbench took {time.perf_counter() - started:.0f} s")
 
 

@@ -147,19 +147,21 @@ def naive_in_subprocess(store: str, data: str, onednn: str) -> float:
 
 
 def flow_in_subprocess(incoming: str, results: str, store: str, batch_size: int, chunk_size: int,
-                       engine: str = "auto", explain: str = "none") -> tuple[dict, float]:
-    """``explain`` 'none' by default: Grad-CAM's gradient pass per flagged image would measure how
-    many images the model flags, not how fast it screens."""
-    """Runs the flow in a fresh process; returns its summary and that process's peak RSS in MiB."""
+                       engine: str = "auto", explain: str = "none", workers: int | None = None) -> tuple[dict, float]:
+    """Runs the flow in a fresh process; returns its summary and that process's peak RSS in MiB.
+    ``explain`` 'none' by default: Grad-CAM's gradient pass per flagged image would measure how
+    many images the model flags, not how fast it screens. ``workers``: a local Dask cluster."""
     code = ("import json, sys; from flows.screen import screen; from flows.parameters import ScreenParameters; "
             "s = screen(ScreenParameters(incoming_uri=sys.argv[1], results_uri=sys.argv[2], model_store_uri=sys.argv[3], "
-            "batch_size=int(sys.argv[4]), chunk_size=int(sys.argv[5]), engine=sys.argv[6], explain=sys.argv[7])); "
+            "batch_size=int(sys.argv[4]), chunk_size=int(sys.argv[5]), engine=sys.argv[6], explain=sys.argv[7], "
+            "workers=int(sys.argv[8]) or None)); "
             "print('SUMMARY ' + json.dumps(s.to_dict()))")
     script = "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); " \
              "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)"
     # The wrapper measures only the flow process (and the server it starts, if larger; it is not).
     output = subprocess.run(
-        [sys.executable, "-c", script, sys.executable, "-c", code, incoming, results, store, str(batch_size), str(chunk_size), engine, explain],
+        [sys.executable, "-c", script, sys.executable, "-c", code, incoming, results, store, str(batch_size),
+         str(chunk_size), engine, explain, str(workers or 0)],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PREFECT_HOME": tempfile.mkdtemp()},
     )
     if output.returncode != 0:

@@ -49,6 +49,12 @@ class ScreenParameters(_Parameters):
     chunk_timeout_minutes: float = Field(
         60.0, gt=0, description="A chunk still running after this long is stopped and retried (a hung read "
                                 "must not hold the night's only concurrency slot).")
+    frontal_chest_only: bool = Field(
+        True, description="Reject DICOM studies that are not frontal chest radiographs (Modality not CR/DX/DR, "
+                          "another body part, a lateral view) with that reason, instead of screening them.")
+    deidentify: bool = Field(
+        False, description="Replace the DICOM study, series and instance UIDs and the accession number in the rows "
+                           "with keyed hashes (key: CXR_DEIDENTIFY_KEY), the same token for the same study.")
     workers: int | None = Field(
         None, ge=1, le=256, description="Screen on a local Dask cluster of this many processes (threads sized so "
                                         "that the cores are shared, not oversubscribed). Unset: in this process.")
@@ -86,6 +92,8 @@ class TrainParameters(_Parameters):
         "unit", description="'unit' ([0, 1], the paper) or 'caffe' (Keras VGG16 ImageNet scaling).")
     force_promote: bool = Field(False, description="Make the new model production even if it is not better, "
                                                    "or carries a shortcut warning the production model does not.")
+    require_approval: bool = Field(False, description="Leave a new model as a candidate, whatever its metrics, until "
+                                                      "someone runs 'cxr-screen models promote VERSION'.")
     strata: list[str] | None = Field(
         None, description="Manifest columns to evaluate within (default: every extra column with 2 to 20 levels "
                           "that is not an identifier, hash, path or size).")

@@ -1,5 +1,5 @@
-"""Screening fanned out over Dask: the same rows as in process, and every input exactly once when
-a worker process is killed mid-chunk."""
+"""Screening fanned out over Dask, and its faults: the same rows as in process, every input exactly
+once when a worker process is killed mid-chunk, a hung storage step stopped and retried."""
 
 from __future__ import annotations
 
@@ -130,3 +130,45 @@ def test_an_unreachable_scheduler_is_one_clear_error(prefect_api):
         with chunk_runner(dask_address="tcp://127.0.0.1:9"):
             pass
     assert time.monotonic() - started < 30
+
+
+@pytest.fixture
+def silent_s3(monkeypatch):
+    """An S3 endpoint that accepts connections and never answers (a hung network share, a dead proxy)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(64)], daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    for key, value in dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                           AWS_DEFAULT_REGION="us-east-1").items():
+        monkeypatch.setenv(key, value)
+    yield
+    server.close()
+
+
+def test_a_hung_read_is_stopped_by_the_steps_time_limit_and_retried(prefect_api, silent_s3):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tasks.screening import find_inputs
+
+    assert find_inputs.timeout_seconds, "a step that reads storage has no time limit"
+
+    @flow
+    def listing():
+        return find_inputs.with_options(timeout_seconds=2, retries=1, retry_delay_seconds=0)("s3://bucket/incoming")
+
+    started = time.monotonic()
+    state = listing(return_state=True)
+    # Each attempt ends at its limit, or at the latest when the S3 read in progress gives up (30 s: a
+    # blocked socket read cannot always be interrupted); botocore alone would wait 5 x 30 s an attempt.
+    assert state.is_failed() and time.monotonic() - started < 70
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert run.run_count == 2 and run.state.name == "TimedOut"  # a hang may pass: retried, not failed at once
