@@ -2,9 +2,10 @@
 
 The data set is read (a deflated one inflated in bounded steps), its layout checked from the header
 (``tasks.dicom_fields``) and its pixel data checked against that layout before pydicom decodes it;
-grayscale and palette pixels then go through ``tasks.dicom_display``. Every header value is
-untrusted, and a reason never quotes header text (any string element can carry a patient's name),
-only numbers we parsed and names of our own.
+grayscale and palette pixels then go through ``tasks.dicom_display``. The study's identifiers come
+from the same header (``tasks.dicom_guard``), which may also refuse what is not a frontal chest X-ray
+before any pixel is decoded. Every header value is untrusted, and a reason never quotes header text
+(any string element can carry a patient's name), only numbers we parsed and names of our own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from tasks.dicom_display import display_gray, palette_to_rgb
 from tasks.dicom_fields import COLOUR, DICOM_FAILURES, PALETTE, Layout, field_value, read_layout
+from tasks.dicom_guard import check_frontal_chest, read_study
+from tasks.dicom_identity import DicomRejected, Study
 from tasks.images import (
     MAX_DECODED_BYTES,
     MAX_PIXELS,
@@ -39,20 +42,34 @@ _INFLATE_OUTPUT = 4 << 20  # most inflated bytes produced per step
 
 
 def decode_dicom(
-    data: bytes, uri: str, max_pixels: int = MAX_PIXELS, max_decoded_bytes: int = MAX_DECODED_BYTES
-) -> np.ndarray:
-    """A 2-D uint8 array (grayscale) or an ``(h, w, 3)`` uint8 RGB array from DICOM bytes."""
+    data: bytes, uri: str, max_pixels: int = MAX_PIXELS, max_decoded_bytes: int = MAX_DECODED_BYTES,
+    frontal_chest_only: bool = False,
+) -> tuple[np.ndarray, Study]:
+    """A 2-D uint8 array (grayscale) or an ``(h, w, 3)`` uint8 RGB array from DICOM bytes, and the
+    study it belongs to. With ``frontal_chest_only``, a study whose header says it is something else
+    is refused (``tasks.dicom_guard``). A refusal after the header was read is a ``DicomRejected``,
+    which names the study too."""
     try:
-        return _decode(data, uri, max_pixels, max_decoded_bytes)
+        dataset = _read(data, uri, max_decoded_bytes + _HEADER_ALLOWANCE)
+        _check_element_lengths(dataset, uri)
     except (BytesLengthException, InvalidDicomError) as error:  # wherever else pydicom raises them
         raise ImageDecodeError(uri, f"corrupt DICOM ({error_kind(error)})") from None
+    study = read_study(dataset, uri)
+    try:
+        return _decode(dataset, uri, max_pixels, max_decoded_bytes, frontal_chest_only), study
+    except ImageDecodeError as error:
+        raise DicomRejected(uri, error.reason, study) from None
+    except (BytesLengthException, InvalidDicomError) as error:
+        raise DicomRejected(uri, f"corrupt DICOM ({error_kind(error)})", study) from None
 
 
-def _decode(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: int) -> np.ndarray:
-    dataset = _read(data, uri, max_decoded_bytes + _HEADER_ALLOWANCE)
-    _check_element_lengths(dataset, uri)
+def _decode(
+    dataset: Dataset, uri: str, max_pixels: int, max_decoded_bytes: int, frontal_chest_only: bool
+) -> np.ndarray:
     if "PixelData" not in dataset:
         raise ImageDecodeError(uri, f"DICOM without pixel data{_sop_class(dataset, uri)}: not an image")
+    if frontal_chest_only:
+        check_frontal_chest(dataset, uri)
     layout = read_layout(dataset, uri)
     check_size(uri, layout.columns, layout.rows, max_pixels)
     check_decoded_bytes(uri, layout.columns, layout.rows, layout.samples, layout.bits_allocated, max_decoded_bytes)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import NoReturn
 
 import cv2
 import numpy as np
 
 from tasks.decoder_messages import quiet_decoders
+from tasks.dicom_identity import DicomRejected, Study
 from tasks import image_limits
 from tasks.image_limits import (
     MAX_DECODED_BYTES,
@@ -37,6 +39,7 @@ __all__ = [
     "DECODER_FAILURES",
     "IMAGE_SUFFIXES",
     "decode_image",
+    "decode_image_and_study",
     "is_dicom",
     "lookup_domain",
     "scale_table",
@@ -67,21 +70,36 @@ def decode_image(
     max_pixels: int = MAX_PIXELS,
     max_decoded_bytes: int = MAX_DECODED_BYTES,
     reduce_to: int | None = None,
+    frontal_chest_only: bool = False,
 ) -> np.ndarray:
     """Decode ``data`` to an ``(height, width, 3)`` uint8 RGB array; with ``reduce_to``, a JPEG at
     least twice that size a side at reduced resolution (a shortcut only used where it passed the
-    engine gate, tasks/engines.py).
+    engine gate, tasks/engines.py); with ``frontal_chest_only``, a DICOM whose header says it is not
+    a frontal chest X-ray is refused (``tasks.dicom_guard``).
 
     Raises ``ImageDecodeError`` naming ``uri`` and the reason for any input that is not a usable
     image (empty, not an image, truncated or corrupt, too small, too large, blank), and for nothing
     else whatever the bytes: a decoder's own exception becomes the reason.
     """
+    return decode_image_and_study(data, uri, max_pixels, max_decoded_bytes, reduce_to, frontal_chest_only)[0]
+
+
+def decode_image_and_study(
+    data: bytes,
+    uri: str = "<bytes>",
+    max_pixels: int = MAX_PIXELS,
+    max_decoded_bytes: int = MAX_DECODED_BYTES,
+    reduce_to: int | None = None,
+    frontal_chest_only: bool = False,
+) -> tuple[np.ndarray, Study | None]:
+    """``decode_image``, and the study a DICOM input belongs to (None for other formats). A DICOM
+    refused after its header was read raises ``DicomRejected``, which names the study too."""
     if not data:
         raise ImageDecodeError(uri, "empty file")
     try:
         with quiet_decoders:
-            pixels = _decode(data, uri, max_pixels, max_decoded_bytes, reduce_to)
-            return _as_rgb(pixels, uri)
+            pixels, study = _decode(data, uri, max_pixels, max_decoded_bytes, reduce_to, frontal_chest_only)
+            return _as_rgb(pixels, uri, study), study
     except ImageDecodeError:
         raise
     except MemoryError:
@@ -90,19 +108,25 @@ def decode_image(
         raise ImageDecodeError(uri, f"the decoder failed on this file ({error_kind(error)})") from None
 
 
-def _decode(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: int, reduce_to: int | None) -> np.ndarray:
+def _decode(
+    data: bytes, uri: str, max_pixels: int, max_decoded_bytes: int, reduce_to: int | None, frontal_chest_only: bool
+) -> tuple[np.ndarray, Study | None]:
     if is_dicom(data, uri):
         from tasks.dicom import decode_dicom
 
-        return decode_dicom(data, uri, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes)
-    return decode_raster(data, uri, max_pixels, max_decoded_bytes, reduce_to)
+        return decode_dicom(data, uri, max_pixels, max_decoded_bytes, frontal_chest_only)
+    return decode_raster(data, uri, max_pixels, max_decoded_bytes, reduce_to), None
 
 
-def _as_rgb(pixels: np.ndarray, uri: str) -> np.ndarray:
+def _as_rgb(pixels: np.ndarray, uri: str, study: Study | None) -> np.ndarray:
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
-        raise ImageDecodeError(uri, f"unexpected decoded layout {pixels.shape} {pixels.dtype}")
+        _refuse(uri, f"unexpected decoded layout {pixels.shape} {pixels.dtype}", study)
     if int(pixels.min()) == int(pixels.max()):
-        raise ImageDecodeError(uri, "blank image: every pixel has the same value")
+        _refuse(uri, "blank image: every pixel has the same value", study)
     return np.ascontiguousarray(pixels)
+
+
+def _refuse(uri: str, reason: str, study: Study | None) -> NoReturn:
+    raise ImageDecodeError(uri, reason) if study is None else DicomRejected(uri, reason, study)

@@ -4,6 +4,8 @@ Inputs are untrusted: reading refuses what is not a regular file, links out of t
 over the size limit (``tasks.storage``), and decoding runs in killable worker processes with a
 memory ceiling and a deadline (``tasks.sandbox``). Whatever is wrong with one input becomes its
 reason; only storage faults that may pass (S3 5xx, throttling, resets) are raised, for a retry.
+A DICOM input's identifiers come back from the worker checked, and are de-identified here, in the
+parent, which alone holds the key (``tasks.dicom_identity``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from model.preprocessing import Preprocessing
 from tasks import storage
+from tasks.dicom_identity import Study, deidentify_key
 from tasks.sandbox import decode_isolated
 
 __all__ = ["InputLimits", "LoadedImage", "load_image", "load_images"]
@@ -30,6 +33,8 @@ class InputLimits:
     decode_timeout_seconds: float = 60.0
     within: str | None = None  # local links may not lead outside this folder
     reduced_decode: bool = False  # large JPEGs at reduced resolution (only where it passed the gate)
+    frontal_chest_only: bool = True  # a DICOM whose header says it is not a frontal chest X-ray is rejected
+    deidentify: bool = False  # DICOM UIDs and accession numbers as keyed hashes (CXR_DEIDENTIFY_KEY)
 
 
 @dataclass(frozen=True)
@@ -39,14 +44,16 @@ class LoadedImage:
     pixels: np.ndarray | None  # resized uint8 RGB, or None when rejected
     reason: str | None = None  # why it was rejected
     final: bool = True  # False: the reason may pass (access denied), so the input is tried again next run
+    study: Study | None = None  # a DICOM input's identifiers, de-identified when the limits say so
 
 
 def load_image(uri: str, spec: Preprocessing, limits: InputLimits = InputLimits()) -> LoadedImage:
     """One image, ready for ``model.preprocessing.scale``; never raises for a bad image.
 
-    Raises ``storage.NotFound`` for an input gone since it was listed, and storage errors that
-    may pass on a retry.
+    Raises ``storage.NotFound`` for an input gone since it was listed, storage errors that
+    may pass on a retry, and ``DeidentifyKeyMissing`` when de-identification has no key (before reading).
     """
+    key = deidentify_key() if limits.deidentify else None
     try:
         data = storage.read_bytes(uri, max_bytes=limits.max_file_bytes, within=limits.within)
     except storage.Unreadable as error:
@@ -56,9 +63,11 @@ def load_image(uri: str, spec: Preprocessing, limits: InputLimits = InputLimits(
         # rejected for ever: a row now, no ledger claim, another try next run.
         return LoadedImage(uri, None, None, f"{error.reason}: tried again next run", final=False)
     digest = hashlib.sha256(data).hexdigest()
-    decoded = decode_isolated(data, uri, spec.input_size, limits.decode_timeout_seconds, limits.reduced_decode)
+    decoded = decode_isolated(data, uri, spec.input_size, limits.decode_timeout_seconds, limits.reduced_decode,
+                              limits.frontal_chest_only)
     del data
-    return LoadedImage(uri, digest, decoded.pixels, decoded.reason)
+    study = decoded.study if key is None or decoded.study is None else decoded.study.deidentified(key)
+    return LoadedImage(uri, digest, decoded.pixels, decoded.reason, study=study)
 
 
 def load_images(

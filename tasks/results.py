@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 from model.bundle import is_safe_name
 from tasks import storage
+from tasks.dicom_identity import is_accession_number, is_uid, is_view_position
 
 __all__ = ["OUTPUT_NAMES", "ROW_STATUSES", "RUN_STATUSES", "PredictionRow", "ResultsLayout", "RunLayout", "RunSummary",
            "entry_key", "probability_column"]
@@ -123,6 +124,13 @@ class PredictionRow:
     engine: str = ""  # what ran the forward pass (model/inference.py); empty for rejected rows
     # Share of the Grad-CAM map inside the lung-field prior (model/anatomy.py), for explained images.
     cam_lung_share: float | None = None
+    # Where PACS keeps a DICOM input (tasks/dicom_identity.py), keyed hashes when de-identified; empty
+    # for other inputs. Never a patient's name, id or birth date.
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    sop_instance_uid: str = ""
+    accession_number: str = ""
+    view_position: str = ""  # AP, PA, LL, ... (tasks.dicom_identity.VIEW_TERMS), "other", or empty
     # Kept in part files for the report's worklist; never in the CSV, the JSONL or the ledger.
     thumbnail: str | None = field(default=None, metadata={"column": False})  # JPEG, base64
     explanation: str | None = field(default=None, metadata={"column": False})  # Grad-CAM overlay, JPEG, base64
@@ -289,6 +297,11 @@ _ROW_RULES = {
     "run_id": _Rule(lambda value: value == "" or is_safe_name(value), "a run id"),
     "cam_lung_share": _PROBABILITY, "thumbnail": _BASE64, "explanation": _BASE64,
     "engine": _Rule(lambda value: value == "" or is_safe_name(value), "an engine name"),
+    # Absent from rows written before they existed: those read back empty.
+    **dict.fromkeys(("study_instance_uid", "series_instance_uid", "sop_instance_uid"),
+                    _Rule(lambda value: value == "" or is_uid(value), "a DICOM UID or empty")),
+    "accession_number": _Rule(lambda value: value == "" or is_accession_number(value), "an accession number or empty"),
+    "view_position": _Rule(lambda value: value == "" or is_view_position(value), "a view position or empty"),
 }
 _SUMMARY_RULES = {
     "run_id": _SAFE, "model_version": _SAFE, "model_store_uri": _TEXT, "incoming_uri": _TEXT,

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from tasks.dicom_identity import Study
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -40,6 +42,7 @@ _START_SECONDS = 120  # imports on a loaded machine; a worker that cannot start 
 class Decoded:
     pixels: np.ndarray | None  # (input_size, input_size, 3) uint8, or None when rejected
     reason: str | None = None
+    study: Study | None = None  # a DICOM input's identifiers (tasks.dicom_identity), checked again here
 
 
 class DecoderPool:
@@ -54,8 +57,10 @@ class DecoderPool:
         self._workers: set[_Worker] = set()
         self.size = size
 
-    def decode(self, data: bytes, uri: str, input_size: int, timeout: float, reduced: bool = False) -> Decoded:
-        """``reduced``: a JPEG at least twice ``input_size`` a side is decoded at reduced resolution."""
+    def decode(self, data: bytes, uri: str, input_size: int, timeout: float, reduced: bool = False,
+               frontal_chest_only: bool = False) -> Decoded:
+        """``reduced``: a JPEG at least twice ``input_size`` a side is decoded at reduced resolution;
+        ``frontal_chest_only``: a DICOM whose header says it is not a frontal chest X-ray is refused."""
         worker = self._idle.get()
         try:
             if worker is not None and not worker.alive():
@@ -63,7 +68,7 @@ class DecoderPool:
                 worker = None
             if worker is None:
                 worker = self._start()
-            decoded, healthy = worker.decode(data, uri, input_size, timeout, reduced)
+            decoded, healthy = worker.decode(data, uri, input_size, timeout, reduced, frontal_chest_only)
         except BaseException:
             # Interrupted between request and reply: its next reply would answer the wrong input.
             if worker is not None:
@@ -128,22 +133,28 @@ class _Worker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def decode(self, data: bytes, uri: str, input_size: int, timeout: float,
-               reduced: bool) -> tuple[Decoded, bool]:
+    def decode(self, data: bytes, uri: str, input_size: int, timeout: float, reduced: bool,
+               frontal_chest_only: bool) -> tuple[Decoded, bool]:
         """The outcome, and whether this worker may be used again."""
         import numpy as np
 
         try:
-            request = {"uri": uri, "input_size": input_size, "reduced": reduced}
+            request = {"uri": uri, "input_size": input_size, "reduced": reduced,
+                       "frontal_chest_only": frontal_chest_only}
             self.requests.send_bytes(json.dumps(request).encode("utf-8", "surrogatepass"))
             self.requests.send_bytes(data)
             if not self.replies.poll(timeout):
                 return Decoded(None, f"decoding took longer than {timeout:g} s (decode_timeout_seconds): stopped"), False
             header = json.loads(self.replies.recv_bytes())
+            try:
+                # Only identifiers that fit their grammar cross back: a worker parses hostile files.
+                study = Study.from_record(header.get("study"))
+            except ValueError:
+                return Decoded(None, "the decoder sent identifiers out of their grammar: stopped"), False
             if header["status"] == "ok":
                 pixels = np.frombuffer(self.replies.recv_bytes(), np.uint8).reshape(header["shape"])
-                return Decoded(pixels), True
-            return Decoded(None, header["reason"]), not header.get("recycle", False)
+                return Decoded(pixels, study=study), True
+            return Decoded(None, header["reason"], study), not header.get("recycle", False)
         except (EOFError, OSError):
             return Decoded(None, self._death()), False
 
@@ -191,9 +202,10 @@ def _shared_pool() -> DecoderPool:
         return _pool
 
 
-def decode_isolated(data: bytes, uri: str, input_size: int, timeout: float, reduced: bool = False) -> Decoded:
+def decode_isolated(data: bytes, uri: str, input_size: int, timeout: float, reduced: bool = False,
+                    frontal_chest_only: bool = False) -> Decoded:
     """Decode ``data`` and resize it to ``input_size`` in a worker process of this process' pool."""
-    return _shared_pool().decode(data, uri, input_size, timeout, reduced)
+    return _shared_pool().decode(data, uri, input_size, timeout, reduced, frontal_chest_only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +239,8 @@ def _answer(requests: Connection, replies: Connection) -> None:
     import numpy as np
 
     from model.preprocessing import Preprocessing, resize
-    from tasks.images import ImageDecodeError, decode_image
+    from tasks.dicom_identity import DicomRejected
+    from tasks.images import ImageDecodeError, decode_image_and_study
 
     while True:
         try:
@@ -238,13 +251,16 @@ def _answer(requests: Connection, replies: Connection) -> None:
         uri = request["uri"]
         try:
             size = request["input_size"]
-            pixels = resize(decode_image(data, uri, reduce_to=size if request.get("reduced") else None),
-                            Preprocessing(input_size=size))
+            decoded, study = decode_image_and_study(data, uri, reduce_to=size if request.get("reduced") else None,
+                                                    frontal_chest_only=bool(request.get("frontal_chest_only")))
+            pixels = resize(decoded, Preprocessing(input_size=size))
             header, body = {"status": "ok", "shape": list(pixels.shape)}, np.ascontiguousarray(pixels).tobytes()
+            header["study"] = None if study is None else study.to_record()
         except ImageDecodeError as error:
             # After running out of memory this process may hold anything: the parent starts another.
             header, body = {"status": "rejected", "reason": error.reason,
                             "recycle": error.reason.startswith("out of memory")}, None
+            header["study"] = error.study.to_record() if isinstance(error, DicomRejected) else None
         except MemoryError:
             raise
         except Exception as error:  # noqa: BLE001 - a decoder bug on one file must cost only that file

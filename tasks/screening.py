@@ -31,6 +31,7 @@ from model.gradcam import grad_cam, overlay
 from model.inference import Predictor, fastest, make_predictor
 from tasks.retrying import io_step
 from tasks import ledger, registry, runs, storage
+from tasks.dicom_identity import Study, deidentify_key
 from tasks.engines import load_artifacts, reduced_decode_allowed, validated_engines
 from tasks.images import IMAGE_SUFFIXES, is_dicom
 from tasks.loading import InputLimits, LoadedImage, load_image
@@ -138,6 +139,11 @@ def _load_or_vanish(uri: str, spec, limits: InputLimits) -> LoadedImage | str:
         return uri  # deleted or moved since listing: not ours to record; a later run will see
 
 
+def _study_fields(study: Study | None) -> dict[str, str]:
+    """A row's PACS identifiers: the study's for a DICOM input, none (empty) for any other."""
+    return {} if study is None else study.to_record()
+
+
 def _rounded(value: float) -> float | None:
     return None if np.isnan(value) else round(float(value), 4)
 
@@ -150,12 +156,18 @@ def screen_images(
     uris: Sequence[str], loaded_model: LoadedModel, batch_size: int = 16, workers: int = 4,
     explain: str = "flagged", limits: InputLimits = InputLimits(),
 ) -> Iterator[PredictionRow | str]:
-    """Rows for ``uris``, or the URI of a vanished input. Flagged rows carry a thumbnail.
+    """Rows for ``uris``, or the URI of a vanished input. Flagged rows carry a thumbnail; rows of
+    DICOM inputs carry their study's identifiers (``limits.deidentify``: as keyed hashes), and with
+    ``limits.frontal_chest_only`` a DICOM that says it is not a frontal chest X-ray is rejected.
 
     Reading and decoding run ahead on ``workers`` threads while the model predicts. Prediction
     stays on the fast path; only the images ``explain`` names ('flagged', 'all' or 'none') take
     Grad-CAM's gradient pass (on the fp32 model, whatever the engine).
+
+    Raises ``DeidentifyKeyMissing`` before reading anything when de-identification has no key.
     """
+    if limits.deidentify:
+        deidentify_key()  # no row may be written with its identifiers in the clear
     card, predictor, model = loaded_model.card, loaded_model.predictor, loaded_model.model
     spec = card.spec()
     positive = card.classes.index(card.positive_class)
@@ -177,7 +189,8 @@ def screen_images(
                 flagged=bool(flagged[index]), screened_at=now, engine=predictor.engine,
                 cam_lung_share=None if cam is None else _rounded(lung_share(cam)),
                 thumbnail=_thumbnail(item.pixels) if flagged[index] else None,
-                explanation=None if cam is None else _thumbnail(overlay(item.pixels, cam)))
+                explanation=None if cam is None else _thumbnail(overlay(item.pixels, cam)),
+                **_study_fields(item.study))
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         batch: list[LoadedImage] = []
@@ -188,7 +201,7 @@ def screen_images(
                 yield PredictionRow(
                     image_uri=loaded.uri, sha256=loaded.sha256, status="rejected", reason=loaded.reason or "",
                     model_version=card.version, predicted_class="", probabilities=dict.fromkeys(card.classes),
-                    flagged=False, screened_at=_now(), final=loaded.final)
+                    flagged=False, screened_at=_now(), final=loaded.final, **_study_fields(loaded.study))
             else:
                 batch.append(loaded)
                 if len(batch) == batch_size:

@@ -8,7 +8,13 @@ ledger, part files), the whole PREFECT_HOME (database, write-ahead log, stored r
 command's stdout and stderr.
 
 A second screen puts a name into header fields the decoder reports on (photometric interpretation,
-SOP class, transfer syntax, number of frames): a rejection reason or a warning must not echo them.
+SOP class, transfer syntax, number of frames, modality, body part): a rejection reason or a warning
+must not echo them.
+
+The rows carry where PACS keeps each DICOM study (UIDs, accession number, view position), and nothing
+of the patient: a lateral view and a CT are rejected with their reasons, a name or an over-long id
+in those fields is dropped, and with ``--deidentify`` the identifiers are keyed hashes that reach no
+output in the clear.
 """
 
 from __future__ import annotations
@@ -47,7 +53,15 @@ PATIENT_E = {"family": "Grottlewane", "given": "Perpetuaz", "id": "LONGPIDK4W2" 
 HEADER_TAGS = [PATIENT_A, PATIENT_B, PATIENT_C, PATIENT_D, PATIENT_E]
 # Header fields a decoder reports on, each holding a patient's name; one file each.
 ECHOED = {"PhotometricInterpretation": "Zorblattnik", "SOPClassUID": "Quendrilax",
-          "TransferSyntaxUID": "Vexmortain", "NumberOfFrames": "Halvorsquin"}
+          "TransferSyntaxUID": "Vexmortain", "NumberOfFrames": "Halvorsquin", "Modality": "Brisquenhoff",
+          "BodyPartExamined": "Tandelmoor"}
+# Where PACS keeps the studies: one study (two series: PA and lateral) for patient A, a CT for patient B.
+STUDY_A = {"StudyInstanceUID": "1.2.826.0.1.3680043.10.77.1", "AccessionNumber": "ACC77001"}
+PA_A = {**STUDY_A, "SeriesInstanceUID": "1.2.826.0.1.3680043.10.77.1.1", "ViewPosition": "PA"}
+LATERAL_A = {**STUDY_A, "SeriesInstanceUID": "1.2.826.0.1.3680043.10.77.1.2", "ViewPosition": "LL"}
+CT_B = {"StudyInstanceUID": "1.2.826.0.1.3680043.10.78.1", "SeriesInstanceUID": "1.2.826.0.1.3680043.10.78.1.1",
+        "AccessionNumber": "ACC78001", "Modality": "CT"}
+KEY = "the site's de-identification key, kept by the site"
 
 
 @dataclass
@@ -73,6 +87,7 @@ def radiograph(patient: dict[str, str], broken_pixels: bool = False, **header: s
         dataset.SOPInstanceUID = generate_uid()
         dataset.SpecificCharacterSet = "ISO_IR 192"  # UTF-8
         dataset.Modality = "DX"
+        dataset.BodyPartExamined = "CHEST"
         dataset.PatientName = f"{family}^{given}"
         dataset.PatientID = patient_id
         dataset.PatientBirthDate = birth
@@ -157,15 +172,16 @@ class Command:
     environment: dict[str, str]
     executable: str
 
-    def screen(self, files: dict[str, bytes], name: str, check: bool = True) -> Screened:
+    def screen(self, files: dict[str, bytes], name: str, check: bool = True, options: tuple[str, ...] = (),
+               environment: dict[str, str] | None = None) -> Screened:
         incoming = self.root / f"incoming-{name}"
         for relative, data in files.items():
             (incoming / relative).parent.mkdir(parents=True, exist_ok=True)
             (incoming / relative).write_bytes(data)
         results = self.root / f"results-{name}"
         output = run([self.executable, "screen", str(incoming), "--results", str(results), "--model-store",
-                      "models", "--explain", "all", "--chunk-size", "2", "--batch-size", "2"],
-                     self.environment, self.root, check)
+                      "models", "--explain", "all", "--chunk-size", "2", "--batch-size", "2", *options],
+                     {**self.environment, **(environment or {})}, self.root, check)
         (self.root / f"screen-{name}.log").write_bytes(output)  # kept to read a failure by
         rows = {}
         for predictions in results.rglob("predictions.csv"):
@@ -189,14 +205,23 @@ def command(tmp_path_factory) -> Command:
 
 
 @pytest.fixture(scope="module")
-def screened(command) -> Screened:
-    return command.screen({
-        "ward/a.dcm": radiograph(PATIENT_A),
+def tagged_files() -> dict[str, bytes]:
+    return {
+        "ward/a.dcm": radiograph(PATIENT_A, **PA_A),
+        "ward/a-lateral.dcm": radiograph(PATIENT_A, **LATERAL_A),
         "ward/IM0002": radiograph(PATIENT_B),  # found by its preamble; UTF-8 names
+        "ward/b-ct.dcm": radiograph(PATIENT_B, **CT_B),
         "ward/c.dcm": radiograph(PATIENT_C, broken_pixels=True),
         "ward/d.dcm": cut_short(radiograph(PATIENT_D), PATIENT_D),
-        "ward/e.dcm": radiograph(PATIENT_E),  # malformed birth date, over-long id
-    }, "tags")
+        # Malformed birth date, over-long id, and a name or that id where the study's identifiers go.
+        "ward/e.dcm": radiograph(PATIENT_E, ViewPosition=PATIENT_E["family"], AccessionNumber=PATIENT_E["id"],
+                                 StudyInstanceUID=PATIENT_E["birth"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def screened(command, tagged_files) -> Screened:
+    return command.screen(tagged_files, "tags")
 
 
 def places(screened: Screened) -> dict[str, bytes]:
@@ -207,12 +232,36 @@ def places(screened: Screened) -> dict[str, bytes]:
     return found
 
 
-def test_the_identifiers_are_there_to_be_found(screened):
-    """The search finds every identifier in the inputs, and each kind of input got its row."""
-    assert len(leaks(HEADER_TAGS, every_file(screened.incoming))) == 4 * len(HEADER_TAGS)
+def test_the_identifiers_are_there_to_be_found(screened, tagged_files):
+    """The search finds every identifier in the inputs (the four of its patient in each file), and
+    each kind of input got its row."""
+    assert len(leaks(HEADER_TAGS, every_file(screened.incoming))) == 4 * len(tagged_files)
     assert {name: row["status"] for name, row in screened.rows.items()} == {
-        "a.dcm": "ok", "IM0002": "ok", "c.dcm": "rejected", "d.dcm": "rejected", "e.dcm": "ok"}
+        "a.dcm": "ok", "a-lateral.dcm": "rejected", "IM0002": "ok", "b-ct.dcm": "rejected", "c.dcm": "rejected",
+        "d.dcm": "rejected", "e.dcm": "ok"}
     assert "pixel data" in screened.rows["c.dcm"]["reason"]
+
+
+IDENTIFIERS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "accession_number", "view_position")
+
+
+def test_rows_say_where_pacs_keeps_each_study_and_a_lateral_view_and_a_ct_are_rejected(screened):
+    rows = screened.rows
+    assert (rows["a.dcm"]["study_instance_uid"], rows["a.dcm"]["series_instance_uid"],
+            rows["a.dcm"]["accession_number"], rows["a.dcm"]["view_position"]) == (
+        STUDY_A["StudyInstanceUID"], PA_A["SeriesInstanceUID"], "ACC77001", "PA")
+    assert rows["a-lateral.dcm"]["reason"] == "not a frontal chest X-ray: lateral view (DICOM ViewPosition LL)"
+    assert (rows["a-lateral.dcm"]["study_instance_uid"], rows["a-lateral.dcm"]["view_position"]) == (
+        STUDY_A["StudyInstanceUID"], "LL")  # the rejected view is still found in PACS
+    assert rows["b-ct.dcm"]["reason"] == "not a frontal chest X-ray: DICOM Modality CT, not CR, DX or DR"
+    assert rows["b-ct.dcm"]["accession_number"] == "ACC78001"
+    for name, row in rows.items():
+        assert row["sop_instance_uid"].startswith("1.2.826.0.1.3680043.") or name == "d.dcm", name
+    # A name, an over-long id or a birth date where an identifier goes is dropped, never quoted.
+    assert [rows["e.dcm"][name] for name in IDENTIFIERS[:2] + IDENTIFIERS[3:]] == ["", "", "", "other"]
+    assert all(rows["IM0002"][name] == "" for name in IDENTIFIERS if name != "sop_instance_uid")
+    report = (next(screened.results.rglob("report.html"))).read_text()
+    assert "accession ACC77001" in report  # beside the path, in the rejected inputs at least
 
 
 def test_no_patient_identifier_in_outputs_logs_or_the_prefect_database(screened):
@@ -234,7 +283,37 @@ def test_header_fields_a_decoder_reports_on_are_not_echoed(command):
         files[f"{keyword}.dcm"] = radiograph(patient, **header)
     screened = command.screen(files, "echo", check=False)
     assert len(leaks(names, every_file(screened.incoming))) == len(names)
+    assert screened.rows["Modality.dcm"]["reason"].endswith("DICOM Modality (non-standard value), not CR, DX or DR")
     reasons = {name: (row["status"], row["reason"]) for name, row in screened.rows.items()}
     assert all(status == "rejected" for status, _ in reasons.values()) and len(reasons) == len(files), (
         reasons, screened.output.decode(errors="replace")[-3000:])
     assert leaks(names, places(screened)) == []
+
+
+def test_deidentified_rows_carry_keyed_tokens_and_the_raw_identifiers_reach_no_output(command, screened,
+                                                                                      tagged_files):
+    """The same files again with --deidentify: every UID a 2.25 token, the accession numbers
+    hexadecimal, the same study the same token, and no raw UID or accession number anywhere."""
+    clear = screened.rows
+    hidden = command.screen(tagged_files, "deidentified", options=("--deidentify",),
+                            environment={"CXR_DEIDENTIFY_KEY": KEY})
+    rows = hidden.rows
+    assert {name: row["status"] for name, row in rows.items()} == {name: row["status"] for name, row in clear.items()}
+    for name, row in rows.items():
+        for field in IDENTIFIERS[:3]:
+            assert row[field] == "" or (row[field].startswith("2.25.") and row[field] != clear[name][field]), name
+        assert row["accession_number"] == "" or len(row["accession_number"]) == 16
+        assert row["view_position"] == clear[name]["view_position"]  # not an identifier
+    assert rows["a.dcm"]["study_instance_uid"] == rows["a-lateral.dcm"]["study_instance_uid"] != ""
+    assert rows["a.dcm"]["accession_number"] == rows["a-lateral.dcm"]["accession_number"] != ""
+    assert rows["a.dcm"]["series_instance_uid"] != rows["a-lateral.dcm"]["series_instance_uid"]
+    raw = [{field: row[field] for field in IDENTIFIERS[:4] if row[field]} for row in clear.values()]
+    found = {**every_file(hidden.results), "the screen command's stdout and stderr": hidden.output}
+    assert leaks([identifiers for identifiers in raw if identifiers], found) == []
+    assert leaks(HEADER_TAGS, found) == []
+
+
+def test_deidentification_without_a_key_screens_nothing(command):
+    refused = command.screen({"ward/a.dcm": radiograph(PATIENT_A, **PA_A)}, "no-key", check=False,
+                             options=("--deidentify",), environment={"CXR_DEIDENTIFY_KEY": ""})
+    assert b"CXR_DEIDENTIFY_KEY" in refused.output and refused.rows == {}

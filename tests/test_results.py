@@ -35,7 +35,9 @@ def row(name: str, p: float | None, **changes) -> PredictionRow:
 def test_columns_follow_the_row_fields_and_the_classes():
     assert PredictionRow.columns(CLASSES) == ["image_uri", "sha256", "status", "reason", "model_version",
                                               "predicted_class", "prob_non-covid", "prob_covid", "flagged",
-                                              "screened_at", "run_id", "engine", "cam_lung_share"]
+                                              "screened_at", "run_id", "engine", "cam_lung_share",
+                                              "study_instance_uid", "series_instance_uid", "sop_instance_uid",
+                                              "accession_number", "view_position"]
     record = row("a.png", 0.8, thumbnail="abc").to_record()
     assert list(record) == PredictionRow.columns(CLASSES)  # the thumbnail never reaches CSV or ledger
     assert row("a.png", 0.8, thumbnail="abc").to_record(with_thumbnail=True)["thumbnail"] == "abc"
@@ -108,6 +110,30 @@ def test_a_report_with_no_rows_still_renders():
     assert "No images were screened successfully." in page and "n/a images/s" in page
 
 
+STUDY = dict(study_instance_uid="1.2.840.113619.2.55.3.1", series_instance_uid="1.2.840.113619.2.55.3.2",
+             sop_instance_uid="1.2.840.113619.2.55.3.3", accession_number="ACC-20261127-7", view_position="PA")
+
+
+def test_the_worklist_and_rejected_inputs_show_where_pacs_keeps_the_study():
+    rows = [row("flagged.dcm", 0.9, **STUDY), row("a.png", 0.95),
+            row("lateral.dcm", None, reason="not a frontal chest X-ray: lateral view (DICOM ViewPosition LL)",
+                **{**STUDY, "accession_number": "ACC-9", "view_position": "LL"})]
+    page = reports.report_html(RunSummary("r1", "v1").tally(rows, CLASSES, 0.5), rows, card())
+    flagged = page[page.index("/in/flagged.dcm"):]
+    assert flagged.startswith("/in/flagged.dcm<div>accession ACC-20261127-7</div>"
+                              "<div>study 1.2.840.113619.2.55.3.1</div>")
+    assert "/in/a.png</td>" in page  # no identifiers: nothing beside the path
+    assert "/in/lateral.dcm<div>accession ACC-9</div>" in page and "lateral view (DICOM ViewPosition LL)" in page
+
+
+def test_identifiers_from_storage_are_escaped_in_the_report():
+    hostile = '<script>alert(1)</script>'
+    rows = [row("a.dcm", 0.9, accession_number=hostile, study_instance_uid=f'"><img src=x onerror={hostile}>')]
+    page = reports.report_html(RunSummary("r1", "v1").tally(rows, CLASSES, 0.5), rows, card())
+    assert "<script" not in page and "<img src=x" not in page
+    assert "accession &lt;script&gt;" in page and "study &#34;&gt;&lt;img src=x" in page
+
+
 def test_markdown_from_untrusted_names_stays_text():
     from tasks.rendering import render
 
@@ -133,6 +159,12 @@ def test_markdown_from_untrusted_names_stays_text():
     ("image_uri", 7, "image_uri 7 is not a location"),
     ("sha256", "abc", "sha256 'abc' is not a sha256"),
     ("thumbnail", '"><img src=x onerror=alert(1)>', "is not base64 text"),
+    ("study_instance_uid", "1.2.3.DOE^JANE", "is not a DICOM UID or empty"),
+    ("series_instance_uid", "1." * 40 + "1", "is not a DICOM UID or empty"),
+    ("sop_instance_uid", None, "sop_instance_uid None is not a DICOM UID or empty"),
+    ("accession_number", "DOE^JANE", "accession_number 'DOE^JANE' is not an accession number or empty"),
+    ("accession_number", "=HYPERLINK(1)", "is not an accession number or empty"),
+    ("view_position", "Zorblattnik", "view_position 'Zorblattnik' is not a view position or empty"),
 ])
 def test_a_row_read_back_is_refused_when_a_field_is_wrong(field, value, message):
     record = {**row("a.png", 0.9).to_record(), field: value}
@@ -143,6 +175,14 @@ def test_a_row_read_back_is_refused_when_a_field_is_wrong(field, value, message)
         PredictionRow.from_record({k: v for k, v in row("a.png", 0.9).to_record().items() if k != "status"}, CLASSES)
     with pytest.raises(ValueError, match="JSON object was expected, found list"):
         PredictionRow.from_record([1, 2], CLASSES)
+
+
+def test_a_row_with_study_identifiers_reads_back_and_one_written_before_them_reads_back_empty():
+    with_study = row("a.dcm", 0.9, **STUDY)
+    assert PredictionRow.from_record(json.loads(json.dumps(with_study.to_record())), CLASSES) == with_study
+    older = {name: value for name, value in row("a.png", 0.9).to_record().items() if name not in STUDY}
+    again = PredictionRow.from_record(older, CLASSES)
+    assert again == row("a.png", 0.9) and all(getattr(again, name) == "" for name in STUDY)
 
 
 @pytest.mark.parametrize("field, value", [
