@@ -3,19 +3,21 @@
 Reads top to bottom as the steps: find the data, load it, split it, fit, calibrate on validation,
 choose the threshold on validation and score on test, audit what the model learned (metadata
 strata, masked lungs, Grad-CAM), compare with production on the same split, write the bundle,
-promote if it is better.
+promote if it is better (unless approval is required, or production changed meanwhile).
 """
 
 from __future__ import annotations
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from flows.parameters import TrainParameters
 from model.augmentation import Augmentation
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
 from tasks import registry
-from tasks.bundling import TrainedModel, make_bundle, promote, publish_bundle, report_training
+from tasks.bundling import (TrainedModel, awaiting_approval, make_bundle, promote, publish_bundle, read_production,
+                            report_training)
 from tasks.clinical import audit_model, calibrate_model
 from tasks.train_steps import (calibration_sample, check_engines, discover, evaluate_model, fit_model, load_labelled, resolve_weights, score_production,
                                split_for_training)
@@ -54,20 +56,26 @@ def train(params: TrainParameters) -> TrainedModel:
     validity, mean_cam = audit_model(model, loaded, split, spec, threshold, test_probabilities, params.bootstrap,
                                      params.seed)
 
+    seen = read_production(params.model_store_uri)  # promotion is written only if this is still production
     production = score_production(params.model_store_uri, loaded, split, spec)
     promoted, reason = registry.promotion_decision(
         {**metrics["positive"], "within_auc": validity["mean_within_auc"], "warnings": validity["model_warnings"]},
         production, params.force_promote)
     if params.leave_out and promoted and not params.force_promote:
         promoted, reason = False, f"trained with {params.leave_out} left out: an experiment, not a candidate"
+    if params.require_approval:  # never promoted by training, whatever it scored
+        promoted, reason = False, awaiting_approval(promoted, reason)
     card, files = make_bundle(model, history, threshold, metrics, dataset=dataset, loaded=loaded, split=split,
                               spec=spec, config=config, weights=weights_info, test_fraction=params.test_fraction,
                               validity=validity, calibration=calibration, features_engine=features_engine,
                               figures={"calibration.png": reliability, "gradcam.png": mean_cam},
                               promotion={"promoted": promoted, "reason": reason,
-                                         "compared_with": production and production["version"]})
-    trained = TrainedModel(card, publish_bundle(params.model_store_uri, files, card, engine_checks, engine_files), promoted, reason)
+                                         "compared_with": production and production["version"],
+                                         "require_approval": params.require_approval})
+    bundle_uri = publish_bundle(params.model_store_uri, files, card, engine_checks, engine_files)
     if promoted:
-        promote(params.model_store_uri, card.version, reason)
+        promoted, reason = promote(params.model_store_uri, card.version, reason, seen,
+                                   by=f"train flow run {flow_run.name}")
+    trained = TrainedModel(card, bundle_uri, promoted, reason)
     report_training(trained)
     return trained

@@ -25,7 +25,8 @@ from tasks.rendering import render
 from tasks.datasets import Dataset, fingerprint
 from tasks.train_steps import LabelledArrays, TrainingSplit
 
-__all__ = ["TrainedModel", "card_markdown", "make_bundle", "promote", "publish_bundle", "report_training"]
+__all__ = ["TrainedModel", "awaiting_approval", "card_markdown", "make_bundle", "promote", "publish_bundle",
+           "read_production", "report_training"]
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,30 @@ def publish_bundle(store_uri: str, files: dict[str, bytes], card: ModelCard,
     return folder
 
 
-@task(**io_step(retries=3, retry_delay_seconds=5))
-def promote(store_uri: str, version: str, reason: str) -> None:
-    registry.set_production(store_uri, version, reason)
+@task(cache_policy=NO_CACHE, **io_step())
+def read_production(store_uri: str) -> registry.Production:
+    """production.json as training finds it before comparing: promotion is written against it."""
+    return registry.read_production(store_uri)
+
+
+@task(cache_policy=NO_CACHE, **io_step(retries=3, retry_delay_seconds=5))
+def promote(store_uri: str, version: str, reason: str, seen: registry.Production | None = None,
+            by: str | None = None) -> tuple[bool, str]:
+    """Make the new version production, unless production changed since ``seen`` was read (another
+    training or an operator won): then it stays a candidate, and the reason returned says why."""
+    try:
+        registry.set_production(store_uri, version, reason, by=by, expected=seen)
+    except registry.PromotionConflict as error:
+        get_run_logger().warning("Model %s left as a candidate: %s", version, error)
+        return False, f"left as a candidate: {error}"
+    return True, reason
+
+
+def awaiting_approval(promoted: bool, reason: str) -> str:
+    """Why a model trained with require_approval is not promoted, with what training thought of it."""
+    verdict = "recommends it" if promoted else "does not recommend it"
+    return (f"candidate awaiting approval (require_approval is set; training {verdict}: {reason}); "
+            "promote it with: cxr-screen models promote VERSION --reason ...")
 
 
 @task

@@ -4,7 +4,7 @@
     <store>/<version>/card.json.sig     HMAC of card.json, when a signing key is set
     <store>/<version>/card.json         written last: the version's schema-checked card, with the
                                         sha256 of every other file (``files``)
-    <store>/production.json
+    <store>/production.json             the production version, and who changed it when and why
 
 ``card.json`` is written last, so a version folder without one is an unfinished upload and is
 never loaded or listed. With ``CXR_MODEL_SIGNING_KEY`` set, publishing signs card.json and loading
@@ -14,10 +14,12 @@ refuses a bundle whose signature is missing or wrong.
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import json
 import logging
 import os
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import keras
@@ -27,8 +29,9 @@ from model.bundle import (BundleError, ModelCard, check_file, file_digests, is_s
 from model.inference import INT8_FILES
 from tasks import storage
 
-__all__ = ["CARD", "PRODUCTION", "SIGNATURE", "SIGNING_KEY_VARIABLE", "list_versions", "load_card", "load_model",
-           "new_version", "production_version", "promotion_decision", "publish", "read_file", "set_production",
+__all__ = ["CARD", "PRODUCTION", "SIGNATURE", "SIGNING_KEY_VARIABLE", "Production", "PromotionConflict",
+           "list_versions", "load_card", "load_model", "new_version", "operator", "production_version",
+           "promotion_decision", "publish", "read_file", "read_production", "rollback", "set_production",
            "signing_key", "verify_bundle"]
 
 PRODUCTION = "production.json"
@@ -95,28 +98,124 @@ def list_versions(store_uri: str) -> list[str]:
     return sorted(name for name in names if is_safe_name(name))
 
 
-def production_version(store_uri: str) -> str | None:
+class PromotionConflict(BundleError):
+    """production.json changed between reading it and writing it: this change did not happen."""
+
+
+@dataclass(frozen=True)
+class Production:
+    """production.json as read: the current version, every change of production (oldest first:
+    action, version, previous, reason, by, at), and the token the next change is written against.
+    ``problem``: why a damaged pointer was taken for none."""
+
+    version: str | None = None
+    history: tuple[dict, ...] = ()
+    token: str | None = None
+    problem: str | None = None
+
+    def lineage(self) -> list[str]:
+        """The versions production has been, as promotions push and rollbacks pop: the last is the
+        current one, the one before it what a rollback restores."""
+        stack: list[str] = []
+        for entry in self.history:
+            if entry.get("action") == "rollback":
+                stack = stack[:-1] if stack else []
+            elif not stack and entry.get("previous"):
+                stack.append(entry["previous"])
+            if not stack or stack[-1] != entry["version"]:
+                stack.append(entry["version"])
+        if self.version is not None and (not stack or stack[-1] != self.version):
+            stack.append(self.version)
+        return stack
+
+
+def read_production(store_uri: str) -> Production:
+    """The pointer with its history and compare-and-swap token. A damaged one reads as no version,
+    with ``problem`` saying why (promotion replaces it); one written before histories (version,
+    previous, reason, promoted_at) reads as a history of that one change."""
     uri = storage.join(store_uri, PRODUCTION)
-    if not storage.exists(uri):
-        return None
+    data, token = storage.read_versioned(uri)
+    if data is None:
+        return Production()
     try:
-        version = json.loads(storage.read_bytes(uri))["version"]
+        record = json.loads(data)
+        version = record["version"]
     except (ValueError, TypeError, KeyError) as error:
-        raise BundleError(f"{uri}: not a production pointer ({error!r})") from error
+        return Production(token=token, problem=f"{uri}: not a production pointer ({error!r})")
     if not is_safe_name(version):
-        raise BundleError(f"{uri}: version {version!r} is not a safe name")
-    return version
+        return Production(token=token, problem=f"{uri}: version {version!r} is not a safe name")
+    history = record.get("history")
+    if not isinstance(history, list):
+        history = [{"action": "promote", "version": version, "previous": record.get("previous"),
+                    "reason": record.get("reason"), "by": None, "at": record.get("promoted_at")}]
+    kept = tuple({**entry, "previous": entry.get("previous") if is_safe_name(entry.get("previous")) else None}
+                 for entry in history if isinstance(entry, dict) and is_safe_name(entry.get("version")))
+    if len(kept) < len(history):
+        logger.warning("%s: %d history entries without a valid version ignored", uri, len(history) - len(kept))
+    return Production(version, kept, token)
 
 
-def set_production(store_uri: str, version: str, reason: str) -> None:
+def production_version(store_uri: str) -> str | None:
+    production = read_production(store_uri)
+    if production.problem:
+        raise BundleError(production.problem)
+    return production.version
+
+
+def operator() -> str:
+    """Who is changing production: the OS user."""
     try:
-        previous = production_version(store_uri)
-    except BundleError as error:  # a damaged pointer is what promotion replaces, not a reason to stop
-        logger.warning("%s; replacing it", error)
-        previous = None
-    record = {"version": version, "previous": previous, "reason": reason,
-              "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    storage.write_bytes(storage.join(store_uri, PRODUCTION), json.dumps(record, indent=2).encode())
+        return getpass.getuser()
+    except (OSError, KeyError):  # no name for this uid (a bare container)
+        return f"uid {os.getuid()}"
+
+
+def set_production(store_uri: str, version: str, reason: str, *, by: str | None = None,
+                   expected: Production | None = None, action: str = "promote") -> dict | None:
+    """Make ``version`` production and record who and why; returns the history entry, or None when
+    it already is production.
+
+    The bundle is checked first (its signature when a key is set, every file's sha256, preprocessing
+    this code reproduces): a damaged or unsigned one is refused. production.json is written with a
+    compare-and-swap against ``expected`` (default: as read here): if it changed since, nothing is
+    written and PromotionConflict says to what, so two promotions never both win blindly.
+    """
+    if not reason.strip():
+        raise ValueError("a reason is required to change production")
+    if version == "production" or not is_safe_name(version):
+        raise BundleError(f"{store_uri}: {version!r} is not a model version")
+    seen = expected if expected is not None else read_production(store_uri)
+    if seen.problem:  # a damaged pointer is what promotion replaces, not a reason to stop
+        logger.warning("%s; replacing it", seen.problem)
+    if seen.version == version:
+        return None
+    verify_bundle(store_uri, version).spec()
+    entry = {"action": action, "version": version, "previous": seen.version, "reason": reason,
+             "by": by or operator(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {"version": version, "previous": seen.version, "reason": reason, "promoted_at": entry["at"],
+              "promoted_by": entry["by"], "history": [*seen.history, entry]}
+    uri = storage.join(store_uri, PRODUCTION)
+    if storage.replace_if_unchanged(uri, json.dumps(record, indent=2).encode(), seen.token):
+        return entry
+    now = read_production(store_uri)
+    last = now.history[-1] if now.history and now.version == now.history[-1]["version"] else {}
+    if now.version == version and all(last.get(k) == entry[k] for k in ("action", "previous", "reason", "by")):
+        return last  # this very change, written by an earlier try whose answer was lost
+    changed_by = f" by {last['by']} at {last.get('at')} ({last.get('reason')})" if last.get("by") else ""
+    raise PromotionConflict(f"{uri}: production changed while this was deciding: it was {seen.version or 'none'}, "
+                            f"it is now {now.version or 'none'}{changed_by}; {version} was not made production "
+                            "(look again: cxr-screen models list)")
+
+
+def rollback(store_uri: str, reason: str, *, by: str | None = None, expected: Production | None = None) -> dict:
+    """Make the previous production version production again (the one before the current one in
+    the lineage: rolling back twice goes two steps back); returns the history entry."""
+    seen = expected if expected is not None else read_production(store_uri)
+    lineage = seen.lineage()
+    if len(lineage) < 2:
+        raise BundleError(f"{storage.join(store_uri, PRODUCTION)}: nothing to roll back to: production "
+                          f"{'is ' + seen.version if seen.version else 'is not set'} and has no earlier version")
+    return set_production(store_uri, lineage[-2], reason, by=by, expected=seen, action="rollback") or {}
 
 
 def resolve(store_uri: str, version: str = "production") -> str:

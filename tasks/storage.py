@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import os
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,9 @@ __all__ = [
     "join",
     "list_files",
     "read_bytes",
+    "read_versioned",
     "relative_to",
+    "replace_if_unchanged",
     "write_bytes",
 ]
 
@@ -490,6 +494,103 @@ def _write_error(uri: str, error: OSError) -> StorageError:
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return NoSpace(uri, f"cannot write: {os.strerror(error.errno)}; nothing was written")
     return StorageError(uri, f"cannot write: {error.strerror or error}")
+
+
+def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
+    """The file's content and a token of this version of it, for ``replace_if_unchanged``; (None,
+    None) when it does not exist. The token is the ETag on S3 (the content's MD5: equal bytes are
+    the same version), locally the inode and the content's sha256."""
+    location = _parse(uri)
+    if isinstance(location, _S3Location):
+        try:
+            response = _s3_call(uri, "get_object", Bucket=location.bucket, Key=location.key)
+        except NotFound as error:
+            if "bucket" in error.reason:
+                raise
+            return None, None
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            return response["Body"].read(), response["ETag"]
+        except BotoCoreError as error:
+            raise _s3_error(uri, error) from error
+    return _read_local_versioned(uri, location)
+
+
+def _read_local_versioned(uri: str, location: Path) -> tuple[bytes | None, str | None]:
+    try:
+        with open(location, "rb") as handle:  # the inode and the bytes of one and the same file
+            data = handle.read()
+            inode = os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return None, None
+    except OSError as error:
+        raise StorageError(uri, f"cannot read: {error.strerror or error}") from error
+    return data, f"{inode}:{hashlib.sha256(data).hexdigest()}"
+
+
+def replace_if_unchanged(uri: str, data: bytes, token: str | None, *, lock_wait_seconds: float = 10.0) -> bool:
+    """Write ``data`` only if the file is still the version ``read_versioned`` gave ``token`` for
+    (``token`` None: only if it still does not exist). True when written; False when another
+    writer changed it in between, and then nothing was written.
+
+    S3: a conditional PUT (If-Match the ETag, or If-None-Match '*'). A folder: an atomic replace
+    under a lock file created with O_EXCL (``<name>.lock``, held for milliseconds), after checking
+    the token again under it. A lock left by a killed writer is named in the error, never broken.
+    """
+    location = _parse(uri)
+    if isinstance(location, _S3Location):
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            _client().put_object(Bucket=location.bucket, Key=location.key, Body=data, **condition)
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            # 412: changed; 409: another conditional write to it is in flight; 404: deleted since.
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"):
+                if code in ("NoSuchKey", "404"):
+                    _s3_call(uri, "head_bucket", Bucket=location.bucket)  # a missing bucket is an error
+                return False
+            raise _s3_error(uri, error) from error
+        except BotoCoreError as error:
+            raise _s3_error(uri, error) from error
+        return True
+    lock = location.with_name(location.name + ".lock")
+    _take_lock(uri, lock, lock_wait_seconds)
+    try:
+        if _read_local_versioned(uri, location)[1] != token:
+            return False
+        temporary = _write_temporary(uri, location, data)
+        try:
+            os.replace(temporary, location)
+        except OSError as error:
+            os.unlink(temporary)
+            raise _write_error(uri, error) from error
+        return True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _take_lock(uri: str, lock: Path, wait_seconds: float) -> None:
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                raise StorageError(uri, f"{lock} has been held for over {wait_seconds:g} s: another writer is "
+                                        "stuck or was killed; if none is running, remove it") from None
+            time.sleep(0.01)
+            continue
+        except PermissionError as error:
+            raise AccessDenied(uri, "permission denied") from error
+        except OSError as error:
+            raise _write_error(uri, error) from error
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(f"pid {os.getpid()} at {time.time():.0f}\n")  # for whoever finds it left behind
+        return
 
 
 def exists(uri: str) -> bool:

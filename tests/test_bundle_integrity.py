@@ -262,3 +262,31 @@ def test_without_a_key_signatures_are_not_checked(tmp_path, model_bytes, monkeyp
     storage.write_bytes(storage.join(store, "v-signed", registry.SIGNATURE), b"hmac-sha256:forged")
     assert registry.verify_bundle(store, "v-signed").version == "v-signed"
     assert registry.verify_bundle(store, "v-unsigned").version == "v-unsigned"
+
+
+# --- promotion ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["model.keras", "card.md"])
+def test_a_damaged_bundle_is_never_made_production(store, model_bytes, name):
+    publish(store, model_bytes, "v1")
+    folder = registry.publish(store, "v2", bundle_files(model_bytes), make_card(model_bytes, "v2"))
+    uri = storage.join(folder, name)
+    data = storage.read_bytes(uri)
+    storage.write_bytes(uri, data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(BundleError, match=f"{name} has sha256"):
+        registry.set_production(store, "v2", "better")
+    storage.delete(uri)
+    with pytest.raises(BundleError, match=f"{name} missing"):
+        registry.set_production(store, "v2", "better")
+    assert registry.production_version(store) == "v1"
+
+
+def test_with_a_key_set_an_unsigned_bundle_is_never_made_production(tmp_path, model_bytes, monkeypatch):
+    store = str(tmp_path / "models")
+    publish(store, model_bytes, "v-unsigned")
+    monkeypatch.setenv(registry.SIGNING_KEY_VARIABLE, KEY)
+    publish(store, model_bytes, "v-signed")
+    with pytest.raises(BundleError, match="v-unsigned/card.json.sig: missing"):
+        registry.rollback(store, "back")
+    assert registry.production_version(store) == "v-signed"

@@ -299,3 +299,60 @@ def test_listing_survives_deep_nesting_and_reads_never_leave_the_tree_through_a_
     with pytest.raises(storage.Unreadable, match="outside the incoming folder through a linked folder"):
         storage.read_bytes(str(root / "linked" / "secret.png"), within=str(root))
     assert storage.read_bytes(str(root / "linked" / "secret.png")) == b"secret"  # trusted reads are not limited
+
+
+# --- compare-and-swap (production.json) ------------------------------------------------------------
+
+
+def test_replace_if_unchanged_writes_only_over_the_version_it_read(root):
+    uri = storage.join(root, "models", "production.json")
+    assert storage.read_versioned(uri) == (None, None)
+    assert storage.replace_if_unchanged(uri, b"first", None) is True
+    assert storage.replace_if_unchanged(uri, b"again from nothing", None) is False
+    data, token = storage.read_versioned(uri)
+    assert data == b"first" and token
+    assert storage.replace_if_unchanged(uri, b"second", token) is True
+    _, second_token = storage.read_versioned(uri)
+    assert storage.replace_if_unchanged(uri, b"third", second_token) is True
+    assert storage.replace_if_unchanged(uri, b"stale", second_token) is False
+    assert storage.replace_if_unchanged(uri, b"stale", token) is False
+    assert storage.read_bytes(uri) == b"third"
+    assert [storage.relative_to(u, root) for u in storage.list_files(root)] == ["models/production.json"]
+
+
+def test_replace_if_unchanged_race_from_one_read_has_exactly_one_winner(root):
+    uri = storage.join(root, "race", "production.json")
+    storage.write_bytes(uri, b"start")
+    _, token = storage.read_versioned(uri)
+    barrier = threading.Barrier(8)
+
+    def swap(worker: int) -> bool:
+        barrier.wait()
+        return storage.replace_if_unchanged(uri, f"worker {worker}".encode(), token)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(swap, range(8)))
+    assert results.count(True) == 1
+    assert storage.read_bytes(uri) == f"worker {results.index(True)}".encode()
+
+
+def test_replace_if_unchanged_after_the_file_was_deleted_loses(root):
+    uri = storage.join(root, "gone", "production.json")
+    storage.write_bytes(uri, b"x")
+    _, token = storage.read_versioned(uri)
+    storage.delete(uri)
+    assert storage.replace_if_unchanged(uri, b"y", token) is False
+    assert not storage.exists(uri)
+
+
+def test_a_lock_left_by_a_killed_writer_is_named_not_broken(tmp_path):
+    uri = str(tmp_path / "models" / "production.json")
+    storage.write_bytes(uri, b"x")
+    _, token = storage.read_versioned(uri)
+    lock = tmp_path / "models" / "production.json.lock"
+    lock.write_text("pid 1\n")
+    with pytest.raises(storage.StorageError, match=r"production.json.lock has been held for over 0.1 s.*remove it"):
+        storage.replace_if_unchanged(uri, b"y", token, lock_wait_seconds=0.1)
+    assert storage.read_bytes(uri) == b"x" and lock.exists()
+    lock.unlink()
+    assert storage.replace_if_unchanged(uri, b"y", token) and not lock.exists()

@@ -1,0 +1,252 @@
+"""``cxr-screen models``: list, show, promote, rollback on a folder and on moto S3; who and why in
+production.json's history; compare-and-swap under racing promotions; approval before promotion."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import keras
+import pytest
+from typer.testing import CliRunner
+
+from flows.models_cli import models_app
+from model.bundle import BundleError, ModelCard, model_to_bytes
+from model.network import build_classifier
+from model.preprocessing import Preprocessing
+from tasks import registry, storage
+
+KEY = "a signing key only the trainer and the screener know"
+
+
+@pytest.fixture(scope="module")
+def model_bytes() -> bytes:
+    keras.utils.set_random_seed(0)
+    return model_to_bytes(build_classifier(2, 32, None))
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "models")
+    return request.getfixturevalue("s3_bucket") + "/models"
+
+
+def publish(store: str, model: bytes, version: str, *, auc: float = 0.9, promotion: dict | None = None,
+            warnings: list[str] | None = None) -> str:
+    """A small bundle, registered (not promoted), made on the 2nd + n-th day for version vn."""
+    day = 1 + sum(map(ord, version)) % 27
+    card = ModelCard(version=version, classes=["non-covid", "covid"], positive_class="covid", threshold=0.4,
+                     preprocessing=Preprocessing(input_size=32).to_dict(), weights={"origin": "none"},
+                     dataset={"uri": "/data", "images": 40}, metrics={"accuracy": 0.8, "images": 8, "positive": {
+                         "auc": auc, "sensitivity_at_threshold": 0.75, "specificity_at_threshold": 0.5}},
+                     model_sha256=hashlib.sha256(model).hexdigest(), created_at=f"2026-11-{day:02d}T00:00:00+00:00",
+                     promotion=promotion or {}, validity={"warnings": warnings or []})
+    return registry.publish(store, version, {"model.keras": model, "card.md": b"# card"}, card)
+
+
+def models(*args: str, store: str):
+    result = CliRunner().invoke(models_app, [*args, "--model-store", store])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def as_json(*args: str, store: str) -> dict:
+    result = models(*args, "--json", store=store)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def pointer(store: str) -> dict:
+    return json.loads(storage.read_bytes(storage.join(store, registry.PRODUCTION)))
+
+
+def test_list_show_promote_and_rollback_record_who_and_why(store, model_bytes):
+    for version in ("v1", "v2", "v3"):
+        publish(store, model_bytes, version, auc=(80 + int(version[1])) / 100,
+                warnings=["within site AUC 0.50 far below 0.95"] if version == "v3" else None)
+    assert models("promote", "v1", "--reason", "first model", "--by", "alice", store=store).exit_code == 0
+
+    listed = as_json("list", store=store)
+    assert listed["production"] == "v1"
+    assert [(row["version"], row["status"], row["auc"]) for row in listed["versions"]] == [
+        ("v1", "production", 0.81), ("v2", "not promoted", 0.82), ("v3", "not promoted", 0.83)]
+    assert listed["versions"][2]["warnings"] == ["within site AUC 0.50 far below 0.95"]
+    text = models("list", store=store).stdout
+    assert "v1" in text and "production" in text and "0.820" in text and "Production: v1" in text
+    assert "Shortcut warning v3: within site AUC 0.50 far below 0.95" in " ".join(text.split())
+
+    promoted = models("promote", "v2", "--reason", "better on site B", store=store)
+    assert promoted.exit_code == 0 and "v2 is production now (was v1)" in promoted.stdout
+    changed = as_json("promote", "v3", "--reason", "newest", "--by", "bob", store=store)
+    assert changed["changed"] and changed["version"] == "v3" and changed["previous"] == "v2" and changed["by"] == "bob"
+    same = as_json("promote", "v3", "--reason", "again", store=store)
+    assert same == {"changed": False, "version": "v3"}
+
+    # Rolling back walks back through the versions production has been, not to and fro.
+    assert models("rollback", "--reason", "v3 flags too many", "--by", "carol", store=store).exit_code == 0
+    assert registry.production_version(store) == "v2"
+    statuses = {row["version"]: row["status"] for row in as_json("list", store=store)["versions"]}
+    assert statuses == {"v1": "previous", "v2": "production", "v3": "retired"}
+    assert as_json("rollback", "--reason", "v2 too", store=store)["version"] == "v1"
+    ended = models("rollback", "--reason", "and again", store=store)
+    assert ended.exit_code == 3 and "nothing to roll back to: production is v1" in ended.stderr
+
+    record = pointer(store)
+    assert (record["version"], record["previous"], record["reason"]) == ("v1", "v2", "v2 too")
+    assert [(e["action"], e["version"], e["previous"], e["reason"]) for e in record["history"]] == [
+        ("promote", "v1", None, "first model"), ("promote", "v2", "v1", "better on site B"),
+        ("promote", "v3", "v2", "newest"), ("rollback", "v2", "v3", "v3 flags too many"),
+        ("rollback", "v1", "v2", "v2 too")]
+    assert [e["by"] for e in record["history"]][:4] == ["alice", registry.operator(), "bob", "carol"]
+    assert all(e["at"].endswith("+00:00") for e in record["history"])
+
+    shown = as_json("show", "v2", store=store)
+    assert shown["version"] == "v2" and shown["threshold"] == 0.4 and shown["registry"]["status"] == "retired"
+    assert [e["reason"] for e in shown["registry"]["history"]] == [
+        "better on site B", "newest", "v3 flags too many", "v2 too"]
+    text = " ".join(models("show", "production", store=store).stdout.split())
+    assert "Model v1: production" in text and "AUC 0.810" in text
+    assert "made production by promote (alice: first model)" in text
+
+
+def test_usage_and_input_errors_have_their_exit_codes_and_change_nothing(tmp_path, model_bytes):
+    store = str(tmp_path / "models")
+    empty = models("list", store=store)
+    assert empty.exit_code == 0 and "No model versions" in empty.stdout
+    assert models("rollback", "--reason", "x", store=store).exit_code == 3  # no production at all
+    publish(store, model_bytes, "v1")
+    publish(store, model_bytes, "v2")
+    models("promote", "v1", "--reason", "first", store=store)
+    before = storage.read_bytes(storage.join(store, registry.PRODUCTION))
+
+    assert models("promote", "v2", store=store).exit_code == 2  # no --reason
+    blank = models("promote", "v2", "--reason", "  ", store=store)
+    assert blank.exit_code == 2 and "say why" in blank.output
+    unknown = models("promote", "v9", "--reason", "x", store=store)
+    assert unknown.exit_code == 3 and "no such model version (known: v1, v2)" in unknown.stderr
+    for bad in ("production", "../v1"):
+        assert models("promote", bad, "--reason", "x", store=store).exit_code == 3
+    assert models("show", "v9", store=store).exit_code == 3
+    assert models("list", store="gs://bucket/models").exit_code == 3
+    assert storage.read_bytes(storage.join(store, registry.PRODUCTION)) == before
+
+
+def test_a_missing_bucket_is_a_configuration_error(moto_server):
+    result = models("list", store="s3://no-such-bucket-for-models/models")
+    assert result.exit_code == 3 and "no such bucket" in result.stderr
+
+
+def test_a_production_json_from_before_histories_still_reads_and_rolls_back(tmp_path, model_bytes):
+    store = str(tmp_path / "models")
+    publish(store, model_bytes, "v1", promotion={"promoted": True, "reason": "no comparable production model"})
+    publish(store, model_bytes, "v2", promotion={"promoted": True, "reason": "beats production"})
+    storage.write_bytes(storage.join(store, registry.PRODUCTION), json.dumps(
+        {"version": "v2", "previous": "v1", "reason": "beats production",
+         "promoted_at": "2026-11-25T21:21:40+00:00"}, indent=2).encode())
+    listed = as_json("list", store=store)
+    assert {row["version"]: row["status"] for row in listed["versions"]} == {"v1": "previous", "v2": "production"}
+    assert listed["history"][0]["reason"] == "beats production" and listed["history"][0]["by"] is None
+    assert as_json("rollback", "--reason", "back", store=store)["version"] == "v1"
+    record = pointer(store)
+    assert record["version"] == "v1" and [e["version"] for e in record["history"]] == ["v2", "v1"]
+    assert record["history"][0]["at"] == "2026-11-25T21:21:40+00:00"
+
+
+def test_a_damaged_or_unsigned_bundle_is_never_promoted(store, model_bytes, monkeypatch):
+    publish(store, model_bytes, "v1")
+    folder = publish(store, model_bytes, "v2")
+    models("promote", "v1", "--reason", "first", store=store)
+    storage.write_bytes(storage.join(folder, "card.md"), b"# another card")
+    refused = models("promote", "v2", "--reason", "x", store=store)
+    assert refused.exit_code == 3 and "card.md has sha256" in refused.stderr
+    assert registry.production_version(store) == "v1"
+
+    monkeypatch.setenv(registry.SIGNING_KEY_VARIABLE, KEY)
+    publish(store, model_bytes, "v3")  # signed
+    assert models("promote", "v3", "--reason", "signed", store=store).exit_code == 0
+    refused = models("rollback", "--reason", "back to the unsigned one", store=store)
+    assert refused.exit_code == 3 and "v1/card.json.sig: missing" in refused.stderr
+    assert registry.production_version(store) == "v3"
+    assert [row["status"] for row in as_json("list", store=store)["versions"]] == ["unusable", "unusable", "production"]
+
+
+def test_two_promotions_from_the_same_read_have_one_winner(store, model_bytes):
+    for version in ("v0", "a1", "b1", "a2", "b2", "a3", "b3"):
+        publish(store, model_bytes, version)
+    registry.set_production(store, "v0", "start")
+    for round_ in (1, 2, 3):  # each from a fresh read, as two trainings that compared at the same time
+        seen = registry.read_production(store)
+        barrier = threading.Barrier(2)
+
+        def promote(version: str):
+            barrier.wait()
+            try:
+                return registry.set_production(store, version, f"training {version}", expected=seen)
+            except registry.PromotionConflict as error:
+                return error
+
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(promote, (f"a{round_}", f"b{round_}")))
+        won = [outcome for outcome in outcomes if isinstance(outcome, dict)]
+        lost = [outcome for outcome in outcomes if isinstance(outcome, registry.PromotionConflict)]
+        assert len(won) == 1 and len(lost) == 1
+        winner = won[0]["version"]
+        assert registry.production_version(store) == winner
+        assert f"it was {seen.version}, it is now {winner}" in str(lost[0])
+        assert "was not made production" in str(lost[0])
+        history = pointer(store)["history"]
+        assert len(history) == len(seen.history) + 1 and history[-1]["version"] == winner
+
+
+def test_an_operator_who_lost_the_race_is_told_and_nothing_is_overwritten(store, model_bytes, monkeypatch):
+    for version in ("v1", "v2", "v3"):
+        publish(store, model_bytes, version)
+    registry.set_production(store, "v1", "start")
+    checking = registry.verify_bundle
+
+    def another_operator_meanwhile(store_uri, version="production", **kwargs):
+        if version == "v2":  # while v2 is being checked, someone else promotes v3
+            registry.set_production(store_uri, "v3", "hotfix", by="dave")
+        return checking(store_uri, version, **kwargs)
+
+    monkeypatch.setattr(registry, "verify_bundle", another_operator_meanwhile)
+    lost = models("promote", "v2", "--reason", "mine", store=store)
+    assert lost.exit_code == 3
+    message = " ".join(lost.stderr.split())
+    assert "production changed while this was deciding: it was v1, it is now v3 by dave" in message
+    assert "(hotfix); v2 was not made production" in message
+    assert [e["version"] for e in pointer(store)["history"]] == ["v1", "v3"]
+
+
+@pytest.mark.slow
+def test_with_require_approval_training_leaves_a_candidate_until_promoted(prefect_api, tmp_path, model_bytes):
+    from flows.parameters import TrainParameters
+    from flows.train import train
+    from tasks.bundling import promote
+    from tasks.phantoms import write_phantom_dataset
+
+    dataset, store = str(tmp_path / "dataset"), str(tmp_path / "models")
+    write_phantom_dataset(dataset, per_class=16, size=96)  # as tests/test_train_flow.py: seconds
+    trained = train(TrainParameters(dataset_uri=dataset, model_store_uri=store, require_approval=True,
+                                    force_promote=True, input_size=32, weights="none", epochs=3, augment_draws=2,
+                                    batch_size=8))
+    assert not trained.promoted and registry.production_version(store) is None
+    assert trained.reason.startswith("candidate awaiting approval (require_approval is set; training recommends it")
+    card = registry.load_card(store, trained.version)
+    assert card.promotion["require_approval"] is True and card.promotion["promoted"] is False
+    assert "awaiting approval" in storage.read_bytes(storage.join(trained.bundle_uri, "card.md")).decode()
+    assert as_json("list", store=store)["versions"][0]["status"] == "candidate"
+    assert models("promote", trained.version, "--reason", "reviewed", store=store).exit_code == 0
+    assert registry.production_version(store) == trained.version
+
+    # Training's own promotion, written against a production that has changed since it compared:
+    # the new model stays a candidate and the run says why.
+    publish(store, model_bytes, "v-next")
+    kept, reason = promote(store, "v-next", "beats production", registry.Production(), by="train flow run x")
+    assert not kept and reason.startswith("left as a candidate: ")
+    assert f"it was none, it is now {trained.version} by {registry.operator()}" in reason
+    assert len(pointer(store)["history"]) == 1
