@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     train_epochs: int | None = Field(None, description="Stage-1 epochs of the retrain deployment.")
     train_fine_tune_epochs: int | None = Field(None, description="Stage-2 (block5) epochs of the retrain deployment.")
     train_input_size: int | None = Field(None, description="Input size of retrained models.")
+    train_require_approval: bool | None = Field(
+        None, description="Leave retrained models as candidates until 'cxr-screen models promote'.")
     screen_batch_size: int | None = Field(None, description="Images per forward pass in nightly screening.")
     screen_chunk_size: int | None = Field(None, description="Images per Prefect task in nightly screening.")
     screen_engine: str | None = Field(None, description="auto, fp32, bf16 or int8 (see model/inference.py).")
@@ -58,7 +60,8 @@ class Settings(BaseSettings):
     def train_parameters(self) -> TrainParameters:
         return TrainParameters(dataset_uri=self.dataset, model_store_uri=self.model_store, weights=self.weights,
                                **_given(epochs=self.train_epochs, fine_tune_epochs=self.train_fine_tune_epochs,
-                                        input_size=self.train_input_size))
+                                        input_size=self.train_input_size,
+                                        require_approval=self.train_require_approval))
 
 
 def _given(**values) -> dict:

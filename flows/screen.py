@@ -51,7 +51,8 @@ def screen(params: ScreenParameters) -> RunSummary:
     logger.info("Model %s; %d images found under %s, %d already screened by this model, %d to screen now",
                 card.version, len(inputs), params.incoming_uri, run.already_screened, len(todo))
 
-    limits = InputLimits(params.max_file_bytes, params.decode_timeout_seconds, within=run.incoming_uri)
+    limits = InputLimits(params.max_file_bytes, params.decode_timeout_seconds, within=run.incoming_uri,
+                         frontal_chest_only=params.frontal_chest_only, deidentify=params.deidentify)
     with chunk_runner(params.workers, params.dask_address, [params.model_store_uri, results, params.incoming_uri]) \
             as runner:
         runs.open_run(results, run)  # from the first claim on, a lease says this run is alive

@@ -1,0 +1,99 @@
+"""The command line's failure paths: one line naming the cause, a distinct exit code (usage 2,
+input or configuration 3, run time 1), no traceback, no retry wait."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cxr_screen(*args: str, cwd: Path, **environment: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "CXR_STACK_DIR")}
+    env.update(environment, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def tiny_store(folder: Path) -> str:
+    """An untrained 32 px model registered as production: enough to get past resolving the model."""
+    import hashlib
+
+    from model.bundle import ModelCard, model_to_bytes
+    from model.network import build_classifier
+    from model.preprocessing import Preprocessing
+    from tasks import registry
+
+    data = model_to_bytes(build_classifier(2, 32, None))
+    card = ModelCard(version="v-cli", classes=["non-covid", "covid"], positive_class="covid", threshold=0.5,
+                     preprocessing=Preprocessing(input_size=32).to_dict(), weights={"origin": "none"},
+                     dataset={}, metrics={}, model_sha256=hashlib.sha256(data).hexdigest())
+    registry.publish(str(folder), card.version, {"model.keras": data}, card)
+    registry.set_production(str(folder), card.version, "test")
+    return str(folder)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode == code, output
+    assert "Traceback" not in output, output
+    (line,) = error_lines(result)
+    text = " ".join(output[output.index(line):].split())  # rich wraps long lines
+    for word in words:
+        assert word in text, output
+
+
+def test_version(tmp_path):
+    from importlib.metadata import version
+
+    result = cxr_screen("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"cxr-screen {version('cxr-screen')}"
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--chunk-size", "0"], ["--chunk-size", "greater than or equal to 1"]),
+    (["--workers", "2", "--dask-address", "tcp://scheduler:8786"], ["exclude each other"]),
+    (["--engine", "fp16"], ["--engine"]),
+])
+def test_a_bad_option_is_a_usage_error_before_prefect_starts(tmp_path, options, words):
+    result = cxr_screen("screen", str(tmp_path), *options, cwd=tmp_path)
+    assert_one_clear_line(result, 2, *words)
+    assert "temporary server" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("incoming, words", [
+    ("{tmp}/no-such-folder", ["no-such-folder"]),
+    ("gs://bucket/incoming", ["gs://bucket/incoming", "unsupported scheme"]),
+])
+def test_a_bad_location_is_an_input_error_at_once(tmp_path, incoming, words):
+    store = tiny_store(tmp_path / "models")  # to get as far as listing the inputs
+    started = time.monotonic()
+    result = cxr_screen("screen", incoming.format(tmp=tmp_path), "--results", str(tmp_path / "results"),
+                        "--model-store", store, cwd=tmp_path, PREFECT_HOME=str(tmp_path / "prefect"))
+    assert_one_clear_line(result, 3, *words)
+    assert time.monotonic() - started < 90  # a retry would add 2 x 10 s of waiting on top of the start
+
+
+def test_no_production_model_is_an_input_error(tmp_path):
+    result = cxr_screen("screen", str(tmp_path), "--results", str(tmp_path / "results"), "--model-store",
+                        str(tmp_path / "empty-store"), cwd=tmp_path, PREFECT_HOME=str(tmp_path / "prefect"))
+    assert_one_clear_line(result, 3, "no production model")
+
+
+@pytest.mark.parametrize("command", [["retrain"], ["dataset-updated", "s3://cxr/datasets/other"], ["deploy"]])
+def test_commands_that_need_a_server_say_so_without_one(tmp_path, command):
+    result = cxr_screen(*command, cwd=tmp_path)
+    assert_one_clear_line(result, 3, "no Prefect API", "stack up")
+    unreachable = cxr_screen(*command, cwd=tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert_one_clear_line(unreachable, 3, "http://127.0.0.1:9/api", "does not answer")
