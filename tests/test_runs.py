@@ -188,3 +188,20 @@ def test_the_lease_of_a_failed_or_crashed_flow_run_is_recovered_at_once(prefect_
         assert not storage.exists(ResultsLayout(results).lease(f"run-{name}"))
     assert storage.exists(ResultsLayout(results).lease("run-running"))
     assert recover("tomorrow") == []
+
+
+def test_a_run_waiting_on_its_chunks_keeps_its_lease_alive(results):
+    """Chunks queued on a busy cluster renew nothing themselves: the flow's renewer does."""
+    import time
+
+    summary = RunSummary("20260101T000000Z-aaaaaa", "v1")
+    runs.open_run(results, summary)
+    lease = ResultsLayout(results).lease(summary.run_id)
+    backdate(results, summary.run_id, timedelta(hours=2))
+    assert runs.abandoned_runs(results, timedelta(minutes=30))  # as it would look with no renewer
+
+    with runs.kept_alive(results, summary.run_id, every=0.2):
+        time.sleep(1.0)  # the block: chunks queued or running elsewhere
+    assert runs.abandoned_runs(results, timedelta(minutes=30)) == []
+    renewed = datetime.fromisoformat(json.loads(storage.read_bytes(lease))["renewed_at"])
+    assert datetime.now(timezone.utc) - renewed < timedelta(seconds=30)
