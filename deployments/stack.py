@@ -1,5 +1,6 @@
 """A local stack on one machine, bound to 127.0.0.1: Prefect server and UI, a moto S3 server
-(unless real S3 is configured), a process worker for each pool, and the deployments.
+(unless real S3 is configured), optionally a Dask scheduler and workers that nightly screening
+fans its chunks out to, a process worker for each pool, and the deployments.
 
 Everything it starts is recorded by pid in ``<folder>/stack.json``, with logs and Prefect's
 state beside it; ``down`` stops exactly those processes and nothing else.
@@ -22,6 +23,7 @@ from deployments.settings import Settings
 __all__ = ["client_environment", "down", "status", "up"]
 
 STATE = "stack.json"
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def _wait_for(url: str, what: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -39,13 +41,42 @@ def _wait_for(url: str, what: str, process: subprocess.Popen, log: Path, timeout
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s; see {log}")
 
 
+def _wait_for_dask(folder: Path, processes: dict[str, subprocess.Popen], workers: int = 0,
+                   timeout: float = 180) -> None:
+    """Until the stack's scheduler listens and ``workers`` workers have joined it; fails as soon as
+    one of ``processes`` exits."""
+    deadline = time.monotonic() + timeout
+
+    def check() -> None:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {process.returncode}; see {folder / 'logs' / name}.log")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Dask cluster did not start within {timeout:.0f} s; see the dask-* logs in "
+                               f"{folder / 'logs'}")
+        time.sleep(0.5)
+
+    # The scheduler writes this file once it listens. Whatever answers on its port before that
+    # may be someone else's, on which a client would wait forever.
+    scheduler_file = folder / "dask" / "scheduler.json"
+    while not scheduler_file.exists():
+        check()
+    if not workers:
+        return
+    from distributed import Client
+
+    with Client(scheduler_file=str(scheduler_file), timeout=30, set_as_default=False) as client:
+        while len(client.scheduler_info()["workers"]) < workers:
+            check()
+
+
 def _start(folder: Path, name: str, command: list[str], environment: dict) -> subprocess.Popen:
     log = folder / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as handle:
         # Own session: stopping the group stops the process and its children (flow runs) only.
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment,
-                                cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+                                cwd=PROJECT_DIR, start_new_session=True)
 
 
 def _alive(entry: dict) -> bool:
@@ -70,11 +101,23 @@ def status(folder: Path) -> dict[str, bool]:
 
 
 def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, start_s3: bool | None = None,
-       echo: Callable[[str], None] = print) -> dict:
-    """Start the stack and deploy; returns its state (processes, environment, UI address)."""
+       echo: Callable[[str], None] = print, workers: int = 0, dask_port: int = 8786) -> dict:
+    """Start the stack and deploy; returns its state (processes, environment, UI address).
+
+    ``workers``: also a Dask scheduler on ``dask_port`` and this many Dask worker processes, which
+    nightly screening fans its chunks out to (``CXR_DASK_ADDRESS``); 0: chunks run in the flow's process.
+    """
     folder = folder.resolve()
     if any(status(folder).values()):
         raise RuntimeError(f"a stack is already running from {folder}: stop it first (cxr-screen stack down)")
+    if workers < 0:
+        raise ValueError(f"workers must be 0 or more, not {workers}")
+    dask_address = f"tcp://127.0.0.1:{dask_port}"
+    if workers and (settings.screen_workers is not None or settings.dask_address not in (None, dask_address)):
+        given = (f"CXR_SCREEN_WORKERS={settings.screen_workers}" if settings.screen_workers is not None
+                 else f"CXR_DASK_ADDRESS={settings.dask_address}")
+        raise RuntimeError(f"{given} is set, and --workers {workers} starts the Dask cluster nightly screening "
+                           f"uses: unset it, or leave out --workers")
     folder.mkdir(parents=True, exist_ok=True)
     uses_s3 = any(uri.startswith("s3://") for uri in (settings.incoming, settings.results, settings.model_store,
                                                        settings.dataset))
@@ -85,6 +128,10 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
     if start_s3:
         environment.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", AWS_ACCESS_KEY_ID="testing",
                            AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    if workers:
+        # Read by the deploy step (nightly-screening's parameters), by 'cxr-screen deploy' here, and
+        # exported with the rest for commands run by hand.
+        environment["CXR_DASK_ADDRESS"] = dask_address
     child_environment = {**os.environ, **environment}
     Path(environment["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     processes: dict[str, dict] = {}
@@ -107,9 +154,10 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
                                            "--port", str(port)], child_environment)
         record("server", server, "prefect server start")
         _wait_for(f"{api}/health", "Prefect server", server, folder / "logs" / "server.log")
+        dask = _start_dask(folder, workers, dask_port, child_environment, record, echo) if workers else {}
         echo("Creating work pools and deploying")
         subprocess.run([sys.executable, "-m", "deployments.deploy_cli", *(["--buckets"] if start_s3 else [])],
-                       env=child_environment, cwd=Path(__file__).resolve().parents[1], check=True,
+                       env=child_environment, cwd=PROJECT_DIR, check=True,
                        stdout=open(folder / "logs" / "deploy.log", "ab"), stderr=subprocess.STDOUT)
         for pool in (settings.cpu_pool, settings.gpu_pool):
             echo(f"Starting a process worker for pool {pool}")
@@ -117,10 +165,42 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
                                                        "--pool", pool, "--type", "process",
                                                        "--name", f"{pool}-worker"], child_environment)
             record(f"worker-{pool}", worker, f"--pool {pool}")
-    except (RuntimeError, subprocess.CalledProcessError) as error:
+        if workers:
+            _wait_for_dask(folder, dask, workers)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
         down(folder)
         raise RuntimeError(f"stack did not start: {error}") from error
     return state
+
+
+def _start_dask(folder: Path, workers: int, port: int, environment: dict, record: Callable,
+                echo: Callable[[str], None]) -> dict[str, subprocess.Popen]:
+    """A scheduler, once it listens, and ``workers`` worker processes (one thread each: one chunk at
+    a time), all on 127.0.0.1, with the stack's client environment (Prefect API, S3) and the project
+    on their path: chunks arrive as references to its modules, which the scheduler too unpickles.
+    The workers' thread pools are sized so that they share the cores."""
+    from flows.fan_out import local_worker_environment
+
+    address = f"tcp://127.0.0.1:{port}"
+    echo(f"Starting a Dask scheduler on {address} and {workers} Dask worker process(es)")
+    environment = {**environment, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR),
+                                                                             environment.get("PYTHONPATH")]))}
+    scheduler_file = folder / "dask" / "scheduler.json"
+    scheduler_file.parent.mkdir(exist_ok=True)
+    scheduler_file.unlink(missing_ok=True)  # an earlier stack's
+    started = {"dask-scheduler": _start(folder, "dask-scheduler", [
+        sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+        "--no-dashboard", "--scheduler-file", str(scheduler_file)], environment)}
+    record("dask-scheduler", started["dask-scheduler"], "distributed.cli.dask_scheduler")
+    _wait_for_dask(folder, started)  # a port taken fails here, before anything is deployed
+    for number in range(1, workers + 1):
+        name = f"dask-worker-{number}"
+        started[name] = _start(folder, name, [
+            sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", name, "--host", "127.0.0.1",
+            "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--local-directory", str(folder / "dask")],
+            {**environment, **local_worker_environment(workers)})
+        record(name, started[name], "distributed.cli.dask_worker")
+    return started
 
 
 def down(folder: Path, timeout: float = 30) -> list[str]:

@@ -314,17 +314,26 @@ def stack_up(
     folder: Path = STACK_DIR,
     port: int = typer.Option(4200, help="Port of the Prefect server and UI (127.0.0.1)."),
     s3_port: int = typer.Option(5000, help="Port of the moto S3 server (127.0.0.1), when one is started."),
+    workers: int = typer.Option(0, min=0, help="Also start a Dask scheduler and this many Dask worker processes "
+                                               "(127.0.0.1) that nightly-screening fans its chunks out to. "
+                                               "0: chunks run in the flow run's process."),
+    dask_port: int = typer.Option(8786, help="Port of the Dask scheduler (127.0.0.1), with --workers."),
 ) -> None:
-    """Start server, S3 endpoint (unless AWS_ENDPOINT_URL names one), cpu and gpu workers; deploy."""
+    """Start server, S3 endpoint (unless AWS_ENDPOINT_URL names one), cpu and gpu workers, with --workers N
+    a Dask scheduler and N Dask workers; deploy."""
     from deployments import stack
     from deployments.settings import Settings
 
     try:
-        state = stack.up(folder, Settings(), port=port, s3_port=s3_port, echo=console.print)
+        state = stack.up(folder, Settings(), port=port, s3_port=s3_port, echo=console.print, workers=workers,
+                         dask_port=dask_port)
     except RuntimeError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=2) from None
     console.print(f"Stack is up. Prefect UI: [bold]{state['ui']}[/bold]")
+    if workers:
+        console.print(f"Dask scheduler: {state['environment']['CXR_DASK_ADDRESS']} with {workers} worker(s); "
+                      "nightly-screening fans its chunks out to it.")
     console.print(f"State and logs: {state['folder']}. Commands here find it there; elsewhere run:")
     console.print("  " + " ".join(f"export {k}={v}" for k, v in state["environment"].items() if k != "PREFECT_HOME"))
 

@@ -1,4 +1,5 @@
-"""The local stack for real: Prefect server, moto S3, cpu and gpu process workers, deployments.
+"""The local stack for real: Prefect server, moto S3, a Dask scheduler and workers, cpu and gpu
+process workers, deployments.
 
 Everything goes through processes and HTTP, as an operator's would: the CLI starts the stack and
 the runs, the checks read the Prefect REST API, S3 and the UI in a headless Chromium.
@@ -23,6 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
+DASK_WORKERS = 2
 
 
 def free_port() -> int:
@@ -41,21 +43,32 @@ def cli(*arguments: str, environment: dict, timeout: float = 600) -> subprocess.
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stack")
-    port, s3_port = free_port(), free_port()
+    port, s3_port, dask_port = free_port(), free_port(), free_port()
+    (folder / "empty.env").write_text("")  # no settings file but the variables below
     environment = {key: value for key, value in os.environ.items()
                    if not key.startswith(("PREFECT_", "AWS_"))}  # nothing from other tests' harness
     environment.update(
-        CXR_STACK_DIR=str(folder), CXR_SETTINGS=str(folder / "none.env"), CXR_WEIGHTS="none",
+        CXR_STACK_DIR=str(folder), CXR_SETTINGS=str(folder / "empty.env"), CXR_WEIGHTS="none",
         CXR_TRAIN_INPUT_SIZE="32", CXR_TRAIN_EPOCHS="2", CXR_TIMEZONE="Europe/Zurich", COLUMNS="200",
         PREFECT_HOME=str(folder / "client-home"),
+        CXR_SCREEN_CHUNK_SIZE="4",  # the night's 8 images make 2 chunks, for the 2 Dask workers
     )
-    cli("stack", "up", "--port", str(port), "--s3-port", str(s3_port), environment=environment, timeout=300)
-    state = json.loads((folder / "stack.json").read_text())
-    pids = [entry["pid"] for entry in state["processes"].values()]
-    shown = cli("stack", "status", environment=environment).stdout
-    assert all(f"{name}" in shown for name in ("server", "s3", "worker-cpu", "worker-gpu")) and "stopped" not in shown
+    cli("stack", "up", "--port", str(port), "--s3-port", str(s3_port), "--workers", str(DASK_WORKERS),
+        "--dask-port", str(dask_port), environment=environment, timeout=300)
+    try:
+        state = json.loads((folder / "stack.json").read_text())
+        pids = [entry["pid"] for entry in state["processes"].values()]
+        dask = state["environment"]["CXR_DASK_ADDRESS"]
+        pids += dask_worker_pids(dask)  # the processes the workers' nannies started, not named in stack.json
+        shown = cli("stack", "status", environment=environment).stdout
+        names = ("server", "s3", "dask-scheduler", *(f"dask-worker-{n}" for n in range(1, DASK_WORKERS + 1)),
+                 "worker-cpu", "worker-gpu")
+        assert all(name in shown for name in names) and "stopped" not in shown, shown
+    except BaseException:
+        cli("stack", "down", environment=environment, timeout=120)
+        raise
     yield {"folder": folder, "environment": environment, "api": state["environment"]["PREFECT_API_URL"],
-           "ui": state["ui"], "s3": state["environment"]["AWS_ENDPOINT_URL"]}
+           "ui": state["ui"], "s3": state["environment"]["AWS_ENDPOINT_URL"], "dask": dask}
     cli("stack", "down", environment=environment, timeout=120)
     assert not [pid for pid in pids if running(pid)], "stack down left processes running"
     assert not (folder / "stack.json").exists()
@@ -68,6 +81,15 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def dask_worker_pids(address: str) -> list[int]:
+    from distributed import Client
+
+    with Client(address, timeout=30, set_as_default=False) as client:
+        pids = client.run(os.getpid)
+    assert len(pids) == DASK_WORKERS and all(host.startswith("tcp://127.0.0.1:") for host in pids), pids
+    return list(pids.values())
 
 
 def s3_client(stack):
@@ -117,6 +139,7 @@ def test_deployments_are_configured(stack):
     assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "Europe/Zurich"
     assert screening["concurrency_limit"] == 1 or screening["global_concurrency_limit"]["limit"] == 1
     assert screening["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    assert screening["parameters"]["params"]["dask_address"] == stack["dask"]  # the stack's scheduler
     assert retrain["schedules"] == []
     assert retrain["parameters"]["params"]["weights"] == "none" and retrain["parameters"]["params"]["input_size"] == 32
     pools = {pool["name"]: pool["type"] for pool in api(stack, "POST", "/work_pools/filter", {})}
@@ -148,6 +171,16 @@ def test_retrain_then_nightly_screening_through_workers(stack):
     rows = list(csv.DictReader(io.StringIO(client.get_object(Bucket="cxr", Key=predictions)["Body"].read().decode())))
     assert len(rows) == incoming and {row["model_version"] for row in rows} == {production["version"]}
     assert any(key.endswith("report.html") for key in keys)
+
+    # The chunks ran in the Dask workers, not in the flow run's process: each task run's own process
+    # logs its end under the task run's name, and the Dask workers log under the stack's folder.
+    chunk_runs = api(stack, "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [screening_run["id"]]}},
+                                                          "task_runs": {"name": {"like_": "screen-chunk-"}}})
+    assert len(chunk_runs) == 2 and {run["state_type"] for run in chunk_runs} == {"COMPLETED"}, chunk_runs
+    logs = {path.name: path.read_text() for path in (stack["folder"] / "logs").glob("*.log")}
+    for run in chunk_runs:
+        ran_in = [name for name, text in logs.items() if f"Task run '{run['name']}' - Finished" in text]
+        assert ran_in and all(name.startswith("dask-worker-") for name in ran_in), (run["name"], ran_in)
     stack["runs"] = {"retrain": retrain_run, "screening": screening_run}
 
 
