@@ -22,7 +22,7 @@ SCREENING, RETRAIN = "screen/nightly-screening", "train/retrain"
 
 def deploy_all(settings: Settings) -> dict[str, UUID]:
     common = dict(build=False, push=False, print_next_steps=False, ignore_warnings=True)
-    screening = flow.from_source(settings.project_dir, "flows/screen.py:screen").deploy(
+    screening = flow.from_source(settings.project_dir, "flows.screen.screen").deploy(
         name="nightly-screening",
         work_pool_name=settings.cpu_pool,
         description="Screen the X-rays that arrived since the last run with the production model.",
@@ -33,7 +33,7 @@ def deploy_all(settings: Settings) -> dict[str, UUID]:
         tags=["screening"],
         **common,
     )
-    retrain = flow.from_source(settings.project_dir, "flows/train.py:train").deploy(
+    retrain = flow.from_source(settings.project_dir, "flows.train.train").deploy(
         name="retrain",
         work_pool_name=settings.gpu_pool,
         description="Retrain on the current labelled dataset; promote the model if it beats production.",

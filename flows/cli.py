@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import sys
 from pathlib import Path
 
 # Set before Prefect is imported anywhere: no telemetry, and quiet TensorFlow start-up.
@@ -11,6 +13,21 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # A first start migrates a new database: on a busy 2-core machine that takes more than the default 20 s.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+def _load_settings_file() -> None:
+    """The command line reads the deployments' settings file (``cxr.env``, or ``CXR_SETTINGS``):
+    its ``CXR_*`` values become the defaults of the matching options; environment variables and
+    options given on the command line win. One vocabulary, one file, for both."""
+    from dotenv import dotenv_values
+
+    path = os.environ.get("CXR_SETTINGS", "cxr.env")
+    if "CXR_SETTINGS" in os.environ and not os.path.isfile(path):
+        raise SystemExit(f"error: CXR_SETTINGS names {path}, which is not a file")
+    for key, value in dotenv_values(path).items() if os.path.isfile(path) else ():
+        if key.startswith("CXR_") and value is not None:
+            os.environ.setdefault(key, value)
+
+
+_load_settings_file()
 if os.environ.get("PREFECT_HOME"):  # Prefect does not create it, and its database cannot open without it
     os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
 
@@ -22,7 +39,11 @@ from rich.table import Table  # noqa: E402
 
 # lifeline.arm() before a flow: Prefect's temporary server must not outlive a killed command.
 from flows import lifeline  # noqa: E402
+from flows.models_cli import models_app  # noqa: E402
 from flows.parameters import AuditParameters, ScreenParameters, TrainParameters  # noqa: E402
+
+# Exit codes (README, "Commands"): 2 is click's own for usage errors.
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INPUT = 1, 2, 3
 
 app = typer.Typer(
     help="Chest X-ray screening: VGG16 transfer learning and nightly batch screening on Prefect.",
@@ -33,8 +54,19 @@ app = typer.Typer(
 console = Console()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"cxr-screen {version('cxr-screen')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     """Chest X-ray screening: VGG16 transfer learning and nightly batch screening on Prefect."""
 
 
@@ -43,8 +75,11 @@ def dataset(
     uri: str = typer.Argument(..., help="Labelled dataset: class sub-folders or a manifest.csv (path, file:// or s3://)."),
     test_fraction: float = typer.Option(0.2, help="Share of patients held out for testing."),
     seed: int = typer.Option(0, help="Seed of the train/test split."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (the rest "
+                                                         "goes to stderr)."),
 ) -> None:
     """Describe a labelled dataset: classes, patients, the train/test split, fingerprint, duplicates."""
+    _json_mode(as_json)
     from tasks.datasets import DatasetError, discover_dataset, find_duplicates, fingerprint, hash_images, split_dataset
     from tasks.storage import StorageError
 
@@ -55,8 +90,8 @@ def dataset(
             items = hash_images(found.items, on_done=lambda: progress.advance(task))
         split = split_dataset(items, test_fraction=test_fraction, seed=seed)
     except (DatasetError, StorageError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(code=2) from None
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(code=EXIT_INPUT) from None
 
     table = Table(title=f"{uri} ({found.source})")
     for column in ("class", "images", "patients", "train", "test"):
@@ -82,6 +117,13 @@ def dataset(
         console.print(f"[yellow]duplicate:[/yellow] {line}")
     if not report:
         console.print("no exact duplicates under two labels or across the split")
+    if as_json:
+        counts = {label: {"images": sum(i.label == label for i in items),
+                          "train": sum(i.label == label for i in split.train),
+                          "test": sum(i.label == label for i in split.test)} for label in found.classes}
+        _print_json({"uri": uri, "source": found.source, "classes": counts, "images": len(items),
+                     "patients": len({i.patient_id or i.uri for i in items}), "fingerprint": fingerprint(items),
+                     "ignored": len(found.ignored), "duplicates": report.lines()})
 
 
 def _option(parameters, name: str, *declarations: str, **extra):
@@ -102,7 +144,7 @@ def _validated(parameters, **values):
                 console.print(f"[red]error:[/red] {option}: {problem['msg']} (got {problem.get('input')!r})")
             else:  # a rule across options
                 console.print(f"[red]error:[/red] {problem['msg'].removeprefix('Value error, ')}")
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=EXIT_USAGE) from None
 
 
 @app.command()
@@ -111,11 +153,11 @@ def train(
     model_store: str = _option(TrainParameters, "model_store_uri", "--model-store", envvar="CXR_MODEL_STORE"),
     positive: str = _option(TrainParameters, "positive"),
     multiclass: bool = _option(TrainParameters, "multiclass", "--multiclass"),
-    epochs: int = _option(TrainParameters, "epochs"),
-    fine_tune_epochs: int = _option(TrainParameters, "fine_tune_epochs"),
+    epochs: int = _option(TrainParameters, "epochs", envvar="CXR_TRAIN_EPOCHS"),
+    fine_tune_epochs: int = _option(TrainParameters, "fine_tune_epochs", envvar="CXR_TRAIN_FINE_TUNE_EPOCHS"),
     batch_size: int = _option(TrainParameters, "batch_size"),
-    input_size: int = _option(TrainParameters, "input_size"),
-    weights: str = _option(TrainParameters, "weights"),
+    input_size: int = _option(TrainParameters, "input_size", envvar="CXR_TRAIN_INPUT_SIZE"),
+    weights: str = _option(TrainParameters, "weights", envvar="CXR_WEIGHTS"),
     seed: int = _option(TrainParameters, "seed"),
     test_fraction: float = _option(TrainParameters, "test_fraction"),
     target_sensitivity: float = _option(TrainParameters, "target_sensitivity"),
@@ -124,6 +166,8 @@ def train(
     class_weights: bool = _option(TrainParameters, "class_weights", "--class-weights/--no-class-weights"),
     scale_mode: str = _option(TrainParameters, "scale_mode"),
     force_promote: bool = _option(TrainParameters, "force_promote", "--force-promote"),
+    require_approval: bool = _option(TrainParameters, "require_approval", "--require-approval",
+                                     envvar="CXR_TRAIN_REQUIRE_APPROVAL"),
     strata: str | None = typer.Option(None, help="COL[,COL]: " + TrainParameters.describe("strata")),
     balance_strata: str | None = _option(TrainParameters, "balance_strata"),
     mixed_strata_only: bool = _option(TrainParameters, "mixed_strata_only", "--mixed-strata-only"),
@@ -131,6 +175,8 @@ def train(
     calibrate: bool = _option(TrainParameters, "calibrate", "--calibrate/--no-calibrate"),
     head: str = _option(TrainParameters, "head"),
     bootstrap: int = _option(TrainParameters, "bootstrap"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (the rest "
+                                                         "goes to stderr)."),
 ) -> None:
     """Train a VGG16 transfer-learning classifier, evaluate it and register it in the model store."""
     params = _validated(TrainParameters, dataset_uri=dataset_uri, model_store_uri=model_store, positive=positive,
@@ -138,10 +184,11 @@ def train(
                         batch_size=batch_size, input_size=input_size, weights=weights, seed=seed,
                         test_fraction=test_fraction, target_sensitivity=target_sensitivity,
                         augment_draws=augment_draws, horizontal_flip=horizontal_flip, class_weights=class_weights,
-                        scale_mode=scale_mode, force_promote=force_promote,
+                        scale_mode=scale_mode, force_promote=force_promote, require_approval=require_approval,
                         strata=None if strata is None else [name.strip() for name in strata.split(",") if name.strip()],
                         balance_strata=balance_strata, mixed_strata_only=mixed_strata_only, leave_out=leave_out,
                         calibrate=calibrate, head=head, bootstrap=bootstrap)
+    _json_mode(as_json)
     lifeline.arm()
     from flows.train import train as train_flow
 
@@ -166,6 +213,9 @@ def train(
     console.print(f"Bundle: {trained.bundle_uri} (model card: card.md)")
     for line in trained.card.shortcut_warnings:  # last, where a reader's eye lands
         console.print(f"[bold red]Shortcut warning:[/bold red] {escape(line)}")
+    if as_json:
+        _print_json({"version": trained.version, "bundle_uri": trained.bundle_uri, "promoted": trained.promoted,
+                     "reason": trained.reason, "card": json.loads(trained.card.to_json())})
 
 
 @app.command()
@@ -174,24 +224,35 @@ def screen(
     results: str = _option(ScreenParameters, "results_uri", "--results", envvar="CXR_RESULTS"),
     model_store: str = _option(ScreenParameters, "model_store_uri", "--model-store", envvar="CXR_MODEL_STORE"),
     model_version: str = _option(ScreenParameters, "model_version"),
-    batch_size: int = _option(ScreenParameters, "batch_size"),
-    chunk_size: int = _option(ScreenParameters, "chunk_size"),
+    batch_size: int = _option(ScreenParameters, "batch_size", envvar="CXR_SCREEN_BATCH_SIZE"),
+    chunk_size: int = _option(ScreenParameters, "chunk_size", envvar="CXR_SCREEN_CHUNK_SIZE"),
     limit: int | None = _option(ScreenParameters, "limit"),
     explain: str = _option(ScreenParameters, "explain"),
-    engine: str = _option(ScreenParameters, "engine"),
-    max_file_bytes: int = _option(ScreenParameters, "max_file_bytes"),
-    decode_timeout_seconds: float = _option(ScreenParameters, "decode_timeout_seconds"),
-    abandoned_after_minutes: float = _option(ScreenParameters, "abandoned_after_minutes"),
-    chunk_timeout_minutes: float = _option(ScreenParameters, "chunk_timeout_minutes"),
-    workers: int | None = _option(ScreenParameters, "workers"),
+    engine: str = _option(ScreenParameters, "engine", envvar="CXR_SCREEN_ENGINE"),
+    max_file_bytes: int = _option(ScreenParameters, "max_file_bytes", envvar="CXR_SCREEN_MAX_FILE_BYTES"),
+    decode_timeout_seconds: float = _option(ScreenParameters, "decode_timeout_seconds", envvar="CXR_SCREEN_DECODE_TIMEOUT_SECONDS"),
+    abandoned_after_minutes: float = _option(ScreenParameters, "abandoned_after_minutes", envvar="CXR_SCREEN_ABANDONED_AFTER_MINUTES"),
+    chunk_timeout_minutes: float = _option(ScreenParameters, "chunk_timeout_minutes", envvar="CXR_SCREEN_CHUNK_TIMEOUT_MINUTES"),
+    frontal_chest_only: bool = _option(ScreenParameters, "frontal_chest_only"),
+    deidentify: bool = _option(ScreenParameters, "deidentify"),
+    workers: int | None = _option(ScreenParameters, "workers", envvar="CXR_SCREEN_WORKERS"),
     dask_address: str | None = _option(ScreenParameters, "dask_address", envvar="CXR_DASK_ADDRESS"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (the rest "
+                                                         "goes to stderr)."),
 ) -> None:
     """Screen the images not yet screened by the model, and write predictions and a report."""
     params = _validated(ScreenParameters, incoming_uri=incoming_uri, results_uri=results, model_store_uri=model_store,
                         model_version=model_version, batch_size=batch_size, chunk_size=chunk_size, limit=limit,
                         explain=explain, engine=engine, max_file_bytes=max_file_bytes,
                         decode_timeout_seconds=decode_timeout_seconds, abandoned_after_minutes=abandoned_after_minutes,
-                        chunk_timeout_minutes=chunk_timeout_minutes, workers=workers, dask_address=dask_address)
+                        chunk_timeout_minutes=chunk_timeout_minutes, frontal_chest_only=frontal_chest_only,
+                        deidentify=deidentify, workers=workers, dask_address=dask_address)
+    if deidentify:
+        from tasks.dicom_identity import deidentify_key
+
+        with _clean_errors():
+            deidentify_key()  # no key: one line now, before any input is read
+    _json_mode(as_json)
     lifeline.arm()
     from flows import screen as screening
 
@@ -216,6 +277,8 @@ def screen(
         console.print(f"[yellow]Run {run_id} had died without writing its outputs; they are now written, "
                       f"with status 'abandoned', in its own run folder.[/yellow]")
     console.print(f"Report: {summary.outputs['report.html']}")
+    if as_json:
+        _print_json(summary.to_dict())
 
 
 @app.command()
@@ -306,6 +369,7 @@ def demo(
 stack_app = typer.Typer(help="A local stack: Prefect server and UI, S3 endpoint, workers, deployments.",
                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+app.add_typer(models_app, name="models")
 STACK_DIR = typer.Option(".stack", envvar="CXR_STACK_DIR", help="Folder for the stack's state and logs.")
 
 
@@ -362,6 +426,33 @@ def stack_down(folder: Path = STACK_DIR) -> None:
     console.print(f"Stopped: {', '.join(stopped)}" if stopped else "Nothing was running.")
 
 
+def _json_mode(on: bool) -> None:
+    """With --json, everything meant for people goes to stderr, so stdout holds one JSON object."""
+    if on:
+        console.file = sys.stderr
+
+
+def _print_json(result: dict) -> None:
+    sys.stdout.write(json.dumps(result, default=str) + "\n")
+
+
+def _require_api() -> None:
+    """Commands that talk to deployments need a Prefect server that lasts: without one, Prefect
+    would start a temporary server, and a run or an event would be lost with it."""
+    import httpx
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        console.print("[red]error:[/red] no Prefect API: start the local stack ('cxr-screen stack up') "
+                      "or set PREFECT_API_URL to your Prefect server")
+        raise typer.Exit(code=EXIT_INPUT)
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except httpx.HTTPError as error:
+        console.print(f"[red]error:[/red] the Prefect API at {escape(url)} does not answer ({escape(str(error))})")
+        raise typer.Exit(code=EXIT_INPUT) from None
+
+
 def _use_stack_if_up(folder: Path) -> None:
     """Point Prefect (and boto3) at the local stack unless an API is configured already."""
     from deployments import stack
@@ -375,6 +466,7 @@ def _use_stack_if_up(folder: Path) -> None:
 def deploy() -> None:
     """Create the work pools and (re)deploy nightly-screening and retrain to the configured Prefect API."""
     _use_stack_if_up(Path(os.environ.get("CXR_STACK_DIR", ".stack")))
+    _require_api()
     from deployments.deploy_cli import main as deploy_main
 
     deploy_main()
@@ -390,6 +482,7 @@ def retrain(
 ) -> None:
     """Start the retrain deployment through the Prefect API and follow it to its end."""
     _use_stack_if_up(folder)
+    _require_api()
     from deployments.deploy import RETRAIN
     from deployments.follow import follow_run, start_run
 
@@ -398,13 +491,13 @@ def retrain(
     try:
         run = start_run(RETRAIN, overrides)
     except RuntimeError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(code=2) from None
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(code=EXIT_INPUT) from None
     console.print(f"Started {RETRAIN}: flow run {run.name} ({run.id})")
     if follow:
         state = follow_run(run.id, echo=console.print)
         if not state.is_completed():
-            raise typer.Exit(code=1)
+            raise typer.Exit(code=EXIT_RUNTIME)
 
 
 @app.command("dataset-updated")
@@ -414,6 +507,7 @@ def dataset_updated(
 ) -> None:
     """Emit the event cxr.dataset.updated, which starts the retrain deployment."""
     _use_stack_if_up(folder)
+    _require_api()
     from deployments.follow import emit_dataset_updated
     from deployments.settings import Settings
 
@@ -424,7 +518,10 @@ def dataset_updated(
 
 @contextlib.contextmanager
 def _clean_errors():
-    """Known failures end with one line naming the problem (Prefect has logged the details)."""
+    """Failures end with one line naming the problem (Prefect has logged the details) and an exit
+    code that says whose move it is: 3 for the input or configuration (a missing folder, an
+    unsupported location, no production model, a dataset or model this code cannot use), 1 for
+    the rest (a failure at run time, after its retries). Usage errors exit 2 before anything starts."""
     from model.bundle import BundleError
     from model.network import WeightsUnavailable
     from tasks.datasets import DatasetError
@@ -433,8 +530,11 @@ def _clean_errors():
     try:
         yield
     except (WeightsUnavailable, BundleError, DatasetError, StorageError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(code=2) from None
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(code=EXIT_INPUT) from None
+    except Exception as error:  # noqa: BLE001 - one line here; the traceback is in Prefect's logs
+        console.print(f"[red]error:[/red] {type(error).__name__}: {escape(str(error))}")
+        raise typer.Exit(code=EXIT_RUNTIME) from None
 
 
 if __name__ == "__main__":

@@ -97,3 +97,39 @@ def test_commands_that_need_a_server_say_so_without_one(tmp_path, command):
     assert_one_clear_line(result, 3, "no Prefect API", "stack up")
     unreachable = cxr_screen(*command, cwd=tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
     assert_one_clear_line(unreachable, 3, "http://127.0.0.1:9/api", "does not answer")
+
+
+@pytest.mark.slow
+def test_screen_reads_the_settings_file_and_prints_one_json_object(tmp_path):
+    import json
+
+    from tasks.phantoms import write_phantom_dataset
+
+    incoming = write_phantom_dataset(str(tmp_path / "incoming"), per_class=2, size=64, seed=1)
+    store = tiny_store(tmp_path / "models")
+    (tmp_path / "cxr.env").write_text(f"CXR_RESULTS={tmp_path / 'from-file'}\nCXR_MODEL_STORE={store}\n"
+                                      "CXR_SCREEN_ENGINE=bf16\n")
+    # The environment beats the file, as it does for the deployments' settings.
+    result = cxr_screen("screen", str(tmp_path / "incoming"), "--json", cwd=tmp_path, CXR_SCREEN_ENGINE="fp32",
+                        PREFECT_HOME=str(tmp_path / "prefect"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)  # stdout is the one object; the rest went to stderr
+    assert summary["screened"] == len(incoming) and summary["engine"] == "fp32"
+    assert summary["outputs"]["report.html"].startswith(str(tmp_path / "from-file"))
+
+
+def test_dataset_json(tmp_path):
+    import json
+
+    from tasks.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(str(tmp_path / "data"), per_class=8, size=64, seed=2)
+    result = cxr_screen("dataset", str(tmp_path / "data"), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    described = json.loads(result.stdout)
+    assert described["images"] == sum(counts["images"] for counts in described["classes"].values()) > 0
+
+
+def test_a_missing_settings_file_named_by_cxr_settings_is_refused(tmp_path):
+    result = cxr_screen("dataset", str(tmp_path), cwd=tmp_path, CXR_SETTINGS=str(tmp_path / "nope.env"))
+    assert result.returncode != 0 and "nope.env" in result.stderr
