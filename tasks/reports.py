@@ -3,7 +3,8 @@
 Built to stay flat at a national night's scale: the full table goes only to the CSV and JSONL;
 report.html shows the ``MAX_FLAGGED`` most probable flagged images and the first ``MAX_REJECTED``
 rejected inputs, and says how many more the CSV holds. Only the pictures the report can show are
-kept in memory while a run's parts are read.
+kept in memory while a run's parts are read. Beside them the report embeds the model's own plots
+from its bundle (checked against the card's sha256) and the last runs' rates (tasks/drift.py).
 """
 
 from __future__ import annotations
@@ -14,27 +15,38 @@ import heapq
 import io
 import json
 import logging
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import PurePosixPath
 
 import numpy as np
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from model.bundle import ModelCard
-from tasks import ledger, storage
+from model.bundle import BundleError, ModelCard
+from tasks import drift, ledger, registry, storage
 from tasks.rendering import render
 from tasks.results import PredictionRow, ResultsLayout, RunSummary, probability_column
 
-__all__ = ["DISCLAIMER", "MAX_FLAGGED", "MAX_REJECTED", "publish_artifacts", "read_run_rows", "report_html",
-           "write_outputs"]
+__all__ = ["DISCLAIMER", "LINK_SECONDS", "MAX_FLAGGED", "MAX_REJECTED", "MODEL_FIGURES", "Link", "model_figures",
+           "publish_artifacts", "read_run_rows", "report_html", "shared_link", "write_outputs"]
 
 DISCLAIMER = ("Flags are a worklist for radiologist review, not a diagnosis. A flagged image needs a "
               "radiologist's reading; an unflagged image is not cleared.")
 MAX_FLAGGED = 500  # flagged images shown in report.html, most probable first; every one is in predictions.csv
 MAX_REJECTED = 500  # rejected inputs listed in report.html; every one is in predictions.csv
 READ_AHEAD = 8  # part and chunk files read at once: on S3 a read is mostly latency
+# The bundle's plots the report embeds (tasks/bundling.py writes them), with their titles.
+MODEL_FIGURES = {"curves.png": "Training curves", "roc.png": "ROC (test split)",
+                 "confusion.png": "Confusion matrix (test split)"}
+LINK_SECONDS = storage.PRESIGNED_MAX_SECONDS  # how long a presigned link to the report or the card works: 7 days
+_PNG = b"\x89PNG\r\n\x1a\n"
+# What a link we hand out may hold: a percent-encoded file:// or presigned http(s) URL, nothing that
+# could end a Markdown link, an HTML attribute or a table cell.
+_LINK = re.compile(r"(?:https?|file)://[A-Za-z0-9\-._~:/?&=%]+")
 
 logger = logging.getLogger(__name__)
 
@@ -170,11 +182,15 @@ def write_outputs(results_uri: str, rows: list[PredictionRow], card: ModelCard, 
     """Writes the run's four output files; returns the summary with their locations. Each file is
     built as one bytes object from the rows, one row at a time, and dropped once written."""
     outputs = ResultsLayout(results_uri).run(summary.run_id).outputs
+    summary = summary.with_drift(rows, card.positive_class)
     summary.outputs = outputs
     storage.write_bytes(outputs["predictions.csv"], _csv_bytes(rows, card.classes))
     storage.write_bytes(outputs["predictions.jsonl"], _jsonl_bytes(rows))
     storage.write_bytes(outputs["summary.json"], json.dumps(summary.to_dict(), indent=2).encode())
-    storage.write_bytes(outputs["report.html"], report_html(summary, rows, card).encode())
+    card_uri = _card_location(summary.model_store_uri, card.version)
+    page = report_html(summary, rows, card, figures=model_figures(summary.model_store_uri, card),
+                       card_link=shared_link(card_uri), history=drift.recent_runs(results_uri, summary))
+    storage.write_bytes(outputs["report.html"], page.encode())
     return summary
 
 
@@ -223,21 +239,77 @@ def _worklist(rows: Iterable[PredictionRow], card: ModelCard, limit: int) -> lis
 
 
 def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard, max_flagged: int = MAX_FLAGGED,
-                max_rejected: int = MAX_REJECTED) -> str:
+                max_rejected: int = MAX_REJECTED, *, figures: dict[str, str] | None = None,
+                card_link: Link | None = None, history: drift.Drift | None = None) -> str:
     """One self-contained page: no external files, scripts or fonts. The worklist first (at most
-    ``max_flagged`` images), then the rejected inputs (at most ``max_rejected``), then the counts;
-    the page says how many more of each are in predictions.csv."""
+    ``max_flagged`` images), then the rejected inputs (at most ``max_rejected``), then the counts,
+    the last runs' rates and the model; the page says how many more of each are in predictions.csv.
+
+    Built from what it is given, reading nothing: ``figures`` (``model_figures``: the bundle's
+    plots, base64 PNG, by name; those missing show as not available), ``card_link`` (defaults to a
+    file:// link for a local store, none otherwise), ``history`` (``drift.recent_runs``; defaults
+    to this run alone)."""
     positive = card.positive_class
     probabilities = np.fromiter((row.probability(positive) for row in rows if row.status == "ok"), float)
     rejected = [row for row in rows if row.status == "rejected"]
     card_uri = _card_location(summary.model_store_uri, card.version)
+    history = history or drift.Drift((drift.RunRates.of(summary),))
     return render("report.html.j2",
         summary=summary, card=card, positive=positive, disclaimer=DISCLAIMER,
         worklist=_worklist(rows, card, max_flagged), flagged=sum(row.flagged for row in rows),
         rejected=rejected[:max_rejected], rejected_count=len(rejected),
         histogram=_histogram_png(probabilities, card.threshold, positive) if probabilities.size else None,
-        card_uri=card_uri, card_href=_file_link(card_uri),
+        card_uri=card_uri, card_link=card_link or _file_link(card_uri),
+        figures=[(title, (figures or {}).get(name)) for name, title in MODEL_FIGURES.items()],
+        history=history, drift_chart=history.chart_png(),
     )
+
+
+def model_figures(model_store_uri: str, card: ModelCard) -> dict[str, str]:
+    """The bundle's plots (``MODEL_FIGURES``) as base64 PNG, each checked against the card's sha256.
+    A plot the card does not list (a bundle from before them) is left out; one that cannot be read
+    (the store unreachable, say, for a recovered run) or does not match is logged and left out."""
+    found = {}
+    for name in MODEL_FIGURES:
+        if not model_store_uri or name not in (card.files or {}):
+            continue
+        try:
+            data = registry.read_file(model_store_uri, card, name)
+        except (BundleError, OSError, ValueError) as error:  # a changed file, a failed read, a bad location
+            logger.warning("%s of model %s is left out of the report: %s", name, card.version, error)
+            continue
+        if not data.startswith(_PNG):  # vouched for by the card, but the page would show a broken image
+            logger.warning("%s of model %s is left out of the report: not a PNG", name, card.version)
+            continue
+        found[name] = base64.b64encode(data).decode()
+    return found
+
+
+@dataclass(frozen=True)
+class Link:
+    """A URL to a stored file, and until when it works (None: for as long as the file is there)."""
+
+    href: str
+    expires_at: str | None = None
+
+
+def shared_link(uri: str, seconds: int = LINK_SECONDS) -> Link | None:
+    """A link to the file at ``uri``: a file:// URI for a local file, a presigned URL for S3
+    (valid ``seconds``); None for any other location, or when S3 cannot sign (no credentials)."""
+    if not uri.startswith(("/", "file://", "s3://")):
+        return None
+    try:
+        href = storage.presigned_url(uri, seconds)
+    except (OSError, ValueError) as error:  # no credentials; a location storage refuses
+        logger.warning("No link to %s: %s", uri, error)
+        return None
+    if not _LINK.fullmatch(href):  # an endpoint this code would not hand out as a link
+        logger.warning("No link to %s: the URL storage gave is not one this report links to", uri)
+        return None
+    expires = None
+    if storage.is_s3(uri):
+        expires = (datetime.now(timezone.utc) + timedelta(seconds=seconds)).strftime("%Y-%m-%d %H:%M UTC")
+    return Link(href, expires)
 
 
 def _card_location(model_store_uri: str, version: str) -> str:
@@ -250,10 +322,10 @@ def _card_location(model_store_uri: str, version: str) -> str:
         return f"{model_store_uri} (version {version}, card.md)"
 
 
-def _file_link(uri: str) -> str | None:
+def _file_link(uri: str) -> Link | None:
     """A file:// link for a local path, percent-encoded; nothing else becomes a link (the store
     location comes from a lease, and a scheme it chose, javascript: say, must not become one)."""
-    return PurePosixPath(uri).as_uri() if uri.startswith("/") else None
+    return Link(PurePosixPath(uri).as_uri()) if uri.startswith("/") else None
 
 
 def publish_artifacts(summary: RunSummary, rows: list[PredictionRow], card: ModelCard) -> None:
@@ -263,6 +335,12 @@ def publish_artifacts(summary: RunSummary, rows: list[PredictionRow], card: Mode
           "predicted_class": row.predicted_class} for row in _worklist(rows, card, 1000)],
         key="screening-flagged", description=f"Flagged images, run {summary.run_id} (worklist, not a diagnosis)",
     )
-    markdown = render("summary.md.j2", summary=summary, card=card, disclaimer=DISCLAIMER)
+    report_uri = summary.outputs.get("report.html", "")
+    link = shared_link(report_uri) if report_uri else None
+    if link is not None:
+        valid = f"; the link is valid until {link.expires_at}" if link.expires_at else ""
+        create_link_artifact(link=link.href, link_text=f"Report of screening run {summary.run_id}",
+                             key="screening-report", description=f"report.html of run {summary.run_id}{valid}")
+    markdown = render("summary.md.j2", summary=summary, card=card, disclaimer=DISCLAIMER, report_link=link)
     create_markdown_artifact(key="screening-summary", description=f"Screening run {summary.run_id}",
                              markdown=markdown)

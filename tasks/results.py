@@ -27,12 +27,13 @@ from model.bundle import is_safe_name
 from tasks import storage
 from tasks.dicom_identity import is_accession_number, is_uid, is_view_position
 
-__all__ = ["OUTPUT_NAMES", "ROW_STATUSES", "RUN_STATUSES", "PredictionRow", "ResultsLayout", "RunLayout", "RunSummary",
-           "entry_key", "probability_column"]
+__all__ = ["OUTPUT_NAMES", "PROBABILITY_BINS", "ROW_STATUSES", "RUN_STATUSES", "PredictionRow", "ResultsLayout",
+           "RunLayout", "RunSummary", "entry_key", "probability_column"]
 
 OUTPUT_NAMES = ("predictions.csv", "predictions.jsonl", "summary.json", "report.html")
 ROW_STATUSES = ("ok", "rejected")
 RUN_STATUSES = ("running", "completed", "failed", "abandoned")
+PROBABILITY_BINS = 20  # a summary's histogram of the positive-class probability: equal bins over [0, 1]
 
 
 def _safe_name(kind: str, name: str) -> str:
@@ -206,6 +207,11 @@ class RunSummary:
     flagged: int = 0
     predicted: dict[str, int] = field(default_factory=dict)
     images_per_second: float | None = None
+    # Drift, from the ok rows (``with_drift``): the share flagged, and how many fell in each of
+    # PROBABILITY_BINS equal bins of the positive-class probability over [0, 1] (the last bin holds
+    # 1.0). None in summaries written before they existed, and where no row was ok.
+    flag_rate: float | None = None
+    probability_histogram: list[int] | None = None
     outputs: dict[str, str] = field(default_factory=dict)
 
     def tally(self, rows: list[PredictionRow], classes: list[str], threshold: float) -> RunSummary:
@@ -217,6 +223,18 @@ class RunSummary:
             predicted=dict(sorted(Counter(row.predicted_class for row in ok).items())),
             images_per_second=round(len(rows) / self.seconds, 3) if self.seconds else None,
         )
+
+    def with_drift(self, rows: list[PredictionRow], positive_class: str) -> RunSummary:
+        """This summary with the flag rate and the probability histogram of ``rows``' ok rows."""
+        ok = [row for row in rows if row.status == "ok"]
+        if not ok:
+            return dataclasses.replace(self, flag_rate=None, probability_histogram=None)
+        probabilities = [row.probability(positive_class) for row in ok]
+        histogram = [0] * PROBABILITY_BINS
+        for probability in probabilities:
+            histogram[min(max(int(probability * PROBABILITY_BINS), 0), PROBABILITY_BINS - 1)] += 1
+        return dataclasses.replace(self, flag_rate=round(sum(row.flagged for row in ok) / len(ok), 6),
+                                   probability_histogram=histogram)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -322,4 +340,9 @@ _SUMMARY_RULES = {
                        "counts by class"),
     "outputs": _Rule(lambda value: isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
                      "locations by name"),
+    # Absent from summaries written before they existed: those read back as None.
+    "flag_rate": _PROBABILITY,
+    "probability_histogram": _optional(_Rule(
+        lambda value: isinstance(value, list) and len(value) == PROBABILITY_BINS and all(map(_COUNT.test, value)),
+        f"a list of {PROBABILITY_BINS} counts")),
 }

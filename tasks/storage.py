@@ -27,6 +27,7 @@ __all__ = [
     "NotAFolder",
     "NoSpace",
     "NotFound",
+    "PRESIGNED_MAX_SECONDS",
     "StorageError",
     "Unreadable",
     "create_if_absent",
@@ -35,6 +36,8 @@ __all__ = [
     "is_s3",
     "join",
     "list_files",
+    "list_folders",
+    "presigned_url",
     "read_bytes",
     "read_versioned",
     "relative_to",
@@ -143,9 +146,11 @@ def _s3_client(endpoint_url: str | None):
 
     # Clients are thread-safe; one per endpoint, shared by all threads, with a pool large
     # enough for the thread pools that read images and claim rows in parallel. A silent endpoint
-    # costs a request 30 s, not botocore's 60 (the step around it has its own limit too).
+    # costs a request 30 s, not botocore's 60 (the step around it has its own limit too). Requests
+    # are signed with SigV4 anyway; saying so makes presigned URLs SigV4 too, not SigV2, which
+    # buckets made since 2020 refuse.
     config = Config(retries={"max_attempts": 5, "mode": "adaptive"}, max_pool_connections=32,
-                    connect_timeout=10, read_timeout=30)
+                    connect_timeout=10, read_timeout=30, signature_version="s3v4")
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
@@ -218,6 +223,54 @@ def list_files(uri: str, suffixes: Iterable[str] | None = None, *, missing_ok: b
     for name in names:
         if wanted is None or name.lower().endswith(wanted):
             yield name
+
+
+def list_folders(uri: str, *, missing_ok: bool = False) -> list[str]:
+    """The folders directly below ``uri`` (S3: the common prefixes under it), as sorted URIs, without
+    listing what lies inside them: one request per thousand folders on S3, however many files each
+    holds. Links to folders are not followed. ``missing_ok`` as in ``list_files``."""
+    location = _parse(uri)
+    if isinstance(location, _S3Location):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        prefix = location.key.rstrip("/") + "/" if location.key else ""
+        paginator = _client().get_paginator("list_objects_v2")
+        try:
+            return sorted(str(_S3Location(location.bucket, common["Prefix"].rstrip("/")))
+                          for page in paginator.paginate(Bucket=location.bucket, Prefix=prefix, Delimiter="/")
+                          for common in page.get("CommonPrefixes", []))
+        except (BotoCoreError, ClientError) as error:
+            raise _s3_error(uri, error) from error
+    if missing_ok and not location.exists():
+        return []
+    if not location.exists():
+        raise NotFound(uri, "no such folder")
+    if not location.is_dir():
+        raise NotAFolder(uri, "not a folder")
+    try:
+        with os.scandir(location) as entries:
+            return sorted(_local_uri(entry.path) for entry in entries if entry.is_dir(follow_symlinks=False))
+    except PermissionError as error:
+        raise AccessDenied(uri, "permission denied") from error
+    except OSError as error:
+        raise StorageError(uri, error.strerror or str(error)) from error
+
+
+PRESIGNED_MAX_SECONDS = 7 * 24 * 3600  # what S3 (Signature Version 4) allows
+
+
+def presigned_url(uri: str, expires_seconds: int) -> str:
+    """A URL anyone holding it can open the file with, no credentials needed: on S3 a presigned GET
+    valid for ``expires_seconds`` (at most 7 days; temporary credentials end it sooner, when they
+    expire), for a local file its ``file://`` URI, percent-encoded, which never expires. Nothing is
+    requested: signing happens here, so a missing file gives a URL that answers 404."""
+    if not 0 < expires_seconds <= PRESIGNED_MAX_SECONDS:
+        raise ValueError(f"expires_seconds must be in 1..{PRESIGNED_MAX_SECONDS} (7 days), not {expires_seconds!r}")
+    location = _parse(uri)
+    if isinstance(location, _S3Location):
+        return _s3_call(uri, "generate_presigned_url", ClientMethod="get_object",
+                        Params={"Bucket": location.bucket, "Key": location.key}, ExpiresIn=int(expires_seconds))
+    return location.as_uri()
 
 
 def _list_s3(uri: str, location: _S3Location) -> Iterator[str]:

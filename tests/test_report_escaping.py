@@ -1,7 +1,8 @@
 """Markup in any field that reaches report.html or a Markdown artifact stays text.
 
 Every value is hostile at once here: file names, reasons, every card field the pages show, every
-field of a run's summary (and so of a lease a later run recovers). The card and summary are built
+field of a run's summary (and so of a lease a later run recovers), the earlier runs on the drift
+chart, the locations the card and report links are made from. The card and summaries are built
 directly, past the checks that would refuse most of these on reading, so that the templates are
 tested on their own.
 """
@@ -14,7 +15,7 @@ import pytest
 from markupsafe import escape
 
 from model.bundle import ModelCard
-from tasks import reports
+from tasks import drift, reports
 from tasks.bundling import TrainedModel, card_markdown
 from tasks.rendering import render
 from tasks.results import PredictionRow, RunSummary
@@ -28,6 +29,9 @@ ATTACKS = [
     "\\\\<img src=x onerror=alert(1) x=\\\\>",
     "$x^{$ | [link](javascript:alert(1)) `code`\n# heading",  # TeX for matplotlib, Markdown syntax, a line break
 ]
+
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="  # 1x1
 
 
 def hostile(field: str, attack: str) -> str:
@@ -79,6 +83,7 @@ def hostile_summary(attack: str, card: ModelCard, rows: list[PredictionRow], sta
         flow_run_id=h("flow-run"), status=status, started_at=h("started"), finished_at=h("finished"), seconds=2.0,
         recovered_runs=[h("recovered-run")], last_seen_at=h("last-seen"), recovered_by=h("recovered-by"),
         recovered_at=h("recovered-at"), engine=h("engine"), engine_reason=h("engine-reason"),
+        flag_rate=h("flag-rate"), probability_histogram=[h("bin")],
     ).tally(rows, card.classes, card.threshold)
     summary.outputs = {"report.html": h("report")}
     return summary
@@ -95,8 +100,8 @@ class Tags(HTMLParser):
         self.tags.append((tag, dict(attrs)))
 
 
-PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "strong", "div", "ul", "li", "table",
-             "tr", "th", "td", "img", "a"}
+PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "strong", "div", "ul", "li",
+             "table", "tr", "th", "td", "img", "a"}
 
 
 def assert_no_markup_from_values(page: str) -> None:
@@ -120,9 +125,16 @@ def test_no_field_of_card_summary_or_rows_becomes_markup_in_the_report(attack, s
     card = hostile_card(attack)
     rows = hostile_rows(attack, card)
     summary = hostile_summary(attack, card, rows, status, store.format(attack=attack))
-    page = reports.report_html(summary, rows, card)
+    earlier = hostile_summary(attack, card, rows[1:], "completed", store.format(attack=attack))
+    earlier.flag_rate, earlier.ok = None, hostile("ok", attack)  # neither a rate nor a count
+    history = drift.Drift((drift.RunRates.of(earlier), drift.RunRates.of(summary)), skipped=2)
+    figures = dict.fromkeys(reports.MODEL_FIGURES, PNG)
+    card_link = reports.shared_link(f"{summary.model_store_uri}/v1/card.md")
+    page = reports.report_html(summary, rows, card, figures=figures, card_link=card_link, history=history)
 
     assert_no_markup_from_values(page)
+    assert page.count(f'src="data:image/png;base64,{PNG}"') == 3 and 'alt="flag rate and rejected share' in page
+    assert "2 earlier run summaries could not be read" in page and "Not available" not in page
     shown = ["run", "/in/flagged", "/in/rejected", "reason", "class-a", "class-b", "weights", "auc", "sensitivity",
              "specificity", "target", "warning", "stratum", "within", "temperature", "ece"]
     if status == "abandoned":
@@ -165,3 +177,20 @@ def test_no_field_becomes_markup_in_the_markdown_artifacts(attack):
         assert "\n# heading" not in text  # a line break in a value does not start a block
     assert "class-b:" in pages["summary.md"] or "run:" in pages["summary.md"]
     assert "warning:" in pages["card.md"] and "dataset:" in pages["card.md"] and "reason:" in pages["training.md"]
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_the_report_link_in_the_summary_artifact_is_the_only_link_and_percent_encoded(attack, tmp_path):
+    card = hostile_card(attack)
+    rows = hostile_rows(attack, card)
+    summary = hostile_summary(attack, card, rows, "completed", "/models")
+    summary.outputs = {"report.html": str(tmp_path / hostile("results", attack) / "report.html")}
+    link = reports.shared_link(summary.outputs["report.html"])
+    text = render("summary.md.j2", summary=summary, card=card, disclaimer=reports.DISCLAIMER, report_link=link)
+
+    (line,) = [line for line in text.splitlines() if line.startswith("Report: [")]
+    assert text.count("](") == 1 and line.endswith(f"]({link.href})")  # this code's link and no other
+    assert link.href.startswith("file:///") and reports._LINK.fullmatch(link.href)
+    assert "<" not in text and "`code`" not in text and "\n# heading" not in text
+    for location in ("javascript:alert(1)", "javascript://x/report.html", "gs://bucket/report.html", ""):
+        assert reports.shared_link(location) is None, location
