@@ -7,6 +7,7 @@ concurrency limit and the retrain trigger sit beside them in one readable place.
 
 from __future__ import annotations
 
+import json
 from uuid import UUID
 
 from prefect import flow
@@ -17,6 +18,7 @@ from prefect.schedules import Cron
 from deployments.settings import Settings
 
 DATASET_UPDATED = "cxr.dataset.updated"
+DATASET_URI_LABEL = "cxr.dataset.uri"  # the resource label of the event that carries the dataset's URI
 SCREENING, RETRAIN = "screen/nightly-screening", "train/retrain"
 
 
@@ -33,14 +35,25 @@ def deploy_all(settings: Settings) -> dict[str, UUID]:
         tags=["screening"],
         **common,
     )
+    train_parameters = settings.train_parameters().model_dump(mode="json")
     retrain = flow.from_source(settings.project_dir, "flows.train.train").deploy(
         name="retrain",
         work_pool_name=settings.gpu_pool,
         description="Retrain on the current labelled dataset; promote the model if it beats production.",
-        parameters={"params": settings.train_parameters().model_dump(mode="json")},
-        triggers=[DeploymentEventTrigger(name="retrain-when-dataset-updated", expect={DATASET_UPDATED},
-                                         match={"prefect.resource.id": "cxr.dataset.*"})],
+        parameters={"params": train_parameters},
+        # The event names the dataset that changed: train on that one (the setting when it names none).
+        triggers=[DeploymentEventTrigger(
+            name="retrain-when-dataset-updated", expect={DATASET_UPDATED}, match={"prefect.resource.id": "cxr.dataset.*"},
+            parameters={"params": {**train_parameters, "dataset_uri": _from_event(DATASET_URI_LABEL, settings.dataset)}})],
+        # One training at a time: a second event waits for the first run instead of racing it to production.
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         tags=["training"],
         **common,
     )
     return {SCREENING: screening, RETRAIN: retrain}
+
+
+def _from_event(label: str, default: str) -> str:
+    """A Prefect template that the automation renders from the triggering event: the event
+    resource's ``label``, or ``default`` when the event has none."""
+    return "{{ (event.resource.get(%s) or %s) }}" % (json.dumps(label), json.dumps(default))

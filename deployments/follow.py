@@ -11,7 +11,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.deployments import run_deployment
 from prefect.events import emit_event
 
-from deployments.deploy import DATASET_UPDATED
+from deployments.deploy import DATASET_UPDATED, DATASET_URI_LABEL
 
 
 def start_run(deployment: str, overrides: dict | None = None) -> FlowRun:
@@ -53,5 +53,5 @@ def emit_dataset_updated(dataset_uri: str) -> None:
 
     name = dataset_uri.rstrip("/").rsplit("/", 1)[-1] or "dataset"
     emit_event(event=DATASET_UPDATED, resource={"prefect.resource.id": f"cxr.dataset.{name}",
-                                                "cxr.dataset.uri": dataset_uri})
+                                                DATASET_URI_LABEL: dataset_uri})
     EventsWorker.drain_all()

@@ -35,11 +35,14 @@ def screen(params: ScreenParameters) -> RunSummary:
     """Returns the run's summary, with the locations of its outputs."""
     logger = get_run_logger()
     started = time.perf_counter()
+    # Absolute locations from here on: chunks may run in processes started in other folders, and
+    # the run that may one day recover this one can start in another folder too.
+    params = params.model_copy(update={name: storage.join(getattr(params, name))
+                                       for name in ("incoming_uri", "results_uri", "model_store_uri")})
     results = params.results_uri
     card = resolve_model(params.model_store_uri, params.model_version)
-    # Locations are absolute: the run that may one day recover this one can start in another folder.
-    run = RunSummary(new_run_id(), card.version, model_store_uri=storage.join(params.model_store_uri),
-                     incoming_uri=storage.join(params.incoming_uri), flow_run_id=str(flow_run.get_id() or ""),
+    run = RunSummary(new_run_id(), card.version, model_store_uri=params.model_store_uri,
+                     incoming_uri=params.incoming_uri, flow_run_id=str(flow_run.get_id() or ""),
                      started_at=now())
     run.recovered_runs = recover_abandoned_runs(results, run.run_id, params.abandoned_after_minutes)
 

@@ -138,6 +138,7 @@ def test_deployments_are_configured(stack):
     (schedule,) = screening["schedules"]
     assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "Europe/Zurich"
     assert screening["concurrency_limit"] == 1 or screening["global_concurrency_limit"]["limit"] == 1
+    assert retrain["concurrency_limit"] == 1 or retrain["global_concurrency_limit"]["limit"] == 1
     assert screening["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     assert screening["parameters"]["params"]["dask_address"] == stack["dask"]  # the stack's scheduler
     assert retrain["schedules"] == []
@@ -200,18 +201,47 @@ def test_a_second_nightly_run_while_one_runs_is_cancelled(stack):
     assert sorted(states.values()) == ["CANCELLED", "COMPLETED"], states
 
 
-def test_dataset_updated_event_starts_a_retrain_run(stack):
-    before = {run["id"] for run in runs_of(stack, "train/retrain")}
-    cli("dataset-updated", environment=stack["environment"])
-    deadline = time.monotonic() + 90
+def new_runs(stack, deployment: str, before: set[str], count: int, within: float = 90) -> list[dict]:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        new = [run for run in runs_of(stack, "train/retrain") if run["id"] not in before]
-        if new:
-            break
+        new = [run for run in runs_of(stack, deployment) if run["id"] not in before]
+        if len(new) >= count:
+            return new
         time.sleep(2)
-    else:
-        pytest.fail("no retrain run was started within 90 s of cxr.dataset.updated")
-    assert new[0]["parameters"]["params"]["dataset_uri"] == "s3://cxr/datasets/current"
+    pytest.fail(f"fewer than {count} new {deployment} run(s) within {within:.0f} s")
+
+
+def test_the_event_names_the_dataset_and_trainings_take_turns(stack):
+    """Two cxr.dataset.updated events for another dataset: two retrain runs on that dataset (the
+    URI comes from the event), one at a time (the deployment's concurrency limit)."""
+    upload_phantoms(stack, "datasets/other-site", per_class=12, seed=5)
+    before = {run["id"] for run in runs_of(stack, "train/retrain")}
+    cli("dataset-updated", "s3://cxr/datasets/other-site", environment=stack["environment"])
+    cli("dataset-updated", "s3://cxr/datasets/other-site", environment=stack["environment"])
+    runs = new_runs(stack, "train/retrain", before, 2)
+    assert {run["parameters"]["params"]["dataset_uri"] for run in runs} == {"s3://cxr/datasets/other-site"}
+    deadline = time.monotonic() + 420
+    while not all(run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for run in runs):
+        running = [run for run in runs if run["state"]["type"] == "RUNNING"]
+        assert len(running) <= 1, "two trainings ran at once"
+        assert time.monotonic() < deadline, f"the trainings did not end: {[run['state'] for run in runs]}"
+        time.sleep(2)
+        runs = [api(stack, "GET", f"/flow_runs/{run['id']}") for run in runs]
+    assert [run["state"]["type"] for run in runs] == ["COMPLETED", "COMPLETED"], [run["state"] for run in runs]
+    first, second = sorted(runs, key=lambda run: run["start_time"])
+    assert second["start_time"] >= first["end_time"], "the second training started before the first ended"
+
+
+def test_an_event_without_a_dataset_trains_on_the_configured_one(stack):
+    before = {run["id"] for run in runs_of(stack, "train/retrain")}
+    emit = ("from prefect.events import emit_event; from prefect.events.worker import EventsWorker; "
+            "emit_event(event='cxr.dataset.updated', resource={'prefect.resource.id': 'cxr.dataset.anonymous'}); "
+            "EventsWorker.drain_all()")
+    done = subprocess.run([sys.executable, "-c", emit], env={**stack["environment"], "PREFECT_API_URL": stack["api"]},
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (run, *_) = new_runs(stack, "train/retrain", before, 1)
+    assert run["parameters"]["params"]["dataset_uri"] == "s3://cxr/datasets/current"
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Debian's chromium is not installed at {CHROMIUM}")
