@@ -463,6 +463,11 @@ def write_bytes(uri: str, data: bytes) -> None:
     if isinstance(location, _S3Location):
         _s3_call(uri, "put_object", Bucket=location.bucket, Key=location.key, Body=data)
         return
+    _replace(uri, location, data)
+
+
+def _replace(uri: str, location: Path, data: bytes) -> None:
+    """Writes ``data`` beside ``location`` and renames it over, so no reader sees a part."""
     temporary = _write_temporary(uri, location, data)
     try:
         os.replace(temporary, location)
@@ -614,12 +619,7 @@ def replace_if_unchanged(uri: str, data: bytes, token: str | None, *, lock_wait_
     try:
         if _read_local_versioned(uri, location)[1] != token:
             return False
-        temporary = _write_temporary(uri, location, data)
-        try:
-            os.replace(temporary, location)
-        except OSError as error:
-            os.unlink(temporary)
-            raise _write_error(uri, error) from error
+        _replace(uri, location, data)
         return True
     finally:
         lock.unlink(missing_ok=True)
