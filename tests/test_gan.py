@@ -1,0 +1,151 @@
+"""The class-conditional GAN (model/gan.py) and its fidelity and memorisation checks (model/gan_quality.py).
+
+Features come from the project's VGG16 base with ``weights=None`` (untrained, He-initialised from a
+seed), as in the rest of the tests: no download. In production the feature space is the frozen
+ImageNet base; the checks here are about the arithmetic and the verdicts, which hold in either space.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from model.gan import GanConfig, build_discriminator, build_generator, generate, init_generator, train_gan
+from model.gan_quality import (
+    fd_floor,
+    frechet_distance,
+    frechet_distance_of,
+    memorisation_check,
+    nearest_neighbour_distances,
+    vgg16_features,
+)
+from model.network import build_base
+from model.preprocessing import Preprocessing
+from tasks.phantoms import chest_phantom
+
+SIZE = 64
+PER_CLASS = 48
+# Small enough to train in well under two minutes on 2 shared CPU cores (about 25 s measured).
+FAST = GanConfig(image_size=SIZE, width=16, epochs=30, batch_size=16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    """Training images (normal, then covid with opacities), their labels, and held-out normals."""
+    rng = np.random.default_rng(0)
+    train = np.stack([chest_phantom(rng, SIZE, opacities=index >= PER_CLASS) for index in range(2 * PER_CLASS)])
+    labels = np.repeat([0, 1], PER_CLASS)
+    held_out = np.stack([chest_phantom(rng, SIZE) for _ in range(PER_CLASS)])
+    return train, labels, held_out
+
+
+@pytest.fixture(scope="module")
+def features():
+    return vgg16_features(build_base(SIZE, None), Preprocessing(SIZE))
+
+
+def test_config_checks_its_arguments():
+    with pytest.raises(ValueError, match="image_size"):
+        GanConfig(image_size=100)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        GanConfig(label_smoothing=0.7)
+    assert GanConfig().to_dict()["version"] == 1
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_networks_fit_the_configured_size(size):
+    config = GanConfig(image_size=size, width=8)
+    generator, discriminator = build_generator(config, 2), build_discriminator(config, 2)
+    images = np.asarray(generator([np.zeros((3, config.noise_dim), np.float32), np.array([0, 1, 1], np.int32)]))
+    assert tuple(images.shape) == (3, size, size, 1)
+    assert float(np.abs(images).max()) <= 1.0
+    assert tuple(discriminator([images, np.array([0, 1, 1], np.int32)]).shape) == (3, 1)
+    assert any("spectral" in type(layer).__name__.lower() for layer in discriminator.layers)
+
+
+def test_generate_repeats_with_its_seed_and_checks_the_label():
+    generator = init_generator(2, GanConfig(width=8))
+    first, again, other = (generate(generator, 1, 5, seed=seed) for seed in (3, 3, 4))
+    assert first.dtype == np.uint8 and first.shape == (5, SIZE, SIZE)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    with pytest.raises(ValueError, match="label"):
+        generate(generator, 2, 1)
+
+
+def test_train_gan_checks_labels(phantoms):
+    train, labels, _ = phantoms
+    with pytest.raises(ValueError, match="labels"):
+        train_gan(train, labels[:-1], FAST)
+    with pytest.raises(ValueError, match="uint8"):
+        train_gan(train.astype(np.float32), labels, FAST)
+
+
+def test_frechet_distance_of_gaussians_matches_the_formula():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.0, 1.0, (4000, 3))
+    b = rng.normal([2.0, 0.0, 0.0], [1.0, 1.0, 3.0], (4000, 3))
+    # |mu_a - mu_b|^2 + tr(I + diag(1, 1, 9) - 2 diag(1, 1, 3)) = 4 + 4
+    assert frechet_distance(a, b) == pytest.approx(8.0, rel=0.1)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_is_zero_to_itself_and_larger_to_another_distribution(phantoms, features):
+    train, _, held_out = phantoms
+    normal, covid = train[:PER_CLASS], train[PER_CLASS:]
+    assert frechet_distance_of(held_out, held_out, features) == pytest.approx(0.0, abs=1e-6)
+    floor = fd_floor(np.concatenate([normal, held_out]), features)
+    to_covid = frechet_distance_of(held_out, covid, features)
+    noise = np.random.default_rng(1).integers(0, 256, held_out.shape, dtype=np.uint8)
+    to_noise = frechet_distance_of(held_out, noise, features)
+    assert 0.0 < floor < to_covid < to_noise
+
+
+def test_nearest_neighbour_distances_leave_one_out():
+    points = np.array([[0.0], [1.0], [3.0]])
+    np.testing.assert_allclose(nearest_neighbour_distances(points, points, leave_one_out=True), [1.0, 1.0, 2.0])
+    np.testing.assert_allclose(nearest_neighbour_distances(np.array([[2.9]]), points), [0.1])
+
+
+def test_memorisation_check_rejects_training_images_and_noised_copies(phantoms, features):
+    train, _, _ = phantoms
+    normal = train[:PER_CLASS]
+    copies = normal[np.random.default_rng(2).integers(0, PER_CLASS, 40)]
+    report = memorisation_check(copies, normal, features)
+    assert not report.passed
+    assert any(reason.startswith("pixels") for reason in report.reasons)
+    assert any(reason.startswith("features") for reason in report.reasons)
+    noised = np.clip(copies + np.random.default_rng(3).normal(0, 4, copies.shape), 0, 255).astype(np.uint8)
+    assert not memorisation_check(noised, normal, features).passed
+    # A generator that slips a few copies (3 in 40, over the 5% quantile) among new images is refused too.
+    mixed = np.concatenate([phantoms[2][:37], normal[:3]])
+    assert not memorisation_check(mixed, normal, features, quantile=0.05).passed
+
+
+def test_memorisation_check_accepts_real_held_out_images(phantoms, features):
+    train, _, held_out = phantoms
+    report = memorisation_check(held_out, train[:PER_CLASS], features)
+    assert report.passed, report.reasons
+    summary = report.to_dict()
+    assert set(summary["spaces"]) == {"pixels", "features"}
+    assert summary["spaces"]["pixels"]["real_to_real"]["q05"] > 0
+
+
+@pytest.mark.slow
+def test_gan_trains_on_phantoms_in_under_two_minutes_and_beats_its_untrained_self(phantoms, features):
+    train, labels, held_out = phantoms
+    started = time.monotonic()
+    generator = train_gan(train, labels, FAST)
+    seconds = time.monotonic() - started
+    assert seconds < 120, f"training took {seconds:.0f} s"
+    assert len(generator.history["generator_loss"]) == FAST.epochs
+    untrained = init_generator(2, FAST)
+    for label, real in ((0, held_out), (1, train[PER_CLASS:])):
+        trained_fd = frechet_distance_of(generate(generator, label, PER_CLASS, seed=1), real, features)
+        untrained_fd = frechet_distance_of(generate(untrained, label, PER_CLASS, seed=1), real, features)
+        assert trained_fd < 0.5 * untrained_fd, (label, trained_fd, untrained_fd)
+    samples = generate(generator, 0, PER_CLASS, seed=1)
+    report = memorisation_check(samples, train[:PER_CLASS], features)
+    assert report.passed, report.reasons
