@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 
 from model.calibration import expected_calibration_error, reliability_curve  # noqa: E402
 
-__all__ = ["audit_png", "confusion_png", "curves_png", "mean_cam_png", "reliability_png", "roc_png"]
+__all__ = ["audit_png", "confusion_png", "curves_png", "mean_cam_png", "reliability_png", "roc_png",
+           "samples_png"]
 
 
 def _png(figure) -> bytes:
@@ -133,4 +134,32 @@ def audit_png(folds: Sequence[dict], variable: str) -> bytes:
     axis.set_ylim(0, 1.05)
     axis.set_title(f"Leave one {variable} out")
     axis.legend(fontsize=7, loc="lower right")
+    return _png(figure)
+
+
+def samples_png(synthetic: dict[str, np.ndarray], real: dict[str, np.ndarray], columns: int = 8) -> bytes:
+    """The generator's sheet (``samples.png``, #14): per class a row of real images and beneath it a
+    row of synthetic ones, up to ``columns`` each, grayscale uint8 ``(n, s, s)``, on one gray scale
+    (0-255) so brightness compares. ``synthetic`` and ``real`` are keyed by class name, same keys."""
+    if set(synthetic) != set(real):
+        raise ValueError(f"synthetic and real images must name the same classes, got {sorted(synthetic)} "
+                         f"and {sorted(real)}")
+    if columns < 1:
+        raise ValueError(f"columns must be positive, got {columns}")
+    names = sorted(synthetic)
+    rows = [row for name in names for row in ((f"{name}\nreal", real[name]), (f"{name}\nsynthetic", synthetic[name]))]
+    figure, axes = plt.subplots(max(len(rows), 1), columns, figsize=(1.2 * columns + 0.8, 1.25 * max(len(rows), 1)),
+                                squeeze=False)
+    for axis_row, (title, images) in zip(axes, rows):
+        for column, axis in enumerate(axis_row):
+            if column < len(images):
+                axis.imshow(images[column], cmap="gray", vmin=0, vmax=255)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            for spine in axis.spines.values():
+                spine.set_visible(False)
+        axis_row[0].set_ylabel(title, fontsize=8)
+    if not rows:
+        axes[0][0].axis("off")
+    figure.suptitle("Real (upper row) and synthetic (lower row) images per class", fontsize=10)
     return _png(figure)

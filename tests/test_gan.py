@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -22,6 +23,7 @@ from model.gan_quality import (
     vgg16_features,
 )
 from model.network import build_base
+from model.plots import samples_png
 from model.preprocessing import Preprocessing
 from tasks.phantoms import chest_phantom
 
@@ -149,3 +151,32 @@ def test_gan_trains_on_phantoms_in_under_two_minutes_and_beats_its_untrained_sel
     samples = generate(generator, 0, PER_CLASS, seed=1)
     report = memorisation_check(samples, train[:PER_CLASS], features)
     assert report.passed, report.reasons
+    sheet = samples_png({"normal": samples, "covid": generate(generator, 1, 8, seed=1)},
+                        {"normal": held_out, "covid": train[PER_CLASS:]})
+    assert sheet.startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_training_repeats_with_its_seed(phantoms):
+    train, labels, _ = phantoms
+    config = GanConfig(image_size=SIZE, width=8, epochs=2, batch_size=16, seed=5)
+    first, again = (generate(train_gan(train, labels, config), 1, 4, seed=0) for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+
+
+def _decoded(png: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None
+    return image
+
+
+def test_samples_sheet_shows_real_beside_synthetic_per_class(phantoms):
+    train, _, held_out = phantoms
+    synthetic = generate(init_generator(2, GanConfig(width=8)), 1, 5, seed=0)
+    one_class = _decoded(samples_png({"covid": synthetic}, {"covid": train[PER_CLASS:]}, columns=6))
+    two_classes = _decoded(samples_png({"covid": synthetic, "normal": synthetic[:2]},
+                                       {"covid": train[PER_CLASS:], "normal": held_out}, columns=6))
+    assert two_classes.shape[0] > 1.5 * one_class.shape[0]  # two rows more
+    assert two_classes.shape[1] == pytest.approx(one_class.shape[1], rel=0.1)
+    with pytest.raises(ValueError, match="same classes"):
+        samples_png({"covid": synthetic}, {"normal": held_out})
