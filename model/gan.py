@@ -29,15 +29,20 @@ GradientTape (the project's backend), as Keras' own DCGAN example does.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import cv2
 import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["GanConfig", "Generator", "build_discriminator", "build_generator", "generate", "init_generator",
-           "train_gan"]
+__all__ = ["GENERATOR_FILES", "GanConfig", "Generator", "build_discriminator", "build_generator", "generate",
+           "generator_from_files", "generator_to_files", "init_generator", "train_gan"]
+
+GENERATOR_FILES = ("generator.keras", "gan.json")
 
 _SIZES = (32, 64, 128, 256)
 
@@ -72,6 +77,12 @@ class GanConfig:
 
     def to_dict(self) -> dict:
         return {"version": 1, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GanConfig:
+        if data.get("version") != 1:
+            raise ValueError(f"unknown GAN config version {data.get('version')!r}")
+        return cls(**{key: value for key, value in data.items() if key != "version"})
 
 
 @dataclass
@@ -239,3 +250,33 @@ def generate(generator: Generator, label: int, count: int, seed: int = 0, batch_
         images = generator.network([noise[start:stop], labels[start:stop]], training=False)
         out[start:stop] = np.clip(np.rint((np.asarray(images)[..., 0] + 1.0) * 127.5), 0, 255).astype(np.uint8)
     return out
+
+
+def generator_to_files(generator: Generator) -> dict[str, bytes]:
+    """The generator as bytes per file name (``GENERATOR_FILES``): the Keras network and ``gan.json``
+    (config, number of classes, losses per epoch). What a store writes; the card is the caller's."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / GENERATOR_FILES[0]
+        generator.network.save(path)
+        network = path.read_bytes()
+    about = {"config": generator.config.to_dict(), "num_classes": generator.num_classes, "history": generator.history}
+    return {GENERATOR_FILES[0]: network, GENERATOR_FILES[1]: json.dumps(about, indent=2).encode("utf-8")}
+
+
+def generator_from_files(files: dict[str, bytes]) -> Generator:
+    """The inverse of ``generator_to_files`` (Keras safe mode); checks that the network fits the config.
+    Checking the bytes against a card's digests is the caller's (as ``model.bundle.check_file``)."""
+    missing = [name for name in GENERATOR_FILES if name not in files]
+    if missing:
+        raise ValueError(f"generator files missing: {missing}")
+    about = json.loads(files[GENERATOR_FILES[1]])
+    config, num_classes = GanConfig.from_dict(about["config"]), int(about["num_classes"])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / GENERATOR_FILES[0]
+        path.write_bytes(files[GENERATOR_FILES[0]])
+        network = keras.saving.load_model(path, compile=False, safe_mode=True)
+    size = config.image_size
+    if tuple(network.output_shape) != (None, size, size, 1) or network.input_shape[0] != (None, config.noise_dim):
+        raise ValueError(f"the network gives {network.output_shape} from {network.input_shape}, the config says "
+                         f"{size} px from {config.noise_dim} noise dimensions")
+    return Generator(network, config, num_classes, dict(about.get("history", {})))

@@ -13,7 +13,16 @@ import cv2
 import numpy as np
 import pytest
 
-from model.gan import GanConfig, build_discriminator, build_generator, generate, init_generator, train_gan
+from model.gan import (
+    GanConfig,
+    build_discriminator,
+    build_generator,
+    generate,
+    generator_from_files,
+    generator_to_files,
+    init_generator,
+    train_gan,
+)
 from model.gan_quality import (
     fd_floor,
     frechet_distance,
@@ -75,6 +84,17 @@ def test_generate_repeats_with_its_seed_and_checks_the_label():
     assert not np.array_equal(first, other)
     with pytest.raises(ValueError, match="label"):
         generate(generator, 2, 1)
+
+
+def test_generator_round_trips_through_its_files():
+    generator = init_generator(3, GanConfig(width=8, seed=2))
+    generator.history = {"generator_loss": [0.7]}
+    loaded = generator_from_files(generator_to_files(generator))
+    assert (loaded.config, loaded.num_classes, loaded.history) == (generator.config, 3, generator.history)
+    np.testing.assert_array_equal(generate(loaded, 2, 4, seed=1), generate(generator, 2, 4, seed=1))
+    files = generator_to_files(generator)
+    with pytest.raises(ValueError, match="missing"):
+        generator_from_files({"gan.json": files["gan.json"]})
 
 
 def test_train_gan_checks_labels(phantoms):
