@@ -93,9 +93,12 @@ def fd_floor(real_images: np.ndarray, features: FeatureFunction, seed: int = 0) 
     return frechet_distance_of(real_images[order[:half]], real_images[order[half:2 * half]], features)
 
 
-def nearest_neighbour_distances(queries: np.ndarray, references: np.ndarray, leave_one_out: bool = False) -> np.ndarray:
+def nearest_neighbour_distances(queries: np.ndarray, references: np.ndarray, leave_one_out: bool = False,
+                                groups: np.ndarray | None = None) -> np.ndarray:
     """For each row of ``queries`` ``(n, d)`` the Euclidean distance to the nearest row of
-    ``references`` ``(m, d)``. ``leave_one_out``: queries are the references, each skips itself."""
+    ``references`` ``(m, d)``. ``leave_one_out``: queries are the references, each skips itself and,
+    with ``groups`` (one patient id per row), every row of its own group: a patient's follow-up
+    images are near copies of each other and would make real-to-real distances look small."""
     queries, references = np.asarray(queries, np.float64), np.asarray(references, np.float64)
     if leave_one_out and queries.shape != references.shape:
         raise ValueError("leave_one_out needs the queries to be the references")
@@ -105,6 +108,13 @@ def nearest_neighbour_distances(queries: np.ndarray, references: np.ndarray, lea
                - 2.0 * queries @ references.T)
     if leave_one_out:
         np.fill_diagonal(squared, np.inf)
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != (len(references),):
+                raise ValueError(f"groups must hold one id per reference, got shape {groups.shape}")
+            squared[groups[:, None] == groups[None, :]] = np.inf
+            if np.isinf(squared).all(axis=1).any():
+                raise ValueError("every reference must have another group to compare with")
     return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
 
 
@@ -131,7 +141,8 @@ class MemorisationReport:
 
 
 def memorisation_check(synthetic: np.ndarray, real_train: np.ndarray, features: FeatureFunction | None = None,
-                       quantile: float = 0.05, margin: float = 0.8) -> MemorisationReport:
+                       quantile: float = 0.05, margin: float = 0.8,
+                       patients: np.ndarray | None = None) -> MemorisationReport:
     """Refuse a generator whose images are closer to real training images than those are to each other.
 
     ``synthetic`` and ``real_train``: uint8 ``(n, s, s)`` of one size (the generator's; the real
@@ -139,7 +150,10 @@ def memorisation_check(synthetic: np.ndarray, real_train: np.ndarray, features: 
     that feature space: fails when the ``quantile`` of the synthetic images' nearest-neighbour
     distances is below ``margin`` times the same quantile of the real images' leave-one-out ones.
     ``margin`` < 1 leaves room for the sampling noise of a low quantile of a few hundred distances
-    (a real held-out image passes); copies, even noised ones, lie far below it.
+    (a real held-out image passes); copies, even noised ones, lie far below it. ``patients``: one
+    patient id per real image; real-to-real distances then skip the image's own patient (pass them:
+    without, a data set with follow-up images or duplicates has near-zero real-to-real distances and
+    the check can refuse nothing).
     """
     if not 0.0 <= quantile <= 0.5:
         raise ValueError(f"quantile must be in [0, 0.5], got {quantile}")
@@ -155,7 +169,7 @@ def memorisation_check(synthetic: np.ndarray, real_train: np.ndarray, features: 
     report = MemorisationReport(True, [], quantile, margin)
     for space, (synthetic_vectors, real_vectors) in spaces.items():
         to_real = nearest_neighbour_distances(synthetic_vectors, real_vectors)
-        real_to_real = nearest_neighbour_distances(real_vectors, real_vectors, leave_one_out=True)
+        real_to_real = nearest_neighbour_distances(real_vectors, real_vectors, leave_one_out=True, groups=patients)
         report.synthetic_distances[space], report.real_distances[space] = to_real, real_to_real
         synthetic_q, real_q = float(np.quantile(to_real, quantile)), float(np.quantile(real_to_real, quantile))
         if synthetic_q < margin * real_q:

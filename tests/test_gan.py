@@ -129,6 +129,9 @@ def test_nearest_neighbour_distances_leave_one_out():
     points = np.array([[0.0], [1.0], [3.0]])
     np.testing.assert_allclose(nearest_neighbour_distances(points, points, leave_one_out=True), [1.0, 1.0, 2.0])
     np.testing.assert_allclose(nearest_neighbour_distances(np.array([[2.9]]), points), [0.1])
+    # The first two are one patient's images: each looks past its own patient.
+    np.testing.assert_allclose(nearest_neighbour_distances(points, points, leave_one_out=True, groups=np.array(["a", "a", "b"])),
+                               [3.0, 2.0, 2.0])
 
 
 def test_memorisation_check_rejects_training_images_and_noised_copies(phantoms, features):
@@ -144,6 +147,20 @@ def test_memorisation_check_rejects_training_images_and_noised_copies(phantoms, 
     # A generator that slips a few copies (3 in 40, over the 5% quantile) among new images is refused too.
     mixed = np.concatenate([phantoms[2][:37], normal[:3]])
     assert not memorisation_check(mixed, normal, features, quantile=0.05).passed
+
+
+def test_memorisation_check_looks_past_a_patients_own_images(phantoms, features):
+    """A data set where every patient has two near-identical images: without patient ids the real
+    images look like copies of each other and copies pass; with them, copies are refused."""
+    train, _, _ = phantoms
+    normal = train[:PER_CLASS // 2]
+    twice = np.concatenate([normal, np.clip(normal.astype(int) + 1, 0, 255).astype(np.uint8)])
+    patients = np.tile(np.arange(len(normal)), 2)
+    noise = np.random.default_rng(4).normal(0, 4, normal[:20].shape)
+    copies = np.clip(normal[:20] + noise, 0, 255).astype(np.uint8)  # noised copies
+    assert memorisation_check(copies, twice, features).passed  # the trap the ids avoid
+    report = memorisation_check(copies, twice, features, patients=patients)
+    assert not report.passed, report.to_dict()
 
 
 def test_memorisation_check_accepts_real_held_out_images(phantoms, features):
