@@ -1,15 +1,20 @@
 """A local stack on one machine, bound to 127.0.0.1: Prefect server and UI, a moto S3 server
-(unless real S3 is configured), optionally a Dask scheduler and workers that nightly screening
-fans its chunks out to, a process worker for each pool, and the deployments.
+whose objects outlive it (unless real S3 is configured; ``deployments/s3_server.py``), optionally a
+Dask scheduler and workers that nightly screening fans its chunks out to, a process worker for each
+pool, and the deployments.
 
-Everything it starts is recorded by pid in ``<folder>/stack.json``, with logs and Prefect's
-state beside it; ``down`` stops exactly those processes and nothing else.
+Everything it starts is recorded by pid in ``<folder>/stack.json``, with logs, Prefect's database
+and the S3 data beside it; ``down`` stops exactly those processes and nothing else, and ``wipe``
+removes the stored data. The client environment (Prefect API, S3 endpoint and its credentials) is
+written to ``<folder>/env`` for a shell to ``source``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,11 +23,14 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from deployments.s3_server import read_summary
 from deployments.settings import Settings
 
-__all__ = ["client_environment", "down", "status", "up"]
+__all__ = ["client_environment", "down", "status", "stored_data", "up", "wipe"]
 
 STATE = "stack.json"
+ENV_FILE = "env"  # the client environment, one 'export' a line, for 'source'
+S3_DATA = "s3"  # the local S3's stored state
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -30,7 +38,7 @@ def _wait_for(url: str, what: str, process: subprocess.Popen, log: Path, timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode}; see {log}")
+            raise RuntimeError(f"{what} exited with code {process.returncode}{_last_error(log)}; see {log}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status < 500:
@@ -39,6 +47,16 @@ def _wait_for(url: str, what: str, process: subprocess.Popen, log: Path, timeout
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s; see {log}")
+
+
+def _last_error(log: Path) -> str:
+    """': <the log's last line starting with error:>', or nothing."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line for line in lines if line.startswith("error:")]
+    return f": {errors[-1][len('error:'):].strip()}" if errors else ""
 
 
 def _wait_for_dask(folder: Path, processes: dict[str, subprocess.Popen], workers: int = 0,
@@ -93,6 +111,41 @@ def client_environment(folder: Path) -> dict[str, str]:
     return state["environment"]
 
 
+def _write_client_environment(folder: Path, environment: dict[str, str]) -> Path:
+    """``<folder>/env``: one ``export KEY=VALUE`` a line, values shell-quoted, readable only by
+    the user (it holds the S3 credentials)."""
+    path = folder / ENV_FILE
+    lines = ["# Written by 'cxr-screen stack up', removed by 'stack down': source it to point Prefect and boto3",
+             "# at the stack.",
+             *(f"export {key}={shlex.quote(value)}" for key, value in environment.items() if key != "PREFECT_HOME")]
+    path.unlink(missing_ok=True)  # O_CREAT keeps an existing file's mode; O_EXCL refuses a planted link
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.fchmod(descriptor, 0o600)  # whatever the umask
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
+
+
+def _size(count: float) -> str:
+    if count < 1000:
+        return f"{count:.0f} bytes"
+    for unit in ("KB", "MB", "GB"):
+        count /= 1000
+        if count < 1000 or unit == "GB":
+            break
+    return f"{count:.1f} {unit}"
+
+
+def stored_data(folder: Path) -> str | None:
+    """The local S3's stored data in words (buckets, objects, bytes, when saved), or None."""
+    summary = read_summary(folder.resolve() / S3_DATA)
+    if summary is None:
+        return None
+    buckets = ", ".join(f"{name} ({bucket['objects']} object(s), {_size(bucket['bytes'])})"
+                        for name, bucket in sorted(summary["buckets"].items())) or "no buckets"
+    return f"{buckets}; saved {summary['saved_at']}"
+
+
 def status(folder: Path) -> dict[str, bool]:
     path = folder / STATE
     if not path.exists():
@@ -101,17 +154,23 @@ def status(folder: Path) -> dict[str, bool]:
 
 
 def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, start_s3: bool | None = None,
-       echo: Callable[[str], None] = print, workers: int = 0, dask_port: int = 8786) -> dict:
-    """Start the stack and deploy; returns its state (processes, environment, UI address).
+       echo: Callable[[str], None] = print, workers: int = 0, dask_port: int = 8786, s3_only: bool = False) -> dict:
+    """Start the stack and deploy; returns its state (processes, environment, UI address, the
+    client environment's file).
 
     ``workers``: also a Dask scheduler on ``dask_port`` and this many Dask worker processes, which
     nightly screening fans its chunks out to (``CXR_DASK_ADDRESS``); 0: chunks run in the flow's process.
+    ``s3_only``: start the local S3 alone (no Prefect server, workers or deployments).
     """
     folder = folder.resolve()
     if any(status(folder).values()):
         raise RuntimeError(f"a stack is already running from {folder}: stop it first (cxr-screen stack down)")
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, not {workers}")
+    if s3_only and (workers or os.environ.get("AWS_ENDPOINT_URL")):
+        raise RuntimeError("--s3-only starts the local S3 alone: " + (
+            f"leave out --workers {workers}" if workers
+            else f"AWS_ENDPOINT_URL names another endpoint ({os.environ['AWS_ENDPOINT_URL']}): unset it"))
     dask_address = f"tcp://127.0.0.1:{dask_port}"
     if workers and (settings.screen_workers is not None or settings.dask_address not in (None, dask_address)):
         given = (f"CXR_SCREEN_WORKERS={settings.screen_workers}" if settings.screen_workers is not None
@@ -121,10 +180,14 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
     folder.mkdir(parents=True, exist_ok=True)
     uses_s3 = any(uri.startswith("s3://") for uri in (settings.incoming, settings.results, settings.model_store,
                                                        settings.dataset))
-    start_s3 = (uses_s3 and not os.environ.get("AWS_ENDPOINT_URL")) if start_s3 is None else start_s3
+    if s3_only:
+        start_s3 = True
+    elif start_s3 is None:
+        start_s3 = uses_s3 and not os.environ.get("AWS_ENDPOINT_URL")
     api = f"http://127.0.0.1:{port}/api"
-    environment = {"PREFECT_API_URL": api, "PREFECT_HOME": str(folder / "prefect"),
-                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    environment = {} if s3_only else {"PREFECT_API_URL": api, "PREFECT_HOME": str(folder / "prefect"),
+                                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    environment["TF_CPP_MIN_LOG_LEVEL"] = "2"
     if start_s3:
         environment.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", AWS_ACCESS_KEY_ID="testing",
                            AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
@@ -133,10 +196,11 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         # exported with the rest for commands run by hand.
         environment["CXR_DASK_ADDRESS"] = dask_address
     child_environment = {**os.environ, **environment}
-    Path(environment["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    if not s3_only:
+        Path(environment["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     processes: dict[str, dict] = {}
-    state = {"folder": str(folder), "ui": f"http://127.0.0.1:{port}", "environment": environment,
-             "processes": processes}
+    state = {"folder": str(folder), "ui": None if s3_only else f"http://127.0.0.1:{port}",
+             "environment": environment, "processes": processes}
 
     def record(name: str, process: subprocess.Popen, marker: str) -> None:
         processes[name] = {"pid": process.pid, "marker": marker, "log": str(folder / "logs" / f"{name}.log")}
@@ -144,11 +208,14 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
 
     try:
         if start_s3:
-            echo(f"Starting moto S3 on 127.0.0.1:{s3_port}")
-            moto = _start(folder, "s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
-                          child_environment)
-            record("s3", moto, "moto.server")
+            echo(f"Starting moto S3 on 127.0.0.1:{s3_port}, its data in {folder / S3_DATA}")
+            moto = _start(folder, "s3", [sys.executable, "-m", "deployments.s3_server", "--host", "127.0.0.1",
+                                         "--port", str(s3_port), "--state", str(folder / S3_DATA)], child_environment)
+            record("s3", moto, "deployments.s3_server")
             _wait_for(f"http://127.0.0.1:{s3_port}/", "moto", moto, folder / "logs" / "s3.log")
+        if s3_only:
+            state["env_file"] = str(_write_client_environment(folder, environment))
+            return state
         echo(f"Starting Prefect server on 127.0.0.1:{port}")
         server = _start(folder, "server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                            "--port", str(port)], child_environment)
@@ -167,6 +234,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
             record(f"worker-{pool}", worker, f"--pool {pool}")
         if workers:
             _wait_for_dask(folder, dask, workers)
+        state["env_file"] = str(_write_client_environment(folder, environment))
     except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
         down(folder)
         raise RuntimeError(f"stack did not start: {error}") from error
@@ -204,8 +272,10 @@ def _start_dask(folder: Path, workers: int, port: int, environment: dict, record
 
 
 def down(folder: Path, timeout: float = 30) -> list[str]:
-    """Stop every process ``up`` started from ``folder``; returns their names."""
+    """Stop every process ``up`` started from ``folder`` (the S3 server saves its data as it stops)
+    and remove the client environment's file; returns the processes' names."""
     path = folder.resolve() / STATE
+    (folder.resolve() / ENV_FILE).unlink(missing_ok=True)
     if not path.exists():
         return []
     state = json.loads(path.read_text())
@@ -226,3 +296,23 @@ def down(folder: Path, timeout: float = 30) -> list[str]:
         stopped.append(name)
     path.unlink()
     return stopped
+
+
+def wipe(folder: Path) -> list[str]:
+    """Remove a stopped stack's stored state: the local S3's data and Prefect's database (the run
+    history, whose artifacts link to that data), and Dask's scratch space; the logs stay. Returns
+    what was removed, in words."""
+    folder = folder.resolve()
+    if any(status(folder).values()):
+        raise RuntimeError(f"the stack in {folder} is running: stop it first")
+    removed = []
+    for name, what in ((S3_DATA, "S3 data"), ("prefect", "Prefect's database (flow runs, logs, artifacts)"),
+                       ("dask", "Dask scratch space")):
+        path = folder / name
+        if not path.exists():
+            continue
+        if name == S3_DATA:
+            what += f": {stored_data(folder) or 'no snapshot'}"
+        shutil.rmtree(path)
+        removed.append(f"{what}, in {path}")
+    return removed

@@ -382,48 +382,90 @@ def stack_up(
                                                "(127.0.0.1) that nightly-screening fans its chunks out to. "
                                                "0: chunks run in the flow run's process."),
     dask_port: int = typer.Option(8786, help="Port of the Dask scheduler (127.0.0.1), with --workers."),
+    s3_only: bool = typer.Option(False, "--s3-only", help="Start only the local S3 endpoint, with its stored data: "
+                                                          "no Prefect server, workers or deployments."),
 ) -> None:
     """Start server, S3 endpoint (unless AWS_ENDPOINT_URL names one), cpu and gpu workers, with --workers N
-    a Dask scheduler and N Dask workers; deploy."""
+    a Dask scheduler and N Dask workers; deploy. Writes the client environment to <folder>/env."""
+    import shlex
+
     from deployments import stack
     from deployments.settings import Settings
 
     try:
         state = stack.up(folder, Settings(), port=port, s3_port=s3_port, echo=console.print, workers=workers,
-                         dask_port=dask_port)
+                         dask_port=dask_port, s3_only=s3_only)
     except RuntimeError as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(code=2) from None
-    console.print(f"Stack is up. Prefect UI: [bold]{state['ui']}[/bold]")
+    if state["ui"]:
+        console.print(f"Stack is up. Prefect UI: [bold]{state['ui']}[/bold]")
+    else:
+        console.print(f"Local S3 is up at {state['environment']['AWS_ENDPOINT_URL']} (no Prefect server).")
     if workers:
         console.print(f"Dask scheduler: {state['environment']['CXR_DASK_ADDRESS']} with {workers} worker(s); "
                       "nightly-screening fans its chunks out to it.")
-    console.print(f"State and logs: {state['folder']}. Commands here find it there; elsewhere run:")
-    console.print("  " + " ".join(f"export {k}={v}" for k, v in state["environment"].items() if k != "PREFECT_HOME"))
+    if "s3" in state["processes"]:
+        data = stack.stored_data(folder)
+        console.print(f"S3 data: {escape(data) if data else 'none stored yet'}. Kept across 'stack down' and "
+                      "'stack up'; 'stack down --wipe' removes it.", soft_wrap=True)
+    console.print(f"State and logs: {escape(state['folder'])}. Commands run here find the stack; elsewhere, "
+                  "point a shell at it with:")
+    # One short line, printed as is: a long line of exports wrapped by the terminal lost variables when pasted.
+    console.print(f"  source {shlex.quote(state['env_file'])}", markup=False, highlight=False, soft_wrap=True)
 
 
 @stack_app.command("status")
 def stack_status(folder: Path = STACK_DIR) -> None:
-    """Which of the stack's processes are running."""
+    """Which of the stack's processes are running, and the local S3's stored data."""
+    import shlex
+
     from deployments import stack
 
     processes = stack.status(folder)
+    data = stack.stored_data(folder)
     if not processes:
-        console.print(f"No stack recorded in {folder}.")
+        console.print(f"No stack recorded in {escape(str(folder))}.")
+        if data:
+            console.print(f"S3 data kept for the next 'stack up': {escape(data)}", soft_wrap=True)
         raise typer.Exit(code=1)
     for name, alive in processes.items():
         console.print(f"{name:16s} {'[green]running[/green]' if alive else '[red]stopped[/red]'}")
+    if data:
+        console.print(f"S3 data: {escape(data)}", soft_wrap=True)
+    env_file = folder / stack.ENV_FILE
+    if env_file.exists():
+        console.print(f"Client environment: source {shlex.quote(str(env_file.resolve()))}", markup=False,
+                      highlight=False, soft_wrap=True)
     if not all(processes.values()):
         raise typer.Exit(code=1)
 
 
 @stack_app.command("down")
-def stack_down(folder: Path = STACK_DIR) -> None:
-    """Stop exactly the processes that 'stack up' started."""
+def stack_down(
+    folder: Path = STACK_DIR,
+    wipe: bool = typer.Option(False, "--wipe", help="Also remove the stored state: the local S3's data (models, "
+                                                    "ledger, results, datasets) and Prefect's run history."),
+) -> None:
+    """Stop exactly the processes that 'stack up' started; the local S3 saves its data as it stops."""
     from deployments import stack
 
     stopped = stack.down(folder)
     console.print(f"Stopped: {', '.join(stopped)}" if stopped else "Nothing was running.")
+    if not wipe:
+        data = stack.stored_data(folder)
+        if data and "s3" in stopped:
+            console.print(f"S3 data kept for the next 'stack up': {escape(data)}", soft_wrap=True)
+        return
+    try:
+        removed = stack.wipe(folder)
+    except RuntimeError as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(code=EXIT_RUNTIME) from None
+    for what in removed:
+        console.print(f"Removed {escape(what)}", soft_wrap=True)
+    if not removed:
+        console.print("No stored state to remove.")
 
 
 def _json_mode(on: bool) -> None:

@@ -1,5 +1,5 @@
 """The local stack for real: Prefect server, moto S3, a Dask scheduler and workers, cpu and gpu
-process workers, deployments.
+process workers, deployments; and the local S3 alone, kept across 'stack down' and 'stack up'.
 
 Everything goes through processes and HTTP, as an operator's would: the CLI starts the stack and
 the runs, the checks read the Prefect REST API, S3 and the UI in a headless Chromium.
@@ -11,6 +11,8 @@ import csv
 import io
 import json
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -40,23 +42,35 @@ def cli(*arguments: str, environment: dict, timeout: float = 600) -> subprocess.
     return done
 
 
+def stack_environment(folder: Path) -> dict[str, str]:
+    """The CLI's environment for a stack in ``folder``: no settings file, nothing from other tests' harness."""
+    (folder / "empty.env").write_text("")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "AWS_"))}
+    environment.update(CXR_STACK_DIR=str(folder), CXR_SETTINGS=str(folder / "empty.env"), COLUMNS="200",
+                       PREFECT_HOME=str(folder / "client-home"))
+    return environment
+
+
+def private(path: Path) -> bool:
+    return path.stat().st_mode & 0o777 == 0o600
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stack")
     port, s3_port, dask_port = free_port(), free_port(), free_port()
-    (folder / "empty.env").write_text("")  # no settings file but the variables below
-    environment = {key: value for key, value in os.environ.items()
-                   if not key.startswith(("PREFECT_", "AWS_"))}  # nothing from other tests' harness
+    environment = stack_environment(folder)
     environment.update(
-        CXR_STACK_DIR=str(folder), CXR_SETTINGS=str(folder / "empty.env"), CXR_WEIGHTS="none",
-        CXR_TRAIN_INPUT_SIZE="32", CXR_TRAIN_EPOCHS="2", CXR_TIMEZONE="Europe/Zurich", COLUMNS="200",
-        PREFECT_HOME=str(folder / "client-home"),
+        CXR_WEIGHTS="none", CXR_TRAIN_INPUT_SIZE="32", CXR_TRAIN_EPOCHS="2", CXR_TIMEZONE="Europe/Zurich",
         CXR_SCREEN_CHUNK_SIZE="4",  # the night's 8 images make 2 chunks, for the 2 Dask workers
     )
-    cli("stack", "up", "--port", str(port), "--s3-port", str(s3_port), "--workers", str(DASK_WORKERS),
-        "--dask-port", str(dask_port), environment=environment, timeout=300)
+    shown_up = cli("stack", "up", "--port", str(port), "--s3-port", str(s3_port), "--workers", str(DASK_WORKERS),
+                   "--dask-port", str(dask_port), environment=environment, timeout=300).stdout
     try:
         state = json.loads((folder / "stack.json").read_text())
+        env_file = folder / "env"
+        assert f"source {shlex.quote(str(env_file))}\n" in shown_up and private(env_file), shown_up
+        assert f"export PREFECT_API_URL={state['environment']['PREFECT_API_URL']}\n" in env_file.read_text()
         pids = [entry["pid"] for entry in state["processes"].values()]
         dask = state["environment"]["CXR_DASK_ADDRESS"]
         pids += dask_worker_pids(dask)  # the processes the workers' nannies started, not named in stack.json
@@ -69,9 +83,11 @@ def stack(tmp_path_factory):
         raise
     yield {"folder": folder, "environment": environment, "api": state["environment"]["PREFECT_API_URL"],
            "ui": state["ui"], "s3": state["environment"]["AWS_ENDPOINT_URL"], "dask": dask}
-    cli("stack", "down", environment=environment, timeout=120)
+    shown_down = cli("stack", "down", environment=environment, timeout=120).stdout
     assert not [pid for pid in pids if running(pid)], "stack down left processes running"
-    assert not (folder / "stack.json").exists()
+    assert not (folder / "stack.json").exists() and not env_file.exists()
+    # What the runs wrote stays for the next 'stack up' (test_the_local_s3_keeps_its_objects_across_down_and_up).
+    assert "S3 data kept for the next 'stack up': cxr (" in shown_down and (folder / "s3" / "state.pickle").exists()
     assert "Nothing was running" in cli("stack", "down", environment=environment).stdout
 
 
@@ -268,3 +284,94 @@ def test_the_ui_shows_both_runs_completed_and_the_screening_artifacts(stack):
             page.screenshot(path=str(stack["folder"] / "screening-artifacts.png"))
         finally:
             browser.close()
+
+
+def test_the_local_s3_keeps_its_objects_across_down_and_up(tmp_path):
+    """The stack's S3 alone ('stack up --s3-only': seconds, no Prefect server): objects written
+    before 'stack down' come back after 'stack up' with their bytes and ETags, every version of a
+    versioned one too, and the ledger's and production.json's conditional puts still hold on them;
+    what was saved survives a SIGKILL; 'stack down --wipe' removes it. The client environment's
+    file is private, and a shell that sources it gets a boto3 client on this endpoint."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    from deployments.s3_server import read_summary
+
+    environment, s3_port, env_file = stack_environment(tmp_path), free_port(), tmp_path / "env"
+
+    def up() -> dict:
+        shown = cli("stack", "up", "--s3-only", "--s3-port", str(s3_port), environment=environment, timeout=120).stdout
+        assert f"source {shlex.quote(str(env_file))}\n" in shown and private(env_file), shown
+        return json.loads((tmp_path / "stack.json").read_text())
+
+    def refused(**put) -> str:
+        with pytest.raises(ClientError) as error:
+            client.put_object(**put)
+        return error.value.response["Error"]["Code"]
+
+    state = up()
+    try:
+        endpoint = state["environment"]["AWS_ENDPOINT_URL"]
+        probe = ("import boto3, json; session = boto3.session.Session(); client = session.client('s3'); "
+                 "client.create_bucket(Bucket='cxr'); credentials = session.get_credentials(); "
+                 "print(json.dumps([client.meta.endpoint_url, credentials.access_key, credentials.secret_key, "
+                 "session.region_name, [bucket['Name'] for bucket in client.list_buckets()['Buckets']]]))")
+        script = f"source {shlex.quote(str(env_file))} && {shlex.quote(sys.executable)} -c {shlex.quote(probe)}"
+        sourced = subprocess.run(["bash", "-c", script], env=environment,  # an environment without AWS_ variables
+                                 capture_output=True, text=True, timeout=60)
+        assert sourced.returncode == 0, sourced.stderr
+        assert json.loads(sourced.stdout.splitlines()[-1]) == [
+            endpoint, state["environment"]["AWS_ACCESS_KEY_ID"], state["environment"]["AWS_SECRET_ACCESS_KEY"],
+            state["environment"]["AWS_DEFAULT_REGION"], ["cxr"]]
+
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1")
+        model = os.urandom(6_000_000)  # over moto's in-memory buffer: kept in a temporary file
+        client.put_object(Bucket="cxr", Key="models/v1/model.keras", Body=model)
+        client.put_object(Bucket="cxr", Key="ledger/0001.json", Body=b'{"image": 1}', IfNoneMatch="*")
+        client.put_object(Bucket="cxr", Key="models/production.json", Body=b'{"version": "v1"}', IfNoneMatch="*")
+        etags = {key: client.head_object(Bucket="cxr", Key=key)["ETag"]
+                 for key in ("models/v1/model.keras", "ledger/0001.json", "models/production.json")}
+        client.create_bucket(Bucket="versioned")
+        client.put_bucket_versioning(Bucket="versioned", VersioningConfiguration={"Status": "Enabled"})
+        for body in (b"first", b"second"):
+            client.put_object(Bucket="versioned", Key="card.md", Body=body)
+
+        shown = cli("stack", "down", environment=environment).stdout
+        assert "S3 data kept for the next 'stack up': cxr (3 object(s), 6.0 MB), versioned (1 object(s)" in shown
+        assert not env_file.exists()
+        up()
+        assert client.get_object(Bucket="cxr", Key="models/v1/model.keras")["Body"].read() == model
+        assert {key: client.head_object(Bucket="cxr", Key=key)["ETag"] for key in etags} == etags
+        versions = client.list_object_versions(Bucket="versioned", Prefix="card.md")["Versions"]
+        bodies = [client.get_object(Bucket="versioned", Key="card.md", VersionId=version["VersionId"])["Body"].read()
+                  for version in versions]
+        assert sorted(bodies) == [b"first", b"second"]
+        # The ledger's create-once and production.json's compare-and-swap, on the restored objects.
+        assert refused(Bucket="cxr", Key="ledger/0001.json", Body=b"again", IfNoneMatch="*") == "PreconditionFailed"
+        assert refused(Bucket="cxr", Key="models/production.json", Body=b'{"version": "v2"}',
+                       IfMatch='"0123456789abcdef0123456789abcdef"') == "PreconditionFailed"
+        client.put_object(Bucket="cxr", Key="models/production.json", Body=b'{"version": "v2"}',
+                          IfMatch=etags["models/production.json"])
+
+        # Killed without 'stack down': what was saved (within seconds of the last change) survives.
+        client.put_object(Bucket="cxr", Key="written-before-a-kill", Body=b"kept")
+        deadline = time.monotonic() + 20
+        while (read_summary(tmp_path / "s3") or {}).get("buckets", {}).get("cxr", {}).get("objects") != 4:
+            assert time.monotonic() < deadline, "the S3 state was not saved within 20 s of a change"
+            time.sleep(0.2)
+        s3_pid = json.loads((tmp_path / "stack.json").read_text())["processes"]["s3"]["pid"]
+        os.killpg(s3_pid, signal.SIGKILL)
+        while running(s3_pid):
+            time.sleep(0.1)
+        up()
+        assert client.get_object(Bucket="cxr", Key="written-before-a-kill")["Body"].read() == b"kept"
+        assert client.get_object(Bucket="cxr", Key="models/production.json")["Body"].read() == b'{"version": "v2"}'
+
+        shown = cli("stack", "down", "--wipe", environment=environment).stdout
+        assert "Removed S3 data: cxr (4 object(s)" in shown and str(tmp_path / "s3") in shown, shown
+        assert not (tmp_path / "s3").exists()
+        up()
+        assert client.list_buckets()["Buckets"] == []
+    finally:
+        cli("stack", "down", environment=environment)

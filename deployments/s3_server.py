@@ -1,0 +1,301 @@
+"""The local stack's S3 endpoint: moto's S3 server, whose objects outlive the process.
+
+moto keeps S3 in memory and has no persistence of its own that keeps the state as it was (its
+request recorder replays requests, in the order they arrived rather than the order they were
+applied, and keeps every request ever made). So this runs moto's own server application (the one
+``python -m moto.server`` runs: same S3 semantics, conditional puts included) and snapshots its S3
+state to a folder:
+
+- at start, the snapshot is loaded (buckets, every version of every object with its bytes, ETag,
+  metadata and modification time, tags); one that cannot be read stops the start, rather than
+  starting empty and saving the emptiness over it;
+- after a change (any PUT, POST or DELETE), the state is saved once the server has been quiet for
+  half a second, and at least every 5 s while changes keep coming;
+- on SIGTERM or SIGINT (``cxr-screen stack down``), requests in flight finish and the state is
+  saved before the process exits.
+
+A snapshot is taken while no request runs (requests share a gate that the snapshot takes alone),
+written to a temporary file, flushed to disk and renamed over the last one: a crash at any point
+leaves the previous snapshot whole. A process killed without warning (SIGKILL, power loss) loses
+the changes of its last seconds. Each save writes the whole store, which suits a local stack's
+data (up to a few GB), not a data lake.
+
+The snapshot is a pickle, readable only by its owner (folder 0700, file 0600): it holds the
+objects' bytes, which may be patient images, and loading a pickle runs code, so it must never be
+a file someone else could write. ``summary.json`` beside it says what it holds.
+
+``python -m deployments.s3_server --port 5000 --state .stack/s3``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["SNAPSHOT", "SUMMARY", "main", "read_summary"]
+
+SNAPSHOT = "state.pickle"
+SUMMARY = "summary.json"
+FORMAT = 1
+QUIET_SECONDS = 0.5  # save this long after the last change...
+LONGEST_DELAY_SECONDS = 5.0  # ...or this long after the first unsaved one, whichever comes first
+MUTATING_METHODS = frozenset({"PUT", "POST", "DELETE", "PATCH"})
+
+
+class Gate:
+    """Requests pass together; a snapshot waits for those in flight and holds new ones back."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._passing = 0
+        self._closed = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._closed)
+            self._passing += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._passing -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._closed)
+            self._closed = True
+            self._condition.wait_for(lambda: self._passing == 0)
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._closed = False
+                self._condition.notify_all()
+
+
+def _key_store_reducer(store):
+    """moto's key store is a dict of version lists whose ``items()`` shows only the latest version
+    and whose ``__setitem__`` appends: pickle it as its lists, so every version comes back."""
+    return _rebuild_key_store, (list(store.lists()),)
+
+
+def _rebuild_key_store(lists):
+    from moto.s3.utils import _VersionedKeyStore
+
+    store = _VersionedKeyStore()
+    for name, versions in lists:
+        store.setlist(name, versions)
+    return store
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        from moto.s3.utils import _VersionedKeyStore
+
+        if type(obj) is _VersionedKeyStore:
+            return _key_store_reducer(obj)
+        return NotImplemented
+
+
+def _summarize(backends) -> dict:
+    """Buckets with their current objects' count and bytes (delete markers and older versions aside)."""
+    from moto.s3.models import FakeKey
+
+    buckets = {}
+    for _account, _region, backend in backends:
+        for name, bucket in backend.buckets.items():
+            current = [key for key in bucket.keys.values() if isinstance(key, FakeKey)]
+            buckets[name] = {"objects": len(current), "bytes": sum(key.size for key in current)}
+    return {"saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "buckets": buckets}
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, readable only by the owner."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def read_summary(folder: Path) -> dict | None:
+    """What the last snapshot in ``folder`` holds, or None when there is none."""
+    try:
+        return json.loads((folder / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Store:
+    """moto's S3 state in ``folder``: loaded once, saved after changes and at the end."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.gate = Gate()
+        self._changed = threading.Event()
+        self._stopping = threading.Event()
+        self._last_change = 0.0
+        self._write_lock = threading.Lock()
+        self._saver = threading.Thread(target=self._save_after_changes, name="s3-state-saver", daemon=True)
+
+    def load(self) -> str:
+        """Restore the snapshot into moto's S3 backends; returns what was loaded, for the log."""
+        from moto.s3.models import s3_backends
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o700)
+        path = self.folder / SNAPSHOT
+        if not path.exists():
+            return f"no stored S3 state in {self.folder}: starting empty"
+        with open(path, "rb") as handle:
+            state = pickle.load(handle)  # noqa: S301 (our own file, in a folder only its owner can write)
+        if state.get("format") != FORMAT:
+            raise ValueError(f"snapshot format {state.get('format')!r}, this code reads {FORMAT}")
+        for account_id, region_name, saved in state["backends"]:
+            backend = s3_backends[account_id][region_name]
+            backend.buckets = saved["buckets"]
+            backend.tagger = saved["tagger"]
+            backend.inventory_configs = saved["inventory_configs"]
+        s3_backends.bucket_accounts.update(state["bucket_accounts"])
+        summary = _summarize(s3_backends.iter_backends())["buckets"]
+        objects = sum(bucket["objects"] for bucket in summary.values())
+        return (f"loaded the S3 state saved at {state['saved_at']} from {path}: {len(summary)} bucket(s), "
+                f"{objects} object(s)")
+
+    def changed(self) -> None:
+        self._last_change = time.monotonic()
+        self._changed.set()
+
+    def start(self) -> None:
+        self._saver.start()
+
+    def stop(self) -> None:
+        """Stop the saver and save what changed since its last save."""
+        self._stopping.set()
+        self._saver.join()
+        if self._changed.is_set():
+            self.save()
+
+    def save(self) -> None:
+        from moto.s3.models import s3_backends
+
+        with self._write_lock:
+            with self.gate.alone():  # no request changes the state while it is copied
+                self._changed.clear()
+                backends = list(s3_backends.iter_backends())
+                summary = _summarize(backends)
+                state = {
+                    "format": FORMAT, "saved_at": summary["saved_at"],
+                    "bucket_accounts": dict(s3_backends.bucket_accounts),
+                    "backends": [(account_id, region_name, {"buckets": backend.buckets, "tagger": backend.tagger,
+                                                            "inventory_configs": backend.inventory_configs})
+                                 for account_id, region_name, backend in backends],
+                }
+                buffer = io.BytesIO()
+                _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
+                data = buffer.getvalue()
+            _write_private(self.folder / SNAPSHOT, data)
+            _write_private(self.folder / SUMMARY, json.dumps(summary, indent=2).encode())
+
+    def _save_after_changes(self) -> None:
+        while not self._stopping.is_set():
+            if not self._changed.wait(0.2):
+                continue
+            first = time.monotonic()
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                wait = min(self._last_change + QUIET_SECONDS, first + LONGEST_DELAY_SECONDS) - now
+                if wait <= 0:
+                    break
+                self._stopping.wait(wait)
+            if self._stopping.is_set():
+                return  # stop() saves
+            try:
+                self.save()
+            except (OSError, pickle.PicklingError, TypeError, AttributeError) as error:
+                # Keep serving; the next change (or the stop) tries again.
+                print(f"error: could not save the S3 state in {self.folder}: {error}", file=sys.stderr, flush=True)
+                self._changed.set()
+                self._stopping.wait(LONGEST_DELAY_SECONDS)
+
+
+class PersistentApplication:
+    """moto's WSGI application; each request passes the store's gate, and a change is noted."""
+
+    def __init__(self, application, store: Store) -> None:
+        self.application = application
+        self.store = store
+
+    def __call__(self, environ, start_response):
+        try:
+            with self.store.gate.shared():
+                return self.application(environ, start_response)
+        finally:
+            if environ.get("REQUEST_METHOD", "GET").upper() in MUTATING_METHODS:
+                self.store.changed()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--state", type=Path, required=True, help="folder of the stored state")
+    arguments = parser.parse_args(argv)
+    os.environ.setdefault("MOTO_PORT", str(arguments.port))
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    store = Store(arguments.state.resolve())
+    try:
+        print(store.load(), flush=True)
+    except Exception as error:  # noqa: BLE001 (unpickling a damaged or foreign file can raise nearly anything)
+        print(f"error: cannot read the stored S3 state in {store.folder} ({type(error).__name__}: {error}); "
+              f"move it away, or remove it with 'cxr-screen stack down --wipe'", file=sys.stderr, flush=True)
+        sys.exit(3)
+    try:
+        server = make_server(arguments.host, arguments.port,
+                             PersistentApplication(DomainDispatcherApplication(create_backend_app), store),
+                             threaded=True, request_handler=MotoRequestHandler)
+    except OSError as error:
+        print(f"error: cannot listen on {arguments.host}:{arguments.port} ({error})", file=sys.stderr, flush=True)
+        sys.exit(1)
+    stop_signals: list[int] = []  # a plain list: a handler that took a lock could deadlock the thread it interrupts
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, _frame: stop_signals.append(signum))
+    serving = threading.Thread(target=server.serve_forever, name="s3-server", daemon=True)
+    serving.start()
+    store.start()
+    print(f"serving S3 on http://{arguments.host}:{arguments.port}", flush=True)
+    while not stop_signals:
+        time.sleep(0.2)
+    server.shutdown()
+    store.stop()  # waits for requests in flight, then saves
+    summary = read_summary(store.folder) or {"buckets": {}}
+    print(f"stopped; the S3 state in {store.folder} holds {len(summary['buckets'])} bucket(s), "
+          f"{sum(bucket['objects'] for bucket in summary['buckets'].values())} object(s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
