@@ -164,18 +164,18 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
     """
     folder = folder.resolve()
     if any(status(folder).values()):
-        raise RuntimeError(f"a stack is already running from {folder}: stop it first (cxr-screen stack down)")
+        raise ValueError(f"a stack is already running from {folder}: stop it first (cxr-screen stack down)")
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, not {workers}")
     if s3_only and (workers or os.environ.get("AWS_ENDPOINT_URL")):
-        raise RuntimeError("--s3-only starts the local S3 alone: " + (
+        raise ValueError("--s3-only starts the local S3 alone: " + (
             f"leave out --workers {workers}" if workers
             else f"AWS_ENDPOINT_URL names another endpoint ({os.environ['AWS_ENDPOINT_URL']}): unset it"))
     dask_address = f"tcp://127.0.0.1:{dask_port}"
     if workers and (settings.screen_workers is not None or settings.dask_address not in (None, dask_address)):
         given = (f"CXR_SCREEN_WORKERS={settings.screen_workers}" if settings.screen_workers is not None
                  else f"CXR_DASK_ADDRESS={settings.dask_address}")
-        raise RuntimeError(f"{given} is set, and --workers {workers} starts the Dask cluster nightly screening "
+        raise ValueError(f"{given} is set, and --workers {workers} starts the Dask cluster nightly screening "
                            f"uses: unset it, or leave out --workers")
     folder.mkdir(parents=True, exist_ok=True)
     uses_s3 = any(uri.startswith("s3://") for uri in (settings.incoming, settings.results, settings.model_store,
@@ -304,7 +304,7 @@ def wipe(folder: Path) -> list[str]:
     what was removed, in words."""
     folder = folder.resolve()
     if any(status(folder).values()):
-        raise RuntimeError(f"the stack in {folder} is running: stop it first")
+        raise ValueError(f"the stack in {folder} is running: stop it first")
     removed = []
     for name, what in ((S3_DATA, "S3 data"), ("prefect", "Prefect's database (flow runs, logs, artifacts)"),
                        ("dask", "Dask scratch space")):

@@ -395,9 +395,12 @@ def stack_up(
     try:
         state = stack.up(folder, Settings(), port=port, s3_port=s3_port, echo=console.print, workers=workers,
                          dask_port=dask_port, s3_only=s3_only)
-    except RuntimeError as error:
+    except ValueError as error:  # refused: the settings or a stack already running
         console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=EXIT_INPUT) from None
+    except RuntimeError as error:  # a process did not start
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(code=EXIT_RUNTIME) from None
     if state["ui"]:
         console.print(f"Stack is up. Prefect UI: [bold]{state['ui']}[/bold]")
     else:
@@ -459,9 +462,9 @@ def stack_down(
         return
     try:
         removed = stack.wipe(folder)
-    except RuntimeError as error:
+    except ValueError as error:  # the stack runs again (started by someone else meanwhile)
         console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(code=EXIT_RUNTIME) from None
+        raise typer.Exit(code=EXIT_INPUT) from None
     for what in removed:
         console.print(f"Removed {escape(what)}", soft_wrap=True)
     if not removed:
