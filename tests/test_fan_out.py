@@ -150,25 +150,23 @@ def silent_s3(monkeypatch):
     server.close()
 
 
-def test_a_hung_read_is_stopped_by_the_steps_time_limit_and_retried(prefect_api, silent_s3):
+def test_a_hung_read_is_stopped_by_the_steps_time_limit_and_counts_as_transient(prefect_api, silent_s3):
     from prefect import flow
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    from tasks.retrying import transient_only
     from tasks.screening import find_inputs
 
     assert find_inputs.timeout_seconds, "a step that reads storage has no time limit"
 
     @flow
     def listing():
-        return find_inputs.with_options(timeout_seconds=2, retries=1, retry_delay_seconds=0)("s3://bucket/incoming")
+        return find_inputs.with_options(timeout_seconds=2, retries=0)("s3://bucket/incoming")
 
     started = time.monotonic()
     state = listing(return_state=True)
-    # Each attempt ends at its limit, or at the latest when the S3 read in progress gives up (30 s: a
-    # blocked socket read cannot always be interrupted); botocore alone would wait 5 x 30 s an attempt.
-    assert state.is_failed() and time.monotonic() - started < 70
-    with get_client(sync_client=True) as client:
-        (run,) = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    assert run.run_count == 2 and run.state.name == "TimedOut"  # a hang may pass: retried, not failed at once
+    # The limit ends the step, at the latest when the S3 read in progress gives up (30 s: a blocked
+    # socket read cannot always be interrupted); botocore alone would retry it 5 times, 30 s each.
+    assert state.is_failed() and time.monotonic() - started < 45
+    assert state.name == "TimedOut"
+    # A hang may pass: the step's retry condition retries it (a missing folder would fail at once).
+    assert transient_only(find_inputs, None, state)
