@@ -95,6 +95,21 @@ def prefect_api():
         yield
 
 
+@pytest.fixture(scope="module")
+def model_store(prefect_api, tmp_path_factory) -> str:
+    """A tiny trained model (32 px, weights none), registered as production: a bundle as training
+    writes it. Per module, so that no module sees what another did to its store."""
+    from flows.parameters import TrainParameters
+    from flows.train import train
+    from tasks.phantoms import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("model")
+    write_phantom_dataset(str(root / "dataset"), per_class=16, size=96, seed=11)
+    train(TrainParameters(dataset_uri=str(root / "dataset"), model_store_uri=str(root / "models"), input_size=32,
+                          weights="none", epochs=3, augment_draws=1, batch_size=8))
+    return str(root / "models")
+
+
 def flow_run_artifacts(flow_run_id) -> dict:
     """Artifacts of a flow run (and its task runs), by key."""
     from prefect.client.orchestration import get_client

@@ -14,7 +14,7 @@ import pytest
 from flows.fan_out import FanOutError, chunk_runner, local_worker_environment
 from tasks import ledger, storage
 from tasks.results import ResultsLayout
-from tests.test_screen_flow import make_incoming, model_store, run_rows, run_screen  # noqa: F401 (fixture)
+from tests.test_screen_flow import make_incoming, run_rows, run_screen
 
 pytestmark = pytest.mark.slow
 

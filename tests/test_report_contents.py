@@ -215,22 +215,8 @@ def test_run_folders_are_listed_one_level_deep(where, tmp_path, request):
 # --- end to end -----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained_store(prefect_api, tmp_path_factory) -> str:
-    """A tiny trained model (32 px, weights none), registered as production: a bundle as training writes it."""
-    from flows.parameters import TrainParameters
-    from flows.train import train
-    from tasks.phantoms import write_phantom_dataset
-
-    root = tmp_path_factory.mktemp("model")
-    write_phantom_dataset(str(root / "dataset"), per_class=16, size=96, seed=11)
-    train(TrainParameters(dataset_uri=str(root / "dataset"), model_store_uri=str(root / "models"), input_size=32,
-                          weights="none", epochs=3, augment_draws=1, batch_size=8))
-    return str(root / "models")
-
-
 @pytest.mark.slow
-def test_a_screening_run_links_its_report_and_shows_the_trained_models_plots_and_the_runs_before(trained_store,
+def test_a_screening_run_links_its_report_and_shows_the_trained_models_plots_and_the_runs_before(model_store,
                                                                                                      tmp_path):
     from flows.parameters import ScreenParameters
     from flows.screen import screen
@@ -239,18 +225,18 @@ def test_a_screening_run_links_its_report_and_shows_the_trained_models_plots_and
 
     results, incoming = str(tmp_path / "results"), str(tmp_path / "incoming")
     write_phantom_dataset(storage.join(incoming, "monday"), per_class=2, size=96, seed=1)
-    screen(ScreenParameters(incoming_uri=incoming, results_uri=results, model_store_uri=trained_store))
+    screen(ScreenParameters(incoming_uri=incoming, results_uri=results, model_store_uri=model_store))
     write_phantom_dataset(storage.join(incoming, "tuesday"), per_class=2, size=96, seed=2)
-    state = screen(ScreenParameters(incoming_uri=incoming, results_uri=results, model_store_uri=trained_store),
+    state = screen(ScreenParameters(incoming_uri=incoming, results_uri=results, model_store_uri=model_store),
                    return_state=True)
     summary = state.result()
 
     page = storage.read_bytes(summary.outputs["report.html"]).decode()
     version = summary.model_version
-    bundle_card = registry.load_card(trained_store, version)
+    bundle_card = registry.load_card(model_store, version)
     for name in reports.MODEL_FIGURES:  # the very bytes training wrote, as the card lists them
-        assert embedded(page, registry.read_file(trained_store, bundle_card, name)), name
-    assert f'<a href="file://{trained_store}/{version}/card.md">' in page and "Not available" not in page
+        assert embedded(page, registry.read_file(model_store, bundle_card, name)), name
+    assert f'<a href="file://{model_store}/{version}/card.md">' in page and "Not available" not in page
     assert 'alt="flag rate and rejected share of the last runs"' in page and "The 1 runs before it" in page
     stored = json.loads(storage.read_bytes(summary.outputs["summary.json"]))
     assert sum(stored["probability_histogram"]) == stored["ok"] == 4

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from flows.parameters import ScreenParameters, TrainParameters
+from flows.parameters import ScreenParameters
 from flows.screen import screen
 from model.bundle import BundleError
 from model.inference import EngineCheck
@@ -30,18 +30,6 @@ from tasks.screening import find_inputs
 from tests.conftest import flow_run_artifacts
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model_store(prefect_api, tmp_path_factory) -> str:
-    """A tiny trained model (32 px, weights none), registered as production."""
-    from flows.train import train
-
-    root = tmp_path_factory.mktemp("model")
-    write_phantom_dataset(str(root / "dataset"), per_class=16, size=96, seed=11)
-    train(TrainParameters(dataset_uri=str(root / "dataset"), model_store_uri=str(root / "models"), input_size=32,
-                          weights="none", epochs=3, augment_draws=1, batch_size=8))
-    return str(root / "models")
 
 
 def run_screen(incoming: str, results: str, store: str, return_state: bool = False, **options):
