@@ -21,7 +21,7 @@ import pytest
 from tasks import storage
 from tasks.phantoms import chest_phantom
 from tests.hostile_files import decoder_cases
-from tests.test_screen_flow import model_store, run_rows, run_screen  # noqa: F401 - fixture
+from tests.test_screen_flow import run_rows, run_screen
 
 pytestmark = pytest.mark.slow
 
