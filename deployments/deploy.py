@@ -1,4 +1,4 @@
-"""The two deployments: ``nightly-screening`` on the cpu pool, ``retrain`` on the gpu pool.
+"""The deployments: ``nightly-screening`` on the cpu pool, ``retrain`` and ``synthesize`` on the gpu pool.
 
 A deploy script rather than prefect.yaml: parameters come typed from ``Settings`` (prefect.yaml
 templating would hand the server strings for the integer parameters), and the schedule, the
@@ -19,7 +19,7 @@ from deployments.settings import Settings
 
 DATASET_UPDATED = "cxr.dataset.updated"
 DATASET_URI_LABEL = "cxr.dataset.uri"  # the resource label of the event that carries the dataset's URI
-SCREENING, RETRAIN = "screen/nightly-screening", "train/retrain"
+SCREENING, RETRAIN, SYNTHESIZE = "screen/nightly-screening", "train/retrain", "synthesize/synthesize"
 
 
 def deploy_all(settings: Settings) -> dict[str, UUID]:
@@ -50,7 +50,19 @@ def deploy_all(settings: Settings) -> dict[str, UUID]:
         tags=["training"],
         **common,
     )
-    return {SCREENING: screening, RETRAIN: retrain}
+    # Run by hand (no schedule, no trigger): a GAN is trained once and its images checked by a person
+    # before any training uses them (train --synthetic).
+    synthesize = flow.from_source(settings.project_dir, "flows.synthesize.synthesize").deploy(
+        name="synthesize",
+        work_pool_name=settings.gpu_pool,
+        description="Train a GAN on the training split of the dataset; publish synthetic images of one class and the "
+                    "generator, unless its images copy patients' images.",
+        parameters={"params": settings.synthesize_parameters().model_dump(mode="json")},
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        tags=["training", "synthesis"],
+        **common,
+    )
+    return {SCREENING: screening, RETRAIN: retrain, SYNTHESIZE: synthesize}
 
 
 def _from_event(label: str, default: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flows.parameters import ScreenParameters, TrainParameters
+from flows.parameters import ScreenParameters, SynthesizeParameters, TrainParameters
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -44,8 +44,15 @@ class Settings(BaseSettings):
     screen_chunk_timeout_minutes: float | None = Field(None, description="A chunk running longer is stopped and retried.")
     screen_workers: int | None = Field(None, description="Screen on a local Dask cluster of this many processes.")
     dask_address: str | None = Field(None, description="Screen on this Dask cluster (tcp://HOST:8786): see README.")
+    synthetic: str = Field("s3://cxr/datasets/synthetic/{version}",
+                           description="Where the synthesize deployment writes its synthetic dataset ('{version}': "
+                                       "the generator's version).")
+    generator_store: str = Field("s3://cxr/generators", description="Where the synthesize deployment publishes "
+                                                                    "generators.")
+    synthesize_class: str | None = Field(None, description="The class the synthesize deployment synthesises.")
+    synthesize_count: int | None = Field(None, description="Synthetic images per synthesize run.")
     cpu_pool: str = Field("cpu", description="Work pool of nightly screening.")
-    gpu_pool: str = Field("gpu", description="Work pool of retraining.")
+    gpu_pool: str = Field("gpu", description="Work pool of retraining and synthesis.")
     project_dir: str = Field(str(PROJECT_DIR), description="Project folder the process workers run flows from.")
 
     def screen_parameters(self) -> ScreenParameters:
@@ -62,6 +69,12 @@ class Settings(BaseSettings):
                                **_given(epochs=self.train_epochs, fine_tune_epochs=self.train_fine_tune_epochs,
                                         input_size=self.train_input_size,
                                         require_approval=self.train_require_approval))
+
+    def synthesize_parameters(self) -> SynthesizeParameters:
+        return SynthesizeParameters(dataset_uri=self.dataset, out_uri=self.synthetic,
+                                    generator_store_uri=self.generator_store, weights=self.weights,
+                                    **_given(synthetic_class=self.synthesize_class, count=self.synthesize_count,
+                                             input_size=self.train_input_size))
 
 
 def _given(**values) -> dict:

@@ -40,7 +40,7 @@ from rich.table import Table  # noqa: E402
 # lifeline.arm() before a flow: Prefect's temporary server must not outlive a killed command.
 from flows import lifeline  # noqa: E402
 from flows.models_cli import models_app  # noqa: E402
-from flows.parameters import AuditParameters, ScreenParameters, TrainParameters  # noqa: E402
+from flows.parameters import AuditParameters, ScreenParameters, SynthesizeParameters, TrainParameters  # noqa: E402
 
 # Exit codes (README, "Commands"): 2 is click's own for usage errors.
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INPUT = 1, 2, 3
@@ -175,6 +175,8 @@ def train(
     calibrate: bool = _option(TrainParameters, "calibrate", "--calibrate/--no-calibrate"),
     head: str = _option(TrainParameters, "head"),
     bootstrap: int = _option(TrainParameters, "bootstrap"),
+    synthetic: str | None = _option(TrainParameters, "synthetic_uri", "--synthetic"),
+    synthetic_share: float = _option(TrainParameters, "synthetic_share"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (the rest "
                                                          "goes to stderr)."),
 ) -> None:
@@ -187,7 +189,8 @@ def train(
                         scale_mode=scale_mode, force_promote=force_promote, require_approval=require_approval,
                         strata=None if strata is None else [name.strip() for name in strata.split(",") if name.strip()],
                         balance_strata=balance_strata, mixed_strata_only=mixed_strata_only, leave_out=leave_out,
-                        calibrate=calibrate, head=head, bootstrap=bootstrap)
+                        calibrate=calibrate, head=head, bootstrap=bootstrap, synthetic_uri=synthetic,
+                        synthetic_share=synthetic_share)
     _json_mode(as_json)
     lifeline.arm()
     from flows.train import train as train_flow
@@ -209,6 +212,10 @@ def train(
         baseline = found["metadata_baseline_auc"]
         console.print(f"  within {escape(name)}: AUC {shown}; {escape(name)} alone reaches "
                       f"{'n/a' if baseline is None else f'{baseline:.3f}'}")
+    added = trained.card.dataset.get("synthetic")
+    if added:
+        console.print(f"  trained with {added['count']} synthetic {escape(added['class'])} image(s) from "
+                      f"{escape(added['uri'])} (training part only)")
     console.print(f"{'Promoted to production' if trained.promoted else 'Not promoted'}: {trained.reason}")
     console.print(f"Bundle: {trained.bundle_uri} (model card: card.md)")
     for line in trained.card.shortcut_warnings:  # last, where a reader's eye lands
@@ -216,6 +223,53 @@ def train(
     if as_json:
         _print_json({"version": trained.version, "bundle_uri": trained.bundle_uri, "promoted": trained.promoted,
                      "reason": trained.reason, "card": json.loads(trained.card.to_json())})
+
+
+@app.command()
+def synthesize(
+    dataset_uri: str = typer.Argument(..., help=SynthesizeParameters.describe("dataset_uri")),
+    synthetic_class: str = _option(SynthesizeParameters, "synthetic_class", "--class"),
+    count: int = _option(SynthesizeParameters, "count"),
+    out: str = typer.Option(..., "--out", help=SynthesizeParameters.describe("out_uri")),
+    generator_store: str = _option(SynthesizeParameters, "generator_store_uri", "--generator-store",
+                                   envvar="CXR_GENERATOR_STORE"),
+    seed: int = _option(SynthesizeParameters, "seed"),
+    test_fraction: float = _option(SynthesizeParameters, "test_fraction"),
+    image_size: int = _option(SynthesizeParameters, "image_size"),
+    epochs: int = _option(SynthesizeParameters, "epochs"),
+    width: int = _option(SynthesizeParameters, "width"),
+    batch_size: int = _option(SynthesizeParameters, "batch_size"),
+    weights: str = _option(SynthesizeParameters, "weights", envvar="CXR_WEIGHTS"),
+    input_size: int = _option(SynthesizeParameters, "input_size", envvar="CXR_TRAIN_INPUT_SIZE"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (the rest "
+                                                         "goes to stderr)."),
+) -> None:
+    """Train a GAN on a dataset's training split; publish synthetic images of one class, unless they copy patients."""
+    params = _validated(SynthesizeParameters, dataset_uri=dataset_uri, out_uri=out, synthetic_class=synthetic_class,
+                        count=count, generator_store_uri=generator_store, seed=seed, test_fraction=test_fraction,
+                        image_size=image_size, epochs=epochs, width=width, batch_size=batch_size, weights=weights,
+                        input_size=input_size)
+    _json_mode(as_json)
+    lifeline.arm()
+    from flows.synthesize import synthesize as synthesize_flow
+
+    with _clean_errors(), console.status(f"Synthesising {count} {escape(synthetic_class)} image(s) "
+                                         f"(GAN: {epochs} epochs at {image_size} px)"):
+        result = synthesize_flow(params)
+    for name, found in result.quality.classes.items():
+        ratio = "n/a" if found["ratio"] is None else f"{found['ratio']:.2f}"
+        memorisation = found["memorisation"]["spaces"]
+        console.print(f"  {escape(name)}: Fréchet distance {found['fd']:.4g} vs floor {found['floor']:.4g} "
+                      f"(x{ratio}); nearest real image, 5% quantile: " + ", ".join(
+                          f"{space} {values['synthetic_to_real']['q05']:.3g} (real-to-real "
+                          f"{values['real_to_real']['q05']:.3g})" for space, values in memorisation.items()))
+    console.print(f"Generator [bold]{result.version}[/bold]: {result.bundle_uri} (card.md, samples.png)")
+    console.print(f"Synthetic dataset: {result.count} {escape(result.synthetic_class)} image(s) in {result.dataset_uri}; "
+                  f"train with: cxr-screen train DATASET --synthetic {escape(result.dataset_uri)} --seed {seed}")
+    if as_json:
+        _print_json({"version": result.version, "bundle_uri": result.bundle_uri, "dataset_uri": result.dataset_uri,
+                     "manifest_uri": result.manifest_uri, "class": result.synthetic_class, "count": result.count,
+                     "quality": result.quality.to_dict()})
 
 
 @app.command()
@@ -509,7 +563,7 @@ def _use_stack_if_up(folder: Path) -> None:
 
 @app.command()
 def deploy() -> None:
-    """Create the work pools and (re)deploy nightly-screening and retrain to the configured Prefect API."""
+    """Create the work pools and (re)deploy nightly-screening, retrain and synthesize to the configured Prefect API."""
     _use_stack_if_up(Path(os.environ.get("CXR_STACK_DIR", ".stack")))
     _require_api()
     from deployments.deploy_cli import main as deploy_main

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["AuditParameters", "ScreenParameters", "TrainParameters"]
+__all__ = ["AuditParameters", "ScreenParameters", "SynthesizeParameters", "TrainParameters"]
 
 
 class _Parameters(BaseModel):
@@ -113,6 +113,13 @@ class TrainParameters(_Parameters):
         "linear", description="'linear' (standardised pooled features, L2-regularised softmax; L2 chosen on "
                               "validation) or 'mlp' (the tutorial's Dense(64)-dropout head).")
     bootstrap: int = Field(1000, ge=100, description="Patient-level bootstrap resamples for confidence intervals.")
+    synthetic_uri: str | None = Field(
+        None, description="A synthetic dataset written by 'cxr-screen synthesize' from this dataset with this seed and "
+                          "test fraction: its images of the minority class join the training split only (never "
+                          "validation or test).")
+    synthetic_share: float = Field(
+        0.3, gt=0, lt=1, description="With synthetic_uri: the most the synthetic images may make up of the minority "
+                                     "class's training images (0.3: at most 3 in 10).")
 
 
 class AuditParameters(TrainParameters):
@@ -122,3 +129,27 @@ class AuditParameters(TrainParameters):
 
     by: str = Field(description="Manifest column whose levels are left out of training, one fold each.")
     output_uri: str = Field("audit", description="Where the audit table and plot are written (folder or s3://).")
+
+
+class SynthesizeParameters(_Parameters):
+    """Train a class-conditional GAN on a dataset's training split and publish synthetic images of one
+    class, with the generator as a versioned bundle, if it passes the memorisation check."""
+
+    dataset_uri: str = Field(description="Labelled dataset: class sub-folders or a manifest.csv (folder or s3://).")
+    out_uri: str = Field(description="Where the synthetic dataset goes (class folder and manifest.csv; folder or "
+                                     "s3://), refused if it holds a manifest.csv already; '{version}' in it becomes "
+                                     "the generator's version (a new folder each run).")
+    synthetic_class: str = Field("covid", description="The class to synthesise (usually the minority class).")
+    count: int = Field(200, ge=1, le=100_000, description="Synthetic images to write.")
+    generator_store_uri: str = Field("generators", description="Generator store: one bundle per version "
+                                                               "(folder or s3://).")
+    seed: int = Field(0, description="Seed of the split (use train's), the GAN's training and the images' noise.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of patients held out for testing (use train's).")
+    image_size: Literal[64, 128, 256] = Field(
+        64, description="Side of the synthetic images in pixels (64 at least: the image loader refuses smaller X-rays).")
+    epochs: int = Field(60, ge=1, description="Passes of the GAN over the training split.")
+    width: int = Field(32, ge=4, le=256, description="Channels of the generator's last block (doubling towards 4x4).")
+    batch_size: int = Field(32, ge=2, le=1024, description="Images per GAN training step.")
+    weights: str = Field("imagenet", description="Base weights of the feature space the checks measure in: "
+                                                 "'imagenet', a weights file path or s3:// URI, or 'none'.")
+    input_size: int = Field(224, ge=32, le=1024, description="Input size of that feature space (the classifier's).")

@@ -19,6 +19,7 @@ from tasks import registry
 from tasks.bundling import (TrainedModel, awaiting_approval, make_bundle, promote, publish_bundle, read_production,
                             report_training)
 from tasks.clinical import audit_model, calibrate_model
+from tasks.synthetic_training import add_synthetic
 from tasks.train_steps import (calibration_sample, check_engines, discover, evaluate_model, fit_model, load_labelled, resolve_weights, score_production,
                                split_for_training)
 
@@ -43,7 +44,10 @@ def train(params: TrainParameters) -> TrainedModel:
                                params.seed, params.strata, params.balance_strata, params.mixed_strata_only,
                                params.leave_out)
 
-    model, history, balance, features_engine = fit_model(split.training_data(loaded.images), spec, config, weights)
+    training, synthetic = split.training_data(loaded.images), None
+    if params.synthetic_uri:  # the training part only: validation and test stay real
+        training, synthetic = add_synthetic(training, loaded, split, params.synthetic_uri, params.synthetic_share, spec)
+    model, history, balance, features_engine = fit_model(training, spec, config, weights)
     split = split.balanced_by(balance) if balance else split
     if weights_info["origin"] == "imagenet" and weights_info["sha256"] is None:
         weights_info = resolve_weights.fn("imagenet")[1]  # the download has happened by now
@@ -68,7 +72,7 @@ def train(params: TrainParameters) -> TrainedModel:
     card, files = make_bundle(model, history, threshold, metrics, dataset=dataset, loaded=loaded, split=split,
                               spec=spec, config=config, weights=weights_info, test_fraction=params.test_fraction,
                               validity=validity, calibration=calibration, features_engine=features_engine,
-                              figures={"calibration.png": reliability, "gradcam.png": mean_cam},
+                              figures={"calibration.png": reliability, "gradcam.png": mean_cam}, synthetic=synthetic,
                               promotion={"promoted": promoted, "reason": reason,
                                          "compared_with": production and production["version"],
                                          "require_approval": params.require_approval})

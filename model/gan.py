@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -211,10 +212,11 @@ def init_generator(num_classes: int, config: GanConfig = GanConfig()) -> Generat
 
 
 def train_gan(images: np.ndarray, labels: np.ndarray, config: GanConfig = GanConfig(),
-              num_classes: int | None = None) -> Generator:
+              num_classes: int | None = None, callbacks: Sequence[keras.callbacks.Callback] = ()) -> Generator:
     """Train the conditional GAN on grayscale uint8 images ``(n, s, s)`` (resized to
     ``config.image_size`` when s differs) with int labels ``0 .. num_classes - 1`` (by default
-    ``max(labels) + 1``). Train on the training split only."""
+    ``max(labels) + 1``). Train on the training split only. ``callbacks`` see each epoch's mean
+    losses (progress and logs)."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be one int per image, got {labels.dtype} {labels.shape} for {len(images)} images")
@@ -229,7 +231,7 @@ def train_gan(images: np.ndarray, labels: np.ndarray, config: GanConfig = GanCon
     gan.compile()
     if config.epochs:
         history = gan.fit(real, labels.astype(np.int32), batch_size=config.batch_size, epochs=config.epochs,
-                          shuffle=True, verbose=0)
+                          shuffle=True, verbose=0, callbacks=list(callbacks))
         generator.history = {name: [float(value) for value in values] for name, values in history.history.items()}
     return generator
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from model.preprocessing import Preprocessing, resize, scale
 
-__all__ = ["FeatureFunction", "MemorisationReport", "fd_floor", "frechet_distance", "frechet_distance_of",
+__all__ = ["FeatureFunction", "MemorisationReport", "fd_against_floor", "fd_floor", "frechet_distance", "frechet_distance_of",
            "memorisation_check", "nearest_neighbour_distances", "pixel_vectors", "vgg16_features"]
 
 FeatureFunction = Callable[[np.ndarray], np.ndarray]  # uint8 images (n, s, s) -> features (n, d)
@@ -91,6 +91,22 @@ def fd_floor(real_images: np.ndarray, features: FeatureFunction, seed: int = 0) 
     order = np.random.default_rng(seed).permutation(len(real_images))
     half = len(order) // 2
     return frechet_distance_of(real_images[order[:half]], real_images[order[half:2 * half]], features)
+
+
+def fd_against_floor(synthetic: np.ndarray, real: np.ndarray, features: FeatureFunction, seed: int = 0) -> dict:
+    """The generator's FD and its floor at the same numbers of images, so the two compare: the real
+    images are cut into two random halves A and B; the floor is FD(A, B) and the generator's FD is
+    FD(S, B) with S the first |A| synthetic images (the FD's bias grows as sets shrink, so sizes must
+    match). Returns ``{"fd", "floor", "ratio", "images"}`` (``images``: |A|)."""
+    order = np.random.default_rng(seed).permutation(len(real))
+    half = len(order) // 2
+    if half < 2 or len(synthetic) < half:
+        raise ValueError(f"need at least 4 real images and as many synthetic images as half of them, got "
+                         f"{len(real)} real and {len(synthetic)} synthetic")
+    first, second = features(real[order[:half]]), features(real[order[half:2 * half]])
+    floor = frechet_distance(first, second)
+    distance = frechet_distance(features(synthetic[:half]), second)
+    return {"fd": distance, "floor": floor, "ratio": distance / floor if floor > 0 else None, "images": half}
 
 
 def nearest_neighbour_distances(queries: np.ndarray, references: np.ndarray, leave_one_out: bool = False,

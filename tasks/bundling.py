@@ -54,8 +54,10 @@ def card_markdown(card: ModelCard) -> str:
 def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: dict, *, dataset: Dataset,
                 loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing, config: TrainingConfig,
                 weights: dict, test_fraction: float, promotion: dict, validity: dict, calibration: dict,
-                figures: dict[str, bytes | None], features_engine: dict | None = None) -> tuple[ModelCard, dict[str, bytes]]:
-    """The card and every other file of the bundle, as bytes; the card lists their sha256."""
+                figures: dict[str, bytes | None], features_engine: dict | None = None,
+                synthetic: dict | None = None) -> tuple[ModelCard, dict[str, bytes]]:
+    """The card and every other file of the bundle, as bytes; the card lists their sha256.
+    ``synthetic``: what synthetic images joined the training part (tasks/synthetic_training.py)."""
     model_bytes = model_to_bytes(model)
     card = ModelCard(
         version=registry.new_version(), classes=split.classes, positive_class=split.positive, threshold=threshold,
@@ -65,7 +67,8 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
                  "split_seed": config.seed, "test_fraction": test_fraction, "train_images": int(len(split.train)),
                  "validation_images": int(len(split.validation)), "test_images": int(len(split.test)),
                  "test_fingerprint": fingerprint([loaded.items[i] for i in split.test]),
-                 "class_counts": dataset.class_counts},
+                 "validation_fingerprint": fingerprint([loaded.items[i] for i in split.validation]),
+                 "class_counts": dataset.class_counts, **({"synthetic": synthetic} if synthetic else {})},
         metrics=metrics, training={**config.to_dict(), "balance_strata": split.balance,
                                    "selected_l2": history["stage1"].get("selected_l2", [None])[0],
                                    "leave_out": "=".join(split.leave_out) if split.leave_out else None,

@@ -1,0 +1,196 @@
+"""The synthesize flow (#14) end to end on phantoms, into a folder and into a moto S3 server over
+HTTP; train --synthetic keeps validation and test real; the memorisation gate refuses a generator
+that hands back training images; the command line's exit codes.
+
+Tiny settings throughout (64 px GAN of width 8, a few epochs, a handful of images, an untrained 32 px feature
+base): the flow and the checks are under test here, not the GAN's quality (tests/test_gan.py)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from typer.testing import CliRunner
+
+from flows.parameters import SynthesizeParameters, TrainParameters
+from flows.synthesize import synthesize
+from flows.train import train
+from model.bundle import BundleError
+from model.gan import Generator
+from tasks import storage
+from tasks.datasets import DatasetError, discover_dataset, fingerprint, hash_images, split_dataset
+from tasks.generators import load_generator
+from tasks.phantoms import write_phantom_dataset
+from tests.conftest import flow_run_artifacts
+
+SEED = 3
+TINY = dict(count=6, image_size=64, epochs=2, width=8, batch_size=8, weights="none", input_size=32, seed=SEED)
+TRAIN_SMALL = dict(input_size=32, weights="none", epochs=3, augment_draws=1, batch_size=8, bootstrap=100, seed=SEED)
+BUNDLE = {"generator.keras", "gan.json", "samples.png", "quality.json", "card.md", "card.json"}
+
+
+def phantoms(uri: str) -> str:
+    """16 normal and 10 covid phantoms: covid is the training split's minority class."""
+    written = write_phantom_dataset(uri, per_class=16, size=64, seed=SEED)
+    for extra in [name for name in written if "/covid/" in name][10:]:
+        storage.delete(extra)
+    return uri
+
+
+def real_split(dataset_uri: str):
+    """train's split, rebuilt here from the split function alone: (training part, validation, test)."""
+    items = hash_images(discover_dataset(dataset_uri).items)
+    split = split_dataset(items, 0.2, SEED)
+    fit = split_dataset(split.train, 0.2, SEED + 1)
+    return fit.train, fit.test, split.test
+
+
+def manifest_rows(dataset_uri: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(storage.read_bytes(storage.join(dataset_uri, "manifest.csv")).decode())))
+
+
+def files_under(uri: str) -> set[str]:
+    return {storage.relative_to(found, uri) for found in storage.list_files(uri, missing_ok=True)}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    return phantoms(str(tmp_path_factory.mktemp("synth") / "dataset"))
+
+
+@pytest.mark.slow
+def test_synthesize_to_a_folder_then_train_keeps_validation_and_test_real(prefect_api, dataset, tmp_path):
+    out, store = str(tmp_path / "synthetic"), str(tmp_path / "generators")
+    state = synthesize(SynthesizeParameters(dataset_uri=dataset, out_uri=out, generator_store_uri=store, **TINY),
+                       return_state=True)
+    result = state.result()
+
+    # The generator learned from train's training part, no validation or test image.
+    training, validation, test = real_split(dataset)
+    generator, card = load_generator(store, result.version)
+    assert card.dataset["train_fingerprint"] == fingerprint(training)
+    assert card.dataset["train_images"] == {"covid": sum(i.label == "covid" for i in training),
+                                            "normal": sum(i.label == "normal" for i in training)}
+    assert files_under(result.bundle_uri) == BUNDLE
+    assert storage.read_bytes(storage.join(result.bundle_uri, "samples.png")).startswith(b"\x89PNG")
+    assert generator.config.image_size == 64 and card.classes == ["covid", "normal"]
+    for name in ("covid", "normal"):  # FD against its floor at equal numbers of images, per class
+        found = card.quality["classes"][name]
+        assert found["fd"] > 0 and found["floor"] > 0 and found["images"] >= 2
+        assert found["memorisation"]["passed"] and "features" in found["memorisation"]["spaces"]
+
+    rows = manifest_rows(out)
+    assert len(rows) == 6 and {row["class"] for row in rows} == {"covid"}
+    assert {(row["synthetic"], row["generator_version"], row["seed"]) for row in rows} == {("true", result.version, "3")}
+    image = cv2.imdecode(np.frombuffer(storage.read_bytes(storage.join(out, rows[0]["file"])), np.uint8),
+                         cv2.IMREAD_UNCHANGED)
+    assert image.shape == (64, 64)  # grayscale, at the generator's size
+    assert discover_dataset(out).class_counts == {"covid": 6}  # the dataset loader reads it
+    artifacts = flow_run_artifacts(state.state_details.flow_run_id)
+    assert "data:image/png;base64," in artifacts["generator-samples"].data
+    assert {"generator-quality", "training-progress"} <= artifacts.keys()
+
+    # train --synthetic: the synthetic images join the training part only.
+    trained = train(TrainParameters(dataset_uri=dataset, model_store_uri=str(tmp_path / "models"), synthetic_uri=out,
+                                    synthetic_share=0.3, **TRAIN_SMALL))
+    recorded = trained.card.dataset
+    real_covid = sum(item.label == "covid" for item in training)
+    assert recorded["synthetic"]["count"] == min(6, math.floor(0.3 / 0.7 * real_covid)) > 0
+    assert recorded["synthetic"]["uri"] == out and recorded["synthetic"]["generator_versions"] == [result.version]
+    assert recorded["synthetic"]["share"] == 0.3 and recorded["synthetic"]["class"] == "covid"
+    # The actual validation and test parts are the real-only ones, image for image (content and label).
+    assert recorded["validation_fingerprint"] == fingerprint(validation)
+    assert recorded["test_fingerprint"] == fingerprint(test)
+    synthetic_digests = {hashlib.sha256(storage.read_bytes(storage.join(out, row["file"]))).hexdigest() for row in rows}
+    assert not synthetic_digests & {item.sha256 for item in [*validation, *test]}
+    assert (recorded["train_images"], recorded["validation_images"], recorded["test_images"]) == (
+        len(training), len(validation), len(test))
+    assert "synthetic images (training part only)" in storage.read_bytes(
+        storage.join(trained.bundle_uri, "card.md")).decode()
+    # Another seed splits the patients otherwise: the generator may have seen this run's test patients.
+    with pytest.raises(DatasetError, match="another training split"):
+        train(TrainParameters(dataset_uri=dataset, model_store_uri=str(tmp_path / "models"), synthetic_uri=out,
+                              **{**TRAIN_SMALL, "seed": SEED + 1}))
+
+
+@pytest.mark.slow
+def test_synthesize_to_s3_signed(prefect_api, s3_bucket, monkeypatch):
+    monkeypatch.setenv("CXR_MODEL_SIGNING_KEY", "a-test-signing-key-of-some-length")
+    dataset = phantoms(f"{s3_bucket}/dataset")
+    params = SynthesizeParameters(dataset_uri=dataset, out_uri=f"{s3_bucket}/synthetic/{{version}}",
+                                  generator_store_uri=f"{s3_bucket}/generators", **TINY)
+    result = synthesize(params)
+
+    assert result.dataset_uri == f"{s3_bucket}/synthetic/{result.version}"
+    assert files_under(result.bundle_uri) == BUNDLE | {"card.json.sig"}
+    assert discover_dataset(result.dataset_uri).class_counts == {"covid": 6}
+    assert load_generator(f"{s3_bucket}/generators", result.version)[1].version == result.version
+    monkeypatch.setenv("CXR_MODEL_SIGNING_KEY", "another-key-another-key-another")
+    with pytest.raises(BundleError, match="does not match"):
+        load_generator(f"{s3_bucket}/generators", result.version)
+
+
+class _Copier(keras.Model):
+    """A 'generator' that hands back training images of the asked class: what memorisation looks like."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int):
+        super().__init__()
+        per_class = [images[labels == label] for label in range(num_classes)]
+        most = max(len(found) for found in per_class)
+        table = np.stack([np.resize(found, (most, *found.shape[1:])) for found in per_class])
+        self.table = tf.constant(table.astype(np.float32)[..., None] / 127.5 - 1.0)
+        self.counts = tf.constant([len(found) for found in per_class])
+
+    def call(self, inputs, training=False):
+        noise, labels = inputs
+        labels = tf.cast(labels, tf.int32)
+        picks = tf.math.floormod(tf.cast(tf.abs(noise[:, 0]) * 1000.0, tf.int32), tf.gather(self.counts, labels))
+        return tf.gather_nd(self.table, tf.stack([labels, picks], axis=1))
+
+
+def test_memorisation_gate_refuses_a_copying_generator_through_the_cli(prefect_api, dataset, tmp_path, monkeypatch):
+    from flows import cli, lifeline
+    from tasks import synthesis
+
+    def copying_gan(images, labels, config, num_classes=None, callbacks=()):
+        return Generator(_Copier(images, labels, num_classes), config, num_classes)
+
+    monkeypatch.setattr(synthesis, "train_gan", copying_gan)
+    monkeypatch.setattr(lifeline, "arm", lambda: None)  # the watchdog is for a command line's own process
+    out, store = tmp_path / "synthetic", tmp_path / "generators"
+    result = CliRunner().invoke(cli.app, ["synthesize", dataset, "--class", "covid", "--count", "6", "--out", str(out),
+                                          "--generator-store", str(store), "--image-size", "64", "--epochs", "1",
+                                          "--width", "8", "--weights", "none", "--input-size", "32", "--seed", "3"])
+    assert result.exit_code == 3, result.output
+    text = " ".join(result.output.split())
+    assert "error: generator refused, nothing published" in text and "covid: pixels" in text, text
+    assert not files_under(str(store)) and not files_under(str(out))  # no bundle, no image, no manifest
+
+
+def test_cli_exit_codes(prefect_api, dataset, tmp_path, monkeypatch):
+    from flows import cli, lifeline
+
+    monkeypatch.setattr(lifeline, "arm", lambda: None)
+    runner = CliRunner()
+    usage = runner.invoke(cli.app, ["synthesize", dataset, "--out", str(tmp_path / "o"), "--count", "0"])
+    assert usage.exit_code == 2 and "--count" in usage.output
+    usage = runner.invoke(cli.app, ["train", dataset, "--synthetic", str(tmp_path / "o"), "--synthetic-share", "1"])
+    assert usage.exit_code == 2 and "--synthetic-share" in usage.output
+    missing = runner.invoke(cli.app, ["synthesize", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
+                                      "--weights", "none"])
+    assert missing.exit_code == 3 and "nowhere" in missing.output
+    absent_class = runner.invoke(cli.app, ["synthesize", dataset, "--class", "viral", "--out", str(tmp_path / "o"),
+                                           "--weights", "none"])
+    assert absent_class.exit_code == 3 and "no class 'viral'" in " ".join(absent_class.output.split())
+    # A real dataset is not a synthetic one: refused before its images are used in training.
+    not_synthetic = runner.invoke(cli.app, ["train", dataset, "--synthetic", dataset, "--model-store",
+                                            str(tmp_path / "models"), "--weights", "none", "--input-size", "32"])
+    assert not_synthetic.exit_code == 3 and "not a synthetic dataset" in " ".join(not_synthetic.output.split())
