@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -46,6 +45,7 @@ import tasks  # noqa: E402,F401  (first: through model/ it sets TensorFlow's run
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.machine import cpu_line  # noqa: E402,F401  (the other benches import it from here too)
 from model.bundle import ModelCard, model_to_bytes  # noqa: E402
 from model.inference import ENGINES, EngineCheck, make_predictor  # noqa: E402
 from model.network import build_classifier  # noqa: E402
@@ -105,15 +105,6 @@ def link_or_copy(source: Path, target: Path) -> None:
         os.link(source.resolve(), target)
     except OSError:
         shutil.copyfile(source, target)
-
-
-def cpu_line() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    shown = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if flag in flags]
-    return f"CPU: {name}; {os.cpu_count()} cores; {' '.join(shown) or 'no avx2/avx512/amx'}"
 
 
 NAIVE_LOOP = """

@@ -29,8 +29,8 @@ import numpy as np
 
 from model.preprocessing import Preprocessing, scale
 
-__all__ = ["ENGINES", "GATE", "EngineCheck", "Predictor", "cast_base", "check_engine", "choose_feature_base", "fastest",
-           "make_predictor", "passes_gate", "quantize_int8", "with_base_policy"]
+__all__ = ["ENGINES", "GATE", "EngineCheck", "FromPixels", "Predictor", "cast_base", "check_engine", "choose_feature_base", "fastest",
+           "make_predictor", "passes_gate", "quantize_int8", "taking_pixels", "with_base_policy"]
 
 ENGINES = ("fp32", "bf16", "int8")
 # A decoding shortcut held to the same gate: large JPEGs decoded at reduced resolution by libjpeg.
@@ -48,12 +48,11 @@ class Predictor:
 
     engine: str
     spec: Preprocessing
-    forward: Callable[[np.ndarray], np.ndarray]  # a scaled float32 batch to probabilities
+    forward: Callable[[np.ndarray], np.ndarray]  # a uint8 batch to probabilities
     classes: int
 
     def predict(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-        outputs = [np.asarray(self.forward(np.ascontiguousarray(scale(batch.astype(np.float32) / 255.0, self.spec))),
-                              dtype=np.float32)
+        outputs = [np.asarray(self.forward(np.ascontiguousarray(batch, dtype=np.uint8)), dtype=np.float32)
                    for batch in _batches(images, batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, self.classes), np.float32)
 
@@ -64,14 +63,35 @@ def make_predictor(model: keras.Model, spec: Preprocessing, engine: str = "fp32"
     ``quantize_int8`` made from it."""
     classes = int(model.output_shape[-1])
     if engine == "fp32":
-        return Predictor("fp32", spec, model.predict_on_batch, classes)
+        return Predictor("fp32", spec, taking_pixels(model, spec).predict_on_batch, classes)
     if engine == "bf16":
-        return Predictor("bf16", spec, with_base_policy(model, "mixed_bfloat16").predict_on_batch, classes)
+        return Predictor("bf16", spec, taking_pixels(with_base_policy(model, "mixed_bfloat16"), spec).predict_on_batch,
+                         classes)
     if engine == "int8":
         if not artifacts or set(artifacts) != set(INT8_FILES):
             raise ValueError(f"the int8 engine runs {' and '.join(INT8_FILES)}, made by quantize_int8")
-        return Predictor("int8", spec, _int8_forward(artifacts, model.get_layer("head")), classes)
+        return Predictor("int8", spec, _int8_forward(artifacts, model.get_layer("head"), spec), classes)
     raise ValueError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+
+
+class FromPixels(keras.layers.Layer):
+    """uint8 pixels to the network's input, inside the compiled graph: on a GPU the host moves a
+    quarter of the bytes and no longer converts every pixel on one core, which held predictions to
+    a third of the forward pass's speed (bench/gpu_bench.py). The same arithmetic as
+    ``model.preprocessing.preprocess``: a division by 255, not a multiplication by its inverse."""
+
+    def __init__(self, spec: Preprocessing, **kwargs) -> None:
+        super().__init__(dtype="float32", **kwargs)
+        self.spec = spec
+
+    def call(self, pixels):
+        return scale(keras.ops.cast(pixels, "float32") / 255.0, self.spec)
+
+
+def taking_pixels(model: keras.Model, spec: Preprocessing) -> keras.Model:
+    """``model`` (which takes scaled float32 images) taking uint8 pixels; the layers are shared."""
+    pixels = keras.Input(model.input_shape[1:], dtype="uint8", name="pixels")
+    return keras.Model(pixels, model(FromPixels(spec)(pixels)), name=f"{model.name}_pixels")
 
 
 def with_base_policy(model: keras.Model, policy: str) -> keras.Model:
@@ -150,7 +170,8 @@ def quantize_int8(model: keras.Model, spec: Preprocessing, calibration: np.ndarr
         return {name: Path(folder, name).read_bytes() for name in INT8_FILES}
 
 
-def _int8_forward(artifacts: dict[str, bytes], head: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+def _int8_forward(artifacts: dict[str, bytes], head: keras.Model, spec: Preprocessing
+                  ) -> Callable[[np.ndarray], np.ndarray]:
     openvino = _openvino()
     core = openvino.Core()
     weights = openvino.Tensor(np.frombuffer(artifacts[INT8_FILES[1]], np.uint8))
@@ -162,7 +183,7 @@ def _int8_forward(artifacts: dict[str, bytes], head: keras.Model) -> Callable[[n
     if os.environ.get("TF_NUM_INTRAOP_THREADS", "").isdigit() and int(os.environ["TF_NUM_INTRAOP_THREADS"]) > 0:
         config["INFERENCE_NUM_THREADS"] = int(os.environ["TF_NUM_INTRAOP_THREADS"])
     base = core.compile_model(network, "CPU", config)
-    return lambda batch: head.predict_on_batch(base(batch)[0])
+    return lambda pixels: head.predict_on_batch(base(scale(pixels.astype(np.float32) / 255.0, spec))[0])
 
 
 @dataclass(frozen=True)

@@ -291,12 +291,27 @@ def fine_tune(
     spec: Preprocessing,
     config: TrainingConfig,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    policy: str = "float32",
 ) -> dict[str, list[float]]:
-    """Stage 2: unfreeze block5 and train end to end with a small learning rate."""
+    """Stage 2: unfreeze block5 and train end to end with a small learning rate.
+
+    ``policy`` 'mixed_bfloat16' computes the base in bf16 while its variables, and so the updates
+    and the saved model, stay float32 (bf16 needs no loss scaling: its range is float32's). An epoch
+    ran 8x faster so on a CPU with AMX (bench/gpu_bench.py); the caller chooses it where stage 1's
+    bf16 features agreed with fp32's and were faster (``model.inference.choose_feature_base``)."""
+    from model.inference import with_base_policy
     from model.network import unfreeze_top_block
 
     unfreeze_top_block(model)
-    return _fit_end_to_end(model, data, spec, config, config.fine_tune_epochs, config.fine_tune_learning_rate, callbacks)
+    if policy == "float32":
+        return _fit_end_to_end(model, data, spec, config, config.fine_tune_epochs, config.fine_tune_learning_rate,
+                               callbacks)
+    mixed = with_base_policy(model, policy)  # the head is shared; the base is a copy, copied back below
+    unfreeze_top_block(mixed)
+    history = _fit_end_to_end(mixed, data, spec, config, config.fine_tune_epochs, config.fine_tune_learning_rate,
+                              callbacks)
+    model.get_layer("vgg16").set_weights(mixed.get_layer("vgg16").get_weights())
+    return history
 
 
 def _fit_end_to_end(model, data, spec, config, epochs, learning_rate, callbacks) -> dict[str, list[float]]:

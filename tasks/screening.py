@@ -36,6 +36,7 @@ from tasks.engines import load_artifacts, reduced_decode_allowed, validated_engi
 from tasks.images import IMAGE_SUFFIXES, is_dicom
 from tasks.loading import InputLimits, LoadedImage, load_image
 from tasks.results import PredictionRow, ResultsLayout
+from tasks.sandbox import decoder_count
 
 __all__ = ["ChunkResult", "chunked", "find_inputs", "screen_chunk", "screen_images"]
 
@@ -153,14 +154,15 @@ def _now() -> str:
 
 
 def screen_images(
-    uris: Sequence[str], loaded_model: LoadedModel, batch_size: int = 16, workers: int = 4,
+    uris: Sequence[str], loaded_model: LoadedModel, batch_size: int = 16, workers: int | None = None,
     explain: str = "flagged", limits: InputLimits = InputLimits(),
 ) -> Iterator[PredictionRow | str]:
     """Rows for ``uris``, or the URI of a vanished input. Flagged rows carry a thumbnail; rows of
     DICOM inputs carry their study's identifiers (``limits.deidentify``: as keyed hashes), and with
     ``limits.frontal_chest_only`` a DICOM that says it is not a frontal chest X-ray is rejected.
 
-    Reading and decoding run ahead on ``workers`` threads while the model predicts. Prediction
+    Reading and decoding run ahead on ``workers`` threads (default: two per decoder process, since
+    reads wait on storage) while the model predicts. Prediction
     stays on the fast path; only the images ``explain`` names ('flagged', 'all' or 'none') take
     Grad-CAM's gradient pass (on the fp32 model, whatever the engine).
 
@@ -192,7 +194,7 @@ def screen_images(
                 explanation=None if cam is None else _thumbnail(overlay(item.pixels, cam)),
                 **_study_fields(item.study))
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers or 2 * decoder_count()) as pool:
         batch: list[LoadedImage] = []
         for loaded in pool.map(lambda uri: _load_or_vanish(uri, spec, limits), uris):
             if isinstance(loaded, str):

@@ -276,7 +276,11 @@ def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig,
     if config.fine_tune_epochs:
         tuner = EpochReporter("stage 2 (block5 fine-tuning)", config.fine_tune_epochs, total,
                               len(history["stage1"]["loss"]), reporter.artifact_id)
-        history["stage2"] = fine_tune(model, data, spec, config, [tuner])
+        # Mixed precision where stage 1 found bf16 faster here and its features agreeing with fp32's.
+        policy = "mixed_bfloat16" if features_engine["engine"] == "bf16" else "float32"
+        features_engine = {**features_engine, "fine_tune_policy": policy}
+        logger.info("Stage 2 computes under %s", policy)
+        history["stage2"] = fine_tune(model, data, spec, config, [tuner], policy)
     logger.info("Training took %.0f s", time.perf_counter() - started)
     history = {stage: {k: [float(v) for v in values] for k, values in h.items()} for stage, h in history.items()}
     return model, history, chosen, features_engine

@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from model.inference import ENGINES, INT8_FILES, check_engine, fastest, make_predictor, quantize_int8, with_base_policy
+from model.inference import ENGINES, INT8_FILES, FromPixels, check_engine, fastest, make_predictor, quantize_int8, with_base_policy
 from model.network import build_classifier
-from model.preprocessing import Preprocessing
+from model.preprocessing import Preprocessing, preprocess
 
 SPEC = Preprocessing(input_size=64)
 
@@ -36,6 +36,19 @@ def test_bf16_runs_the_base_in_bf16_and_stays_close_to_fp32(model, images):
     assert {variable.dtype for variable in base.weights} == {"float32"}
     # The model it was made from is untouched.
     assert np.array_equal(make_predictor(model, SPEC, "fp32").predict(images, 8), reference)
+
+
+@pytest.mark.parametrize("scale_mode", ["unit", "caffe"])
+def test_predictors_take_pixels_and_convert_them_as_preprocessing_does(model, images, scale_mode):
+    # uint8 in, converted inside the graph (a quarter of the bytes to a GPU): exactly the float32
+    # inputs the network was trained on; the outputs differ only by the compiled graph's rounding.
+    spec = Preprocessing(input_size=64, scale_mode=scale_mode)
+    on_host = np.stack([preprocess(image, spec) for image in images])
+    assert np.array_equal(np.asarray(FromPixels(spec)(images)), on_host)
+    predictor = make_predictor(model, spec, "fp32")
+    assert predictor.forward.__self__.input.dtype == "uint8"
+    if scale_mode == "unit":  # caffe inputs saturate this random base's softmax: nothing to compare
+        assert np.allclose(predictor.predict(images, 8), model.predict_on_batch(on_host), rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -267,18 +267,25 @@ def test_bundle_loading_uses_safe_mode():
 assert os.environ.get("PREFECT_HOME")  # conftest isolates Prefect before any test module loads
 
 
-def test_fine_tuning_trains_block5_only():
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fine_tuning_trains_block5_only(policy):
     from model.training import fine_tune
 
     spec = Preprocessing(input_size=32)
     keras.utils.set_random_seed(0)
     model = build_classifier(2, 32, None)
-    base = model.get_layer("vgg16")
+    base, head = model.get_layer("vgg16"), model.get_layer("head")
     before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in base.layers if layer.get_weights()}
+    head_before = [w.copy() for w in head.get_weights()]
     x, y = images(16, 32), np.array([0, 1] * 8)
     config = TrainingConfig(fine_tune_epochs=2, batch_size=8, fine_tune_learning_rate=1e-3, augment=False)
-    history = fine_tune(model, TrainingData(x[:12], y[:12], x[12:], y[12:], 2), spec, config)
+    history = fine_tune(model, TrainingData(x[:12], y[:12], x[12:], y[12:], 2), spec, config, policy=policy)
     assert len(history["loss"]) == 2 and "val_loss" in history
+    # Under mixed precision the training ran on a bf16 copy of the base: what it learned is in the
+    # model that is saved, which stays float32 throughout.
     for name, weights in before.items():
         changed = any(not np.array_equal(old, new) for old, new in zip(weights, base.get_layer(name).get_weights()))
         assert changed == name.startswith("block5"), name
+    assert any(not np.array_equal(old, new) for old, new in zip(head_before, head.get_weights()))
+    assert {variable.dtype for variable in model.weights} == {"float32"}
+    assert {layer.compute_dtype for layer in base.layers[1:]} == {"float32"}

@@ -33,6 +33,25 @@ def test_decodes_and_resizes(pool):
     assert decoded.reason is None and decoded.pixels.shape == (64, 64, 3) and decoded.pixels.dtype == np.uint8
 
 
+def test_an_image_crosses_to_and_from_a_worker_in_one_pipe_fill(pool):
+    # Linux's default 64 KiB pipes made parent and worker take turns several times per input.
+    fcntl = pytest.importorskip("fcntl")
+    pool.decode(png(300), "a.png", 64, timeout=60)
+    worker = next(iter(pool._workers))
+    limit = int(open("/proc/sys/fs/pipe-max-size").read()) if os.path.exists("/proc/sys/fs/pipe-max-size") else 0
+    for connection in (worker.requests, worker.replies):
+        assert fcntl.fcntl(connection.fileno(), 1032) >= min(1 << 20, limit or 1 << 20)  # F_GETPIPE_SZ
+
+
+def test_one_decoder_per_core_or_per_core_of_its_dask_share(monkeypatch):
+    from tasks.sandbox import decoder_count
+
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    assert decoder_count() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")  # flows/fan_out.py gives each Dask worker its share
+    assert decoder_count() == 3
+
+
 def test_a_bad_file_is_a_reason_and_the_worker_goes_on(pool):
     assert pool.decode(b"<html>", "page.png", 64, timeout=60).reason.startswith("not an image")
     assert pool.decode(png(200), "b.png", 64, timeout=60).reason is None
