@@ -176,11 +176,17 @@ def train(
     head: str = _option(TrainParameters, "head"),
     bootstrap: int = _option(TrainParameters, "bootstrap"),
     synthetic: str | None = _option(TrainParameters, "synthetic_uri", "--synthetic"),
-    synthetic_share: float = _option(TrainParameters, "synthetic_share"),
+    # No default here, so that one given without --synthetic can be told apart (and refused).
+    synthetic_share: float | None = typer.Option(None, help=TrainParameters.describe("synthetic_share") +
+                                                 f" [default: {TrainParameters.default('synthetic_share')}]"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout (the rest "
                                                          "goes to stderr)."),
 ) -> None:
     """Train a VGG16 transfer-learning classifier, evaluate it and register it in the model store."""
+    if synthetic is None and synthetic_share is not None:
+        # Silently training without the synthetic images the user meant to add would be worse than stopping.
+        console.print("[red]error:[/red] --synthetic-share: only with --synthetic URI")
+        raise typer.Exit(code=EXIT_USAGE)
     params = _validated(TrainParameters, dataset_uri=dataset_uri, model_store_uri=model_store, positive=positive,
                         multiclass=multiclass, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
                         batch_size=batch_size, input_size=input_size, weights=weights, seed=seed,
@@ -190,7 +196,8 @@ def train(
                         strata=None if strata is None else [name.strip() for name in strata.split(",") if name.strip()],
                         balance_strata=balance_strata, mixed_strata_only=mixed_strata_only, leave_out=leave_out,
                         calibrate=calibrate, head=head, bootstrap=bootstrap, synthetic_uri=synthetic,
-                        synthetic_share=synthetic_share)
+                        synthetic_share=TrainParameters.default("synthetic_share") if synthetic_share is None
+                        else synthetic_share)
     _json_mode(as_json)
     lifeline.arm()
     from flows.train import train as train_flow
@@ -265,7 +272,9 @@ def synthesize(
                           f"{values['real_to_real']['q05']:.3g})" for space, values in memorisation.items()))
     console.print(f"Generator [bold]{result.version}[/bold]: {result.bundle_uri} (card.md, samples.png)")
     console.print(f"Synthetic dataset: {result.count} {escape(result.synthetic_class)} image(s) in {result.dataset_uri}; "
-                  f"train with: cxr-screen train DATASET --synthetic {escape(result.dataset_uri)} --seed {seed}")
+                  f"train with: cxr-screen train DATASET --synthetic {escape(result.dataset_uri)} --seed {seed}" +
+                  ("" if test_fraction == SynthesizeParameters.default("test_fraction")
+                   else f" --test-fraction {test_fraction!r}"))
     if as_json:
         _print_json({"version": result.version, "bundle_uri": result.bundle_uri, "dataset_uri": result.dataset_uri,
                      "manifest_uri": result.manifest_uri, "class": result.synthetic_class, "count": result.count,

@@ -137,8 +137,8 @@ class SynthesizeParameters(_Parameters):
 
     dataset_uri: str = Field(description="Labelled dataset: class sub-folders or a manifest.csv (folder or s3://).")
     out_uri: str = Field(description="Where the synthetic dataset goes (class folder and manifest.csv; folder or "
-                                     "s3://), refused if it holds a manifest.csv already; '{version}' in it becomes "
-                                     "the generator's version (a new folder each run).")
+                                     "s3://), refused if it holds any file already or overlaps the dataset; "
+                                     "'{version}' in it becomes the generator's version (a new folder each run).")
     synthetic_class: str = Field("covid", description="The class to synthesise (usually the minority class).")
     count: int = Field(200, ge=1, le=100_000, description="Synthetic images to write.")
     generator_store_uri: str = Field("generators", description="Generator store: one bundle per version "

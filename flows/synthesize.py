@@ -4,10 +4,12 @@ Reads top to bottom as the steps: find the data, check the request, load it, spl
 ``train`` does with the same seed, train the GAN on the training split only, generate the images,
 measure them (Fréchet distance per class against the real-halves floor; nearest-neighbour
 distances against the real-to-real ones), refuse a generator that copies patients' images, then
-write the generator bundle and the synthetic dataset, and report.
+write the images, the generator bundle that vouches for them and the dataset's manifest, and report.
 """
 
 from __future__ import annotations
+
+from datetime import datetime, timezone
 
 from prefect import flow
 
@@ -15,8 +17,8 @@ from flows.parameters import SynthesizeParameters
 from model.gan import GanConfig, generate
 from model.preprocessing import Preprocessing
 from tasks import registry
-from tasks.synthesis import (Synthesis, check_request, gray_training_images, measure_quality, publish_synthesis,
-                             refuse_if_memorised, report_synthesis, train_generator)
+from tasks.synthesis import (Synthesis, check_request, describe_generator, gray_training_images, measure_quality,
+                             publish_synthesis, refuse_if_memorised, report_synthesis, train_generator)
 from tasks.train_steps import discover, load_labelled, resolve_weights, split_for_training
 
 
@@ -36,7 +38,7 @@ def synthesize(params: SynthesizeParameters) -> Synthesis:
     weights, weights_info = resolve_weights(params.weights)
 
     dataset = discover(params.dataset_uri)
-    check_request(dataset, target, out_uri)
+    check_request(dataset, target, out_uri, params.generator_store_uri)
     loaded = load_labelled(dataset.items, Preprocessing(input_size=params.image_size))
     # train's split: the same function, seed and test fraction, classes one by one (the split itself
     # depends on the labels, patients and content only); strata play no part in it.
@@ -50,8 +52,8 @@ def synthesize(params: SynthesizeParameters) -> Synthesis:
                               weights_info["origin"], params.input_size, params.seed)
     refuse_if_memorised(quality, params.dataset_uri)
 
-    synthesis = publish_synthesis(params.generator_store_uri, out_uri, version, generator, quality, dataset=dataset,
-                                  loaded=loaded, split=split, test_fraction=params.test_fraction, seed=params.seed,
-                                  target=target, published=published)
+    card = describe_generator(version, generator, quality, dataset, loaded, split, params.test_fraction, params.seed,
+                              target, len(published), out_uri, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    synthesis = publish_synthesis(params.generator_store_uri, out_uri, card, generator, quality, published)
     report_synthesis(synthesis)
     return synthesis

@@ -196,6 +196,17 @@ def memorisation_check(synthetic: np.ndarray, real_train: np.ndarray, features: 
                 f"{synthetic_q:.4g}, below {margin:g} x the real-to-real one ({real_q:.4g}); "
                 f"{int((to_real < margin * real_q).sum())} of {len(to_real)} synthetic images are that close "
                 f"(closest: image {closest}, {to_real[closest]:.4g})")
+        # The quantile alone lets a few exact copies through (up to the quantile's share of the
+        # images); a single image closer to a real one than any two patients' images are is one.
+        floor = margin * float(real_to_real.min())
+        too_close = int((to_real < floor).sum())
+        if too_close:
+            report.passed = False
+            closest = int(np.argmin(to_real))
+            report.reasons.append(
+                f"{space}: {too_close} of {len(to_real)} synthetic images lie closer to a real training image than "
+                f"{margin:g} x the smallest real-to-real distance ({floor:.4g}); closest: image {closest}, "
+                f"{to_real[closest]:.4g}")
     return report
 
 

@@ -135,7 +135,11 @@ def _from_folders(uri: str, files: list[str]) -> Dataset:
 
 
 def _from_manifest(uri: str, manifest_uri: str, files: list[str]) -> Dataset:
-    text = storage.read_bytes(manifest_uri).decode("utf-8-sig")
+    try:
+        text = storage.read_bytes(manifest_uri).decode("utf-8-sig")
+    except UnicodeDecodeError as error:  # a manifest saved in another encoding: say which file, not a traceback
+        raise DatasetError(f"{manifest_uri}: not UTF-8 text ({error.reason} at byte {error.start}): save it as "
+                           "UTF-8") from None
     reader = csv.DictReader(io.StringIO(text))
     columns = {name.strip().lower(): name for name in reader.fieldnames or []}
     missing_columns = {"file", "class"} - columns.keys()

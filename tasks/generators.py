@@ -15,11 +15,10 @@ ever written here.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
-from model.bundle import BundleError, file_digests, is_safe_name, sign
+from model.bundle import BundleError, file_digests, is_safe_name
 from model.gan import Generator, generator_from_files
 from tasks import registry, storage
 
@@ -39,7 +38,7 @@ class GeneratorCard:
     config: dict  # GanConfig.to_dict()
     dataset: dict  # uri, split_seed, test_fraction, train_fingerprint, train_images per class
     quality: dict  # feature space, Fréchet distance per class against its floor, memorisation report
-    synthesized: dict = field(default_factory=dict)  # class, count, seed, dataset uri
+    synthesized: dict = field(default_factory=dict)  # class, count, seed, dataset uri, images: file -> sha256
     software: dict = field(default_factory=dict)
     created_at: str = ""
     files: dict = field(default_factory=dict)
@@ -61,13 +60,38 @@ class GeneratorCard:
             raise BundleError(f"{source}: version {values.get('version')!r} is not a safe name")
         if not isinstance(values.get("files"), dict) or not values["files"]:
             raise BundleError(f"{source}: no file manifest")
-        known = {item.name for item in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        return cls(**_checked_fields(cls, values, source))
+
+
+def _checked_fields(cls: type, values: dict, source: str) -> dict:
+    """The card's fields with the types loading relies on: a card edited by hand (a key missing,
+    a list where a mapping belongs) is refused with its URI, never a TypeError deep inside."""
+    checked = {}
+    for item in fields(cls):
+        if item.name not in values:
+            if item.default is MISSING and item.default_factory is MISSING:
+                raise BundleError(f"{source}: key {item.name!r} missing")
+            continue
+        value, expected = values[item.name], _FIELD_TYPES[item.name]
+        if not isinstance(value, expected):
+            raise BundleError(f"{source}: {item.name!r} is {type(value).__name__}, expected {expected.__name__}")
+        checked[item.name] = value
+    if not all(isinstance(name, str) for name in checked["classes"]):
+        raise BundleError(f"{source}: 'classes' must list names")
+    if not all(isinstance(digest, str) for digest in checked["files"].values()):
+        raise BundleError(f"{source}: 'files' must map names to sha256 digests")
+    return checked
+
+
+_FIELD_TYPES = {"version": str, "classes": list, "config": dict, "dataset": dict, "quality": dict, "synthesized": dict,
+                "software": dict, "created_at": str, "files": dict, "kind": str}
 
 
 def publish_generator(store_uri: str, card: GeneratorCard, files: dict[str, bytes]) -> str:
     """Write a generator version; returns its folder. The card, listing every file's sha256, goes
-    last; with a signing key its signature just before it. An existing version is never overwritten."""
+    last; with a signing key its signature just before it. An existing version is never overwritten;
+    one whose card is this one (but for the files' digests) is returned as it is: a retry after a
+    transient error."""
     folder = storage.join(store_uri, card.version)
     if {registry.CARD, registry.SIGNATURE} & files.keys():
         raise BundleError(f"{folder}: {registry.CARD} and its signature are written here, not passed as files")
@@ -75,16 +99,20 @@ def publish_generator(store_uri: str, card: GeneratorCard, files: dict[str, byte
         raise BundleError(f"{store_uri}: {card.version!r} is not a safe version name")
     card.files = file_digests(files)
     card_json = card.to_json()
-    if storage.exists(storage.join(folder, registry.CARD)):
-        raise BundleError(f"{folder}: generator version {card.version} already exists")
-    for name, data in files.items():
-        storage.write_bytes(storage.join(folder, name), data)
-    key = registry.signing_key()
-    if key is not None:
-        storage.write_bytes(storage.join(folder, registry.SIGNATURE), sign(card_json, key))
-    if not storage.create_if_absent(storage.join(folder, registry.CARD), card_json):
-        raise BundleError(f"{folder}: generator version {card.version} already exists")
+    registry.write_bundle(folder, files, card_json, f"generator version {card.version}",
+                          retried=lambda published: _same_but_files(published, card_json))
     return folder
+
+
+def _same_but_files(published: bytes, card_json: bytes) -> bool:
+    """Whether a published card is this one but for its files' digests: the same publication
+    retried. Keras' .keras archive carries a timestamp, so saving the same network again gives other
+    bytes; the published card still vouches for the files published with it."""
+    try:
+        existing, new = json.loads(published), json.loads(card_json)
+    except ValueError:
+        return False
+    return isinstance(existing, dict) and {**existing, "files": None} == {**new, "files": None}
 
 
 def load_generator(store_uri: str, version: str) -> tuple[Generator, GeneratorCard]:
@@ -94,23 +122,10 @@ def load_generator(store_uri: str, version: str) -> tuple[Generator, GeneratorCa
         raise BundleError(f"{store_uri}: {version!r} is not a generator version")
     folder = storage.join(store_uri, version)
     card_uri = storage.join(folder, registry.CARD)
-    try:
-        card_json = storage.read_bytes(card_uri)
-    except storage.NotFound:
-        raise BundleError(f"{card_uri}: no such generator version") from None
-    registry.check_signature(storage.join(folder, registry.SIGNATURE), card_json, registry.CARD)
-    card = GeneratorCard.from_json(card_json, card_uri)
+    card = GeneratorCard.from_json(registry.read_signed_card(folder, lambda: "no such generator version"), card_uri)
     if card.version != version:
         raise BundleError(f"{card_uri}: the card says version {card.version!r}, but it lies in folder {version!r}")
-    files = {}
-    for name, expected in card.files.items():
-        if not is_safe_name(name):
-            raise BundleError(f"{card_uri}: {name!r} is not a bundle file name")
-        data = storage.read_bytes(storage.join(folder, name))
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise BundleError(f"{storage.join(folder, name)}: sha256 differs from the card's: the file is damaged "
-                              "or was replaced")
-        files[name] = data
+    files = {name: registry.read_listed(folder, card.files, name) for name in card.files}
     try:
         return generator_from_files(files), card
     except (ValueError, KeyError) as error:

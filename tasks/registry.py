@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import hashlib
 import json
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -64,17 +66,54 @@ def publish(store_uri: str, version: str, files: dict[str, bytes], card: ModelCa
     refused. With a signing key, the signature goes just before the card.
     """
     folder = storage.join(store_uri, version)
-    card_json = _card_to_publish(card, version, files, folder)
-    if storage.exists(storage.join(folder, CARD)):  # before overwriting a published version's files
-        raise BundleError(f"{folder}: version {version} already exists")
+    write_bundle(folder, files, _card_to_publish(card, version, files, folder), f"version {version}")
+    return folder
+
+
+def write_bundle(folder: str, files: dict[str, bytes], card_json: bytes, what: str,
+                 retried: Callable[[bytes], bool] | None = None) -> None:
+    """The files, the signature (with a signing key), then card.json last: it marks the folder
+    complete. A published card is never overwritten: refused as "``what`` already exists", unless
+    ``retried(its bytes)`` says it is this very publication, written by an earlier try."""
+    card_uri = storage.join(folder, CARD)
+
+    def published_before() -> None:
+        if retried is None or not retried(storage.read_bytes(card_uri)):
+            raise BundleError(f"{folder}: {what} already exists")
+
+    if storage.exists(card_uri):  # before overwriting a published version's files
+        published_before()
+        return
     for name, data in files.items():
         storage.write_bytes(storage.join(folder, name), data)
     key = signing_key()
     if key is not None:
         storage.write_bytes(storage.join(folder, SIGNATURE), sign(card_json, key))
-    if not storage.create_if_absent(storage.join(folder, CARD), card_json):
-        raise BundleError(f"{folder}: version {version} already exists")
-    return folder
+    if not storage.create_if_absent(card_uri, card_json):
+        published_before()
+
+
+def read_signed_card(folder: str, missing: Callable[[], str]) -> bytes:
+    """card.json's bytes, its signature checked (with a signing key set); a folder without one (an
+    unfinished upload is never read) raises BundleError with ``missing()``, after the card's URI."""
+    uri = storage.join(folder, CARD)
+    try:
+        card_json = storage.read_bytes(uri)
+    except storage.NotFound:
+        raise BundleError(f"{uri}: {missing()}") from None
+    _check_signature(folder, card_json)
+    return card_json
+
+
+def read_listed(folder: str, digests: dict[str, str], name: str) -> bytes:
+    """A bundle file, refused unless its sha256 is the one its card lists."""
+    if not is_safe_name(name):
+        raise BundleError(f"{storage.join(folder, CARD)}: {name!r} is not a bundle file name")
+    uri = storage.join(folder, name)
+    data = storage.read_bytes(uri)
+    if hashlib.sha256(data).hexdigest() != digests.get(name):
+        raise BundleError(f"{uri}: sha256 differs from the card's: the file is damaged or was replaced")
+    return data
 
 
 def _card_to_publish(card: ModelCard, version: str, files: dict[str, bytes], folder: str) -> bytes:
@@ -234,11 +273,8 @@ def load_card(store_uri: str, version: str = "production") -> ModelCard:
     if not is_safe_name(version):
         raise BundleError(f"{store_uri}: {version!r} is not a model version")
     uri = storage.join(store_uri, version, CARD)
-    try:
-        card_json = storage.read_bytes(uri)
-    except storage.NotFound:
-        raise BundleError(f"{uri}: no such model version (known: {', '.join(list_versions(store_uri)) or 'none'})") from None
-    _check_signature(storage.join(store_uri, version), card_json)
+    card_json = read_signed_card(storage.join(store_uri, version), lambda: "no such model version (known: "
+                                 f"{', '.join(list_versions(store_uri)) or 'none'})")
     card = ModelCard.from_json(card_json, uri)
     if card.version != version:
         raise BundleError(f"{uri}: the card says version {card.version!r}, but it lies in folder {version!r}")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import secrets
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -22,14 +23,14 @@ from model.network import build_base
 from model.plots import samples_png
 from model.preprocessing import Preprocessing
 from tasks import storage
-from tasks.datasets import MANIFEST_NAME, Dataset, DatasetError, fingerprint
+from tasks.datasets import Dataset, DatasetError, fingerprint
 from tasks.generators import GeneratorCard, publish_generator
 from tasks.retrying import io_step
-from tasks.synthetic_data import write_synthetic_dataset
+from tasks.synthetic_data import encode_images, write_images, write_manifest
 from tasks.train_steps import EpochReporter, LabelledArrays, TrainingSplit
 
-__all__ = ["GeneratorRefused", "Quality", "Synthesis", "check_request", "gray_training_images", "measure_quality",
-           "publish_synthesis", "refuse_if_memorised", "report_synthesis", "train_generator"]
+__all__ = ["GeneratorRefused", "Quality", "Synthesis", "check_request", "describe_generator", "gray_training_images",
+           "measure_quality", "overlapping", "publish_synthesis", "refuse_if_memorised", "report_synthesis", "train_generator"]
 
 # A class needs this many training images from at least two patients for the checks to mean anything
 # (the floor compares two halves; real-to-real neighbours skip the image's own patient).
@@ -71,14 +72,40 @@ class Synthesis:
 
 
 @task(**io_step(retry_delay_seconds=5))
-def check_request(dataset: Dataset, synthetic_class: str, out_uri: str) -> None:
-    """Fail before any training: the class must be in the dataset, and ``out_uri`` free."""
+def check_request(dataset: Dataset, synthetic_class: str, out_uri: str, store_uri: str) -> None:
+    """Fail before any training: two classes at least, ``synthetic_class`` among them; ``out_uri``
+    apart from the dataset (images written inside it would be read back as real ones), empty, and
+    writable, as the generator store is (a write that fails after training wastes the GPU hours)."""
+    if len(dataset.classes) < 2:
+        raise DatasetError(f"{dataset.uri}: one class only ({', '.join(dataset.classes)}): the GAN's checks and "
+                           "class balancing need at least two")
     if synthetic_class not in dataset.classes:
         raise DatasetError(f"{dataset.uri}: no class {synthetic_class!r} to synthesise (classes: "
                            f"{', '.join(dataset.classes)})")
-    if storage.exists(storage.join(out_uri, MANIFEST_NAME)):
-        raise DatasetError(f"{storage.join(out_uri, MANIFEST_NAME)}: {out_uri} holds a dataset already; "
-                           "choose another --out")
+    if overlapping(out_uri, dataset.uri):
+        raise DatasetError(f"--out {out_uri} and the dataset {dataset.uri} overlap (one lies inside the other): "
+                           "synthetic images there would be read as real ones; choose an --out outside the dataset")
+    found = next(iter(storage.list_files(out_uri, missing_ok=True)), None)
+    if found is not None:
+        raise DatasetError(f"--out {out_uri} holds files already (e.g. {found}): choose an empty location")
+    for location in (out_uri, store_uri):
+        probe = storage.join(location, f".cxr-write-check-{secrets.token_hex(4)}")
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+
+
+def overlapping(first: str, second: str) -> bool:
+    """Whether two locations are the same or one lies inside the other, after normalising (absolute
+    local paths with links resolved, no trailing '/'); locations of different schemes never overlap."""
+    a, b = _normalised(first), _normalised(second)
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def _normalised(uri: str) -> str:
+    joined = storage.join(uri)
+    if storage.is_s3(joined):
+        return joined.rstrip("/")
+    return "file:" + os.path.realpath(joined[len("file://"):] if joined.startswith("file://") else joined)
 
 
 def gray_training_images(loaded: LabelledArrays, split: TrainingSplit) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -167,31 +194,41 @@ def refuse_if_memorised(quality: Quality, dataset_uri: str) -> None:
                            f"training images of {dataset_uri}: " + "; ".join(quality.reasons))
 
 
-@task(**io_step(retries=3, retry_delay_seconds=5))
-def publish_synthesis(store_uri: str, out_uri: str, version: str, generator: Generator, quality: Quality, *,
-                      dataset: Dataset,
-                      loaded: LabelledArrays, split: TrainingSplit, test_fraction: float, seed: int, target: str,
-                      published: np.ndarray) -> Synthesis:
-    """The generator bundle, then the synthetic dataset that names its version. Refuses a generator
-    that failed the gate, whoever calls it."""
-    if not quality.passed:
-        raise GeneratorRefused("generator refused, nothing published: " + "; ".join(quality.reasons))
-    train_items = [loaded.items[row] for row in split.train]
+def describe_generator(version: str, generator: Generator, quality: Quality, dataset: Dataset, loaded: LabelledArrays,
+                       split: TrainingSplit, test_fraction: float, seed: int, target: str, count: int, out_uri: str,
+                       created_at: str) -> GeneratorCard:
+    """The generator's card before publishing (no file digests yet): built once, outside the
+    publishing step, so that a retried step writes the very same card."""
     labels = split.labels[split.train]
-    train_fingerprint = fingerprint(train_items)
-    card = GeneratorCard(
+    return GeneratorCard(
         version=version, classes=list(split.classes), config=generator.config.to_dict(),
         dataset={"uri": dataset.uri, "split_seed": seed, "test_fraction": test_fraction,
-                 "train_fingerprint": train_fingerprint,
+                 "train_fingerprint": fingerprint([loaded.items[row] for row in split.train]),
                  "train_images": {name: int((labels == i).sum()) for i, name in enumerate(split.classes)}},
-        quality=quality.to_dict(), synthesized={"class": target, "count": int(len(published)), "seed": seed,
-                                                "dataset_uri": out_uri},
-        software=software_versions(), created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        quality=quality.to_dict(), synthesized={"class": target, "count": count, "seed": seed, "dataset_uri": out_uri},
+        software=software_versions(), created_at=created_at)
+
+
+@task(**io_step(retries=3, retry_delay_seconds=5))
+def publish_synthesis(store_uri: str, out_uri: str, card: GeneratorCard, generator: Generator, quality: Quality,
+                      published: np.ndarray) -> Synthesis:
+    """Nothing usable is published unless everything is: the images (no dataset without their
+    manifest), then the generator bundle whose card records every image's sha256 (card.json last),
+    then manifest.csv last of all. Each write accepts its own earlier bytes, so a retry completes a
+    half-done publication. Refuses a generator that failed the gate, whoever calls it."""
+    if not quality.passed:
+        raise GeneratorRefused("generator refused, nothing published: " + "; ".join(quality.reasons))
+    target, seed = card.synthesized["class"], card.synthesized["seed"]
+    images = encode_images(target, published, card.version, seed)
+    write_images(out_uri, images)
+    card = replace(card, synthesized={**card.synthesized, "images": {name: hashlib.sha256(data).hexdigest()
+                                                                     for name, data in images.items()}})
     files = {**generator_to_files(generator), "samples.png": quality.samples_png,
              "quality.json": _json_bytes(quality.to_dict()), "card.md": _card_markdown(card).encode()}
     bundle_uri = publish_generator(store_uri, card, files)
-    manifest_uri = write_synthetic_dataset(out_uri, target, published, card.version, seed, seed, test_fraction,
-                                           train_fingerprint)
+    manifest_uri = write_manifest(out_uri, target, images, card.version, seed, card.dataset["split_seed"],
+                                  card.dataset["test_fraction"], card.dataset["train_fingerprint"],
+                                  storage.join(store_uri))  # absolute: train may run from another folder
     return Synthesis(card.version, bundle_uri, out_uri, manifest_uri, target, int(len(published)), quality)
 
 

@@ -2,7 +2,8 @@
 
     <out>/<class>/<generator version>-<seed>-<index>.png   grayscale PNG at the generator's size
     <out>/manifest.csv   written last; columns file, class, patient_id (the dataset loader's), then
-                         synthetic (true), generator_version, seed (of the images' noise),
+                         synthetic (true), generator_version, generator_store (where its bundle
+                         lies: its card vouches for every image's sha256), seed (of the images' noise),
                          split_seed, test_fraction and train_fingerprint (the training split the
                          generator learned from, which ``train --synthetic`` must match)
 
@@ -23,10 +24,11 @@ import numpy as np
 from tasks import storage
 from tasks.datasets import MANIFEST_NAME, Dataset, DatasetError
 
-__all__ = ["SyntheticOrigin", "synthetic_origin", "write_synthetic_dataset"]
+__all__ = ["SyntheticOrigin", "encode_images", "synthetic_origin", "write_images", "write_manifest",
+           "write_synthetic_dataset"]
 
-COLUMNS = ("file", "class", "patient_id", "synthetic", "generator_version", "seed", "split_seed", "test_fraction",
-           "train_fingerprint")
+COLUMNS = ("file", "class", "patient_id", "synthetic", "generator_version", "generator_store", "seed", "split_seed",
+           "test_fraction", "train_fingerprint")
 
 
 @dataclass(frozen=True)
@@ -34,39 +36,60 @@ class SyntheticOrigin:
     """Where a synthetic dataset's images came from, as its manifest says."""
 
     generator_versions: tuple[str, ...]
+    generator_store: str
     seeds: tuple[str, ...]
     split_seed: int
     test_fraction: float
     train_fingerprint: str
 
 
-def write_synthetic_dataset(out_uri: str, label: str, images: np.ndarray, version: str, seed: int, split_seed: int,
-                            test_fraction: float, train_fingerprint: str, workers: int = 8) -> str:
-    """Write ``images`` (uint8 ``(n, s, s)``) of class ``label`` as PNGs and the manifest last;
-    returns the manifest's URI. Refuses a location that holds a dataset already (a manifest.csv),
-    unless it is this very one (a retried write)."""
-    rows, files = [], {}
+def encode_images(label: str, images: np.ndarray, version: str, seed: int) -> dict[str, bytes]:
+    """``images`` (uint8 ``(n, s, s)``) of class ``label`` as PNG bytes by their file name in the
+    dataset (``<class>/<version>-<seed>-<index>.png``)."""
+    files = {}
     for index, image in enumerate(images):
         ok, png = cv2.imencode(".png", image)
         if not ok:
             raise ValueError(f"could not encode synthetic image {index} as PNG")
-        name = f"{label}/{version}-{seed}-{index:05d}.png"
-        files[storage.join(out_uri, name)] = png.tobytes()
-        rows.append({"file": name, "class": label, "patient_id": f"synthetic-{version}-{index:05d}", "synthetic": "true",
-                     "generator_version": version, "seed": str(seed), "split_seed": str(split_seed),
-                     "test_fraction": repr(float(test_fraction)), "train_fingerprint": train_fingerprint})
+        files[f"{label}/{version}-{seed}-{index:05d}.png"] = png.tobytes()
+    return files
+
+
+def write_images(out_uri: str, files: dict[str, bytes], workers: int = 8) -> None:
+    """The images only: without a manifest the location is no synthetic dataset yet (``train
+    --synthetic`` refuses it), so a failure before the manifest publishes nothing usable. Writing the
+    same bytes again (a retried step) is harmless."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # S3 puts are latency-bound
+        list(pool.map(lambda item: storage.write_bytes(storage.join(out_uri, item[0]), item[1]), files.items()))
+
+
+def write_manifest(out_uri: str, label: str, files: dict[str, bytes], version: str, seed: int, split_seed: int,
+                   test_fraction: float, train_fingerprint: str, generator_store: str) -> str:
+    """manifest.csv, written last of all (after the generator's card, which vouches for each
+    image's sha256); returns its URI. The same manifest again (a retry) is accepted, another one
+    refused."""
+    rows = [{"file": name, "class": label, "patient_id": f"synthetic-{version}-{index:05d}", "synthetic": "true",
+             "generator_version": version, "generator_store": generator_store, "seed": str(seed),
+             "split_seed": str(split_seed), "test_fraction": repr(float(test_fraction)),
+             "train_fingerprint": train_fingerprint} for index, name in enumerate(files)]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     manifest, manifest_uri = text.getvalue().encode(), storage.join(out_uri, MANIFEST_NAME)
-    if storage.exists(manifest_uri) and storage.read_bytes(manifest_uri) != manifest:
-        raise DatasetError(f"{manifest_uri}: {out_uri} holds a dataset already; choose another --out")
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # S3 puts are latency-bound
-        list(pool.map(lambda item: storage.write_bytes(*item), files.items()))
     if not storage.create_if_absent(manifest_uri, manifest) and storage.read_bytes(manifest_uri) != manifest:
         raise DatasetError(f"{manifest_uri}: another run wrote a dataset to {out_uri} meanwhile")
     return manifest_uri
+
+
+def write_synthetic_dataset(out_uri: str, label: str, images: np.ndarray, version: str, seed: int, split_seed: int,
+                            test_fraction: float, train_fingerprint: str, generator_store: str) -> str:
+    """Images, then the manifest; returns the manifest's URI. (The synthesize flow publishes the
+    generator's card between the two: tasks/synthesis.py.)"""
+    files = encode_images(label, images, version, seed)
+    write_images(out_uri, files)
+    return write_manifest(out_uri, label, files, version, seed, split_seed, test_fraction, train_fingerprint,
+                          generator_store)
 
 
 def synthetic_origin(dataset: Dataset) -> SyntheticOrigin:
@@ -95,8 +118,16 @@ def synthetic_origin(dataset: Dataset) -> SyntheticOrigin:
         split_seed, test_fraction = int(split_seed), float(test_fraction)
     except ValueError as error:
         raise DatasetError(f"{where}: split_seed or test_fraction is not a number: {error}") from None
-    return SyntheticOrigin(_distinct(dataset.items, "generator_version"), _distinct(dataset.items, "seed"),
-                           split_seed, test_fraction, one("train_fingerprint"))
+    if not 0.0 < test_fraction < 1.0:  # also refuses nan and inf
+        raise DatasetError(f"{where}: test_fraction {test_fraction!r} is not a fraction in (0, 1)")
+    versions = _distinct(dataset.items, "generator_version")
+    if "" in versions:
+        raise DatasetError(f"{where}: a row without generator_version: every synthetic image names its generator")
+    store = one("generator_store")
+    if not store:
+        raise DatasetError(f"{where}: no generator_store: the generator's card is what vouches for the images")
+    return SyntheticOrigin(versions, store, _distinct(dataset.items, "seed"), split_seed, test_fraction,
+                           one("train_fingerprint"))
 
 
 def _distinct(items: Sequence, name: str) -> tuple[str, ...]:

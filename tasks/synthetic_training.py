@@ -1,6 +1,7 @@
 """Synthetic images in training (#14, ``train --synthetic``): a synthetic dataset's minority-class
 images join the training part of the split, never validation or test, and only when the generator
-learned from exactly this run's training split."""
+learned from exactly this run's training split, passed the memorisation gate, and its signed card
+vouches for every image's sha256 (the manifest itself is not signed)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from prefect.cache_policies import NO_CACHE
 
 from model.preprocessing import Preprocessing
 from model.training import TrainingData
+from tasks import storage
 from tasks.datasets import DatasetError, fingerprint
+from tasks.generators import load_generator
 from tasks.synthetic_data import SyntheticOrigin, synthetic_origin
 from tasks.train_steps import LabelledArrays, TrainingSplit, discover, load_labelled
 
-__all__ = ["add_synthetic", "with_synthetic"]
+__all__ = ["add_synthetic", "check_vouched", "vouched_images", "with_synthetic"]
 
 
 def add_synthetic(data: TrainingData, loaded: LabelledArrays, split: TrainingSplit, synthetic_uri: str, share: float,
@@ -25,7 +28,47 @@ def add_synthetic(data: TrainingData, loaded: LabelledArrays, split: TrainingSpl
     ``with_synthetic``), read and resized into the model's input as real images are."""
     synthetic = discover(synthetic_uri)
     origin = synthetic_origin(synthetic)  # not a synthetic dataset, or several splits: refused before reading images
-    return with_synthetic(data, loaded, split, load_labelled(synthetic.items, spec), origin, synthetic_uri, share)
+    vouched = vouched_images(origin, fingerprint([loaded.items[row] for row in split.train]))
+    images = load_labelled(synthetic.items, spec)
+    check_vouched(images, synthetic.uri, vouched, len(synthetic.items))
+    return with_synthetic(data, loaded, split, images, origin, synthetic_uri, share)
+
+
+def vouched_images(origin: SyntheticOrigin, train_fingerprint: str) -> dict[str, tuple[str, str]]:
+    """What the manifest's generators vouch for, file name -> (class, sha256), from their cards, not
+    from the unsigned manifest: each generator is loaded (signature and sha256 checks), must have
+    passed the memorisation gate and have learned from this run's training split."""
+    vouched = {}
+    for version in origin.generator_versions:
+        _, card = load_generator(origin.generator_store, version)
+        where = f"generator {version} in {origin.generator_store}"
+        if card.quality.get("passed") is not True:
+            raise DatasetError(f"{where}: its card does not record a passed memorisation check")
+        if card.dataset.get("train_fingerprint") != train_fingerprint:
+            raise DatasetError(f"{where}: it learned from another training split than this run's: its images may "
+                               "carry this run's validation or test patients")
+        images = card.synthesized.get("images")
+        if not isinstance(images, dict):
+            raise DatasetError(f"{where}: its card lists no images' sha256 (written before they were recorded)")
+        vouched.update({name: (str(card.synthesized.get("class")), str(digest)) for name, digest in images.items()})
+    return vouched
+
+
+def check_vouched(images: LabelledArrays, dataset_uri: str, vouched: dict[str, tuple[str, str]], listed: int) -> None:
+    """Every synthetic image read is one its generator's card lists, with that class and sha256;
+    none left out as unreadable (a manifest's rows are all the generator's or the dataset is refused)."""
+    if len(images.items) != listed:
+        raise DatasetError(f"{dataset_uri}: {listed - len(images.items)} synthetic image(s) could not be read")
+    for item in images.items:
+        name = storage.relative_to(item.uri, dataset_uri)
+        if name not in vouched:
+            raise DatasetError(f"{item.uri}: not an image its generator's card lists")
+        label, digest = vouched[name]
+        if item.label != label:
+            raise DatasetError(f"{item.uri}: labelled {item.label!r}, its generator made it as {label!r}")
+        if item.sha256 != digest:
+            raise DatasetError(f"{item.uri}: sha256 differs from the one its generator's card recorded: not the "
+                               "image the generator made")
 
 
 def _label_index(split: TrainingSplit, label: str, uri: str) -> int:

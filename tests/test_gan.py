@@ -217,3 +217,14 @@ def test_samples_sheet_shows_real_beside_synthetic_per_class(phantoms):
     assert two_classes.shape[1] == pytest.approx(one_class.shape[1], rel=0.1)
     with pytest.raises(ValueError, match="same classes"):
         samples_png({"covid": synthetic}, {"normal": held_out})
+
+
+def test_memorisation_check_refuses_a_few_exact_copies_the_quantile_would_miss():
+    """3 copies among 203 images sit below the 5 % quantile's reach; the per-image floor catches them."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 200, (1, 64, 64))
+    real = np.clip(base + rng.normal(0, 25, (40, 64, 64)), 0, 255).astype(np.uint8)
+    fresh = np.clip(base + rng.normal(0, 25, (200, 64, 64)), 0, 255).astype(np.uint8)
+    assert memorisation_check(fresh, real, None, patients=np.arange(40)).passed
+    report = memorisation_check(np.concatenate([fresh, real[:3]]), real, None, patients=np.arange(40))
+    assert not report.passed and any("3 of 203 synthetic images" in reason for reason in report.reasons), report.reasons

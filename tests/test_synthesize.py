@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import math
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from model.bundle import BundleError
 from model.gan import Generator
 from tasks import storage
 from tasks.datasets import DatasetError, discover_dataset, fingerprint, hash_images, split_dataset
-from tasks.generators import load_generator
+from tasks.generators import GeneratorCard, load_generator
 from tasks.phantoms import write_phantom_dataset
+from tasks.synthetic_data import synthetic_origin, write_synthetic_dataset
 from tests.conftest import flow_run_artifacts
 
 SEED = 3
@@ -109,8 +111,9 @@ def test_synthesize_to_a_folder_then_train_keeps_validation_and_test_real(prefec
     # The actual validation and test parts are the real-only ones, image for image (content and label).
     assert recorded["validation_fingerprint"] == fingerprint(validation)
     assert recorded["test_fingerprint"] == fingerprint(test)
-    synthetic_digests = {hashlib.sha256(storage.read_bytes(storage.join(out, row["file"]))).hexdigest() for row in rows}
-    assert not synthetic_digests & {item.sha256 for item in [*validation, *test]}
+    # The generator's card vouches for every image: its sha256 recorded at publishing.
+    assert card.synthesized["images"] == {
+        row["file"]: hashlib.sha256(storage.read_bytes(storage.join(out, row["file"]))).hexdigest() for row in rows}
     assert (recorded["train_images"], recorded["validation_images"], recorded["test_images"]) == (
         len(training), len(validation), len(test))
     assert "synthetic images (training part only)" in storage.read_bytes(
@@ -119,6 +122,24 @@ def test_synthesize_to_a_folder_then_train_keeps_validation_and_test_real(prefec
     with pytest.raises(DatasetError, match="another training split"):
         train(TrainParameters(dataset_uri=dataset, model_store_uri=str(tmp_path / "models"), synthetic_uri=out,
                               **{**TRAIN_SMALL, "seed": SEED + 1}))
+
+    # Forged synthetic datasets: the unsigned manifest is not what is trusted, the generator's card is.
+    test_covid = next(item for item in test if item.label == "covid")
+    swapped = str(tmp_path / "swapped")  # a test image re-encoded in a synthetic image's place, manifest intact
+    for row in rows:
+        storage.write_bytes(storage.join(swapped, row["file"]), storage.read_bytes(storage.join(out, row["file"])))
+    storage.write_bytes(storage.join(swapped, "manifest.csv"), storage.read_bytes(storage.join(out, "manifest.csv")))
+    test_image = cv2.resize(cv2.imread(test_covid.uri, cv2.IMREAD_GRAYSCALE), (64, 64))
+    storage.write_bytes(storage.join(swapped, rows[0]["file"]), cv2.imencode(".png", test_image)[1].tobytes())
+    with pytest.raises(DatasetError, match=f"{rows[0]['file']}: sha256 differs"):
+        train(TrainParameters(dataset_uri=dataset, model_store_uri=str(tmp_path / "models"), synthetic_uri=swapped,
+                              synthetic_share=0.3, **TRAIN_SMALL))
+    forged = str(tmp_path / "forged")  # the guessable fingerprint and a generator that does not exist
+    write_synthetic_dataset(forged, "covid", test_image[None], "vNO-SUCH-GENERATOR", SEED, SEED, 0.2,
+                            fingerprint(training), store)
+    with pytest.raises(BundleError, match="no such generator version"):
+        train(TrainParameters(dataset_uri=dataset, model_store_uri=str(tmp_path / "models"), synthetic_uri=forged,
+                              synthetic_share=0.3, **TRAIN_SMALL))
 
 
 @pytest.mark.slow
@@ -184,6 +205,8 @@ def test_cli_exit_codes(prefect_api, dataset, tmp_path, monkeypatch):
     assert usage.exit_code == 2 and "--count" in usage.output
     usage = runner.invoke(cli.app, ["train", dataset, "--synthetic", str(tmp_path / "o"), "--synthetic-share", "1"])
     assert usage.exit_code == 2 and "--synthetic-share" in usage.output
+    usage = runner.invoke(cli.app, ["train", dataset, "--synthetic-share", "0.2", "--weights", "none"])
+    assert usage.exit_code == 2 and "only with --synthetic" in usage.output, usage.output
     missing = runner.invoke(cli.app, ["synthesize", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
                                       "--weights", "none"])
     assert missing.exit_code == 3 and "nowhere" in missing.output
@@ -194,3 +217,108 @@ def test_cli_exit_codes(prefect_api, dataset, tmp_path, monkeypatch):
     not_synthetic = runner.invoke(cli.app, ["train", dataset, "--synthetic", dataset, "--model-store",
                                             str(tmp_path / "models"), "--weights", "none", "--input-size", "32"])
     assert not_synthetic.exit_code == 3 and "not a synthetic dataset" in " ".join(not_synthetic.output.split())
+
+
+def test_check_request_refuses_an_out_overlapping_the_dataset_a_used_out_and_one_class(prefect_api, dataset, tmp_path,
+                                                                                         monkeypatch, s3_bucket):
+    from flows import cli, lifeline
+    from tasks.synthesis import check_request
+
+    monkeypatch.setattr(lifeline, "arm", lambda: None)
+    store = str(tmp_path / "generators")
+    inside = CliRunner().invoke(cli.app, ["synthesize", dataset, "--class", "covid", "--out", f"{dataset}/covid/synth",
+                                          "--generator-store", store, "--weights", "none"])
+    text = " ".join(inside.output.split())
+    assert inside.exit_code == 3 and f"{dataset}/covid/synth" in text and "overlap" in text, text
+    real = discover_dataset(dataset)
+    for out in (dataset, f"{dataset}/", str(Path(dataset).parent), f"{dataset}/../{Path(dataset).name}/synth"):
+        with pytest.raises(DatasetError, match="overlap"):
+            check_request.fn(real, "covid", out, store)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("someone's")
+    with pytest.raises(DatasetError, match="holds files already"):
+        check_request.fn(real, "covid", str(used), store)
+    check_request.fn(real, "covid", str(tmp_path / "fresh"), store)  # apart, empty, writable: accepted
+    assert not files_under(str(tmp_path / "fresh")) and not files_under(store)  # the write checks leave nothing
+
+    one_class = write_phantom_dataset(str(tmp_path / "one"), per_class=4, size=64, seed=SEED)
+    for name in one_class:
+        if "/covid/" not in name:
+            storage.delete(name)
+    with pytest.raises(DatasetError, match="one class only"):
+        check_request.fn(discover_dataset(str(tmp_path / "one")), "covid", str(tmp_path / "o1"), store)
+
+    # On S3 the same, by key prefix: data/x lies inside data, dataset does not.
+    on_s3 = type(real)(f"{s3_bucket}/data", real.items, real.source, ())
+    for out in (f"{s3_bucket}/data", f"{s3_bucket}/data/", f"{s3_bucket}/data/x", s3_bucket):
+        with pytest.raises(DatasetError, match="overlap"):
+            check_request.fn(on_s3, "covid", out, f"{s3_bucket}/generators")
+    check_request.fn(on_s3, "covid", f"{s3_bucket}/dataset", f"{s3_bucket}/generators")
+
+
+def test_publishing_leaves_nothing_usable_until_complete_and_a_retry_completes_it(tmp_path, monkeypatch):
+    from model.gan import GanConfig, generate, init_generator
+    from tasks.synthesis import GeneratorRefused, Quality, publish_synthesis
+
+    generator = init_generator(2, GanConfig(image_size=64, width=8, epochs=1, seed=SEED))
+    published = generate(generator, 0, 3, seed=SEED)
+    quality = Quality({}, {}, True, (), b"\x89PNG")
+    card = GeneratorCard(version="v1", classes=["covid", "normal"], config=generator.config.to_dict(),
+                         dataset={"uri": "d", "split_seed": SEED, "test_fraction": 0.2, "train_fingerprint": "f" * 64},
+                         quality={"passed": True, "classes": {}, "feature_space": {}},
+                         synthesized={"class": "covid", "count": 3, "seed": SEED, "dataset_uri": "o"})
+    out, store = str(tmp_path / "out"), str(tmp_path / "generators")
+
+    refused = Quality({}, {}, False, ("covid: pixels: copies",), b"")
+    with pytest.raises(GeneratorRefused, match="nothing published"):
+        publish_synthesis.fn(store, out, card, generator, refused, published)
+    assert not files_under(out) and not files_under(store)
+
+    real_create = storage.create_if_absent
+
+    def card_write_fails(uri: str, data: bytes) -> bool:
+        if uri.endswith("card.json"):
+            raise storage.StorageError(uri, "connection reset")  # transient: the step is retried
+        return real_create(uri, data)
+
+    monkeypatch.setattr(storage, "create_if_absent", card_write_fails)
+    with pytest.raises(storage.StorageError):
+        publish_synthesis.fn(store, out, card, generator, quality, published)
+    assert "manifest.csv" not in files_under(out) and "v1/card.json" not in files_under(store)
+    with pytest.raises(DatasetError, match="not a synthetic dataset"):  # what was written is unusable
+        synthetic_origin(discover_dataset(out))
+    monkeypatch.setattr(storage, "create_if_absent", real_create)
+    first = publish_synthesis.fn(store, out, card, generator, quality, published)  # the retry completes it
+    again = publish_synthesis.fn(store, out, card, generator, quality, published)  # and is idempotent
+    assert first.bundle_uri == again.bundle_uri and synthetic_origin(discover_dataset(out)).generator_store == store
+    assert sorted(load_generator(store, "v1")[1].synthesized["images"]) == sorted(
+        name for name in files_under(out) if name.endswith(".png"))
+
+
+def test_tampered_generator_card_and_non_utf8_manifest_are_refused_by_name(tmp_path):
+    from tasks.generators import publish_generator
+
+    store = str(tmp_path / "generators")
+    folder = publish_generator(store, GeneratorCard(version="v1", classes=["a"], config={}, dataset={}, quality={}),
+                               {"x.bin": b"abc"})
+    original = json.loads(Path(folder, "card.json").read_text())
+    for edit, message in [(lambda card: card.pop("classes"), "key 'classes' missing"),
+                          (lambda card: card.__setitem__("quality", ["x"]), "'quality' is list"),
+                          (lambda card: card["files"].__setitem__("x.bin", 5), "'files' must map")]:
+        card = json.loads(json.dumps(original))
+        edit(card)
+        Path(folder, "card.json").write_text(json.dumps(card))
+        with pytest.raises(BundleError, match=f"card.json: {message}"):
+            load_generator(store, "v1")
+
+    out = str(tmp_path / "synthetic")
+    manifest = write_synthetic_dataset(out, "covid", np.zeros((1, 64, 64), np.uint8), "v1", 0, 0, 0.2, "f" * 64, store)
+    original = Path(manifest).read_bytes()
+    Path(manifest).write_bytes(original.replace(b"covid", b"cov\xffid", 1))
+    with pytest.raises(DatasetError, match="manifest.csv: not UTF-8"):
+        discover_dataset(out)
+    for old, new, message in [(b",0.2,", b",nan,", "not a fraction"), (b",v1,", b",,", "without generator_version")]:
+        Path(manifest).write_bytes(original.replace(old, new))
+        with pytest.raises(DatasetError, match=message):
+            synthetic_origin(discover_dataset(out))
