@@ -71,7 +71,8 @@ def make_store(store: str, input_size: int) -> keras.Model:
     return model
 
 
-def train_store(store: str, data: str, input_size: int, epochs: int) -> tuple[keras.Model, float]:
+def train_store(store: str, data: str, input_size: int, epochs: int, fine_tune_epochs: int = 0
+                ) -> tuple[keras.Model, float]:
     """A model trained by the train flow (weights none, few epochs): a real bundle, its engines
     checked on its test split as always. Returns the model and the training time in seconds."""
     from flows.parameters import TrainParameters
@@ -79,7 +80,7 @@ def train_store(store: str, data: str, input_size: int, epochs: int) -> tuple[ke
 
     started = time.perf_counter()
     trained = train(TrainParameters(dataset_uri=data, model_store_uri=store, input_size=input_size, weights="none",
-                                    epochs=epochs, augment_draws=1, bootstrap=100))
+                                    epochs=epochs, augment_draws=1, bootstrap=100, fine_tune_epochs=fine_tune_epochs))
     seconds = time.perf_counter() - started
     model, _ = registry.load_model(store, trained.version)
     return model, seconds
@@ -170,6 +171,9 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=10, help="inputs multiplier for the memory run (0: skip)")
     parser.add_argument("--epochs", type=int, default=10, help="stage 1 epochs of the benchmark's model")
+    parser.add_argument("--fine-tune-epochs", type=int, default=0,
+                        help="stage 2 epochs of the benchmark's model (block5 fine-tuned: its features spread "
+                             "out, and the engines may pass the gate where a frozen random base's do not)")
     parser.add_argument("--fullsize", type=int, default=200, help="full-size inputs for part (b) (0: skip)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive per-image loop")
     parser.add_argument("--memory-only", action="store_true", help="skip the ceiling and the naive loop")
@@ -192,9 +196,10 @@ def main() -> None:
     print(f"  decode    {decode_ceiling:7.2f} img/s (read, decode, resize in the decoder processes)")
     print(f"  decode    {decode_in_threads(paths, spec):7.2f} img/s (the same in 4 threads of this process, "
           "as before the decoder processes)")
-    model, seconds = train_store(store, args.data, args.input_size, args.epochs)
+    model, seconds = train_store(store, args.data, args.input_size, args.epochs, args.fine_tune_epochs)
     card = registry.load_card(store)
-    print(f"  trained   {card.version} in {seconds:.0f} s ({args.epochs} epochs, weights none); stage 1 features by "
+    print(f"  trained   {card.version} in {seconds:.0f} s ({args.epochs}+{args.fine_tune_epochs} epochs, weights none); "
+          f"stage 1 features by "
           f"{card.training['features_engine']['engine']}")
     for name, check in json.loads(storage.read_bytes(storage.join(store, card.version, "engines.json")))["checks"].items():
         print(f"  check     {EngineCheck(**check).summary}: {'passes' if check['passed'] else 'FAILS'}")

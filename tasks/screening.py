@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from model.anatomy import lung_share
 from model.bundle import BundleError, ModelCard
+from model.devices import share_gpus
 from model.evaluation import predict_classes
 from model.gradcam import grad_cam, overlay
 from model.inference import Predictor, fastest, make_predictor
@@ -89,6 +90,7 @@ class LoadedModel:
 @functools.lru_cache(maxsize=2)
 def _model(model_store_uri: str, model_version: str, engine: str, batch_size: int = 16) -> LoadedModel:
     """Loaded once per process, model version and engine, however many chunks run here."""
+    share_gpus()
     model, card = registry.load_model(model_store_uri, model_version)
     allowed, notes = validated_engines(model_store_uri, card)
     spec = card.spec()

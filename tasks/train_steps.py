@@ -22,6 +22,7 @@ from model.evaluation import choose_threshold, evaluate
 from model.network import IMAGENET_FILE, build_classifier
 from model.preprocessing import Preprocessing
 from model.inference import ENGINES, REDUCED_DECODE, EngineCheck, check_engine, choose_feature_base, make_predictor, quantize_int8
+from model.devices import share_gpus
 from model.training import TrainingConfig, TrainingData, fine_tune, fit_head_cached, predict_probabilities
 from model.validity import (default_strata, metadata_baseline_auc, shortcut_warnings, stratum_sample_weights,
                             within_stratum_auc)
@@ -249,7 +250,7 @@ def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig,
     which engine computed stage 1's features, with what it measured."""
     logger = get_run_logger()
     keras.utils.set_random_seed(config.seed)
-    _use_gpu_if_present()
+    share_gpus()
     model = build_classifier(data.num_classes, spec.input_size, weights, seed=config.seed, head=config.head,
                              l2=config.head_l2[0] if config.head == "linear" else 0.0)
     total = config.epochs + config.fine_tune_epochs
@@ -284,16 +285,6 @@ def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig,
     logger.info("Training took %.0f s", time.perf_counter() - started)
     history = {stage: {k: [float(v) for v in values] for k, values in h.items()} for stage, h in history.items()}
     return model, history, chosen, features_engine
-
-
-def _use_gpu_if_present() -> None:
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # already initialised: growth can only be set before first use
-            pass
 
 
 @task(cache_policy=NO_CACHE)
