@@ -47,12 +47,8 @@ from flows.parameters import SynthesizeParameters, TrainParameters  # noqa: E402
 from flows.synthesize import synthesize  # noqa: E402
 from flows.train import train  # noqa: E402
 from tasks.synthesis import GeneratorRefused  # noqa: E402
+from bench.machine import cpu_line  # noqa: E402
 from bench.validity_bench import shown  # noqa: E402  (value [interval], as that bench prints them)
-
-try:  # the lead is moving cpu_line into bench/machine.py
-    from bench.machine import cpu_line  # noqa: E402
-except ImportError:  # pragma: no cover
-    from bench.screen_bench import cpu_line  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 STRATA = ["age_group", "source_dataset"]

@@ -33,7 +33,8 @@ import tasks  # noqa: E402,F401  (first: TensorFlow's runtime options)
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.screen_bench import cpu_line, make_store  # noqa: E402
+from bench.machine import cpu_line  # noqa: E402
+from bench.screen_bench import make_store  # noqa: E402
 from flows.parameters import ScreenParameters  # noqa: E402
 from flows.screen import screen  # noqa: E402
 from tasks import sandbox  # noqa: E402

@@ -51,7 +51,7 @@ import tasks  # noqa: E402,F401  (first: TensorFlow's runtime options)
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.screen_bench import cpu_line  # noqa: E402
+from bench.machine import cpu_line  # noqa: E402
 from model.bundle import ModelCard  # noqa: E402
 from tasks import ledger, reports, storage  # noqa: E402
 from tasks.phantoms import chest_phantom  # noqa: E402

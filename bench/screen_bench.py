@@ -45,7 +45,7 @@ import tasks  # noqa: E402,F401  (first: through model/ it sets TensorFlow's run
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.machine import cpu_line  # noqa: E402,F401  (the other benches import it from here too)
+from bench.machine import cpu_line  # noqa: E402
 from model.bundle import ModelCard, model_to_bytes  # noqa: E402
 from model.inference import ENGINES, EngineCheck, make_predictor  # noqa: E402
 from model.network import build_classifier  # noqa: E402
