@@ -297,7 +297,7 @@ def fine_tune(
 
     ``policy`` 'mixed_bfloat16' computes the base in bf16 while its variables, and so the updates
     and the saved model, stay float32 (bf16 needs no loss scaling: its range is float32's). An epoch
-    ran 8x faster so on a CPU with AMX (bench/gpu_bench.py); the caller chooses it where stage 1's
+    ran 2.2x faster so on a CPU with AMX (bench/train_time_bench.py); the caller chooses it where stage 1's
     bf16 features agreed with fp32's and were faster (``model.inference.choose_feature_base``)."""
     from model.inference import with_base_policy
     from model.network import unfreeze_top_block

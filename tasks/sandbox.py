@@ -195,6 +195,8 @@ def _widen(pipe: int) -> None:
 
 
 _PIPE_BYTES = 1 << 20
+# A decoder's own size before its ceiling applies (Python, NumPy, OpenCV, pydicom), rounded up.
+_WORKER_FOOTPRINT = 256 << 20
 
 
 def _worker_environment() -> dict[str, str]:
@@ -210,13 +212,21 @@ _pool_lock = threading.Lock()
 
 
 def decoder_count() -> int:
-    """Decoder processes for this process: one per core it may use. A Dask worker sharing the machine
-    with others is given its share in TF_NUM_INTRAOP_THREADS (flows/fan_out.py). On a 16-core GPU
+    """Decoder processes for this process: one per core it may use, as far as memory allows. A Dask
+    worker sharing the machine with others is given its share in TF_NUM_INTRAOP_THREADS (flows/fan_out.py). On a 16-core GPU
     machine the former cap of 4 held screening to 278 img/s against 765 with 16 (bench/gpu_bench.py)."""
     share = os.environ.get("TF_NUM_INTRAOP_THREADS", "")
     if share.isdigit() and int(share) > 0:
-        return int(share)
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        cores = int(share)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # Each decoder may grow to its ceiling on a hostile input: all of them together may take at most
+    # half of the machine's memory, whatever the number of cores.
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return max(1, cores)
+    return max(1, min(cores, memory // 2 // (DEFAULT_MEMORY_BYTES + _WORKER_FOOTPRINT)))
 
 
 def _shared_pool() -> DecoderPool:

@@ -164,9 +164,9 @@ def screen_images(
     ``limits.frontal_chest_only`` a DICOM that says it is not a frontal chest X-ray is rejected.
 
     Reading and decoding run ahead on ``workers`` threads (default: two per decoder process, since
-    reads wait on storage) while the model predicts. Prediction
-    stays on the fast path; only the images ``explain`` names ('flagged', 'all' or 'none') take
-    Grad-CAM's gradient pass (on the fp32 model, whatever the engine).
+    reads wait on storage) while the model predicts. Prediction stays on the fast path; only the
+    images ``explain`` names ('flagged', 'all' or 'none') take Grad-CAM's gradient pass (on the fp32
+    model, whatever the engine).
 
     Raises ``DeidentifyKeyMissing`` before reading anything when de-identification has no key.
     """

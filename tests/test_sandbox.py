@@ -50,6 +50,11 @@ def test_one_decoder_per_core_or_per_core_of_its_dask_share(monkeypatch):
     assert decoder_count() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")  # flows/fan_out.py gives each Dask worker its share
     assert decoder_count() == 3
+    # ...and never more than half the memory can hold at each decoder's ceiling.
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "64")
+    pages = {"SC_PHYS_PAGES": (4 << 30) // 4096, "SC_PAGE_SIZE": 4096}  # a 4 GiB machine
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    assert decoder_count() == 2
 
 
 def test_a_bad_file_is_a_reason_and_the_worker_goes_on(pool):
