@@ -89,9 +89,19 @@ class FromPixels(keras.layers.Layer):
 
 
 def taking_pixels(model: keras.Model, spec: Preprocessing) -> keras.Model:
-    """``model`` (which takes scaled float32 images) taking uint8 pixels; the layers are shared."""
-    pixels = keras.Input(model.input_shape[1:], dtype="uint8", name="pixels")
-    return keras.Model(pixels, model(FromPixels(spec)(pixels)), name=f"{model.name}_pixels")
+    """``model`` (which takes scaled float32 images) taking uint8 pixels; the layers are shared.
+    One per model and spec: each new wrapper would compile its predict function again (seconds for
+    VGG16), and training predicts with the same model many times."""
+    made = getattr(model, "_taking_pixels", None)
+    if made is None:
+        made = {}
+        # Kept on the model, so that it goes with the model; set past Keras' attribute tracking,
+        # which would make the wrapper a part of the model it wraps.
+        object.__setattr__(model, "_taking_pixels", made)
+    if spec not in made:
+        pixels = keras.Input(model.input_shape[1:], dtype="uint8", name="pixels")
+        made[spec] = keras.Model(pixels, model(FromPixels(spec)(pixels)), name=f"{model.name}_pixels")
+    return made[spec]
 
 
 def with_base_policy(model: keras.Model, policy: str) -> keras.Model:

@@ -73,7 +73,9 @@ def test_grad_cam_probabilities_match_predict_probabilities():
         spec = Preprocessing(64, scale_mode)
         images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
         cams, probabilities = grad_cam_and_probabilities(model, images, spec, class_index=2, batch_size=2)
-        np.testing.assert_allclose(probabilities, predict_probabilities(model, images, spec), atol=1e-5)
+        # Grad-CAM runs eagerly on float32 inputs; predictions run compiled on uint8 pixels, whose
+        # kernels round differently (about 1e-4 on a random base's saturated logits).
+        np.testing.assert_allclose(probabilities, predict_probabilities(model, images, spec), atol=2e-4)
         assert cams.shape == (5, 64, 64) and cams.min() >= 0 and cams.max() <= 1
         np.testing.assert_allclose(cams, grad_cam(model, images, spec, 2, batch_size=8), atol=1e-5)
     with pytest.raises(ValueError, match="class_index"):
