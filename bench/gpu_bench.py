@@ -185,10 +185,10 @@ def training(classifier: keras.Model, images: np.ndarray, batch: int) -> None:
     y = keras.utils.to_categorical(np.arange(len(x)) % 2, 2)
     for engine, policy in POLICIES.items():
         tuned = with_base_policy(classifier, policy)
-        base = tuned.get_layer(tuned.layers[1].name)
+        base = tuned.get_layer("vgg16")
         block = x[:256]
         features = len(block) / timed(lambda: base.predict_on_batch(block), 1.0)
-        unfreeze_top_block_of(tuned, base)
+        unfreeze_top_block(tuned)
         tuned.compile(optimizer=keras.optimizers.Adam(1e-5), loss="categorical_crossentropy")
         clock = EpochTimes()
         tuned.fit(x, y, batch_size=batch, epochs=3, verbose=0, callbacks=[clock], shuffle=True)
@@ -196,16 +196,6 @@ def training(classifier: keras.Model, images: np.ndarray, batch: int) -> None:
         print(f"  {engine}: stage 1 features {features:8.1f} img/s; stage 2 epoch of {len(x)} images "
               f"{epoch:6.2f} s ({len(x) / epoch:7.1f} img/s; first epoch, compiling, {clock.seconds[0]:.1f} s)",
               flush=True)
-
-
-def unfreeze_top_block_of(model_: keras.Model, base: keras.Model) -> None:
-    """``model.network.unfreeze_top_block`` for a model whose base may carry another name."""
-    if base.name == "vgg16":
-        unfreeze_top_block(model_)
-        return
-    base.trainable = True
-    for layer in base.layers:
-        layer.trainable = layer.name.startswith("block5")
 
 
 def main() -> None:
