@@ -40,7 +40,8 @@ from rich.table import Table  # noqa: E402
 # lifeline.arm() before a flow: Prefect's temporary server must not outlive a killed command.
 from flows import lifeline  # noqa: E402
 from flows.models_cli import models_app  # noqa: E402
-from flows.parameters import AuditParameters, ScreenParameters, SynthesizeParameters, TrainParameters  # noqa: E402
+from flows.parameters import (AuditParameters, EvaluateParameters, ScreenParameters, SynthesizeParameters,  # noqa: E402
+                              TrainParameters)
 
 # Exit codes (README, "Commands"): 2 is click's own for usage errors.
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INPUT = 1, 2, 3
@@ -375,6 +376,61 @@ def audit(
                       escape(fold.get("note", "")))
     console.print(table)
     console.print(f"Table: {result.outputs['table.csv']}  Plot: {result.outputs['plot.png']}")
+
+
+@app.command()
+def evaluate(
+    dataset_uri: str = typer.Argument(..., help=EvaluateParameters.describe("dataset_uri")),
+    model_store: str = _option(EvaluateParameters, "model_store_uri", "--model-store", envvar="CXR_MODEL_STORE"),
+    model_version: str = _option(EvaluateParameters, "model_version"),
+    output: str | None = _option(EvaluateParameters, "output_uri", "--output"),
+    where: list[str] | None = typer.Option(None, "--where", help=EvaluateParameters.describe("where")),
+    strata: str | None = typer.Option(None, help="COL[,COL]: " + EvaluateParameters.describe("strata")),
+    min_auc: float | None = _option(EvaluateParameters, "min_auc"),
+    min_specificity: float | None = _option(EvaluateParameters, "min_specificity"),
+    acceptance_bound: str | None = _option(EvaluateParameters, "acceptance_bound"),
+    bootstrap: int = _option(EvaluateParameters, "bootstrap"),
+    seed: int = _option(EvaluateParameters, "seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print the evaluation as one JSON object on stdout (the rest "
+                                                         "goes to stderr)."),
+) -> None:
+    """Score a labelled site dataset with a stored version; keep the evaluation beside it (signed like its card)."""
+    params = _validated(EvaluateParameters, dataset_uri=dataset_uri, model_store_uri=model_store,
+                        model_version=model_version, output_uri=output, where=where or [],
+                        strata=None if strata is None else [name.strip() for name in strata.split(",") if name.strip()],
+                        min_auc=min_auc, min_specificity=min_specificity, acceptance_bound=acceptance_bound,
+                        bootstrap=bootstrap, seed=seed)
+    _json_mode(as_json)
+    lifeline.arm()
+    from flows.evaluate import evaluate as evaluate_flow
+
+    with _clean_errors():
+        result = evaluate_flow(params)
+    record, overall = result.record, result.record["overall"]
+    interval = overall["auc_ci"]
+    console.print(f"Evaluation [bold]{record['evaluation_id']}[/bold] of model [bold]{record['model_version']}[/bold] "
+                  f"on {escape(record['dataset']['uri'])}: {record['images']} image(s) scored, "
+                  f"{len(record['rejected'])} rejected")
+    console.print(f"  AUC {_shown(overall['auc'])}" + (f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})"
+                                                         if interval and interval[0] is not None else "") +
+                  f"; sensitivity {_shown(overall['sensitivity'])} / specificity {_shown(overall['specificity'])} at "
+                  f"threshold {record['threshold']:.3f}; ECE {_shown(record['calibration']['ece'])}")
+    for name, found in record["strata"].items():
+        console.print(f"  within {escape(name)}: AUC {_shown(found['within_auc'])}; {escape(name)} alone "
+                      f"(cross-fitted) {_shown(found['metadata_baseline_auc'])}")
+    outside = [f"{escape(row['figure'])} {_shown(row['site'])} ({row['where']} the card's "
+               f"{row['card_ci'][0]:.3f}-{row['card_ci'][1]:.3f})" for row in record["comparison"]
+               if row["inside"] is False]
+    console.print("  against the card's test figures: " + ("; ".join(outside) if outside else
+                                                            "every figure with an interval falls inside it"))
+    console.print(f"Kept: {escape(result.outputs['evaluation'])}" +
+                  (f"; also in {escape(result.outputs['output'])}" if "output" in result.outputs else ""))
+    for line in record["warnings"]:
+        console.print(f"[bold yellow]Warning:[/bold yellow] {escape(line)}")
+    style = "green" if result.fit else "bold red"
+    console.print(f"[{style}]{escape(record['verdict']['line'])}[/{style}]")  # last, where a reader's eye lands
+    if as_json:
+        _print_json(record)
 
 
 @app.command("validate-engines")

@@ -3,11 +3,11 @@ from it, and the deployments fill it from the settings. Each default and check i
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-__all__ = ["AuditParameters", "ScreenParameters", "SynthesizeParameters", "TrainParameters"]
+__all__ = ["AuditParameters", "EvaluateParameters", "ScreenParameters", "SynthesizeParameters", "TrainParameters"]
 
 
 class _Parameters(BaseModel):
@@ -153,3 +153,30 @@ class SynthesizeParameters(_Parameters):
     weights: str = Field("imagenet", description="Base weights of the feature space the checks measure in: "
                                                  "'imagenet', a weights file path or s3:// URI, or 'none'.")
     input_size: int = Field(224, ge=32, le=1024, description="Input size of that feature space (the classifier's).")
+
+
+class EvaluateParameters(_Parameters):
+    """Score a labelled site dataset with a stored model version and keep the evaluation beside it.
+    Acceptance criteria left unset come from the version's card (training's own criteria), else
+    model.acceptance's defaults."""
+
+    dataset_uri: str = Field(description="Labelled site dataset: class sub-folders or a manifest.csv "
+                                         "(folder or s3://).")
+    model_store_uri: str = Field("models", description="Model store (folder or s3://).")
+    model_version: str = Field("production", description="A version in the store, or 'production'.")
+    output_uri: str | None = Field(None, description="Also write evaluation.json, evaluation.md and reliability.png "
+                                                     "here (folder or s3://).")
+    where: list[Annotated[str, StringConstraints(pattern=r"^[^=]+=.+$")]] = Field(
+        default_factory=list, description="COL=LEVEL: score only images with this manifest level (several levels of "
+                                          "one column: any of them; several columns: all).")
+    strata: list[str] | None = Field(None, description="Manifest columns to evaluate within (default: every extra "
+                                                       "column with 2 to 20 levels among the images scored).")
+    min_auc: float | None = Field(None, ge=0, le=1, description="Acceptance: AUC on the site (lower 95 % bound, or "
+                                                                "the estimate) must reach this (default: the card's).")
+    min_specificity: float | None = Field(
+        None, ge=0, le=1, description="Acceptance: specificity at the card's threshold (lower 95 % bound, or the "
+                                      "estimate) must reach this (default: the card's).")
+    acceptance_bound: Literal["lower", "point"] | None = Field(
+        None, description="Judge on the lower 95 % bound or on the estimate (default: the card's).")
+    bootstrap: int = Field(1000, ge=100, description="Patient-level bootstrap resamples for confidence intervals.")
+    seed: int = Field(0, description="Seed of the bootstrap and of the cross-fitted metadata baseline's folds.")

@@ -79,13 +79,13 @@ def roc_png(fpr: Sequence[float], tpr: Sequence[float], auc: float | None, posit
 
 
 def reliability_png(is_positive: Sequence[bool], before: Sequence[float], after: Sequence[float] | None = None,
-                    bins: int = 10) -> bytes:
+                    bins: int = 10, names: tuple[str, str] = ("before", "after")) -> bytes:
     """Reliability diagram of the positive-class probability: observed positive rate against mean
     probability per bin, before and (optionally) after calibration, with the diagonal of perfect
-    calibration and each curve's expected calibration error."""
+    calibration and each curve's expected calibration error. ``names``: the two curves' labels."""
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
-    for name, probability, style in (("before", before, "o-"), ("after", after, "s-")):
+    for name, probability, style in ((names[0], before, "o-"), (names[1], after, "s-")):
         if probability is None:
             continue
         predicted, observed, counts = reliability_curve(is_positive, probability, bins)

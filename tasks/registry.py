@@ -44,6 +44,7 @@ SIGNING_KEY_VARIABLE = "CXR_MODEL_SIGNING_KEY"
 ENGINES = "engines.json"
 ENGINES_SIGNATURE = "engines.json.sig"
 ENGINE_FILES = (ENGINES, ENGINES_SIGNATURE, *INT8_FILES)
+EVALUATIONS = "evaluations"  # <version>/evaluations/<id>/: site evaluations, by tasks/evaluations.py
 
 logger = logging.getLogger(__name__)
 
@@ -325,9 +326,10 @@ def verify_bundle(store_uri: str, version: str = "production", *, include_model:
     are named in a warning, not refused (a stray note in a version folder must not stop a night)."""
     card = load_card(store_uri, version)
     folder = storage.join(store_uri, card.version)
-    # Engine files (tasks/engines.py) lie beside the bundle, vouched for by their own signed record.
-    present = {storage.relative_to(uri, folder) for uri in storage.list_files(folder)} - {
-        CARD, SIGNATURE, *ENGINE_FILES}
+    # Engine files (tasks/engines.py) and site evaluations (tasks/evaluations.py) lie beside the
+    # bundle, vouched for by their own signed records.
+    present = {name for name in (storage.relative_to(uri, folder) for uri in storage.list_files(folder))
+               if not name.startswith(EVALUATIONS + "/")} - {CARD, SIGNATURE, *ENGINE_FILES}
     listed = set(card.files) if card.files else {"model.keras"}
     if card.files and present - listed:
         logger.warning("%s: %s not in the card's file manifest: not part of the bundle, ignored", folder,
