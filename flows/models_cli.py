@@ -1,4 +1,5 @@
-"""``cxr-screen models``: the model store for people: list the versions, show one, promote one,
+"""``cxr-screen models``: the model store for people: list the versions, show one (with its site
+evaluations), promote one (with ``--require-evaluation``, only after a passing site evaluation),
 roll back.
 
 Each change of production is recorded in production.json's history with who made it (the OS
@@ -80,17 +81,20 @@ def list_models(model_store: str = STORE, as_json: bool = AS_JSON) -> None:
 @models_app.command("show")
 def show_model(version: str = typer.Argument(..., help="A version in the store, or 'production'."),
                model_store: str = STORE, as_json: bool = AS_JSON) -> None:
-    """One version's card: data, test metrics, training's decision, production history, warnings."""
-    from tasks import registry
+    """One version's card: data, test metrics, training's decision, production history, site
+    evaluations, warnings."""
+    from tasks import evaluations, registry
 
     with _clean_errors():
         production = registry.read_production(model_store)
         card = registry.load_card(model_store, version)
         status = _status(card, production, _card_or_none(model_store, production.version))
+        evaluated = [_evaluation_row(found) for found in evaluations.list_evaluations(model_store, card)]
     history = [entry for entry in production.history if card.version in (entry["version"], entry.get("previous"))]
     if as_json:
         _print_json({**json.loads(card.to_json()), "registry": {"status": status, "production": production.version,
-                                                                "history": history}})
+                                                                "history": history},
+                     "evaluations": evaluated})
         return
     positive, metrics = card.metrics.get("positive", {}), card.metrics
     console.print(f"Model [bold]{card.version}[/bold]: {_styled(status)}")
@@ -111,18 +115,52 @@ def show_model(version: str = typer.Argument(..., help="A version in the store, 
         console.print(f"  {entry.get('at') or 'unknown'}: {'made production' if became else 'replaced'} by "
                       f"{entry.get('action', 'promote')} ({escape(str(entry.get('by') or 'unknown'))}: "
                       f"{escape(str(entry.get('reason') or ''))})")
+    if evaluated:
+        console.print("  site evaluations (the latest decides where one is required):")
+    for row in evaluated:
+        if row["problem"]:
+            console.print(f"    {escape(row['evaluation_id'])}: [red]unusable[/red]: {escape(row['problem'])}")
+            continue
+        interval = row["auc_ci"]
+        shown = _shown(row["auc"]) + (f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})"
+                                      if interval and interval[0] is not None else "")
+        console.print(f"    {row['evaluation_id']}: {row['created_at']} on {escape(row['dataset_uri'])} (fingerprint "
+                      f"{escape(row['dataset_fingerprint'][:12])}, {row['images']} images): AUC {shown}: "
+                      + ("[green]fit[/green]" if row["fit"] else "[red]not fit[/red]"))
     for line in card.shortcut_warnings:
         console.print(f"[bold red]Shortcut warning:[/bold red] {escape(line)}")
+
+
+def _evaluation_row(found) -> dict:
+    """One stored evaluation, in short: when, on what, AUC, fit; or why it cannot be used."""
+    row = {"evaluation_id": found.evaluation_id, "uri": found.uri, "problem": found.problem, "fit": found.fit}
+    if found.record is None:
+        return {**row, "created_at": None, "dataset_uri": None, "dataset_fingerprint": None, "images": None,
+                "auc": None, "auc_ci": None, "verdict": None}
+    record = found.record
+    return {**row, "created_at": record["created_at"], "dataset_uri": record["dataset"]["uri"],
+            "dataset_fingerprint": record["dataset"]["fingerprint"], "images": record["images"],
+            "auc": record["overall"].get("auc"), "auc_ci": record["overall"].get("auc_ci"),
+            "verdict": found.verdict.line}
 
 
 @models_app.command("promote")
 def promote_model(version: str = typer.Argument(..., help="The version to make production."),
                   reason: str = REASON, by: str | None = BY, model_store: str = STORE,
+                  require_evaluation: bool = typer.Option(
+                      False, "--require-evaluation", help="Refuse unless the version's latest site evaluation "
+                                                          "(cxr-screen evaluate) is valid and fit; always so with "
+                                                          "CXR_REQUIRE_EVALUATION=true."),
                   as_json: bool = AS_JSON) -> None:
-    """Make a version production, after checking its bundle; recorded with who and why."""
-    from tasks import registry
+    """Make a version production, after checking its bundle (and its site evaluation, when required);
+    recorded with who and why."""
+    from tasks import evaluations, registry
 
     with _clean_errors():
+        if require_evaluation or evaluations.evaluation_required():
+            evaluations.require_passing(model_store, registry.load_card(model_store, version),
+                                        "--require-evaluation is given" if require_evaluation
+                                        else f"{evaluations.REQUIRE_VARIABLE} is set")
         entry = registry.set_production(model_store, version, reason, by=by)
     _report_change(entry, version, as_json)
 

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 
 from model.bundle import ModelCard
 from tasks.retrying import io_step
-from tasks import ledger, registry, reports, runs
+from tasks import evaluations, ledger, registry, reports, runs
 from tasks.results import ResultsLayout, RunSummary, entry_key
 
 __all__ = ["flow_run_finished", "new_run_id", "not_yet_screened", "recover_abandoned_runs", "resolve_model",
@@ -30,10 +30,13 @@ def now() -> str:
 
 @task(**io_step())
 def resolve_model(model_store_uri: str, model_version: str) -> ModelCard:
-    """The card of the version to use; refuses a bundle this code cannot reproduce, and one whose
-    files are not those its card lists (model.keras is checked where it is loaded)."""
+    """The card of the version to use; refuses a bundle this code cannot reproduce, one whose
+    files are not those its card lists (model.keras is checked where it is loaded), and, with
+    CXR_REQUIRE_EVALUATION=true, one without a passing site evaluation (tasks/evaluations.py)."""
     card = registry.verify_bundle(model_store_uri, model_version, include_model=False)
     card.spec()  # raises BundleError for preprocessing this code does not implement
+    if evaluations.evaluation_required():
+        evaluations.require_passing(model_store_uri, card)
     return card
 
 
