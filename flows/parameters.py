@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from model.acceptance import Acceptance
+
 __all__ = ["AuditParameters", "EvaluateParameters", "ScreenParameters", "SynthesizeParameters", "TrainParameters"]
 
 
@@ -113,6 +115,17 @@ class TrainParameters(_Parameters):
         "linear", description="'linear' (standardised pooled features, L2-regularised softmax; L2 chosen on "
                               "validation) or 'mlp' (the tutorial's Dense(64)-dropout head).")
     bootstrap: int = Field(1000, ge=100, description="Patient-level bootstrap resamples for confidence intervals.")
+    min_auc: float = Field(
+        Acceptance.min_auc, ge=0, le=1,
+        description="Acceptance: the test split's AUC (lower 95 % bound, or the estimate with acceptance_bound "
+                    "'point') must reach this, or the model is registered as a candidate 'not fit for screening'.")
+    min_specificity: float = Field(
+        Acceptance.min_specificity, ge=0, le=1,
+        description="Acceptance: specificity on the test split at the threshold chosen for target_sensitivity "
+                    "(lower 95 % bound, or the estimate) must reach this.")
+    acceptance_bound: Literal["lower", "point"] = Field(
+        Acceptance.bound, description="Judge min_auc and min_specificity on the lower 95 % patient-bootstrap bound "
+                                      "('lower') or on the estimate ('point').")
     synthetic_uri: str | None = Field(
         None, description="A synthetic dataset written by 'cxr-screen synthesize' from this dataset with this seed and "
                           "test fraction: its images of the minority class join the training split only (never "
