@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     train_epochs: int | None = Field(None, description="Stage-1 epochs of the retrain deployment.")
     train_fine_tune_epochs: int | None = Field(None, description="Stage-2 (block5) epochs of the retrain deployment.")
     train_input_size: int | None = Field(None, description="Input size of retrained models.")
+    train_min_auc: float | None = Field(None, description="Acceptance: lowest test AUC (see acceptance_bound).")
+    train_min_specificity: float | None = Field(
+        None, description="Acceptance: lowest test specificity at the threshold (see acceptance_bound).")
+    train_acceptance_bound: str | None = Field(None, description="'lower' (95 % bound) or 'point' (estimate).")
     train_require_approval: bool | None = Field(
         None, description="Leave retrained models as candidates until 'cxr-screen models promote'.")
     screen_batch_size: int | None = Field(None, description="Images per forward pass in nightly screening.")
@@ -68,7 +72,9 @@ class Settings(BaseSettings):
         return TrainParameters(dataset_uri=self.dataset, model_store_uri=self.model_store, weights=self.weights,
                                **_given(epochs=self.train_epochs, fine_tune_epochs=self.train_fine_tune_epochs,
                                         input_size=self.train_input_size,
-                                        require_approval=self.train_require_approval))
+                                        require_approval=self.train_require_approval,
+                                        min_auc=self.train_min_auc, min_specificity=self.train_min_specificity,
+                                        acceptance_bound=self.train_acceptance_bound))
 
     def synthesize_parameters(self) -> SynthesizeParameters:
         return SynthesizeParameters(dataset_uri=self.dataset, out_uri=self.synthetic,

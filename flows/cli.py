@@ -176,6 +176,9 @@ def train(
     calibrate: bool = _option(TrainParameters, "calibrate", "--calibrate/--no-calibrate"),
     head: str = _option(TrainParameters, "head"),
     bootstrap: int = _option(TrainParameters, "bootstrap"),
+    min_auc: float = _option(TrainParameters, "min_auc", envvar="CXR_TRAIN_MIN_AUC"),
+    min_specificity: float = _option(TrainParameters, "min_specificity", envvar="CXR_TRAIN_MIN_SPECIFICITY"),
+    acceptance_bound: str = _option(TrainParameters, "acceptance_bound", envvar="CXR_TRAIN_ACCEPTANCE_BOUND"),
     synthetic: str | None = _option(TrainParameters, "synthetic_uri", "--synthetic"),
     # No default here, so that one given without --synthetic can be told apart (and refused).
     synthetic_share: float | None = typer.Option(None, help=TrainParameters.describe("synthetic_share") +
@@ -197,6 +200,7 @@ def train(
                         strata=None if strata is None else [name.strip() for name in strata.split(",") if name.strip()],
                         balance_strata=balance_strata, mixed_strata_only=mixed_strata_only, leave_out=leave_out,
                         calibrate=calibrate, head=head, bootstrap=bootstrap, synthetic_uri=synthetic,
+                        min_auc=min_auc, min_specificity=min_specificity, acceptance_bound=acceptance_bound,
                         synthetic_share=TrainParameters.default("synthetic_share") if synthetic_share is None
                         else synthetic_share)
     _json_mode(as_json)
@@ -220,14 +224,23 @@ def train(
         baseline = found["metadata_baseline_auc"]
         console.print(f"  within {escape(name)}: AUC {shown}; {escape(name)} alone reaches "
                       f"{'n/a' if baseline is None else f'{baseline:.3f}'}")
+    baseline = trained.card.validity.get("baseline")
+    if baseline:
+        within = baseline.get("mean_within_auc")
+        console.print(f"  plain baseline (logistic regression on the same features): AUC "
+                      f"{_shown(baseline['overall']['auc'])}, mean within-stratum AUC {_shown(within)}")
     added = trained.card.dataset.get("synthetic")
     if added:
         console.print(f"  trained with {added['count']} synthetic {escape(added['class'])} image(s) from "
                       f"{escape(added['uri'])} (training part only)")
     console.print(f"{'Promoted to production' if trained.promoted else 'Not promoted'}: {trained.reason}")
     console.print(f"Bundle: {trained.bundle_uri} (model card: card.md)")
-    for line in trained.card.shortcut_warnings:  # last, where a reader's eye lands
+    for line in trained.card.shortcut_warnings:
         console.print(f"[bold red]Shortcut warning:[/bold red] {escape(line)}")
+    fitness = trained.card.validity.get("fitness", {})
+    if fitness:  # last, where a reader's eye lands
+        colour = "green" if fitness.get("fit") else "bold red"
+        console.print(f"[{colour}]{escape(fitness.get('line', ''))}[/{colour}]")
     if as_json:
         _print_json({"version": trained.version, "bundle_uri": trained.bundle_uri, "promoted": trained.promoted,
                      "reason": trained.reason, "card": json.loads(trained.card.to_json())})

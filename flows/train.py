@@ -12,13 +12,13 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.parameters import TrainParameters
+from model.acceptance import Acceptance, compare_with_baseline, judge
 from model.augmentation import Augmentation
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
 from tasks import registry
-from tasks.bundling import (TrainedModel, awaiting_approval, make_bundle, promote, publish_bundle, read_production,
-                            report_training)
-from tasks.clinical import audit_model, calibrate_model
+from tasks.bundling import TrainedModel, make_bundle, promote, publish_bundle, read_production, report_training
+from tasks.clinical import audit_baseline, audit_model, calibrate_model
 from tasks.synthetic_training import add_synthetic
 from tasks.train_steps import (calibration_sample, check_engines, discover, evaluate_model, fit_model, load_labelled, resolve_weights, score_production,
                                split_for_training)
@@ -47,31 +47,49 @@ def train(params: TrainParameters) -> TrainedModel:
     training, synthetic = split.training_data(loaded.images), None
     if params.synthetic_uri:  # the training part only: validation and test stay real
         training, synthetic = add_synthetic(training, loaded, split, params.synthetic_uri, params.synthetic_share, spec)
-    model, history, balance, features_engine = fit_model(training, spec, config, weights)
-    split = split.balanced_by(balance) if balance else split
+    # The linear head is chosen by cross-validation on the training images (with validation's, when
+    # no stage 2 needs validation), and the plain baseline beside it (model/linear_head.py).
+    cross_validated = params.head == "linear" and synthetic is None
+    cv = split.cross_validation(loaded.images, pooled=cross_validated and not params.fine_tune_epochs)
+    fitted = fit_model(training, spec, config, weights, cv, loaded.images[split.test], cross_validated)
+    model = fitted.model
+    split = split.balanced_by(fitted.balance) if fitted.balance in split.balance_candidates else split
     if weights_info["origin"] == "imagenet" and weights_info["sha256"] is None:
         weights_info = resolve_weights.fn("imagenet")[1]  # the download has happened by now
-    calibration, reliability = calibrate_model(model, loaded, split, spec) if params.calibrate else ({}, None)
-    threshold, metrics, test_probabilities = evaluate_model(model, loaded, split, spec, params.target_sensitivity)
+    oof = None if fitted.oof is None else (fitted.oof_rows, fitted.oof)
+    calibration, reliability, calibrated_oof = (calibrate_model(model, loaded, split, spec, oof) if params.calibrate
+                                                else ({}, None, None))
+    if oof is not None and calibrated_oof is not None:
+        oof = (oof[0], calibrated_oof)
+    threshold, metrics, test_probabilities = evaluate_model(model, loaded, split, spec, params.target_sensitivity, oof)
     engine_checks, engine_files = check_engines(
         model, spec, threshold, split.classes.index(split.positive), loaded.images[split.test], split.labels[split.test],
         test_probabilities, loaded.images[calibration_sample(split.train, params.seed)],
         [loaded.items[index].uri for index in split.test])
     validity, mean_cam = audit_model(model, loaded, split, spec, threshold, test_probabilities, params.bootstrap,
                                      params.seed)
+    if fitted.baseline is not None:
+        baseline = audit_baseline(split, fitted.baseline, params.target_sensitivity, params.bootstrap, params.seed)
+        validity["baseline"] = baseline
+        validity["against_baseline"] = compare_with_baseline(
+            {"auc": validity["overall"]["auc"], "mean_within_auc": validity["mean_within_auc"]},
+            {"auc": baseline["overall"]["auc"], "mean_within_auc": baseline["mean_within_auc"]})
+    criteria = Acceptance(min_auc=params.min_auc, min_specificity=params.min_specificity,
+                          target_sensitivity=params.target_sensitivity, bound=params.acceptance_bound)
+    validity["fitness"] = judge(validity["overall"], criteria).to_dict()
 
     seen = read_production(params.model_store_uri)  # promotion is written only if this is still production
     production = score_production(params.model_store_uri, loaded, split, spec)
     promoted, reason = registry.promotion_decision(
         {**metrics["positive"], "within_auc": validity["mean_within_auc"], "warnings": validity["model_warnings"]},
-        production, params.force_promote)
-    if params.leave_out and promoted and not params.force_promote:
-        promoted, reason = False, f"trained with {params.leave_out} left out: an experiment, not a candidate"
-    if params.require_approval:  # never promoted by training, whatever it scored
-        promoted, reason = False, awaiting_approval(promoted, reason)
-    card, files = make_bundle(model, history, threshold, metrics, dataset=dataset, loaded=loaded, split=split,
+        production, params.force_promote, fitness=validity["fitness"],
+        against_baseline=validity.get("against_baseline"),
+        experiment=f"trained with {params.leave_out} left out" if params.leave_out else None,
+        require_approval=params.require_approval)
+    card, files = make_bundle(model, fitted.history, threshold, metrics, dataset=dataset, loaded=loaded, split=split,
                               spec=spec, config=config, weights=weights_info, test_fraction=params.test_fraction,
-                              validity=validity, calibration=calibration, features_engine=features_engine,
+                              validity=validity, calibration=calibration, features_engine=fitted.features_engine,
+                              selection=fitted.selection, acceptance=criteria,
                               figures={"calibration.png": reliability, "gradcam.png": mean_cam}, synthetic=synthetic,
                               promotion={"promoted": promoted, "reason": reason,
                                          "compared_with": production and production["version"],

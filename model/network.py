@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 
 __all__ = ["HEADS", "WeightsUnavailable", "build_base", "build_classifier", "build_head", "needs_standardising",
-           "standardise_on", "unfreeze_top_block"]
+           "set_linear_head", "standardise_on", "unfreeze_top_block"]
 
 IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
@@ -100,6 +100,18 @@ def standardise_on(model: keras.Model, features) -> None:
     head = model.get_layer("head")
     layer = head.get_layer("standardise")
     layer.adapt(features.mean(axis=(1, 2)))
+
+
+def set_linear_head(model: keras.Model, mean, variance, kernel, bias) -> None:
+    """Put a fitted logistic regression into the linear head: its standardisation (per-feature
+    mean and variance of the pooled features) and its softmax layer's kernel and bias."""
+    head = model.get_layer("head")
+    layer = head.get_layer("standardise")
+    layer.adapt_mean.assign(keras.ops.convert_to_tensor(mean, "float32"))
+    layer.adapt_variance.assign(keras.ops.convert_to_tensor(variance, "float32"))
+    layer.finalize_state()  # Normalization reads the adapted statistics from here
+    head.get_layer("probabilities").set_weights([keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(kernel, "float32")),
+                                                 keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(bias, "float32"))])
 
 
 def build_classifier(

@@ -24,26 +24,52 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def curves_png(history: dict[str, dict[str, list[float]]]) -> bytes:
-    """Loss and accuracy per epoch, training vs validation, both stages in sequence."""
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    offset = 0
-    for stage, values in history.items():
-        epochs = np.arange(1, len(values.get("loss", [])) + 1) + offset
-        for key, axis in (("loss", loss_axis), ("accuracy", accuracy_axis)):
-            if key in values:
-                axis.plot(epochs, values[key], label=f"train ({stage})")
-            if f"val_{key}" in values:
-                axis.plot(epochs, values[f"val_{key}"], linestyle="--", label=f"validation ({stage})")
-        if offset:
-            for axis in (loss_axis, accuracy_axis):
-                axis.axvline(offset + 0.5, color="grey", linewidth=0.8)
-        offset += len(epochs)
-    for axis, title in ((loss_axis, "Loss"), (accuracy_axis, "Accuracy")):
-        axis.set_title(title)
-        axis.set_xlabel("epoch")
+def curves_png(history: dict[str, dict[str, list]]) -> bytes:
+    """Loss and accuracy per epoch, training vs validation, both stages in sequence; where stage 1
+    was chosen by cross-validation (no epochs), its out-of-fold score against C for each candidate
+    weighting and feature set instead."""
+    searched = [values["cross_validation"] for values in history.values() if "cross_validation" in values]
+    epochs_run = [stage for stage, values in history.items() if values.get("loss")]
+    panels = (2 if epochs_run else 0) + (1 if searched else 0)
+    figure, axes = plt.subplots(1, max(panels, 1), figsize=(5.5 * max(panels, 1), 4), squeeze=False)
+    axes = list(axes[0])
+    if searched:
+        axis = axes.pop(0)
+        lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for row in searched[0]:
+            lines.setdefault((row["weighting"], row["features"]), []).append((row["c"], row["cv_score"]))
+        for (weighting, features), points in sorted(lines.items()):
+            points.sort()
+            axis.plot([c for c, _ in points], [score for _, score in points], marker="o",
+                      label=f"{weighting}, {features}")
+        axis.set_xscale("log")
+        axis.set_title("Stage 1: cross-validated choice of the head")
+        axis.set_xlabel("C (inverse L2 strength)")
+        axis.set_ylabel("out-of-fold score")
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
+    if epochs_run:
+        loss_axis, accuracy_axis = axes
+        offset = 0
+        for stage in epochs_run:
+            values = history[stage]
+            epochs = np.arange(1, len(values["loss"]) + 1) + offset
+            for key, axis in (("loss", loss_axis), ("accuracy", accuracy_axis)):
+                if key in values:
+                    axis.plot(epochs, values[key], label=f"train ({stage})")
+                if f"val_{key}" in values:
+                    axis.plot(epochs, values[f"val_{key}"], linestyle="--", label=f"validation ({stage})")
+            if offset:
+                for axis in (loss_axis, accuracy_axis):
+                    axis.axvline(offset + 0.5, color="grey", linewidth=0.8)
+            offset += len(epochs)
+        for axis, title in ((loss_axis, "Loss"), (accuracy_axis, "Accuracy")):
+            axis.set_title(title)
+            axis.set_xlabel("epoch")
+            axis.legend(fontsize=8)
+            axis.grid(alpha=0.3)
+    elif not searched:
+        axes[0].set_title("No training history")
     return _png(figure)
 
 

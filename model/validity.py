@@ -18,6 +18,7 @@ from scipy.stats import rankdata
 __all__ = [
     "audit",
     "bootstrap_interval",
+    "class_balanced_weights",
     "default_strata",
     "metadata_baseline_auc",
     "shortcut_warnings",
@@ -270,28 +271,42 @@ def default_strata(columns: dict[str, list[str]]) -> list[str]:
     return chosen
 
 
+def class_balanced_weights(labels: Sequence | np.ndarray, num_classes: int) -> np.ndarray:
+    """scikit-learn's 'balanced' weights per image (every class present has the same total
+    weight), scaled to mean 1."""
+    labels = np.asarray(labels, int)
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    present = int((counts > 0).sum())
+    weights = len(labels) / (present * counts[labels])
+    return weights / weights.mean()
+
+
 def stratum_sample_weights(labels: np.ndarray, levels: Sequence | np.ndarray, num_classes: int,
                            mixed_only: bool = False) -> np.ndarray:
-    """Training weights under which the label says nothing about the level.
+    """Training weights under which the label says nothing about the level, where it can.
 
-    Inside each level every class present gets the same total weight; each level's total stays
-    proportional to its image count. A level holding one class only cannot be balanced: all it can
-    teach beyond that class's appearance is "this level means this class", the very shortcut. Its
-    images are kept at a tenth of their share (they still show what the class looks like) or, with
-    ``mixed_only``, dropped (weight 0). Weights have mean 1.
+    Inside each level holding several classes, every class present gets the same share of the
+    level's images, so that level teaches only what tells the classes apart. A level holding one
+    class only cannot be balanced; its images keep their class-balanced weight (as with class
+    weights alone): they are real patients the model will meet, and down-weighting them (to a
+    tenth, as before) left the model not knowing what they look like, so it flagged children with
+    bacterial pneumonia as COVID-19. With ``mixed_only`` they are dropped (weight 0) instead.
+    Weights have mean 1.
     """
     labels, levels = np.asarray(labels, int), _levels(levels)
     if len(labels) != len(levels):
         raise ValueError(f"labels and levels differ in length: {len(labels)} and {len(levels)}")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
-    weights = np.zeros(len(labels), float)
+    weights = class_balanced_weights(labels, num_classes) if len(labels) else np.zeros(0)
     for level in np.unique(levels):
         inside = levels == level
         counts = np.bincount(labels[inside], minlength=num_classes)
         present = int((counts > 0).sum())
-        share = 1.0 if present > 1 else (0.0 if mixed_only else 0.1)
-        weights[inside] = share * inside.sum() / (present * counts[labels[inside]])
+        if present > 1:
+            weights[inside] = inside.sum() / (present * counts[labels[inside]])
+        elif mixed_only:
+            weights[inside] = 0.0
     if not weights.any():
         raise ValueError("no level holds more than one class: nothing is left to weight")
     return weights / weights.mean()

@@ -14,6 +14,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from model.acceptance import Acceptance
 from model.bundle import ModelCard, file_digests, model_to_bytes, software_versions
 from model.inference import EngineCheck
 from model.plots import confusion_png, curves_png, roc_png
@@ -25,7 +26,7 @@ from tasks.rendering import render
 from tasks.datasets import Dataset, fingerprint
 from tasks.train_steps import LabelledArrays, TrainingSplit
 
-__all__ = ["TrainedModel", "awaiting_approval", "card_markdown", "make_bundle", "promote", "publish_bundle",
+__all__ = ["TrainedModel", "card_markdown", "make_bundle", "promote", "publish_bundle",
            "read_production", "report_training"]
 
 
@@ -55,7 +56,8 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
                 loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing, config: TrainingConfig,
                 weights: dict, test_fraction: float, promotion: dict, validity: dict, calibration: dict,
                 figures: dict[str, bytes | None], features_engine: dict | None = None,
-                synthetic: dict | None = None) -> tuple[ModelCard, dict[str, bytes]]:
+                synthetic: dict | None = None, selection: dict | None = None,
+                acceptance: Acceptance | None = None) -> tuple[ModelCard, dict[str, bytes]]:
     """The card and every other file of the bundle, as bytes; the card lists their sha256.
     ``synthetic``: what synthetic images joined the training part (tasks/synthetic_training.py)."""
     model_bytes = model_to_bytes(model)
@@ -72,7 +74,8 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
         metrics=metrics, training={**config.to_dict(), "balance_strata": split.balance,
                                    "selected_l2": history["stage1"].get("selected_l2", [None])[0],
                                    "leave_out": "=".join(split.leave_out) if split.leave_out else None,
-                                   "features_engine": features_engine or {}},
+                                   "features_engine": features_engine or {},
+                                   "head_selection": selection, "acceptance": (acceptance or Acceptance()).to_dict()},
         software=software_versions(), validity=validity, calibration=calibration,
         model_sha256=hashlib.sha256(model_bytes).hexdigest(),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), promotion=promotion,
@@ -119,13 +122,6 @@ def promote(store_uri: str, version: str, reason: str, seen: registry.Production
         get_run_logger().warning("Model %s left as a candidate: %s", version, error)
         return False, f"left as a candidate: {error}"
     return True, reason
-
-
-def awaiting_approval(promoted: bool, reason: str) -> str:
-    """Why a model trained with require_approval is not promoted, with what training thought of it."""
-    verdict = "recommends it" if promoted else "does not recommend it"
-    return (f"candidate awaiting approval (require_approval is set; training {verdict}: {reason}); "
-            "promote it with: cxr-screen models promote VERSION --reason ...")
 
 
 @task

@@ -14,8 +14,9 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import roc_auc_score
 
 from model.anatomy import lung_share, mask_images
-from model.calibration import brier_score, expected_calibration_error, fit_temperature_and_bias
-from model.evaluation import sensitivity_specificity
+from model.calibration import (apply_temperature_and_bias, brier_score, expected_calibration_error,
+                               fit_temperature_and_bias)
+from model.evaluation import choose_threshold, sensitivity_specificity
 from model.gradcam import grad_cam
 from model.plots import audit_png, mean_cam_png, reliability_png
 from model.preprocessing import Preprocessing
@@ -28,7 +29,7 @@ from tasks.rendering import render
 from tasks.train_steps import (LabelledArrays, TrainingSplit, evaluate_model, fit_model, mean_within_auc,
                                split_for_training)
 
-__all__ = ["audit_fold", "audit_model", "calibrate_model", "write_audit"]
+__all__ = ["audit_baseline", "audit_fold", "audit_model", "calibrate_model", "write_audit"]
 
 
 def _auc(is_positive: np.ndarray, scores: np.ndarray) -> float | None:
@@ -45,39 +46,82 @@ def _set_calibration(model: keras.Model, temperature: float, bias: np.ndarray) -
 
 
 @task(cache_policy=NO_CACHE)
-def calibrate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit,
-                    spec: Preprocessing) -> tuple[dict, bytes | None]:
-    """Temperature (and class-bias) scaling fitted on validation and baked into ``model``; returns the calibration
-    record (temperature, ECE and Brier of the positive class before and after, on validation and
-    test) and a reliability diagram of the test split."""
+def calibrate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
+                    oof: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, bytes | None, np.ndarray | None]:
+    """Temperature (and class-bias) scaling baked into ``model``, fitted on ``oof`` (rows of the
+    loaded arrays and the head's out-of-fold probabilities of them, from cross-validation) when
+    given, else on the validation split. Returns the calibration record (temperature, ECE and Brier
+    of the positive class before and after, on what it was fitted on and on test), a reliability
+    diagram of the test split, and the calibrated out-of-fold probabilities (None without ``oof``),
+    on which the threshold is then chosen."""
     positive = split.classes.index(split.positive)
-    if len(np.unique(split.labels[split.validation])) < 2:
-        get_run_logger().warning("Not calibrated: the validation split holds one class only")
-        return {}, None
-    parts = {"validation": split.validation, "test": split.test}
-    before = {name: predict_probabilities(model, loaded.images[rows], spec) for name, rows in parts.items()}
-    if _auc(split.labels[split.validation] == positive, before["validation"][:, positive]) == 1.0:
+    if oof is not None:
+        fit_rows, fit_before = oof
+        fitted_on, method = "out_of_fold", ("temperature and class-bias scaling on out-of-fold predictions of the "
+                                           f"{len(fit_rows)} training images (patient-grouped cross-validation)")
+    else:
+        fit_rows = split.validation
+        fit_before = predict_probabilities(model, loaded.images[fit_rows], spec)
+        fitted_on, method = "validation", "temperature and class-bias scaling on the validation split"
+    fit_labels = split.labels[fit_rows]
+    if len(np.unique(fit_labels)) < 2:
+        get_run_logger().warning("Not calibrated: the %s images hold one class only", fitted_on.replace("_", "-"))
+        return {}, None, None
+    if _auc(fit_labels == positive, fit_before[:, positive]) == 1.0:
         # Perfectly separated: the likelihood only grows as probabilities go to 0 and 1, so a fitted
         # temperature would just make the model as over-confident as its bounds allow.
-        get_run_logger().warning("Not calibrated: validation is perfectly separated, so calibration could only "
-                                 "sharpen the probabilities to 0 and 1")
-        return {}, None
-    temperature, bias = fit_temperature_and_bias(before["validation"], split.labels[split.validation])
+        get_run_logger().warning("Not calibrated: the %s images are perfectly separated, so calibration could only "
+                                 "sharpen the probabilities to 0 and 1", fitted_on.replace("_", "-"))
+        return {}, None, None
+    test_before = predict_probabilities(model, loaded.images[split.test], spec)
+    temperature, bias = fit_temperature_and_bias(fit_before, fit_labels)
     _set_calibration(model, temperature, bias)
-    after = {name: predict_probabilities(model, loaded.images[rows], spec) for name, rows in parts.items()}
-    record: dict = {"method": "temperature and class-bias scaling on the validation split", "temperature": temperature,
+    fit_after = apply_temperature_and_bias(fit_before, temperature, bias)
+    test_after = predict_probabilities(model, loaded.images[split.test], spec)
+    record: dict = {"method": method, "fitted_on": fitted_on, "temperature": temperature,
                     "bias": [float(value) for value in bias], "bins": 10}
-    for name, rows in parts.items():
+    for name, rows, before, after in ((fitted_on, fit_rows, fit_before, fit_after),
+                                      ("test", split.test, test_before, test_after)):
         truth = split.labels[rows] == positive
-        record[name] = {f"{measure}_{when}": function(truth, probabilities[name][:, positive])
+        record[name] = {f"{measure}_{when}": function(truth, probabilities[:, positive])
                         for when, probabilities in (("before", before), ("after", after))
                         for measure, function in (("ece", expected_calibration_error), ("brier", brier_score))}
     test_truth = split.labels[split.test] == positive
-    figure = reliability_png(test_truth, before["test"][:, positive], after["test"][:, positive])
-    get_run_logger().info("Calibration: temperature %.3f; test ECE %.3f -> %.3f, Brier %.3f -> %.3f", temperature,
-                          record["test"]["ece_before"], record["test"]["ece_after"],
-                          record["test"]["brier_before"], record["test"]["brier_after"])
-    return record, figure
+    figure = reliability_png(test_truth, test_before[:, positive], test_after[:, positive])
+    get_run_logger().info("Calibration (on %s): temperature %.3f; test ECE %.3f -> %.3f, Brier %.3f -> %.3f",
+                          fitted_on.replace("_", "-"), temperature, record["test"]["ece_before"],
+                          record["test"]["ece_after"], record["test"]["brier_before"], record["test"]["brier_after"])
+    return record, figure, fit_after if oof is not None else None
+
+
+@task(cache_policy=NO_CACHE)
+def audit_baseline(split: TrainingSplit, baseline: dict, target_sensitivity: float, n_resamples: int = 1000,
+                   seed: int = 0) -> dict:
+    """The built-in baseline (a plain logistic regression on the model's own frozen features,
+    model/linear_head.py) scored like the model on the test split: calibrated on its own
+    out-of-fold predictions, its threshold chosen there for ``target_sensitivity``; overall and
+    within-stratum figures with intervals, its operating point and ECE."""
+    positive = split.classes.index(split.positive)
+    rows, oof, test = baseline["oof_rows"], baseline["oof"], baseline["test_probabilities"]
+    labels = split.labels[rows]
+    if len(np.unique(labels)) > 1 and _auc(labels == positive, oof[:, positive]) not in (None, 1.0):
+        temperature, bias = fit_temperature_and_bias(oof, labels)
+        oof, test = (apply_temperature_and_bias(p, temperature, bias) for p in (oof, test))
+    threshold = choose_threshold(labels == positive, oof[:, positive], target_sensitivity)
+    truth, scores = split.is_positive[split.test], test[:, positive]
+    train_rows = np.concatenate([split.train, split.validation])
+    record = audit(truth, scores, threshold, {name: split.levels(name, split.test) for name in split.strata},
+                   [split.patients[i] for i in split.test],
+                   {name: split.levels(name, train_rows) for name in split.strata},
+                   split.is_positive[train_rows], n_resamples=n_resamples, seed=seed)
+    return {"method": "plain logistic regression on the frozen base's pooled features (scikit-learn, L2), chosen "
+                      "by the same cross-validation as the head, calibrated and thresholded on its out-of-fold "
+                      "predictions",
+            **baseline["record"], "threshold": threshold, "overall": record["overall"],
+            "strata": {name: {key: found[key] for key in ("within_auc", "within_auc_ci")}
+                       for name, found in record["strata"].items()},
+            "mean_within_auc": mean_within_auc(split, split.test, scores),
+            "ece": expected_calibration_error(truth, scores)}
 
 
 @task(cache_policy=NO_CACHE)
@@ -156,9 +200,12 @@ def audit_fold(loaded: LabelledArrays, variable: str, level: str, *, positive: s
                                       balance_strata=balance_strata, mixed_strata_only=mixed_strata_only,
                                       leave_out=f"{variable}={level}")
         _require_both_classes(split)
-        model, _, balance, _ = fit_model.fn(split.training_data(loaded.images), spec, config, weights)
-        split = split.balanced_by(balance) if balance else split
-        threshold, metrics, test_probabilities = evaluate_model.fn(model, loaded, split, spec, target_sensitivity)
+        cv = split.cross_validation(loaded.images, pooled=not config.fine_tune_epochs)
+        fitted = fit_model.fn(split.training_data(loaded.images), spec, config, weights, cv)
+        model = fitted.model
+        split = split.balanced_by(fitted.balance) if fitted.balance in split.balance_candidates else split
+        oof = None if fitted.oof is None else (fitted.oof_rows, fitted.oof)
+        threshold, metrics, test_probabilities = evaluate_model.fn(model, loaded, split, spec, target_sensitivity, oof)
     except (ValueError, DatasetError) as error:
         get_run_logger().warning("Cannot train without %s=%s: %s", variable, level, error)
         return {**row, "positives": None, "auc": None, "note": f"not trainable without it: {error}"}

@@ -341,8 +341,17 @@ def verify_bundle(store_uri: str, version: str = "production", *, include_model:
     return card
 
 
-def promotion_decision(new: dict, current: dict | None, force: bool = False) -> tuple[bool, str]:
-    """Compare the new and the production model on the same test split.
+def promotion_decision(new: dict, current: dict | None, force: bool = False, *, fitness: dict | None = None,
+                       against_baseline: dict | None = None, experiment: str | None = None,
+                       require_approval: bool = False) -> tuple[bool, str]:
+    """Whether training promotes the new model, and why: the one place that decides.
+
+    In order: a model not fit for screening (``fitness``, model.acceptance's verdict) is never
+    promoted by training, forced or not: only a person can (``models promote --reason``). An
+    experiment (trained with a level left out) and a model worse than its plain baseline
+    (``against_baseline``) are promoted only when forced. With ``require_approval`` nothing is
+    promoted by training, and the reason says what training thought. Otherwise the new model is
+    compared with production on the same test split.
 
     ``new`` and ``current`` are ``evaluate(...)['positive']`` dicts, optionally with
     ``within_auc`` (mean within-stratum AUC over the metadata variables) and ``warnings`` (the
@@ -351,6 +360,23 @@ def promotion_decision(new: dict, current: dict | None, force: bool = False) -> 
     A model with such a warning never replaces one without.
     Within-stratum AUC, which shortcut learning cannot inflate, is compared first when both have it.
     """
+    if fitness is not None and not fitness.get("fit", False):
+        return False, (f"{fitness.get('line', 'not fit for screening')}; a candidate only: a person may promote it "
+                       "with cxr-screen models promote VERSION --reason ...")
+    promoted, reason = _compared(new, current, force)
+    if not force and against_baseline and against_baseline.get("worse"):
+        promoted, reason = False, ("worse than its plain baseline: " + "; ".join(against_baseline["reasons"]) +
+                                   " (--force-promote overrides)")
+    if experiment and promoted and not force:
+        promoted, reason = False, f"{experiment}: an experiment, not a candidate"
+    if require_approval:
+        verdict = "recommends it" if promoted else "does not recommend it"
+        promoted, reason = False, (f"candidate awaiting approval (require_approval is set; training {verdict}: "
+                                   f"{reason}); promote it with: cxr-screen models promote VERSION --reason ...")
+    return promoted, reason
+
+
+def _compared(new: dict, current: dict | None, force: bool) -> tuple[bool, str]:
     if force:
         return True, "promotion forced"
     if current is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import tempfile
 import time
@@ -23,7 +24,11 @@ from model.network import IMAGENET_FILE, build_classifier
 from model.preprocessing import Preprocessing
 from model.inference import ENGINES, REDUCED_DECODE, EngineCheck, check_engine, choose_feature_base, make_predictor, quantize_int8
 from model.devices import share_gpus
-from model.training import TrainingConfig, TrainingData, fine_tune, fit_head_cached, predict_probabilities
+from model.linear_head import CrossValidation, Selection, fit_selected, select_logistic_head
+from model.network import set_linear_head
+from model.training import (TrainingConfig, TrainingData, extract_features, fine_tune, fit_head_cached,
+                            predict_probabilities)
+from model.augmentation import build_augmentation
 from model.validity import (default_strata, metadata_baseline_auc, shortcut_warnings, stratum_sample_weights,
                             within_stratum_auc)
 from tasks.retrying import io_step
@@ -33,7 +38,10 @@ from tasks.datasets import (Dataset, DatasetError, LabelledImage, discover_datas
 from tasks.loading import load_images
 
 __all__ = ["EpochReporter", "LabelledArrays", "TrainingSplit", "class_layout", "discover", "evaluate_model",
-           "fit_model", "load_labelled", "mean_within_auc", "resolve_weights", "score_production", "split_for_training"]
+           "build_split", "fit_model", "load_labelled", "mean_within_auc", "resolve_weights", "score_production", "split_for_training"]
+
+
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,10 @@ class TrainingSplit:
     balance_candidates: dict[str, np.ndarray | None] = field(default_factory=dict)
     balance: str | None = None  # the stratum variable(s, joined by '+') balanced by ``weights``
     weights: np.ndarray | None = None  # per loaded image; set on train and validation rows only
+    # The same weightings as levels of every loaded image (None: class weights alone), from which
+    # cross-validation computes each fold's weights on its own fitting images.
+    balance_levels: dict[str, np.ndarray | None] = field(default_factory=lambda: {"none": None})
+    mixed_only: bool = False
 
     @property
     def is_positive(self) -> np.ndarray:
@@ -118,6 +130,16 @@ class TrainingSplit:
         """This split with the weighting ``name`` (one of ``balance_candidates``) chosen."""
         weights = self.balance_candidates[name]
         return replace(self, balance=None if weights is None else name, weights=weights)
+
+    def cross_validation(self, images: np.ndarray, pooled: bool) -> CrossValidation:
+        """The training images for cross-validated choices: the training part, and with ``pooled``
+        the validation part too (when nothing else needs validation, the choices, calibration and
+        threshold get all of its images as out-of-fold predictions instead of one small split)."""
+        rows = np.sort(np.concatenate([self.train, self.validation])) if pooled else self.train
+        return CrossValidation(images[rows], self.labels[rows], np.array(self.patients, dtype=object)[rows],
+                               {name: np.array(self.levels(name, rows)) for name in self.strata},
+                               {name: None if levels is None else np.asarray(levels)[rows]
+                                for name, levels in self.balance_levels.items()}, self.mixed_only, rows)
 
     def training_data(self, images: np.ndarray) -> TrainingData:
         """Training and validation arrays, every candidate weighting, and the validation images'
@@ -187,7 +209,14 @@ def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, 
     """Patient-held-out test split, then a validation part of the rest (the threshold is chosen on
     validation, never on test). ``leave_out`` ('COL=LEVEL') keeps a whole level out of all three,
     to measure how the model does on a source or site it never saw."""
-    logger = get_run_logger()
+    return build_split(loaded, positive, multiclass, test_fraction, seed, strata, balance_strata, mixed_strata_only,
+                       leave_out, get_run_logger())
+
+
+def build_split(loaded: LabelledArrays, positive: str, multiclass: bool, test_fraction: float, seed: int,
+                strata: list[str] | None = None, balance_strata: str | None = None, mixed_strata_only: bool = False,
+                leave_out: str | None = None, logger: logging.Logger | logging.LoggerAdapter = LOGGER) -> TrainingSplit:
+    """``split_for_training``'s split, without Prefect (benches and notebooks call it)."""
     classes, labels = class_layout(loaded.items, positive, multiclass)
     columns = metadata_columns(loaded.items)
     chosen = default_strata(columns) if strata is None else list(strata)
@@ -217,22 +246,25 @@ def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, 
     else:
         names = [balance_strata] if balance_strata else []
     candidates: dict[str, np.ndarray | None] = {}
+    balance_levels: dict[str, np.ndarray | None] = {}
     for name in names:
         levels = np.array(joint_levels(columns, name))
         weights = np.zeros(len(labels))
         for part in (train, validation):
             weights[part] = stratum_sample_weights(labels[part], levels[part], len(classes), mixed_strata_only)
-        candidates[name] = weights
+        candidates[name], balance_levels[name] = weights, levels
     if balance_strata == "auto" and candidates:
-        candidates["none"] = None  # class weights only: it must beat the others on validation to be kept
-        logger.info("Balancing: each of %s is tried and the best on validation within-stratum AUC kept",
-                    ", ".join(candidates))
+        candidates["none"] = None  # class weights only: it must beat the others to be kept
+        logger.info("Balancing: each of %s is tried and the best kept", ", ".join(candidates))
+    if not balance_levels or balance_strata == "auto":
+        balance_levels["none"] = None
     held = np.array([i for i, item in enumerate(loaded.items) if left_out and item.metadata.get(left_out[0]) == left_out[1]],
                     dtype=int)
     result = TrainingSplit(classes, positive, labels, train, validation, rows(split.test),
                            strata={name: columns[name] for name in chosen},
                            patients=[item.patient_id or item.uri for item in loaded.items],
-                           held_out=held, leave_out=left_out, balance_candidates=candidates)
+                           held_out=held, leave_out=left_out, balance_candidates=candidates,
+                           balance_levels=balance_levels, mixed_only=mixed_strata_only)
     if len(candidates) == 1:
         result = result.balanced_by(next(iter(candidates)))
     logger.info("Split by patient: %d train, %d validation, %d test images%s; strata: %s", len(train),
@@ -242,69 +274,166 @@ def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, 
     return result
 
 
+@dataclass
+class FitResult:
+    """What fitting produced: the model and its history; the weighting kept (None: class weights);
+    which engine computed stage 1's features; what cross-validation chose and measured
+    (``selection``); the head's out-of-fold probabilities of the cross-validation images (rows
+    ``oof_rows`` of the loaded arrays), on which calibration and the threshold are fitted when the
+    head came from cross-validation and no later stage changed it; and the built-in baseline."""
+
+    model: keras.Model
+    history: dict
+    balance: str | None
+    features_engine: dict
+    selection: dict | None = None
+    oof: np.ndarray | None = None
+    oof_rows: np.ndarray | None = None
+    baseline: dict | None = None  # oof, oof_rows, test probabilities, record (model.linear_head.Selection)
+
+
 @task(cache_policy=NO_CACHE)
-def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig,
-              weights: str | None) -> tuple[keras.Model, dict, str | None, dict]:
-    """Stage 1 on cached features, then stage 2 (block5) when fine-tune epochs are asked for.
-    Returns the model, its history, the weighting chosen among ``data.weightings`` (if any) and
-    which engine computed stage 1's features, with what it measured."""
+def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig, weights: str | None,
+              cv: CrossValidation | None = None, test_images: np.ndarray | None = None,
+              cross_validated_head: bool = True) -> FitResult:
+    """Stage 1, then stage 2 (block5) when fine-tune epochs are asked for.
+
+    With ``cv`` (the training images for cross-validation), stage 1 of the linear head is a
+    logistic regression chosen by patient-grouped cross-validation on cached pooled features
+    (model/linear_head.py), and the plain logistic regression on the same features is fitted as the
+    built-in baseline and scored on ``test_images``. Without ``cross_validated_head`` (the MLP head,
+    or synthetic images in training), stage 1 trains with epochs on ``data`` and validation as before;
+    the baseline is still fitted."""
     logger = get_run_logger()
     keras.utils.set_random_seed(config.seed)
     share_gpus()
+    linear = config.head == "linear"
     model = build_classifier(data.num_classes, spec.input_size, weights, seed=config.seed, head=config.head,
-                             l2=config.head_l2[0] if config.head == "linear" else 0.0)
+                             l2=config.head_l2[0] if linear else 0.0)
     total = config.epochs + config.fine_tune_epochs
     started = time.perf_counter()
     reporter = EpochReporter("stage 1 (head, cached features)", config.epochs, total)
-
-    def on_features(draw: int, draws: int) -> None:
-        logger.info("Computed base features of the training images: draw %d/%d (%.0f s)", draw, draws,
-                    time.perf_counter() - started)
-
     feature_base, features_engine = choose_feature_base(model.get_layer("vgg16"), data.x_train[: config.batch_size], spec)
     logger.info("Stage 1 features by %s (%s img/s; bf16 features differ from fp32 by %.2f %%, median)",
                 features_engine["engine"], features_engine["images_per_second"],
                 100 * features_engine["bf16_median_relative_difference"])
-    history = {"stage1": fit_head_cached(model, data, spec, config, [reporter], on_features, feature_base)}
-    chosen = None
-    if "selected_weighting" in history["stage1"]:
-        chosen, w_train, w_val = data.weightings[int(history["stage1"].pop("selected_weighting")[0])]
-        data = replace(data, w_train=w_train, w_val=w_val, weightings=())  # stage 2 trains the same way
-        logger.info("Balancing %s did best on validation", chosen)
-    if "selected_l2" in history["stage1"]:
-        logger.info("Linear head: L2 %g did best on validation among %s", history["stage1"]["selected_l2"][0],
-                    list(config.head_l2))
+    history: dict = {}
+    chosen = selection = oof = baseline = None
+    if cv is not None:
+        plain, draws = _pooled_features(feature_base, cv.images, spec, config, augmented=cross_validated_head and linear,
+                                        log=logger, started=started)
+        done = []
+
+        def on_candidate(found: dict) -> None:
+            done.append(found)
+            logger.info("Cross-validated %s: weighting %s, %s features, C %g: out-of-fold AUC %.3f, within-stratum %s",
+                        len(done), found["weighting"], found["features"], found["c"], found["cv_auc"],
+                        "n/a" if found["cv_within_auc"] is None else f"{found['cv_within_auc']:.3f}")
+
+        cross = select_logistic_head(cv, plain, draws, data.num_classes, data.positive_index, seed=config.seed,
+                                     on_candidate=on_candidate)
+        selection = cross.record()
+        logger.info("Cross-validation (%d patient-grouped folds over %d images) chose weighting %s, %s features, C %g "
+                    "(out-of-fold AUC %.3f); baseline: weighting %s, C %g (out-of-fold AUC %.3f)", cross.head.folds,
+                    len(cv.labels), cross.head.weighting, cross.head.features, cross.head.c, cross.head.auc,
+                    cross.baseline.weighting, cross.baseline.c, cross.baseline.auc)
+        fitted_baseline = fit_selected(cv, plain, [], cross.baseline, data.num_classes)
+        test_plain = (_pooled_features(feature_base, test_images, spec, config, augmented=False)[0]
+                      if test_images is not None and len(test_images) else np.zeros((0, plain.shape[1])))
+        baseline = {"oof": cross.baseline.oof, "oof_rows": cv.rows, "record": selection["baseline"],
+                    "test_probabilities": fitted_baseline.predict(test_plain) if len(test_plain) else None}
+        if cross_validated_head and linear:
+            head = fit_selected(cv, plain, draws, cross.head, data.num_classes)
+            set_linear_head(model, head.mean, head.variance, head.kernel, head.bias)
+            chosen, oof = cross.head.weighting, cross.head.oof
+            history["stage1"] = {"cross_validation": selection["candidates"]}
+    if "stage1" not in history:
+        history["stage1"] = _fit_stage1_epochs(model, data, spec, config, reporter, feature_base, logger, started)
+        chosen = history["stage1"].pop("selected_weighting_name", None)
+        if chosen is not None:
+            index = [name for name, _, _ in data.weightings].index(chosen)
+            _, w_train, w_val = data.weightings[index]
+            data = replace(data, w_train=w_train, w_val=w_val, weightings=())  # stage 2 trains the same way
+    else:
+        update_progress_artifact(reporter.artifact_id, 100.0 * config.epochs / max(total, 1))
     if config.fine_tune_epochs:
-        tuner = EpochReporter("stage 2 (block5 fine-tuning)", config.fine_tune_epochs, total,
-                              len(history["stage1"]["loss"]), reporter.artifact_id)
+        if chosen is not None and data.weightings:
+            names = [name for name, _, _ in data.weightings]
+            if chosen in names:
+                _, w_train, w_val = data.weightings[names.index(chosen)]
+                data = replace(data, w_train=w_train, w_val=w_val, weightings=())
+        tuner = EpochReporter("stage 2 (block5 fine-tuning)", config.fine_tune_epochs, total, config.epochs,
+                              reporter.artifact_id)
         # Mixed precision where stage 1 found bf16 faster here and its features agreeing with fp32's.
         policy = "mixed_bfloat16" if features_engine["engine"] == "bf16" else "float32"
         features_engine = {**features_engine, "fine_tune_policy": policy}
         logger.info("Stage 2 computes under %s", policy)
         history["stage2"] = fine_tune(model, data, spec, config, [tuner], policy)
+        oof = None  # stage 2 changed the features: calibration and threshold go back to validation
     logger.info("Training took %.0f s", time.perf_counter() - started)
-    history = {stage: {k: [float(v) for v in values] for k, values in h.items()} for stage, h in history.items()}
-    return model, history, chosen, features_engine
+    history = {stage: {k: (values if k == "cross_validation" else [float(v) for v in values])
+                       for k, values in h.items()} for stage, h in history.items()}
+    return FitResult(model, history, chosen if chosen != "none" else None, features_engine, selection,
+                     oof, None if oof is None else cv.rows, baseline)
+
+
+def _pooled_features(base: keras.Model, images: np.ndarray, spec: Preprocessing, config: TrainingConfig,
+                     augmented: bool, log=None, started: float = 0.0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Pooled base features of ``images`` as they are, and (``augmented``) under each draw."""
+    plain = extract_features(base, images, spec, None, config.batch_size).mean(axis=(1, 2))
+    draws = []
+    if augmented and config.augment:
+        augmentation = build_augmentation(config.augmentation, config.seed)
+        for draw in range(config.augment_draws):
+            draws.append(extract_features(base, images, spec, augmentation, config.batch_size).mean(axis=(1, 2)))
+            if log is not None:
+                log.info("Computed base features of the training images: draw %d/%d (%.0f s)", draw + 1,
+                         config.augment_draws, time.perf_counter() - started)
+    return plain, draws
+
+
+def _fit_stage1_epochs(model, data, spec, config, reporter, feature_base, logger, started) -> dict:
+    """Stage 1 trained with epochs of Adam on cached features, chosen on validation."""
+    def on_features(draw: int, draws: int) -> None:
+        logger.info("Computed base features of the training images: draw %d/%d (%.0f s)", draw, draws,
+                    time.perf_counter() - started)
+
+    found = fit_head_cached(model, data, spec, config, [reporter], on_features, feature_base)
+    if "selected_weighting" in found:
+        found["selected_weighting_name"] = data.weightings[int(found.pop("selected_weighting")[0])][0]
+        logger.info("Balancing %s did best on validation", found["selected_weighting_name"])
+    if "selected_l2" in found:
+        logger.info("Linear head: L2 %g did best on validation among %s", found["selected_l2"][0], list(config.head_l2))
+    return found
 
 
 @task(cache_policy=NO_CACHE)
 def evaluate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
-                   target_sensitivity: float) -> tuple[float, dict, np.ndarray]:
-    """The threshold, chosen on validation for ``target_sensitivity``, the test-split metrics and
-    the test images' probabilities (which the audit reuses rather than predicting again)."""
+                   target_sensitivity: float, oof: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[float, dict, np.ndarray]:
+    """The threshold, chosen for ``target_sensitivity`` on ``oof`` (rows of the loaded arrays and
+    the model's calibrated out-of-fold probabilities of them) when given, else on the validation
+    split; the test-split metrics and the test images' probabilities (which the audit reuses
+    rather than predicting again)."""
     logger = get_run_logger()
     positive = split.classes.index(split.positive)
-    validation = predict_probabilities(model, loaded.images[split.validation], spec)
+    if oof is not None:
+        rows, chosen_on = oof
+        source = f"out-of-fold predictions of {len(rows)} training images"
+    else:
+        rows, chosen_on = split.validation, predict_probabilities(model, loaded.images[split.validation], spec)
+        source = "the validation split"
     # Unweighted: the target is a promise about real patients, whatever weights balanced training.
-    threshold = choose_threshold(split.labels[split.validation] == positive, validation[:, positive],
-                                 target_sensitivity)
+    threshold = choose_threshold(split.labels[rows] == positive, chosen_on[:, positive], target_sensitivity)
     test = predict_probabilities(model, loaded.images[split.test], spec)
     metrics = evaluate(split.labels[split.test], test, split.classes, split.positive, threshold)
-    metrics["validation"] = {"images": int(len(split.validation)), "target_sensitivity": target_sensitivity}
+    metrics["validation"] = {"images": int(len(rows)), "target_sensitivity": target_sensitivity,
+                             "threshold_chosen_on": source}
     scores = metrics["positive"]
-    logger.info("Test split: accuracy %.3f, %s AUC %s; threshold %.4f gives sensitivity %.3f, specificity %.3f",
-                metrics["accuracy"], split.positive, "n/a" if scores["auc"] is None else f"{scores['auc']:.4f}",
-                threshold, scores["sensitivity_at_threshold"], scores["specificity_at_threshold"])
+    logger.info("Test split: accuracy %.3f, %s AUC %s; threshold %.4f (chosen on %s) gives sensitivity %.3f, "
+                "specificity %.3f", metrics["accuracy"], split.positive,
+                "n/a" if scores["auc"] is None else f"{scores['auc']:.4f}", threshold, source,
+                scores["sensitivity_at_threshold"], scores["specificity_at_threshold"])
     return threshold, metrics, test
 
 

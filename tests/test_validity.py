@@ -283,10 +283,12 @@ def test_stratum_weights_make_the_label_independent_of_the_level():
     assert weights.mean() == pytest.approx(1.0)
     for level in ("adult", "child"):
         assert _weighted_positive_rate(weights, labels, levels == level) == pytest.approx(0.5)
-    # Mixed levels keep totals in proportion to their size; the one-class level gets a tenth of its share.
+    # Mixed levels keep totals in proportion to their size; the one-class level keeps its images at
+    # their class-balanced weight (15 positives of 35: 35 / (2 x 15) each), not a tenth of it: they
+    # are patients the model will meet.
     adult, child, single = (weights[levels == level].sum() for level in ("adult", "child", "site-x"))
     assert child / adult == pytest.approx(2.0)
-    assert single / adult == pytest.approx(0.1 * 5 / 10)
+    assert single / adult == pytest.approx(5 * 35 / (2 * 15) / 10)
     mixed_only = stratum_sample_weights(labels, levels, num_classes=2, mixed_only=True)
     assert (mixed_only[levels == "site-x"] == 0).all() and mixed_only.mean() == pytest.approx(1.0)
     unweighted = np.ones(len(labels))
