@@ -1,26 +1,34 @@
-"""What does the model learn on ../shared/data/cxr: COVID-19, or children vs adults and source?
+"""Is the default model at least as good as a plain logistic regression on its own features?
 
-Same data, split and seed for every row:
-  default   the train flow with its defaults (linear head, strata balanced automatically, L2 and
-            epoch chosen on validation within-stratum AUC, calibrated)
-  mlp       the previous head (Dense(64), dropout) with class weights only, no strata balancing;
-            its epoch is still chosen on validation within-stratum AUC
-  logreg    scikit-learn's L2-regularised logistic regression (standardised, class-balanced,
-            C=0.01) on the same frozen base's pooled features, fitted on the training part
-Each with overall and within-stratum AUC by age_group and by source_dataset (95 % patient-level
-bootstrap intervals), the metadata-only baselines, ECE and the masked-lung AUCs where the flow
-measures them. Target: the default's within-stratum AUC by age_group at least that of logreg.
+On ../shared/data/cxr, for each input size and split seed, with the same frozen base (He-initialised
+from --base-seed, weights none: ImageNet weights cannot be had here):
 
-    .venv/bin/python bench/validity_bench.py                  # 224 px, weights none: ~30 min on 2 cores
-    .venv/bin/python bench/validity_bench.py --input-size 64  # a quick look
+  default   what `cxr-screen train` does with its defaults: the linear head chosen by patient-grouped
+            cross-validation over the training images (weighting, C), calibrated and thresholded on
+            out-of-fold predictions (tasks/train_steps.fit_model)
+  baseline  the built-in baseline: the best plain-feature logistic regression of the same search
+            (with the default's candidates, the same model: the difference shows 0 by construction)
+  aug-head  `--augment-head`: augmented copies of the training images join the candidates
+
+Both are scored on the same patient-held-out test split: AUC, mean within-stratum AUC (age_group,
+source_dataset, view) and the adults-only AUC, with 95 % patient-bootstrap intervals; sensitivity,
+specificity, share of non-COVID-19 images flagged and ECE at the threshold; the acceptance
+verdict; and the paired difference default - baseline (patient bootstrap on each split, mean over
+seeds). Target: the default's AUC and mean within-stratum AUC at least the baseline's.
+
+The features are computed once per size (plain and 3 augmentation draws, as training does) and
+cached under --cache; the selection, calibration and threshold are the flow's own functions.
+`--flow` also runs the real train flow on one seed to show the figures agree.
+
+    .venv/bin/python bench/validity_bench.py                     # 64 and 224 px, seeds 0-2
+    .venv/bin/python bench/validity_bench.py --sizes 64 --flow   # quick, with the flow beside it
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
@@ -34,72 +42,99 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tasks  # noqa: E402,F401  (first: through model/ it sets TensorFlow's runtime options before TensorFlow loads)
 import numpy as np  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.pipeline import make_pipeline  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
 
-from flows.parameters import TrainParameters  # noqa: E402
-from flows.train import train  # noqa: E402
+from bench.machine import cpu_line  # noqa: E402
+from model.acceptance import Acceptance, judge  # noqa: E402
+from model.augmentation import Augmentation, build_augmentation  # noqa: E402
+from model.calibration import apply_temperature_and_bias, expected_calibration_error, fit_temperature_and_bias  # noqa: E402
+from model.evaluation import choose_threshold  # noqa: E402
+from model.linear_head import fit_selected, select_logistic_head  # noqa: E402
 from model.network import build_base  # noqa: E402
 from model.preprocessing import Preprocessing  # noqa: E402
-from model.training import extract_features  # noqa: E402
-from model.validity import audit  # noqa: E402
-from tasks.datasets import discover_dataset, hash_images, split_dataset  # noqa: E402
+from model.training import TrainingConfig, extract_features  # noqa: E402
+from model.validity import _auc, audit, bootstrap_interval, within_stratum_auc  # noqa: E402
+from tasks.datasets import discover_dataset  # noqa: E402
 from tasks.loading import load_images  # noqa: E402
+from tasks.train_steps import LabelledArrays, build_split  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
-STRATA = ["age_group", "source_dataset"]
+STRATA = ["age_group", "source_dataset", "view"]
 
 
-def cpu() -> str:
-    name = platform.processor() or "unknown CPU"
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        name = re.search(r"model name\s*:\s*(.*)", text).group(1)
-        present = set(re.search(r"flags\s*:\s*(.*)", text).group(1).split())
-        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in present)
-    except (OSError, AttributeError):
-        pass
-    return f"{name} ({os.cpu_count()} cores; {flags or 'no AVX2'})"
+def load(data: str, size: int) -> LabelledArrays:
+    items = discover_dataset(data).items
+    decoded = load_images([item.uri for item in items], Preprocessing(input_size=size))
+    kept = [(item, image) for item, image in zip(items, decoded) if image.pixels is not None]
+    from dataclasses import replace
+    return LabelledArrays(tuple(replace(item, sha256=image.sha256) for item, image in kept),
+                          np.stack([image.pixels for _, image in kept]), ())
 
 
-def flow_row(name: str, params: TrainParameters) -> dict:
+def features(loaded: LabelledArrays, size: int, base_seed: int, cache: Path) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Pooled base features of every image, plain and under each of the flow's augmentation draws."""
+    key = hashlib.sha256("".join(item.sha256 for item in loaded.items).encode()).hexdigest()[:12]
+    path = cache / f"features-{size}px-base{base_seed}-{key}.npz"
+    if path.exists():
+        stored = np.load(path)
+        return stored["plain"], [stored[f"draw{d}"] for d in range(TrainingConfig.augment_draws)]
     started = time.perf_counter()
-    card = train(params).card
-    validity = card.validity
-    return {"name": name, "seconds": time.perf_counter() - started, "overall": validity["overall"],
-            "strata": validity["strata"], "masked": validity.get("masked", {}), "calibration": card.calibration,
-            "warnings": card.shortcut_warnings, "balance": card.training.get("balance_strata"),
-            "l2": card.training.get("selected_l2")}
+    spec, config = Preprocessing(input_size=size), TrainingConfig(seed=base_seed)
+    base = build_base(size, None, base_seed)
+    plain = extract_features(base, loaded.images, spec).mean(axis=(1, 2))
+    augmentation = build_augmentation(Augmentation(), config.seed)
+    draws = [extract_features(base, loaded.images, spec, augmentation).mean(axis=(1, 2))
+             for _ in range(config.augment_draws)]
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, plain=plain, **{f"draw{d}": draw for d, draw in enumerate(draws)})
+    print(f"  features at {size} px: {time.perf_counter() - started:.0f} s (cached in {path})", flush=True)
+    return plain, draws
 
 
-def logreg_row(data: str, input_size: int, seed: int, resamples: int) -> dict:
-    """The flow's split, reproduced; the flow's base (He-initialised from the same seed)."""
-    started = time.perf_counter()
-    spec = Preprocessing(input_size=input_size)
-    items = hash_images(discover_dataset(data).items)
-    split = split_dataset(items, 0.2, seed)
-    fit_part = split_dataset(split.train, 0.2, seed + 1)
-    train_items, test_items = list(fit_part.train), list(split.test)
-    base = build_base(input_size, None, seed)
+def score(split, loaded, rows_test, oof, oof_labels, test_probabilities, resamples, seed) -> dict:
+    """Calibrate on out-of-fold predictions, threshold there, score the test split (as the flow does)."""
+    positive = split.classes.index(split.positive)
+    temperature, bias = fit_temperature_and_bias(oof, oof_labels)
+    oof, test = (apply_temperature_and_bias(p, temperature, bias) for p in (oof, test_probabilities))
+    threshold = choose_threshold(oof_labels == positive, oof[:, positive], 0.95)
+    truth, scores = split.is_positive[rows_test], test[:, positive]
+    levels = {name: split.levels(name, rows_test) for name in STRATA if name in split.strata}
+    patients = [split.patients[i] for i in rows_test]
+    found = audit(truth, scores, threshold, levels, patients, {}, [], n_resamples=resamples, seed=seed)
+    adults = np.array(split.levels("age_group", rows_test)) == "adult"
+    within = [found["strata"][name]["within_auc"] for name in levels if found["strata"][name]["within_auc"] is not None]
+    return {"overall": found["overall"], "strata": found["strata"], "threshold": threshold,
+            "mean_within_auc": float(np.mean(within)) if within else None,
+            "adults_auc": _auc(truth[adults], scores[adults]),
+            "adults_auc_ci": list(bootstrap_interval(lambda t, s, l: _auc(t, s), truth[adults], scores[adults],
+                                                     np.zeros(int(adults.sum())),
+                                                     [p for p, a in zip(patients, adults) if a], resamples, seed)),
+            "negatives_flagged": float((scores[~truth] >= threshold).mean()),
+            "children_flagged": float((scores[~adults & ~truth] >= threshold).mean()) if (~adults & ~truth).any() else None,
+            "ece": expected_calibration_error(truth, scores), "scores": scores, "truth": truth, "levels": levels,
+            "patients": patients, "fitness": judge(found["overall"], Acceptance())}
 
-    def pooled(part):
-        images = np.stack([image.pixels for image in load_images([item.uri for item in part], spec)])
-        return extract_features(base, images, spec).mean(axis=(1, 2))
 
-    x_train, x_test = pooled(train_items), pooled(test_items)
-    y_train = np.array([item.label == "covid" for item in train_items])
-    y_test = np.array([item.label == "covid" for item in test_items])
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, class_weight="balanced", max_iter=5000))
-    model.fit(x_train, y_train)
-    scores = model.predict_proba(x_test)[:, 1]
-    result = audit(y_test, scores, 0.5, {s: [i.metadata[s] for i in test_items] for s in STRATA},
-                   [i.patient_id or i.uri for i in test_items],
-                   {s: [i.metadata[s] for i in train_items] for s in STRATA}, y_train, n_resamples=resamples, seed=seed)
-    return {"name": "logreg", "seconds": time.perf_counter() - started, "overall": result["overall"],
-            "strata": result["strata"], "masked": {}, "calibration": {}, "warnings": result["warnings"],
-            "balance": None, "l2": "C=0.01"}
+def paired_difference(a: dict, b: dict, statistic, resamples: int, seed: int) -> tuple[float, list]:
+    """statistic(a) - statistic(b) on the same test images, with a patient-bootstrap interval."""
+    both = np.stack([a["scores"], b["scores"]], axis=1)
+    levels = np.array([" | ".join(values) for values in zip(*a["levels"].values())])
+
+    def difference(truth, paired, lv):
+        x, y = statistic(truth, paired[:, 0], lv), statistic(truth, paired[:, 1], lv)
+        return None if x is None or y is None else x - y
+
+    # bootstrap_interval takes 1-d scores; resample indices through a view of both columns.
+    index = np.arange(len(both))
+    low, high = bootstrap_interval(lambda t, i, lv: difference(t, both[i.astype(int)], lv), a["truth"], index,
+                                   levels, a["patients"], resamples, seed)
+    return difference(a["truth"], both, levels), [low, high]
+
+
+def mean_within(truth, scores, joined) -> float | None:
+    parts = np.array([level.split(" | ") for level in joined]) if len(joined) else np.zeros((0, 0))
+    values = [within_stratum_auc(truth, scores, parts[:, k]) for k in range(parts.shape[1])] if parts.size else []
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def shown(value, interval=None) -> str:
@@ -111,57 +146,82 @@ def shown(value, interval=None) -> str:
     return text
 
 
+def run_flow(data: str, size: int, seed: int, resamples: int) -> dict:
+    from flows.parameters import TrainParameters
+    from flows.train import train
+
+    store = tempfile.mkdtemp(prefix="cxr-bench-models-")
+    card = train(TrainParameters(dataset_uri=data, model_store_uri=store, weights="none", input_size=size,
+                                 seed=seed, bootstrap=resamples)).card
+    return card.validity
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sizes", default="64,224")
+    parser.add_argument("--seeds", default="0,1,2", help="split seeds")
+    parser.add_argument("--base-seed", type=int, default=0, help="seed of the frozen base's He initialisation")
     parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--skip-mlp", action="store_true", help="leave out the previous default (saves ~10 min)")
-    parser.add_argument("--balance", default=None, help="override the default's balance_strata (to compare choices)")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "cxr-validity-bench"))
+    parser.add_argument("--flow", action="store_true", help="also run the train flow on the first seed and size")
     args = parser.parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"no data at {args.data} (see ../shared/data/README.md)")
-    print(f"CPU: {cpu()}")
-    print(f"data: {args.data}; {args.input_size} px; weights none (no ImageNet download here); seed {args.seed}")
-    store = tempfile.mkdtemp(prefix="cxr-bench-models-")
-    common = dict(dataset_uri=args.data, model_store_uri=store, weights="none", input_size=args.input_size,
-                  seed=args.seed, strata=STRATA, bootstrap=args.bootstrap, force_promote=True)
-    default = TrainParameters(**common, **({"balance_strata": args.balance} if args.balance else {}))
-    rows = [flow_row("default", default)]
-    if not args.skip_mlp:
-        rows.append(flow_row("mlp", TrainParameters(**common, head="mlp", balance_strata="none", epochs=25)))
-    rows.append(logreg_row(args.data, args.input_size, args.seed, args.bootstrap))
-
-    print()
-    header = f"{'':8s} {'overall AUC [95% CI]':24s} " + " ".join(f"{'within ' + s + ' [95% CI]':30s}" for s in STRATA)
-    print(header)
-    for row in rows:
-        within = " ".join(f"{shown(row['strata'][s]['within_auc'], row['strata'][s]['within_auc_ci']):30s}"
-                          for s in STRATA)
-        print(f"{row['name']:8s} {shown(row['overall']['auc'], row['overall']['auc_ci']):24s} {within}")
-    print()
-    baselines = ", ".join(f"{s} {shown(rows[0]['strata'][s]['metadata_baseline_auc'])}" for s in STRATA)
-    print(f"metadata-only AUC (label from the level alone, train rates): {baselines}")
-    for row in rows:
-        extra = []
-        if row["calibration"]:
-            test = row["calibration"]["test"]
-            extra.append(f"test ECE {test['ece_before']:.3f} -> {test['ece_after']:.3f} "
-                         f"(T {row['calibration']['temperature']:.2f})")
-        if row["masked"]:
-            extra.append(f"AUC lungs blanked {shown(row['masked'].get('auc_lungs_blanked'))}, "
-                         f"only lungs {shown(row['masked'].get('auc_only_lungs'))}")
-        overall = row["overall"]
-        extra.append(f"sens/spec at threshold {shown(overall['sensitivity'])}/{shown(overall['specificity'])}")
-        print(f"{row['name']:8s} {row['seconds']:6.0f} s; balanced by {row['balance']}; L2 {row['l2']}; "
-              f"{'; '.join(extra)}")
-        for line in row["warnings"]:
-            print(f"{'':8s} warning: {line}")
-    default, logreg = rows[0]["strata"]["age_group"]["within_auc"], rows[-1]["strata"]["age_group"]["within_auc"]
-    if default is not None and logreg is not None:
-        print(f"\nwithin age_group: default {default:.3f} vs logreg {logreg:.3f}: ratio {default / logreg:.2f} "
-              f"(target >= 1.00: {'met' if default >= logreg else 'NOT met'})")
+    print(cpu_line())
+    print(f"data: {args.data}; weights none (no ImageNet download here); base seed {args.base_seed}; "
+          f"split seeds {args.seeds}; acceptance {Acceptance()}")
+    differences: dict[tuple[int, str], list[float]] = {}
+    for size in [int(s) for s in args.sizes.split(",")]:
+        loaded = load(args.data, size)
+        plain, draws = features(loaded, size, args.base_seed, Path(args.cache))
+        print(f"\n## {size} px, {len(loaded.items)} images")
+        print(f"{'seed':4s} {'model':8s} {'AUC':20s} {'mean within-stratum':20s} {'adults only':20s} "
+              f"{'sens/spec at thr':17s} {'non-COVID flagged':18s} {'children flagged':16s} {'ECE':6s} chosen / fit")
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            started = time.perf_counter()
+            split = build_split(loaded, "covid", False, 0.2, seed, strata=STRATA, balance_strata="auto")
+            cv = split.cross_validation(loaded.images, pooled=True)
+            positive = split.classes.index(split.positive)
+            both = select_logistic_head(cv, plain[cv.rows], [d[cv.rows] for d in draws], len(split.classes),
+                                        positive, seed=seed)
+            # The flow's default searches plain features only; its best is the built-in baseline too.
+            default = select_logistic_head(cv, plain[cv.rows], [], len(split.classes), positive, seed=seed)
+            rows = {}
+            for name, chosen, stacks in (("default", default.head, []),
+                                         ("baseline", default.baseline, []),
+                                         ("aug-head", both.head, [d[cv.rows] for d in draws])):
+                head = fit_selected(cv, plain[cv.rows], stacks, chosen, len(split.classes))
+                rows[name] = score(split, loaded, split.test, chosen.oof, cv.labels, head.predict(plain[split.test]),
+                                   args.bootstrap, seed)
+                row = rows[name]
+                overall = row["overall"]
+                print(f"{seed:<4d} {name:8s} {shown(overall['auc'], overall['auc_ci']):20s} "
+                      f"{shown(row['mean_within_auc']):20s} {shown(row['adults_auc'], row['adults_auc_ci']):20s} "
+                      f"{shown(overall['sensitivity'])}/{shown(overall['specificity']):11s} "
+                      f"{shown(row['negatives_flagged']):18s} {shown(row['children_flagged']):16s} "
+                      f"{row['ece']:.3f}  {chosen.weighting}, {chosen.features}, C {chosen.c:g} / "
+                      f"{'fit' if row['fitness'].fit else 'NOT fit'}")
+            for model in ("default", "aug-head"):
+                for label, statistic in (("AUC", lambda t, s, lv: _auc(t, s)),
+                                         ("mean within-stratum AUC", mean_within)):
+                    value, interval = paired_difference(rows[model], rows["baseline"], statistic, args.bootstrap, seed)
+                    differences.setdefault((size, model, label), []).append(value)
+                    print(f"     {model} - baseline, {label}: {value:+.4f} [{interval[0]:+.3f}, {interval[1]:+.3f}]")
+            selection = both
+            print(f"     ({time.perf_counter() - started:.0f} s: {len(selection.candidates)} candidates x "
+                  f"{selection.head.folds} folds)")
+        if args.flow:
+            seed = int(args.seeds.split(",")[0])
+            validity = run_flow(args.data, size, seed, args.bootstrap)
+            print(f"     the train flow itself (base seed = split seed {seed}): AUC "
+                  f"{shown(validity['overall']['auc'], validity['overall']['auc_ci'])}, mean within "
+                  f"{shown(validity['mean_within_auc'])}; baseline AUC {shown(validity['baseline']['overall']['auc'])}; "
+                  f"{validity['fitness']['line']}")
+    print("\n## Paired differences against the baseline, mean over seeds (target: default >= 0 within noise)")
+    for (size, model, label), values in differences.items():
+        print(f"{size} px {model} - baseline, {label}: {np.mean(values):+.4f} "
+              f"(per seed {', '.join(f'{v:+.4f}' for v in values)})")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,9 @@ class TrainParameters(_Parameters):
     target_sensitivity: float = Field(0.95, gt=0, le=1,
                                       description="Sensitivity the threshold is chosen for, on validation.")
     augment_draws: int = Field(3, ge=1, description="Augmented copies of the training set whose features are cached.")
+    augment_head: bool = Field(
+        False, description="Let the linear head's cross-validation also try augmented copies of the training images "
+                           "(off: at 224 px they lost to the images as they are on held-out data, bench/validity_bench.py).")
     horizontal_flip: bool = Field(False, description="Augment with mirror images (off: anatomy is not symmetric).")
     class_weights: bool = Field(True, description="Weight classes inversely to their frequency.")
     scale_mode: Literal["unit", "caffe"] = Field(

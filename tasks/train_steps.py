@@ -320,7 +320,8 @@ def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig, w
     history: dict = {}
     chosen = selection = oof = baseline = None
     if cv is not None:
-        plain, draws = _pooled_features(feature_base, cv.images, spec, config, augmented=cross_validated_head and linear,
+        plain, draws = _pooled_features(feature_base, cv.images, spec, config,
+                                        augmented=cross_validated_head and linear and config.augment_head,
                                         log=logger, started=started)
         done = []
 

@@ -105,8 +105,9 @@ def model_store(prefect_api, tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("model")
     write_phantom_dataset(str(root / "dataset"), per_class=16, size=96, seed=11)
-    train(TrainParameters(dataset_uri=str(root / "dataset"), model_store_uri=str(root / "models"), input_size=32,
-                          weights="none", epochs=3, augment_draws=1, batch_size=8))
+    trained = train(TrainParameters(dataset_uri=str(root / "dataset"), model_store_uri=str(root / "models"),
+                                    input_size=32, weights="none", epochs=3, augment_draws=1, batch_size=8))
+    assert trained.promoted, f"the fixture's model was not promoted: {trained.reason}"
     return str(root / "models")
 
 

@@ -84,13 +84,29 @@ def test_calibration_is_baked_into_the_saved_model_exactly(prefect_api):
     def calibrate():
         return calibrate_model(model, loaded, split, spec)
 
-    record, figure = calibrate()
+    record, figure, _ = calibrate()
     assert figure.startswith(b"\x89PNG") and record["method"].startswith("temperature and class-bias")
     after = predict_probabilities(model, images, spec)
     expected = apply_temperature_and_bias(before, record["temperature"], np.array(record["bias"]))
     assert np.allclose(after, expected, atol=1e-5)
     assert record["validation"]["brier_after"] <= record["validation"]["brier_before"] + 1e-9
     assert set(record["test"]) == {"ece_before", "ece_after", "brier_before", "brier_after"}
+
+    # Fitted on out-of-fold predictions instead: those images, not validation's, and the threshold
+    # gets them back calibrated.
+    rows = np.arange(0, 40)
+    oof = np.clip(np.stack([1 - labels[rows] * 0.6 - 0.2, labels[rows] * 0.6 + 0.2], axis=1)
+                  + rng.normal(scale=0.15, size=(40, 1)) * [1, -1], 0.01, 0.99)
+    oof = oof / oof.sum(axis=1, keepdims=True)
+
+    @flow
+    def calibrate_out_of_fold():
+        return calibrate_model(model, loaded, split, spec, (rows, oof))
+
+    again, _, calibrated = calibrate_out_of_fold()
+    assert again["fitted_on"] == "out_of_fold" and "out_of_fold" in again and "validation" not in again
+    assert "out-of-fold predictions of the 40 training images" in again["method"]
+    assert np.allclose(calibrated, apply_temperature_and_bias(oof, again["temperature"], np.array(again["bias"])))
 
 
 def test_no_calibration_asked_means_none_recorded(prefect_api, tmp_path):

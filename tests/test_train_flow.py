@@ -9,6 +9,8 @@ import keras
 import numpy as np
 import pytest
 
+from model.linear_head import C_GRID
+
 from flows.parameters import TrainParameters
 from flows.train import train
 from model.bundle import BundleError
@@ -61,7 +63,13 @@ def test_train_on_a_folder_registers_promotes_and_reports(prefect_api, tmp_path)
     model_bytes = storage.read_bytes(storage.join(result.bundle_uri, "model.keras"))
     assert card.model_sha256 == hashlib.sha256(model_bytes).hexdigest()
     history = json.loads(storage.read_bytes(storage.join(result.bundle_uri, "history.json")))
-    assert 1 <= len(history["stage1"]["loss"]) <= 3 and "val_loss" in history["stage1"]
+    # Stage 1 of the linear head is chosen by cross-validation: every candidate's out-of-fold scores
+    # (class folders: one weighting, plain features, each C of the grid).
+    searched = history["stage1"]["cross_validation"]
+    assert len(searched) == len(C_GRID) and {row["features"] for row in searched} == {"plain"}
+    chosen = card.training["head_selection"]["chosen"]
+    assert chosen["cv_score"] == max(row["cv_score"] for row in searched) and chosen["folds"] >= 2
+    assert card.validity["fitness"]["fit"] is True and "baseline" in card.validity
 
     model, loaded_card = registry.load_model(store)
     assert model.output_shape == (None, 2) and loaded_card == card
@@ -110,7 +118,7 @@ def test_train_on_s3_multiclass_with_an_s3_weights_file(prefect_api, s3_bucket, 
                     **{**SMALL, "weights": weights_uri})
     assert result.bundle_uri.startswith(f"{store}/v")
     assert bundle_files(result.bundle_uri) == BUNDLE_FILES
-    card = registry.load_card(store)
+    card = registry.load_card(store, result.version)  # tiny: a candidate, not fit for screening
     assert card.classes == ["bacterial", "covid", "normal", "viral"]
     assert card.weights == {"origin": weights_uri, "sha256": hashlib.sha256(weights_file.read_bytes()).hexdigest()}
     ((rejected_uri, reason),) = card.dataset["rejected"]
@@ -118,7 +126,7 @@ def test_train_on_s3_multiclass_with_an_s3_weights_file(prefect_api, s3_bucket, 
     assert card.dataset["images"] == 40
     assert set(card.metrics["per_class"]) == set(card.classes)
     assert np.array(card.metrics["confusion_matrix"]).shape == (4, 4)
-    model, _ = registry.load_model(store)
+    model, _ = registry.load_model(store, result.version)
     assert model.output_shape == (None, 4)
 
 
@@ -167,7 +175,7 @@ def test_validate_engines_rechecks_an_existing_version_on_its_own_test_split(pre
     dataset_uri, store = str(tmp_path / "dataset"), str(tmp_path / "models")
     write_phantom_dataset(dataset_uri, per_class=16, size=96, seed=4)
     result, _ = run(dataset_uri=dataset_uri, model_store_uri=store, **SMALL)
-    card = registry.load_card(store)
+    card = registry.load_card(store, result.version)
     recorded = json.loads(storage.read_bytes(storage.join(result.bundle_uri, "engines.json")))
     for name in engines.ENGINE_FILES[:1] + engines.ENGINE_FILES[2:]:  # a version from before engines existed
         (tmp_path / "models" / card.version / name).unlink()
