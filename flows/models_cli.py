@@ -60,14 +60,15 @@ def list_models(model_store: str = STORE, as_json: bool = AS_JSON) -> None:
         console.print(f"No model versions in {escape(model_store)}: train one first (cxr-screen train).")
         return
     table = Table(title=f"Model versions in {escape(model_store)}")
-    for column in ("version", "created", "status", "test AUC", "sens / spec", "warnings"):
+    for column in ("version", "created", "status", "test AUC", "sens / spec", "fit", "warnings"):
         table.add_column(column, justify="right" if column in ("test AUC", "warnings") else "left",
                          no_wrap=column != "sens / spec")
     for row in rows:
         scores = (f"{_shown(row['sensitivity'])} / {_shown(row['specificity'])}"
                   if row["problem"] is None else escape(row["problem"]))
         table.add_row(row["version"], row["created_at"][:16].replace("T", " "), _styled(row["status"]),
-                      _shown(row["auc"]), scores, str(len(row["warnings"])) if row["warnings"] else "")
+                      _shown(row["auc"]), scores, {True: "yes", False: "[red]NOT FIT[/red]"}.get(row["fit"], ""),
+                      str(len(row["warnings"])) if row["warnings"] else "")
     console.print(table)
     if production.version:
         last = production.history[-1] if production.history else {}
@@ -129,6 +130,9 @@ def show_model(version: str = typer.Argument(..., help="A version in the store, 
                       + ("[green]fit[/green]" if row["fit"] else "[red]not fit[/red]"))
     for line in card.shortcut_warnings:
         console.print(f"[bold red]Shortcut warning:[/bold red] {escape(line)}")
+    if _fit(card) is not None:
+        line = escape(str(card.validity["fitness"].get("line", "")))
+        console.print(f"[green]{line}[/green]" if _fit(card) else f"[bold red]{line}[/bold red]")
 
 
 def _evaluation_row(found) -> dict:
@@ -161,7 +165,11 @@ def promote_model(version: str = typer.Argument(..., help="The version to make p
             evaluations.require_passing(model_store, registry.load_card(model_store, version),
                                         "--require-evaluation is given" if require_evaluation
                                         else f"{evaluations.REQUIRE_VARIABLE} is set")
+        card = registry.load_card(model_store, version)
         entry = registry.set_production(model_store, version, reason, by=by)
+    if _fit(card) is False:  # a person may overrule training's verdict; the record says they did
+        errors.print(f"[yellow]warning:[/yellow] {version} was found not fit for screening in training: "
+                     f"{escape(str(card.validity['fitness'].get('line', '')))}")
     _report_change(entry, version, as_json)
 
 
@@ -200,15 +208,22 @@ def _summaries(store: str):
         except BundleError as error:  # one damaged card must not hide the others
             rows.append({"version": version, "created_at": "", "status": "unusable", "auc": None,
                          "sensitivity": None, "specificity": None, "threshold": None, "warnings": [],
-                         "decision": None, "problem": str(error)})
+                         "fit": None, "decision": None, "problem": str(error)})
     current = cards.get(production.version) if production.version else None
     for version, card in cards.items():
         positive = card.metrics.get("positive", {})
         rows.append({"version": version, "created_at": card.created_at, "status": _status(card, production, current),
                      "auc": positive.get("auc"), "sensitivity": positive.get("sensitivity_at_threshold"),
                      "specificity": positive.get("specificity_at_threshold"), "threshold": card.threshold,
-                     "warnings": card.shortcut_warnings, "decision": card.promotion.get("reason"), "problem": None})
+                     "warnings": card.shortcut_warnings, "fit": _fit(card), "decision": card.promotion.get("reason"),
+                     "problem": None})
     return production, sorted(rows, key=lambda row: row["version"])
+
+
+def _fit(card) -> bool | None:
+    """The acceptance verdict training recorded (None for cards from before acceptance criteria)."""
+    fitness = card.validity.get("fitness")
+    return bool(fitness.get("fit")) if isinstance(fitness, dict) and "fit" in fitness else None
 
 
 def _card_or_none(store: str, version: str | None):
@@ -226,7 +241,8 @@ def _card_or_none(store: str, version: str | None):
 def _status(card, production, current) -> str:
     """production; previous (what rollback restores); retired (production once); candidate (never
     production, and awaiting approval or recommended by its training after the current production
-    was made); not promoted (its training decided against it)."""
+    was made); candidate (not fit) (below the acceptance criteria: only a person may promote it);
+    not promoted (its training decided against it)."""
     lineage = production.lineage()
     if card.version == production.version:
         return "production"
@@ -234,6 +250,8 @@ def _status(card, production, current) -> str:
         return "previous"
     if card.version in lineage or any(card.version == entry.get("previous") for entry in production.history):
         return "retired"
+    if _fit(card) is False:
+        return "candidate (not fit)"
     if card.promotion.get("require_approval"):
         return "candidate"
     if card.promotion.get("promoted"):  # training's choice, yet not production: it lost a race, or is old

@@ -86,7 +86,8 @@ class TrainParameters(_Parameters):
     seed: int = Field(0, description="Seed of the split, initialisation, augmentation and shuffling.")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of patients held out for testing.")
     target_sensitivity: float = Field(0.95, gt=0, le=1,
-                                      description="Sensitivity the threshold is chosen for, on validation.")
+                                      description="Sensitivity the threshold is chosen for, on out-of-fold predictions "
+                                                  "of the training images (on validation after stage 2).")
     augment_draws: int = Field(3, ge=1, description="Augmented copies of the training set whose features are cached.")
     augment_head: bool = Field(
         False, description="Let the linear head's cross-validation also try augmented copies of the training images "
@@ -95,8 +96,10 @@ class TrainParameters(_Parameters):
     class_weights: bool = Field(True, description="Weight classes inversely to their frequency.")
     scale_mode: Literal["unit", "caffe"] = Field(
         "unit", description="'unit' ([0, 1], the paper) or 'caffe' (Keras VGG16 ImageNet scaling).")
-    force_promote: bool = Field(False, description="Make the new model production even if it is not better, "
-                                                   "or carries a shortcut warning the production model does not.")
+    force_promote: bool = Field(False, description="Make the new model production even if it is not better, carries "
+                                                   "a shortcut warning the production model does not, or falls below "
+                                                   "its plain baseline; never one not fit for screening (a person "
+                                                   "promotes that with 'cxr-screen models promote').")
     require_approval: bool = Field(False, description="Leave a new model as a candidate, whatever its metrics, until "
                                                       "someone runs 'cxr-screen models promote VERSION'.")
     strata: list[str] | None = Field(
@@ -109,14 +112,16 @@ class TrainParameters(_Parameters):
                             "that predicts the label on its own in the training split (metadata-only AUC >= 0.6); "
                             "'none': off.")
     mixed_strata_only: bool = Field(False, description="With balance_strata: leave out levels that hold one class only "
-                                                       "(by default they count a tenth).")
+                                                       "(by default they keep their class-balanced weight).")
     leave_out: str | None = Field(None, pattern=r"^[^=]+=.+$",
                                   description="COL=LEVEL: train without that level and report performance on it.")
-    calibrate: bool = Field(True, description="Calibrate the probabilities on validation (temperature and class "
-                                              "bias; the threshold is then chosen on calibrated probabilities).")
+    calibrate: bool = Field(True, description="Calibrate the probabilities (temperature and class bias) on "
+                                              "out-of-fold predictions of the training images (on validation after "
+                                              "stage 2); the threshold is then chosen on calibrated probabilities.")
     head: Literal["linear", "mlp"] = Field(
-        "linear", description="'linear' (standardised pooled features, L2-regularised softmax; L2 chosen on "
-                              "validation) or 'mlp' (the tutorial's Dense(64)-dropout head).")
+        "linear", description="'linear' (standardised pooled features, L2 logistic regression; weighting and C chosen "
+                              "by patient-grouped cross-validation) or 'mlp' (the tutorial's Dense(64)-dropout head, "
+                              "trained with epochs on validation).")
     bootstrap: int = Field(1000, ge=100, description="Patient-level bootstrap resamples for confidence intervals.")
     min_auc: float = Field(
         Acceptance.min_auc, ge=0, le=1,

@@ -51,7 +51,8 @@ def train(params: TrainParameters) -> TrainedModel:
     # The linear head is chosen by cross-validation on the training images (with validation's, when
     # no stage 2 needs validation), and the plain baseline beside it (model/linear_head.py).
     cross_validated = params.head == "linear" and synthetic is None
-    cv = split.cross_validation(loaded.images, pooled=cross_validated and not params.fine_tune_epochs)
+    cv = split.cross_validation(loaded.images, pooled=cross_validated and not params.fine_tune_epochs,
+                                class_weights=params.class_weights)
     fitted = fit_model(training, spec, config, weights, cv, loaded.images[split.test], cross_validated)
     model = fitted.model
     split = split.balanced_by(fitted.balance) if fitted.balance in split.balance_candidates else split
@@ -70,7 +71,8 @@ def train(params: TrainParameters) -> TrainedModel:
     validity, mean_cam = audit_model(model, loaded, split, spec, threshold, test_probabilities, params.bootstrap,
                                      params.seed)
     if fitted.baseline is not None:
-        baseline = audit_baseline(split, fitted.baseline, params.target_sensitivity, params.bootstrap, params.seed)
+        baseline = audit_baseline(split, fitted.baseline, params.target_sensitivity, params.bootstrap, params.seed,
+                                  calibrate=params.calibrate)
         validity["baseline"] = baseline
         validity["against_baseline"] = compare_with_baseline(
             {"auc": validity["overall"]["auc"], "mean_within_auc": validity["mean_within_auc"]},

@@ -86,10 +86,11 @@ def fit_logistic(pooled: np.ndarray, labels: np.ndarray, weights: np.ndarray | N
 
 def cross_validated_folds(labels: np.ndarray, groups: Sequence[str], folds: int, seed: int) -> list[tuple]:
     """Patient-grouped folds stratified by class: no patient on both sides of any fold."""
-    labels = np.asarray(labels, int)
-    patients = len(set(groups))
-    smallest = min(np.bincount(labels)[np.unique(labels)])
-    folds = max(2, min(folds, patients, smallest))
+    labels, groups = np.asarray(labels, int), np.asarray(groups)
+    fewest = min(len(set(groups[labels == label])) for label in np.unique(labels))
+    if fewest < 2:
+        raise ValueError("cross-validation needs at least two patients of every class")
+    folds = min(folds, fewest)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels, np.asarray(groups)))
 
@@ -143,12 +144,27 @@ class CrossValidation:
     weightings: dict[str, np.ndarray | None]
     mixed_only: bool = False
     rows: np.ndarray | None = None  # where these images sit in the caller's arrays
+    class_weights: bool = True  # False: the 'none' weighting weighs every image alike
 
     def weights(self, weighting: str, rows: np.ndarray, num_classes: int) -> np.ndarray:
-        levels = self.weightings[weighting]
+        """Weights of ``rows`` under ``weighting``, computed on those rows alone; ValueError when a
+        class present there would get no weight (a fit could only learn that it never occurs)."""
+        levels, labels = self.weightings[weighting], self.labels[rows]
         if levels is None:
-            return class_balanced_weights(self.labels[rows], num_classes)
-        return stratum_sample_weights(self.labels[rows], np.asarray(levels)[rows], num_classes, self.mixed_only)
+            weights = (class_balanced_weights(labels, num_classes) if self.class_weights
+                       else np.ones(len(rows)))
+        else:
+            weights = stratum_sample_weights(labels, np.asarray(levels)[rows], num_classes, self.mixed_only)
+        for label in np.unique(labels):
+            if not weights[labels == label].any():
+                raise ValueError(f"weighting {weighting} leaves class {label} without weight in these images")
+        return weights
+
+    def folds_possible(self) -> int:
+        """How many patient-grouped folds can hold every class on both sides: the fewest patients of
+        any class (fewer than 2: cross-validation cannot run)."""
+        groups = np.asarray(self.groups)
+        return min(len(set(groups[self.labels == label])) for label in np.unique(self.labels))
 
 
 def _score(is_positive: np.ndarray, scores: np.ndarray, strata: dict[str, np.ndarray]) -> tuple[float, float | None, float]:
@@ -199,11 +215,19 @@ def select_logistic_head(
             stacks = [plain] if features == "plain" else list(draws)
             for c in sorted(c_grid):
                 oof = np.zeros((len(labels), num_classes))
-                for fit_rows, held_rows in split:
-                    w = data.weights(weighting, fit_rows, num_classes)
-                    head = fit_logistic(np.concatenate([stack[fit_rows] for stack in stacks]),
-                                        np.tile(labels[fit_rows], len(stacks)), np.tile(w, len(stacks)), c, num_classes)
-                    oof[held_rows] = head.predict(plain[held_rows])
+                try:
+                    for fit_rows, held_rows in split:
+                        w = data.weights(weighting, fit_rows, num_classes)
+                        head = fit_logistic(np.concatenate([stack[fit_rows] for stack in stacks]),
+                                            np.tile(labels[fit_rows], len(stacks)), np.tile(w, len(stacks)), c,
+                                            num_classes)
+                        oof[held_rows] = head.predict(plain[held_rows])
+                except ValueError as error:  # e.g. --mixed-strata-only leaves a fold nothing to weight
+                    found = {"weighting": weighting, "features": features, "c": c, "skipped": str(error)}
+                    candidates.append(found)
+                    if on_candidate is not None:
+                        on_candidate(found)
+                    continue
                 auc, within, score = _score(is_positive, oof[:, positive_index], data.strata)
                 loss = float(-np.log(np.clip(oof[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
                 found = {"weighting": weighting, "features": features, "c": c, "cv_auc": auc, "cv_within_auc": within,
@@ -214,16 +238,20 @@ def select_logistic_head(
                 for kind in ("head", "baseline") if features == "plain" else ("head",):
                     if kind not in best or _better(score, loss, best[kind]):
                         best[kind] = HeadSelection(weighting, features, c, auc, within, score, loss, oof, len(split))
-    if not best:
-        raise ValueError("no candidate to cross-validate: weightings and c_grid must not be empty")
+    if "head" not in best or "baseline" not in best:
+        reasons = sorted({row["skipped"] for row in candidates if "skipped" in row})
+        raise ValueError("no candidate could be cross-validated" + (f": {'; '.join(reasons)}" if reasons else ""))
     return Selection(best["head"], best["baseline"], candidates)
 
 
 def fit_selected(data: CrossValidation, plain: np.ndarray, draws: Sequence[np.ndarray], chosen: HeadSelection,
                  num_classes: int) -> LogisticHead:
-    """The chosen candidate fitted on all the training images."""
+    """The chosen candidate fitted on all the training images. scikit-learn's penalty is not
+    divided by the number of images, so C is scaled by (k - 1) / k: the final fit is as regularised
+    as the fold models whose out-of-fold predictions calibration and the threshold are fitted on."""
     stacks = [plain] if chosen.features == "plain" else list(draws)
     rows = np.arange(len(data.labels))
     w = data.weights(chosen.weighting, rows, num_classes)
+    c = chosen.c * (chosen.folds - 1) / chosen.folds if chosen.folds > 1 else chosen.c
     return fit_logistic(np.concatenate(stacks), np.tile(data.labels, len(stacks)), np.tile(w, len(stacks)),
-                        chosen.c, num_classes)
+                        c, num_classes)

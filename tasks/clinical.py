@@ -96,7 +96,7 @@ def calibrate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingS
 
 @task(cache_policy=NO_CACHE)
 def audit_baseline(split: TrainingSplit, baseline: dict, target_sensitivity: float, n_resamples: int = 1000,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, calibrate: bool = True) -> dict:
     """The built-in baseline (a plain logistic regression on the model's own frozen features,
     model/linear_head.py) scored like the model on the test split: calibrated on its own
     out-of-fold predictions, its threshold chosen there for ``target_sensitivity``; overall and
@@ -104,7 +104,7 @@ def audit_baseline(split: TrainingSplit, baseline: dict, target_sensitivity: flo
     positive = split.classes.index(split.positive)
     rows, oof, test = baseline["oof_rows"], baseline["oof"], baseline["test_probabilities"]
     labels = split.labels[rows]
-    if len(np.unique(labels)) > 1 and _auc(labels == positive, oof[:, positive]) not in (None, 1.0):
+    if calibrate and len(np.unique(labels)) > 1 and _auc(labels == positive, oof[:, positive]) not in (None, 1.0):
         temperature, bias = fit_temperature_and_bias(oof, labels)
         oof, test = (apply_temperature_and_bias(p, temperature, bias) for p in (oof, test))
     threshold = choose_threshold(labels == positive, oof[:, positive], target_sensitivity)
@@ -115,8 +115,8 @@ def audit_baseline(split: TrainingSplit, baseline: dict, target_sensitivity: flo
                    {name: split.levels(name, train_rows) for name in split.strata},
                    split.is_positive[train_rows], n_resamples=n_resamples, seed=seed)
     return {"method": "plain logistic regression on the frozen base's pooled features (scikit-learn, L2), chosen "
-                      "by the same cross-validation as the head, calibrated and thresholded on its out-of-fold "
-                      "predictions",
+                      "by the same cross-validation as the head, " + ("calibrated and " if calibrate else "") +
+                      "thresholded on its out-of-fold predictions",
             **baseline["record"], "threshold": threshold, "overall": record["overall"],
             "strata": {name: {key: found[key] for key in ("within_auc", "within_auc_ci")}
                        for name, found in record["strata"].items()},
@@ -200,7 +200,8 @@ def audit_fold(loaded: LabelledArrays, variable: str, level: str, *, positive: s
                                       balance_strata=balance_strata, mixed_strata_only=mixed_strata_only,
                                       leave_out=f"{variable}={level}")
         _require_both_classes(split)
-        cv = split.cross_validation(loaded.images, pooled=not config.fine_tune_epochs)
+        cv = split.cross_validation(loaded.images, pooled=not config.fine_tune_epochs,
+                                    class_weights=config.class_weights)
         fitted = fit_model.fn(split.training_data(loaded.images), spec, config, weights, cv)
         model = fitted.model
         split = split.balanced_by(fitted.balance) if fitted.balance in split.balance_candidates else split

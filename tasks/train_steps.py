@@ -131,7 +131,7 @@ class TrainingSplit:
         weights = self.balance_candidates[name]
         return replace(self, balance=None if weights is None else name, weights=weights)
 
-    def cross_validation(self, images: np.ndarray, pooled: bool) -> CrossValidation:
+    def cross_validation(self, images: np.ndarray, pooled: bool, class_weights: bool = True) -> CrossValidation:
         """The training images for cross-validated choices: the training part, and with ``pooled``
         the validation part too (when nothing else needs validation, the choices, calibration and
         threshold get all of its images as out-of-fold predictions instead of one small split)."""
@@ -139,7 +139,8 @@ class TrainingSplit:
         return CrossValidation(images[rows], self.labels[rows], np.array(self.patients, dtype=object)[rows],
                                {name: np.array(self.levels(name, rows)) for name in self.strata},
                                {name: None if levels is None else np.asarray(levels)[rows]
-                                for name, levels in self.balance_levels.items()}, self.mixed_only, rows)
+                                for name, levels in self.balance_levels.items()}, self.mixed_only, rows,
+                               class_weights)
 
     def training_data(self, images: np.ndarray) -> TrainingData:
         """Training and validation arrays, every candidate weighting, and the validation images'
@@ -319,35 +320,53 @@ def fit_model(data: TrainingData, spec: Preprocessing, config: TrainingConfig, w
                 100 * features_engine["bf16_median_relative_difference"])
     history: dict = {}
     chosen = selection = oof = baseline = None
+    if cv is not None and cv.folds_possible() < 2:
+        logger.warning("No cross-validation (a class has fewer than two patients among the training images): the "
+                       "head trains with epochs on validation, and there is no built-in baseline")
+        cv = None
     if cv is not None:
-        plain, draws = _pooled_features(feature_base, cv.images, spec, config,
+        # The model's own fp32 base: the head and the baseline are fitted on the very features the
+        # saved model computes, so their out-of-fold probabilities are the served model's.
+        plain, draws = _pooled_features(model.get_layer("vgg16"), cv.images, spec, config,
                                         augmented=cross_validated_head and linear and config.augment_head,
                                         log=logger, started=started)
         done = []
 
         def on_candidate(found: dict) -> None:
             done.append(found)
+            if "skipped" in found:
+                logger.warning("Cross-validation candidate %s: weighting %s, %s features, C %g skipped: %s", len(done),
+                               found["weighting"], found["features"], found["c"], found["skipped"])
+                return
             logger.info("Cross-validated %s: weighting %s, %s features, C %g: out-of-fold AUC %.3f, within-stratum %s",
                         len(done), found["weighting"], found["features"], found["c"], found["cv_auc"],
                         "n/a" if found["cv_within_auc"] is None else f"{found['cv_within_auc']:.3f}")
 
         cross = select_logistic_head(cv, plain, draws, data.num_classes, data.positive_index, seed=config.seed,
                                      on_candidate=on_candidate)
-        selection = cross.record()
-        logger.info("Cross-validation (%d patient-grouped folds over %d images) chose weighting %s, %s features, C %g "
-                    "(out-of-fold AUC %.3f); baseline: weighting %s, C %g (out-of-fold AUC %.3f)", cross.head.folds,
-                    len(cv.labels), cross.head.weighting, cross.head.features, cross.head.c, cross.head.auc,
-                    cross.baseline.weighting, cross.baseline.c, cross.baseline.auc)
+        record = cross.record()
         fitted_baseline = fit_selected(cv, plain, [], cross.baseline, data.num_classes)
-        test_plain = (_pooled_features(feature_base, test_images, spec, config, augmented=False)[0]
+        test_plain = (_pooled_features(model.get_layer("vgg16"), test_images, spec, config, augmented=False)[0]
                       if test_images is not None and len(test_images) else np.zeros((0, plain.shape[1])))
-        baseline = {"oof": cross.baseline.oof, "oof_rows": cv.rows, "record": selection["baseline"],
+        baseline = {"oof": cross.baseline.oof, "oof_rows": cv.rows, "record": record["baseline"],
                     "test_probabilities": fitted_baseline.predict(test_plain) if len(test_plain) else None}
         if cross_validated_head and linear:
             head = fit_selected(cv, plain, draws, cross.head, data.num_classes)
             set_linear_head(model, head.mean, head.variance, head.kernel, head.bias)
-            chosen, oof = cross.head.weighting, cross.head.oof
-            history["stage1"] = {"cross_validation": selection["candidates"]}
+            # Stage 2 keeps the head's penalty: scikit-learn's 1 / (2 C) on the sum of the losses is
+            # 1 / (2 C n) on Keras' mean.
+            fitted_rows = len(cv.labels) * (len(draws) if cross.head.features == "augmented" else 1)
+            model.get_layer("head").get_layer("probabilities").kernel.regularizer = keras.regularizers.L2(
+                1.0 / (2.0 * head.c * fitted_rows))
+            chosen, oof, selection = cross.head.weighting, cross.head.oof, record
+            logger.info("Cross-validation (%d patient-grouped folds over %d images) chose weighting %s, %s features, "
+                        "C %g (out-of-fold AUC %.3f)", cross.head.folds, len(cv.labels), cross.head.weighting,
+                        cross.head.features, cross.head.c, cross.head.auc)
+            history["stage1"] = {"cross_validation": record["candidates"]}
+        else:  # the head trains below; only the baseline came from cross-validation
+            selection = {"rule": record["rule"], "baseline": record["baseline"], "candidates": record["candidates"]}
+        logger.info("Built-in baseline: weighting %s, C %g (out-of-fold AUC %.3f)", cross.baseline.weighting,
+                    cross.baseline.c, cross.baseline.auc)
     if "stage1" not in history:
         history["stage1"] = _fit_stage1_epochs(model, data, spec, config, reporter, feature_base, logger, started)
         chosen = history["stage1"].pop("selected_weighting_name", None)

@@ -122,3 +122,47 @@ def test_compare_with_baseline_holds_back_a_clear_shortfall_only():
     assert found["worse"] and "AUC 0.800 is 0.100 below" in found["reasons"][0]
     assert compare_with_baseline({"auc": 0.90, "mean_within_auc": 0.70}, baseline)["worse"]
     assert not compare_with_baseline({"auc": 0.90, "mean_within_auc": None}, baseline)["worse"]
+
+
+@pytest.mark.parametrize("classes, present", [(2, (0, 1)), (4, (0, 1, 2, 3)), (3, (0, 2))])
+def test_the_keras_head_is_the_fitted_regression_after_a_save_and_load(tmp_path, classes, present):
+    import keras
+
+    from model.bundle import model_to_bytes
+    from model.network import build_classifier, set_linear_head
+
+    rng = np.random.default_rng(classes)
+    labels = rng.choice(present, 90)
+    pooled = rng.normal(size=(90, 512)) * rng.uniform(0.1, 30, 512)
+    pooled[:, 0] += 3 * labels
+    head = fit_logistic(pooled, labels, None, 0.1, classes)
+    keras.utils.set_random_seed(0)
+    model = build_classifier(classes, 32, None, head="linear")
+    set_linear_head(model, head.mean, head.variance, head.kernel, head.bias)
+    maps = np.repeat(np.repeat(pooled[:, None, None, :], 1, 1), 1, 2).astype("float32")  # the 1x1 map of 32 px
+    (tmp_path / "model.keras").write_bytes(model_to_bytes(model))
+    again = keras.saving.load_model(tmp_path / "model.keras", compile=False, safe_mode=True).get_layer("head")
+    for keras_head in (model.get_layer("head"), again):
+        ours = keras.ops.convert_to_numpy(keras_head(maps, training=False))
+        assert np.abs(ours - head.predict(pooled)).max() < 1e-4
+    absent = [k for k in range(classes) if k not in present]
+    assert not absent or head.predict(pooled)[:, absent].max() < 1e-6  # a class never seen is never predicted
+
+
+def test_no_cross_validation_without_two_patients_of_every_class_and_skipped_weightings():
+    labels = np.array([1, 1, 1] + [0] * 10)
+    groups = np.array(["one-patient"] * 3 + [f"n{i}" for i in range(10)])
+    data = CrossValidation(np.zeros((13, 1)), labels, groups, {}, {"none": None})
+    assert data.folds_possible() == 1
+    with pytest.raises(ValueError, match="two patients of every class"):
+        cross_validated_folds(labels, groups, 5, 0)
+
+    # --mixed-strata-only where a fold may hold no level with both classes: that candidate is skipped
+    # and said so; the others still run.
+    x, labels, groups, levels = _data()
+    levels = np.where(np.arange(len(labels)) < 12, "small-mixed", levels)
+    data = CrossValidation(np.zeros((len(labels), 1)), labels, groups, {}, {"site": np.where(labels == 1, "pos", "neg"),
+                                                                          "none": None}, mixed_only=True)
+    selection = select_logistic_head(data, x, [], 2, 1, c_grid=(0.1,), folds=4)
+    skipped = [row for row in selection.candidates if "skipped" in row]
+    assert skipped and skipped[0]["weighting"] == "site" and selection.head.weighting == "none"

@@ -250,3 +250,34 @@ def test_with_require_approval_training_leaves_a_candidate_until_promoted(prefec
     assert not kept and reason.startswith("left as a candidate: ")
     assert f"it was none, it is now {trained.version} by {registry.operator()}" in reason
     assert len(pointer(store)["history"]) == 1
+
+
+def test_a_model_not_fit_for_screening_is_a_candidate_only_a_person_promotes(prefect_api, tmp_path):
+    from flows.parameters import TrainParameters
+    from flows.train import train
+    from tasks.phantoms import write_phantom_dataset
+
+    dataset, store = tmp_path / "dataset", str(tmp_path / "models")
+    # Two folders of the same kind of healthy phantom: the label says nothing a model could learn,
+    # so the default criteria must find it unfit. Even forced, training does not promote it.
+    write_phantom_dataset(str(dataset), per_class=20, size=96, classes=("normal", "unused"), seed=0)
+    write_phantom_dataset(str(tmp_path / "more"), per_class=20, size=96, classes=("normal", "unused"), seed=1)
+    (tmp_path / "more" / "normal").rename(dataset / "covid")
+    for folder in (dataset / "unused", tmp_path / "more" / "unused"):
+        for image in folder.iterdir():
+            image.unlink()
+        folder.rmdir()
+    trained = train(TrainParameters(dataset_uri=str(dataset), model_store_uri=store, force_promote=True,
+                                    input_size=32, weights="none", batch_size=8))
+    assert not trained.promoted and registry.production_version(store) is None
+    fitness = trained.card.validity["fitness"]
+    assert fitness["fit"] is False and fitness["line"].startswith("NOT FIT FOR SCREENING")
+    assert fitness["criteria"]["min_auc"] == 0.75 and trained.card.training["acceptance"]["min_auc"] == 0.75
+    assert "NOT FIT FOR SCREENING" in trained.reason and "models promote" in trained.reason
+    assert "NOT FIT FOR SCREENING" in storage.read_bytes(storage.join(trained.bundle_uri, "card.md")).decode()
+    assert as_json("list", store=store)["versions"][0]["fit"] is False
+    assert "NOT FIT FOR SCREENING" in models("show", trained.version, store=store).output
+
+    promoted = models("promote", trained.version, "--reason", "accepted by the radiology lead", store=store)
+    assert promoted.exit_code == 0 and registry.production_version(store) == trained.version
+    assert "not fit for screening in training" in promoted.output  # stderr is mixed in by CliRunner

@@ -130,6 +130,28 @@ def test_train_on_s3_multiclass_with_an_s3_weights_file(prefect_api, s3_bucket, 
     assert model.output_shape == (None, 4)
 
 
+def test_fine_tuning_and_the_mlp_head_go_back_to_validation_beside_a_baseline(prefect_api, tmp_path):
+    dataset_uri, store = str(tmp_path / "dataset"), str(tmp_path / "models")
+    write_phantom_dataset(dataset_uri, per_class=16, size=96, seed=2)
+    tuned, _ = run(dataset_uri=dataset_uri, model_store_uri=store, fine_tune_epochs=1, **SMALL)
+    card = tuned.card
+    # Stage 2 changed the features: the threshold (and calibration) come from validation again, and
+    # cross-validation ran over the training part alone.
+    assert card.metrics["validation"]["threshold_chosen_on"] == "the validation split"
+    assert card.calibration.get("fitted_on", "validation") == "validation"
+    history = json.loads(storage.read_bytes(storage.join(tuned.bundle_uri, "history.json")))
+    assert "cross_validation" in history["stage1"] and len(history["stage2"]["loss"]) == 1
+    assert card.training["head_selection"]["chosen"]["folds"] >= 2
+    assert card.validity["baseline"]["overall"]["auc"] is not None and "against_baseline" in card.validity
+
+    mlp, _ = run(dataset_uri=dataset_uri, model_store_uri=store, head="mlp", **SMALL)
+    selection = mlp.card.training["head_selection"]
+    assert "chosen" not in selection and selection["baseline"]["features"] == "plain"  # the card says what ran
+    history = json.loads(storage.read_bytes(storage.join(mlp.bundle_uri, "history.json")))
+    assert 1 <= len(history["stage1"]["loss"]) <= 3 and "val_loss" in history["stage1"]
+    assert mlp.card.metrics["validation"]["threshold_chosen_on"] == "the validation split"
+
+
 def test_offline_imagenet_fails_with_the_other_options_named(prefect_api, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     import keras.src.utils.file_utils as file_utils
@@ -166,6 +188,20 @@ def test_promotion_decision():
     assert not registry.promotion_decision(better, better)[0]
     assert registry.promotion_decision(worse, better, force=True) == (True, "promotion forced")
     assert registry.promotion_decision(worse, None) == (True, "no comparable production model")
+
+    # One place decides, in this order: not fit (never by training, forced or not), worse than its
+    # baseline and experiments (only forced), require_approval (never), then the comparison.
+    unfit = {"fit": False, "line": "NOT FIT FOR SCREENING: lower 95 % bound of AUC 0.540 (needs >= 0.750)"}
+    promoted, reason = registry.promotion_decision(better, None, force=True, fitness=unfit)
+    assert not promoted and reason.startswith("NOT FIT FOR SCREENING") and "models promote" in reason
+    below = {"worse": True, "reasons": ["AUC 0.800 is 0.100 below the plain baseline's 0.900 (margin 0.02)"]}
+    promoted, reason = registry.promotion_decision(better, None, fitness={"fit": True}, against_baseline=below)
+    assert not promoted and reason.startswith("worse than its plain baseline: AUC 0.800")
+    assert registry.promotion_decision(better, None, True, against_baseline=below) == (True, "promotion forced")
+    promoted, reason = registry.promotion_decision(better, None, experiment="trained with site=b left out")
+    assert not promoted and reason == "trained with site=b left out: an experiment, not a candidate"
+    promoted, reason = registry.promotion_decision(better, worse, require_approval=True)
+    assert not promoted and "training recommends it: beats production" in reason
 
 
 def test_validate_engines_rechecks_an_existing_version_on_its_own_test_split(prefect_api, tmp_path):
