@@ -185,7 +185,13 @@ def test_serving_waits_for_a_passing_evaluation(trained, command, monkeypatch, t
     assert refused.exit_code == 3, refused.output
     assert f"model {version} has no site evaluation" in text and f"--model-version {version}" in text
 
-    failing = evaluate(command, store, version, site, "--min-auc", "1.0")  # strict: nothing unlocks
+    # A site where the model fails (its 'covid' folder holds healthy phantoms): nothing unlocks.
+    failing_site = tmp_path / "failing-site"
+    write_phantom_dataset(str(failing_site), per_class=16, size=128, seed=41)
+    shutil.rmtree(failing_site / "covid")
+    write_phantom_dataset(str(tmp_path / "healthy"), per_class=16, size=128, seed=42)
+    (tmp_path / "healthy" / "normal").rename(failing_site / "covid")
+    failing = evaluate(command, store, version, str(failing_site))
     assert failing["verdict"]["fit"] is False
     refused = command(*screen)
     assert refused.exit_code == 3 and "NOT FIT FOR SCREENING" in refused.output, refused.output
