@@ -24,7 +24,7 @@ from model.network import IMAGENET_FILE, build_classifier
 from model.preprocessing import Preprocessing
 from model.inference import ENGINES, REDUCED_DECODE, EngineCheck, check_engine, choose_feature_base, make_predictor, quantize_int8
 from model.devices import share_gpus
-from model.linear_head import CrossValidation, Selection, fit_selected, select_logistic_head
+from model.linear_head import CrossValidation, fit_selected, select_logistic_head
 from model.network import set_linear_head
 from model.training import (TrainingConfig, TrainingData, extract_features, fine_tune, fit_head_cached,
                             predict_probabilities)
