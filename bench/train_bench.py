@@ -28,7 +28,7 @@ from model.evaluation import evaluate  # noqa: E402
 from model.network import build_classifier  # noqa: E402
 from model.preprocessing import Preprocessing  # noqa: E402
 from model.training import TrainingConfig, TrainingData, fit_head_cached, fit_naive_frozen, predict_probabilities  # noqa: E402
-from tasks.datasets import discover_dataset, split_dataset  # noqa: E402
+from tasks.datasets import discover_dataset, training_parts  # noqa: E402
 from tasks.loading import load_images  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
@@ -65,15 +65,14 @@ def main() -> None:
     pixels = {image.uri: image.pixels for image in loaded}
     items = tuple(item for item in dataset.items if item.uri in pixels)
     classes, labels = class_layout(items, "covid", multiclass=False)
-    split = split_dataset(items, 0.2, args.seed)
-    fit_part = split_dataset(split.train, 0.2, args.seed + 1)
+    parts = training_parts(items, 0.2, args.seed)  # the train flow's own split
     position = {item.uri: i for i, item in enumerate(items)}
     images = np.stack([pixels[item.uri] for item in items])
 
     def rows(part):
         return np.array([position[item.uri] for item in part])
 
-    train_rows, val_rows, test_rows = rows(fit_part.train), rows(fit_part.test), rows(split.test)
+    train_rows, val_rows, test_rows = rows(parts.train), rows(parts.validation), rows(parts.test)
     data = TrainingData(images[train_rows], labels[train_rows], images[val_rows], labels[val_rows], len(classes))
     # Patience above the epoch count: both paths run every epoch, so their times compare.
     config = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, augment_draws=args.augment_draws,

@@ -1,7 +1,7 @@
 """Check the reduced-precision engines of an existing model version, as training does for a new one.
 
 Reads the version's dataset again, rebuilds its test split from the card (seed, fraction, level
-left out) and goes on only if that split has the fingerprint the card recorded: an engine is only
+left out) with training's own split rule (tasks.datasets.training_parts) and goes on only if that split has the fingerprint the card recorded: an engine is only
 ever held to the test images the version was evaluated on. int8 is quantised on images of the
 same training part. The checks and engine files are written beside the bundle.
 """
@@ -15,7 +15,7 @@ from model.bundle import BundleError
 from model.inference import EngineCheck
 from model.training import predict_probabilities
 from tasks import engines, registry
-from tasks.datasets import fingerprint, split_dataset
+from tasks.datasets import fingerprint, training_parts
 from tasks.train_steps import calibration_sample, check_engines, discover, load_labelled
 
 
@@ -27,21 +27,18 @@ def validate_engines(model_store_uri: str, model_version: str = "production",
     spec, seed = card.spec(), card.dataset["split_seed"]
     dataset = discover(dataset_uri or card.dataset["uri"])
     loaded = load_labelled(dataset.items, spec)
-    column, _, level = (card.training.get("leave_out") or "").partition("=")
-    kept = [item for item in loaded.items if not column or item.metadata.get(column) != level]
-    split = split_dataset(kept, test_fraction=card.dataset["test_fraction"], seed=seed)
-    if fingerprint(split.test) != card.dataset.get("test_fingerprint"):
+    parts = training_parts(loaded.items, card.dataset["test_fraction"], seed, card.training.get("leave_out"))
+    if fingerprint(parts.test) != card.dataset.get("test_fingerprint"):
         raise BundleError(f"model {card.version}: the test split rebuilt from {dataset.uri} is not the one its card "
                           "recorded (the dataset changed since training): its engines cannot be checked on it")
-    training_part = split_dataset(split.train, test_fraction=0.2, seed=seed + 1).train
     position = {item.uri: index for index, item in enumerate(loaded.items)}
-    test = np.array([position[item.uri] for item in split.test], dtype=int)
-    train = np.array([position[item.uri] for item in training_part], dtype=int)
-    labels = np.array([_class_index(item.label, card.classes, card.positive_class) for item in split.test])
+    test = np.array([position[item.uri] for item in parts.test], dtype=int)
+    train = np.array([position[item.uri] for item in parts.train], dtype=int)
+    labels = np.array([_class_index(item.label, card.classes, card.positive_class) for item in parts.test])
 
     checks, files = check_engines(model, spec, card.threshold, card.classes.index(card.positive_class),
                                   loaded.images[test], labels, predict_probabilities(model, loaded.images[test], spec),
-                                  loaded.images[calibration_sample(train, seed)], [item.uri for item in split.test])
+                                  loaded.images[calibration_sample(train, seed)], [item.uri for item in parts.test])
     uri = engines.record_checks(model_store_uri, card, checks, files)
     allowed, notes = engines.validated_engines(model_store_uri, card)
     get_run_logger().info("Engine checks of %s written to %s; may serve it: %s%s", card.version, uri,

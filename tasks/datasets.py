@@ -29,12 +29,14 @@ __all__ = [
     "DuplicateReport",
     "LabelledImage",
     "Split",
+    "TrainingParts",
     "discover_dataset",
     "find_duplicates",
     "fingerprint",
     "hash_images",
     "metadata_columns",
     "split_dataset",
+    "training_parts",
 ]
 
 MANIFEST_NAME = "manifest.csv"
@@ -225,6 +227,35 @@ def split_dataset(items: Sequence[LabelledImage], test_fraction: float = 0.2, se
     train = tuple(item for i, item in enumerate(ordered) if i not in chosen)
     test = tuple(item for i, item in enumerate(ordered) if i in chosen)
     return Split(train, test, seed, test_fraction)
+
+
+# Share of the training patients that training sets aside as validation.
+VALIDATION_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class TrainingParts:
+    """Training's split of a dataset: the level left out (if any), then patient-held-out test,
+    then validation out of what remains; what is left of the patients is the training part."""
+
+    train: tuple[LabelledImage, ...]
+    validation: tuple[LabelledImage, ...]
+    test: tuple[LabelledImage, ...]
+    left_out: tuple[LabelledImage, ...]
+
+
+def training_parts(items: Sequence[LabelledImage], test_fraction: float, seed: int,
+                   leave_out: str | None = None) -> TrainingParts:
+    """The one split rule of training, which validate-engines, site evaluation and the benches use
+    to rebuild a version's split: an engine or a site figure is only ever held to the very images
+    the version was tested on. ``leave_out``: 'COL=LEVEL' (as the card records it) or None."""
+    column, _, level = (leave_out or "").partition("=")
+    column, level = column.strip(), level.strip()
+    left = tuple(item for item in items if column and item.metadata.get(column) == level)
+    kept = [item for item in items if not (column and item.metadata.get(column) == level)]
+    split = split_dataset(kept, test_fraction=test_fraction, seed=seed)
+    fit_part = split_dataset(split.train, test_fraction=VALIDATION_FRACTION, seed=seed + 1)
+    return TrainingParts(fit_part.train, fit_part.test, split.test, left)
 
 
 def _groups(items: Sequence[LabelledImage]) -> list[int]:

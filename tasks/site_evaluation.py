@@ -22,7 +22,7 @@ from model.site_evaluation import compare_with_card, site_figures
 from model.training import predict_probabilities
 from model.validity import default_strata
 from tasks import evaluations, registry, storage
-from tasks.datasets import DatasetError, LabelledImage, fingerprint, metadata_columns, split_dataset
+from tasks.datasets import DatasetError, LabelledImage, fingerprint, metadata_columns, training_parts
 from tasks.rendering import render
 from tasks.retrying import io_step
 from tasks.train_steps import LabelledArrays
@@ -101,17 +101,15 @@ def select_images(loaded: LabelledArrays, card: ModelCard, dataset_uri: str, whe
 
 def _held_out(items: tuple[LabelledImage, ...], card: ModelCard) -> np.ndarray:
     """The rows training never learned from, its split rebuilt from the card as validate-engines does."""
-    column, _, level = (card.training.get("leave_out") or "").partition("=")
-    kept = [item for item in items if not column or item.metadata.get(column) != level]
     try:
-        split = split_dataset(kept, test_fraction=card.dataset["test_fraction"], seed=card.dataset["split_seed"])
+        parts = training_parts(items, card.dataset["test_fraction"], card.dataset["split_seed"],
+                               card.training.get("leave_out"))
     except (KeyError, TypeError) as error:
         raise BundleError(f"model {card.version}: its card does not say how its data was split ({error})") from None
-    if fingerprint(split.test) != card.dataset.get("test_fingerprint"):
+    if fingerprint(parts.test) != card.dataset.get("test_fingerprint"):
         raise DatasetError(f"model {card.version}: its test split cannot be rebuilt from these images, so which of "
                            "them it trained on is unknown: evaluate it on other data")
-    held = {item.uri for item in split.test} | {item.uri for item in items
-                                                 if column and item.metadata.get(column) == level}
+    held = {item.uri for item in parts.test} | {item.uri for item in parts.left_out}
     return np.array([row for row, item in enumerate(items) if item.uri in held], dtype=int)
 
 

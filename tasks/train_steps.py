@@ -33,8 +33,8 @@ from model.validity import (default_strata, metadata_baseline_auc, shortcut_warn
                             within_stratum_auc)
 from tasks.retrying import io_step
 from tasks import registry, storage
-from tasks.datasets import (Dataset, DatasetError, LabelledImage, discover_dataset, find_duplicates, metadata_columns,
-                            split_dataset)
+from tasks.datasets import (Dataset, DatasetError, LabelledImage, Split, discover_dataset, find_duplicates,
+                            metadata_columns, training_parts)
 from tasks.loading import load_images
 
 __all__ = ["EpochReporter", "LabelledArrays", "TrainingSplit", "class_layout", "discover", "evaluate_model",
@@ -229,17 +229,17 @@ def build_split(loaded: LabelledArrays, positive: str, multiclass: bool, test_fr
             raise DatasetError(f"no manifest column {name!r} to stratify by "
                                f"(columns: {', '.join(columns) or 'none: the dataset has no manifest'})")
     left_out = _parse_leave_out(leave_out, columns)
-    kept = [item for item in loaded.items if left_out is None or item.metadata.get(left_out[0]) != left_out[1]]
-    split = split_dataset(kept, test_fraction=test_fraction, seed=seed)
-    for line in find_duplicates(kept, split).lines():
+    parts = training_parts(loaded.items, test_fraction, seed, "=".join(left_out) if left_out else None)
+    aside = {item.uri for item in parts.left_out}
+    kept = [item for item in loaded.items if item.uri not in aside]
+    for line in find_duplicates(kept, Split(parts.train + parts.validation, parts.test, seed, test_fraction)).lines():
         logger.warning("Duplicate: %s", line)
-    fit_part = split_dataset(split.train, test_fraction=0.2, seed=seed + 1)
     position = {item.uri: i for i, item in enumerate(loaded.items)}
 
     def rows(part) -> np.ndarray:
         return np.array([position[item.uri] for item in part], dtype=int)
 
-    train, validation = rows(fit_part.train), rows(fit_part.test)
+    train, validation = rows(parts.train), rows(parts.validation)
     is_positive = labels == classes.index(positive)
     if balance_strata == "auto":
         found = confounders(is_positive[train], {name: [columns[name][i] for i in train] for name in chosen})
@@ -259,9 +259,8 @@ def build_split(loaded: LabelledArrays, positive: str, multiclass: bool, test_fr
         logger.info("Balancing: each of %s is tried and the best kept", ", ".join(candidates))
     if not balance_levels or balance_strata == "auto":
         balance_levels["none"] = None
-    held = np.array([i for i, item in enumerate(loaded.items) if left_out and item.metadata.get(left_out[0]) == left_out[1]],
-                    dtype=int)
-    result = TrainingSplit(classes, positive, labels, train, validation, rows(split.test),
+    held = rows(parts.left_out)
+    result = TrainingSplit(classes, positive, labels, train, validation, rows(parts.test),
                            strata={name: columns[name] for name in chosen},
                            patients=[item.patient_id or item.uri for item in loaded.items],
                            held_out=held, leave_out=left_out, balance_candidates=candidates,

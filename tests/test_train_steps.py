@@ -49,3 +49,26 @@ def test_in_binary_mode_the_threshold_decides_the_predicted_class():
     assert predict_classes(probabilities, ["non-covid", "covid"], "covid", 0.6).tolist() == [0, 0, 1]
     three = np.array([[0.5, 0.3, 0.2]])
     assert predict_classes(three, ["a", "covid", "c"], "covid", 0.1).tolist() == [0]  # argmax with more classes
+
+
+def test_one_split_rule_for_training_and_for_rebuilding_a_versions_split():
+    from tasks.datasets import LabelledImage, training_parts
+    from tasks.train_steps import LabelledArrays, build_split
+
+    items = tuple(LabelledImage(f"/d/{label}/{n}.png", label, patient_id=f"{label}-{n // 2}",
+                                metadata={"site": "b" if n % 5 == 0 else "a"})
+                  for label in ("covid", "normal") for n in range(40))
+    parts = training_parts(items, 0.2, seed=3, leave_out="site=b")
+    every = [*parts.train, *parts.validation, *parts.test, *parts.left_out]
+    assert sorted(item.uri for item in every) == sorted(item.uri for item in items)  # each image once
+    assert {item.metadata["site"] for item in parts.left_out} == {"b"}
+    assert "b" not in {item.metadata["site"] for item in (*parts.train, *parts.validation, *parts.test)}
+    sides = [{item.patient_id for item in part} for part in (parts.train, parts.validation, parts.test)]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])  # no patient on two sides
+
+    # Training's split is exactly this rule: validate-engines and site evaluation rebuild the same test images.
+    split = build_split(LabelledArrays(items, np.zeros((len(items), 1, 1, 3), np.uint8), ()), "covid", False, 0.2, 3,
+                        leave_out="site=b")
+    for rows, part in ((split.train, parts.train), (split.validation, parts.validation), (split.test, parts.test),
+                       (split.held_out, parts.left_out)):
+        assert sorted(items[row].uri for row in rows) == sorted(item.uri for item in part)
