@@ -39,16 +39,18 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tasks  # noqa: E402,F401  (first: through model/ it sets TensorFlow's runtime options before TensorFlow loads)
+from cli import bootstrap  # noqa: E402
+
+bootstrap()  # first: TensorFlow's runtime options are read when it loads
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from bench.machine import cpu_line  # noqa: E402
+from bench.validity_bench import shown  # noqa: E402  (value [interval], as that bench prints them)
 from flows.parameters import SynthesizeParameters, TrainParameters  # noqa: E402
 from flows.synthesize import synthesize  # noqa: E402
 from flows.train import train  # noqa: E402
 from tasks.synthesis import GeneratorRefused  # noqa: E402
-from bench.machine import cpu_line  # noqa: E402
-from bench.validity_bench import shown  # noqa: E402  (value [interval], as that bench prints them)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 STRATA = ["age_group", "source_dataset"]

@@ -3,10 +3,10 @@
 1. ceilings: the product's predictors (model/inference.py) in fp32 and under ``mixed_bfloat16``, at
    batch sizes 16, 64 and 256, on images decoded beforehand; and the host's share of a prediction
    (uint8 to float, ``Predictor.predict``'s own preparation) alone;
-2. decode ceiling: the product's decoder processes (tasks/sandbox.py, one per core as screening
+2. decode ceiling: the product's decoder processes (imaging/sandbox.py, one per core as screening
    starts them) on the real images, full resolution and with libjpeg's reduced-resolution decode;
 3. screening: reading and decoding on threads and decoder processes while the accelerator predicts,
-   arranged as ``tasks.screening.screen_images`` does it (without Grad-CAM, ledger or storage, which
+   arranged as ``tasks.screen_chunks.screen_images`` does it (without Grad-CAM, ledger or storage, which
    need Prefect and boto3);
 4. training: stage 1's frozen-base features, and one epoch of stage 2 (block5 fine-tuned, Adam), in
    fp32 and under ``mixed_bfloat16``.
@@ -31,16 +31,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import model  # noqa: E402,F401  (first: sets TensorFlow's runtime options before TensorFlow loads)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import model  # noqa: E402,F401  (first: sets TensorFlow's runtime options before TensorFlow loads)
 from bench.machine import cpu_line  # noqa: E402
+from imaging.decode import IMAGE_SUFFIXES  # noqa: E402
+from imaging.sandbox import DecoderPool  # noqa: E402
 from model.inference import make_predictor, with_base_policy  # noqa: E402
 from model.network import build_classifier, unfreeze_top_block  # noqa: E402
 from model.preprocessing import Preprocessing, scale  # noqa: E402
-from tasks.images import IMAGE_SUFFIXES  # noqa: E402
-from tasks.sandbox import DecoderPool  # noqa: E402
 
 SPEC = Preprocessing()
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}
@@ -137,7 +137,7 @@ def _plain_decode(path: Path) -> int:
 
 
 def plain_decode(paths: list[Path], processes: int) -> float:
-    """img/s of bare OpenCV decoding in a process pool: what the isolation of tasks/sandbox.py costs."""
+    """img/s of bare OpenCV decoding in a process pool: what the isolation of imaging/sandbox.py costs."""
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(processes) as workers:

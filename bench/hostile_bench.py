@@ -1,7 +1,7 @@
 """Peak memory of a screening worker on hostile inputs, against its own baseline, in one run.
 
 The worker is this process (model loaded, flow running) plus its decoder processes
-(``tasks.sandbox``). Baseline: their resident memory after a warm-up run on 40 ordinary images (full batches, all
+(``imaging.sandbox``). Baseline: their resident memory after a warm-up run on 40 ordinary images (full batches, all
 explained with Grad-CAM). Then
 one screening run over a hostile corpus made here: the decoders' hostile files
 (``tests/hostile_files.py``), bombs aimed at memory (a 16-bit RGBA PNG just under the pixel limit,
@@ -29,7 +29,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tasks  # noqa: E402,F401  (first: TensorFlow's runtime options)
+from cli import bootstrap  # noqa: E402
+
+bootstrap()  # first: TensorFlow's runtime options are read when it loads
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -37,8 +39,8 @@ from bench.machine import cpu_line  # noqa: E402
 from bench.screen_bench import make_store  # noqa: E402
 from flows.parameters import ScreenParameters  # noqa: E402
 from flows.screen import screen  # noqa: E402
-from tasks import sandbox  # noqa: E402
-from tasks.phantoms import chest_phantom  # noqa: E402
+from imaging import sandbox  # noqa: E402
+from store.phantoms import chest_phantom  # noqa: E402
 from tests.hostile_files import decoder_cases  # noqa: E402
 
 MB = 1024 * 1024

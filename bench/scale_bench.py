@@ -1,7 +1,7 @@
 """Scale on paper, from measurements (issue #11): what a night of a million X-rays would cost.
 
-(a) Per-operation costs through the project's own code (tasks/storage.py, tasks/ledger.py,
-    tasks/results.py) against a moto S3 server over HTTP on 127.0.0.1, with a latency injected per
+(a) Per-operation costs through the project's own code (store/storage.py, screening/ledger.py,
+    screening/results.py) against a moto S3 server over HTTP on 127.0.0.1, with a latency injected per
     request on the server side like real S3's (--latency-ms), beside the same at 0 ms so that the
     latency's share shows: listing 10k keys, one ledger claim, one chunk record and one part write
     (256 rows as screen_chunk writes them), the done-keys listing at 10k ledger entries, one part read
@@ -47,16 +47,19 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tasks  # noqa: E402,F401  (first: TensorFlow's runtime options)
+from cli import bootstrap  # noqa: E402
+
+bootstrap()  # first: TensorFlow's runtime options are read when it loads
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.machine import cpu_line  # noqa: E402
 from model.bundle import ModelCard  # noqa: E402
-from tasks import ledger, reports, storage  # noqa: E402
-from tasks.phantoms import chest_phantom  # noqa: E402
-from tasks.results import PredictionRow, ResultsLayout, RunSummary  # noqa: E402
-from tasks.screening import CLAIMS_IN_FLIGHT  # noqa: E402
+from screening import ledger, reports  # noqa: E402
+from screening.results import PredictionRow, ResultsLayout, RunSummary  # noqa: E402
+from store import storage
+from store.phantoms import chest_phantom  # noqa: E402
+from tasks.screen_chunks import CLAIMS_IN_FLIGHT  # noqa: E402
 
 CLASSES = ["non-covid", "covid"]
 RUN_ID = "20261127T010000Z-bench1"
@@ -152,7 +155,7 @@ def write_run(results: str, count: int, chunk_size: int, flagged_share: float, r
 
 
 class LatentS3:
-    """A moto S3 server over HTTP in its own process; AWS_* variables point tasks.storage at it."""
+    """A moto S3 server over HTTP in its own process; AWS_* variables point store.storage at it."""
 
     def __enter__(self) -> LatentS3:
         with socket.socket() as probe:
@@ -509,7 +512,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--gpu-img-s", type=float, help="one GPU worker (img/s); without it: not measured")
     parser.add_argument("--gpu-workers", type=int, default=4)
     parser.add_argument("--claims-in-flight", type=int, default=CLAIMS_IN_FLIGHT,
-                        help=f"claims a worker keeps in flight (tasks/screening.py: {CLAIMS_IN_FLIGHT})")
+                        help=f"claims a worker keeps in flight (tasks/screen_chunks.py: {CLAIMS_IN_FLIGHT})")
     parser.add_argument("--flow-images", type=int, help="X-rays of the larger run in (c), half in the smaller (default 480; quick 128)")
     parser.add_argument("--flow-chunk-size", type=int, default=32, help="chunk size in (c), so chunks spread")
     parser.add_argument("--skip-flow", action="store_true", help="skip (c)")
@@ -532,7 +535,7 @@ def main() -> None:
         return
     print(cpu_line())
     started = time.perf_counter()
-    print(f"\n(a) per operation through tasks/storage.py and tasks/ledger.py, moto S3 over HTTP on 127.0.0.1, "
+    print(f"\n(a) per operation through store/storage.py and screening/ledger.py, moto S3 over HTTP on 127.0.0.1, "
           f"mean of {args.samples} claims and writes, {max(2, args.samples // 10)} listings")
     with LatentS3() as server:
         import boto3

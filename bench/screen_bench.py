@@ -41,18 +41,20 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tasks  # noqa: E402,F401  (first: through model/ it sets TensorFlow's runtime options before TensorFlow loads)
+from cli import bootstrap  # noqa: E402
+
+bootstrap()  # first: TensorFlow's runtime options are read when it loads
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.machine import cpu_line  # noqa: E402
+from imaging.decode import IMAGE_SUFFIXES  # noqa: E402
 from model.bundle import ModelCard, model_to_bytes  # noqa: E402
 from model.inference import ENGINES, EngineCheck, make_predictor  # noqa: E402
 from model.network import build_classifier  # noqa: E402
 from model.preprocessing import Preprocessing  # noqa: E402
-from tasks import engines, registry, storage  # noqa: E402
-from tasks.images import IMAGE_SUFFIXES  # noqa: E402
-from tasks.loading import load_images  # noqa: E402
+from store import engines, registry, storage  # noqa: E402
+from store.loading import load_images  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cxr"
 FULLSIZE = ROOT.parent / "shared" / "data" / "cxr-fullsize"
@@ -90,8 +92,8 @@ def decode_in_threads(paths: list[Path], spec: Preprocessing) -> float:
     """Read, decode and resize in a thread pool of this process (OpenCV releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from imaging.decode import decode_image
     from model.preprocessing import resize
-    from tasks.images import decode_image
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -113,8 +115,8 @@ import sys, time
 from pathlib import Path
 import cv2
 from model.preprocessing import preprocess
-from tasks import registry
-from tasks.images import IMAGE_SUFFIXES
+from store import registry
+from imaging.decode import IMAGE_SUFFIXES
 model, card = registry.load_model(sys.argv[1])
 spec = card.spec()
 paths = sorted(p for p in Path(sys.argv[2]).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -19,17 +19,19 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tasks  # noqa: E402,F401  (first: through model/ it sets TensorFlow's runtime options before TensorFlow loads)
+from cli import bootstrap  # noqa: E402
+
+bootstrap()  # first: TensorFlow's runtime options are read when it loads
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tasks.train_steps import class_layout  # noqa: E402
 from model.evaluation import evaluate  # noqa: E402
 from model.network import build_classifier  # noqa: E402
 from model.preprocessing import Preprocessing  # noqa: E402
 from model.training import TrainingConfig, TrainingData, fit_head_cached, fit_naive_frozen, predict_probabilities  # noqa: E402
-from tasks.datasets import discover_dataset, training_parts  # noqa: E402
-from tasks.loading import load_images  # noqa: E402
+from store.datasets import discover_dataset, training_parts  # noqa: E402
+from store.loading import load_images  # noqa: E402
+from tasks.train_steps import class_layout  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 

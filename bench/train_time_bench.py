@@ -24,7 +24,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tasks  # noqa: E402,F401  (first: TensorFlow's runtime options)
+from cli import bootstrap  # noqa: E402
+
+bootstrap()  # first: TensorFlow's runtime options are read when it loads
 import model.inference as inference  # noqa: E402
 from bench.machine import cpu_line  # noqa: E402
 from flows.parameters import TrainParameters  # noqa: E402

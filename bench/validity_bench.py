@@ -40,7 +40,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tasks  # noqa: E402,F401  (first: through model/ it sets TensorFlow's runtime options before TensorFlow loads)
+from cli import bootstrap  # noqa: E402
+
+bootstrap()  # first: TensorFlow's runtime options are read when it loads
 import numpy as np  # noqa: E402
 
 from bench.machine import cpu_line  # noqa: E402
@@ -53,8 +55,8 @@ from model.network import build_base  # noqa: E402
 from model.preprocessing import Preprocessing  # noqa: E402
 from model.training import TrainingConfig, extract_features  # noqa: E402
 from model.validity import _auc, audit, bootstrap_interval, within_stratum_auc  # noqa: E402
-from tasks.datasets import discover_dataset  # noqa: E402
-from tasks.loading import load_images  # noqa: E402
+from store.datasets import discover_dataset  # noqa: E402
+from store.loading import load_images  # noqa: E402
 from tasks.train_steps import LabelledArrays, build_split  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"

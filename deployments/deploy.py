@@ -24,7 +24,7 @@ SCREENING, RETRAIN, SYNTHESIZE = "screen/nightly-screening", "train/retrain", "s
 
 def deploy_all(settings: Settings) -> dict[str, UUID]:
     common = dict(build=False, push=False, print_next_steps=False, ignore_warnings=True)
-    screening = flow.from_source(settings.project_dir, "flows.screen.screen").deploy(
+    screening = flow.from_source(settings.project_dir, "cli.flow_runs.screen").deploy(
         name="nightly-screening",
         work_pool_name=settings.cpu_pool,
         description="Screen the X-rays that arrived since the last run with the production model.",
@@ -36,7 +36,7 @@ def deploy_all(settings: Settings) -> dict[str, UUID]:
         **common,
     )
     train_parameters = settings.train_parameters().model_dump(mode="json")
-    retrain = flow.from_source(settings.project_dir, "flows.train.train").deploy(
+    retrain = flow.from_source(settings.project_dir, "cli.flow_runs.train").deploy(
         name="retrain",
         work_pool_name=settings.gpu_pool,
         description="Retrain on the current labelled dataset; promote the model if it beats production.",
@@ -52,7 +52,7 @@ def deploy_all(settings: Settings) -> dict[str, UUID]:
     )
     # Run by hand (no schedule, no trigger): a GAN is trained once and its images checked by a person
     # before any training uses them (train --synthetic).
-    synthesize = flow.from_source(settings.project_dir, "flows.synthesize.synthesize").deploy(
+    synthesize = flow.from_source(settings.project_dir, "cli.flow_runs.synthesize").deploy(
         name="synthesize",
         work_pool_name=settings.gpu_pool,
         description="Train a GAN on the training split of the dataset; publish synthetic images of one class and the "

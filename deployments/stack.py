@@ -223,7 +223,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         _wait_for(f"{api}/health", "Prefect server", server, folder / "logs" / "server.log")
         dask = _start_dask(folder, workers, dask_port, child_environment, record, echo) if workers else {}
         echo("Creating work pools and deploying")
-        subprocess.run([sys.executable, "-m", "deployments.deploy_cli", *(["--buckets"] if start_s3 else [])],
+        subprocess.run([sys.executable, "-m", "cli.deploy", *(["--buckets"] if start_s3 else [])],
                        env=child_environment, cwd=PROJECT_DIR, check=True,
                        stdout=open(folder / "logs" / "deploy.log", "ab"), stderr=subprocess.STDOUT)
         for pool in (settings.cpu_pool, settings.gpu_pool):

@@ -12,8 +12,8 @@ from prefect import flow, get_run_logger
 
 from flows.parameters import AuditParameters
 from flows.train import preprocessing_and_config
+from store.datasets import DatasetError, metadata_columns
 from tasks.clinical import audit_fold, write_audit
-from tasks.datasets import DatasetError, metadata_columns
 from tasks.train_steps import discover, load_labelled, resolve_weights
 
 

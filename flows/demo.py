@@ -10,10 +10,10 @@ from prefect import flow, get_run_logger
 from flows.parameters import ScreenParameters, TrainParameters
 from flows.screen import screen
 from flows.train import train
-from tasks import storage
+from screening.results import RunSummary
+from store import storage
+from store.phantoms import write_phantom_dataset
 from tasks.bundling import TrainedModel
-from tasks.phantoms import write_phantom_dataset
-from tasks.results import RunSummary
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,9 @@ from datetime import datetime, timezone
 from prefect import flow
 
 from flows.parameters import EvaluateParameters
-from tasks import storage
-from tasks.evaluations import new_evaluation_id
-from tasks.site_evaluation import (criteria_for, evaluation_record, load_version, measure, publish_evaluation,
-                                   select_images)
+from store import storage
+from store.evaluations import new_evaluation_id
+from tasks.site_evaluation import criteria_for, evaluation_record, load_version, measure, publish_evaluation, select_images
 from tasks.train_steps import discover, load_labelled
 
 

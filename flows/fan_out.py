@@ -1,6 +1,6 @@
 """Where a screening run's chunks run: in this process, on a local Dask cluster, or on an existing one.
 
-Chunks are pure functions of URIs (tasks/screening.py), so any Prefect task runner can take them;
+Chunks are pure functions of URIs (tasks/screen_chunks.py), so any Prefect task runner can take them;
 each worker process loads the model once from the model store, never from the wire. Every task
 reports to the flow's Prefect API, so the UI shows one run graph wherever its chunks ran.
 """

@@ -20,11 +20,12 @@ from prefect.task_runners import TaskRunner
 
 from flows.fan_out import chunk_runner
 from flows.parameters import ScreenParameters
-from tasks import runs, storage
-from tasks.loading import InputLimits
-from tasks.results import RunSummary
+from screening import leases
+from screening.results import RunSummary
+from store import storage
+from store.loading import InputLimits
+from tasks.screen_chunks import ChunkResult, chunked, find_inputs, screen_chunk
 from tasks.screen_steps import new_run_id, not_yet_screened, now, recover_abandoned_runs, resolve_model, write_run_outputs
-from tasks.screening import ChunkResult, chunked, find_inputs, screen_chunk
 
 # Process-local listeners of (screened so far, to screen), for progress bars in the command line.
 progress_listeners: list[Callable[[int, int], None]] = []
@@ -58,9 +59,9 @@ def screen(params: ScreenParameters) -> RunSummary:
                          frontal_chest_only=params.frontal_chest_only, deidentify=params.deidentify)
     with chunk_runner(params.workers, params.dask_address, [params.model_store_uri, results, params.incoming_uri]) \
             as runner:
-        runs.open_run(results, run)  # from the first claim on, a lease says this run is alive
+        leases.open_run(results, run)  # from the first claim on, a lease says this run is alive
         try:
-            with runs.kept_alive(results, run.run_id):  # also while chunks queue on a busy cluster
+            with leases.kept_alive(results, run.run_id):  # also while chunks queue on a busy cluster
                 failures = _screen_chunks(runner, params, card.version, todo, run, limits)
             if failures:
                 raise failures[0]

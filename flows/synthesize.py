@@ -16,9 +16,18 @@ from prefect import flow
 from flows.parameters import SynthesizeParameters
 from model.gan import GanConfig, generate
 from model.preprocessing import Preprocessing
-from tasks import registry
-from tasks.synthesis import (Synthesis, check_request, describe_generator, gray_training_images, measure_quality,
-                             publish_synthesis, refuse_if_memorised, report_synthesis, train_generator)
+from store import registry
+from tasks.synthesis import (
+    Synthesis,
+    check_request,
+    describe_generator,
+    gray_training_images,
+    measure_quality,
+    publish_synthesis,
+    refuse_if_memorised,
+    report_synthesis,
+    train_generator,
+)
 from tasks.train_steps import discover, load_labelled, resolve_weights, split_for_training
 
 

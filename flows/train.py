@@ -16,12 +16,21 @@ from model.acceptance import Acceptance, compare_with_baseline, judge
 from model.augmentation import Augmentation
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
-from tasks import registry
+from store import registry
 from tasks.bundling import TrainedModel, make_bundle, promote, publish_bundle, read_production, report_training
 from tasks.clinical import audit_baseline, audit_model, calibrate_model
 from tasks.synthetic_training import add_synthetic
-from tasks.train_steps import (calibration_sample, check_engines, discover, evaluate_model, fit_model, load_labelled, resolve_weights, score_production,
-                               split_for_training)
+from tasks.train_steps import (
+    calibration_sample,
+    check_engines,
+    discover,
+    evaluate_model,
+    fit_model,
+    load_labelled,
+    resolve_weights,
+    score_production,
+    split_for_training,
+)
 
 
 def preprocessing_and_config(params: TrainParameters) -> tuple[Preprocessing, TrainingConfig]:

@@ -1,7 +1,7 @@
 """Check the reduced-precision engines of an existing model version, as training does for a new one.
 
 Reads the version's dataset again, rebuilds its test split from the card (seed, fraction, level
-left out) with training's own split rule (tasks.datasets.training_parts) and goes on only if that split has the fingerprint the card recorded: an engine is only
+left out) with training's own split rule (store.datasets.training_parts) and goes on only if that split has the fingerprint the card recorded: an engine is only
 ever held to the test images the version was evaluated on. int8 is quantised on images of the
 same training part. The checks and engine files are written beside the bundle.
 """
@@ -14,8 +14,8 @@ from prefect import flow, get_run_logger
 from model.bundle import BundleError
 from model.inference import EngineCheck
 from model.training import predict_probabilities
-from tasks import engines, registry
-from tasks.datasets import fingerprint, training_parts
+from store import engines, registry
+from store.datasets import fingerprint, training_parts
 from tasks.train_steps import calibration_sample, check_engines, discover, load_labelled
 
 

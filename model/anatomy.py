@@ -15,7 +15,7 @@ does, ignoring aspect ratio), the apices lie about a tenth of the way down, the 
 angles at about 0.85-0.9, and the lateral chest walls about 0.08-0.1 in from each edge. The boxes
 meet at the midline because a box cannot leave out the mediastinum without also cutting off the
 medial lungs; they therefore include the spine and heart, and the prior is coarse by design. For
-``tasks.phantoms.chest_phantom`` the lungs are ellipses centred at x = 0.5 -/+ (0.17 to 0.21),
+``store.phantoms.chest_phantom`` the lungs are ellipses centred at x = 0.5 -/+ (0.17 to 0.21),
 y = 0.50 to 0.56, with half-axes 0.13 to 0.16 wide and 0.27 to 0.32 tall: they span x 0.13-0.49
 and 0.51-0.87, y 0.18-0.88, inside the boxes with a margin of at least 0.04 (a few pixels even at
 64 px) everywhere but at the midline.

@@ -1,6 +1,6 @@
 """The model bundle's card and the model's bytes: what a version is, and checks on loading.
 
-Pure: bytes in, bytes out. ``tasks.registry`` puts them in a model store (folder or S3).
+Pure: bytes in, bytes out. ``store.registry`` puts them in a model store (folder or S3).
 
 Nothing read back from a store is trusted: ``ModelCard.from_json`` checks the card against its
 schema, the card's ``files`` manifest holds the sha256 of every other file of the bundle
@@ -31,7 +31,7 @@ __all__ = ["BundleError", "ModelCard", "card_problem", "check_file", "file_diges
            "model_from_bytes", "model_to_bytes", "sign", "signature_matches", "software_versions"]
 
 # Versions, run ids and bundle file names become parts of paths: whatever a stored file says must
-# not reach outside its folder. tasks/results.py checks run ids with the same rule.
+# not reach outside its folder. screening/results.py checks run ids with the same rule.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

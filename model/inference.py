@@ -16,7 +16,6 @@ that version's test split (``GATE``); the result is recorded with the bundle.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from model.preprocessing import Preprocessing, scale
 
@@ -35,7 +35,7 @@ __all__ = ["ENGINES", "GATE", "EngineCheck", "FromPixels", "Predictor", "cast_ba
 ENGINES = ("fp32", "bf16", "int8")
 # A decoding shortcut held to the same gate: large JPEGs decoded at reduced resolution by libjpeg.
 REDUCED_DECODE = "reduced-jpeg"
-# What the int8 engine is made of, beside the bundle (tasks/engines.py records their sha256).
+# What the int8 engine is made of, beside the bundle (store/engines.py records their sha256).
 INT8_FILES = ("model-int8.xml", "model-int8.bin")
 # The gate every engine passes before it serves a version: flags agree on at least 99.5 % of the
 # test images, and the AUC moves by at most 0.005.
@@ -190,8 +190,8 @@ def _int8_forward(artifacts: dict[str, bytes], head: keras.Model, spec: Preproce
     config = {"INFERENCE_PRECISION_HINT": "f32"}
     # One thread budget per process: where TensorFlow's is set (a Dask worker sharing the machine's
     # cores with others, flows/fan_out.py), OpenVINO keeps to it rather than taking every core.
-    if os.environ.get("TF_NUM_INTRAOP_THREADS", "").isdigit() and int(os.environ["TF_NUM_INTRAOP_THREADS"]) > 0:
-        config["INFERENCE_NUM_THREADS"] = int(os.environ["TF_NUM_INTRAOP_THREADS"])
+    if (threads := tf.config.threading.get_intra_op_parallelism_threads()) > 0:
+        config["INFERENCE_NUM_THREADS"] = threads
     base = core.compile_model(network, "CPU", config)
     return lambda pixels: head.predict_on_batch(base(scale(pixels.astype(np.float32) / 255.0, spec))[0])
 

@@ -20,11 +20,11 @@ from model.inference import EngineCheck
 from model.plots import confusion_png, curves_png, roc_png
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
+from store import engines, registry
+from store.datasets import Dataset, fingerprint
 from tasks.retrying import io_step
-from tasks import engines, registry
-from tasks.rendering import render
-from tasks.datasets import Dataset, fingerprint
 from tasks.train_steps import LabelledArrays, TrainingSplit
+from templates import render
 
 __all__ = ["TrainedModel", "card_markdown", "make_bundle", "promote", "publish_bundle",
            "read_production", "report_training"]
@@ -91,7 +91,7 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
         **{name: figure for name, figure in figures.items() if figure is not None},
         "card.md": card_markdown(card).encode(),
     }
-    card.files = file_digests(files)  # card.json vouches for every other file (tasks/registry.py)
+    card.files = file_digests(files)  # card.json vouches for every other file (store/registry.py)
     return card, files
 
 

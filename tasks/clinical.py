@@ -14,20 +14,18 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.metrics import roc_auc_score
 
 from model.anatomy import lung_share, mask_images
-from model.calibration import (apply_temperature_and_bias, brier_score, expected_calibration_error,
-                               fit_temperature_and_bias)
+from model.calibration import apply_temperature_and_bias, brier_score, expected_calibration_error, fit_temperature_and_bias
 from model.evaluation import choose_threshold, sensitivity_specificity
 from model.gradcam import grad_cam
 from model.plots import audit_png, mean_cam_png, reliability_png
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig, predict_probabilities
 from model.validity import audit, shortcut_warnings
+from store import storage
+from store.datasets import DatasetError
 from tasks.retrying import io_step
-from tasks import storage
-from tasks.datasets import DatasetError
-from tasks.rendering import render
-from tasks.train_steps import (LabelledArrays, TrainingSplit, evaluate_model, fit_model, mean_within_auc,
-                               split_for_training)
+from tasks.train_steps import LabelledArrays, TrainingSplit, evaluate_model, fit_model, mean_within_auc, split_for_training
+from templates import render
 
 __all__ = ["audit_baseline", "audit_fold", "audit_model", "calibrate_model", "write_audit"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from model.bundle import BundleError
 from model.network import WeightsUnavailable
-from tasks.storage import AccessDenied, NoSpace, NotAFolder, NotFound, Unreadable
+from store.storage import AccessDenied, NoSpace, NotAFolder, NotFound, Unreadable
 
 __all__ = ["DETERMINISTIC", "STEP_TIMEOUT_SECONDS", "io_step", "transient_only"]
 
@@ -31,7 +31,7 @@ def transient_only(task, task_run, state) -> bool:
 
 # A step that reads or writes storage and has not ended after this long is stopped by Prefect and
 # retried: a hung read must not hold the night's only concurrency slot until morning. Each S3
-# request has its own, shorter limits (tasks/storage.py); this one bounds a whole step, and is far
+# request has its own, shorter limits (store/storage.py); this one bounds a whole step, and is far
 # above what a million inputs need (listing them is about 1,000 requests).
 STEP_TIMEOUT_SECONDS = 30 * 60
 

@@ -10,9 +10,10 @@ from datetime import datetime, timedelta, timezone
 from prefect import get_run_logger, task
 
 from model.bundle import ModelCard
+from screening import leases, ledger, reports
+from screening.results import ResultsLayout, RunSummary, entry_key
+from store import evaluations, registry
 from tasks.retrying import io_step
-from tasks import evaluations, ledger, registry, reports, runs
-from tasks.results import ResultsLayout, RunSummary, entry_key
 
 __all__ = ["flow_run_finished", "new_run_id", "not_yet_screened", "recover_abandoned_runs", "resolve_model",
            "write_run_outputs"]
@@ -32,7 +33,7 @@ def now() -> str:
 def resolve_model(model_store_uri: str, model_version: str) -> ModelCard:
     """The card of the version to use; refuses a bundle this code cannot reproduce, one whose
     files are not those its card lists (model.keras is checked where it is loaded), and, with
-    CXR_REQUIRE_EVALUATION=true, one without a passing site evaluation (tasks/evaluations.py)."""
+    CXR_REQUIRE_EVALUATION=true, one without a passing site evaluation (store/evaluations.py)."""
     card = registry.verify_bundle(model_store_uri, model_version, include_model=False)
     card.spec()  # raises BundleError for preprocessing this code does not implement
     if evaluations.evaluation_required():
@@ -53,7 +54,7 @@ def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard) ->
     rows = reports.read_run_rows(results_uri, summary.run_id, card)
     summary = reports.write_outputs(results_uri, rows, card, summary.tally(rows, card.classes, card.threshold))
     reports.publish_artifacts(summary, rows, card)
-    runs.close_run(results_uri, summary.run_id)
+    leases.close_run(results_uri, summary.run_id)
     return summary
 
 
@@ -69,7 +70,7 @@ def recover_abandoned_runs(results_uri: str, run_id: str, after_minutes: float =
     """
     logger = get_run_logger()
     recovered = []
-    for dead in runs.abandoned_runs(results_uri, timedelta(minutes=after_minutes), finished=flow_run_finished,
+    for dead in leases.abandoned_runs(results_uri, timedelta(minutes=after_minutes), finished=flow_run_finished,
                                     current_run_id=run_id):
         try:
             rows = _recover(results_uri, dead, run_id)
@@ -93,7 +94,7 @@ def _recover(results_uri: str, dead: RunSummary, run_id: str) -> int:
     rows = reports.read_run_rows(results_uri, dead.run_id, card)
     summary = reports.write_outputs(results_uri, rows, card, dead.tally(rows, card.classes, card.threshold))
     dead.outputs = summary.outputs
-    runs.close_run(results_uri, dead.run_id)
+    leases.close_run(results_uri, dead.run_id)
     return len(rows)
 
 

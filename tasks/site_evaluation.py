@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version as package_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
 import keras
 import numpy as np
@@ -21,11 +22,11 @@ from model.plots import reliability_png
 from model.site_evaluation import compare_with_card, site_figures
 from model.training import predict_probabilities
 from model.validity import default_strata
-from tasks import evaluations, registry, storage
-from tasks.datasets import DatasetError, LabelledImage, fingerprint, metadata_columns, training_parts
-from tasks.rendering import render
+from store import evaluations, registry, storage
+from store.datasets import DatasetError, LabelledImage, fingerprint, metadata_columns, training_parts
 from tasks.retrying import io_step
 from tasks.train_steps import LabelledArrays
+from templates import render
 
 __all__ = ["Selection", "criteria_for", "load_version", "measure", "publish_evaluation", "select_images"]
 

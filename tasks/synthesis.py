@@ -22,11 +22,11 @@ from model.gan_quality import FeatureFunction, fd_against_floor, memorisation_ch
 from model.network import build_base
 from model.plots import samples_png
 from model.preprocessing import Preprocessing
-from tasks import storage
-from tasks.datasets import Dataset, DatasetError, fingerprint
-from tasks.generators import GeneratorCard, publish_generator
+from store import storage
+from store.datasets import Dataset, DatasetError, fingerprint
+from store.generators import GeneratorCard, publish_generator
+from store.synthetic_data import encode_images, write_images, write_manifest
 from tasks.retrying import io_step
-from tasks.synthetic_data import encode_images, write_images, write_manifest
 from tasks.train_steps import EpochReporter, LabelledArrays, TrainingSplit
 
 __all__ = ["GeneratorRefused", "Quality", "Synthesis", "check_request", "describe_generator", "gray_training_images",
@@ -285,7 +285,7 @@ def _quality_artifacts(quality: Quality, title: str, links: str = "") -> None:
 @task
 def report_synthesis(synthesis: Synthesis) -> None:
     """Log line, the quality table and the samples sheet in the Prefect UI."""
-    from tasks.reports import shared_link
+    from screening.reports import shared_link
 
     get_run_logger().info("Generator %s written to %s; %d synthetic %s images in %s", synthesis.version,
                           synthesis.bundle_uri, synthesis.count, synthesis.synthetic_class, synthesis.dataset_uri)

@@ -13,10 +13,10 @@ from prefect.cache_policies import NO_CACHE
 
 from model.preprocessing import Preprocessing
 from model.training import TrainingData
-from tasks import storage
-from tasks.datasets import DatasetError, fingerprint
-from tasks.generators import load_generator
-from tasks.synthetic_data import SyntheticOrigin, synthetic_origin
+from store import storage
+from store.datasets import DatasetError, fingerprint
+from store.generators import load_generator
+from store.synthetic_data import SyntheticOrigin, synthetic_origin
 from tasks.train_steps import LabelledArrays, TrainingSplit, discover, load_labelled
 
 __all__ = ["add_synthetic", "check_vouched", "vouched_images", "with_synthetic"]

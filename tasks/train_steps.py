@@ -18,24 +18,29 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from model.bundle import BundleError
-from model.evaluation import choose_threshold, evaluate
-from model.network import IMAGENET_FILE, build_classifier
-from model.preprocessing import Preprocessing
-from model.inference import ENGINES, REDUCED_DECODE, EngineCheck, check_engine, choose_feature_base, make_predictor, quantize_int8
-from model.devices import share_gpus
-from model.linear_head import CrossValidation, fit_selected, select_logistic_head
-from model.network import set_linear_head
-from model.training import (TrainingConfig, TrainingData, extract_features, fine_tune, fit_head_cached,
-                            predict_probabilities)
 from model.augmentation import build_augmentation
-from model.validity import (default_strata, metadata_baseline_auc, shortcut_warnings, stratum_sample_weights,
-                            within_stratum_auc)
+from model.bundle import BundleError
+from model.devices import share_gpus
+from model.evaluation import choose_threshold, evaluate
+from model.inference import ENGINES, REDUCED_DECODE, EngineCheck, check_engine, choose_feature_base, make_predictor, quantize_int8
+from model.linear_head import CrossValidation, fit_selected, select_logistic_head
+from model.network import IMAGENET_FILE, build_classifier, set_linear_head
+from model.preprocessing import Preprocessing
+from model.training import TrainingConfig, TrainingData, extract_features, fine_tune, fit_head_cached, predict_probabilities
+from model.validity import default_strata, metadata_baseline_auc, shortcut_warnings, stratum_sample_weights, within_stratum_auc
+from store import registry, storage
+from store.datasets import (
+    Dataset,
+    DatasetError,
+    LabelledImage,
+    Split,
+    discover_dataset,
+    find_duplicates,
+    metadata_columns,
+    training_parts,
+)
+from store.loading import load_images
 from tasks.retrying import io_step
-from tasks import registry, storage
-from tasks.datasets import (Dataset, DatasetError, LabelledImage, Split, discover_dataset, find_duplicates,
-                            metadata_columns, training_parts)
-from tasks.loading import load_images
 
 __all__ = ["EpochReporter", "LabelledArrays", "TrainingSplit", "class_layout", "discover", "evaluate_model",
            "build_split", "fit_model", "load_labelled", "mean_within_auc", "resolve_weights", "score_production", "split_for_training"]
@@ -502,9 +507,9 @@ def _check_reduced_decode(model: keras.Model, spec: Preprocessing, threshold: fl
     against the reference decode's predictions; None when no test image is a JPEG large enough."""
     from PIL import Image
 
-    from tasks.images import is_dicom
-    from tasks.raster import reduction
-    from tasks.sandbox import decode_isolated
+    from imaging.decode import is_dicom
+    from imaging.raster import reduction
+    from imaging.sandbox import decode_isolated
 
     shortcut = images.copy()
     reduced = 0

@@ -19,7 +19,10 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import model  # noqa: E402,F401  (TensorFlow's runtime options as in production, set before TensorFlow loads)
+from cli import bootstrap  # noqa: E402
+
+# TensorFlow's runtime options as in production, set before TensorFlow loads; no local settings file.
+bootstrap(settings_file=False)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CXR = SHARED_DATA / "cxr"
@@ -101,7 +104,7 @@ def model_store(prefect_api, tmp_path_factory) -> str:
     writes it. Per module, so that no module sees what another did to its store."""
     from flows.parameters import TrainParameters
     from flows.train import train
-    from tasks.phantoms import write_phantom_dataset
+    from store.phantoms import write_phantom_dataset
 
     root = tmp_path_factory.mktemp("model")
     write_phantom_dataset(str(root / "dataset"), per_class=16, size=96, seed=11)

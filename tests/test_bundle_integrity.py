@@ -14,7 +14,7 @@ import pytest
 from model.bundle import BundleError, ModelCard, model_to_bytes
 from model.network import build_classifier
 from model.preprocessing import Preprocessing
-from tasks import registry, storage
+from store import registry, storage
 
 KEY = "a signing key only the trainer and the screener know"
 
@@ -188,7 +188,7 @@ def test_a_file_removed_from_a_bundle_is_refused_and_one_added_is_named(tmp_path
     store = str(tmp_path / "models")
     folder = publish(store, model_bytes)
     storage.write_bytes(storage.join(folder, "extra.py"), b"import os")
-    with caplog.at_level(logging.WARNING, logger="tasks.registry"):
+    with caplog.at_level(logging.WARNING, logger="store.registry"):
         registry.verify_bundle(store)  # nothing reads it
     assert "extra.py not in the card's file manifest: not part of the bundle, ignored" in caplog.text
     storage.delete(storage.join(folder, "curves.png"))
@@ -206,7 +206,7 @@ def test_a_bundle_from_before_manifests_loads_with_a_warning_and_its_model_still
     old = json.loads(storage.read_bytes(card_uri))
     del old["files"]
     storage.write_bytes(card_uri, json.dumps(old).encode())
-    with caplog.at_level(logging.WARNING, logger="tasks.registry"):
+    with caplog.at_level(logging.WARNING, logger="store.registry"):
         model, card = registry.load_model(store)
     assert card.files == {} and "has no file manifest" in caplog.text and card_uri in caplog.text
     storage.delete(storage.join(folder, "curves.png"))

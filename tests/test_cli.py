@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cxr_screen(*args: str, cwd: Path, **environment: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "CXR_STACK_DIR")}
     env.update(environment, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -28,7 +28,7 @@ def tiny_store(folder: Path) -> str:
     from model.bundle import ModelCard, model_to_bytes
     from model.network import build_classifier
     from model.preprocessing import Preprocessing
-    from tasks import registry
+    from store import registry
 
     data = model_to_bytes(build_classifier(2, 32, None))
     card = ModelCard(version="v-cli", classes=["non-covid", "covid"], positive_class="covid", threshold=0.5,
@@ -98,7 +98,7 @@ def test_commands_that_need_a_server_say_so_without_one(tmp_path, command):
 def test_screen_reads_the_settings_file_and_prints_one_json_object(tmp_path):
     import json
 
-    from tasks.phantoms import write_phantom_dataset
+    from store.phantoms import write_phantom_dataset
 
     incoming = write_phantom_dataset(str(tmp_path / "incoming"), per_class=2, size=64, seed=1)
     store = tiny_store(tmp_path / "models")
@@ -116,7 +116,7 @@ def test_screen_reads_the_settings_file_and_prints_one_json_object(tmp_path):
 def test_dataset_json(tmp_path):
     import json
 
-    from tasks.phantoms import write_phantom_dataset
+    from store.phantoms import write_phantom_dataset
 
     write_phantom_dataset(str(tmp_path / "data"), per_class=8, size=64, seed=2)
     result = cxr_screen("dataset", str(tmp_path / "data"), "--json", cwd=tmp_path)

@@ -10,9 +10,9 @@ import pytest
 
 from flows.parameters import AuditParameters, TrainParameters
 from flows.train import train
-from tasks import registry, storage
-from tasks.datasets import DatasetError
-from tasks.phantoms import write_phantom_dataset
+from store import registry, storage
+from store.datasets import DatasetError
+from store.phantoms import write_phantom_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +65,8 @@ def test_calibration_is_baked_into_the_saved_model_exactly(prefect_api):
     from model.network import build_classifier
     from model.preprocessing import Preprocessing
     from model.training import predict_probabilities
+    from store.datasets import LabelledImage
     from tasks.clinical import calibrate_model
-    from tasks.datasets import LabelledImage
     from tasks.train_steps import LabelledArrays, TrainingSplit
 
     rng = np.random.default_rng(0)

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from tasks import storage
-from tasks.datasets import (
+from store import storage
+from store.datasets import (
     DatasetError,
     LabelledImage,
     discover_dataset,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_demo_trains_screens_and_points_at_its_report(tmp_path):
     environment = {**os.environ, "PREFECT_HOME": tempfile.mkdtemp(), "COLUMNS": "200"}
     environment.pop("PREFECT_API_URL", None)  # the embedded API, as on a laptop
-    command = [sys.executable, "-m", "flows.cli", "demo", "--workdir", str(tmp_path / "demo")]
+    command = [sys.executable, "-m", "cli.main", "demo", "--workdir", str(tmp_path / "demo")]
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]

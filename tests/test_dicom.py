@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
-from tasks.images import ImageDecodeError, decode_image
+from imaging.decode import ImageDecodeError, decode_image
 from tests.hostile_files import (
     COLUMNS,
     PATIENT_NAME,

@@ -14,11 +14,11 @@ import warnings
 import pytest
 from pydicom.dataset import Dataset
 
+from imaging.decode import ImageDecodeError, decode_image_and_study
+from imaging.dicom_identity import DeidentifyKeyMissing, DicomRejected, Study, deidentify_key
 from model.preprocessing import Preprocessing
-from tasks import storage
-from tasks.dicom_identity import DeidentifyKeyMissing, DicomRejected, Study, deidentify_key
-from tasks.images import ImageDecodeError, decode_image_and_study
-from tasks.loading import InputLimits, load_image
+from store import storage
+from store.loading import InputLimits, load_image
 from tests.hostile_files import PATIENT_NAME, dicom_bytes, encode, gradient, radiograph
 
 STUDY_UID, SERIES_UID = "1.2.840.113619.2.55.3.604688119", "1.2.840.113619.2.55.3.604688119.1"

@@ -8,7 +8,7 @@ import pytest
 
 from model.bundle import BundleError, ModelCard
 from model.inference import EngineCheck
-from tasks import engines, storage
+from store import engines, storage
 
 SHA = "ab" * 32
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from flows.fan_out import FanOutError, chunk_runner, local_worker_environment
-from tasks import ledger, storage
-from tasks.results import ResultsLayout
+from screening import ledger
+from screening.results import ResultsLayout
+from store import storage
 from tests.test_screen_flow import make_incoming, run_rows, run_screen
 
 pytestmark = pytest.mark.slow
@@ -154,7 +155,7 @@ def test_a_hung_read_is_stopped_by_the_steps_time_limit_and_counts_as_transient(
     from prefect import flow
 
     from tasks.retrying import transient_only
-    from tasks.screening import find_inputs
+    from tasks.screen_chunks import find_inputs
 
     assert find_inputs.timeout_seconds, "a step that reads storage has no time limit"
 

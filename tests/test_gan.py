@@ -34,7 +34,7 @@ from model.gan_quality import (
 from model.network import build_base
 from model.plots import samples_png
 from model.preprocessing import Preprocessing
-from tasks.phantoms import chest_phantom
+from store.phantoms import chest_phantom
 
 SIZE = 64
 PER_CLASS = 48

@@ -13,7 +13,7 @@ from model.gradcam import grad_cam, grad_cam_and_probabilities, overlay
 from model.network import build_classifier, unfreeze_top_block
 from model.preprocessing import Preprocessing, resize, scale
 from model.training import predict_probabilities
-from tasks.phantoms import MARKER_BOX, chest_phantom
+from store.phantoms import MARKER_BOX, chest_phantom
 
 # --- Grad-CAM on a classifier built by hand ------------------------------------------------------
 

@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks import storage
-from tasks.phantoms import chest_phantom
+from store import storage
+from store.phantoms import chest_phantom
 from tests.hostile_files import decoder_cases
 from tests.test_screen_flow import run_rows, run_screen
 

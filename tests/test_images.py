@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import decoder_messages, images
-from tasks.images import IMAGE_SUFFIXES, MAX_DECODED_BYTES, ImageDecodeError, decode_image, to_uint8
+from imaging import decode, decoder_messages
+from imaging.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_image
+from imaging.limits import MAX_DECODED_BYTES
+from imaging.sample_scaling import to_uint8
 from tests.conftest import CXR, CXR_FULLSIZE, require_shared_data
 from tests.hostile_files import (
     PATIENT_NAME,
@@ -29,7 +31,6 @@ from tests.hostile_files import (
     radiograph,
     textured,
 )
-
 
 # --- real data ------------------------------------------------------------------------------
 
@@ -315,7 +316,7 @@ def test_whatever_a_decoder_raises_becomes_a_reason(monkeypatch, failure, reason
     def fail(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(images.cv2, "imdecode", fail)
+    monkeypatch.setattr(decode.cv2, "imdecode", fail)
     with pytest.raises(ImageDecodeError) as caught:
         decode_image(encode(gradient(), ".png"), "x.png")
     assert caught.value.reason == reason
@@ -363,18 +364,18 @@ def test_fuzzed_files_decode_or_are_rejected_never_anything_else():
 
 
 def test_reduced_resolution_jpeg_decode_is_close_to_the_full_decode_and_only_for_large_jpegs():
+    from imaging.raster import reduction
     from model.preprocessing import Preprocessing, resize
-    from tasks.phantoms import chest_phantom
-    from tasks.raster import reduction
+    from store.phantoms import chest_phantom
 
     spec = Preprocessing(input_size=64)
     phantom = chest_phantom(np.random.default_rng(2), 512)
     jpeg = cv2.imencode(".jpg", phantom, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
-    full = resize(images.decode_image(jpeg, "a.jpg"), spec)
-    reduced = resize(images.decode_image(jpeg, "a.jpg", reduce_to=64), spec)
+    full = resize(decode.decode_image(jpeg, "a.jpg"), spec)
+    reduced = resize(decode.decode_image(jpeg, "a.jpg", reduce_to=64), spec)
     assert reduction("JPEG", 512, 512, 64) == 8 and reduction("JPEG", 100, 100, 64) == 1
     assert reduction("PNG", 512, 512, 64) == 1 and reduction("JPEG", 512, 512, None) == 1
     assert reduced.shape == full.shape and np.abs(reduced.astype(int) - full).mean() < 2.0
     assert not np.array_equal(reduced, full)  # the shortcut really ran
     png = cv2.imencode(".png", phantom)[1].tobytes()
-    assert np.array_equal(images.decode_image(png, "a.png", reduce_to=64), images.decode_image(png, "a.png"))
+    assert np.array_equal(decode.decode_image(png, "a.png", reduce_to=64), decode.decode_image(png, "a.png"))

@@ -6,7 +6,16 @@ import keras
 import numpy as np
 import pytest
 
-from model.inference import ENGINES, INT8_FILES, FromPixels, check_engine, fastest, make_predictor, quantize_int8, with_base_policy
+from model.inference import (
+    ENGINES,
+    INT8_FILES,
+    FromPixels,
+    check_engine,
+    fastest,
+    make_predictor,
+    quantize_int8,
+    with_base_policy,
+)
 from model.network import build_classifier
 from model.preprocessing import Preprocessing, preprocess
 

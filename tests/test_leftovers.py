@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.lifeline import MARK
+from cli.lifeline import MARK
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")]
 

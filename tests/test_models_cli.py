@@ -12,11 +12,11 @@ import keras
 import pytest
 from typer.testing import CliRunner
 
-from flows.models_cli import models_app
-from model.bundle import BundleError, ModelCard, model_to_bytes
+from cli.models import models_app
+from model.bundle import ModelCard, model_to_bytes
 from model.network import build_classifier
 from model.preprocessing import Preprocessing
-from tasks import registry, storage
+from store import registry, storage
 
 KEY = "a signing key only the trainer and the screener know"
 
@@ -226,8 +226,8 @@ def test_an_operator_who_lost_the_race_is_told_and_nothing_is_overwritten(store,
 def test_with_require_approval_training_leaves_a_candidate_until_promoted(prefect_api, tmp_path, model_bytes):
     from flows.parameters import TrainParameters
     from flows.train import train
+    from store.phantoms import write_phantom_dataset
     from tasks.bundling import promote
-    from tasks.phantoms import write_phantom_dataset
 
     dataset, store = str(tmp_path / "dataset"), str(tmp_path / "models")
     write_phantom_dataset(dataset, per_class=16, size=96)  # as tests/test_train_flow.py: seconds
@@ -255,7 +255,7 @@ def test_with_require_approval_training_leaves_a_candidate_until_promoted(prefec
 def test_a_model_not_fit_for_screening_is_a_candidate_only_a_person_promotes(prefect_api, tmp_path):
     from flows.parameters import TrainParameters
     from flows.train import train
-    from tasks.phantoms import write_phantom_dataset
+    from store.phantoms import write_phantom_dataset
 
     dataset, store = tmp_path / "dataset", str(tmp_path / "models")
     # Two folders of the same kind of healthy phantom: the label says nothing a model could learn,

@@ -39,8 +39,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
-from flows.lifeline import MARK
-from tasks.phantoms import chest_phantom, write_phantom_dataset
+from cli.lifeline import MARK
+from store.phantoms import chest_phantom, write_phantom_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,9 @@ import pytest
 
 from model.bundle import file_digests
 from model.plots import confusion_png, curves_png, roc_png
-from tasks import drift, registry, reports, storage
-from tasks.results import PROBABILITY_BINS, ResultsLayout, RunSummary
+from screening import drift, reports
+from screening.results import PROBABILITY_BINS, ResultsLayout, RunSummary
+from store import registry, storage
 from tests.test_results import CLASSES, card, row
 
 MODEL = b"not really a model: the report never loads it"
@@ -75,7 +76,7 @@ def test_a_bundle_without_plots_or_with_a_changed_one_shows_not_available(tmp_pa
 
     changed = publish(store, figures, version="v2")
     storage.write_bytes(storage.join(store, "v2", "roc.png"), plots()["curves.png"])  # replaced after publishing
-    with caplog.at_level(logging.WARNING, logger="tasks.reports"):
+    with caplog.at_level(logging.WARNING, logger="screening.reports"):
         _, page = write_run(str(tmp_path / "results"), "r2", changed, store)
     assert page.count("Not available") == 1 and embedded(page, figures["curves.png"])
     assert not embedded(page, figures["roc.png"]) and page.count(base64.b64encode(figures["curves.png"]).decode()) == 1
@@ -169,7 +170,7 @@ def test_damaged_old_summaries_are_skipped_and_logged_and_never_fail_the_report(
     storage.write_bytes(storage.join(layout.run("20261125T010000Z-runnin").folder, "parts", "chunk-000000.jsonl"), b"")
     storage.write_bytes(storage.join(results, "runs", "not a run id", "summary.json"), b"{}")
 
-    with caplog.at_level(logging.WARNING, logger="tasks.drift"):
+    with caplog.at_level(logging.WARNING, logger="screening.drift"):
         _, page = write_run(results, "20261126T010000Z-bbbbbb")
 
     assert "4 earlier run summaries could not be read and are left out" in page  # not the running one
@@ -220,7 +221,7 @@ def test_a_screening_run_links_its_report_and_shows_the_trained_models_plots_and
                                                                                                      tmp_path):
     from flows.parameters import ScreenParameters
     from flows.screen import screen
-    from tasks.phantoms import write_phantom_dataset
+    from store.phantoms import write_phantom_dataset
     from tests.conftest import flow_run_artifacts
 
     results, incoming = str(tmp_path / "results"), str(tmp_path / "incoming")

@@ -15,10 +15,10 @@ import pytest
 from markupsafe import escape
 
 from model.bundle import ModelCard
-from tasks import drift, reports
+from screening import drift, reports
+from screening.results import PredictionRow, RunSummary
 from tasks.bundling import TrainedModel, card_markdown
-from tasks.rendering import render
-from tasks.results import PredictionRow, RunSummary
+from templates import render
 
 ATTACKS = [
     "<script>alert(1)</script>",

@@ -9,8 +9,9 @@ import json
 import random
 import threading
 
-from tasks import reports, storage
-from tasks.results import PredictionRow, ResultsLayout, RunSummary
+from screening import reports
+from screening.results import PredictionRow, ResultsLayout, RunSummary
+from store import storage
 from tests.test_results import CLASSES, card, row
 
 THUMBNAIL, EXPLANATION = "dGh1bWI=", "Y2Ft"

@@ -9,8 +9,9 @@ import json
 import pytest
 
 from model.bundle import ModelCard
-from tasks import reports, storage
-from tasks.results import PredictionRow, ResultsLayout, RunSummary, entry_key
+from screening import reports
+from screening.results import PredictionRow, ResultsLayout, RunSummary, entry_key
+from store import storage
 
 CLASSES = ["non-covid", "covid"]
 
@@ -135,7 +136,7 @@ def test_identifiers_from_storage_are_escaped_in_the_report():
 
 
 def test_markdown_from_untrusted_names_stays_text():
-    from tasks.rendering import render
+    from templates import render
 
     hostile = "St Mary's A&E | <script>x</script> [link](http://x)"
     text = render("summary.md.j2", summary=RunSummary(hostile, "v1").tally([], CLASSES, 0.5), card=card(),
@@ -199,7 +200,7 @@ def test_a_summary_read_back_is_refused_when_a_field_is_wrong(field, value):
 
 
 def test_a_damaged_or_misplaced_ledger_entry_is_refused_naming_its_file(tmp_path):
-    from tasks import ledger
+    from screening import ledger
 
     results = str(tmp_path / "results")
     assert ledger.claim(results, row("a.png", 0.9))
@@ -221,7 +222,7 @@ def test_a_damaged_or_misplaced_ledger_entry_is_refused_naming_its_file(tmp_path
 def test_a_damaged_part_line_falls_back_to_the_ledger_and_a_damaged_chunk_record_names_its_file(tmp_path, caplog):
     import logging
 
-    from tasks import ledger
+    from screening import ledger
 
     results = str(tmp_path / "results")
     mine = [row("a.png", 0.9, thumbnail="dGh1bWI="), row("b.png", 0.1)]
@@ -232,7 +233,7 @@ def test_a_damaged_part_line_falls_back_to_the_ledger_and_a_damaged_chunk_record
     forged = {**mine[1].to_record(), "run_id": "another-run"}
     storage.write_bytes(layout.part(0), (json.dumps(mine[0].to_record(True)) + "\n{damaged\n" + json.dumps(forged)
                                          + "\n").encode())
-    with caplog.at_level(logging.ERROR, logger="tasks.reports"):
+    with caplog.at_level(logging.ERROR, logger="screening.reports"):
         rows = reports.read_run_rows(results, "r1", card())
     assert rows == mine  # b.png from the ledger, a.png with its thumbnail from the part
     assert "chunk-000000.jsonl, line 2: not a row of run r1" in caplog.text and "line 3" in caplog.text

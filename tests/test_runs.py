@@ -9,8 +9,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tasks import runs, storage
-from tasks.results import ResultsLayout, RunSummary
+from screening import leases
+from screening.results import ResultsLayout, RunSummary
+from store import storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -28,36 +29,36 @@ def backdate(results: str, run_id: str, by: timedelta) -> None:
 
 
 def test_no_leases_yet(results):
-    assert runs.abandoned_runs(results) == []
+    assert leases.abandoned_runs(results) == []
 
 
 def test_only_leases_silent_for_longer_than_the_limit_are_abandoned(results):
-    runs.open_run(results, RunSummary("alive", "v1"))
-    runs.open_run(results, RunSummary("quiet", "v1"))
-    runs.open_run(results, RunSummary("dead", "v2", incoming_uri="s3://pacs/in", to_screen=7))
-    backdate(results, "quiet", runs.ABANDONED_AFTER - timedelta(minutes=5))
-    backdate(results, "dead", runs.ABANDONED_AFTER + timedelta(minutes=1))
+    leases.open_run(results, RunSummary("alive", "v1"))
+    leases.open_run(results, RunSummary("quiet", "v1"))
+    leases.open_run(results, RunSummary("dead", "v2", incoming_uri="s3://pacs/in", to_screen=7))
+    backdate(results, "quiet", leases.ABANDONED_AFTER - timedelta(minutes=5))
+    backdate(results, "dead", leases.ABANDONED_AFTER + timedelta(minutes=1))
 
-    (dead,) = runs.abandoned_runs(results)
+    (dead,) = leases.abandoned_runs(results)
     assert (dead.run_id, dead.model_version, dead.incoming_uri, dead.to_screen) == ("dead", "v2", "s3://pacs/in", 7)
     assert dead.last_seen_at is not None
 
-    runs.renew(results, "quiet")  # a renewal resets the clock
-    assert [lease.run_id for lease in runs.abandoned_runs(results, after=timedelta(minutes=1))] == ["dead"]
+    leases.renew(results, "quiet")  # a renewal resets the clock
+    assert [lease.run_id for lease in leases.abandoned_runs(results, after=timedelta(minutes=1))] == ["dead"]
 
-    runs.close_run(results, "dead")
-    runs.close_run(results, "dead")  # recovered by two runs at once: the second close is harmless
-    runs.renew(results, "dead")  # a late renewal does not reopen a closed lease
-    assert runs.abandoned_runs(results) == []
+    leases.close_run(results, "dead")
+    leases.close_run(results, "dead")  # recovered by two runs at once: the second close is harmless
+    leases.renew(results, "dead")  # a late renewal does not reopen a closed lease
+    assert leases.abandoned_runs(results) == []
     assert not storage.exists(ResultsLayout(results).lease("dead"))
 
 
 def test_a_damaged_lease_is_reported_and_skipped(results, caplog):
     storage.write_bytes(ResultsLayout(results).lease("garbled"), b"{not json")
-    runs.open_run(results, RunSummary("dead", "v1"))
+    leases.open_run(results, RunSummary("dead", "v1"))
     backdate(results, "dead", timedelta(days=1))
-    with caplog.at_level(logging.ERROR, logger="tasks.runs"):
-        assert [lease.run_id for lease in runs.abandoned_runs(results)] == ["dead"]
+    with caplog.at_level(logging.ERROR, logger="screening.leases"):
+        assert [lease.run_id for lease in leases.abandoned_runs(results)] == ["dead"]
     assert "garbled.json is not a run lease" in caplog.text
 
 
@@ -66,8 +67,8 @@ def test_a_forged_lease_cannot_point_a_run_outside_its_folder(results, caplog):
     for name, run_id in (("forged", "../../elsewhere"), ("renamed", "another-run")):
         lease = {"run_id": run_id, "model_version": "v1", "renewed_at": old}
         storage.write_bytes(storage.join(ResultsLayout(results).leases, f"{name}.json"), json.dumps(lease).encode())
-    with caplog.at_level(logging.ERROR, logger="tasks.runs"):
-        assert runs.abandoned_runs(results) == []
+    with caplog.at_level(logging.ERROR, logger="screening.leases"):
+        assert leases.abandoned_runs(results) == []
     assert "forged.json is not a run lease" in caplog.text and "not a safe name" in caplog.text
     assert "renamed.json is not a run lease" in caplog.text and "does not match its name" in caplog.text
     with pytest.raises(ValueError, match="not a safe name"):
@@ -90,37 +91,37 @@ def test_a_lease_with_a_wrong_field_is_reported_and_skipped(results, caplog, cha
     lease = {**RunSummary("bad", "v1").to_dict(), "renewed_at": old, **change}
     storage.write_bytes(ResultsLayout(results).lease("bad"), json.dumps(lease).encode())
     storage.write_bytes(storage.join(ResultsLayout(results).leases, "list.json"), b"[1, 2]")
-    runs.open_run(results, RunSummary("dead", "v1"))
+    leases.open_run(results, RunSummary("dead", "v1"))
     backdate(results, "dead", timedelta(days=1))
-    with caplog.at_level(logging.ERROR, logger="tasks.runs"):
-        assert [lease.run_id for lease in runs.abandoned_runs(results)] == ["dead"]
+    with caplog.at_level(logging.ERROR, logger="screening.leases"):
+        assert [lease.run_id for lease in leases.abandoned_runs(results)] == ["dead"]
     assert "bad.json is not a run lease" in caplog.text and message in caplog.text
     assert "list.json is not a run lease" in caplog.text
 
 
 def test_a_damaged_own_lease_is_not_renewed_and_does_not_fail_the_run(results, caplog):
     storage.write_bytes(ResultsLayout(results).lease("mine"), b"\xff not json")
-    with caplog.at_level(logging.ERROR, logger="tasks.runs"):
-        runs.renew(results, "mine")
+    with caplog.at_level(logging.ERROR, logger="screening.leases"):
+        leases.renew(results, "mine")
     assert "mine.json is not a run lease" in caplog.text
 
 
 def test_a_fresh_lease_whose_flow_run_ended_is_dead_at_once_but_never_the_current_runs(results):
     ended = {"r-ended": "5b0e7c1e-0000-4000-8000-000000000001", "r-running": "5b0e7c1e-0000-4000-8000-000000000002"}
     for run_id, flow_run_id in ended.items():
-        runs.open_run(results, RunSummary(run_id, "v1", flow_run_id=flow_run_id))
-    runs.open_run(results, RunSummary("r-current", "v1", flow_run_id=ended["r-ended"]))
-    runs.open_run(results, RunSummary("r-no-flow-run", "v1"))
+        leases.open_run(results, RunSummary(run_id, "v1", flow_run_id=flow_run_id))
+    leases.open_run(results, RunSummary("r-current", "v1", flow_run_id=ended["r-ended"]))
+    leases.open_run(results, RunSummary("r-no-flow-run", "v1"))
     asked = []
 
     def finished(flow_run_id: str) -> bool:
         asked.append(flow_run_id)
         return flow_run_id == ended["r-ended"]
 
-    dead = runs.abandoned_runs(results, finished=finished, current_run_id="r-current")
+    dead = leases.abandoned_runs(results, finished=finished, current_run_id="r-current")
     assert [summary.run_id for summary in dead] == ["r-ended"] and dead[0].last_seen_at is not None
     assert sorted(asked) == sorted(ended.values())  # no lease without a flow run id is asked about
-    assert runs.abandoned_runs(results) == []  # without the question only age counts
+    assert leases.abandoned_runs(results) == []  # without the question only age counts
 
 
 # --- with a real Prefect API -----------------------------------------------------------------------
@@ -165,7 +166,7 @@ def test_the_lease_of_a_failed_or_crashed_flow_run_is_recovered_at_once(prefect_
     from prefect.states import Crashed, Failed, Running
 
     from model.bundle import ModelCard
-    from tasks import registry
+    from store import registry
     from tasks.screen_steps import recover_abandoned_runs
 
     store, results = str(tmp_path / "models"), str(tmp_path / "results")
@@ -175,7 +176,7 @@ def test_the_lease_of_a_failed_or_crashed_flow_run_is_recovered_at_once(prefect_
     registry.publish(store, "v1", {"model.keras": b"m"}, card)
     ids = _flow_runs_in({"failed": Failed(), "crashed": Crashed(), "running": Running()})
     for name, flow_run_id in ids.items():  # fresh leases: age alone would leave them for 30 minutes
-        runs.open_run(results, RunSummary(f"run-{name}", "v1", model_store_uri=store, flow_run_id=flow_run_id))
+        leases.open_run(results, RunSummary(f"run-{name}", "v1", model_store_uri=store, flow_run_id=flow_run_id))
 
     @flow
     def recover(run_id: str) -> list[str]:
@@ -195,13 +196,13 @@ def test_a_run_waiting_on_its_chunks_keeps_its_lease_alive(results):
     import time
 
     summary = RunSummary("20260101T000000Z-aaaaaa", "v1")
-    runs.open_run(results, summary)
+    leases.open_run(results, summary)
     lease = ResultsLayout(results).lease(summary.run_id)
     backdate(results, summary.run_id, timedelta(hours=2))
-    assert runs.abandoned_runs(results, timedelta(minutes=30))  # as it would look with no renewer
+    assert leases.abandoned_runs(results, timedelta(minutes=30))  # as it would look with no renewer
 
-    with runs.kept_alive(results, summary.run_id, every=0.2):
+    with leases.kept_alive(results, summary.run_id, every=0.2):
         time.sleep(1.0)  # the block: chunks queued or running elsewhere
-    assert runs.abandoned_runs(results, timedelta(minutes=30)) == []
+    assert leases.abandoned_runs(results, timedelta(minutes=30)) == []
     renewed = datetime.fromisoformat(json.loads(storage.read_bytes(lease))["renewed_at"])
     assert datetime.now(timezone.utc) - renewed < timedelta(seconds=30)

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.sandbox import DecoderPool
+from imaging.sandbox import DecoderPool
 
 
 def png(side: int, seed: int = 0, dtype=np.uint8) -> bytes:
@@ -44,7 +44,7 @@ def test_an_image_crosses_to_and_from_a_worker_in_one_pipe_fill(pool):
 
 
 def test_one_decoder_per_core_or_per_core_of_its_dask_share(monkeypatch):
-    from tasks.sandbox import decoder_count
+    from imaging.sandbox import decoder_count
 
     monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
     assert decoder_count() == len(os.sched_getaffinity(0))
@@ -84,7 +84,7 @@ def test_workers_end_with_their_parent_even_after_sigkill(tmp_path):
     script = textwrap.dedent("""
         import os, sys, time
         sys.path.insert(0, sys.argv[1])
-        from tasks.sandbox import DecoderPool
+        from imaging.sandbox import DecoderPool
         pool = DecoderPool(size=2)
         pool.decode(b"x", "x.png", 64, timeout=60)
         print(*[worker.process.pid for worker in pool._workers], flush=True)

@@ -23,10 +23,11 @@ from flows.parameters import ScreenParameters
 from flows.screen import screen
 from model.bundle import BundleError
 from model.inference import EngineCheck
-from tasks import engines, ledger, registry, runs, storage
-from tasks.phantoms import chest_phantom, write_phantom_dataset
-from tasks import screening
-from tasks.screening import find_inputs
+from screening import leases, ledger
+from store import engines, registry, storage
+from store.phantoms import chest_phantom, write_phantom_dataset
+from tasks import screen_chunks
+from tasks.screen_chunks import find_inputs
 from tests.conftest import flow_run_artifacts
 
 pytestmark = pytest.mark.slow
@@ -188,7 +189,7 @@ def test_two_runs_started_together_write_no_duplicates(model_store, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    command = [sys.executable, "-m", "flows.cli", "screen", incoming, "--results", results,
+    command = [sys.executable, "-m", "cli.main", "screen", incoming, "--results", results,
                "--model-store", model_store, "--chunk-size", "4", "--batch-size", "4"]
     processes = [subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                  for _ in range(2)]
@@ -209,7 +210,7 @@ def test_a_killed_run_is_published_by_a_later_run_once_its_lease_is_stale(model_
     expected = make_incoming(incoming, per_class=150)
     version = registry.production_version(model_store)
     claimed_folder = tmp_path / "results" / "ledger" / version
-    command = [sys.executable, "-m", "flows.cli", "screen", incoming, "--results", results,
+    command = [sys.executable, "-m", "cli.main", "screen", incoming, "--results", results,
                "--model-store", model_store, "--chunk-size", "40", "--batch-size", "4"]
     process = subprocess.Popen(command, env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -231,7 +232,7 @@ def test_a_killed_run_is_published_by_a_later_run_once_its_lease_is_stale(model_
     assert len(run_rows(results)) == len(expected) - claimed_by_dead
 
     # Later: its lease is stale, and its rows are published under its own run folder.
-    dead["renewed_at"] = (datetime.now(timezone.utc) - runs.ABANDONED_AFTER - timedelta(minutes=1)).isoformat()
+    dead["renewed_at"] = (datetime.now(timezone.utc) - leases.ABANDONED_AFTER - timedelta(minutes=1)).isoformat()
     storage.write_bytes(lease_file, json.dumps(dead).encode())
     later = run_screen(incoming, results, model_store)
     assert later.recovered_runs == [dead["run_id"]] and later.screened == 0
@@ -263,7 +264,7 @@ def test_screen_on_s3(model_store, s3_bucket):
 def test_inputs_are_found_among_1500_keys_on_s3(s3_bucket):
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.storage import _client
+    from store.storage import _client
 
     bucket = s3_bucket[len("s3://"):]
     names = [f"incoming/day-{i % 7}/img {i:05d}.png" for i in range(1500)]
@@ -304,10 +305,10 @@ def test_a_model_this_code_cannot_reproduce_is_refused(model_store, tmp_path):
 
 def test_a_deterministic_error_fails_at_once_without_retries(model_store, tmp_path):
     """A missing folder fails the same way every time: no retry, no retry wait, one clear error."""
+    import logging
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    import logging
 
     records: list[logging.LogRecord] = []
     catcher = logging.Handler()
@@ -382,7 +383,7 @@ def test_large_jpegs_are_decoded_at_reduced_resolution_once_that_passed_the_gate
     before = run_screen(str(incoming), str(tmp_path / "results-full"), store, engine="fp32")
     assert "reduced resolution" not in before.engine_reason  # the phantoms are PNGs: never checked
     engines.record_checks(store, card, [EngineCheck("reduced-jpeg", 10, 1.0, 0.001, 0.0, True)])
-    screening._model.cache_clear()  # a process loads a version once; a flow run is a new process
+    screen_chunks._model.cache_clear()  # a process loads a version once; a flow run is a new process
 
     after = run_screen(str(incoming), str(tmp_path / "results-reduced"), store, engine="fp32")
 

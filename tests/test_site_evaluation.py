@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from model.bundle import signature_matches
 from model.site_evaluation import compare_with_card, cross_fitted_baseline_auc
-from tasks import evaluations, registry, storage
-from tasks.phantoms import write_phantom_dataset
+from store import evaluations, registry, storage
+from store.phantoms import write_phantom_dataset
 from tests.conftest import CXR, require_shared_data
 
 KEY = "the site's signing key"
@@ -58,15 +58,15 @@ def copy_version(store: str, version: str, new: str, target: str | None = None) 
 @pytest.fixture
 def command(monkeypatch):
     """Runs ``cxr-screen ARGS`` in this process (on the session's Prefect API); returns the result."""
-    from flows import cli, lifeline
+    from cli import lifeline, main
 
     monkeypatch.setattr(lifeline, "arm", lambda: None)  # the watchdog is for a command line's own process
 
     def run(*args: str):
         try:
-            result = CliRunner().invoke(cli.app, list(args))
+            result = CliRunner().invoke(main.app, list(args))
         finally:
-            cli.console.file = None  # --json sent it to that invocation's stderr
+            main.console.file = None  # --json sent it to that invocation's stderr
         if result.exception and not isinstance(result.exception, SystemExit):
             raise result.exception
         return result
@@ -82,7 +82,7 @@ def evaluate(command, store: str, version: str, dataset: str, *options: str) -> 
 
 
 def models(*args: str, store: str):
-    from flows.models_cli import models_app
+    from main.models import models_app
 
     return CliRunner().invoke(models_app, [*args, "--model-store", store])
 
@@ -112,7 +112,7 @@ def test_an_evaluation_is_kept_signed_listed_and_bound_to_its_version(trained, c
     assert sorted(os.listdir(tmp_path / "out")) == ["evaluation.json", "evaluation.md", "reliability.png"]
     assert (tmp_path / "out" / "evaluation.json").read_bytes() == kept["evaluation.json"]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="tasks.registry"):
+    with caplog.at_level(logging.WARNING, logger="store.registry"):
         registry.verify_bundle(store, version)
     assert "file manifest" not in caplog.text  # not stray files of the bundle: vouched for by their own record
 

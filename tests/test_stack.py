@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 def cli(*arguments: str, environment: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *arguments], env=environment, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "cli.main", *arguments], env=environment, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"cxr-screen {' '.join(arguments)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return done
@@ -133,10 +133,10 @@ def artifacts_of(stack, flow_run_id: str) -> dict[str, dict]:
 
 
 def upload_phantoms(stack, prefix: str, per_class: int, seed: int) -> int:
-    from tasks.phantoms import chest_phantom
-
     import cv2
     import numpy as np
+
+    from store.phantoms import chest_phantom
 
     client, rng, count = s3_client(stack), np.random.default_rng(seed), 0
     for label, opacities in (("normal", False), ("covid", True)):

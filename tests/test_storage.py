@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import storage
+from store import storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -102,7 +102,7 @@ def test_missing_key_names_the_uri(root):
 
 
 def test_listing_2500_keys_pages_through_everything(s3_bucket):
-    from tasks.storage import _client
+    from store.storage import _client
 
     client = _client()
     bucket = s3_bucket[len("s3://") :]

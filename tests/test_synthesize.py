@@ -26,11 +26,11 @@ from flows.synthesize import synthesize
 from flows.train import train
 from model.bundle import BundleError
 from model.gan import Generator
-from tasks import storage
-from tasks.datasets import DatasetError, discover_dataset, fingerprint, hash_images, split_dataset
-from tasks.generators import GeneratorCard, load_generator
-from tasks.phantoms import write_phantom_dataset
-from tasks.synthetic_data import synthetic_origin, write_synthetic_dataset
+from store import storage
+from store.datasets import DatasetError, discover_dataset, fingerprint, hash_images, split_dataset
+from store.generators import GeneratorCard, load_generator
+from store.phantoms import write_phantom_dataset
+from store.synthetic_data import synthetic_origin, write_synthetic_dataset
 from tests.conftest import flow_run_artifacts
 
 SEED = 3
@@ -178,7 +178,7 @@ class _Copier(keras.Model):
 
 
 def test_memorisation_gate_refuses_a_copying_generator_through_the_cli(prefect_api, dataset, tmp_path, monkeypatch):
-    from flows import cli, lifeline
+    from cli import lifeline, main
     from tasks import synthesis
 
     def copying_gan(images, labels, config, num_classes=None, callbacks=()):
@@ -187,7 +187,7 @@ def test_memorisation_gate_refuses_a_copying_generator_through_the_cli(prefect_a
     monkeypatch.setattr(synthesis, "train_gan", copying_gan)
     monkeypatch.setattr(lifeline, "arm", lambda: None)  # the watchdog is for a command line's own process
     out, store = tmp_path / "synthetic", tmp_path / "generators"
-    result = CliRunner().invoke(cli.app, ["synthesize", dataset, "--class", "covid", "--count", "6", "--out", str(out),
+    result = CliRunner().invoke(main.app, ["synthesize", dataset, "--class", "covid", "--count", "6", "--out", str(out),
                                           "--generator-store", str(store), "--image-size", "64", "--epochs", "1",
                                           "--width", "8", "--weights", "none", "--input-size", "32", "--seed", "3"])
     assert result.exit_code == 3, result.output
@@ -197,36 +197,36 @@ def test_memorisation_gate_refuses_a_copying_generator_through_the_cli(prefect_a
 
 
 def test_cli_exit_codes(prefect_api, dataset, tmp_path, monkeypatch):
-    from flows import cli, lifeline
+    from cli import lifeline, main
 
     monkeypatch.setattr(lifeline, "arm", lambda: None)
     runner = CliRunner()
-    usage = runner.invoke(cli.app, ["synthesize", dataset, "--out", str(tmp_path / "o"), "--count", "0"])
+    usage = runner.invoke(main.app, ["synthesize", dataset, "--out", str(tmp_path / "o"), "--count", "0"])
     assert usage.exit_code == 2 and "--count" in usage.output
-    usage = runner.invoke(cli.app, ["train", dataset, "--synthetic", str(tmp_path / "o"), "--synthetic-share", "1"])
+    usage = runner.invoke(main.app, ["train", dataset, "--synthetic", str(tmp_path / "o"), "--synthetic-share", "1"])
     assert usage.exit_code == 2 and "--synthetic-share" in usage.output
-    usage = runner.invoke(cli.app, ["train", dataset, "--synthetic-share", "0.2", "--weights", "none"])
+    usage = runner.invoke(main.app, ["train", dataset, "--synthetic-share", "0.2", "--weights", "none"])
     assert usage.exit_code == 2 and "only with --synthetic" in usage.output, usage.output
-    missing = runner.invoke(cli.app, ["synthesize", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
+    missing = runner.invoke(main.app, ["synthesize", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
                                       "--weights", "none"])
     assert missing.exit_code == 3 and "nowhere" in missing.output
-    absent_class = runner.invoke(cli.app, ["synthesize", dataset, "--class", "viral", "--out", str(tmp_path / "o"),
+    absent_class = runner.invoke(main.app, ["synthesize", dataset, "--class", "viral", "--out", str(tmp_path / "o"),
                                            "--weights", "none"])
     assert absent_class.exit_code == 3 and "no class 'viral'" in " ".join(absent_class.output.split())
     # A real dataset is not a synthetic one: refused before its images are used in training.
-    not_synthetic = runner.invoke(cli.app, ["train", dataset, "--synthetic", dataset, "--model-store",
+    not_synthetic = runner.invoke(main.app, ["train", dataset, "--synthetic", dataset, "--model-store",
                                             str(tmp_path / "models"), "--weights", "none", "--input-size", "32"])
     assert not_synthetic.exit_code == 3 and "not a synthetic dataset" in " ".join(not_synthetic.output.split())
 
 
 def test_check_request_refuses_an_out_overlapping_the_dataset_a_used_out_and_one_class(prefect_api, dataset, tmp_path,
                                                                                          monkeypatch, s3_bucket):
-    from flows import cli, lifeline
+    from cli import lifeline, main
     from tasks.synthesis import check_request
 
     monkeypatch.setattr(lifeline, "arm", lambda: None)
     store = str(tmp_path / "generators")
-    inside = CliRunner().invoke(cli.app, ["synthesize", dataset, "--class", "covid", "--out", f"{dataset}/covid/synth",
+    inside = CliRunner().invoke(main.app, ["synthesize", dataset, "--class", "covid", "--out", f"{dataset}/covid/synth",
                                           "--generator-store", store, "--weights", "none"])
     text = " ".join(inside.output.split())
     assert inside.exit_code == 3 and f"{dataset}/covid/synth" in text and "overlap" in text, text
@@ -297,7 +297,7 @@ def test_publishing_leaves_nothing_usable_until_complete_and_a_retry_completes_i
 
 
 def test_tampered_generator_card_and_non_utf8_manifest_are_refused_by_name(tmp_path):
-    from tasks.generators import publish_generator
+    from store.generators import publish_generator
 
     store = str(tmp_path / "generators")
     folder = publish_generator(store, GeneratorCard(version="v1", classes=["a"], config={}, dataset={}, quality={}),

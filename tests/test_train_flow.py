@@ -9,15 +9,14 @@ import keras
 import numpy as np
 import pytest
 
-from model.linear_head import C_GRID
-
 from flows.parameters import TrainParameters
 from flows.train import train
 from model.bundle import BundleError
-from tasks import registry, storage
+from model.linear_head import C_GRID
+from store import registry, storage
+from store.datasets import LabelledImage, discover_dataset, fingerprint, hash_images
+from store.phantoms import write_phantom_dataset
 from tasks.train_steps import class_layout
-from tasks.datasets import LabelledImage, discover_dataset, fingerprint, hash_images
-from tasks.phantoms import write_phantom_dataset
 from tests.conftest import flow_run_artifacts
 
 pytestmark = pytest.mark.slow
@@ -206,7 +205,7 @@ def test_promotion_decision():
 
 def test_validate_engines_rechecks_an_existing_version_on_its_own_test_split(prefect_api, tmp_path):
     from flows.validate_engines import validate_engines
-    from tasks import engines
+    from store import engines
 
     dataset_uri, store = str(tmp_path / "dataset"), str(tmp_path / "models")
     write_phantom_dataset(dataset_uri, per_class=16, size=96, seed=4)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model.evaluation import choose_threshold, predict_classes
-from tasks.datasets import DatasetError
+from store.datasets import DatasetError
 from tasks.train_steps import confounders, joint_levels
 
 # Ten images: age predicts the label almost perfectly, site not at all, view is constant.
@@ -52,7 +52,7 @@ def test_in_binary_mode_the_threshold_decides_the_predicted_class():
 
 
 def test_one_split_rule_for_training_and_for_rebuilding_a_versions_split():
-    from tasks.datasets import LabelledImage, training_parts
+    from store.datasets import LabelledImage, training_parts
     from tasks.train_steps import LabelledArrays, build_split
 
     items = tuple(LabelledImage(f"/d/{label}/{n}.png", label, patient_id=f"{label}-{n // 2}",

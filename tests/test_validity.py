@@ -21,7 +21,7 @@ from model.validity import (
     stratum_table,
     within_stratum_auc,
 )
-from tasks.phantoms import MARKER_BOX, write_phantom_dataset
+from store.phantoms import MARKER_BOX, write_phantom_dataset
 
 
 def _pairwise_within_auc(is_positive, scores, levels) -> float:

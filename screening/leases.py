@@ -1,0 +1,142 @@
+"""Run leases: how a screening run that died without a word (SIGKILL, out of memory, power loss)
+is noticed, so that the rows it screened still reach a report.
+
+A lease (``ResultsLayout.lease``) is written when a run starts, renewed while it works and removed
+once its outputs are written. It holds the run's summary so far. A run is taken for dead when its
+lease has not been renewed for ``ABANDONED_AFTER`` (a setting), or at once when its Prefect flow
+run is known to be over (``abandoned_runs``' ``finished``). Every row it claimed is in the ledger
+and every chunk it started recorded its inputs first, so a later run can write the dead run's
+outputs exactly (see ``reports.read_run_rows``).
+
+Leases are read back from shared storage and trusted no further than ``RunSummary.from_dict``
+checks them: a damaged or forged one is logged and left for an operator, never followed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+
+from screening.results import ResultsLayout, RunSummary
+from store import storage
+
+__all__ = ["ABANDONED_AFTER", "RENEW_EVERY_SECONDS", "abandoned_runs", "close_run", "kept_alive", "open_run", "renew", "renew_quietly"]
+
+logger = logging.getLogger(__name__)
+
+# A live run renews its lease about once a minute while it screens, and a batch takes seconds; the
+# next nightly run comes hours later, so a long margin costs nothing.
+ABANDONED_AFTER = timedelta(minutes=30)
+RENEW_EVERY_SECONDS = 60
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def open_run(results_uri: str, summary: RunSummary) -> None:
+    """Writes the lease of a starting run. Its summary (model, incoming location...) lets a later
+    run write this run's outputs should it die: locations in it must be absolute."""
+    lease = {**summary.to_dict(), "renewed_at": _now()}
+    storage.write_bytes(ResultsLayout(results_uri).lease(summary.run_id), json.dumps(lease, indent=2).encode())
+
+
+def renew(results_uri: str, run_id: str) -> None:
+    """Marks the run alive now. A lease already closed (the run's outputs are written) stays closed."""
+    uri = ResultsLayout(results_uri).lease(run_id)
+    try:
+        lease = json.loads(storage.read_bytes(uri))
+    except storage.NotFound:
+        return
+    except ValueError as error:  # a missed renewal only risks an early recovery; a crash would lose the chunk
+        logger.error("%s is not a run lease (%s); not renewed", uri, error)
+        return
+    if not isinstance(lease, dict):
+        logger.error("%s is not a run lease (a JSON object was expected); not renewed", uri)
+        return
+    lease["renewed_at"] = _now()
+    storage.write_bytes(uri, json.dumps(lease, indent=2).encode())
+
+
+def renew_quietly(results_uri: str, run_id: str) -> None:
+    """``renew``, where a failure is only logged: one missed renewal is harmless, only a silence of
+    the lease's whole margin counts, and failing the work for it would lose more than it saves."""
+    try:
+        renew(results_uri, run_id)
+    except OSError as error:
+        logger.warning("Could not renew the lease of run %s: %s", run_id, error)
+
+
+@contextlib.contextmanager
+def kept_alive(results_uri: str, run_id: str, every: float = RENEW_EVERY_SECONDS) -> Iterator[None]:
+    """Renews the run's lease from a background thread while the block runs: chunks queued on a
+    busy cluster renew nothing themselves, and a long queue must not look like a dead run."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            renew_quietly(results_uri, run_id)
+
+    thread = threading.Thread(target=loop, name=f"lease-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def close_run(results_uri: str, run_id: str) -> None:
+    storage.delete(ResultsLayout(results_uri).lease(run_id))
+
+
+def abandoned_runs(results_uri: str, after: timedelta = ABANDONED_AFTER, *,
+                   finished: Callable[[str], bool] = lambda flow_run_id: False,
+                   current_run_id: str | None = None) -> list[RunSummary]:
+    """Summaries of runs that died before writing their outputs, with ``last_seen_at`` set to their
+    last renewal: leases not renewed for ``after``, and leases whose flow run ``finished`` says is
+    over (a final state in Prefect: it cannot still be writing). ``current_run_id``'s own lease is
+    never among them."""
+    cutoff = datetime.now(timezone.utc) - after
+    dead = []
+    for uri in storage.list_files(ResultsLayout(results_uri).leases, {".json"}, missing_ok=True):
+        lease = _read_lease(results_uri, uri)
+        if lease is None or lease[0].run_id == current_run_id:
+            continue
+        summary, renewed_at = lease
+        if renewed_at < cutoff or (summary.flow_run_id and finished(summary.flow_run_id)):
+            summary.last_seen_at = renewed_at.isoformat(timespec="seconds")
+            dead.append(summary)
+    return dead
+
+
+def _read_lease(results_uri: str, uri: str) -> tuple[RunSummary, datetime] | None:
+    """The lease at ``uri`` and its last renewal, or None when it is gone or not a valid lease."""
+    try:
+        lease = json.loads(storage.read_bytes(uri))
+        summary = RunSummary.from_dict(lease)
+        renewed_at = _renewal(lease.get("renewed_at"))
+        if ResultsLayout(results_uri).lease(summary.run_id) != uri:
+            raise ValueError(f"its run id {summary.run_id!r} does not match its name")
+    except storage.NotFound:
+        return None  # closed between the listing and the read
+    except ValueError as error:  # JSON, schema and names alike (UnicodeDecodeError is one too)
+        # Blocking every later run on one damaged file would be worse than leaving it to a person.
+        logger.error("%s is not a run lease (%s); left for an operator", uri, error)
+        return None
+    return summary, renewed_at
+
+
+def _renewal(value: object) -> datetime:
+    """An aware time: a naive one could not be compared with now, and would end the whole listing."""
+    try:
+        renewed_at = datetime.fromisoformat(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"renewed_at {value!r} is not an ISO 8601 time") from None
+    if renewed_at.tzinfo is None:
+        raise ValueError(f"renewed_at {value!r} has no time zone")
+    return renewed_at

@@ -1,0 +1,347 @@
+"""A screening run's outputs: predictions.csv/.jsonl, summary.json, report.html, Prefect artifacts.
+
+Built to stay flat at a national night's scale: the full table goes only to the CSV and JSONL;
+report.html shows the ``MAX_FLAGGED`` most probable flagged images and the first ``MAX_REJECTED``
+rejected inputs, and says how many more the CSV holds. Only the pictures the report can show are
+kept in memory while a run's parts are read. Beside them the report embeds the model's own plots
+from its bundle (checked against the card's sha256) and the last runs' rates (screening/drift.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import heapq
+import io
+import json
+import logging
+import re
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import PurePosixPath
+
+import numpy as np
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from model.bundle import BundleError, ModelCard
+from screening import drift, ledger
+from screening.results import PredictionRow, ResultsLayout, RunSummary, probability_column
+from store import registry, storage
+from templates import render
+
+__all__ = ["DISCLAIMER", "LINK_SECONDS", "MAX_FLAGGED", "MAX_REJECTED", "MODEL_FIGURES", "Link", "model_figures",
+           "publish_artifacts", "read_run_rows", "report_html", "shared_link", "write_outputs"]
+
+DISCLAIMER = ("Flags are a worklist for radiologist review, not a diagnosis. A flagged image needs a "
+              "radiologist's reading; an unflagged image is not cleared.")
+MAX_FLAGGED = 500  # flagged images shown in report.html, most probable first; every one is in predictions.csv
+MAX_REJECTED = 500  # rejected inputs listed in report.html; every one is in predictions.csv
+READ_AHEAD = 8  # part and chunk files read at once: on S3 a read is mostly latency
+# The bundle's plots the report embeds (tasks/bundling.py writes them), with their titles.
+MODEL_FIGURES = {"curves.png": "Training curves", "roc.png": "ROC (test split)",
+                 "confusion.png": "Confusion matrix (test split)"}
+LINK_SECONDS = storage.PRESIGNED_MAX_SECONDS  # how long a presigned link to the report or the card works: 7 days
+_PNG = b"\x89PNG\r\n\x1a\n"
+# What a link we hand out may hold: a percent-encoded file:// or presigned http(s) URL, nothing that
+# could end a Markdown link, an HTML attribute or a table cell.
+_LINK = re.compile(r"(?:https?|file)://[A-Za-z0-9\-._~:/?&=%]+")
+
+logger = logging.getLogger(__name__)
+
+
+def read_run_rows(results_uri: str, run_id: str, card: ModelCard,
+                  max_flagged: int = MAX_FLAGGED) -> list[PredictionRow]:
+    """Every row this run claimed, one per input, sorted by URI.
+
+    The part files hold them with thumbnails. Only the ``max_flagged`` most probable flagged rows
+    keep theirs (and their Grad-CAM overlays): those are all the report can show, and the rest are
+    dropped as the parts are read, so a run of any size holds at most that many pictures.
+
+    Inputs a chunk recorded but no part covers (the process died between claiming and writing its
+    part, or a part line is damaged) come from the ledger, when this run claimed them there. A
+    damaged chunk record or ledger entry raises an error naming the file: which rows the run owns
+    could not be told.
+    """
+    layout = ResultsLayout(results_uri).run(run_id)
+    rows: dict[str, PredictionRow] = {}
+    pictured = _MostProbable(card.positive_class, max_flagged)
+    repeated: dict[str, str] = {}
+    for uri, data in _read_ahead(storage.list_files(layout.parts, {".jsonl"}, missing_ok=True)):
+        for row in _part_rows(uri, data, run_id, card):
+            if row.image_uri not in rows:  # a retried chunk may repeat its own rows
+                rows[row.image_uri] = _share_repeated(row, repeated)
+                pictured.offer(row)
+    uncovered: set[str] = set()
+    for uri, data in _read_ahead(storage.list_files(layout.chunks, {".json"}, missing_ok=True)):
+        uncovered.update(image_uri for image_uri in _chunk_inputs(uri, data) if image_uri not in rows)
+    with ThreadPoolExecutor(max_workers=16) as pool:  # one small GET each: latency, not bandwidth, on S3
+        for entry in pool.map(lambda uri: _ledger_entry(results_uri, card, uri), sorted(uncovered)):
+            if entry is not None and entry.run_id == run_id:
+                rows[entry.image_uri] = entry
+    return [rows[uri] for uri in sorted(rows)]
+
+
+def _read_ahead(uris: Iterable[str], ahead: int = READ_AHEAD) -> Iterator[tuple[str, bytes]]:
+    """(location, content) of each file in order, with up to ``ahead`` reads in flight: never more
+    than that many files in memory, however many there are."""
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending: deque = deque()
+        for uri in uris:
+            pending.append((uri, pool.submit(storage.read_bytes, uri)))
+            if len(pending) >= ahead:
+                done, future = pending.popleft()
+                yield done, future.result()
+        for done, future in pending:
+            yield done, future.result()
+
+
+class _MostProbable:
+    """The ``limit`` most probable flagged rows seen so far, in a min-heap; a row that falls out
+    (or was never flagged) loses its pictures. Ties go to the earlier location, as in the report."""
+
+    def __init__(self, positive_class: str, limit: int) -> None:
+        self.positive_class, self.limit = positive_class, limit
+        self.heap: list[_Ranked] = []
+
+    def offer(self, row: PredictionRow) -> None:
+        if not row.flagged or self.limit <= 0:
+            _drop_pictures(row)
+            return
+        ranked = _Ranked(row.probability(self.positive_class), row)
+        if len(self.heap) < self.limit:
+            heapq.heappush(self.heap, ranked)
+        else:
+            _drop_pictures(heapq.heappushpop(self.heap, ranked).row)
+
+
+class _Ranked:
+    """A heap entry: the least probable row on top, then the one with the later location."""
+
+    __slots__ = ("probability", "row")
+
+    def __init__(self, probability: float, row: PredictionRow) -> None:
+        self.probability, self.row = probability, row
+
+    def __lt__(self, other: _Ranked) -> bool:
+        return (self.probability, other.row.image_uri) < (other.probability, self.row.image_uri)
+
+
+def _drop_pictures(row: PredictionRow) -> None:
+    row.thumbnail = row.explanation = None
+
+
+# Fields whose values repeat from row to row (the run, the model, the engine, the class, the second
+# screened): one string object per distinct value instead of one per row, a third of a row's memory.
+_REPEATED_FIELDS = ("model_version", "run_id", "status", "reason", "predicted_class", "engine", "screened_at")
+
+
+def _share_repeated(row: PredictionRow, seen: dict[str, str]) -> PredictionRow:
+    for name in _REPEATED_FIELDS:
+        value = getattr(row, name)
+        setattr(row, name, seen.setdefault(value, value))
+    return row
+
+
+def _part_rows(uri: str, data: bytes, run_id: str, card: ModelCard) -> Iterator[PredictionRow]:
+    """The valid rows of one part file. A damaged line is logged and left out: its input is in the
+    chunk's record, so its row still comes from the ledger."""
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = PredictionRow.from_record(json.loads(line), card.classes)
+            if (row.run_id, row.model_version) != (run_id, card.version):
+                raise ValueError(f"a row of run {row.run_id!r} and model {row.model_version}")
+        except ValueError as error:  # JSON, UTF-8 and schema alike
+            logger.error("%s, line %d: not a row of run %s (%s); its row is read from the ledger", uri, number,
+                         run_id, error)
+            continue
+        yield row
+
+
+def _chunk_inputs(uri: str, data: bytes) -> list[str]:
+    try:
+        inputs = json.loads(data)
+    except ValueError as error:
+        raise ValueError(f"{uri}: not a chunk record: {error}") from error
+    if not isinstance(inputs, list) or not all(isinstance(item, str) for item in inputs):
+        raise ValueError(f"{uri}: not a chunk record: a list of input locations was expected")
+    return inputs
+
+
+def _ledger_entry(results_uri: str, card: ModelCard, image_uri: str) -> PredictionRow | None:
+    try:
+        return ledger.read_entry(results_uri, card.version, image_uri, card.classes)
+    except storage.NotFound:
+        return None  # never claimed by anyone: vanished before reading, or the process died first
+
+
+def write_outputs(results_uri: str, rows: list[PredictionRow], card: ModelCard, summary: RunSummary) -> RunSummary:
+    """Writes the run's four output files; returns the summary with their locations. Each file is
+    built as one bytes object from the rows, one row at a time, and dropped once written."""
+    outputs = ResultsLayout(results_uri).run(summary.run_id).outputs
+    summary = summary.with_drift(rows, card.positive_class)
+    summary.outputs = outputs
+    storage.write_bytes(outputs["predictions.csv"], _csv_bytes(rows, card.classes))
+    storage.write_bytes(outputs["predictions.jsonl"], _jsonl_bytes(rows))
+    storage.write_bytes(outputs["summary.json"], json.dumps(summary.to_dict(), indent=2).encode())
+    card_uri = _card_location(summary.model_store_uri, card.version)
+    page = report_html(summary, rows, card, figures=model_figures(summary.model_store_uri, card),
+                       card_link=shared_link(card_uri), history=drift.recent_runs(results_uri, summary))
+    storage.write_bytes(outputs["report.html"], page.encode())
+    return summary
+
+
+def _csv_bytes(rows: list[PredictionRow], classes: list[str]) -> bytes:
+    names = PredictionRow.columns(classes)
+    buffer = io.BytesIO()
+    text = io.TextIOWrapper(buffer, encoding="utf-8", newline="")
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(names)
+    for row in rows:
+        record = row.to_record()
+        writer.writerow(["" if record.get(name) is None else record[name] for name in names])
+    text.detach()  # flushes into the buffer and leaves it open
+    return buffer.getvalue()
+
+
+def _jsonl_bytes(rows: list[PredictionRow]) -> bytes:
+    buffer = io.BytesIO()
+    for row in rows:
+        buffer.write(json.dumps(row.to_record()).encode() + b"\n")
+    return buffer.getvalue()
+
+
+def _histogram_png(values: np.ndarray, threshold: float, positive: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 2.8))
+    axis.hist(values, bins=np.linspace(0, 1, 41), color="#4c72b0")
+    axis.axvline(threshold, color="#c44e52", linestyle="--", label=f"threshold {threshold:.3f}")
+    axis.set_xlabel(f"probability of {positive}", parse_math=False)  # a '$' in a class name is not TeX
+    axis.set_ylabel("images")
+    axis.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _worklist(rows: Iterable[PredictionRow], card: ModelCard, limit: int) -> list[PredictionRow]:
+    """The ``limit`` most probable flagged rows, most probable first (ties in the rows' order)."""
+    return heapq.nsmallest(limit, (row for row in rows if row.flagged),
+                           key=lambda row: -row.probability(card.positive_class))
+
+
+def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard, max_flagged: int = MAX_FLAGGED,
+                max_rejected: int = MAX_REJECTED, *, figures: dict[str, str] | None = None,
+                card_link: Link | None = None, history: drift.Drift | None = None) -> str:
+    """One self-contained page: no external files, scripts or fonts. The worklist first (at most
+    ``max_flagged`` images), then the rejected inputs (at most ``max_rejected``), then the counts,
+    the last runs' rates and the model; the page says how many more of each are in predictions.csv.
+
+    Built from what it is given, reading nothing: ``figures`` (``model_figures``: the bundle's
+    plots, base64 PNG, by name; those missing show as not available), ``card_link`` (defaults to a
+    file:// link for a local store, none otherwise), ``history`` (``drift.recent_runs``; defaults
+    to this run alone)."""
+    positive = card.positive_class
+    probabilities = np.fromiter((row.probability(positive) for row in rows if row.status == "ok"), float)
+    rejected = [row for row in rows if row.status == "rejected"]
+    card_uri = _card_location(summary.model_store_uri, card.version)
+    history = history or drift.Drift((drift.RunRates.of(summary),))
+    return render("report.html.j2",
+        summary=summary, card=card, positive=positive, disclaimer=DISCLAIMER,
+        worklist=_worklist(rows, card, max_flagged), flagged=sum(row.flagged for row in rows),
+        rejected=rejected[:max_rejected], rejected_count=len(rejected),
+        histogram=_histogram_png(probabilities, card.threshold, positive) if probabilities.size else None,
+        card_uri=card_uri, card_link=card_link or _file_link(card_uri),
+        figures=[(title, (figures or {}).get(name)) for name, title in MODEL_FIGURES.items()],
+        history=history, drift_chart=history.chart_png(),
+    )
+
+
+def model_figures(model_store_uri: str, card: ModelCard) -> dict[str, str]:
+    """The bundle's plots (``MODEL_FIGURES``) as base64 PNG, each checked against the card's sha256.
+    A plot the card does not list (a bundle from before them) is left out; one that cannot be read
+    (the store unreachable, say, for a recovered run) or does not match is logged and left out."""
+    found = {}
+    for name in MODEL_FIGURES:
+        if not model_store_uri or name not in (card.files or {}):
+            continue
+        try:
+            data = registry.read_file(model_store_uri, card, name)
+        except (BundleError, OSError, ValueError) as error:  # a changed file, a failed read, a bad location
+            logger.warning("%s of model %s is left out of the report: %s", name, card.version, error)
+            continue
+        if not data.startswith(_PNG):  # vouched for by the card, but the page would show a broken image
+            logger.warning("%s of model %s is left out of the report: not a PNG", name, card.version)
+            continue
+        found[name] = base64.b64encode(data).decode()
+    return found
+
+
+@dataclass(frozen=True)
+class Link:
+    """A URL to a stored file, and until when it works (None: for as long as the file is there)."""
+
+    href: str
+    expires_at: str | None = None
+
+
+def shared_link(uri: str, seconds: int = LINK_SECONDS) -> Link | None:
+    """A link to the file at ``uri``: a file:// URI for a local file, a presigned URL for S3
+    (valid ``seconds``); None for any other location, or when S3 cannot sign (no credentials)."""
+    if not uri.startswith(("/", "file://", "s3://")):
+        return None
+    try:
+        href = storage.presigned_url(uri, seconds)
+    except (OSError, ValueError) as error:  # no credentials; a location storage refuses
+        logger.warning("No link to %s: %s", uri, error)
+        return None
+    if not _LINK.fullmatch(href):  # an endpoint this code would not hand out as a link
+        logger.warning("No link to %s: the URL storage gave is not one this report links to", uri)
+        return None
+    expires = None
+    if storage.is_s3(uri):
+        expires = (datetime.now(timezone.utc) + timedelta(seconds=seconds)).strftime("%Y-%m-%d %H:%M UTC")
+    return Link(href, expires)
+
+
+def _card_location(model_store_uri: str, version: str) -> str:
+    """Where the model card lies, as text: a recovered run's store location comes from its lease."""
+    if not model_store_uri:
+        return "n/a"
+    try:
+        return storage.join(model_store_uri, version, "card.md")
+    except ValueError:  # an unsupported scheme: shown as it is, never followed
+        return f"{model_store_uri} (version {version}, card.md)"
+
+
+def _file_link(uri: str) -> Link | None:
+    """A file:// link for a local path, percent-encoded; nothing else becomes a link (the store
+    location comes from a lease, and a scheme it chose, javascript: say, must not become one)."""
+    return Link(PurePosixPath(uri).as_uri()) if uri.startswith("/") else None
+
+
+def publish_artifacts(summary: RunSummary, rows: list[PredictionRow], card: ModelCard) -> None:
+    column = probability_column(card.positive_class)
+    create_table_artifact(
+        [{"image_uri": row.image_uri, column: row.probability(card.positive_class),
+          "predicted_class": row.predicted_class} for row in _worklist(rows, card, 1000)],
+        key="screening-flagged", description=f"Flagged images, run {summary.run_id} (worklist, not a diagnosis)",
+    )
+    report_uri = summary.outputs.get("report.html", "")
+    link = shared_link(report_uri) if report_uri else None
+    if link is not None:
+        valid = f"; the link is valid until {link.expires_at}" if link.expires_at else ""
+        create_link_artifact(link=link.href, link_text=f"Report of screening run {summary.run_id}",
+                             key="screening-report", description=f"report.html of run {summary.run_id}{valid}")
+    markdown = render("summary.md.j2", summary=summary, card=card, disclaimer=DISCLAIMER, report_link=link)
+    create_markdown_artifact(key="screening-summary", description=f"Screening run {summary.run_id}",
+                             markdown=markdown)

@@ -1,0 +1,348 @@
+"""The screening output contract in one place: where everything lives under a results location,
+what one prediction row holds, and what a run's summary says (DESIGN.md, 'Screening outputs').
+
+    <results>/runs/<run id>/predictions.csv, predictions.jsonl, summary.json, report.html
+    <results>/runs/<run id>/parts/chunk-NNNNNN.jsonl    rows a chunk claimed (with thumbnails)
+    <results>/runs/<run id>/chunks/chunk-NNNNNN.json    inputs a chunk set out to screen
+    <results>/ledger/<model version>/<sha256 of the image URI>.json
+    <results>/open-runs/<run id>.json                   the lease of a live run
+
+Nobody else builds these paths. CSV and JSONL columns derive from ``PredictionRow``'s fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from imaging.dicom_identity import is_accession_number, is_uid, is_view_position
+from model.bundle import is_safe_name
+from store import storage
+
+__all__ = ["OUTPUT_NAMES", "PROBABILITY_BINS", "ROW_STATUSES", "RUN_STATUSES", "PredictionRow", "ResultsLayout",
+           "RunLayout", "RunSummary", "entry_key", "probability_column"]
+
+OUTPUT_NAMES = ("predictions.csv", "predictions.jsonl", "summary.json", "report.html")
+ROW_STATUSES = ("ok", "rejected")
+RUN_STATUSES = ("running", "completed", "failed", "abandoned")
+PROBABILITY_BINS = 20  # a summary's histogram of the positive-class probability: equal bins over [0, 1]
+
+
+def _safe_name(kind: str, name: str) -> str:
+    """Run ids and model versions become folder names: a forged lease or card must not reach outside."""
+    if not is_safe_name(name):
+        raise ValueError(f"{kind} {name!r} is not a safe name (letters, digits, '.', '_', '-'; no '..')")
+    return name
+
+
+def entry_key(image_uri: str) -> str:
+    """The ledger's name for an input. Names that are not valid UTF-8 (possible on Linux) keep their
+    raw bytes through surrogateescape instead of failing the run."""
+    return hashlib.sha256(image_uri.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+_PICTURES = ("thumbnail", "explanation")  # part files only
+
+
+def probability_column(class_name: str) -> str:
+    return f"prob_{class_name}"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of one screening run."""
+
+    folder: str
+    run_id: str
+
+    @property
+    def parts(self) -> str:
+        return storage.join(self.folder, "parts")
+
+    @property
+    def chunks(self) -> str:
+        return storage.join(self.folder, "chunks")
+
+    def part(self, chunk: int) -> str:
+        """The rows a chunk claimed, written when the chunk ends, also by failure."""
+        return storage.join(self.parts, f"chunk-{chunk:06d}.jsonl")
+
+    def chunk_inputs(self, chunk: int) -> str:
+        """The inputs a chunk set out to screen, written before it claims anything: should the
+        process die before the part is written, these and the ledger still say which rows it owns."""
+        return storage.join(self.chunks, f"chunk-{chunk:06d}.json")
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {name: storage.join(self.folder, name) for name in OUTPUT_NAMES}
+
+
+@dataclass(frozen=True)
+class ResultsLayout:
+    """Every location under one results URI."""
+
+    uri: str
+
+    def run(self, run_id: str) -> RunLayout:
+        return RunLayout(storage.join(self.uri, "runs", _safe_name("run id", run_id)), run_id)
+
+    def ledger(self, model_version: str) -> str:
+        return storage.join(self.uri, "ledger", _safe_name("model version", model_version))
+
+    def ledger_entry(self, model_version: str, image_uri: str) -> str:
+        return storage.join(self.ledger(model_version), entry_key(image_uri) + ".json")
+
+    @property
+    def leases(self) -> str:
+        return storage.join(self.uri, "open-runs")
+
+    def lease(self, run_id: str) -> str:
+        return storage.join(self.leases, _safe_name("run id", run_id) + ".json")
+
+
+@dataclass
+class PredictionRow:
+    """One input's outcome. ``to_record`` is its CSV, JSONL and ledger form."""
+
+    image_uri: str
+    sha256: str | None
+    status: str  # "ok" or "rejected"
+    reason: str
+    model_version: str
+    predicted_class: str
+    probabilities: dict[str, float | None]  # one column per class, in the card's order
+    flagged: bool
+    screened_at: str
+    run_id: str = ""
+    engine: str = ""  # what ran the forward pass (model/inference.py); empty for rejected rows
+    # Share of the Grad-CAM map inside the lung-field prior (model/anatomy.py), for explained images.
+    cam_lung_share: float | None = None
+    # Where PACS keeps a DICOM input (imaging/dicom_identity.py), keyed hashes when de-identified; empty
+    # for other inputs. Never a patient's name, id or birth date.
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    sop_instance_uid: str = ""
+    accession_number: str = ""
+    view_position: str = ""  # AP, PA, LL, ... (imaging.dicom_identity.VIEW_TERMS), "other", or empty
+    # Kept in part files for the report's worklist; never in the CSV, the JSONL or the ledger.
+    thumbnail: str | None = field(default=None, metadata={"column": False})  # JPEG, base64
+    explanation: str | None = field(default=None, metadata={"column": False})  # Grad-CAM overlay, JPEG, base64
+    # False for a rejection that may pass (access denied): reported, but not claimed in the ledger.
+    final: bool = field(default=True, metadata={"column": False})
+
+    @classmethod
+    def columns(cls, classes: list[str]) -> list[str]:
+        names = []
+        for item in dataclasses.fields(cls):
+            if item.name == "probabilities":
+                names += [probability_column(c) for c in classes]
+            elif item.metadata.get("column", True):
+                names.append(item.name)
+        return names
+
+    def to_record(self, with_thumbnail: bool = False) -> dict[str, Any]:
+        record = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name == "probabilities":
+                record.update({probability_column(c): v for c, v in value.items()})
+            elif item.metadata.get("column", True) or (with_thumbnail and value and item.name in _PICTURES):
+                record[item.name] = value
+        return record
+
+    @classmethod
+    def from_record(cls, record: Any, classes: list[str]) -> PredictionRow:
+        """A row read back from storage (ledger, part file); ValueError names the first field that is
+        not what this code wrote."""
+        rules = {**_ROW_RULES, **{probability_column(c): _PROBABILITY for c in classes}}
+        _check_record(record, rules, required=_ROW_REQUIRED)
+        known = {item.name for item in dataclasses.fields(cls)} - {"probabilities"}
+        return cls(**{k: v for k, v in record.items() if k in known},
+                   probabilities={c: record.get(probability_column(c)) for c in classes})
+
+    def probability(self, class_name: str) -> float:
+        return self.probabilities.get(class_name) or 0.0
+
+
+@dataclass
+class RunSummary:
+    """What a run did: its facts (known to the flow and kept in its lease) and its counts (from
+    its rows). ``summary.json``, the report, the artifacts and the CLI all read this."""
+
+    run_id: str
+    model_version: str
+    model_store_uri: str = ""
+    incoming_uri: str = ""
+    flow_run_id: str = ""
+    status: str = "running"  # running | completed | failed | abandoned
+    started_at: str = ""
+    finished_at: str | None = None
+    seconds: float | None = None
+    inputs_found: int | None = None
+    already_screened: int | None = None
+    to_screen: int | None = None
+    claimed_by_other_runs: int = 0
+    vanished: int = 0
+    engine: str = ""  # the engine(s) that ran the forward pass
+    engine_reason: str = ""  # why: what auto measured, which engines the version may use
+    recovered_runs: list[str] = field(default_factory=list)
+    # Set only on the summary of an abandoned run, by the run that recovered it.
+    last_seen_at: str | None = None
+    recovered_by: str | None = None
+    recovered_at: str | None = None
+    # Counts, from the rows.
+    classes: list[str] = field(default_factory=list)
+    threshold: float | None = None
+    screened: int = 0
+    ok: int = 0
+    rejected: int = 0
+    flagged: int = 0
+    predicted: dict[str, int] = field(default_factory=dict)
+    images_per_second: float | None = None
+    # Drift, from the ok rows (``with_drift``): the share flagged, and how many fell in each of
+    # PROBABILITY_BINS equal bins of the positive-class probability over [0, 1] (the last bin holds
+    # 1.0). None in summaries written before they existed, and where no row was ok.
+    flag_rate: float | None = None
+    probability_histogram: list[int] | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def tally(self, rows: list[PredictionRow], classes: list[str], threshold: float) -> RunSummary:
+        """This summary with its counts taken from ``rows``."""
+        ok = [row for row in rows if row.status == "ok"]
+        return dataclasses.replace(
+            self, classes=list(classes), threshold=threshold, screened=len(rows), ok=len(ok),
+            rejected=len(rows) - len(ok), flagged=sum(row.flagged for row in rows),
+            predicted=dict(sorted(Counter(row.predicted_class for row in ok).items())),
+            images_per_second=round(len(rows) / self.seconds, 3) if self.seconds else None,
+        )
+
+    def with_drift(self, rows: list[PredictionRow], positive_class: str) -> RunSummary:
+        """This summary with the flag rate and the probability histogram of ``rows``' ok rows."""
+        ok = [row for row in rows if row.status == "ok"]
+        if not ok:
+            return dataclasses.replace(self, flag_rate=None, probability_histogram=None)
+        probabilities = [row.probability(positive_class) for row in ok]
+        histogram = [0] * PROBABILITY_BINS
+        for probability in probabilities:
+            histogram[min(max(int(probability * PROBABILITY_BINS), 0), PROBABILITY_BINS - 1)] += 1
+        return dataclasses.replace(self, flag_rate=round(sum(row.flagged for row in ok) / len(ok), 6),
+                                   probability_histogram=histogram)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RunSummary:
+        """Tolerates keys it does not know (a lease or summary written by another version); ValueError
+        names the first known one that is not what this code wrote."""
+        _check_record(data, _SUMMARY_RULES, required=("run_id", "model_version"))
+        known = {item.name for item in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# What rows and summaries read back from storage must hold. Each rule: a test, and what it means.
+class _Rule(NamedTuple):
+    test: Callable[[Any], bool]
+    means: str
+
+
+def _check_record(record: Any, rules: dict[str, _Rule], required: tuple[str, ...]) -> None:
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON object was expected, found {type(record).__name__}")
+    missing = [name for name in required if name not in record]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} missing")
+    for name, rule in rules.items():
+        if name in record and not rule.test(record[name]):
+            raise ValueError(f"{name} {_shown(record[name])} is not {rule.means}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_time(value: Any) -> bool:
+    try:
+        datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _is_uuid(value: Any) -> bool:
+    try:
+        uuid.UUID(value)
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return True
+
+
+def _optional(rule: _Rule) -> _Rule:
+    return _Rule(lambda value: value is None or rule.test(value), rule.means + " or null")
+
+
+_TEXT = _Rule(lambda value: isinstance(value, str), "a string")
+_SAFE = _Rule(is_safe_name, "a safe name (letters, digits, '.', '_', '-')")
+_TIME = _Rule(_is_time, "an ISO 8601 time")
+_COUNT = _Rule(lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= 0, "a count")
+_SECONDS = _Rule(lambda value: _is_number(value) and value >= 0, "a finite number >= 0")
+_PROBABILITY = _optional(_Rule(lambda value: _is_number(value) and 0 <= value <= 1, "a number in [0, 1]"))
+_BASE64 = _optional(_Rule(lambda value: isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", value)
+                          is not None, "base64 text"))
+
+_ROW_REQUIRED = ("image_uri", "sha256", "status", "reason", "model_version", "predicted_class", "flagged",
+                 "screened_at")
+_ROW_RULES = {
+    "image_uri": _Rule(lambda value: isinstance(value, str) and value != "", "a location"),
+    "sha256": _optional(_Rule(lambda value: isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)
+                              is not None, "a sha256")),
+    "status": _Rule(lambda value: value in ROW_STATUSES, f"one of {', '.join(ROW_STATUSES)}"),
+    "reason": _TEXT, "model_version": _SAFE, "predicted_class": _TEXT,
+    "flagged": _Rule(lambda value: isinstance(value, bool), "true or false"), "screened_at": _TIME,
+    "run_id": _Rule(lambda value: value == "" or is_safe_name(value), "a run id"),
+    "cam_lung_share": _PROBABILITY, "thumbnail": _BASE64, "explanation": _BASE64,
+    "engine": _Rule(lambda value: value == "" or is_safe_name(value), "an engine name"),
+    # Absent from rows written before they existed: those read back empty.
+    **dict.fromkeys(("study_instance_uid", "series_instance_uid", "sop_instance_uid"),
+                    _Rule(lambda value: value == "" or is_uid(value), "a DICOM UID or empty")),
+    "accession_number": _Rule(lambda value: value == "" or is_accession_number(value), "an accession number or empty"),
+    "view_position": _Rule(lambda value: value == "" or is_view_position(value), "a view position or empty"),
+}
+_SUMMARY_RULES = {
+    "run_id": _SAFE, "model_version": _SAFE, "model_store_uri": _TEXT, "incoming_uri": _TEXT,
+    "engine": _TEXT, "engine_reason": _TEXT,
+    "flow_run_id": _Rule(lambda value: value == "" or _is_uuid(value), "a flow run id (a UUID)"),
+    "status": _Rule(lambda value: value in RUN_STATUSES, f"one of {', '.join(RUN_STATUSES)}"),
+    "started_at": _Rule(lambda value: value == "" or _is_time(value), "an ISO 8601 time"),
+    "finished_at": _optional(_TIME), "last_seen_at": _optional(_TIME), "recovered_at": _optional(_TIME),
+    "recovered_by": _optional(_SAFE), "seconds": _optional(_SECONDS), "images_per_second": _optional(_SECONDS),
+    "inputs_found": _optional(_COUNT), "already_screened": _optional(_COUNT), "to_screen": _optional(_COUNT),
+    "claimed_by_other_runs": _COUNT, "vanished": _COUNT, "screened": _COUNT, "ok": _COUNT, "rejected": _COUNT,
+    "flagged": _COUNT, "threshold": _PROBABILITY,
+    "recovered_runs": _Rule(lambda value: isinstance(value, list) and all(map(is_safe_name, value)),
+                            "a list of run ids"),
+    "classes": _Rule(lambda value: isinstance(value, list) and all(isinstance(c, str) for c in value),
+                     "a list of class names"),
+    "predicted": _Rule(lambda value: isinstance(value, dict) and all(map(_COUNT.test, value.values())),
+                       "counts by class"),
+    "outputs": _Rule(lambda value: isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
+                     "locations by name"),
+    # Absent from summaries written before they existed: those read back as None.
+    "flag_rate": _PROBABILITY,
+    "probability_histogram": _optional(_Rule(
+        lambda value: isinstance(value, list) and len(value) == PROBABILITY_BINS and all(map(_COUNT.test, value)),
+        f"a list of {PROBABILITY_BINS} counts")),
+}

@@ -1,0 +1,307 @@
+"""Screening work: find inputs, and screen one chunk of them (a Prefect task per chunk).
+
+A chunk is a pure function of its input URIs and the model version: it can run on any worker.
+Inside it, a thread pool reads and decodes while the model predicts the previous batch, and
+only the chunk's own images are ever in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+
+import cv2
+import keras
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from imaging.decode import IMAGE_SUFFIXES, is_dicom
+from imaging.dicom_identity import Study, deidentify_key
+from imaging.sandbox import decoder_count
+from model.anatomy import lung_share
+from model.bundle import BundleError, ModelCard
+from model.devices import share_gpus
+from model.evaluation import predict_classes
+from model.gradcam import grad_cam, overlay
+from model.inference import Predictor, fastest, make_predictor
+from screening import leases, ledger
+from screening.results import PredictionRow, ResultsLayout
+from store import registry, storage
+from store.engines import load_artifacts, reduced_decode_allowed, validated_engines
+from store.loading import InputLimits, LoadedImage, load_image
+from tasks.retrying import io_step
+
+__all__ = ["ChunkResult", "chunked", "find_inputs", "screen_chunk", "screen_images"]
+
+# Never worth peeking into for a DICOM preamble.
+_NOT_IMAGES = {".csv", ".json", ".jsonl", ".txt", ".md", ".html", ".htm", ".log", ".xml", ".pdf", ".zip", ".gz"}
+
+
+@task(**io_step())
+def find_inputs(incoming_uri: str, exclude: Sequence[str] = ()) -> list[str]:
+    """What gets a row: every entry under ``incoming_uri`` named like an image, whatever it is, and
+    of the rest (``.csv``, ``.json`` and the like aside) regular files that carry the DICOM preamble
+    and entries that cannot be read as a regular file (a FIFO, a broken link, a folder that cannot
+    be listed), so that an operator sees them. Sorted.
+
+    Locations in ``exclude`` (the results and the model store, when they lie inside the incoming
+    location) are left out, so the system never screens its own outputs.
+    """
+    excluded = tuple(_comparable(uri).rstrip("/") + "/" for uri in exclude)
+    found = []
+    for uri in storage.list_files(incoming_uri):
+        if _comparable(uri).startswith(excluded):
+            continue
+        suffix = PurePosixPath(uri).suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            found.append(uri)
+        elif suffix not in _NOT_IMAGES:
+            try:
+                if is_dicom(storage.read_bytes(uri, length=132, within=incoming_uri)):
+                    found.append(uri)
+            except (storage.Unreadable, storage.AccessDenied):
+                found.append(uri)  # its row will say why
+            except storage.NotFound:
+                continue  # gone since the listing
+    return found
+
+
+def _comparable(uri: str) -> str:
+    return storage.join(uri)  # absolute for local paths, unchanged for S3
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    card: ModelCard
+    predictor: Predictor  # runs the forward pass
+    model: keras.Model  # the fp32 model, for Grad-CAM's gradients
+    why: str  # why this engine
+    reduced_decode: bool = False  # large JPEGs decoded at reduced resolution: passed the gate
+
+
+@functools.lru_cache(maxsize=2)
+def _model(model_store_uri: str, model_version: str, engine: str, batch_size: int = 16) -> LoadedModel:
+    """Loaded once per process, model version and engine, however many chunks run here."""
+    share_gpus()
+    model, card = registry.load_model(model_store_uri, model_version)
+    allowed, notes = validated_engines(model_store_uri, card)
+    spec = card.spec()
+    reduced = reduced_decode_allowed(model_store_uri, card)
+    shortcut = "; large JPEGs decoded at reduced resolution (passed the gate)" if reduced else ""
+    if engine != "auto":
+        if engine not in allowed:
+            raise BundleError(f"engine {engine} may not serve model {card.version}: {notes}")
+        predictor = make_predictor(model, spec, engine, load_artifacts(model_store_uri, card, engine))
+        return LoadedModel(card, predictor, model, f"{engine} asked for{shortcut}", reduced)
+    predictors = []
+    for name in allowed:
+        try:
+            predictors.append(make_predictor(model, spec, name, load_artifacts(model_store_uri, card, name)))
+        except (BundleError, storage.StorageError, ImportError, RuntimeError) as error:
+            # An optional engine that cannot be loaded here is left out; fp32 always can be.
+            notes = "; ".join(filter(None, [notes, f"{name} could not be loaded ({error})"]))
+    best, speeds = fastest(predictors, batch_size) if len(predictors) > 1 else (predictors[0], {})
+    measured = ", ".join(f"{name} {speed:g} img/s" for name, speed in speeds.items())
+    why = f"auto: fastest of the validated engines here ({measured})" if speeds else "auto: the only validated engine"
+    get_run_logger().info("Engine %s for model %s: %s%s", best.engine, card.version, why, f"; {notes}" if notes else "")
+    return LoadedModel(card, best, model, why + (f"; {notes}" if notes else "") + shortcut, reduced)
+
+
+@dataclass
+class ChunkResult:
+    chunk: int
+    claimed: int = 0  # rows this run wrote to the ledger (its share of the chunk)
+    ok: int = 0
+    rejected: int = 0
+    flagged: int = 0
+    already_done: int = 0  # claimed first by another run: not this run's rows
+    vanished: list[str] = field(default_factory=list)  # listed, then gone before reading
+    seconds: float = 0.0
+    engine: str = ""
+    engine_reason: str = ""
+
+
+def _thumbnail(pixels: np.ndarray, side: int = 160) -> str:
+    small = cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA)
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return base64.b64encode(jpeg.tobytes()).decode() if ok else ""
+
+
+def _load_or_vanish(uri: str, spec, limits: InputLimits) -> LoadedImage | str:
+    try:
+        return load_image(uri, spec, limits)
+    except storage.NotFound:
+        return uri  # deleted or moved since listing: not ours to record; a later run will see
+
+
+def _study_fields(study: Study | None) -> dict[str, str]:
+    """A row's PACS identifiers: the study's for a DICOM input, none (empty) for any other."""
+    return {} if study is None else study.to_record()
+
+
+def _rounded(value: float) -> float | None:
+    return None if np.isnan(value) else round(float(value), 4)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def screen_images(
+    uris: Sequence[str], loaded_model: LoadedModel, batch_size: int = 16, workers: int | None = None,
+    explain: str = "flagged", limits: InputLimits = InputLimits(),
+) -> Iterator[PredictionRow | str]:
+    """Rows for ``uris``, or the URI of a vanished input. Flagged rows carry a thumbnail; rows of
+    DICOM inputs carry their study's identifiers (``limits.deidentify``: as keyed hashes), and with
+    ``limits.frontal_chest_only`` a DICOM that says it is not a frontal chest X-ray is rejected.
+
+    Reading and decoding run ahead on ``workers`` threads (default: two per decoder process, since
+    reads wait on storage) while the model predicts. Prediction stays on the fast path; only the
+    images ``explain`` names ('flagged', 'all' or 'none') take Grad-CAM's gradient pass (on the fp32
+    model, whatever the engine).
+
+    Raises ``DeidentifyKeyMissing`` before reading anything when de-identification has no key.
+    """
+    if limits.deidentify:
+        deidentify_key()  # no row may be written with its identifiers in the clear
+    card, predictor, model = loaded_model.card, loaded_model.predictor, loaded_model.model
+    spec = card.spec()
+    positive = card.classes.index(card.positive_class)
+
+    def rows_for(batch: list[LoadedImage]) -> Iterator[PredictionRow]:
+        pixels = np.stack([item.pixels for item in batch])
+        probabilities = predictor.predict(pixels, batch_size)
+        flagged = probabilities[:, positive] >= card.threshold
+        predicted = predict_classes(probabilities, card.classes, card.positive_class, card.threshold)
+        chosen = {"all": np.ones(len(batch), bool), "flagged": flagged, "none": np.zeros(len(batch), bool)}[explain]
+        cams = dict(zip(np.flatnonzero(chosen), grad_cam(model, pixels[chosen], spec, positive))) if chosen.any() else {}
+        now = _now()
+        for index, (item, p) in enumerate(zip(batch, probabilities)):
+            cam = cams.get(index)
+            yield PredictionRow(
+                image_uri=item.uri, sha256=item.sha256, status="ok", reason="", model_version=card.version,
+                predicted_class=card.classes[int(predicted[index])],
+                probabilities={c: round(float(v), 6) for c, v in zip(card.classes, p)},
+                flagged=bool(flagged[index]), screened_at=now, engine=predictor.engine,
+                cam_lung_share=None if cam is None else _rounded(lung_share(cam)),
+                thumbnail=_thumbnail(item.pixels) if flagged[index] else None,
+                explanation=None if cam is None else _thumbnail(overlay(item.pixels, cam)),
+                **_study_fields(item.study))
+
+    with ThreadPoolExecutor(max_workers=workers or 2 * decoder_count()) as pool:
+        batch: list[LoadedImage] = []
+        for loaded in pool.map(lambda uri: _load_or_vanish(uri, spec, limits), uris):
+            if isinstance(loaded, str):
+                yield loaded
+            elif loaded.pixels is None:
+                yield PredictionRow(
+                    image_uri=loaded.uri, sha256=loaded.sha256, status="rejected", reason=loaded.reason or "",
+                    model_version=card.version, predicted_class="", probabilities=dict.fromkeys(card.classes),
+                    flagged=False, screened_at=_now(), final=loaded.final, **_study_fields(loaded.study))
+            else:
+                batch.append(loaded)
+                if len(batch) == batch_size:
+                    yield from rows_for(batch)
+                    batch = []
+        if batch:
+            yield from rows_for(batch)
+
+
+# Ledger claims in flight while the model works: one conditional PUT each, ~30 ms on S3, which in
+# sequence would cost a fast engine more than its forward passes (bench/scale_bench.py).
+CLAIMS_IN_FLIGHT = 16
+
+
+@task(**io_step(), cache_policy=NO_CACHE, task_run_name="screen-chunk-{chunk}")  # the flow sets its timeout
+def screen_chunk(
+    chunk: int,
+    uris: list[str],
+    model_store_uri: str,
+    model_version: str,
+    results_uri: str,
+    run_id: str,
+    batch_size: int = 16,
+    explain: str = "flagged",
+    limits: InputLimits = InputLimits(),
+    engine: str = "auto",
+) -> ChunkResult:
+    """Screen ``uris``, claim each row in the ledger, and write this run's rows as one part file.
+
+    Safe to run again, whole or after dying half-way (a retry, a lost Dask worker): rows this run
+    claimed before are kept as they were, rows another run claimed are left to it.
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    loaded_model = _model(model_store_uri, model_version, engine, batch_size)
+    card = loaded_model.card
+    layout = ResultsLayout(results_uri).run(run_id)
+    storage.write_bytes(layout.chunk_inputs(chunk), json.dumps(uris).encode())
+    leases.renew_quietly(results_uri, run_id)
+    result = ChunkResult(chunk, engine=loaded_model.predictor.engine, engine_reason=loaded_model.why)
+    claimed: list[Future[PredictionRow | None]] = []
+    renewed = time.monotonic()
+    limits = dataclasses.replace(limits, reduced_decode=loaded_model.reduced_decode)
+    try:
+        with ThreadPoolExecutor(max_workers=CLAIMS_IN_FLIGHT, thread_name_prefix="claim") as claims:
+            for produced in screen_images(uris, loaded_model, batch_size, explain=explain, limits=limits):
+                if time.monotonic() - renewed > leases.RENEW_EVERY_SECONDS:
+                    leases.renew_quietly(results_uri, run_id)
+                    renewed = time.monotonic()
+                if isinstance(produced, str):
+                    logger.warning("%s disappeared before it could be read; left for a later run", produced)
+                    result.vanished.append(produced)
+                    continue
+                produced.run_id = run_id
+                if produced.status == "rejected":
+                    logger.warning("Rejected %s: %s", produced.image_uri, produced.reason)
+                claimed.append(claims.submit(_claim, results_uri, card, produced))
+    finally:
+        # Rows claimed before a failure are written too, so they reach this run's outputs.
+        kept, failure = _settled(claimed)
+        mine = [row for row in kept if row is not None]
+        if mine:
+            payload = "".join(json.dumps(row.to_record(with_thumbnail=True), sort_keys=True) + "\n" for row in mine)
+            storage.write_bytes(layout.part(chunk), payload.encode())
+    if failure is not None:
+        raise failure
+    result.already_done = len(kept) - len(mine)
+    result.claimed = len(mine)
+    result.ok = sum(row.status == "ok" for row in mine)
+    result.rejected = sum(row.status == "rejected" for row in mine)
+    result.flagged = sum(row.flagged for row in mine)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _claim(results_uri: str, card: ModelCard, row: PredictionRow) -> PredictionRow | None:
+    """The row this run keeps for ``row``'s input: ``row`` once claimed in the ledger (a row that
+    may change, e.g. access denied, is kept unclaimed), the one this run claimed in an earlier
+    attempt, or None when another run claimed it first."""
+    if not row.final or ledger.claim(results_uri, row):
+        return row
+    earlier = ledger.read_entry(results_uri, card.version, row.image_uri, card.classes)
+    if earlier.run_id != row.run_id:
+        return None
+    earlier.thumbnail, earlier.explanation = row.thumbnail, row.explanation
+    return earlier
+
+
+def _settled(futures: list[Future[PredictionRow | None]]) -> tuple[list[PredictionRow | None], BaseException | None]:
+    """The results of the claims that succeeded (the executor has waited for all), and the first failure."""
+    done = [future for future in futures if future.exception() is None]
+    failures = [future.exception() for future in futures if future.exception() is not None]
+    return [future.result() for future in done], (failures[0] if failures else None)
+
+
+def chunked(items: Sequence[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
