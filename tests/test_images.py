@@ -316,7 +316,7 @@ def test_whatever_a_decoder_raises_becomes_a_reason(monkeypatch, failure, reason
     def fail(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(decode.cv2, "imdecode", fail)
+    monkeypatch.setattr(cv2, "imdecode", fail)  # the decoders call OpenCV's module function
     with pytest.raises(ImageDecodeError) as caught:
         decode_image(encode(gradient(), ".png"), "x.png")
     assert caught.value.reason == reason
