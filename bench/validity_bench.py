@@ -49,12 +49,12 @@ from bench.machine import cpu_line  # noqa: E402
 from model.acceptance import Acceptance, judge  # noqa: E402
 from model.augmentation import Augmentation, build_augmentation  # noqa: E402
 from model.calibration import apply_temperature_and_bias, expected_calibration_error, fit_temperature_and_bias  # noqa: E402
-from model.evaluation import choose_threshold  # noqa: E402
+from model.evaluation import auc, choose_threshold, flags  # noqa: E402
 from model.linear_head import fit_selected, select_logistic_head  # noqa: E402
 from model.network import build_base  # noqa: E402
 from model.preprocessing import Preprocessing  # noqa: E402
 from model.training import TrainingConfig, extract_features  # noqa: E402
-from model.validity import _auc, audit, bootstrap_interval, within_stratum_auc  # noqa: E402
+from model.validity import audit, bootstrap_interval, within_stratum_auc  # noqa: E402
 from store.datasets import discover_dataset  # noqa: E402
 from store.loading import load_images  # noqa: E402
 from tasks.train_steps import LabelledArrays, build_split  # noqa: E402
@@ -106,12 +106,12 @@ def score(split, loaded, rows_test, oof, oof_labels, test_probabilities, resampl
     within = [found["strata"][name]["within_auc"] for name in levels if found["strata"][name]["within_auc"] is not None]
     return {"overall": found["overall"], "strata": found["strata"], "threshold": threshold,
             "mean_within_auc": float(np.mean(within)) if within else None,
-            "adults_auc": _auc(truth[adults], scores[adults]),
-            "adults_auc_ci": list(bootstrap_interval(lambda t, s, l: _auc(t, s), truth[adults], scores[adults],
+            "adults_auc": auc(truth[adults], scores[adults]),
+            "adults_auc_ci": list(bootstrap_interval(lambda t, s, l: auc(t, s), truth[adults], scores[adults],
                                                      np.zeros(int(adults.sum())),
                                                      [p for p, a in zip(patients, adults) if a], resamples, seed)),
-            "negatives_flagged": float((scores[~truth] >= threshold).mean()),
-            "children_flagged": float((scores[~adults & ~truth] >= threshold).mean()) if (~adults & ~truth).any() else None,
+            "negatives_flagged": float(flags(scores[~truth], threshold).mean()),
+            "children_flagged": float(flags(scores[~adults & ~truth], threshold).mean()) if (~adults & ~truth).any() else None,
             "ece": expected_calibration_error(truth, scores), "scores": scores, "truth": truth, "levels": levels,
             "patients": patients, "fitness": judge(found["overall"], Acceptance())}
 
@@ -205,7 +205,7 @@ def main() -> None:
                       f"{row['ece']:.3f}  {chosen.weighting}, {chosen.features}, C {chosen.c:g} / "
                       f"{'fit' if row['fitness'].fit else 'NOT fit'}")
             for model in ("default", "aug-head"):
-                for label, statistic in (("AUC", lambda t, s, lv: _auc(t, s)),
+                for label, statistic in (("AUC", lambda t, s, lv: auc(t, s)),
                                          ("mean within-stratum AUC", mean_within)):
                     value, interval = paired_difference(rows[model], rows["baseline"], statistic, args.bootstrap, seed)
                     differences.setdefault((size, model, label), []).append(value)

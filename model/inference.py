@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from model.evaluation import auc, flags
 from model.preprocessing import Preprocessing, scale
 
 __all__ = ["ENGINES", "GATE", "EngineCheck", "FromPixels", "Predictor", "cast_base", "check_engine", "choose_feature_base", "fastest",
@@ -221,17 +222,15 @@ def check_engine(engine: str, reference: np.ndarray, candidate: np.ndarray, labe
                  threshold: float) -> EngineCheck:
     """Compare positive-class probabilities of ``engine`` (``candidate``) with fp32's (``reference``)
     on the same images; ``labels`` are 1 for the positive class."""
-    from sklearn.metrics import roc_auc_score
-
     if len(reference) == 0:
         raise ValueError("cannot check an engine on no images")
-    agreement = float(np.mean((reference >= threshold) == (candidate >= threshold)))
+    agreement = float(np.mean(flags(reference, threshold) == flags(candidate, threshold)))
     difference = float(np.max(np.abs(reference - candidate)))
-    auc = None
-    if 0 < labels.sum() < len(labels):
-        auc = abs(float(roc_auc_score(labels, candidate)) - float(roc_auc_score(labels, reference)))
-    agreement, auc = round(agreement, 6), None if auc is None else round(auc, 6)
-    return EngineCheck(engine, len(reference), agreement, round(difference, 6), auc, passes_gate(agreement, auc))
+    candidate_auc, reference_auc = auc(labels, candidate), auc(labels, reference)  # None with one class
+    auc_difference = None if candidate_auc is None else abs(candidate_auc - reference_auc)
+    agreement, auc_difference = round(agreement, 6), None if auc_difference is None else round(auc_difference, 6)
+    return EngineCheck(engine, len(reference), agreement, round(difference, 6), auc_difference,
+                       passes_gate(agreement, auc_difference))
 
 
 def passes_gate(flag_agreement: float, auc_difference: float | None) -> bool:

@@ -19,12 +19,11 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from model.acceptance import Acceptance, Verdict, judge
 from model.bundle import is_safe_name
 from model.calibration import brier_score, expected_calibration_error, reliability_curve
-from model.evaluation import evaluate
+from model.evaluation import auc, evaluate, flags
 from model.validity import MISSING_LEVEL, audit, shortcut_warnings
 
 __all__ = ["BASELINE_METHOD", "compare_with_card", "cross_fitted_baseline_auc", "evaluation_problem", "site_figures",
@@ -34,10 +33,6 @@ BASELINE_METHOD = "cross-fitted within the site's images: 5 patient-grouped fold
                   "positive rate in the other folds"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FOLDS = 5
-
-
-def _auc(is_positive: np.ndarray, scores: np.ndarray) -> float | None:
-    return float(roc_auc_score(is_positive, scores)) if 0 < is_positive.sum() < len(is_positive) else None
 
 
 def cross_fitted_baseline_auc(levels: Sequence[str], is_positive: Sequence | np.ndarray, patients: Sequence | None,
@@ -67,7 +62,7 @@ def cross_fitted_baseline_auc(levels: Sequence[str], is_positive: Sequence | np.
         for level in np.unique(levels[inside]):
             source = learned & (levels == level)
             scores[inside & (levels == level)] = float(is_positive[source].mean()) if source.any() else overall
-    return _auc(is_positive, scores)
+    return auc(is_positive, scores)
 
 
 def _finite(value: float) -> float | None:
@@ -89,7 +84,7 @@ def site_figures(labels: np.ndarray, probabilities: np.ndarray, classes: Sequenc
         found["strata"][variable]["metadata_baseline_auc"] = cross_fitted_baseline_auc(levels, is_positive, patients,
                                                                                        seed=seed)
         found["strata"][variable]["metadata_baseline_method"] = BASELINE_METHOD
-    flagged = scores >= threshold
+    flagged = flags(scores, threshold)
     predicted, observed, counts = reliability_curve(is_positive, scores, bins)
     return {
         "metrics": evaluate(labels, probabilities, classes, positive, threshold),

@@ -30,7 +30,7 @@ from imaging.sandbox import decoder_count
 from model.anatomy import lung_share
 from model.bundle import BundleError, ModelCard
 from model.devices import share_gpus
-from model.evaluation import predict_classes
+from model.evaluation import flags, predict_classes
 from model.gradcam import grad_cam, overlay
 from model.inference import Predictor, fastest, make_predictor
 from screening import leases, ledger
@@ -180,7 +180,7 @@ def screen_images(
     def rows_for(batch: list[LoadedImage]) -> Iterator[PredictionRow]:
         pixels = np.stack([item.pixels for item in batch])
         probabilities = predictor.predict(pixels, batch_size)
-        flagged = probabilities[:, positive] >= card.threshold
+        flagged = flags(probabilities[:, positive], card.threshold)
         predicted = predict_classes(probabilities, card.classes, card.positive_class, card.threshold)
         chosen = {"all": np.ones(len(batch), bool), "flagged": flagged, "none": np.zeros(len(batch), bool)}[explain]
         cams = dict(zip(np.flatnonzero(chosen), grad_cam(model, pixels[chosen], spec, positive))) if chosen.any() else {}

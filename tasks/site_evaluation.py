@@ -13,11 +13,11 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from sklearn.metrics import roc_auc_score
 
 from model.acceptance import Acceptance, judge
 from model.anatomy import mask_images
 from model.bundle import BundleError, ModelCard, software_versions
+from model.evaluation import auc
 from model.plots import reliability_png
 from model.site_evaluation import compare_with_card, site_figures
 from model.training import predict_probabilities
@@ -179,7 +179,7 @@ def _masked(model: keras.Model, images: np.ndarray, spec, positive: int, is_posi
     found = {"method": f"fixed anatomical prior (model/anatomy.py), blanked with the images' mean grey ({fill})"}
     for keep, name in (("outside", "auc_lungs_blanked"), ("lungs", "auc_only_lungs")):
         scores = predict_probabilities(model, mask_images(images, keep=keep, fill=fill), spec)[:, positive]
-        found[name] = float(roc_auc_score(is_positive, scores)) if 0 < is_positive.sum() < len(scores) else None
+        found[name] = auc(is_positive, scores)
     return found
 
 

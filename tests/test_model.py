@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from model.augmentation import Augmentation, build_augmentation
 from model.bundle import BundleError, ModelCard, model_from_bytes, model_to_bytes
-from model.evaluation import choose_threshold, evaluate, sensitivity_specificity
+from model.evaluation import auc, choose_threshold, evaluate, flags, predict_classes, sensitivity_specificity
 from model.network import WeightsUnavailable, build_base, build_classifier, build_head
 from model.preprocessing import Preprocessing, preprocess, resize, scale
 from model.training import (
@@ -216,6 +216,30 @@ def test_evaluate_reports_what_the_card_needs():
     for key in ("macro avg", "weighted avg", "covid"):
         assert {"precision", "recall", "f1-score", "support"} <= metrics["classification_report"][key].keys()
     assert 0 <= metrics["positive"]["auc"] <= 1
+
+
+def test_an_image_at_the_threshold_is_flagged():
+    threshold = 0.25  # exact in binary, so p == threshold holds exactly
+    assert flags([0.0, 0.2499, 0.25, 0.2501, 1.0, float("nan")], threshold).tolist() == [False, False, True, True, True, False]
+    probabilities = np.array([[0.75, 0.25], [0.76, 0.24]])
+    assert predict_classes(probabilities, ["normal", "covid"], "covid", threshold).tolist() == [1, 0]  # the same rule
+
+
+def test_auc_equals_scikit_learns_and_is_none_with_one_class():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    is_positive = rng.random(200) < 0.3
+    scores = np.round(rng.random(200) + is_positive * 0.3, 1)  # rounded: many ties
+    assert auc(is_positive, scores) == pytest.approx(roc_auc_score(is_positive, scores), abs=1e-12)
+    assert auc(is_positive.astype(int), scores) == auc(is_positive, scores)  # 1/0 labels as booleans
+    assert auc([True, True, True], [0.1, 0.5, 0.9]) is None
+    assert auc([False, False], [0.1, 0.5]) is None
+    assert auc([], []) is None
+    with pytest.raises(ValueError, match="finite"):
+        auc([True, False], [0.5, float("nan")])
+    with pytest.raises(ValueError, match="labels"):
+        auc([True, False], [0.5])
 
 
 # --- the bundle -------------------------------------------------------------------------------
