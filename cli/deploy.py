@@ -15,6 +15,7 @@ from prefect.exceptions import ObjectNotFound  # noqa: E402
 
 from deployments.deploy import deploy_all  # noqa: E402
 from deployments.settings import Settings  # noqa: E402
+from store import s3  # noqa: E402
 
 
 def ensure_work_pools(settings: Settings) -> None:
@@ -32,11 +33,10 @@ def ensure_buckets(settings: Settings) -> None:
     client = boto3.client("s3")
     existing = {bucket["Name"] for bucket in client.list_buckets().get("Buckets", [])}
     for uri in (settings.incoming, settings.results, settings.model_store, settings.dataset):
-        if uri.startswith("s3://"):
-            bucket = uri[len("s3://"):].split("/", 1)[0]
-            if bucket not in existing:
-                client.create_bucket(Bucket=bucket)
-                existing.add(bucket)
+        bucket = s3.bucket_of(uri)
+        if bucket is not None and bucket not in existing:
+            client.create_bucket(Bucket=bucket)
+            existing.add(bucket)
 
 
 def main() -> None:

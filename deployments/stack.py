@@ -25,6 +25,7 @@ from pathlib import Path
 
 from deployments.s3_server import read_summary
 from deployments.settings import Settings
+from store import s3
 
 __all__ = ["client_environment", "down", "status", "stored_data", "up", "wipe"]
 
@@ -178,8 +179,8 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         raise ValueError(f"{given} is set, and --workers {workers} starts the Dask cluster nightly screening "
                            f"uses: unset it, or leave out --workers")
     folder.mkdir(parents=True, exist_ok=True)
-    uses_s3 = any(uri.startswith("s3://") for uri in (settings.incoming, settings.results, settings.model_store,
-                                                       settings.dataset))
+    uses_s3 = any(s3.bucket_of(uri) for uri in (settings.incoming, settings.results, settings.model_store,
+                                                 settings.dataset))
     if s3_only:
         start_s3 = True
     elif start_s3 is None:

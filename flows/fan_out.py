@@ -17,6 +17,8 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from store import storage
+
 __all__ = ["FanOutError", "chunk_runner", "local_worker_environment"]
 
 
@@ -53,7 +55,7 @@ def chunk_runner(workers: int | None = None, dask_address: str | None = None,
 
     api_url = get_current_settings().api.url
     if dask_address is not None and not _loopback(dask_address):
-        local = [uri for uri in storage_uris if not uri.startswith("s3://")]
+        local = [uri for uri in storage_uris if not storage.capabilities(uri).shared]
         if local:
             raise FanOutError(f"{local[0]} is a folder on this machine, which the workers of the Dask cluster at "
                               f"{dask_address} cannot reach: use s3:// locations with a remote cluster")

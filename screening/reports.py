@@ -21,7 +21,6 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import PurePosixPath
 
 import numpy as np
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -295,9 +294,14 @@ class Link:
 
 
 def shared_link(uri: str, seconds: int = LINK_SECONDS) -> Link | None:
-    """A link to the file at ``uri``: a file:// URI for a local file, a presigned URL for S3
-    (valid ``seconds``); None for any other location, or when S3 cannot sign (no credentials)."""
-    if not uri.startswith(("/", "file://", "s3://")):
+    """A link to the file at ``uri``: a presigned URL where storage signs them (S3, valid ``seconds``),
+    else the file's own URI (file:// for a local file); None for a relative path or a location storage
+    does not address, or when it cannot sign (no credentials)."""
+    if "://" not in uri and not uri.startswith("/"):  # "javascript:alert(1)" is a relative path
+        return None
+    try:
+        signed = storage.capabilities(uri).presignable
+    except storage.LocationError:
         return None
     try:
         href = storage.presigned_url(uri, seconds)
@@ -308,7 +312,7 @@ def shared_link(uri: str, seconds: int = LINK_SECONDS) -> Link | None:
         logger.warning("No link to %s: the URL storage gave is not one this report links to", uri)
         return None
     expires = None
-    if storage.is_s3(uri):
+    if signed:
         expires = (datetime.now(timezone.utc) + timedelta(seconds=seconds)).strftime("%Y-%m-%d %H:%M UTC")
     return Link(href, expires)
 
@@ -324,9 +328,14 @@ def _card_location(model_store_uri: str, version: str) -> str:
 
 
 def _file_link(uri: str) -> Link | None:
-    """A file:// link for a local path, percent-encoded; nothing else becomes a link (the store
-    location comes from a lease, and a scheme it chose, javascript: say, must not become one)."""
-    return Link(PurePosixPath(uri).as_uri()) if uri.startswith("/") else None
+    """A link that needs no signing (a local file's percent-encoded file:// URI); nothing else becomes
+    a link (the store location comes from a lease, and a scheme it chose, javascript: say, must not
+    become one)."""
+    try:
+        signed = storage.capabilities(uri).presignable
+    except storage.LocationError:
+        return None
+    return None if signed else shared_link(uri)
 
 
 def publish_artifacts(summary: RunSummary, rows: list[PredictionRow], card: ModelCard) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import secrets
 import time
 from dataclasses import dataclass, replace
@@ -97,15 +96,8 @@ def check_request(dataset: Dataset, synthetic_class: str, out_uri: str, store_ur
 def overlapping(first: str, second: str) -> bool:
     """Whether two locations are the same or one lies inside the other, after normalising (absolute
     local paths with links resolved, no trailing '/'); locations of different schemes never overlap."""
-    a, b = _normalised(first), _normalised(second)
+    a, b = storage.canonical(first), storage.canonical(second)
     return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
-
-
-def _normalised(uri: str) -> str:
-    joined = storage.join(uri)
-    if storage.is_s3(joined):
-        return joined.rstrip("/")
-    return "file:" + os.path.realpath(joined[len("file://"):] if joined.startswith("file://") else joined)
 
 
 def gray_training_images(loaded: LabelledArrays, split: TrainingSplit) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -102,9 +102,9 @@ def test_missing_key_names_the_uri(root):
 
 
 def test_listing_2500_keys_pages_through_everything(s3_bucket):
-    from store.storage import _client
+    from store.s3 import client as s3_client
 
-    client = _client()
+    client = s3_client()
     bucket = s3_bucket[len("s3://") :]
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda i: client.put_object(Bucket=bucket, Key=f"many/{i:05d}.png", Body=b""), range(2500)))
@@ -191,7 +191,9 @@ def test_s3_bad_credentials_are_access_denied(s3_bucket, monkeypatch):
     from botocore.exceptions import ClientError
 
     error = ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "bad key"}}, "GetObject")
-    translated = storage._s3_error(f"{s3_bucket}/k", error)
+    from store.s3 import storage_error
+
+    translated = storage_error(f"{s3_bucket}/k", error)
     assert isinstance(translated, storage.AccessDenied)
     assert f"{s3_bucket}/k" in str(translated)
 
