@@ -3,7 +3,8 @@
 The header is probed with Pillow (which reads no pixels until asked) so that size and decoded bytes
 are checked before OpenCV allocates anything, and PNG chunk lengths are checked against the file.
 What libjpeg, libpng and libtiff write while decoding decides whether a file is truncated or
-corrupt (``imaging.decoder_messages``).
+corrupt (``imaging.decoder_messages``). ``encode_png`` goes the other way, for the images we write
+(phantoms, synthetic datasets).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from imaging.sample_scaling import to_uint8
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["decode_raster"]
+__all__ = ["decode_raster", "encode_png"]
 
 _SUPPORTED_FORMATS = {"PNG", "JPEG", "MPO", "BMP", "DIB", "TIFF"}
 # Leading bytes of the formats we decode: a file that starts like one of them but that Pillow
@@ -91,6 +92,18 @@ def decode_raster(data: bytes, uri: str, max_pixels: int, max_decoded_bytes: int
         code = cv2.COLOR_BGRA2RGB if pixels.shape[2] == 4 else cv2.COLOR_BGR2RGB
         pixels = cv2.cvtColor(pixels, code, dst=None if pixels.shape[2] == 4 else pixels)
     return pixels
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """A 2-D (grayscale) or ``(h, w, 3)`` RGB uint8 array, as ``decode_raster`` returns them, as PNG
+    bytes (lossless: they decode to the same array)."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
+        raise ValueError(f"a 2-D or (h, w, 3) uint8 array was expected, got {pixels.dtype} {pixels.shape}")
+    ok, png = cv2.imencode(".png", pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {pixels.shape} array as PNG")
+    return png.tobytes()
 
 
 def _probe(data: bytes, uri: str) -> _RasterHeader:

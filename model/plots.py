@@ -13,13 +13,14 @@ import numpy as np  # noqa: E402
 
 from model.calibration import expected_calibration_error, reliability_curve  # noqa: E402
 
-__all__ = ["audit_png", "confusion_png", "curves_png", "mean_cam_png", "reliability_png", "roc_png",
+__all__ = ["audit_png", "confusion_png", "curves_png", "figure_png", "mean_cam_png", "reliability_png", "roc_png",
            "samples_png"]
 
 
-def _png(figure) -> bytes:
+def figure_png(figure, dpi: int = 110) -> bytes:
+    """A matplotlib figure as PNG bytes, trimmed to its contents; the figure is closed."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
 
@@ -70,7 +71,7 @@ def curves_png(history: dict[str, dict[str, list]]) -> bytes:
             axis.grid(alpha=0.3)
     elif not searched:
         axes[0].set_title("No training history")
-    return _png(figure)
+    return figure_png(figure)
 
 
 def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> bytes:
@@ -85,7 +86,7 @@ def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> by
         colour = "white" if value > matrix.max() / 2 else "black"
         axis.text(column, row, str(value), ha="center", va="center", color=colour)
     axis.set_title("Confusion matrix (test split)")
-    return _png(figure)
+    return figure_png(figure)
 
 
 def roc_png(fpr: Sequence[float], tpr: Sequence[float], auc: float | None, positive: str,
@@ -101,7 +102,7 @@ def roc_png(fpr: Sequence[float], tpr: Sequence[float], auc: float | None, posit
     axis.set_ylabel("sensitivity")
     axis.set_title(f"ROC: {positive} vs rest (test split)")
     axis.legend(loc="lower right")
-    return _png(figure)
+    return figure_png(figure)
 
 
 def reliability_png(is_positive: Sequence[bool], before: Sequence[float], after: Sequence[float] | None = None,
@@ -125,7 +126,7 @@ def reliability_png(is_positive: Sequence[bool], before: Sequence[float], after:
     axis.set_title("Reliability")
     axis.legend(loc="upper left", fontsize=8)
     axis.grid(alpha=0.3)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def mean_cam_png(cams: dict[str, np.ndarray], images: dict[str, np.ndarray]) -> bytes:
@@ -140,7 +141,7 @@ def mean_cam_png(cams: dict[str, np.ndarray], images: dict[str, np.ndarray]) -> 
     if not names:
         axes[0][0].axis("off")
     figure.suptitle("Mean Grad-CAM on the test split", fontsize=10)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def audit_png(folds: Sequence[dict], variable: str) -> bytes:
@@ -160,7 +161,7 @@ def audit_png(folds: Sequence[dict], variable: str) -> bytes:
     axis.set_ylim(0, 1.05)
     axis.set_title(f"Leave one {variable} out")
     axis.legend(fontsize=7, loc="lower right")
-    return _png(figure)
+    return figure_png(figure)
 
 
 def samples_png(synthetic: dict[str, np.ndarray], real: dict[str, np.ndarray], columns: int = 8) -> bytes:
@@ -188,4 +189,4 @@ def samples_png(synthetic: dict[str, np.ndarray], real: dict[str, np.ndarray], c
     if not rows:
         axes[0][0].axis("off")
     figure.suptitle("Real (upper row) and synthetic (lower row) images per class", fontsize=10)
-    return _png(figure)
+    return figure_png(figure)

@@ -9,7 +9,6 @@ An old summary that cannot be read is logged and left out: it never fails tonigh
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 import statistics
@@ -92,10 +91,9 @@ class Drift:
         """Both rates per run as a small PNG, base64; None until there is an earlier run to compare with."""
         if not self.earlier or all(rates.flag_rate is None and rates.rejected_share is None for rates in self.runs):
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        from model.plots import figure_png  # matplotlib (with the Agg backend) only when there is a chart
 
         offsets = range(1 - len(self.runs), 1)  # 0 is this run, -1 the one before
         figure, axis = plt.subplots(figsize=(6, 2.4))
@@ -110,10 +108,7 @@ class Drift:
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="upper left")
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-        plt.close(figure)
-        return base64.b64encode(buffer.getvalue()).decode()
+        return base64.b64encode(figure_png(figure, dpi=100)).decode()
 
 
 def recent_runs(results_uri: str, current: RunSummary, limit: int = RECENT_RUNS) -> Drift:

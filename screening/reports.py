@@ -215,10 +215,9 @@ def _jsonl_bytes(rows: list[PredictionRow]) -> bytes:
 
 
 def _histogram_png(values: np.ndarray, threshold: float, positive: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from model.plots import figure_png  # matplotlib (with the Agg backend) only when there is a histogram
 
     figure, axis = plt.subplots(figsize=(6, 2.8))
     axis.hist(values, bins=np.linspace(0, 1, 41), color="#4c72b0")
@@ -226,10 +225,7 @@ def _histogram_png(values: np.ndarray, threshold: float, positive: str) -> str:
     axis.set_xlabel(f"probability of {positive}", parse_math=False)  # a '$' in a class name is not TeX
     axis.set_ylabel("images")
     axis.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(figure_png(figure, dpi=100)).decode()
 
 
 def _worklist(rows: Iterable[PredictionRow], card: ModelCard, limit: int) -> list[PredictionRow]:

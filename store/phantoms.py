@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import cv2
 import numpy as np
 
+from imaging.raster import encode_png
 from store import storage
 
 __all__ = ["MARKER_BOX", "OPACITY_SIDES", "SOURCES", "chest_phantom", "write_phantom_dataset", "write_phantom_manifest"]
@@ -105,11 +106,9 @@ def write_phantom_dataset(uri: str, per_class: int = 20, size: int = 256, seed: 
             origin = label if source == "label" else _INDEPENDENT_SOURCES[number % 2] if source else None
             marker = marker_for is not None and marker_for in (label, origin)
             pixels = chest_phantom(rng, size, opacities=index == 1, opacity_side=opacity_side, marker=marker)
-            ok, png = cv2.imencode(".png", pixels)
-            assert ok
             name = f"{label}-{seed}-{number:04d}.png"
             uri_of_image = storage.join(uri, label, name)
-            storage.write_bytes(uri_of_image, png.tobytes())
+            storage.write_bytes(uri_of_image, encode_png(pixels))
             written.append(uri_of_image)
             rows.append({"file": f"{label}/{name}", "class": label, "patient_id": f"{label}-{seed}-{number:04d}",
                          "source": origin})

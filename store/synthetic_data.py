@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
+from imaging.raster import encode_png
 from store import storage
 from store.datasets import MANIFEST_NAME, Dataset, DatasetError
 
@@ -46,13 +46,7 @@ class SyntheticOrigin:
 def encode_images(label: str, images: np.ndarray, version: str, seed: int) -> dict[str, bytes]:
     """``images`` (uint8 ``(n, s, s)``) of class ``label`` as PNG bytes by their file name in the
     dataset (``<class>/<version>-<seed>-<index>.png``)."""
-    files = {}
-    for index, image in enumerate(images):
-        ok, png = cv2.imencode(".png", image)
-        if not ok:
-            raise ValueError(f"could not encode synthetic image {index} as PNG")
-        files[f"{label}/{version}-{seed}-{index:05d}.png"] = png.tobytes()
-    return files
+    return {f"{label}/{version}-{seed}-{index:05d}.png": encode_png(image) for index, image in enumerate(images)}
 
 
 def write_images(out_uri: str, files: dict[str, bytes], workers: int = 8) -> None:

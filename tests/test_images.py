@@ -17,7 +17,8 @@ from PIL import Image
 
 from imaging import decode, decoder_messages
 from imaging.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_image
-from imaging.limits import MAX_DECODED_BYTES
+from imaging.limits import MAX_DECODED_BYTES, MAX_PIXELS
+from imaging.raster import decode_raster, encode_png
 from imaging.sample_scaling import to_uint8
 from tests.conftest import CXR, CXR_FULLSIZE, require_shared_data
 from tests.hostile_files import (
@@ -91,6 +92,17 @@ def test_colour_is_returned_as_rgb_not_bgr():
     bgr[0, 0] = 0
     pixels = decode_image(encode(bgr, ".png"), "red.png")
     assert pixels[5, 5].tolist() == [200, 0, 0]
+
+
+def test_encode_png_round_trips_grayscale_and_rgb():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (70, 90), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    assert encode_png(gray).startswith(b"\x89PNG\r\n\x1a\n")
+    assert np.array_equal(decode_raster(encode_png(gray), "g.png", MAX_PIXELS, MAX_DECODED_BYTES), gray)
+    assert np.array_equal(decode_raster(encode_png(rgb), "c.png", MAX_PIXELS, MAX_DECODED_BYTES), rgb)  # RGB stays RGB
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(gray.astype(np.float32))
 
 
 def test_rgba_drops_alpha_and_keeps_colour():
