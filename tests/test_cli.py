@@ -128,3 +128,127 @@ def test_dataset_json(tmp_path):
 def test_a_missing_settings_file_named_by_cxr_settings_is_refused(tmp_path):
     result = cxr_screen("dataset", str(tmp_path), cwd=tmp_path, CXR_SETTINGS=str(tmp_path / "nope.env"))
     assert result.returncode != 0 and "nope.env" in result.stderr
+
+
+# Options generated from the parameter models (cli/options.py): a default, a bound and a help text
+# are written once, in flows/parameters.py.
+
+MODEL_COMMANDS = {"train": "TrainParameters", "screen": "ScreenParameters", "evaluate": "EvaluateParameters",
+                  "synthesize": "SynthesizeParameters", "audit": "AuditParameters"}
+# The audit's folds train as 'train' does; these training settings are deliberately not its options.
+AUDIT_NOT_OPTIONS = {"model_store_uri", "multiclass", "fine_tune_epochs", "test_fraction", "target_sensitivity",
+                     "augment_head", "horizontal_flip", "class_weights", "scale_mode", "force_promote",
+                     "require_approval", "strata", "balance_strata", "mixed_strata_only", "leave_out", "calibrate",
+                     "head", "bootstrap", "min_auc", "min_specificity", "acceptance_bound", "synthetic_uri",
+                     "synthetic_share"}
+
+
+def click_command(name: str):
+    from typer.main import get_command
+
+    from cli.main import app
+
+    return get_command(app).commands[name]
+
+
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    return CliRunner().invoke(app, list(args), terminal_width=200)
+
+
+@pytest.mark.parametrize("command, model_name", MODEL_COMMANDS.items())
+def test_every_field_is_an_option_with_the_models_default_and_description(command, model_name):
+    from flows import parameters
+
+    model = getattr(parameters, model_name)
+    found = {param.name: param for param in click_command(command).params}
+    left_out = set(model.model_fields) - set(found)
+    assert left_out == (AUDIT_NOT_OPTIONS if command == "audit" else set())
+    for name, field in model.model_fields.items():
+        if name in left_out:
+            continue
+        param = found[name]
+        expected = None if field.default_factory else field.default
+        assert param.required == field.is_required(), name
+        if not field.is_required():
+            assert param.default == expected, name
+        assert param.help in (field.description, f"COL[,COL]: {field.description}"), name
+
+
+def test_help_shows_the_models_description_and_default(monkeypatch):
+    from flows.parameters import ScreenParameters, TrainParameters
+
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def line_of(text: str, option: str) -> str:
+        return next(line for line in text.splitlines() if f" {option} " in line)
+
+    train_help = invoke("train", "--help")
+    assert train_help.exit_code == 0, train_help.output
+    for field, option in [("batch_size", "--batch-size"), ("seed", "--seed"), ("fine_tune_epochs", "--fine-tune-epochs")]:
+        line = line_of(train_help.output, option)
+        assert TrainParameters.describe(field) in line and f"[default: {TrainParameters.default(field)}]" in line
+    line = line_of(train_help.output, "--model-store")  # a location: the option drops _uri
+    assert "Model store (folder or s3://)." in line and "[default: models]" in line
+    assert "--calibrate" in train_help.output and "--no-calibrate" in train_help.output  # on by default: a pair
+    screen_help = invoke("screen", "--help")
+    line = line_of(screen_help.output, "--chunk-size")
+    assert ScreenParameters.describe("chunk_size") in line and "[default: 256]" in line
+    assert "env var: CXR_SCREEN_CHUNK_SIZE" in screen_help.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "data", "--batch-size", "0"], ["--batch-size", "greater than or equal to 1"]),
+    (["train", "data", "--test-fraction", "1"], ["--test-fraction", "less than 1"]),
+    (["train", "data", "--head", "forest"], ["--head", "'linear' or 'mlp'"]),
+    (["train", "data", "--leave-out", "sex"], ["--leave-out", "pattern"]),
+    (["train", "data", "--synthetic-share", "0.3"], ["--synthetic-share", "only with --synthetic"]),
+    (["evaluate", "data", "--where", "sex"], ["--where", "'sex'"]),
+    (["synthesize", "data", "--out", "o", "--image-size", "100"], ["--image-size", "64, 128 or 256"]),
+    (["audit", "data", "--by", "site", "--epochs", "0"], ["--epochs"]),
+])
+def test_a_bad_value_is_a_usage_error_naming_the_option(args, words):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    text = " ".join(result.output[result.output.index(line):].split())
+    assert all(word in text for word in words), text
+
+
+def test_a_bad_value_from_the_environment_names_its_variable(monkeypatch):
+    monkeypatch.setenv("CXR_TRAIN_EPOCHS", "0")
+    result = invoke("train", "data")
+    assert result.exit_code == 2 and "--epochs (from CXR_TRAIN_EPOCHS)" in " ".join(result.output.split())
+
+
+def test_only_what_was_given_reaches_the_model():
+    import typer
+    from typer.testing import CliRunner
+
+    from cli.options import OptionSpec, parameters_command
+    from flows.parameters import EvaluateParameters
+
+    seen = {}
+
+    @parameters_command(EvaluateParameters, arguments=["dataset_uri"],
+                        specs={"strata": OptionSpec(comma_separated="COL[,COL]"), "seed": OptionSpec(envvar="TEST_SEED")})
+    def evaluate(params: EvaluateParameters, as_json: bool = typer.Option(False, "--json")) -> None:
+        seen.update(params=params, as_json=as_json)
+
+    app = typer.Typer()
+    app.command()(evaluate)
+    app.command()(lambda: None)  # two commands, so that the name is needed
+    result = CliRunner().invoke(app, ["evaluate", "site", "--strata", "sex, view", "--where", "sex=F", "--where",
+                                      "view=PA", "--model-store", "s3://b/models", "--json"], env={"TEST_SEED": "7"})
+    assert result.exit_code == 0, result.output
+    params = seen["params"]
+    assert seen["as_json"] is True
+    assert params.strata == ["sex", "view"] and params.where == ["sex=F", "view=PA"] and params.seed == 7
+    assert params.model_store_uri == "s3://b/models"
+    assert params.model_fields_set == {"dataset_uri", "strata", "where", "model_store_uri", "seed"}
+    assert params.bootstrap == EvaluateParameters.default("bootstrap")
+    with pytest.raises(ValueError, match="no field"):
+        parameters_command(EvaluateParameters, specs={"stratum": OptionSpec()})
