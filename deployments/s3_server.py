@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import json
 import os
@@ -42,6 +41,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from store.clock import utc_timestamp
 
 __all__ = ["SNAPSHOT", "SUMMARY", "main", "read_summary"]
 
@@ -120,8 +121,7 @@ def _summarize(backends) -> dict:
         for name, bucket in backend.buckets.items():
             current = [key for key in bucket.keys.values() if isinstance(key, FakeKey)]
             buckets[name] = {"objects": len(current), "bytes": sum(key.size for key in current)}
-    return {"saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "buckets": buckets}
+    return {"saved_at": utc_timestamp(), "buckets": buckets}
 
 
 def _write_private(path: Path, data: bytes) -> None:

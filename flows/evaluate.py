@@ -10,12 +10,12 @@ and under ``output_uri``. With CXR_REQUIRE_EVALUATION=true a version serves only
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from prefect import flow
 
 from flows.parameters import EvaluateParameters
 from store import storage
+from store.clock import utc_timestamp
 from store.evaluations import new_evaluation_id
 from tasks.site_evaluation import criteria_for, evaluation_record, load_version, measure, publish_evaluation, select_images
 from tasks.train_steps import discover, load_labelled
@@ -46,6 +46,6 @@ def evaluate(params: EvaluateParameters) -> SiteEvaluation:
     figures, reliability = measure(model, card, loaded, selection, params.strata, criteria, params.bootstrap,
                                    params.seed)
     record = evaluation_record(new_evaluation_id(), card, card_digest, params.dataset_uri, loaded, selection, figures,
-                               params.bootstrap, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                               params.bootstrap, utc_timestamp())
     written, outputs = publish_evaluation(params.model_store_uri, card, record, reliability, params.output_uri)
     return SiteEvaluation(written, outputs)

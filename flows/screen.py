@@ -23,9 +23,10 @@ from flows.parameters import ScreenParameters
 from screening import leases
 from screening.results import RunSummary
 from store import storage
+from store.clock import utc_timestamp
 from store.loading import InputLimits
 from tasks.screen_chunks import ChunkResult, chunked, find_inputs, screen_chunk
-from tasks.screen_steps import new_run_id, not_yet_screened, now, recover_abandoned_runs, resolve_model, write_run_outputs
+from tasks.screen_steps import new_run_id, not_yet_screened, recover_abandoned_runs, resolve_model, write_run_outputs
 
 # Process-local listeners of (screened so far, to screen), for progress bars in the command line.
 progress_listeners: list[Callable[[int, int], None]] = []
@@ -44,7 +45,7 @@ def screen(params: ScreenParameters) -> RunSummary:
     card = resolve_model(params.model_store_uri, params.model_version)
     run = RunSummary(new_run_id(), card.version, model_store_uri=params.model_store_uri,
                      incoming_uri=params.incoming_uri, flow_run_id=str(flow_run.get_id() or ""),
-                     started_at=now())
+                     started_at=utc_timestamp())
     run.recovered_runs = recover_abandoned_runs(results, run.run_id, params.abandoned_after_minutes)
 
     inputs = find_inputs(params.incoming_uri, exclude=[results, params.model_store_uri])
@@ -70,7 +71,7 @@ def screen(params: ScreenParameters) -> RunSummary:
             run.status = "failed"
             raise
         finally:
-            run.finished_at, run.seconds = now(), round(time.perf_counter() - started, 3)
+            run.finished_at, run.seconds = utc_timestamp(), round(time.perf_counter() - started, 3)
             run = write_run_outputs(results, run, card)
             logger.info("Run %s %s: %d screened, %d flagged, %d rejected. Report: %s", run.run_id, run.status,
                         run.screened, run.flagged, run.rejected, run.outputs["report.html"])

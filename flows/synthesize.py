@@ -9,14 +9,13 @@ write the images, the generator bundle that vouches for them and the dataset's m
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 from prefect import flow
 
 from flows.parameters import SynthesizeParameters
 from model.gan import GanConfig, generate
 from model.preprocessing import Preprocessing
 from store import registry
+from store.clock import utc_timestamp
 from tasks.synthesis import (
     Synthesis,
     check_request,
@@ -62,7 +61,7 @@ def synthesize(params: SynthesizeParameters) -> Synthesis:
     refuse_if_memorised(quality, params.dataset_uri)
 
     card = describe_generator(version, generator, quality, dataset, loaded, split, params.test_fraction, params.seed,
-                              target, len(published), out_uri, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                              target, len(published), out_uri, utc_timestamp())
     synthesis = publish_synthesis(params.generator_store_uri, out_uri, card, generator, quality, published)
     report_synthesis(synthesis)
     return synthesis

@@ -19,10 +19,11 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from screening.results import ResultsLayout, RunSummary
 from store import storage
+from store.clock import utc_now, utc_timestamp
 
 __all__ = ["ABANDONED_AFTER", "RENEW_EVERY_SECONDS", "abandoned_runs", "close_run", "kept_alive", "open_run", "renew", "renew_quietly"]
 
@@ -34,14 +35,10 @@ ABANDONED_AFTER = timedelta(minutes=30)
 RENEW_EVERY_SECONDS = 60
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def open_run(results_uri: str, summary: RunSummary) -> None:
     """Writes the lease of a starting run. Its summary (model, incoming location...) lets a later
     run write this run's outputs should it die: locations in it must be absolute."""
-    lease = {**summary.to_dict(), "renewed_at": _now()}
+    lease = {**summary.to_dict(), "renewed_at": utc_timestamp()}
     storage.write_bytes(ResultsLayout(results_uri).lease(summary.run_id), json.dumps(lease, indent=2).encode())
 
 
@@ -58,7 +55,7 @@ def renew(results_uri: str, run_id: str) -> None:
     if not isinstance(lease, dict):
         logger.error("%s is not a run lease (a JSON object was expected); not renewed", uri)
         return
-    lease["renewed_at"] = _now()
+    lease["renewed_at"] = utc_timestamp()
     storage.write_bytes(uri, json.dumps(lease, indent=2).encode())
 
 
@@ -101,7 +98,7 @@ def abandoned_runs(results_uri: str, after: timedelta = ABANDONED_AFTER, *,
     last renewal: leases not renewed for ``after``, and leases whose flow run ``finished`` says is
     over (a final state in Prefect: it cannot still be writing). ``current_run_id``'s own lease is
     never among them."""
-    cutoff = datetime.now(timezone.utc) - after
+    cutoff = utc_now() - after
     dead = []
     for uri in storage.list_files(ResultsLayout(results_uri).leases, {".json"}, missing_ok=True):
         lease = _read_lease(results_uri, uri)

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import numpy as np
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -29,6 +29,7 @@ from model.bundle import BundleError, ModelCard
 from screening import drift, ledger
 from screening.results import PredictionRow, ResultsLayout, RunSummary, probability_column
 from store import registry, storage
+from store.clock import utc_now
 from templates import render
 
 __all__ = ["DISCLAIMER", "LINK_SECONDS", "MAX_FLAGGED", "MAX_REJECTED", "MODEL_FIGURES", "Link", "model_figures",
@@ -309,7 +310,7 @@ def shared_link(uri: str, seconds: int = LINK_SECONDS) -> Link | None:
         return None
     expires = None
     if signed:
-        expires = (datetime.now(timezone.utc) + timedelta(seconds=seconds)).strftime("%Y-%m-%d %H:%M UTC")
+        expires = (utc_now() + timedelta(seconds=seconds)).strftime("%Y-%m-%d %H:%M UTC")
     return Link(href, expires)
 
 

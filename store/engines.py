@@ -18,11 +18,11 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from datetime import datetime, timezone
 
 from model.bundle import BundleError, ModelCard, sign
 from model.inference import ENGINES, GATE, INT8_FILES, REDUCED_DECODE, EngineCheck, passes_gate
 from store import registry, storage
+from store.clock import utc_timestamp
 
 __all__ = ["ENGINE_FILES", "ENGINES_FILE", "ENGINES_SIGNATURE", "load_artifacts", "record_checks",
            "reduced_decode_allowed", "validated_engines"]
@@ -42,7 +42,7 @@ def record_checks(store_uri: str, card: ModelCard, checks: Sequence[EngineCheck]
     for name, content in artifacts.items():
         storage.write_bytes(storage.join(folder, name), content)
     data = json.dumps({"model_version": card.version, "model_sha256": card.model_sha256, "gate": GATE,
-                       "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "checked_at": utc_timestamp(),
                        "checks": {check.engine: check.to_dict() for check in checks},
                        "files": {name: hashlib.sha256(content).hexdigest() for name, content in artifacts.items()}},
                       indent=2, sort_keys=True).encode()

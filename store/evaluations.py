@@ -25,7 +25,6 @@ import math
 import os
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -33,6 +32,7 @@ from model.acceptance import Verdict
 from model.bundle import BundleError, ModelCard, is_safe_name, sign
 from model.site_evaluation import evaluation_problem, verdict_of
 from store import registry, storage
+from store.clock import utc_now
 
 __all__ = ["EVALUATION", "EVALUATIONS", "REQUIRE_VARIABLE", "EvaluationRequired", "StoredEvaluation", "card_sha256",
            "evaluation_folder", "evaluation_required", "list_evaluations", "new_evaluation_id", "require_passing",
@@ -77,7 +77,7 @@ def evaluation_required() -> bool:
 
 def new_evaluation_id() -> str:
     """Sortable by time, unique across concurrent evaluations."""
-    return datetime.now(timezone.utc).strftime("e%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    return utc_now().strftime("e%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 def evaluation_folder(store_uri: str, version: str, evaluation_id: str) -> str:

@@ -22,13 +22,13 @@ import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import keras
 
 from model.bundle import BundleError, ModelCard, check_file, file_digests, is_safe_name, model_from_bytes, sign, signature_matches
 from model.inference import INT8_FILES
 from store import storage
+from store.clock import utc_now, utc_timestamp
 
 __all__ = ["CARD", "PRODUCTION", "SIGNATURE", "SIGNING_KEY_VARIABLE", "Production", "PromotionConflict",
            "list_versions", "load_card", "load_model", "new_version", "operator", "production_version",
@@ -56,7 +56,7 @@ def signing_key() -> bytes | None:
 
 def new_version() -> str:
     """Sortable by time, unique across concurrent trainings."""
-    return datetime.now(timezone.utc).strftime("v%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    return utc_now().strftime("v%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 def publish(store_uri: str, version: str, files: dict[str, bytes], card: ModelCard) -> str:
@@ -230,7 +230,7 @@ def set_production(store_uri: str, version: str, reason: str, *, by: str | None 
         return None
     verify_bundle(store_uri, version).spec()
     entry = {"action": action, "version": version, "previous": seen.version, "reason": reason,
-             "by": by or operator(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+             "by": by or operator(), "at": utc_timestamp()}
     record = {"version": version, "previous": seen.version, "reason": reason, "promoted_at": entry["at"],
               "promoted_by": entry["by"], "history": [*seen.history, entry]}
     uri = storage.join(store_uri, PRODUCTION)

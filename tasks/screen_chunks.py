@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
 import cv2
@@ -36,6 +35,7 @@ from model.inference import Predictor, fastest, make_predictor
 from screening import leases, ledger
 from screening.results import PredictionRow, ResultsLayout
 from store import registry, storage
+from store.clock import utc_timestamp
 from store.engines import load_artifacts, reduced_decode_allowed, validated_engines
 from store.loading import InputLimits, LoadedImage, load_image
 from tasks.retrying import io_step
@@ -152,10 +152,6 @@ def _rounded(value: float) -> float | None:
     return None if np.isnan(value) else round(float(value), 4)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def screen_images(
     uris: Sequence[str], loaded_model: LoadedModel, batch_size: int = 16, workers: int | None = None,
     explain: str = "flagged", limits: InputLimits = InputLimits(),
@@ -184,7 +180,7 @@ def screen_images(
         predicted = predict_classes(probabilities, card.classes, card.positive_class, card.threshold)
         chosen = {"all": np.ones(len(batch), bool), "flagged": flagged, "none": np.zeros(len(batch), bool)}[explain]
         cams = dict(zip(np.flatnonzero(chosen), grad_cam(model, pixels[chosen], spec, positive))) if chosen.any() else {}
-        now = _now()
+        now = utc_timestamp()
         for index, (item, p) in enumerate(zip(batch, probabilities)):
             cam = cams.get(index)
             yield PredictionRow(
@@ -206,7 +202,7 @@ def screen_images(
                 yield PredictionRow(
                     image_uri=loaded.uri, sha256=loaded.sha256, status="rejected", reason=loaded.reason or "",
                     model_version=card.version, predicted_class="", probabilities=dict.fromkeys(card.classes),
-                    flagged=False, screened_at=_now(), final=loaded.final, **_study_fields(loaded.study))
+                    flagged=False, screened_at=utc_timestamp(), final=loaded.final, **_study_fields(loaded.study))
             else:
                 batch.append(loaded)
                 if len(batch) == batch_size:

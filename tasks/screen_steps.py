@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from prefect import get_run_logger, task
 
@@ -13,6 +13,7 @@ from model.bundle import ModelCard
 from screening import leases, ledger, reports
 from screening.results import ResultsLayout, RunSummary, entry_key
 from store import evaluations, registry
+from store.clock import utc_now, utc_timestamp
 from tasks.retrying import io_step
 
 __all__ = ["flow_run_finished", "new_run_id", "not_yet_screened", "recover_abandoned_runs", "resolve_model",
@@ -22,11 +23,7 @@ _logger = logging.getLogger(__name__)  # for helpers that may run outside a Pref
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return utc_now().strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
 
 
 @task(**io_step())
@@ -90,7 +87,7 @@ def recover_abandoned_runs(results_uri: str, run_id: str, after_minutes: float =
 def _recover(results_uri: str, dead: RunSummary, run_id: str) -> int:
     """Writes a dead run's outputs from its rows and closes its lease; returns its row count."""
     card = registry.load_card(dead.model_store_uri, dead.model_version)
-    dead.status, dead.recovered_by, dead.recovered_at, dead.seconds = "abandoned", run_id, now(), None
+    dead.status, dead.recovered_by, dead.recovered_at, dead.seconds = "abandoned", run_id, utc_timestamp(), None
     rows = reports.read_run_rows(results_uri, dead.run_id, card)
     summary = reports.write_outputs(results_uri, rows, card, dead.tally(rows, card.classes, card.threshold))
     dead.outputs = summary.outputs
