@@ -89,6 +89,15 @@ def s3_bucket(moto_server) -> str:
     return f"s3://{name}"
 
 
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path) -> str:
+    """A fresh, empty root, once as a local folder and once as a prefix of a new bucket on the moto
+    server: a test that takes it runs on both (ids ``[local]`` and ``[s3]``)."""
+    if request.param == "local":
+        return str(tmp_path / "location")
+    return request.getfixturevalue("s3_bucket") + "/location"
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """One temporary Prefect API for the whole session (starting one costs ~15 s)."""

@@ -150,38 +150,31 @@ def test_publishing_an_existing_version_leaves_its_files_alone(tmp_path, model_b
 # --- the manifest ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "models")
-    return request.getfixturevalue("s3_bucket") + "/models"
-
-
-def test_the_card_lists_the_sha256_of_every_other_file(store, model_bytes):
-    publish(store, model_bytes)
-    card = registry.verify_bundle(store)
+def test_the_card_lists_the_sha256_of_every_other_file(location, model_bytes):
+    publish(location, model_bytes)
+    card = registry.verify_bundle(location)
     assert card.files == {name: hashlib.sha256(data).hexdigest() for name, data in bundle_files(model_bytes).items()}
-    model, loaded = registry.load_model(store)
+    model, loaded = registry.load_model(location)
     assert loaded == card and model.output_shape == (None, 2)
 
 
 @pytest.mark.parametrize("name", ["model.keras", "history.json", "curves.png", "card.md"])
-def test_a_tampered_file_of_any_kind_is_refused(store, model_bytes, name):
-    folder = publish(store, model_bytes)
+def test_a_tampered_file_of_any_kind_is_refused(location, model_bytes, name):
+    folder = publish(location, model_bytes)
     uri = storage.join(folder, name)
     data = storage.read_bytes(uri)
     storage.write_bytes(uri, data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(BundleError, match=f"{name} has sha256 .* the file is damaged or was replaced"):
-        registry.verify_bundle(store)
+        registry.verify_bundle(location)
     if name == "model.keras":
         with pytest.raises(BundleError, match="model.keras has sha256"):
-            registry.load_model(store)
-        registry.verify_bundle(store, include_model=False)  # left to load_model, which checks it anyway
+            registry.load_model(location)
+        registry.verify_bundle(location, include_model=False)  # left to load_model, which checks it anyway
     else:
         with pytest.raises(BundleError, match=f"{name} has sha256"):
-            registry.verify_bundle(store, include_model=False)
+            registry.verify_bundle(location, include_model=False)
         with pytest.raises(BundleError, match=f"{name} has sha256"):
-            registry.read_file(store, registry.load_card(store), name)
+            registry.read_file(location, registry.load_card(location), name)
 
 
 def test_a_file_removed_from_a_bundle_is_refused_and_one_added_is_named(tmp_path, model_bytes, caplog):
@@ -221,12 +214,12 @@ def test_a_bundle_from_before_manifests_loads_with_a_warning_and_its_model_still
 # --- signatures ---------------------------------------------------------------------------------------
 
 
-def test_a_signed_bundle_loads_with_its_key(store, model_bytes, monkeypatch):
+def test_a_signed_bundle_loads_with_its_key(location, model_bytes, monkeypatch):
     monkeypatch.setenv(registry.SIGNING_KEY_VARIABLE, KEY)
-    folder = publish(store, model_bytes)
+    folder = publish(location, model_bytes)
     assert storage.read_bytes(storage.join(folder, registry.SIGNATURE)).startswith(b"hmac-sha256:")
-    model, card = registry.load_model(store)
-    assert registry.verify_bundle(store) == card
+    model, card = registry.load_model(location)
+    assert registry.verify_bundle(location) == card
 
 
 def test_with_a_key_set_a_wrong_or_missing_signature_refuses_the_bundle(tmp_path, model_bytes, monkeypatch):
@@ -268,18 +261,18 @@ def test_without_a_key_signatures_are_not_checked(tmp_path, model_bytes, monkeyp
 
 
 @pytest.mark.parametrize("name", ["model.keras", "card.md"])
-def test_a_damaged_bundle_is_never_made_production(store, model_bytes, name):
-    publish(store, model_bytes, "v1")
-    folder = registry.publish(store, "v2", bundle_files(model_bytes), make_card(model_bytes, "v2"))
+def test_a_damaged_bundle_is_never_made_production(location, model_bytes, name):
+    publish(location, model_bytes, "v1")
+    folder = registry.publish(location, "v2", bundle_files(model_bytes), make_card(model_bytes, "v2"))
     uri = storage.join(folder, name)
     data = storage.read_bytes(uri)
     storage.write_bytes(uri, data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(BundleError, match=f"{name} has sha256"):
-        registry.set_production(store, "v2", "better")
+        registry.set_production(location, "v2", "better")
     storage.delete(uri)
     with pytest.raises(BundleError, match=f"{name} missing"):
-        registry.set_production(store, "v2", "better")
-    assert registry.production_version(store) == "v1"
+        registry.set_production(location, "v2", "better")
+    assert registry.production_version(location) == "v1"
 
 
 def test_with_a_key_set_an_unsigned_bundle_is_never_made_production(tmp_path, model_bytes, monkeypatch):

@@ -20,61 +20,54 @@ from store.datasets import (
 from tests.conftest import CXR, require_shared_data
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "dataset")
-    return request.getfixturevalue("s3_bucket") + "/dataset"
-
-
 def write(root: str, name: str, data: bytes = b"x") -> str:
     uri = storage.join(root, name)
     storage.write_bytes(uri, data)
     return uri
 
 
-def test_class_folders_are_case_insensitive_and_stray_files_ignored(root):
-    write(root, "COVID/a.png", b"1")
-    write(root, "covid/b.jpg", b"2")
-    write(root, "Normal/c.jpeg", b"3")
-    write(root, "readme.txt")
-    write(root, "loose.png")
-    write(root, "normal/notes.txt")
-    dataset = discover_dataset(root)
+def test_class_folders_are_case_insensitive_and_stray_files_ignored(location):
+    write(location, "COVID/a.png", b"1")
+    write(location, "covid/b.jpg", b"2")
+    write(location, "Normal/c.jpeg", b"3")
+    write(location, "readme.txt")
+    write(location, "loose.png")
+    write(location, "normal/notes.txt")
+    dataset = discover_dataset(location)
     assert dataset.source == "folders"
     assert dataset.class_counts == {"covid": 2, "normal": 1}
-    assert sorted(storage.relative_to(u, root) for u in dataset.ignored) == [
+    assert sorted(storage.relative_to(u, location) for u in dataset.ignored) == [
         "loose.png",
         "normal/notes.txt",
         "readme.txt",
     ]
 
 
-def test_manifest_with_patients(root):
-    write(root, "img/1.png", b"1")
-    write(root, "img/2.png", b"2")
-    write(root, "img/3.png", b"3")
-    write(root, "manifest.csv", b"file,class,patient_id,age\nimg/1.png,COVID,p1,50\nimg/2.png,normal,p1,50\nimg/3.png,normal,,9\n")
-    dataset = discover_dataset(root)
+def test_manifest_with_patients(location):
+    write(location, "img/1.png", b"1")
+    write(location, "img/2.png", b"2")
+    write(location, "img/3.png", b"3")
+    write(location, "manifest.csv", b"file,class,patient_id,age\nimg/1.png,COVID,p1,50\nimg/2.png,normal,p1,50\nimg/3.png,normal,,9\n")
+    dataset = discover_dataset(location)
     assert dataset.source == "manifest"
-    assert [(storage.relative_to(i.uri, root), i.label, i.patient_id) for i in dataset.items] == [
+    assert [(storage.relative_to(i.uri, location), i.label, i.patient_id) for i in dataset.items] == [
         ("img/1.png", "covid", "p1"),
         ("img/2.png", "normal", "p1"),
         ("img/3.png", "normal", None),
     ]
 
 
-def test_manifest_naming_missing_files_is_an_error_that_names_them(root):
-    write(root, "a.png")
-    write(root, "manifest.csv", b"file,class\na.png,covid\ngone.png,normal\n")
+def test_manifest_naming_missing_files_is_an_error_that_names_them(location):
+    write(location, "a.png")
+    write(location, "manifest.csv", b"file,class\na.png,covid\ngone.png,normal\n")
     with pytest.raises(DatasetError, match=r"1 listed file\(s\) not found.*gone\.png"):
-        discover_dataset(root)
+        discover_dataset(location)
 
 
-def test_manifest_without_required_columns(root):
-    write(root, "manifest.csv", b"path,label\na.png,covid\n")
+def test_manifest_without_required_columns(location):
+    write(location, "manifest.csv", b"path,label\na.png,covid\n")
     with pytest.raises(DatasetError, match="missing column.*class, file"):
-        discover_dataset(root)
+        discover_dataset(location)
 
 
 def test_empty_dataset_says_what_was_expected(tmp_path):
@@ -94,10 +87,10 @@ def test_fingerprint_depends_on_content_and_labels_not_names_or_order():
         fingerprint([LabelledImage("x", "covid")])
 
 
-def test_hash_images_reads_content(root):
+def test_hash_images_reads_content(location):
     import hashlib
 
-    uri = write(root, "covid/a.png", b"pixels")
+    uri = write(location, "covid/a.png", b"pixels")
     (item,) = hash_images([LabelledImage(uri, "covid")])
     assert item.sha256 == hashlib.sha256(b"pixels").hexdigest()
 

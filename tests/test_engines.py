@@ -25,35 +25,30 @@ def check(passed: bool = True, agreement: float = 1.0, auc: float | None = 0.001
 INT8 = {"model-int8.xml": b"<net/>", "model-int8.bin": b"\x00" * 16}
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> str:
-    return str(tmp_path / "models") if request.param == "local" else request.getfixturevalue("s3_bucket") + "/models"
+def test_a_passing_engine_may_serve(location):
+    engines.record_checks(location, card(), [check()])
+    assert engines.validated_engines(location, card()) == (["fp32", "bf16"], "not checked: int8")
 
 
-def test_a_passing_engine_may_serve(store):
-    engines.record_checks(store, card(), [check()])
-    assert engines.validated_engines(store, card()) == (["fp32", "bf16"], "not checked: int8")
-
-
-def test_without_checks_only_fp32_and_the_note_says_how_to_check(store):
-    allowed, note = engines.validated_engines(store, card())
+def test_without_checks_only_fp32_and_the_note_says_how_to_check(location):
+    allowed, note = engines.validated_engines(location, card())
     assert allowed == ["fp32"] and "cxr-screen validate-engines v1" in note
 
 
-def test_a_failed_engine_is_never_used_and_the_note_says_why(store):
-    engines.record_checks(store, card(), [check(passed=False, agreement=0.97)])
-    allowed, note = engines.validated_engines(store, card())
+def test_a_failed_engine_is_never_used_and_the_note_says_why(location):
+    engines.record_checks(location, card(), [check(passed=False, agreement=0.97)])
+    allowed, note = engines.validated_engines(location, card())
     assert allowed == ["fp32"] and "bf16 failed the gate" in note and "97.0%" in note
 
 
-def test_a_forged_verdict_is_not_believed(store):
-    engines.record_checks(store, card(), [check(passed=True, agreement=0.9)])  # figures that fail the gate
-    assert engines.validated_engines(store, card())[0] == ["fp32"]
+def test_a_forged_verdict_is_not_believed(location):
+    engines.record_checks(location, card(), [check(passed=True, agreement=0.9)])  # figures that fail the gate
+    assert engines.validated_engines(location, card())[0] == ["fp32"]
 
 
-def test_checks_of_another_model_are_ignored(store):
-    engines.record_checks(store, card(sha="cd" * 32), [check()])
-    allowed, note = engines.validated_engines(store, card())
+def test_checks_of_another_model_are_ignored(location):
+    engines.record_checks(location, card(sha="cd" * 32), [check()])
+    allowed, note = engines.validated_engines(location, card())
     assert allowed == ["fp32"] and "checks of another model" in note
 
 
@@ -68,42 +63,42 @@ BAD_FIGURES = {"engine": "bf16", "images": 100, "flag_agreement": "0.999", "max_
                                         "bf16": {**BAD_FIGURES, "flag_agreement": True}}}).encode(),
                                     json.dumps({"model_version": "v1", "model_sha256": SHA, "checks": {
                                         "bf16": {"engine": "bf16", "surprise": 1}}}).encode()])
-def test_a_damaged_record_means_fp32_only(store, damage):
-    storage.write_bytes(storage.join(store, "v1", engines.ENGINES_FILE), damage)
-    allowed, note = engines.validated_engines(store, card())
+def test_a_damaged_record_means_fp32_only(location, damage):
+    storage.write_bytes(storage.join(location, "v1", engines.ENGINES_FILE), damage)
+    allowed, note = engines.validated_engines(location, card())
     assert allowed == ["fp32"] and "not an engine record" in note
 
 
-def test_with_a_signing_key_only_signed_checks_count(store, monkeypatch):
-    engines.record_checks(store, card(), [check()])  # unsigned
+def test_with_a_signing_key_only_signed_checks_count(location, monkeypatch):
+    engines.record_checks(location, card(), [check()])  # unsigned
     monkeypatch.setenv("CXR_MODEL_SIGNING_KEY", "secret")
-    allowed, note = engines.validated_engines(store, card())
+    allowed, note = engines.validated_engines(location, card())
     assert allowed == ["fp32"] and "not signed" in note
-    engines.record_checks(store, card(), [check()])
-    assert engines.validated_engines(store, card())[0] == ["fp32", "bf16"]
+    engines.record_checks(location, card(), [check()])
+    assert engines.validated_engines(location, card())[0] == ["fp32", "bf16"]
     monkeypatch.setenv("CXR_MODEL_SIGNING_KEY", "another")
-    assert "signature does not match" in engines.validated_engines(store, card())[1]
+    assert "signature does not match" in engines.validated_engines(location, card())[1]
 
 
-def test_int8_serves_only_with_its_files_as_recorded(store):
-    engines.record_checks(store, card(), [check(), check(engine="int8")], INT8)
-    assert engines.validated_engines(store, card())[0] == ["fp32", "bf16", "int8"]
-    assert engines.load_artifacts(store, card(), "int8") == INT8
-    assert engines.load_artifacts(store, card(), "bf16") is None
-    storage.write_bytes(storage.join(store, "v1", "model-int8.bin"), b"\x01" * 16)
+def test_int8_serves_only_with_its_files_as_recorded(location):
+    engines.record_checks(location, card(), [check(), check(engine="int8")], INT8)
+    assert engines.validated_engines(location, card())[0] == ["fp32", "bf16", "int8"]
+    assert engines.load_artifacts(location, card(), "int8") == INT8
+    assert engines.load_artifacts(location, card(), "bf16") is None
+    storage.write_bytes(storage.join(location, "v1", "model-int8.bin"), b"\x01" * 16)
     with pytest.raises(BundleError, match="model-int8.bin: does not match its sha256"):
-        engines.load_artifacts(store, card(), "int8")
+        engines.load_artifacts(location, card(), "int8")
 
 
-def test_an_int8_check_without_its_files_does_not_serve(store):
-    engines.record_checks(store, card(), [check(engine="int8")])
-    assert engines.validated_engines(store, card())[0] == ["fp32"]
+def test_an_int8_check_without_its_files_does_not_serve(location):
+    engines.record_checks(location, card(), [check(engine="int8")])
+    assert engines.validated_engines(location, card())[0] == ["fp32"]
 
 
-def test_reduced_decoding_is_used_only_after_it_passed_the_gate(store):
-    assert not engines.reduced_decode_allowed(store, card())
-    engines.record_checks(store, card(), [check(engine="reduced-jpeg", agreement=0.98)])
-    assert not engines.reduced_decode_allowed(store, card())
-    engines.record_checks(store, card(), [check(), check(engine="reduced-jpeg")])
-    assert engines.reduced_decode_allowed(store, card())
-    assert engines.validated_engines(store, card())[0] == ["fp32", "bf16"]  # a shortcut, not an engine
+def test_reduced_decoding_is_used_only_after_it_passed_the_gate(location):
+    assert not engines.reduced_decode_allowed(location, card())
+    engines.record_checks(location, card(), [check(engine="reduced-jpeg", agreement=0.98)])
+    assert not engines.reduced_decode_allowed(location, card())
+    engines.record_checks(location, card(), [check(), check(engine="reduced-jpeg")])
+    assert engines.reduced_decode_allowed(location, card())
+    assert engines.validated_engines(location, card())[0] == ["fp32", "bf16"]  # a shortcut, not an engine

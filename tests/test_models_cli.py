@@ -27,13 +27,6 @@ def model_bytes() -> bytes:
     return model_to_bytes(build_classifier(2, 32, None))
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "models")
-    return request.getfixturevalue("s3_bucket") + "/models"
-
-
 def publish(store: str, model: bytes, version: str, *, auc: float = 0.9, promotion: dict | None = None,
             warnings: list[str] | None = None) -> str:
     """A small bundle, registered (not promoted), made on the 2nd + n-th day for version vn."""
@@ -64,38 +57,38 @@ def pointer(store: str) -> dict:
     return json.loads(storage.read_bytes(storage.join(store, registry.PRODUCTION)))
 
 
-def test_list_show_promote_and_rollback_record_who_and_why(store, model_bytes):
+def test_list_show_promote_and_rollback_record_who_and_why(location, model_bytes):
     for version in ("v1", "v2", "v3"):
-        publish(store, model_bytes, version, auc=(80 + int(version[1])) / 100,
+        publish(location, model_bytes, version, auc=(80 + int(version[1])) / 100,
                 warnings=["within site AUC 0.50 far below 0.95"] if version == "v3" else None)
-    assert models("promote", "v1", "--reason", "first model", "--by", "alice", store=store).exit_code == 0
+    assert models("promote", "v1", "--reason", "first model", "--by", "alice", store=location).exit_code == 0
 
-    listed = as_json("list", store=store)
+    listed = as_json("list", store=location)
     assert listed["production"] == "v1"
     assert [(row["version"], row["status"], row["auc"]) for row in listed["versions"]] == [
         ("v1", "production", 0.81), ("v2", "not promoted", 0.82), ("v3", "not promoted", 0.83)]
     assert listed["versions"][2]["warnings"] == ["within site AUC 0.50 far below 0.95"]
-    text = models("list", store=store).stdout
+    text = models("list", store=location).stdout
     assert "v1" in text and "production" in text and "0.820" in text and "Production: v1" in text
     assert "Shortcut warning v3: within site AUC 0.50 far below 0.95" in " ".join(text.split())
 
-    promoted = models("promote", "v2", "--reason", "better on site B", store=store)
+    promoted = models("promote", "v2", "--reason", "better on site B", store=location)
     assert promoted.exit_code == 0 and "v2 is production now (was v1)" in promoted.stdout
-    changed = as_json("promote", "v3", "--reason", "newest", "--by", "bob", store=store)
+    changed = as_json("promote", "v3", "--reason", "newest", "--by", "bob", store=location)
     assert changed["changed"] and changed["version"] == "v3" and changed["previous"] == "v2" and changed["by"] == "bob"
-    same = as_json("promote", "v3", "--reason", "again", store=store)
+    same = as_json("promote", "v3", "--reason", "again", store=location)
     assert same == {"changed": False, "version": "v3"}
 
     # Rolling back walks back through the versions production has been, not to and fro.
-    assert models("rollback", "--reason", "v3 flags too many", "--by", "carol", store=store).exit_code == 0
-    assert registry.production_version(store) == "v2"
-    statuses = {row["version"]: row["status"] for row in as_json("list", store=store)["versions"]}
+    assert models("rollback", "--reason", "v3 flags too many", "--by", "carol", store=location).exit_code == 0
+    assert registry.production_version(location) == "v2"
+    statuses = {row["version"]: row["status"] for row in as_json("list", store=location)["versions"]}
     assert statuses == {"v1": "previous", "v2": "production", "v3": "retired"}
-    assert as_json("rollback", "--reason", "v2 too", store=store)["version"] == "v1"
-    ended = models("rollback", "--reason", "and again", store=store)
+    assert as_json("rollback", "--reason", "v2 too", store=location)["version"] == "v1"
+    ended = models("rollback", "--reason", "and again", store=location)
     assert ended.exit_code == 3 and "nothing to roll back to: production is v1" in ended.stderr
 
-    record = pointer(store)
+    record = pointer(location)
     assert (record["version"], record["previous"], record["reason"]) == ("v1", "v2", "v2 too")
     assert [(e["action"], e["version"], e["previous"], e["reason"]) for e in record["history"]] == [
         ("promote", "v1", None, "first model"), ("promote", "v2", "v1", "better on site B"),
@@ -104,11 +97,11 @@ def test_list_show_promote_and_rollback_record_who_and_why(store, model_bytes):
     assert [e["by"] for e in record["history"]][:4] == ["alice", registry.operator(), "bob", "carol"]
     assert all(e["at"].endswith("+00:00") for e in record["history"])
 
-    shown = as_json("show", "v2", store=store)
+    shown = as_json("show", "v2", store=location)
     assert shown["version"] == "v2" and shown["threshold"] == 0.4 and shown["registry"]["status"] == "retired"
     assert [e["reason"] for e in shown["registry"]["history"]] == [
         "better on site B", "newest", "v3 flags too many", "v2 too"]
-    text = " ".join(models("show", "production", store=store).stdout.split())
+    text = " ".join(models("show", "production", store=location).stdout.split())
     assert "Model v1: production" in text and "AUC 0.810" in text
     assert "made production by promote (alice: first model)" in text
 
@@ -156,36 +149,36 @@ def test_a_production_json_from_before_histories_still_reads_and_rolls_back(tmp_
     assert record["history"][0]["at"] == "2026-11-25T21:21:40+00:00"
 
 
-def test_a_damaged_or_unsigned_bundle_is_never_promoted(store, model_bytes, monkeypatch):
-    publish(store, model_bytes, "v1")
-    folder = publish(store, model_bytes, "v2")
-    models("promote", "v1", "--reason", "first", store=store)
+def test_a_damaged_or_unsigned_bundle_is_never_promoted(location, model_bytes, monkeypatch):
+    publish(location, model_bytes, "v1")
+    folder = publish(location, model_bytes, "v2")
+    models("promote", "v1", "--reason", "first", store=location)
     storage.write_bytes(storage.join(folder, "card.md"), b"# another card")
-    refused = models("promote", "v2", "--reason", "x", store=store)
+    refused = models("promote", "v2", "--reason", "x", store=location)
     assert refused.exit_code == 3 and "card.md has sha256" in refused.stderr
-    assert registry.production_version(store) == "v1"
+    assert registry.production_version(location) == "v1"
 
     monkeypatch.setenv(registry.SIGNING_KEY_VARIABLE, KEY)
-    publish(store, model_bytes, "v3")  # signed
-    assert models("promote", "v3", "--reason", "signed", store=store).exit_code == 0
-    refused = models("rollback", "--reason", "back to the unsigned one", store=store)
+    publish(location, model_bytes, "v3")  # signed
+    assert models("promote", "v3", "--reason", "signed", store=location).exit_code == 0
+    refused = models("rollback", "--reason", "back to the unsigned one", store=location)
     assert refused.exit_code == 3 and "v1/card.json.sig: missing" in refused.stderr
-    assert registry.production_version(store) == "v3"
-    assert [row["status"] for row in as_json("list", store=store)["versions"]] == ["unusable", "unusable", "production"]
+    assert registry.production_version(location) == "v3"
+    assert [row["status"] for row in as_json("list", store=location)["versions"]] == ["unusable", "unusable", "production"]
 
 
-def test_two_promotions_from_the_same_read_have_one_winner(store, model_bytes):
+def test_two_promotions_from_the_same_read_have_one_winner(location, model_bytes):
     for version in ("v0", "a1", "b1", "a2", "b2", "a3", "b3"):
-        publish(store, model_bytes, version)
-    registry.set_production(store, "v0", "start")
+        publish(location, model_bytes, version)
+    registry.set_production(location, "v0", "start")
     for round_ in (1, 2, 3):  # each from a fresh read, as two trainings that compared at the same time
-        seen = registry.read_production(store)
+        seen = registry.read_production(location)
         barrier = threading.Barrier(2)
 
         def promote(version: str):
             barrier.wait()
             try:
-                return registry.set_production(store, version, f"training {version}", expected=seen)
+                return registry.set_production(location, version, f"training {version}", expected=seen)
             except registry.PromotionConflict as error:
                 return error
 
@@ -195,17 +188,17 @@ def test_two_promotions_from_the_same_read_have_one_winner(store, model_bytes):
         lost = [outcome for outcome in outcomes if isinstance(outcome, registry.PromotionConflict)]
         assert len(won) == 1 and len(lost) == 1
         winner = won[0]["version"]
-        assert registry.production_version(store) == winner
+        assert registry.production_version(location) == winner
         assert f"it was {seen.version}, it is now {winner}" in str(lost[0])
         assert "was not made production" in str(lost[0])
-        history = pointer(store)["history"]
+        history = pointer(location)["history"]
         assert len(history) == len(seen.history) + 1 and history[-1]["version"] == winner
 
 
-def test_an_operator_who_lost_the_race_is_told_and_nothing_is_overwritten(store, model_bytes, monkeypatch):
+def test_an_operator_who_lost_the_race_is_told_and_nothing_is_overwritten(location, model_bytes, monkeypatch):
     for version in ("v1", "v2", "v3"):
-        publish(store, model_bytes, version)
-    registry.set_production(store, "v1", "start")
+        publish(location, model_bytes, version)
+    registry.set_production(location, "v1", "start")
     checking = registry.verify_bundle
 
     def another_operator_meanwhile(store_uri, version="production", **kwargs):
@@ -214,12 +207,12 @@ def test_an_operator_who_lost_the_race_is_told_and_nothing_is_overwritten(store,
         return checking(store_uri, version, **kwargs)
 
     monkeypatch.setattr(registry, "verify_bundle", another_operator_meanwhile)
-    lost = models("promote", "v2", "--reason", "mine", store=store)
+    lost = models("promote", "v2", "--reason", "mine", store=location)
     assert lost.exit_code == 3
     message = " ".join(lost.stderr.split())
     assert "production changed while this was deciding: it was v1, it is now v3 by dave" in message
     assert "(hotfix); v2 was not made production" in message
-    assert [e["version"] for e in pointer(store)["history"]] == ["v1", "v3"]
+    assert [e["version"] for e in pointer(location)["history"]] == ["v1", "v3"]
 
 
 @pytest.mark.slow

@@ -14,13 +14,6 @@ from screening.results import ResultsLayout, RunSummary
 from store import storage
 
 
-@pytest.fixture(params=["local", "s3"])
-def results(request, tmp_path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "results")
-    return request.getfixturevalue("s3_bucket") + "/results"
-
-
 def backdate(results: str, run_id: str, by: timedelta) -> None:
     uri = ResultsLayout(results).lease(run_id)
     lease = json.loads(storage.read_bytes(uri))
@@ -28,51 +21,51 @@ def backdate(results: str, run_id: str, by: timedelta) -> None:
     storage.write_bytes(uri, json.dumps(lease).encode())
 
 
-def test_no_leases_yet(results):
-    assert leases.abandoned_runs(results) == []
+def test_no_leases_yet(location):
+    assert leases.abandoned_runs(location) == []
 
 
-def test_only_leases_silent_for_longer_than_the_limit_are_abandoned(results):
-    leases.open_run(results, RunSummary("alive", "v1"))
-    leases.open_run(results, RunSummary("quiet", "v1"))
-    leases.open_run(results, RunSummary("dead", "v2", incoming_uri="s3://pacs/in", to_screen=7))
-    backdate(results, "quiet", leases.ABANDONED_AFTER - timedelta(minutes=5))
-    backdate(results, "dead", leases.ABANDONED_AFTER + timedelta(minutes=1))
+def test_only_leases_silent_for_longer_than_the_limit_are_abandoned(location):
+    leases.open_run(location, RunSummary("alive", "v1"))
+    leases.open_run(location, RunSummary("quiet", "v1"))
+    leases.open_run(location, RunSummary("dead", "v2", incoming_uri="s3://pacs/in", to_screen=7))
+    backdate(location, "quiet", leases.ABANDONED_AFTER - timedelta(minutes=5))
+    backdate(location, "dead", leases.ABANDONED_AFTER + timedelta(minutes=1))
 
-    (dead,) = leases.abandoned_runs(results)
+    (dead,) = leases.abandoned_runs(location)
     assert (dead.run_id, dead.model_version, dead.incoming_uri, dead.to_screen) == ("dead", "v2", "s3://pacs/in", 7)
     assert dead.last_seen_at is not None
 
-    leases.renew(results, "quiet")  # a renewal resets the clock
-    assert [lease.run_id for lease in leases.abandoned_runs(results, after=timedelta(minutes=1))] == ["dead"]
+    leases.renew(location, "quiet")  # a renewal resets the clock
+    assert [lease.run_id for lease in leases.abandoned_runs(location, after=timedelta(minutes=1))] == ["dead"]
 
-    leases.close_run(results, "dead")
-    leases.close_run(results, "dead")  # recovered by two runs at once: the second close is harmless
-    leases.renew(results, "dead")  # a late renewal does not reopen a closed lease
-    assert leases.abandoned_runs(results) == []
-    assert not storage.exists(ResultsLayout(results).lease("dead"))
+    leases.close_run(location, "dead")
+    leases.close_run(location, "dead")  # recovered by two runs at once: the second close is harmless
+    leases.renew(location, "dead")  # a late renewal does not reopen a closed lease
+    assert leases.abandoned_runs(location) == []
+    assert not storage.exists(ResultsLayout(location).lease("dead"))
 
 
-def test_a_damaged_lease_is_reported_and_skipped(results, caplog):
-    storage.write_bytes(ResultsLayout(results).lease("garbled"), b"{not json")
-    leases.open_run(results, RunSummary("dead", "v1"))
-    backdate(results, "dead", timedelta(days=1))
+def test_a_damaged_lease_is_reported_and_skipped(location, caplog):
+    storage.write_bytes(ResultsLayout(location).lease("garbled"), b"{not json")
+    leases.open_run(location, RunSummary("dead", "v1"))
+    backdate(location, "dead", timedelta(days=1))
     with caplog.at_level(logging.ERROR, logger="screening.leases"):
-        assert [lease.run_id for lease in leases.abandoned_runs(results)] == ["dead"]
+        assert [lease.run_id for lease in leases.abandoned_runs(location)] == ["dead"]
     assert "garbled.json is not a run lease" in caplog.text
 
 
-def test_a_forged_lease_cannot_point_a_run_outside_its_folder(results, caplog):
+def test_a_forged_lease_cannot_point_a_run_outside_its_folder(location, caplog):
     old = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()
     for name, run_id in (("forged", "../../elsewhere"), ("renamed", "another-run")):
         lease = {"run_id": run_id, "model_version": "v1", "renewed_at": old}
-        storage.write_bytes(storage.join(ResultsLayout(results).leases, f"{name}.json"), json.dumps(lease).encode())
+        storage.write_bytes(storage.join(ResultsLayout(location).leases, f"{name}.json"), json.dumps(lease).encode())
     with caplog.at_level(logging.ERROR, logger="screening.leases"):
-        assert leases.abandoned_runs(results) == []
+        assert leases.abandoned_runs(location) == []
     assert "forged.json is not a run lease" in caplog.text and "not a safe name" in caplog.text
     assert "renamed.json is not a run lease" in caplog.text and "does not match its name" in caplog.text
     with pytest.raises(ValueError, match="not a safe name"):
-        ResultsLayout(results).run("../x")
+        ResultsLayout(location).run("../x")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -86,42 +79,42 @@ def test_a_forged_lease_cannot_point_a_run_outside_its_folder(results, caplog):
     ({"flow_run_id": "../x"}, "flow_run_id '../x' is not a flow run id"),
     ({"incoming_uri": {"a": 1}}, "incoming_uri {'a': 1} is not a string"),
 ])
-def test_a_lease_with_a_wrong_field_is_reported_and_skipped(results, caplog, change, message):
+def test_a_lease_with_a_wrong_field_is_reported_and_skipped(location, caplog, change, message):
     old = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()
     lease = {**RunSummary("bad", "v1").to_dict(), "renewed_at": old, **change}
-    storage.write_bytes(ResultsLayout(results).lease("bad"), json.dumps(lease).encode())
-    storage.write_bytes(storage.join(ResultsLayout(results).leases, "list.json"), b"[1, 2]")
-    leases.open_run(results, RunSummary("dead", "v1"))
-    backdate(results, "dead", timedelta(days=1))
+    storage.write_bytes(ResultsLayout(location).lease("bad"), json.dumps(lease).encode())
+    storage.write_bytes(storage.join(ResultsLayout(location).leases, "list.json"), b"[1, 2]")
+    leases.open_run(location, RunSummary("dead", "v1"))
+    backdate(location, "dead", timedelta(days=1))
     with caplog.at_level(logging.ERROR, logger="screening.leases"):
-        assert [lease.run_id for lease in leases.abandoned_runs(results)] == ["dead"]
+        assert [lease.run_id for lease in leases.abandoned_runs(location)] == ["dead"]
     assert "bad.json is not a run lease" in caplog.text and message in caplog.text
     assert "list.json is not a run lease" in caplog.text
 
 
-def test_a_damaged_own_lease_is_not_renewed_and_does_not_fail_the_run(results, caplog):
-    storage.write_bytes(ResultsLayout(results).lease("mine"), b"\xff not json")
+def test_a_damaged_own_lease_is_not_renewed_and_does_not_fail_the_run(location, caplog):
+    storage.write_bytes(ResultsLayout(location).lease("mine"), b"\xff not json")
     with caplog.at_level(logging.ERROR, logger="screening.leases"):
-        leases.renew(results, "mine")
+        leases.renew(location, "mine")
     assert "mine.json is not a run lease" in caplog.text
 
 
-def test_a_fresh_lease_whose_flow_run_ended_is_dead_at_once_but_never_the_current_runs(results):
+def test_a_fresh_lease_whose_flow_run_ended_is_dead_at_once_but_never_the_current_runs(location):
     ended = {"r-ended": "5b0e7c1e-0000-4000-8000-000000000001", "r-running": "5b0e7c1e-0000-4000-8000-000000000002"}
     for run_id, flow_run_id in ended.items():
-        leases.open_run(results, RunSummary(run_id, "v1", flow_run_id=flow_run_id))
-    leases.open_run(results, RunSummary("r-current", "v1", flow_run_id=ended["r-ended"]))
-    leases.open_run(results, RunSummary("r-no-flow-run", "v1"))
+        leases.open_run(location, RunSummary(run_id, "v1", flow_run_id=flow_run_id))
+    leases.open_run(location, RunSummary("r-current", "v1", flow_run_id=ended["r-ended"]))
+    leases.open_run(location, RunSummary("r-no-flow-run", "v1"))
     asked = []
 
     def finished(flow_run_id: str) -> bool:
         asked.append(flow_run_id)
         return flow_run_id == ended["r-ended"]
 
-    dead = leases.abandoned_runs(results, finished=finished, current_run_id="r-current")
+    dead = leases.abandoned_runs(location, finished=finished, current_run_id="r-current")
     assert [summary.run_id for summary in dead] == ["r-ended"] and dead[0].last_seen_at is not None
     assert sorted(asked) == sorted(ended.values())  # no lease without a flow run id is asked about
-    assert leases.abandoned_runs(results) == []  # without the question only age counts
+    assert leases.abandoned_runs(location) == []  # without the question only age counts
 
 
 # --- with a real Prefect API -----------------------------------------------------------------------
@@ -191,18 +184,18 @@ def test_the_lease_of_a_failed_or_crashed_flow_run_is_recovered_at_once(prefect_
     assert recover("tomorrow") == []
 
 
-def test_a_run_waiting_on_its_chunks_keeps_its_lease_alive(results):
+def test_a_run_waiting_on_its_chunks_keeps_its_lease_alive(location):
     """Chunks queued on a busy cluster renew nothing themselves: the flow's renewer does."""
     import time
 
     summary = RunSummary("20260101T000000Z-aaaaaa", "v1")
-    leases.open_run(results, summary)
-    lease = ResultsLayout(results).lease(summary.run_id)
-    backdate(results, summary.run_id, timedelta(hours=2))
-    assert leases.abandoned_runs(results, timedelta(minutes=30))  # as it would look with no renewer
+    leases.open_run(location, summary)
+    lease = ResultsLayout(location).lease(summary.run_id)
+    backdate(location, summary.run_id, timedelta(hours=2))
+    assert leases.abandoned_runs(location, timedelta(minutes=30))  # as it would look with no renewer
 
-    with leases.kept_alive(results, summary.run_id, every=0.2):
+    with leases.kept_alive(location, summary.run_id, every=0.2):
         time.sleep(1.0)  # the block: chunks queued or running elsewhere
-    assert leases.abandoned_runs(results, timedelta(minutes=30)) == []
+    assert leases.abandoned_runs(location, timedelta(minutes=30)) == []
     renewed = datetime.fromisoformat(json.loads(storage.read_bytes(lease))["renewed_at"])
     assert datetime.now(timezone.utc) - renewed < timedelta(seconds=30)
