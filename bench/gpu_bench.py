@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import model  # noqa: E402,F401  (first: sets TensorFlow's runtime options before TensorFlow loads)
 from bench.machine import cpu_line  # noqa: E402
 from imaging.decode import IMAGE_SUFFIXES  # noqa: E402
+from imaging.defaults import DECODE_TIMEOUT_SECONDS  # noqa: E402
 from imaging.sandbox import DecoderPool  # noqa: E402
 from model.inference import make_predictor, with_base_policy  # noqa: E402
 from model.network import build_classifier, unfreeze_top_block  # noqa: E402
@@ -82,7 +83,7 @@ def timed(work, minimum_seconds: float = 2.0) -> float:
 def decode_all(pool: DecoderPool, paths: list[Path], threads: int, reduced: bool) -> tuple[np.ndarray, float]:
     """Read and decode ``paths`` as screening does: threads read, decoder processes decode."""
     def load(path: Path):
-        return pool.decode(path.read_bytes(), path.as_uri(), SPEC.input_size, 60.0, reduced).pixels
+        return pool.decode(path.read_bytes(), path.as_uri(), SPEC.input_size, DECODE_TIMEOUT_SECONDS, reduced).pixels
 
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as readers:
@@ -157,7 +158,7 @@ def screening(predictor, pool: DecoderPool, paths: list[Path], batch: int, threa
     """img/s of read + decode + predict, decoding running ahead on ``threads`` while the model works."""
 
     def load(path: Path):
-        return pool.decode(path.read_bytes(), path.as_uri(), SPEC.input_size, 60.0, False).pixels
+        return pool.decode(path.read_bytes(), path.as_uri(), SPEC.input_size, DECODE_TIMEOUT_SECONDS, False).pixels
 
     started, done, pending = time.perf_counter(), 0, []
     with ThreadPoolExecutor(threads) as readers:
@@ -239,7 +240,7 @@ def main() -> None:
                 print(f"  {args.fullsize.name} ({len(big)} files, 200 inputs), reduced={reduced}: {speed:8.1f}")
 
         images = np.concatenate([decoded] * (1024 // len(decoded) + 1))[:1024]
-        classifier = build_classifier(2, SPEC.input_size, weights=None)
+        classifier = build_classifier(2, SPEC.input_size, weights=None, head="mlp")
         print(f"\nHost preparation alone (uint8 to float32): {host_preparation(images):8.1f} img/s")
         print("Forward-pass ceilings (Predictor.predict on decoded images):")
         predictors = {engine: make_predictor(classifier, SPEC, engine) for engine in POLICIES}

@@ -40,6 +40,7 @@ from bench.screen_bench import make_store  # noqa: E402
 from flows.parameters import ScreenParameters  # noqa: E402
 from flows.screen import screen  # noqa: E402
 from imaging import sandbox  # noqa: E402
+from imaging.defaults import DECODE_TIMEOUT_SECONDS  # noqa: E402
 from imaging.raster import encode_png  # noqa: E402
 from store.phantoms import chest_phantom  # noqa: E402
 from tests.hostile_files import decoder_cases  # noqa: E402
@@ -129,7 +130,7 @@ def main() -> None:
 
         # Baseline: warmed up, every decoder running.
         for _ in range(sandbox._pool.size):
-            sandbox._pool.decode(encode_png(np.eye(128, dtype=np.uint8) * 255), "w.png", 224, 60)
+            sandbox._pool.decode(encode_png(np.eye(128, dtype=np.uint8) * 255), "w.png", 224, DECODE_TIMEOUT_SECONDS)
         main_base = status_kb(os.getpid(), "VmRSS")
         workers_base = {pid: status_kb(pid, "VmRSS") for pid in worker_pids()}
         for pid in [os.getpid(), *workers_base]:

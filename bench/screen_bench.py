@@ -63,7 +63,7 @@ FULLSIZE = ROOT.parent / "shared" / "data" / "cxr-fullsize"
 def make_store(store: str, input_size: int) -> keras.Model:
     """An untrained model (weights none) registered as production, without engine checks (fp32 only)."""
     keras.utils.set_random_seed(0)
-    model = build_classifier(2, input_size, None)
+    model = build_classifier(2, input_size, None, head="mlp")
     data = model_to_bytes(model)
     card = ModelCard(version="v-bench", classes=["non-covid", "covid"], positive_class="covid", threshold=0.5,
                      preprocessing=Preprocessing(input_size=input_size).to_dict(), weights={"origin": "none"},

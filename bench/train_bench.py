@@ -85,7 +85,7 @@ def main() -> None:
     results = {}
     for name, fit in (("naive", fit_naive_frozen), ("cached", fit_head_cached)):
         keras.utils.set_random_seed(args.seed)
-        model = build_classifier(len(classes), spec.input_size, None, seed=args.seed)
+        model = build_classifier(len(classes), spec.input_size, None, seed=args.seed, head="mlp")
         started = time.perf_counter()
         timer = EpochTimer(started)
         fit(model, data, spec, config, [timer])

@@ -33,7 +33,7 @@ def demo(workdir: str = "demo-run", per_class: int = 40, incoming_per_class: int
         write_phantom_dataset(dataset, per_class=per_class, size=256, seed=0)
         logger.info("Wrote %d labelled phantoms to %s", 2 * per_class, dataset)
     trained = train(TrainParameters(dataset_uri=dataset, model_store_uri=models, weights="none",
-                                    input_size=input_size, epochs=epochs, augment_draws=2, batch_size=16))
+                                    input_size=input_size, epochs=epochs, augment_draws=2))
 
     # Each demo run brings a new night's worth of X-rays, so reruns have something to screen.
     try:

@@ -7,7 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from imaging.defaults import DECODE_TIMEOUT_SECONDS
 from model.acceptance import Acceptance
+from model.defaults import BATCH_SIZE, EPOCHS, HEAD
 
 __all__ = ["AuditParameters", "EvaluateParameters", "ScreenParameters", "SynthesizeParameters", "TrainParameters"]
 
@@ -30,7 +32,7 @@ class ScreenParameters(_Parameters):
     results_uri: str = Field("results", description="Where run folders and the ledger go (folder or s3://).")
     model_store_uri: str = Field("models", description="Model store (folder or s3://).")
     model_version: str = Field("production", description="A version in the store, or 'production'.")
-    batch_size: int = Field(16, ge=1, le=1024,
+    batch_size: int = Field(BATCH_SIZE, ge=1, le=1024,
                             description="Images per forward pass (throughput is flat from 8 up; memory is not).")
     chunk_size: int = Field(256, ge=1, description="Images per Prefect task.")
     limit: int | None = Field(None, ge=0, description="Screen at most this many new images.")
@@ -44,7 +46,7 @@ class ScreenParameters(_Parameters):
         description="Inputs larger than this (from stat, or the S3 object's size, before reading) get a rejected row; "
                     "the largest real CXR files are about 40 MB.")
     decode_timeout_seconds: float = Field(
-        60.0, gt=0, description="An input whose decoding takes longer is stopped and gets a rejected row.")
+        DECODE_TIMEOUT_SECONDS, gt=0, description="An input whose decoding takes longer is stopped and gets a rejected row.")
     abandoned_after_minutes: float = Field(
         30.0, gt=0, description="A run whose lease was not renewed for this long is taken for dead and its rows "
                                 "published (at once when Prefect already shows its flow run as finished).")
@@ -77,10 +79,10 @@ class TrainParameters(_Parameters):
     model_store_uri: str = Field("models", description="Model store (folder or s3://).")
     positive: str = Field("covid", description="The class to flag (COVID-19); binary mode trains it vs the rest.")
     multiclass: bool = Field(False, description="One output per class folder instead of binary.")
-    epochs: int = Field(60, ge=1, description="Most stage 1 epochs (head on cached features, base frozen); "
+    epochs: int = Field(EPOCHS, ge=1, description="Most stage 1 epochs (head on cached features, base frozen); "
                                               "early stopping usually ends it sooner.")
     fine_tune_epochs: int = Field(0, ge=0, description="Stage 2 epochs fine-tuning block5 (0: no stage 2).")
-    batch_size: int = Field(16, ge=1, le=1024, description="Images per training step.")
+    batch_size: int = Field(BATCH_SIZE, ge=1, le=1024, description="Images per training step.")
     input_size: int = Field(224, ge=32, le=1024, description="Images are resized to this square size.")
     weights: str = Field("imagenet", description="'imagenet' (download), a weights file path or s3:// URI, or 'none'.")
     seed: int = Field(0, description="Seed of the split, initialisation, augmentation and shuffling.")
@@ -119,7 +121,7 @@ class TrainParameters(_Parameters):
                                               "out-of-fold predictions of the training images (on validation after "
                                               "stage 2); the threshold is then chosen on calibrated probabilities.")
     head: Literal["linear", "mlp"] = Field(
-        "linear", description="'linear' (standardised pooled features, L2 logistic regression; weighting and C chosen "
+        HEAD, description="'linear' (standardised pooled features, L2 logistic regression; weighting and C chosen "
                               "by patient-grouped cross-validation) or 'mlp' (the tutorial's Dense(64)-dropout head, "
                               "trained with epochs on validation).")
     bootstrap: int = Field(1000, ge=100, description="Patient-level bootstrap resamples for confidence intervals.")

@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from model.defaults import BATCH_SIZE
 from model.evaluation import auc, flags
 from model.preprocessing import Preprocessing, scale
 
@@ -52,7 +53,7 @@ class Predictor:
     forward: Callable[[np.ndarray], np.ndarray]  # a uint8 batch to probabilities
     classes: int
 
-    def predict(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    def predict(self, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
         outputs = [np.asarray(self.forward(np.ascontiguousarray(batch, dtype=np.uint8)), dtype=np.float32)
                    for batch in _batches(images, batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, self.classes), np.float32)
@@ -239,7 +240,7 @@ def passes_gate(flag_agreement: float, auc_difference: float | None) -> bool:
                                             and 0 <= auc_difference <= GATE["max_auc_difference"])))
 
 
-def fastest(predictors: Sequence[Predictor], batch_size: int = 16, batches: int = 2) -> tuple[Predictor, dict[str, float]]:
+def fastest(predictors: Sequence[Predictor], batch_size: int = BATCH_SIZE, batches: int = 2) -> tuple[Predictor, dict[str, float]]:
     """The predictor with the most images per second here and now, timed on ``batches`` batches
     after one warm-up batch (which also compiles its graph), and every engine's figure."""
     rng = np.random.default_rng(0)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import keras
 
+from model.defaults import HEAD
+
 __all__ = ["HEADS", "WeightsUnavailable", "build_base", "build_classifier", "build_head", "needs_standardising",
            "set_linear_head", "standardise_on", "unfreeze_top_block"]
 
@@ -54,7 +56,7 @@ HEADS = ("linear", "mlp")
 
 def build_head(
     feature_shape: tuple[int, ...], num_classes: int, units: int = 64, dropout: float = 0.5, seed: int = 0,
-    kind: str = "mlp", l2: float = 0.0,
+    kind: str = HEAD, l2: float = 0.0,
 ) -> keras.Model:
     """The new head on VGG16's feature map. Both pool over the whole map.
 
@@ -121,7 +123,7 @@ def build_classifier(
     head_units: int = 64,
     dropout: float = 0.5,
     seed: int = 0,
-    head: str = "mlp",
+    head: str = HEAD,
     l2: float = 0.0,
 ) -> keras.Model:
     """The whole classifier, image in, class probabilities out, with the base frozen.

@@ -3,8 +3,9 @@ is noticed, so that the rows it screened still reach a report.
 
 A lease (``ResultsLayout.lease``) is written when a run starts, renewed while it works and removed
 once its outputs are written. It holds the run's summary so far. A run is taken for dead when its
-lease has not been renewed for ``ABANDONED_AFTER`` (a setting), or at once when its Prefect flow
-run is known to be over (``abandoned_runs``' ``finished``). Every row it claimed is in the ledger
+lease has not been renewed for ``abandoned_runs``' ``after`` (the screen parameter
+``abandoned_after_minutes``), or at once when its Prefect flow run is known to be over
+(``abandoned_runs``' ``finished``). Every row it claimed is in the ledger
 and every chunk it started recorded its inputs first, so a later run can write the dead run's
 outputs exactly (see ``reports.read_run_rows``).
 
@@ -25,13 +26,12 @@ from screening.results import ResultsLayout, RunSummary
 from store import storage
 from store.clock import utc_now, utc_timestamp
 
-__all__ = ["ABANDONED_AFTER", "RENEW_EVERY_SECONDS", "abandoned_runs", "close_run", "kept_alive", "open_run", "renew", "renew_quietly"]
+__all__ = ["RENEW_EVERY_SECONDS", "abandoned_runs", "close_run", "kept_alive", "open_run", "renew", "renew_quietly"]
 
 logger = logging.getLogger(__name__)
 
 # A live run renews its lease about once a minute while it screens, and a batch takes seconds; the
-# next nightly run comes hours later, so a long margin costs nothing.
-ABANDONED_AFTER = timedelta(minutes=30)
+# next nightly run comes hours later, so a long margin before a silent run is taken for dead costs nothing.
 RENEW_EVERY_SECONDS = 60
 
 
@@ -91,7 +91,7 @@ def close_run(results_uri: str, run_id: str) -> None:
     storage.delete(ResultsLayout(results_uri).lease(run_id))
 
 
-def abandoned_runs(results_uri: str, after: timedelta = ABANDONED_AFTER, *,
+def abandoned_runs(results_uri: str, after: timedelta, *,
                    finished: Callable[[str], bool] = lambda flow_run_id: False,
                    current_run_id: str | None = None) -> list[RunSummary]:
     """Summaries of runs that died before writing their outputs, with ``last_seen_at`` set to their

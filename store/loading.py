@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imaging.defaults import DECODE_TIMEOUT_SECONDS
 from imaging.dicom_identity import Study, deidentify_key
 from imaging.sandbox import decode_isolated
 from model.preprocessing import Preprocessing
@@ -30,7 +31,7 @@ class InputLimits:
     """What one input may cost; the defaults are ``ScreenParameters``'."""
 
     max_file_bytes: int = 128 * 1024 * 1024
-    decode_timeout_seconds: float = 60.0
+    decode_timeout_seconds: float = DECODE_TIMEOUT_SECONDS
     within: str | None = None  # local links may not lead outside this folder
     reduced_decode: bool = False  # large JPEGs at reduced resolution (only where it passed the gate)
     frontal_chest_only: bool = True  # a DICOM whose header says it is not a frontal chest X-ray is rejected

@@ -89,7 +89,7 @@ class LoadedModel:
 
 
 @functools.lru_cache(maxsize=2)
-def _model(model_store_uri: str, model_version: str, engine: str, batch_size: int = 16) -> LoadedModel:
+def _model(model_store_uri: str, model_version: str, engine: str, batch_size: int) -> LoadedModel:
     """Loaded once per process, model version and engine, however many chunks run here."""
     share_gpus()
     model, card = registry.load_model(model_store_uri, model_version)
@@ -153,7 +153,7 @@ def _rounded(value: float) -> float | None:
 
 
 def screen_images(
-    uris: Sequence[str], loaded_model: LoadedModel, batch_size: int = 16, workers: int | None = None,
+    uris: Sequence[str], loaded_model: LoadedModel, batch_size: int, workers: int | None = None,
     explain: str = "flagged", limits: InputLimits = InputLimits(),
 ) -> Iterator[PredictionRow | str]:
     """Rows for ``uris``, or the URI of a vanished input. Flagged rows carry a thumbnail; rows of
@@ -225,7 +225,7 @@ def screen_chunk(
     model_version: str,
     results_uri: str,
     run_id: str,
-    batch_size: int = 16,
+    batch_size: int,
     explain: str = "flagged",
     limits: InputLimits = InputLimits(),
     engine: str = "auto",

@@ -56,7 +56,7 @@ def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard) ->
 
 
 @task(**io_step())
-def recover_abandoned_runs(results_uri: str, run_id: str, after_minutes: float = 30.0) -> list[str]:
+def recover_abandoned_runs(results_uri: str, run_id: str, after_minutes: float) -> list[str]:
     """Writes the outputs of runs that died without writing them: their leases went stale, or
     their flow runs ended (Failed, Crashed, Cancelled, Completed) with the lease still open.
 

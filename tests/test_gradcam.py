@@ -22,7 +22,7 @@ def _brightness_classifier() -> keras.Model:
     """build_classifier's network with weights set so that block5_conv3's channel 0 is the red
     channel max-pooled over 16x16 blocks, and the positive class's logit is 4 x its mean after
     block5_pool. Grad-CAM for the positive class must then be that map scaled to a peak of 1."""
-    model = build_classifier(2, input_size=64, weights=None)
+    model = build_classifier(2, input_size=64, weights=None, head="mlp")
     for layer in model.get_layer("vgg16").layers:
         if isinstance(layer, keras.layers.Conv2D):
             kernel = np.zeros(layer.kernel.shape, np.float32)
@@ -68,7 +68,7 @@ def test_grad_cam_of_a_class_with_no_evidence_is_empty():
 
 
 def test_grad_cam_probabilities_match_predict_probabilities():
-    model = build_classifier(3, input_size=64, weights=None, seed=4)
+    model = build_classifier(3, input_size=64, weights=None, seed=4, head="mlp")
     for scale_mode in ("unit", "caffe"):
         spec = Preprocessing(64, scale_mode)
         images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
@@ -187,7 +187,7 @@ def test_grad_cam_follows_the_opacities_from_one_lung_to_the_other():
     rng = np.random.default_rng(2)
     labels = np.arange(48) % 2
     images = np.stack([_phantom(rng, spec, opacities=bool(label)) for label in labels])  # opacities on either side
-    model = build_classifier(2, input_size=128, weights=None, seed=2)
+    model = build_classifier(2, input_size=128, weights=None, seed=2, head="mlp")
     _train_block5_and_head(model, images, labels, spec)
 
     pairs = {side: np.stack([_phantom(np.random.default_rng(1000 + k), spec, opacities=True, opacity_side=side)

@@ -43,7 +43,7 @@ def _cells_reaching_output(head: keras.Model, feature_shape) -> np.ndarray:
 
 def test_every_cell_of_the_7x7_feature_map_reaches_the_output():
     keras.utils.set_random_seed(0)
-    reached = _cells_reaching_output(build_head((7, 7, 512), 2), (7, 7, 512))
+    reached = _cells_reaching_output(build_head((7, 7, 512), 2, kind="mlp"), (7, 7, 512))
     assert reached.shape == (7, 7) and reached.all()
 
 
@@ -57,7 +57,7 @@ def test_the_tutorial_head_would_fail_the_coverage_test():
 
 
 def test_classifier_structure_and_frozen_base():
-    model = build_classifier(4, input_size=64, weights=None)
+    model = build_classifier(4, input_size=64, weights=None, head="mlp")
     assert model.input_shape == (None, 64, 64, 3) and model.output_shape == (None, 4)
     assert not model.get_layer("vgg16").trainable
     head_layers = [layer.name for layer in model.get_layer("head").layers]
@@ -108,7 +108,7 @@ def test_weights_file_is_loaded(tmp_path):
 def test_cached_features_equal_the_naive_pipelines_features(scale_mode):
     spec = Preprocessing(input_size=64, scale_mode=scale_mode)
     keras.utils.set_random_seed(0)
-    model = build_classifier(2, 64, None)
+    model = build_classifier(2, 64, None, head="mlp")
     base, head = model.get_layer("vgg16"), model.get_layer("head")
     x, y = images(10, 64), np.array([0, 1] * 5)
     cached = extract_features(base, x, spec, None, batch_size=4)
@@ -122,7 +122,7 @@ def test_cached_features_equal_the_naive_pipelines_features(scale_mode):
 def test_augmented_draws_match_the_same_augmentation_applied_in_the_model():
     spec = Preprocessing(input_size=64)
     keras.utils.set_random_seed(0)
-    base = build_classifier(2, 64, None).get_layer("vgg16")
+    base = build_classifier(2, 64, None, head="mlp").get_layer("vgg16")
     x = images(6, 64)
     cached = extract_features(base, x, spec, build_augmentation(Augmentation(), seed=5), batch_size=3)
     again = build_augmentation(Augmentation(), seed=5)
@@ -144,7 +144,7 @@ def test_both_training_paths_learn_a_separable_problem():
     config = TrainingConfig(epochs=30, batch_size=8, augment=False, patience=30, learning_rate=1e-2)
     for fit in (fit_head_cached, fit_naive_frozen):
         keras.utils.set_random_seed(0)
-        model = build_classifier(2, 32, None)
+        model = build_classifier(2, 32, None, head="mlp")
         history = fit(model, data, spec, config)
         assert len(history["loss"]) >= 1
         predicted = predict_probabilities(model, data.x_val, spec).argmax(axis=1)
@@ -256,7 +256,7 @@ def _card(model_bytes: bytes, **changes) -> ModelCard:
 
 def test_bundle_round_trip_predicts_the_same(tmp_path):
     keras.utils.set_random_seed(0)
-    model = build_classifier(2, 32, None)
+    model = build_classifier(2, 32, None, head="mlp")
     data = model_to_bytes(model)
     card = _card(data)
     assert ModelCard.from_json(card.to_json()) == card
@@ -268,7 +268,7 @@ def test_bundle_round_trip_predicts_the_same(tmp_path):
 
 def test_bundle_refuses_damage_and_foreign_preprocessing():
     keras.utils.set_random_seed(0)
-    data = model_to_bytes(build_classifier(2, 32, None))
+    data = model_to_bytes(build_classifier(2, 32, None, head="mlp"))
     with pytest.raises(BundleError, match="damaged or was replaced"):
         model_from_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:], _card(data))
     with pytest.raises(BundleError, match="not supported by this code"):
@@ -297,7 +297,7 @@ def test_fine_tuning_trains_block5_only(policy):
 
     spec = Preprocessing(input_size=32)
     keras.utils.set_random_seed(0)
-    model = build_classifier(2, 32, None)
+    model = build_classifier(2, 32, None, head="mlp")
     base, head = model.get_layer("vgg16"), model.get_layer("head")
     before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in base.layers if layer.get_weights()}
     head_before = [w.copy() for w in head.get_weights()]

@@ -24,7 +24,7 @@ KEY = "a signing key only the trainer and the screener know"
 @pytest.fixture(scope="module")
 def model_bytes() -> bytes:
     keras.utils.set_random_seed(0)
-    return model_to_bytes(build_classifier(2, 32, None))
+    return model_to_bytes(build_classifier(2, 32, None, head="mlp"))
 
 
 def publish(store: str, model: bytes, version: str, *, auc: float = 0.9, promotion: dict | None = None,

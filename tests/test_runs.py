@@ -9,9 +9,12 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from flows.parameters import ScreenParameters
 from screening import leases
 from screening.results import ResultsLayout, RunSummary
 from store import storage
+
+ABANDONED_AFTER = timedelta(minutes=ScreenParameters.default("abandoned_after_minutes"))  # the screen flow's default
 
 
 def backdate(results: str, run_id: str, by: timedelta) -> None:
@@ -22,17 +25,17 @@ def backdate(results: str, run_id: str, by: timedelta) -> None:
 
 
 def test_no_leases_yet(location):
-    assert leases.abandoned_runs(location) == []
+    assert leases.abandoned_runs(location, ABANDONED_AFTER) == []
 
 
 def test_only_leases_silent_for_longer_than_the_limit_are_abandoned(location):
     leases.open_run(location, RunSummary("alive", "v1"))
     leases.open_run(location, RunSummary("quiet", "v1"))
     leases.open_run(location, RunSummary("dead", "v2", incoming_uri="s3://pacs/in", to_screen=7))
-    backdate(location, "quiet", leases.ABANDONED_AFTER - timedelta(minutes=5))
-    backdate(location, "dead", leases.ABANDONED_AFTER + timedelta(minutes=1))
+    backdate(location, "quiet", ABANDONED_AFTER - timedelta(minutes=5))
+    backdate(location, "dead", ABANDONED_AFTER + timedelta(minutes=1))
 
-    (dead,) = leases.abandoned_runs(location)
+    (dead,) = leases.abandoned_runs(location, ABANDONED_AFTER)
     assert (dead.run_id, dead.model_version, dead.incoming_uri, dead.to_screen) == ("dead", "v2", "s3://pacs/in", 7)
     assert dead.last_seen_at is not None
 
@@ -42,7 +45,7 @@ def test_only_leases_silent_for_longer_than_the_limit_are_abandoned(location):
     leases.close_run(location, "dead")
     leases.close_run(location, "dead")  # recovered by two runs at once: the second close is harmless
     leases.renew(location, "dead")  # a late renewal does not reopen a closed lease
-    assert leases.abandoned_runs(location) == []
+    assert leases.abandoned_runs(location, ABANDONED_AFTER) == []
     assert not storage.exists(ResultsLayout(location).lease("dead"))
 
 
@@ -51,7 +54,7 @@ def test_a_damaged_lease_is_reported_and_skipped(location, caplog):
     leases.open_run(location, RunSummary("dead", "v1"))
     backdate(location, "dead", timedelta(days=1))
     with caplog.at_level(logging.ERROR, logger="screening.leases"):
-        assert [lease.run_id for lease in leases.abandoned_runs(location)] == ["dead"]
+        assert [lease.run_id for lease in leases.abandoned_runs(location, ABANDONED_AFTER)] == ["dead"]
     assert "garbled.json is not a run lease" in caplog.text
 
 
@@ -61,7 +64,7 @@ def test_a_forged_lease_cannot_point_a_run_outside_its_folder(location, caplog):
         lease = {"run_id": run_id, "model_version": "v1", "renewed_at": old}
         storage.write_bytes(storage.join(ResultsLayout(location).leases, f"{name}.json"), json.dumps(lease).encode())
     with caplog.at_level(logging.ERROR, logger="screening.leases"):
-        assert leases.abandoned_runs(location) == []
+        assert leases.abandoned_runs(location, ABANDONED_AFTER) == []
     assert "forged.json is not a run lease" in caplog.text and "not a safe name" in caplog.text
     assert "renamed.json is not a run lease" in caplog.text and "does not match its name" in caplog.text
     with pytest.raises(ValueError, match="not a safe name"):
@@ -87,7 +90,7 @@ def test_a_lease_with_a_wrong_field_is_reported_and_skipped(location, caplog, ch
     leases.open_run(location, RunSummary("dead", "v1"))
     backdate(location, "dead", timedelta(days=1))
     with caplog.at_level(logging.ERROR, logger="screening.leases"):
-        assert [lease.run_id for lease in leases.abandoned_runs(location)] == ["dead"]
+        assert [lease.run_id for lease in leases.abandoned_runs(location, ABANDONED_AFTER)] == ["dead"]
     assert "bad.json is not a run lease" in caplog.text and message in caplog.text
     assert "list.json is not a run lease" in caplog.text
 
@@ -111,10 +114,10 @@ def test_a_fresh_lease_whose_flow_run_ended_is_dead_at_once_but_never_the_curren
         asked.append(flow_run_id)
         return flow_run_id == ended["r-ended"]
 
-    dead = leases.abandoned_runs(location, finished=finished, current_run_id="r-current")
+    dead = leases.abandoned_runs(location, ABANDONED_AFTER, finished=finished, current_run_id="r-current")
     assert [summary.run_id for summary in dead] == ["r-ended"] and dead[0].last_seen_at is not None
     assert sorted(asked) == sorted(ended.values())  # no lease without a flow run id is asked about
-    assert leases.abandoned_runs(location) == []  # without the question only age counts
+    assert leases.abandoned_runs(location, ABANDONED_AFTER) == []  # without the question only age counts
 
 
 # --- with a real Prefect API -----------------------------------------------------------------------
