@@ -19,33 +19,13 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    generate_uid,
-)
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-__all__ = [
-    "PATIENT_NAME",
-    "decoder_cases",
-    "deflate_bomb",
-    "deflated_dicom",
-    "dicom_bytes",
-    "encode",
-    "gradient",
-    "pil_bytes",
-    "radiograph",
-    "ramp",
-    "textured",
-]
+from tests.dicom_builder import PATIENT_NAME, ROWS, dicom_bytes, radiograph, ramp
 
-ROWS, COLUMNS = 80, 100
-# Stands for any header text: it must never reach a reason, a log line or a report.
-PATIENT_NAME = "DOE^JANE^HOSTILE"
+__all__ = ["decoder_cases", "deflate_bomb", "deflated_dicom", "encode", "gradient", "pil_bytes", "textured"]
 
 
 # --- building blocks --------------------------------------------------------------------------
@@ -76,40 +56,8 @@ def pil_bytes(image: Image.Image, image_format: str, **options: object) -> bytes
     return buffer.getvalue()
 
 
-def ramp(low: int, high: int) -> np.ndarray:
-    return np.tile(np.linspace(low, high, COLUMNS), (ROWS, 1)).round().astype(np.uint16)
-
-
-def radiograph(
-    pixels: np.ndarray | None = None, photometric: str = "MONOCHROME2", bits_stored: int = 16
-) -> Dataset:
-    pixels = ramp(0, 4000) if pixels is None else pixels
-    dataset = Dataset()
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.SOPClassUID = DigitalXRayImageStorageForPresentation
-    dataset.SOPInstanceUID = generate_uid()
-    dataset.Modality = "DX"
-    dataset.PatientName = PATIENT_NAME
-    dataset.set_pixel_data(pixels, photometric_interpretation=photometric, bits_stored=bits_stored)
-    return dataset
-
-
-def dicom_bytes(dataset: Dataset, preamble: bool = True, implicit: bool = False) -> bytes:
-    """Implicit VR writes any value under any tag: the reader then takes the dictionary's VR, which
-    is how text lands where a number belongs (NumberOfFrames "abc")."""
-    if implicit:
-        dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=preamble)
-    return buffer.getvalue()
-
-
 def _with(**fields: object) -> bytes:
-    dataset = radiograph()
-    for keyword, value in fields.items():
-        setattr(dataset, keyword, value)
-    return dicom_bytes(dataset)
+    return dicom_bytes(radiograph(**fields))
 
 
 def _text_in(tag: int, text: str) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import tracemalloc
 import warnings
@@ -16,16 +15,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
 from imaging.decode import ImageDecodeError, decode_image
-from tests.hostile_files import (
-    COLUMNS,
-    PATIENT_NAME,
-    ROWS,
-    deflate_bomb,
-    deflated_dicom,
-    dicom_bytes,
-    radiograph,
-    ramp,
-)
+from tests.dicom_builder import COLUMNS, PATIENT_NAME, ROWS, dicom_bytes, radiograph, ramp
+from tests.hostile_files import deflate_bomb, deflated_dicom
 
 
 def gray(dataset: Dataset, name: str = "x.dcm") -> np.ndarray:
@@ -223,11 +214,8 @@ def test_decoding_leaves_warning_filters_and_the_pydicom_logger_as_they_were():
 
 
 def test_unregistered_uids_are_not_echoed():
-    dataset = radiograph()
-    dataset.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.99.1"
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True, implicit_vr=False, little_endian=True)
-    assert rejected(buffer.getvalue()) == "unsupported DICOM transfer syntax (non-standard UID)"
+    dataset = radiograph(TransferSyntaxUID="1.2.826.0.1.3680043.99.1")
+    assert rejected(dataset) == "unsupported DICOM transfer syntax (non-standard UID)"
     dataset = radiograph()
     dataset.SOPClassUID = "1.2.826.0.1.3680043.99.2"
     del dataset.PixelData

@@ -1,6 +1,6 @@
 """A DICOM input's place in PACS on its row, the view guard, and de-identification.
 
-Headers written by pydicom in the test (``tests/hostile_files.radiograph``): the study identifiers
+Headers written by pydicom in the test (``tests/dicom_builder.radiograph``): the study identifiers
 read and checked, a lateral view and a CT refused with their reasons (and still named by study),
 header text never quoted, and keyed hashes in place of the identifiers when asked, in the parent,
 through the real decoder workers.
@@ -9,7 +9,6 @@ through the real decoder workers.
 from __future__ import annotations
 
 import re
-import warnings
 
 import pytest
 from pydicom.dataset import Dataset
@@ -19,7 +18,8 @@ from imaging.dicom_identity import DeidentifyKeyMissing, DicomRejected, Study, d
 from model.preprocessing import Preprocessing
 from store import storage
 from store.loading import InputLimits, load_image
-from tests.hostile_files import PATIENT_NAME, dicom_bytes, encode, gradient, radiograph
+from tests.dicom_builder import PATIENT_NAME, dicom_bytes, radiograph, ramp
+from tests.hostile_files import encode, gradient
 
 STUDY_UID, SERIES_UID = "1.2.840.113619.2.55.3.604688119", "1.2.840.113619.2.55.3.604688119.1"
 KEY = "a site's secret key, kept by the site"
@@ -27,17 +27,8 @@ KEY = "a site's secret key, kept by the site"
 
 def chest(**header: object) -> Dataset:
     """A frontal chest radiograph with its study identifiers; ``header`` sets or (None) removes elements."""
-    dataset = radiograph()
-    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = STUDY_UID, SERIES_UID
-    dataset.AccessionNumber, dataset.ViewPosition, dataset.BodyPartExamined = "ACC0042", "PA", "CHEST"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns, quoting them, about the odd values set here
-        for keyword, value in header.items():
-            if value is None:
-                delattr(dataset, keyword)
-            else:
-                setattr(dataset, keyword, value)
-    return dataset
+    return radiograph(**{"StudyInstanceUID": STUDY_UID, "SeriesInstanceUID": SERIES_UID, "AccessionNumber": "ACC0042",
+                         "ViewPosition": "PA", "BodyPartExamined": "CHEST", **header})
 
 
 def decoded(dataset: Dataset, frontal_chest_only: bool = True) -> Study | None:
@@ -90,8 +81,6 @@ def test_frontal_chest_radiographs_and_headers_that_do_not_say_pass(header, view
 
 def test_the_guard_runs_before_the_pixels_a_ct_volume_is_named_as_a_ct_not_as_multi_frame():
     import numpy as np
-
-    from tests.hostile_files import ramp
 
     volume = radiograph(np.stack([ramp(0, 4000)] * 3))
     volume.Modality = "CT"

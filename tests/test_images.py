@@ -21,17 +21,8 @@ from imaging.limits import MAX_DECODED_BYTES, MAX_PIXELS
 from imaging.raster import decode_raster, encode_png
 from imaging.sample_scaling import to_uint8
 from tests.conftest import CXR, CXR_FULLSIZE, require_shared_data
-from tests.hostile_files import (
-    PATIENT_NAME,
-    decoder_cases,
-    deflated_dicom,
-    dicom_bytes,
-    encode,
-    gradient,
-    pil_bytes,
-    radiograph,
-    textured,
-)
+from tests.dicom_builder import PATIENT_NAME, dicom_bytes, radiograph
+from tests.hostile_files import decoder_cases, deflated_dicom, encode, gradient, pil_bytes, textured
 
 # --- real data ------------------------------------------------------------------------------
 

@@ -32,15 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom import config
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.tag import Tag
-from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from cli.lifeline import MARK
 from store.phantoms import chest_phantom, write_phantom_dataset
+from tests import dicom_builder
 
 pytestmark = pytest.mark.slow
 
@@ -79,42 +74,16 @@ def radiograph(patient: dict[str, str], broken_pixels: bool = False, **header: s
     written as they are: a number field holding text)."""
     family, given, patient_id, birth = patient["family"], patient["given"], patient["id"], patient["birth"]
     pixels = chest_phantom(np.random.default_rng(len(family)), 128).astype(np.uint16) * 16
-    with config.disable_value_validation():  # some values are malformed on purpose
-        dataset = Dataset()
-        dataset.file_meta = FileMetaDataset()
-        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        dataset.SOPClassUID = DigitalXRayImageStorageForPresentation
-        dataset.SOPInstanceUID = generate_uid()
-        dataset.SpecificCharacterSet = "ISO_IR 192"  # UTF-8
-        dataset.Modality = "DX"
-        dataset.BodyPartExamined = "CHEST"
-        dataset.PatientName = f"{family}^{given}"
-        dataset.PatientID = patient_id
-        dataset.PatientBirthDate = birth
-        dataset.OtherPatientIDs = patient_id
-        dataset.PatientComments = f"{given} {family}, born {birth}"
-        dataset.StudyDescription = f"CXR PA {patient_id} {family}"
-        dataset.SeriesDescription = f"{given} {birth}"
-        dataset.InstitutionName = f"{family} memorial"
-        dataset.ReferringPhysicianName = f"{given}^{family}"
-        dataset.set_pixel_data(pixels, photometric_interpretation="MONOCHROME2", bits_stored=12)
-        for keyword, value in header.items():
-            if keyword == "TransferSyntaxUID":
-                dataset.file_meta.TransferSyntaxUID = value
-            elif value is None:
-                delattr(dataset, keyword)
-            elif isinstance(value, bytes):  # stored raw: pydicom would refuse text in a number field
-                tag = Tag(keyword)
-                dataset[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True)
-            else:
-                setattr(dataset, keyword, value)
-        if broken_pixels:
-            dataset.PixelData = dataset.PixelData[: len(dataset.PixelData) // 2]
-        dataset.ImageComments = f"taken for {family} {patient_id} ({birth}); " + "padding " * 20
-        buffer = io.BytesIO()
-        # The encoding is named: pydicom cannot infer it from a transfer syntax it does not know.
-        dataset.save_as(buffer, enforce_file_format=True, implicit_vr=False, little_endian=True)
-    return buffer.getvalue()
+    tags = {"SpecificCharacterSet": "ISO_IR 192",  # UTF-8
+            "BodyPartExamined": "CHEST", "PatientName": f"{family}^{given}", "PatientID": patient_id,
+            "PatientBirthDate": birth, "OtherPatientIDs": patient_id, "PatientComments": f"{given} {family}, born {birth}",
+            "StudyDescription": f"CXR PA {patient_id} {family}", "SeriesDescription": f"{given} {birth}",
+            "InstitutionName": f"{family} memorial", "ReferringPhysicianName": f"{given}^{family}",
+            "ImageComments": f"taken for {family} {patient_id} ({birth}); " + "padding " * 20}
+    dataset = dicom_builder.radiograph(pixels, bits_stored=12, **{**tags, **header})
+    if broken_pixels:
+        dataset.PixelData = dataset.PixelData[: len(dataset.PixelData) // 2]
+    return dicom_builder.dicom_bytes(dataset)
 
 
 def cut_short(data: bytes, patient: dict[str, str]) -> bytes:

@@ -23,12 +23,13 @@ from flows.parameters import ScreenParameters
 from flows.screen import screen
 from model.bundle import BundleError
 from model.inference import EngineCheck
-from screening import ledger
+from screening import leases, ledger
 from store import engines, registry, storage
 from store.phantoms import chest_phantom, write_phantom_dataset
 from tasks import screen_chunks
 from tasks.screen_chunks import find_inputs
 from tests.conftest import flow_run_artifacts
+from tests.dicom_builder import dicom_bytes, radiograph
 
 pytestmark = pytest.mark.slow
 
@@ -44,19 +45,8 @@ def copy_tree(source: str, target: str) -> None:
 
 
 def dicom_without_suffix() -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
-
-    dataset = Dataset()
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.SOPClassUID = DigitalXRayImageStorageForPresentation
-    dataset.SOPInstanceUID = generate_uid()
     pixels = chest_phantom(np.random.default_rng(3), 128).astype(np.uint16) * 16
-    dataset.set_pixel_data(pixels, photometric_interpretation="MONOCHROME2", bits_stored=12)
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return dicom_bytes(radiograph(pixels, bits_stored=12, Modality=None, PatientName=None))
 
 
 def make_incoming(root: str, seed: int = 0, per_class: int = 6) -> dict[str, str]:
@@ -232,8 +222,7 @@ def test_a_killed_run_is_published_by_a_later_run_once_its_lease_is_stale(model_
     assert len(run_rows(results)) == len(expected) - claimed_by_dead
 
     # Later: its lease is stale, and its rows are published under its own run folder.
-    abandoned_after = timedelta(minutes=ScreenParameters.default("abandoned_after_minutes"))
-    dead["renewed_at"] = (datetime.now(timezone.utc) - abandoned_after - timedelta(minutes=1)).isoformat()
+    dead["renewed_at"] = (datetime.now(timezone.utc) - leases.ABANDONED_AFTER - timedelta(minutes=1)).isoformat()
     storage.write_bytes(lease_file, json.dumps(dead).encode())
     later = run_screen(incoming, results, model_store)
     assert later.recovered_runs == [dead["run_id"]] and later.screened == 0
