@@ -23,7 +23,7 @@ from flows.parameters import ScreenParameters
 from flows.screen import screen
 from model.bundle import BundleError
 from model.inference import EngineCheck
-from screening import leases, ledger
+from screening import ledger
 from store import engines, registry, storage
 from store.phantoms import chest_phantom, write_phantom_dataset
 from tasks import screen_chunks
@@ -222,7 +222,8 @@ def test_a_killed_run_is_published_by_a_later_run_once_its_lease_is_stale(model_
     assert len(run_rows(results)) == len(expected) - claimed_by_dead
 
     # Later: its lease is stale, and its rows are published under its own run folder.
-    dead["renewed_at"] = (datetime.now(timezone.utc) - leases.ABANDONED_AFTER - timedelta(minutes=1)).isoformat()
+    abandoned_after = timedelta(minutes=ScreenParameters.default("abandoned_after_minutes"))
+    dead["renewed_at"] = (datetime.now(timezone.utc) - abandoned_after - timedelta(minutes=1)).isoformat()
     storage.write_bytes(lease_file, json.dumps(dead).encode())
     later = run_screen(incoming, results, model_store)
     assert later.recovered_runs == [dead["run_id"]] and later.screened == 0
