@@ -28,10 +28,16 @@ import numpy as np  # noqa: E402
 from model.evaluation import evaluate  # noqa: E402
 from model.network import build_classifier  # noqa: E402
 from model.preprocessing import Preprocessing  # noqa: E402
-from model.training import TrainingConfig, TrainingData, fit_head_cached, fit_naive_frozen, predict_probabilities  # noqa: E402
+from model.training import (  # noqa: E402
+    TrainingConfig,
+    TrainingData,
+    fit_head_cached,
+    fit_naive_frozen,
+    predict_probabilities,
+)
 from store.datasets import discover_dataset, training_parts  # noqa: E402
 from store.loading import load_images  # noqa: E402
-from tasks.train_steps import class_layout  # noqa: E402
+from tasks.train_data import class_layout  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 

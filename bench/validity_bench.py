@@ -5,7 +5,7 @@ from --base-seed, weights none: ImageNet weights cannot be had here):
 
   default   what `cxr-screen train` does with its defaults: the linear head chosen by patient-grouped
             cross-validation over the training images (weighting, C), calibrated and thresholded on
-            out-of-fold predictions (tasks/train_steps.fit_model)
+            out-of-fold predictions (tasks/train_fit.fit_model)
   baseline  the built-in baseline: the best plain-feature logistic regression of the same search
             (with the default's candidates, the same model: the difference shows 0 by construction)
   aug-head  `--augment-head`: augmented copies of the training images join the candidates
@@ -48,7 +48,11 @@ import numpy as np  # noqa: E402
 from bench.machine import cpu_line  # noqa: E402
 from model.acceptance import Acceptance, judge  # noqa: E402
 from model.augmentation import Augmentation, build_augmentation  # noqa: E402
-from model.calibration import apply_temperature_and_bias, expected_calibration_error, fit_temperature_and_bias  # noqa: E402
+from model.calibration import (  # noqa: E402
+    apply_temperature_and_bias,
+    expected_calibration_error,
+    fit_temperature_and_bias,
+)
 from model.evaluation import auc, choose_threshold, flags  # noqa: E402
 from model.linear_head import fit_selected, select_logistic_head  # noqa: E402
 from model.network import build_base  # noqa: E402
@@ -57,7 +61,7 @@ from model.training import TrainingConfig, extract_features  # noqa: E402
 from model.validity import audit, bootstrap_interval, within_stratum_auc  # noqa: E402
 from store.datasets import discover_dataset  # noqa: E402
 from store.loading import load_images  # noqa: E402
-from tasks.train_steps import LabelledArrays, build_split  # noqa: E402
+from tasks.train_data import LabelledArrays, build_split  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 STRATA = ["age_group", "source_dataset", "view"]

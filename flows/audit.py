@@ -14,7 +14,7 @@ from flows.parameters import AuditParameters
 from flows.train import preprocessing_and_config
 from store.datasets import DatasetError, metadata_columns
 from tasks.clinical import audit_fold, write_audit
-from tasks.train_steps import discover, load_labelled, resolve_weights
+from tasks.train_data import discover, load_labelled, resolve_weights
 
 
 @dataclass(frozen=True)

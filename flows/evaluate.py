@@ -17,8 +17,15 @@ from flows.parameters import EvaluateParameters
 from store import storage
 from store.clock import utc_timestamp
 from store.evaluations import new_evaluation_id
-from tasks.site_evaluation import criteria_for, evaluation_record, load_version, measure, publish_evaluation, select_images
-from tasks.train_steps import discover, load_labelled
+from tasks.site_evaluation import (
+    criteria_for,
+    evaluation_record,
+    load_version,
+    measure,
+    publish_evaluation,
+    select_images,
+)
+from tasks.train_data import discover, load_labelled
 
 
 @dataclass(frozen=True)

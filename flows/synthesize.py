@@ -27,7 +27,7 @@ from tasks.synthesis import (
     report_synthesis,
     train_generator,
 )
-from tasks.train_steps import discover, load_labelled, resolve_weights, split_for_training
+from tasks.train_data import discover, load_labelled, resolve_weights, split_for_training
 
 
 def gan_config(params: SynthesizeParameters) -> GanConfig:

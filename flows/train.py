@@ -1,9 +1,10 @@
 """On-demand retraining: VGG16 transfer learning, evaluation on a patient-held-out split, registry.
 
-Reads top to bottom as the steps: find the data, load it, split it, fit, calibrate on validation,
-choose the threshold on validation and score on test, audit what the model learned (metadata
-strata, masked lungs, Grad-CAM), compare with production on the same split, write the bundle,
-promote if it is better (unless approval is required, or production changed meanwhile).
+Reads top to bottom as the steps: find the data, load it, split it, fit, calibrate, choose the
+threshold and score on test, check the fast engines, audit what the model learned (metadata
+strata, masked lungs, Grad-CAM) and judge it against its plain baseline and the site's criteria,
+decide promotion against production on the same split, write the bundle, promote if decided
+(unless production changed meanwhile). Each step returns one record (tasks/).
 """
 
 from __future__ import annotations
@@ -12,25 +13,29 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.parameters import TrainParameters
-from model.acceptance import Acceptance, compare_with_baseline, judge
+from model.acceptance import Acceptance
 from model.augmentation import Augmentation
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
-from store import registry
-from tasks.bundling import TrainedModel, make_bundle, promote, publish_bundle, read_production, report_training
-from tasks.clinical import audit_baseline, audit_model, calibrate_model
+from tasks.bundling import (
+    TrainedModel,
+    TrainingRun,
+    make_bundle,
+    publish_bundle,
+    report_training,
+)
+from tasks.clinical import Calibration, audit_model, calibrate_model, judge_fitness
+from tasks.promotion import decide_promotion, promote
 from tasks.synthetic_training import add_synthetic
-from tasks.train_steps import (
-    calibration_sample,
-    check_engines,
+from tasks.train_data import (
     discover,
-    evaluate_model,
-    fit_model,
+    imagenet_record,
     load_labelled,
     resolve_weights,
-    score_production,
     split_for_training,
 )
+from tasks.train_fit import fit_model
+from tasks.train_scoring import check_engines, evaluate_model
 
 
 def preprocessing_and_config(params: TrainParameters) -> tuple[Preprocessing, TrainingConfig]:
@@ -63,53 +68,29 @@ def train(params: TrainParameters) -> TrainedModel:
     cv = split.cross_validation(loaded.images, pooled=cross_validated and not params.fine_tune_epochs,
                                 class_weights=params.class_weights)
     fitted = fit_model(training, spec, config, weights, cv, loaded.images[split.test], cross_validated)
-    model = fitted.model
     split = split.balanced_by(fitted.balance) if fitted.balance in split.balance_candidates else split
     if weights_info["origin"] == "imagenet" and weights_info["sha256"] is None:
-        weights_info = resolve_weights.fn("imagenet")[1]  # the download has happened by now
-    oof = None if fitted.oof is None else (fitted.oof_rows, fitted.oof)
-    calibration, reliability, calibrated_oof = (calibrate_model(model, loaded, split, spec, oof) if params.calibrate
-                                                else ({}, None, None))
-    if oof is not None and calibrated_oof is not None:
-        oof = (oof[0], calibrated_oof)
-    threshold, metrics, test_probabilities = evaluate_model(model, loaded, split, spec, params.target_sensitivity, oof)
-    engine_checks, engine_files = check_engines(
-        model, spec, threshold, split.classes.index(split.positive), loaded.images[split.test], split.labels[split.test],
-        test_probabilities, loaded.images[calibration_sample(split.train, params.seed)],
-        [loaded.items[index].uri for index in split.test])
-    validity, mean_cam = audit_model(model, loaded, split, spec, threshold, test_probabilities, params.bootstrap,
-                                     params.seed)
-    if fitted.baseline is not None:
-        baseline = audit_baseline(split, fitted.baseline, params.target_sensitivity, params.bootstrap, params.seed,
-                                  calibrate=params.calibrate)
-        validity["baseline"] = baseline
-        validity["against_baseline"] = compare_with_baseline(
-            {"auc": validity["overall"]["auc"], "mean_within_auc": validity["mean_within_auc"]},
-            {"auc": baseline["overall"]["auc"], "mean_within_auc": baseline["mean_within_auc"]})
+        weights_info = imagenet_record()  # the download has happened by now
+
+    calibration = (calibrate_model(fitted.model, loaded, split, spec, fitted.oof_pairs) if params.calibrate
+                   else Calibration())
+    oof = fitted.oof_pairs if calibration.oof is None else (fitted.oof_rows, calibration.oof)
+    evaluation = evaluate_model(fitted.model, loaded, split, spec, params.target_sensitivity, oof)
+    engines = check_engines(fitted.model, spec, loaded, split, evaluation.threshold, params.seed,
+                            evaluation.test_probabilities)
     criteria = Acceptance(min_auc=params.min_auc, min_specificity=params.min_specificity,
                           target_sensitivity=params.target_sensitivity, bound=params.acceptance_bound)
-    validity["fitness"] = judge(validity["overall"], criteria).to_dict()
+    audit = audit_model(fitted.model, loaded, split, spec, evaluation, params.bootstrap, params.seed)
+    audit = judge_fitness(audit, split, fitted.baseline, criteria, params.bootstrap, params.seed, params.calibrate)
 
-    seen = read_production(params.model_store_uri)  # promotion is written only if this is still production
-    production = score_production(params.model_store_uri, loaded, split, spec)
-    promoted, reason = registry.promotion_decision(
-        {**metrics["positive"], "within_auc": validity["mean_within_auc"], "warnings": validity["model_warnings"]},
-        production, params.force_promote, fitness=validity["fitness"],
-        against_baseline=validity.get("against_baseline"),
-        experiment=f"trained with {params.leave_out} left out" if params.leave_out else None,
-        require_approval=params.require_approval)
-    card, files = make_bundle(model, fitted.history, threshold, metrics, dataset=dataset, loaded=loaded, split=split,
-                              spec=spec, config=config, weights=weights_info, test_fraction=params.test_fraction,
-                              validity=validity, calibration=calibration, features_engine=fitted.features_engine,
-                              selection=fitted.selection, acceptance=criteria,
-                              figures={"calibration.png": reliability, "gradcam.png": mean_cam}, synthetic=synthetic,
-                              promotion={"promoted": promoted, "reason": reason,
-                                         "compared_with": production and production["version"],
-                                         "require_approval": params.require_approval})
-    bundle_uri = publish_bundle(params.model_store_uri, files, card, engine_checks, engine_files)
-    if promoted:
-        promoted, reason = promote(params.model_store_uri, card.version, reason, seen,
-                                   by=f"train flow run {flow_run.name}")
-    trained = TrainedModel(card, bundle_uri, promoted, reason)
+    promotion = decide_promotion(params.model_store_uri, loaded, split, spec, evaluation, audit,
+                                 force=params.force_promote, require_approval=params.require_approval,
+                                 leave_out=params.leave_out)
+    run = TrainingRun(dataset, loaded, split, spec, config, weights_info, params.test_fraction, criteria, synthetic)
+    card, files = make_bundle(run, fitted, evaluation, calibration, audit, promotion)
+    bundle_uri = publish_bundle(params.model_store_uri, files, card, engines)
+    if promotion.promoted:
+        promotion = promote(params.model_store_uri, card.version, promotion, by=f"train flow run {flow_run.name}")
+    trained = TrainedModel(card, bundle_uri, promotion.promoted, promotion.reason)
     report_training(trained)
     return trained

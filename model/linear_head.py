@@ -25,7 +25,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
-from model.validity import class_balanced_weights, stratum_sample_weights, within_stratum_auc
+from model.evaluation import auc
+from model.validity import class_balanced_weights, mean_within_stratum_auc, stratum_sample_weights
 
 __all__ = ["C_GRID", "FOLDS", "SELECTION_RULE", "CrossValidation", "HeadSelection", "LogisticHead", "Selection",
            "cross_validated_folds", "fit_logistic", "fit_selected", "select_logistic_head"]
@@ -168,14 +169,10 @@ class CrossValidation:
 
 
 def _score(is_positive: np.ndarray, scores: np.ndarray, strata: dict[str, np.ndarray]) -> tuple[float, float | None, float]:
-    from model.validity import _auc  # the rank AUC: thousands of calls, no sklearn overhead
-
-    auc = _auc(is_positive, scores)
-    auc = 0.5 if auc is None else auc
-    within = [value for value in (within_stratum_auc(is_positive, scores, levels) for levels in strata.values())
-              if value is not None]
-    mean_within = float(np.mean(within)) if within else None
-    return auc, mean_within, auc if mean_within is None else (auc + mean_within) / 2
+    overall = auc(is_positive, scores)
+    overall = 0.5 if overall is None else overall
+    mean_within = mean_within_stratum_auc(is_positive, scores, strata)
+    return overall, mean_within, overall if mean_within is None else (overall + mean_within) / 2
 
 
 def _better(score: float, loss: float, best: HeadSelection) -> bool:
@@ -228,16 +225,16 @@ def select_logistic_head(
                     if on_candidate is not None:
                         on_candidate(found)
                     continue
-                auc, within, score = _score(is_positive, oof[:, positive_index], data.strata)
+                oof_auc, within, score = _score(is_positive, oof[:, positive_index], data.strata)
                 loss = float(-np.log(np.clip(oof[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
-                found = {"weighting": weighting, "features": features, "c": c, "cv_auc": auc, "cv_within_auc": within,
+                found = {"weighting": weighting, "features": features, "c": c, "cv_auc": oof_auc, "cv_within_auc": within,
                          "cv_score": score, "cv_loss": loss}
                 candidates.append(found)
                 if on_candidate is not None:
                     on_candidate(found)
                 for kind in ("head", "baseline") if features == "plain" else ("head",):
                     if kind not in best or _better(score, loss, best[kind]):
-                        best[kind] = HeadSelection(weighting, features, c, auc, within, score, loss, oof, len(split))
+                        best[kind] = HeadSelection(weighting, features, c, oof_auc, within, score, loss, oof, len(split))
     if "head" not in best or "baseline" not in best:
         reasons = sorted({row["skipped"] for row in candidates if "skipped" in row})
         raise ValueError("no candidate could be cross-validated" + (f": {'; '.join(reasons)}" if reasons else ""))

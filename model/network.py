@@ -7,11 +7,12 @@ on VGG16's 7x7 map keeps only the top-left 4x4 cells and so ignores the lower an
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from model.defaults import HEAD
 
 __all__ = ["HEADS", "WeightsUnavailable", "build_base", "build_classifier", "build_head", "needs_standardising",
-           "set_linear_head", "standardise_on", "unfreeze_top_block"]
+           "set_calibration", "set_linear_head", "standardise_on", "unfreeze_top_block"]
 
 IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
@@ -114,6 +115,15 @@ def set_linear_head(model: keras.Model, mean, variance, kernel, bias) -> None:
     layer.finalize_state()  # Normalization reads the adapted statistics from here
     head.get_layer("probabilities").set_weights([keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(kernel, "float32")),
                                                  keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(bias, "float32"))])
+
+
+def set_calibration(model: keras.Model, temperature: float, bias: np.ndarray) -> None:
+    """Bake ``softmax(z / T + b)`` into the model: the final Dense's kernel divided by T and its
+    bias divided by T plus b give exactly those logits, so screening writes calibrated
+    probabilities with no extra code (model/calibration.py fits T and b)."""
+    final = model.get_layer("head").get_layer("probabilities")
+    final.kernel.assign(final.kernel / temperature)
+    final.bias.assign(final.bias / temperature + np.asarray(bias, np.float32))
 
 
 def build_classifier(

@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 import keras
 import numpy as np
 import tensorflow as tf
-from sklearn.metrics import roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
 
 from model.augmentation import Augmentation, build_augmentation
+from model.defaults import BATCH_SIZE, EPOCHS, HEAD
+from model.evaluation import auc
 from model.network import needs_standardising, standardise_on
 from model.preprocessing import Preprocessing, scale
 from model.validity import within_stratum_auc
@@ -28,9 +29,9 @@ __all__ = ["TrainingConfig", "TrainingData", "extract_features", "fine_tune", "f
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    epochs: int = 25
+    epochs: int = EPOCHS
     fine_tune_epochs: int = 0
-    batch_size: int = 16
+    batch_size: int = BATCH_SIZE
     learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-5
     augment: bool = True
@@ -39,7 +40,7 @@ class TrainingConfig:
     class_weights: bool = True
     patience: int = 10
     seed: int = 0
-    head: str = "linear"  # model.network.HEADS
+    head: str = HEAD  # model.network.HEADS
     # L2 strengths tried for the linear head when it is trained with epochs (fit_head_cached); the
     # one that does best on validation is kept. One value: no choice.
     head_l2: tuple[float, ...] = (0.1, 1.0, 10.0)
@@ -119,7 +120,7 @@ def extract_features(
     images: np.ndarray,
     spec: Preprocessing,
     augmentation: keras.Sequential | None = None,
-    batch_size: int = 16,
+    batch_size: int = BATCH_SIZE,
 ) -> np.ndarray:
     """Base features of uint8 images, optionally through one draw of ``augmentation``."""
     features = []
@@ -236,8 +237,8 @@ class ValidationAUC(keras.callbacks.Callback):
             return
         scores = np.concatenate([keras.ops.convert_to_numpy(self.model(batch, training=False))[:, self.positive_index]
                                  for batch in _batches(self.features, self.batch_size)])
-        both = 0 < self.is_positive.sum() < len(scores)
-        logs["val_auc"] = float(roc_auc_score(self.is_positive, scores)) if both else 0.5
+        value = auc(self.is_positive, scores)
+        logs["val_auc"] = 0.5 if value is None else value  # Keras compares numbers: one class counts as chance
         if self.strata:
             logs["val_within_auc"] = float(np.mean([within_stratum_auc(self.is_positive, scores, levels)
                                                     for levels in self.strata.values()]))
@@ -340,7 +341,7 @@ def _fit_end_to_end(model, data, spec, config, epochs, learning_rate, callbacks)
     return history.history
 
 
-def predict_probabilities(model: keras.Model, images: np.ndarray, spec: Preprocessing, batch_size: int = 16) -> np.ndarray:
+def predict_probabilities(model: keras.Model, images: np.ndarray, spec: Preprocessing, batch_size: int = BATCH_SIZE) -> np.ndarray:
     """Class probabilities for resized uint8 images, by the fp32 reference engine."""
     from model.inference import make_predictor
 

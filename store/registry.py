@@ -32,7 +32,7 @@ from store.clock import utc_now, utc_timestamp
 
 __all__ = ["CARD", "PRODUCTION", "SIGNATURE", "SIGNING_KEY_VARIABLE", "Production", "PromotionConflict",
            "list_versions", "load_card", "load_model", "new_version", "operator", "production_version",
-           "promotion_decision", "publish", "read_file", "read_production", "rollback", "set_production",
+           "publish", "read_file", "read_production", "rollback", "set_production",
            "signing_key", "verify_bundle"]
 
 PRODUCTION = "production.json"
@@ -338,59 +338,3 @@ def verify_bundle(store_uri: str, version: str = "production", *, include_model:
     for name in sorted(listed - (set() if include_model else {"model.keras"})):
         read_file(store_uri, card, name)
     return card
-
-
-def promotion_decision(new: dict, current: dict | None, force: bool = False, *, fitness: dict | None = None,
-                       against_baseline: dict | None = None, experiment: str | None = None,
-                       require_approval: bool = False) -> tuple[bool, str]:
-    """Whether training promotes the new model, and why: the one place that decides.
-
-    In order: a model not fit for screening (``fitness``, model.acceptance's verdict) is never
-    promoted by training, forced or not: only a person can (``models promote --reason``). An
-    experiment (trained with a level left out) and a model worse than its plain baseline
-    (``against_baseline``) are promoted only when forced. With ``require_approval`` nothing is
-    promoted by training, and the reason says what training thought. Otherwise the new model is
-    compared with production on the same test split.
-
-    ``new`` and ``current`` are ``evaluate(...)['positive']`` dicts, optionally with
-    ``within_auc`` (mean within-stratum AUC over the metadata variables) and ``warnings`` (the
-    model's own shortcut warnings on this split: within-stratum AUC far below the overall AUC);
-    ``current`` is None when there is no production model or it could not be scored on this split.
-    A model with such a warning never replaces one without.
-    Within-stratum AUC, which shortcut learning cannot inflate, is compared first when both have it.
-    """
-    if fitness is not None and not fitness.get("fit", False):
-        return False, (f"{fitness.get('line', 'not fit for screening')}; a candidate only: a person may promote it "
-                       "with cxr-screen models promote VERSION --reason ...")
-    promoted, reason = _compared(new, current, force)
-    if not force and against_baseline and against_baseline.get("worse"):
-        promoted, reason = False, ("worse than its plain baseline: " + "; ".join(against_baseline["reasons"]) +
-                                   " (--force-promote overrides)")
-    if experiment and promoted and not force:
-        promoted, reason = False, f"{experiment}: an experiment, not a candidate"
-    if require_approval:
-        verdict = "recommends it" if promoted else "does not recommend it"
-        promoted, reason = False, (f"candidate awaiting approval (require_approval is set; training {verdict}: "
-                                   f"{reason}); promote it with: cxr-screen models promote VERSION --reason ...")
-    return promoted, reason
-
-
-def _compared(new: dict, current: dict | None, force: bool) -> tuple[bool, str]:
-    if force:
-        return True, "promotion forced"
-    if current is None:
-        return True, "no comparable production model"
-    if new.get("warnings") and not current.get("warnings"):
-        return False, ("it carries a shortcut warning and production does not (see its card); "
-                       "--force-promote overrides")
-    key = ["auc", "sensitivity_at_threshold"]
-    if new.get("within_auc") is not None and current.get("within_auc") is not None:
-        key.insert(0, "within_auc")
-    names = {"within_auc": "within-stratum AUC", "auc": "AUC", "sensitivity_at_threshold": "sensitivity at threshold"}
-    new_scores = tuple((new.get(k) or 0.0) for k in key)
-    old_scores = tuple((current.get(k) or 0.0) for k in key)
-    summary = ", ".join(f"{names[k]} {a:.4f} vs {b:.4f}" for k, a, b in zip(key, new_scores, old_scores))
-    summary += " (new vs production, same test split)"
-    if new_scores > old_scores:
-        return True, f"beats production: {summary}"
-    return False, f"does not beat production: {summary}"

@@ -5,29 +5,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
-import keras
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from model.acceptance import Acceptance
 from model.bundle import ModelCard, file_digests, model_to_bytes, software_versions
-from model.inference import EngineCheck
 from model.plots import confusion_png, curves_png, roc_png
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
 from store import engines, registry
+from store.clock import utc_timestamp
 from store.datasets import Dataset, fingerprint
+from tasks.clinical import Audit, Calibration
+from tasks.promotion import Promotion
 from tasks.retrying import io_step
-from tasks.train_steps import LabelledArrays, TrainingSplit
+from tasks.train_data import LabelledArrays, TrainingSplit
+from tasks.train_fit import FitResult
+from tasks.train_scoring import EngineReport, Evaluation
 from templates import render
 
-__all__ = ["TrainedModel", "card_markdown", "make_bundle", "promote", "publish_bundle",
-           "read_production", "report_training"]
+__all__ = ["TrainedModel", "TrainingRun", "card_markdown", "make_bundle", "publish_bundle", "report_training"]
 
 
 @dataclass(frozen=True)
@@ -51,35 +51,47 @@ def card_markdown(card: ModelCard) -> str:
         promotion=card.promotion)
 
 
+@dataclass(frozen=True)
+class TrainingRun:
+    """What a training run was given and how it split its data: what its card records of them."""
+
+    dataset: Dataset
+    loaded: LabelledArrays
+    split: TrainingSplit
+    spec: Preprocessing
+    config: TrainingConfig
+    weights: dict  # origin and sha256 of the base weights
+    test_fraction: float
+    acceptance: Acceptance
+    synthetic: dict | None = None  # what synthetic images joined the training part (tasks/synthetic_training.py)
+
+
 @task(cache_policy=NO_CACHE)
-def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: dict, *, dataset: Dataset,
-                loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing, config: TrainingConfig,
-                weights: dict, test_fraction: float, promotion: dict, validity: dict, calibration: dict,
-                figures: dict[str, bytes | None], features_engine: dict | None = None,
-                synthetic: dict | None = None, selection: dict | None = None,
-                acceptance: Acceptance | None = None) -> tuple[ModelCard, dict[str, bytes]]:
-    """The card and every other file of the bundle, as bytes; the card lists their sha256.
-    ``synthetic``: what synthetic images joined the training part (tasks/synthetic_training.py)."""
+def make_bundle(run: TrainingRun, fitted: FitResult, evaluation: Evaluation, calibration: Calibration, audit: Audit,
+                promotion: Promotion) -> tuple[ModelCard, dict[str, bytes]]:
+    """The card and every other file of the bundle, as bytes; the card lists their sha256."""
+    model, history, metrics, split, loaded = fitted.model, fitted.history, evaluation.metrics, run.split, run.loaded
     model_bytes = model_to_bytes(model)
     card = ModelCard(
-        version=registry.new_version(), classes=split.classes, positive_class=split.positive, threshold=threshold,
-        preprocessing=spec.to_dict(), weights=weights,
-        dataset={"uri": dataset.uri, "source": dataset.source, "fingerprint": fingerprint(loaded.items),
+        version=registry.new_version(), classes=split.classes, positive_class=split.positive,
+        threshold=evaluation.threshold, preprocessing=run.spec.to_dict(), weights=run.weights,
+        dataset={"uri": run.dataset.uri, "source": run.dataset.source, "fingerprint": fingerprint(loaded.items),
                  "images": len(loaded.items), "rejected": [list(r) for r in loaded.rejected],
-                 "split_seed": config.seed, "test_fraction": test_fraction, "train_images": int(len(split.train)),
+                 "split_seed": run.config.seed, "test_fraction": run.test_fraction, "train_images": int(len(split.train)),
                  "validation_images": int(len(split.validation)), "test_images": int(len(split.test)),
                  "test_fingerprint": fingerprint([loaded.items[i] for i in split.test]),
                  "validation_fingerprint": fingerprint([loaded.items[i] for i in split.validation]),
-                 "class_counts": dataset.class_counts, **({"synthetic": synthetic} if synthetic else {})},
-        metrics=metrics, training={**config.to_dict(), "balance_strata": split.balance,
+                 "class_counts": run.dataset.class_counts, **({"synthetic": run.synthetic} if run.synthetic else {})},
+        metrics=metrics, training={**run.config.to_dict(), "balance_strata": split.balance,
                                    "selected_l2": history["stage1"].get("selected_l2", [None])[0],
                                    "leave_out": "=".join(split.leave_out) if split.leave_out else None,
-                                   "features_engine": features_engine or {},
-                                   "head_selection": selection, "acceptance": (acceptance or Acceptance()).to_dict()},
-        software=software_versions(), validity=validity, calibration=calibration,
+                                   "features_engine": fitted.features_engine or {},
+                                   "head_selection": fitted.selection, "acceptance": run.acceptance.to_dict()},
+        software=software_versions(), validity=audit.validity, calibration=calibration.record,
         model_sha256=hashlib.sha256(model_bytes).hexdigest(),
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), promotion=promotion,
+        created_at=utc_timestamp(), promotion=promotion.card_record(),
     )
+    figures = {"calibration.png": calibration.figure, "gradcam.png": audit.mean_cam}
     positive = metrics["positive"]
     files = {
         "model.keras": model_bytes,
@@ -96,32 +108,13 @@ def make_bundle(model: keras.Model, history: dict, threshold: float, metrics: di
 
 
 @task(**io_step(retries=3, retry_delay_seconds=5))
-def publish_bundle(store_uri: str, files: dict[str, bytes], card: ModelCard,
-                   engine_checks: Sequence[EngineCheck] = (), engine_files: dict[str, bytes] | None = None) -> str:
+def publish_bundle(store_uri: str, files: dict[str, bytes], card: ModelCard, engine_report: EngineReport | None = None
+                   ) -> str:
     """The bundle, then its engines beside it (until they land, the version is served by fp32)."""
     folder = registry.publish(store_uri, card.version, files, card)
-    if engine_checks:
-        engines.record_checks(store_uri, card, engine_checks, engine_files)
+    if engine_report is not None and engine_report.checks:
+        engines.record_checks(store_uri, card, engine_report.checks, engine_report.files)
     return folder
-
-
-@task(cache_policy=NO_CACHE, **io_step())
-def read_production(store_uri: str) -> registry.Production:
-    """production.json as training finds it before comparing: promotion is written against it."""
-    return registry.read_production(store_uri)
-
-
-@task(cache_policy=NO_CACHE, **io_step(retries=3, retry_delay_seconds=5))
-def promote(store_uri: str, version: str, reason: str, seen: registry.Production | None = None,
-            by: str | None = None) -> tuple[bool, str]:
-    """Make the new version production, unless production changed since ``seen`` was read (another
-    training or an operator won): then it stays a candidate, and the reason returned says why."""
-    try:
-        registry.set_production(store_uri, version, reason, by=by, expected=seen)
-    except registry.PromotionConflict as error:
-        get_run_logger().warning("Model %s left as a candidate: %s", version, error)
-        return False, f"left as a candidate: {error}"
-    return True, reason
 
 
 @task

@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass, field, replace
 
 import keras
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from sklearn.metrics import roc_auc_score
 
+from model.acceptance import Acceptance, compare_with_baseline, judge
 from model.anatomy import lung_share, mask_images
-from model.calibration import apply_temperature_and_bias, brier_score, expected_calibration_error, fit_temperature_and_bias
-from model.evaluation import choose_threshold, sensitivity_specificity
+from model.calibration import (
+    apply_temperature_and_bias,
+    brier_score,
+    expected_calibration_error,
+    fit_temperature_and_bias,
+)
+from model.evaluation import auc, choose_threshold, flags, sensitivity_specificity
 from model.gradcam import grad_cam
+from model.network import set_calibration
 from model.plots import audit_png, mean_cam_png, reliability_png
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig, predict_probabilities
@@ -24,34 +31,43 @@ from model.validity import audit, shortcut_warnings
 from store import storage
 from store.datasets import DatasetError
 from tasks.retrying import io_step
-from tasks.train_steps import LabelledArrays, TrainingSplit, evaluate_model, fit_model, mean_within_auc, split_for_training
+from tasks.train_data import LabelledArrays, TrainingSplit, build_split
+from tasks.train_fit import fit
+from tasks.train_scoring import Evaluation, evaluate_split
 from templates import render
 
-__all__ = ["audit_baseline", "audit_fold", "audit_model", "calibrate_model", "write_audit"]
+__all__ = ["Audit", "Calibration", "audit_baseline", "audit_fold", "audit_model", "calibrate_model", "judge_fitness",
+           "write_audit"]
 
 
-def _auc(is_positive: np.ndarray, scores: np.ndarray) -> float | None:
-    return float(roc_auc_score(is_positive, scores)) if 0 < is_positive.sum() < len(is_positive) else None
+@dataclass(frozen=True)
+class Calibration:
+    """What calibration did: the card's record (empty when not calibrated), the test split's
+    reliability diagram, and the calibrated out-of-fold probabilities the threshold is then chosen
+    on (None without out-of-fold predictions)."""
+
+    record: dict = field(default_factory=dict)
+    figure: bytes | None = None
+    oof: np.ndarray | None = None
 
 
-def _set_calibration(model: keras.Model, temperature: float, bias: np.ndarray) -> None:
-    """Bakes ``softmax(z / T + b)`` into the saved model: the final Dense's kernel divided by T and
-    its bias divided by T plus b give exactly those logits, so screening writes calibrated
-    probabilities with no extra code."""
-    final = model.get_layer("head").get_layer("probabilities")
-    final.kernel.assign(final.kernel / temperature)
-    final.bias.assign(final.bias / temperature + bias.astype(np.float32))
+@dataclass(frozen=True)
+class Audit:
+    """What the model learned, on the test split: the card's ``validity`` record (strata, masked
+    lungs, Grad-CAM, left-out level; with the baseline and the fitness verdict once judged) and the
+    mean Grad-CAM per class as a PNG."""
+
+    validity: dict
+    mean_cam: bytes | None = None
 
 
 @task(cache_policy=NO_CACHE)
 def calibrate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
-                    oof: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, bytes | None, np.ndarray | None]:
+                    oof: tuple[np.ndarray, np.ndarray] | None = None) -> Calibration:
     """Temperature (and class-bias) scaling baked into ``model``, fitted on ``oof`` (rows of the
     loaded arrays and the head's out-of-fold probabilities of them, from cross-validation) when
-    given, else on the validation split. Returns the calibration record (temperature, ECE and Brier
-    of the positive class before and after, on what it was fitted on and on test), a reliability
-    diagram of the test split, and the calibrated out-of-fold probabilities (None without ``oof``),
-    on which the threshold is then chosen."""
+    given, else on the validation split. The record holds the temperature, and the ECE and Brier
+    of the positive class before and after, on what it was fitted on and on test."""
     positive = split.classes.index(split.positive)
     if oof is not None:
         fit_rows, fit_before = oof
@@ -64,16 +80,16 @@ def calibrate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingS
     fit_labels = split.labels[fit_rows]
     if len(np.unique(fit_labels)) < 2:
         get_run_logger().warning("Not calibrated: the %s images hold one class only", fitted_on.replace("_", "-"))
-        return {}, None, None
-    if _auc(fit_labels == positive, fit_before[:, positive]) == 1.0:
+        return Calibration()
+    if auc(fit_labels == positive, fit_before[:, positive]) == 1.0:
         # Perfectly separated: the likelihood only grows as probabilities go to 0 and 1, so a fitted
         # temperature would just make the model as over-confident as its bounds allow.
         get_run_logger().warning("Not calibrated: the %s images are perfectly separated, so calibration could only "
                                  "sharpen the probabilities to 0 and 1", fitted_on.replace("_", "-"))
-        return {}, None, None
+        return Calibration()
     test_before = predict_probabilities(model, loaded.images[split.test], spec)
     temperature, bias = fit_temperature_and_bias(fit_before, fit_labels)
-    _set_calibration(model, temperature, bias)
+    set_calibration(model, temperature, bias)
     fit_after = apply_temperature_and_bias(fit_before, temperature, bias)
     test_after = predict_probabilities(model, loaded.images[split.test], spec)
     record: dict = {"method": method, "fitted_on": fitted_on, "temperature": temperature,
@@ -89,10 +105,26 @@ def calibrate_model(model: keras.Model, loaded: LabelledArrays, split: TrainingS
     get_run_logger().info("Calibration (on %s): temperature %.3f; test ECE %.3f -> %.3f, Brier %.3f -> %.3f",
                           fitted_on.replace("_", "-"), temperature, record["test"]["ece_before"],
                           record["test"]["ece_after"], record["test"]["brier_before"], record["test"]["brier_after"])
-    return record, figure, fit_after if oof is not None else None
+    return Calibration(record, figure, fit_after if oof is not None else None)
 
 
 @task(cache_policy=NO_CACHE)
+def judge_fitness(audited: Audit, split: TrainingSplit, baseline: dict | None, criteria: Acceptance,
+                  n_resamples: int = 1000, seed: int = 0, calibrate: bool = True) -> Audit:
+    """The audit completed with what promotion weighs: the built-in baseline scored like the model
+    (when cross-validation fitted one) and set against it, and the verdict on the site's
+    acceptance ``criteria`` (model/acceptance.py)."""
+    validity = dict(audited.validity)
+    if baseline is not None:
+        validity["baseline"] = audit_baseline(split, baseline, criteria.target_sensitivity, n_resamples, seed,
+                                              calibrate)
+        validity["against_baseline"] = compare_with_baseline(
+            {"auc": validity["overall"]["auc"], "mean_within_auc": validity["mean_within_auc"]},
+            {"auc": validity["baseline"]["overall"]["auc"], "mean_within_auc": validity["baseline"]["mean_within_auc"]})
+    validity["fitness"] = judge(validity["overall"], criteria).to_dict()
+    return replace(audited, validity=validity)
+
+
 def audit_baseline(split: TrainingSplit, baseline: dict, target_sensitivity: float, n_resamples: int = 1000,
                    seed: int = 0, calibrate: bool = True) -> dict:
     """The built-in baseline (a plain logistic regression on the model's own frozen features,
@@ -102,7 +134,7 @@ def audit_baseline(split: TrainingSplit, baseline: dict, target_sensitivity: flo
     positive = split.classes.index(split.positive)
     rows, oof, test = baseline["oof_rows"], baseline["oof"], baseline["test_probabilities"]
     labels = split.labels[rows]
-    if calibrate and len(np.unique(labels)) > 1 and _auc(labels == positive, oof[:, positive]) not in (None, 1.0):
+    if calibrate and len(np.unique(labels)) > 1 and auc(labels == positive, oof[:, positive]) not in (None, 1.0):
         temperature, bias = fit_temperature_and_bias(oof, labels)
         oof, test = (apply_temperature_and_bias(p, temperature, bias) for p in (oof, test))
     threshold = choose_threshold(labels == positive, oof[:, positive], target_sensitivity)
@@ -118,19 +150,18 @@ def audit_baseline(split: TrainingSplit, baseline: dict, target_sensitivity: flo
             **baseline["record"], "threshold": threshold, "overall": record["overall"],
             "strata": {name: {key: found[key] for key in ("within_auc", "within_auc_ci")}
                        for name, found in record["strata"].items()},
-            "mean_within_auc": mean_within_auc(split, split.test, scores),
+            "mean_within_auc": split.mean_within_auc(split.test, scores),
             "ece": expected_calibration_error(truth, scores)}
 
 
 @task(cache_policy=NO_CACHE)
 def audit_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
-                threshold: float, test_probabilities: np.ndarray, n_resamples: int = 1000,
-                seed: int = 0) -> tuple[dict, bytes]:
+                evaluation: Evaluation, n_resamples: int = 1000, seed: int = 0) -> Audit:
     """What the model learned, on the test split: metrics within metadata strata with patient-level
     bootstrap intervals and metadata-only baselines, the left-out level, the masked-lung audit and
-    Grad-CAM's share inside the lungs. Returns the card's ``validity`` record and the mean Grad-CAM
-    per class as a PNG."""
+    Grad-CAM's share inside the lungs, at ``evaluation``'s threshold on its test probabilities."""
     logger = get_run_logger()
+    threshold, test_probabilities = evaluation.threshold, evaluation.test_probabilities
     positive = split.classes.index(split.positive)
     test = split.test
     truth = split.is_positive[test]
@@ -149,7 +180,7 @@ def audit_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit
     for keep in ("outside", "lungs"):
         masked_images = mask_images(loaded.images[test], keep=keep, fill=fill)
         masked_scores = predict_probabilities(model, masked_images, spec)[:, positive]
-        masked[f"auc_{'lungs_blanked' if keep == 'outside' else 'only_lungs'}"] = _auc(truth, masked_scores)
+        masked[f"auc_{'lungs_blanked' if keep == 'outside' else 'only_lungs'}"] = auc(truth, masked_scores)
     record["masked"] = {"method": "fixed anatomical prior: two lung-field boxes (model/anatomy.py), "
                                   f"blanked with the test images' mean grey ({fill})", "auc": record["overall"]["auc"],
                         **masked}
@@ -167,7 +198,7 @@ def audit_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit
         name: _mean(shares[split.labels[test] == index]) for index, name in enumerate(split.classes)}}
     figure = mean_cam_png({name: cams[split.labels[test] == index] for index, name in enumerate(split.classes)},
                           {name: loaded.images[test][split.labels[test] == index] for index, name in enumerate(split.classes)})
-    record["mean_within_auc"] = mean_within_auc(split, test, scores)
+    record["mean_within_auc"] = split.mean_within_auc(test, scores)
     # What promotion weighs: warnings about this model's scores (within-stratum gaps), measured the
     # same way for the production model on this split. A metadata-only baseline describes the data,
     # which both models share.
@@ -176,7 +207,7 @@ def audit_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit
                                                   for name, found in record["strata"].items()}})
     for line in record["warnings"]:
         logger.warning("Shortcut warning: %s", line)
-    return record, figure
+    return Audit(record, figure)
 
 
 def _mean(values: np.ndarray) -> float | None:
@@ -194,24 +225,25 @@ def audit_fold(loaded: LabelledArrays, variable: str, level: str, *, positive: s
     row = {"variable": variable, "level": level, "images": int(sum(item.metadata.get(variable) == level
                                                                    for item in loaded.items))}
     try:
-        split = split_for_training.fn(loaded, positive, multiclass, test_fraction, seed, strata=None,
-                                      balance_strata=balance_strata, mixed_strata_only=mixed_strata_only,
-                                      leave_out=f"{variable}={level}")
+        split = build_split(loaded, positive, multiclass, test_fraction, seed, strata=None,
+                            balance_strata=balance_strata, mixed_strata_only=mixed_strata_only,
+                            leave_out=f"{variable}={level}", logger=get_run_logger())
         _require_both_classes(split)
         cv = split.cross_validation(loaded.images, pooled=not config.fine_tune_epochs,
                                     class_weights=config.class_weights)
-        fitted = fit_model.fn(split.training_data(loaded.images), spec, config, weights, cv)
+        fitted = fit(split.training_data(loaded.images), spec, config, weights, cv)
         model = fitted.model
         split = split.balanced_by(fitted.balance) if fitted.balance in split.balance_candidates else split
-        oof = None if fitted.oof is None else (fitted.oof_rows, fitted.oof)
-        threshold, metrics, test_probabilities = evaluate_model.fn(model, loaded, split, spec, target_sensitivity, oof)
+        evaluation = evaluate_split(model, loaded, split, spec, target_sensitivity, fitted.oof_pairs)
     except (ValueError, DatasetError) as error:
         get_run_logger().warning("Cannot train without %s=%s: %s", variable, level, error)
         return {**row, "positives": None, "auc": None, "note": f"not trainable without it: {error}"}
-    test_scores = test_probabilities[:, split.classes.index(split.positive)]
-    return {**row, **_held_out_metrics(model, loaded, split, spec, threshold),
-            "test_auc": metrics["positive"]["auc"], "test_within_auc": mean_within_auc(split, split.test, test_scores),
-            "train_images": int(len(split.train)), "threshold": threshold, "balanced_by": split.balance, "note": ""}
+    test_scores = evaluation.test_probabilities[:, split.classes.index(split.positive)]
+    return {**row, **_held_out_metrics(model, loaded, split, spec, evaluation.threshold),
+            "test_auc": evaluation.metrics["positive"]["auc"],
+            "test_within_auc": split.mean_within_auc(split.test, test_scores),
+            "train_images": int(len(split.train)), "threshold": evaluation.threshold, "balanced_by": split.balance,
+            "note": ""}
 
 
 def _held_out_metrics(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
@@ -221,11 +253,11 @@ def _held_out_metrics(model: keras.Model, loaded: LabelledArrays, split: Trainin
     variable, level = split.leave_out
     truth = split.is_positive[split.held_out]
     scores = predict_probabilities(model, loaded.images[split.held_out], spec)[:, split.classes.index(split.positive)]
-    sensitivity, specificity = sensitivity_specificity(truth, scores >= threshold)
+    sensitivity, specificity = sensitivity_specificity(truth, flags(scores, threshold))
     return {"variable": variable, "level": level, "images": int(len(split.held_out)), "positives": int(truth.sum()),
-            "auc": _auc(truth, scores), "sensitivity": None if np.isnan(sensitivity) else sensitivity,
+            "auc": auc(truth, scores), "sensitivity": None if np.isnan(sensitivity) else sensitivity,
             "specificity": None if np.isnan(specificity) else specificity,
-            "flagged_share": float((scores >= threshold).mean()) if len(scores) else None,
+            "flagged_share": float(flags(scores, threshold).mean()) if len(scores) else None,
             "mean_probability": float(scores.mean()) if len(scores) else None}
 
 

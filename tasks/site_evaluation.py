@@ -23,9 +23,15 @@ from model.site_evaluation import compare_with_card, site_figures
 from model.training import predict_probabilities
 from model.validity import default_strata
 from store import evaluations, registry, storage
-from store.datasets import DatasetError, LabelledImage, fingerprint, metadata_columns, training_parts
+from store.datasets import (
+    DatasetError,
+    LabelledImage,
+    fingerprint,
+    metadata_columns,
+    training_parts,
+)
 from tasks.retrying import io_step
-from tasks.train_steps import LabelledArrays
+from tasks.train_data import LabelledArrays
 from templates import render
 
 __all__ = ["Selection", "criteria_for", "load_version", "measure", "publish_evaluation", "select_images"]

@@ -17,7 +17,12 @@ from prefect.cache_policies import NO_CACHE
 
 from model.bundle import BundleError, software_versions
 from model.gan import GanConfig, Generator, generate, generator_to_files, train_gan
-from model.gan_quality import FeatureFunction, fd_against_floor, memorisation_check, vgg16_features
+from model.gan_quality import (
+    FeatureFunction,
+    fd_against_floor,
+    memorisation_check,
+    vgg16_features,
+)
 from model.network import build_base
 from model.plots import samples_png
 from model.preprocessing import Preprocessing
@@ -26,7 +31,8 @@ from store.datasets import Dataset, DatasetError, fingerprint
 from store.generators import GeneratorCard, publish_generator
 from store.synthetic_data import encode_images, write_images, write_manifest
 from tasks.retrying import io_step
-from tasks.train_steps import EpochReporter, LabelledArrays, TrainingSplit
+from tasks.train_data import LabelledArrays, TrainingSplit
+from tasks.train_fit import EpochReporter
 
 __all__ = ["GeneratorRefused", "Quality", "Synthesis", "check_request", "describe_generator", "gray_training_images",
            "measure_quality", "overlapping", "publish_synthesis", "refuse_if_memorised", "report_synthesis", "train_generator"]

@@ -17,7 +17,7 @@ from store import storage
 from store.datasets import DatasetError, fingerprint
 from store.generators import load_generator
 from store.synthetic_data import SyntheticOrigin, synthetic_origin
-from tasks.train_steps import LabelledArrays, TrainingSplit, discover, load_labelled
+from tasks.train_data import LabelledArrays, TrainingSplit, discover, load_labelled
 
 __all__ = ["add_synthetic", "check_vouched", "vouched_images", "with_synthetic"]
 

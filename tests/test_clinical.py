@@ -10,9 +10,10 @@ import pytest
 
 from flows.parameters import AuditParameters, TrainParameters
 from flows.train import train
-from store import registry, storage
+from store import storage
 from store.datasets import DatasetError
 from store.phantoms import write_phantom_dataset
+from tasks.promotion import promotion_decision
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,7 @@ def test_no_warning_where_the_source_says_nothing_and_a_model_with_one_is_not_pr
 
     # A later model that carries a warning never replaces one that does not, unless forced.
     warned = clean.card.validity | {"warnings": ["the label is predictable from source alone"]}
-    decision = registry.promotion_decision({**clean.card.metrics["positive"], "within_auc": 1.0,
+    decision = promotion_decision({**clean.card.metrics["positive"], "within_auc": 1.0,
                                             "warnings": warned["warnings"]},
                                            {**clean.card.metrics["positive"], "within_auc": 0.5, "warnings": []})
     assert decision[0] is False and "shortcut warning" in decision[1]
@@ -67,7 +68,7 @@ def test_calibration_is_baked_into_the_saved_model_exactly(prefect_api):
     from model.training import predict_probabilities
     from store.datasets import LabelledImage
     from tasks.clinical import calibrate_model
-    from tasks.train_steps import LabelledArrays, TrainingSplit
+    from tasks.train_data import LabelledArrays, TrainingSplit
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
@@ -84,7 +85,8 @@ def test_calibration_is_baked_into_the_saved_model_exactly(prefect_api):
     def calibrate():
         return calibrate_model(model, loaded, split, spec)
 
-    record, figure, _ = calibrate()
+    found = calibrate()
+    record, figure = found.record, found.figure
     assert figure.startswith(b"\x89PNG") and record["method"].startswith("temperature and class-bias")
     after = predict_probabilities(model, images, spec)
     expected = apply_temperature_and_bias(before, record["temperature"], np.array(record["bias"]))
@@ -103,7 +105,8 @@ def test_calibration_is_baked_into_the_saved_model_exactly(prefect_api):
     def calibrate_out_of_fold():
         return calibrate_model(model, loaded, split, spec, (rows, oof))
 
-    again, _, calibrated = calibrate_out_of_fold()
+    found = calibrate_out_of_fold()
+    again, calibrated = found.record, found.oof
     assert again["fitted_on"] == "out_of_fold" and "out_of_fold" in again and "validation" not in again
     assert "out-of-fold predictions of the 40 training images" in again["method"]
     assert np.allclose(calibrated, apply_temperature_and_bias(oof, again["temperature"], np.array(again["bias"])))

@@ -220,7 +220,7 @@ def test_with_require_approval_training_leaves_a_candidate_until_promoted(prefec
     from flows.parameters import TrainParameters
     from flows.train import train
     from store.phantoms import write_phantom_dataset
-    from tasks.bundling import promote
+    from tasks.promotion import Promotion, promote
 
     dataset, store = str(tmp_path / "dataset"), str(tmp_path / "models")
     write_phantom_dataset(dataset, per_class=16, size=96)  # as tests/test_train_flow.py: seconds
@@ -239,7 +239,9 @@ def test_with_require_approval_training_leaves_a_candidate_until_promoted(prefec
     # Training's own promotion, written against a production that has changed since it compared:
     # the new model stays a candidate and the run says why.
     publish(store, model_bytes, "v-next")
-    kept, reason = promote(store, "v-next", "beats production", registry.Production(), by="train flow run x")
+    written = promote(store, "v-next", Promotion(True, "beats production", seen=registry.Production()),
+                      by="train flow run x")
+    kept, reason = written.promoted, written.reason
     assert not kept and reason.startswith("left as a candidate: ")
     assert f"it was none, it is now {trained.version} by {registry.operator()}" in reason
     assert len(pointer(store)["history"]) == 1

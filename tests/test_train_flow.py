@@ -16,7 +16,8 @@ from model.linear_head import C_GRID
 from store import registry, storage
 from store.datasets import LabelledImage, discover_dataset, fingerprint, hash_images
 from store.phantoms import write_phantom_dataset
-from tasks.train_steps import class_layout
+from tasks.promotion import promotion_decision
+from tasks.train_data import class_layout
 from tests.conftest import flow_run_artifacts
 
 pytestmark = pytest.mark.slow
@@ -180,26 +181,26 @@ def test_class_layout():
 def test_promotion_decision():
     better = {"auc": 0.9, "sensitivity_at_threshold": 0.95}
     worse = {"auc": 0.8, "sensitivity_at_threshold": 0.99}
-    assert registry.promotion_decision(better, worse)[0]
-    assert not registry.promotion_decision(worse, better)[0]
+    assert promotion_decision(better, worse)[0]
+    assert not promotion_decision(worse, better)[0]
     tie_breaker = {"auc": 0.9, "sensitivity_at_threshold": 0.97}
-    assert registry.promotion_decision(tie_breaker, better)[0]
-    assert not registry.promotion_decision(better, better)[0]
-    assert registry.promotion_decision(worse, better, force=True) == (True, "promotion forced")
-    assert registry.promotion_decision(worse, None) == (True, "no comparable production model")
+    assert promotion_decision(tie_breaker, better)[0]
+    assert not promotion_decision(better, better)[0]
+    assert promotion_decision(worse, better, force=True) == (True, "promotion forced")
+    assert promotion_decision(worse, None) == (True, "no comparable production model")
 
     # One place decides, in this order: not fit (never by training, forced or not), worse than its
     # baseline and experiments (only forced), require_approval (never), then the comparison.
     unfit = {"fit": False, "line": "NOT FIT FOR SCREENING: lower 95 % bound of AUC 0.540 (needs >= 0.750)"}
-    promoted, reason = registry.promotion_decision(better, None, force=True, fitness=unfit)
+    promoted, reason = promotion_decision(better, None, force=True, fitness=unfit)
     assert not promoted and reason.startswith("NOT FIT FOR SCREENING") and "models promote" in reason
     below = {"worse": True, "reasons": ["AUC 0.800 is 0.100 below the plain baseline's 0.900 (margin 0.02)"]}
-    promoted, reason = registry.promotion_decision(better, None, fitness={"fit": True}, against_baseline=below)
+    promoted, reason = promotion_decision(better, None, fitness={"fit": True}, against_baseline=below)
     assert not promoted and reason.startswith("worse than its plain baseline: AUC 0.800")
-    assert registry.promotion_decision(better, None, True, against_baseline=below) == (True, "promotion forced")
-    promoted, reason = registry.promotion_decision(better, None, experiment="trained with site=b left out")
+    assert promotion_decision(better, None, True, against_baseline=below) == (True, "promotion forced")
+    promoted, reason = promotion_decision(better, None, experiment="trained with site=b left out")
     assert not promoted and reason == "trained with site=b left out: an experiment, not a candidate"
-    promoted, reason = registry.promotion_decision(better, worse, require_approval=True)
+    promoted, reason = promotion_decision(better, worse, require_approval=True)
     assert not promoted and "training recommends it: beats production" in reason
 
 

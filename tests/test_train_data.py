@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from model.evaluation import choose_threshold, predict_classes
-from store.datasets import DatasetError
-from tasks.train_steps import confounders, joint_levels
+from model.strata import confounders, joint_levels
 
 # Ten images: age predicts the label almost perfectly, site not at all, view is constant.
 POSITIVE = np.array([1, 1, 1, 1, 0, 1, 0, 0, 0, 0], bool)
@@ -30,7 +29,7 @@ def test_auto_balances_the_strata_that_predict_the_label_and_only_those():
 def test_joint_levels_and_unknown_columns():
     assert joint_levels(STRATA, "age+site")[1:3] == ["adult | a", "adult | b"]
     assert joint_levels(STRATA, "view") == ["PA"] * 10
-    with pytest.raises(DatasetError, match="no manifest column 'hospital'"):
+    with pytest.raises(ValueError, match="no manifest column 'hospital'"):
         joint_levels(STRATA, "age+hospital")
 
 
@@ -53,7 +52,7 @@ def test_in_binary_mode_the_threshold_decides_the_predicted_class():
 
 def test_one_split_rule_for_training_and_for_rebuilding_a_versions_split():
     from store.datasets import LabelledImage, training_parts
-    from tasks.train_steps import LabelledArrays, build_split
+    from tasks.train_data import LabelledArrays, build_split
 
     items = tuple(LabelledImage(f"/d/{label}/{n}.png", label, patient_id=f"{label}-{n // 2}",
                                 metadata={"site": "b" if n % 5 == 0 else "a"})
