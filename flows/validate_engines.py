@@ -29,13 +29,17 @@ def validate_engines(model_store_uri: str, model_version: str = "production",
     loaded = load_labelled(dataset.items, spec)
     # Binary models name the other class 'non-<positive>'; multiclass ones name each class.
     multiclass = card.classes != [f"non-{card.positive_class}", card.positive_class]
-    split = build_split(loaded, card.positive_class, multiclass, card.dataset["test_fraction"],
-                        card.dataset["split_seed"], strata=[], leave_out=card.training.get("leave_out"),
-                        logger=get_run_logger())
+    changed = BundleError(f"model {card.version}: the test split rebuilt from {dataset.uri} is not the one its card "
+                          "recorded (the dataset changed since training): its engines cannot be checked on it")
+    try:
+        split = build_split(loaded, card.positive_class, multiclass, card.dataset["test_fraction"],
+                            card.dataset["split_seed"], strata=[], leave_out=card.training.get("leave_out"),
+                            logger=get_run_logger())
+    except ValueError as error:  # a class or the left-out level is gone: not the dataset it was trained on
+        raise changed from error
     if split.classes != card.classes or fingerprint([loaded.items[i] for i in split.test]) != card.dataset.get(
             "test_fingerprint"):
-        raise BundleError(f"model {card.version}: the test split rebuilt from {dataset.uri} is not the one its card "
-                          "recorded (the dataset changed since training): its engines cannot be checked on it")
+        raise changed
     report = check_engines(model, spec, loaded, split, card.threshold, card.dataset["split_seed"])
     uri = engines.record_checks(model_store_uri, card, report.checks, report.files)
     allowed, notes = engines.validated_engines(model_store_uri, card)

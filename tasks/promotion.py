@@ -38,13 +38,17 @@ class Promotion:
                 "require_approval": self.require_approval}
 
 
+# Its own task, retried on a transient failure: a passing storage error must not cost a trained model.
+read_production = task(name="read_production", cache_policy=NO_CACHE, **io_step())(registry.read_production)
+
+
 @task(cache_policy=NO_CACHE)
 def decide_promotion(store_uri: str, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
                      evaluation: Evaluation, audit: Audit, *, force: bool = False, require_approval: bool = False,
                      leave_out: str | None = None) -> Promotion:
     """Production is read first (the promotion is written only if it is still production), then
     scored on this test split, then the rule decides."""
-    seen = registry.read_production(store_uri)
+    seen = read_production(store_uri)
     production = score_production(store_uri, loaded, split, spec)
     validity = audit.validity
     promoted, reason = promotion_decision(
