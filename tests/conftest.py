@@ -1,7 +1,9 @@
-"""Shared fixtures: an isolated Prefect home, a real moto S3 server over HTTP, the shared data."""
+"""Shared fixtures: an isolated Prefect home, a real moto S3 server over HTTP, a fresh local or S3
+location, one trained model for the session, the shared data."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -9,6 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -107,20 +110,53 @@ def prefect_api():
         yield
 
 
-@pytest.fixture(scope="module")
-def model_store(prefect_api, tmp_path_factory) -> str:
-    """A tiny trained model (32 px, weights none), registered as production: a bundle as training
-    writes it. Per module, so that no module sees what another did to its store."""
+@dataclass(frozen=True)
+class TrainedModel:
+    """The session's trained model. Read it; never change it: a test that changes a store or a
+    dataset works on its own copy (``copy_tree``)."""
+
+    store: str  # a model store whose production version is the model
+    version: str
+    dataset: str  # the phantoms it was trained on
+
+
+@pytest.fixture(scope="session")
+def trained_model(prefect_api, tmp_path_factory) -> TrainedModel:
+    """A tiny trained model (32 px, weights none, 3 epochs on 32 phantoms), registered as
+    production: a bundle as training writes it. Trained once for the whole session; at its end
+    every file of the store and the dataset must be as training left it."""
     from flows.parameters import TrainParameters
     from flows.train import train
     from store.phantoms import write_phantom_dataset
 
-    root = tmp_path_factory.mktemp("model")
+    root = tmp_path_factory.mktemp("trained-model")
     write_phantom_dataset(str(root / "dataset"), per_class=16, size=96, seed=11)
     trained = train(TrainParameters(dataset_uri=str(root / "dataset"), model_store_uri=str(root / "models"),
                                     input_size=32, weights="none", epochs=3, augment_draws=1, batch_size=8))
     assert trained.promoted, f"the fixture's model was not promoted: {trained.reason}"
-    return str(root / "models")
+    as_trained = _file_hashes(root)
+    yield TrainedModel(str(root / "models"), trained.version, str(root / "dataset"))
+    changed = sorted(set(as_trained.items()) ^ set(_file_hashes(root).items()))
+    assert not changed, f"a test changed the session's trained model or its dataset (copy_tree them first): {changed}"
+
+
+@pytest.fixture(scope="session")
+def model_store(trained_model) -> str:
+    """The session's trained model's store (read-only: see TrainedModel)."""
+    return trained_model.store
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def copy_tree(source: str, target: str) -> None:
+    """Every file under ``source`` (folder or s3://) to the same place under ``target``."""
+    from store import storage
+
+    for uri in storage.list_files(source):
+        storage.write_bytes(storage.join(target, storage.relative_to(uri, source)), storage.read_bytes(uri))
 
 
 def flow_run_artifacts(flow_run_id) -> dict:

@@ -1,11 +1,11 @@
 """No patient name, id or birth date from a DICOM header reaches any output, log or the Prefect database.
 
-The real command line trains a tiny model and screens DICOM files whose headers carry distinctive
-identifiers, in patient tags and in other text tags, some well formed, some not, one with broken pixel
-data, one cut short; with its own PREFECT_HOME (so its own temporary server and sqlite database) and
-Prefect logging at DEBUG. Then every byte it left is searched: results (predictions, summary, report,
-ledger, part files), the whole PREFECT_HOME (database, write-ahead log, stored results), and the
-command's stdout and stderr.
+The real command line screens, with a tiny model (the session's, copied), DICOM files whose
+headers carry distinctive identifiers, in patient tags and in other text tags, some well formed, some
+not, one with broken pixel data, one cut short; with its own PREFECT_HOME (so its own temporary
+server and sqlite database) and Prefect logging at DEBUG. Then every byte it left is searched:
+results (predictions, summary, report, ledger, part files), the whole PREFECT_HOME (database,
+write-ahead log, stored results), and the command's stdout and stderr.
 
 A second screen puts a name into header fields the decoder reports on (photometric interpretation,
 SOP class, transfer syntax, number of frames, modality, body part): a rejection reason or a warning
@@ -34,8 +34,9 @@ import numpy as np
 import pytest
 
 from cli.lifeline import MARK
-from store.phantoms import chest_phantom, write_phantom_dataset
+from store.phantoms import chest_phantom
 from tests import dicom_builder
+from tests.conftest import copy_tree
 
 pytestmark = pytest.mark.slow
 
@@ -160,16 +161,14 @@ class Command:
 
 
 @pytest.fixture(scope="module")
-def command(tmp_path_factory) -> Command:
+def command(tmp_path_factory, model_store) -> Command:
     root = tmp_path_factory.mktemp("phi")
     executable = shutil.which("cxr-screen", path=str(Path(sys.executable).parent))
     assert executable, "the cxr-screen entry point is not installed in this environment"
     environment = {name: value for name, value in os.environ.items()
                    if not name.startswith(("PREFECT_API_", "AWS_")) and name != MARK}
     environment.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_LOGGING_LEVEL="DEBUG", COLUMNS="200")
-    write_phantom_dataset(str(root / "dataset"), per_class=16, size=96, seed=11)
-    run([executable, "train", "dataset", "--model-store", "models", "--input-size", "32", "--weights", "none",
-         "--epochs", "3", "--augment-draws", "1", "--batch-size", "8"], environment, root)
+    copy_tree(model_store, str(root / "models"))
     return Command(root, environment, executable)
 
 

@@ -28,7 +28,7 @@ from store import engines, registry, storage
 from store.phantoms import chest_phantom, write_phantom_dataset
 from tasks import screen_chunks
 from tasks.screen_chunks import find_inputs
-from tests.conftest import flow_run_artifacts
+from tests.conftest import copy_tree, flow_run_artifacts
 from tests.dicom_builder import dicom_bytes, radiograph
 
 pytestmark = pytest.mark.slow
@@ -37,11 +37,6 @@ pytestmark = pytest.mark.slow
 def run_screen(incoming: str, results: str, store: str, return_state: bool = False, **options):
     return screen(ScreenParameters(incoming_uri=incoming, results_uri=results, model_store_uri=store, **options),
                   return_state=return_state)
-
-
-def copy_tree(source: str, target: str) -> None:
-    for uri in storage.list_files(source):
-        storage.write_bytes(storage.join(target, storage.relative_to(uri, source)), storage.read_bytes(uri))
 
 
 def dicom_without_suffix() -> bytes:

@@ -27,20 +27,19 @@ KEY = "the site's signing key"
 
 
 @pytest.fixture(scope="module")
-def trained(prefect_api, tmp_path_factory):
-    """A signed 64 px model that tells phantoms apart (production), and a site of new phantoms."""
-    from flows.parameters import TrainParameters
-    from flows.train import train
-
+def trained(trained_model, tmp_path_factory):
+    """The session's model (it tells phantoms apart), signed and production in this module's own
+    store, and a site of new phantoms of the size it was trained on."""
     root = tmp_path_factory.mktemp("site-evaluation")
+    card = registry.load_card(trained_model.store, trained_model.version)  # unsigned: read before the key is set
+    files = {name: storage.read_bytes(storage.join(trained_model.store, card.version, name)) for name in card.files}
     saved = os.environ.get(registry.SIGNING_KEY_VARIABLE)
     os.environ[registry.SIGNING_KEY_VARIABLE] = KEY
-    write_phantom_dataset(str(root / "dataset"), per_class=30, size=128, seed=11)
-    write_phantom_dataset(str(root / "site"), per_class=16, size=128, seed=12)
-    result = train(TrainParameters(dataset_uri=str(root / "dataset"), model_store_uri=str(root / "models"),
-                                   input_size=64, weights="none", epochs=15, augment_draws=1, batch_size=16))
-    assert result.promoted
-    yield {"root": root, "store": str(root / "models"), "version": result.version, "site": str(root / "site")}
+    store, version = str(root / "models"), card.version
+    registry.publish(store, version, files, card)  # signed with the key
+    registry.set_production(store, version, "the site evaluation tests' model")
+    write_phantom_dataset(str(root / "site"), per_class=16, size=96, seed=12)
+    yield {"store": store, "version": version, "site": str(root / "site"), "dataset": trained_model.dataset}
     if saved is None:
         os.environ.pop(registry.SIGNING_KEY_VARIABLE, None)
     else:
@@ -82,7 +81,7 @@ def evaluate(command, store: str, version: str, dataset: str, *options: str) -> 
 
 
 def models(*args: str, store: str):
-    from main.models import models_app
+    from cli.models import models_app
 
     return CliRunner().invoke(models_app, [*args, "--model-store", store])
 
@@ -280,7 +279,7 @@ def test_real_adults_only_subset_and_the_models_own_data(trained, command, tmp_p
     assert not record["dataset"]["held_out_only"]
 
     # The model's own training data: only the images it never learned from are scored, and it says so.
-    own = evaluate(command, trained["store"], trained["version"], str(trained["root"] / "dataset"))
+    own = evaluate(command, trained["store"], trained["version"], trained["dataset"])
     card = registry.load_card(trained["store"], trained["version"])
     assert own["dataset"]["held_out_only"] and own["images"] == card.metrics["images"]
     assert "trained on" in own["warnings"][0]
