@@ -21,6 +21,10 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="cxr-prefect-home-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One OpenBLAS thread (read when numpy loads; subprocesses inherit it). Training's head selection
+# is hundreds of small scikit-learn solves: two OpenBLAS threads spin against TensorFlow's threads
+# and everything else on a 2-core machine, and the same solves take about ten times as long.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from cli import bootstrap  # noqa: E402
 

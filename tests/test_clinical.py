@@ -17,7 +17,7 @@ from tasks.promotion import promotion_decision
 
 pytestmark = pytest.mark.slow
 
-SMALL = dict(input_size=64, weights="none", epochs=12, augment_draws=1, batch_size=8, bootstrap=200)
+SMALL = dict(input_size=32, weights="none", epochs=12, augment_draws=1, batch_size=8, bootstrap=200)
 
 
 def test_the_shortcut_warning_fires_when_the_source_gives_the_label_away(prefect_api, tmp_path):

@@ -192,7 +192,7 @@ def test_a_killed_run_is_published_by_a_later_run_once_its_lease_is_stale(model_
     from prefect.settings import PREFECT_API_URL
 
     incoming, results = str(tmp_path / "incoming"), str(tmp_path / "results")
-    expected = make_incoming(incoming, per_class=150)
+    expected = make_incoming(incoming, per_class=50)  # claims are per image: the kill lands in the first chunk
     version = registry.production_version(model_store)
     claimed_folder = tmp_path / "results" / "ledger" / version
     command = [sys.executable, "-m", "cli.main", "screen", incoming, "--results", results,
