@@ -83,7 +83,8 @@ def carrying(token: str) -> list[int]:
 
 def answers(port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
+        # A server busy with the flow's first calls can take seconds to answer on a loaded 2-core machine.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=10) as response:
             return response.status == 200
     except OSError:
         return False
