@@ -11,11 +11,22 @@ import pytest
 from store import storage
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return request.getfixturevalue("s3_bucket") + "/store"
+@pytest.fixture
+def root(location) -> str:
+    """conftest's location (a local folder, then a moto S3 prefix), under this module's usual name."""
+    return location
+
+
+def race_to_create(uri: str, workers: int = 8) -> list[bool]:
+    """``workers`` threads call create_if_absent on ``uri`` at once; which of them created it."""
+    barrier = threading.Barrier(workers)
+
+    def create(worker: int) -> bool:
+        barrier.wait()
+        return storage.create_if_absent(uri, f"worker {worker}".encode())
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(create, range(workers)))
 
 
 def test_write_read_round_trip(root):
@@ -80,14 +91,7 @@ def test_create_if_absent_never_overwrites(root):
 
 def test_create_if_absent_race_has_exactly_one_winner(root):
     uri = storage.join(root, "race", "claim")
-    barrier = threading.Barrier(8)
-
-    def claim(worker: int) -> bool:
-        barrier.wait()
-        return storage.create_if_absent(uri, f"worker {worker}".encode())
-
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(claim, range(8)))
+    results = race_to_create(uri)
     assert results.count(True) == 1
     winner = results.index(True)
     assert storage.read_bytes(uri) == f"worker {winner}".encode()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from screening import leases
 from screening.results import RunSummary
 from store import s3, storage
 from store.backend import BucketBackend, Capabilities, NotFound, Unreadable, too_large
+from tests.test_storage import race_to_create
 
 
 class MemoryBackend(BucketBackend):
@@ -110,14 +110,7 @@ def test_every_verb_reaches_a_registered_backend(memory):
 
 def test_conditional_writes_through_a_registered_backend(memory):
     claim = "mem://bucket/ledger/entry.json"
-    barrier = threading.Barrier(8)
-
-    def create(worker: int) -> bool:
-        barrier.wait()
-        return storage.create_if_absent(claim, f"worker {worker}".encode())
-
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(create, range(8)))
+    results = race_to_create(claim)
     assert results.count(True) == 1 and storage.read_bytes(claim) == f"worker {results.index(True)}".encode()
 
     production = "mem://bucket/models/production.json"
