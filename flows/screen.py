@@ -44,13 +44,17 @@ def screen(params: ScreenParameters) -> RunSummary:
     results = params.results_uri
     card = resolve_model(params.model_store_uri, params.model_version)
     run = RunSummary(new_run_id(), card.version, model_store_uri=params.model_store_uri,
-                     incoming_uri=params.incoming_uri, flow_run_id=str(flow_run.get_id() or ""),
+                     incoming_uri=params.incoming_uri, results_uri=results, flow_run_id=str(flow_run.get_id() or ""),
                      started_at=utc_timestamp())
-    run.recovered_runs = recover_abandoned_runs(results, run.run_id, params.abandoned_after_minutes)
+    recovery = recover_abandoned_runs(results, run, params.abandoned_after_minutes)
+    run.recovered_runs = recovery.runs
+    run.note_damage(recovery.damaged)
 
-    inputs = find_inputs(params.incoming_uri, exclude=[results, params.model_store_uri])
-    todo = not_yet_screened(results, card.version, inputs)
-    run.inputs_found, run.already_screened = len(inputs), len(inputs) - len(todo)
+    inputs = find_inputs(params.incoming_uri, exclude=[results, params.model_store_uri], results_uri=results)
+    pending = not_yet_screened(results, card, inputs)
+    run.note_damage(pending.damaged)
+    todo = pending.todo
+    run.inputs_found, run.already_screened = len(inputs), pending.already_screened
     todo = todo[: params.limit] if params.limit is not None else todo
     run.to_screen = len(todo)
     logger.info("Model %s; %d images found under %s, %d already screened by this model, %d to screen now",

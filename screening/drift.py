@@ -9,13 +9,13 @@ An old summary that cannot be read is logged and left out: it never fails tonigh
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from model.bundle import is_safe_name
+from model.stored_json import loads as load_json
 from screening.results import ResultsLayout, RunSummary
 from store import storage
 
@@ -62,12 +62,17 @@ def _rate(value: object) -> float | None:
 
 @dataclass(frozen=True)
 class Drift:
-    """The runs on the chart, oldest first, this run last; and how many earlier summaries were left
-    out because they could not be read (or the run folders could not be listed: ``problem``)."""
+    """The runs on the chart, oldest first, this run last; and the earlier summaries left out
+    because they could not be read, each "location: what is wrong" (or the run folders could not be
+    listed: ``problem``)."""
 
     runs: tuple[RunRates, ...]
-    skipped: int = 0
+    damaged: tuple[str, ...] = ()
     problem: str | None = None
+
+    @property
+    def skipped(self) -> int:
+        return len(self.damaged)
 
     @property
     def current(self) -> RunRates:
@@ -128,20 +133,22 @@ def recent_runs(results_uri: str, current: RunSummary, limit: int = RECENT_RUNS)
     with ThreadPoolExecutor(max_workers=8) as pool:  # one small GET each: latency, not bandwidth, on S3
         found = list(pool.map(lambda name: _read_summary(results_uri, name), earlier))
     read = [RunRates.of(summary) for summary in found if isinstance(summary, RunSummary)]
-    return Drift((*read, RunRates.of(current)), skipped=sum(summary is False for summary in found))
+    return Drift((*read, RunRates.of(current)), damaged=tuple(problem for problem in found if isinstance(problem, str)))
 
 
-def _read_summary(results_uri: str, run_id: str) -> RunSummary | bool | None:
+def _read_summary(results_uri: str, run_id: str) -> RunSummary | str | None:
     """The run's summary; None where it has none (still running, or died before writing it);
-    False where it could not be read or is not a summary of this run."""
+    "location: what is wrong" where it could not be read or is not a summary of this run."""
     uri = ResultsLayout(results_uri).run(run_id).outputs["summary.json"]
     try:
-        summary = RunSummary.from_dict(json.loads(storage.read_bytes(uri, max_bytes=MAX_SUMMARY_BYTES)))
+        summary = RunSummary.from_dict(load_json(storage.read_bytes(uri, max_bytes=MAX_SUMMARY_BYTES), uri))
         if summary.run_id != run_id:
             raise ValueError(f"it is the summary of run {summary.run_id}")
     except storage.NotFound:
         return None
-    except (OSError, ValueError, RecursionError) as error:  # damaged, nested too deep, a failed read
-        logger.warning("%s: left off the drift chart, it cannot be read as a run summary (%s)", uri, error)
-        return False
+    except (OSError, ValueError) as error:  # damaged, forged, a failed read
+        reason = str(error)[len(uri) + 2:] if str(error).startswith(f"{uri}: ") else str(error)
+        problem = f"{uri}: left off the drift chart, not a summary of run {run_id} ({reason})"
+        logger.warning("%s", problem)
+        return problem
     return summary

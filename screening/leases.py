@@ -9,8 +9,10 @@ lease has not been renewed for ``abandoned_runs``' ``after`` (the screen paramet
 and every chunk it started recorded its inputs first, so a later run can write the dead run's
 outputs exactly (see ``reports.read_run_rows``).
 
-Leases are read back from shared storage and trusted no further than ``RunSummary.from_dict``
-checks them: a damaged or forged one is logged and left for an operator, never followed.
+Leases are read back from shared storage and trusted no further than ``model.stored_json`` and
+``RunSummary.from_dict`` check them: a damaged one is logged, reported in the run's summary and
+left for an operator, never followed. What a valid-looking lease may make a run do is decided by
+the recovering run (``tasks/screen_steps.py``): a lease can never reopen a published run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
+from model.stored_json import loads as load_json
 from screening.results import ResultsLayout, RunSummary
 from store import storage
 from store.clock import utc_now, utc_timestamp
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 # A live run renews its lease about once a minute while it screens, and a batch takes seconds; the
 # next nightly run comes hours later, so a long margin before a silent run is taken for dead costs nothing.
 RENEW_EVERY_SECONDS = 60
+MAX_LEASE_BYTES = 1 << 20  # a lease is a summary so far: a few kB
 
 
 def open_run(results_uri: str, summary: RunSummary) -> None:
@@ -46,14 +50,14 @@ def renew(results_uri: str, run_id: str) -> None:
     """Marks the run alive now. A lease already closed (the run's outputs are written) stays closed."""
     uri = ResultsLayout(results_uri).lease(run_id)
     try:
-        lease = json.loads(storage.read_bytes(uri))
+        lease = load_json(storage.read_bytes(uri), uri)
     except storage.NotFound:
         return
     except ValueError as error:  # a missed renewal only risks an early recovery; a crash would lose the chunk
-        logger.error("%s is not a run lease (%s); not renewed", uri, error)
+        logger.error("%s: not a run lease (%s); not renewed", uri, _without(str(error), uri))
         return
     if not isinstance(lease, dict):
-        logger.error("%s is not a run lease (a JSON object was expected); not renewed", uri)
+        logger.error("%s: not a run lease (a JSON object was expected); not renewed", uri)
         return
     lease["renewed_at"] = utc_timestamp()
     storage.write_bytes(uri, json.dumps(lease, indent=2).encode())
@@ -93,15 +97,16 @@ def close_run(results_uri: str, run_id: str) -> None:
 
 def abandoned_runs(results_uri: str, after: timedelta, *,
                    finished: Callable[[str], bool] = lambda flow_run_id: False,
-                   current_run_id: str | None = None) -> list[RunSummary]:
+                   current_run_id: str | None = None, damaged: list[str] | None = None) -> list[RunSummary]:
     """Summaries of runs that died before writing their outputs, with ``last_seen_at`` set to their
     last renewal: leases not renewed for ``after``, and leases whose flow run ``finished`` says is
     over (a final state in Prefect: it cannot still be writing). ``current_run_id``'s own lease is
-    never among them."""
+    never among them. Leases that cannot be read as leases are appended to ``damaged``, each as
+    "location: what is wrong"."""
     cutoff = utc_now() - after
     dead = []
     for uri in storage.list_files(ResultsLayout(results_uri).leases, {".json"}, missing_ok=True):
-        lease = _read_lease(results_uri, uri)
+        lease = _read_lease(results_uri, uri, damaged if damaged is not None else [])
         if lease is None or lease[0].run_id == current_run_id:
             continue
         summary, renewed_at = lease
@@ -111,21 +116,28 @@ def abandoned_runs(results_uri: str, after: timedelta, *,
     return dead
 
 
-def _read_lease(results_uri: str, uri: str) -> tuple[RunSummary, datetime] | None:
+def _read_lease(results_uri: str, uri: str, damaged: list[str]) -> tuple[RunSummary, datetime] | None:
     """The lease at ``uri`` and its last renewal, or None when it is gone or not a valid lease."""
     try:
-        lease = json.loads(storage.read_bytes(uri))
+        lease = load_json(storage.read_bytes(uri, max_bytes=MAX_LEASE_BYTES), uri)
         summary = RunSummary.from_dict(lease)
         renewed_at = _renewal(lease.get("renewed_at"))
         if ResultsLayout(results_uri).lease(summary.run_id) != uri:
             raise ValueError(f"its run id {summary.run_id!r} does not match its name")
     except storage.NotFound:
         return None  # closed between the listing and the read
-    except ValueError as error:  # JSON, schema and names alike (UnicodeDecodeError is one too)
+    except (ValueError, storage.Unreadable) as error:  # JSON, schema, names and size alike
         # Blocking every later run on one damaged file would be worse than leaving it to a person.
-        logger.error("%s is not a run lease (%s); left for an operator", uri, error)
+        problem = f"{uri}: not a run lease ({_without(str(error), uri)}); left for an operator"
+        logger.error("%s", problem)
+        damaged.append(problem)
         return None
     return summary, renewed_at
+
+
+def _without(message: str, uri: str) -> str:
+    """An error's message without the location it starts with (the caller names it once)."""
+    return message[len(uri) + 2:] if message.startswith(f"{uri}: ") else message
 
 
 def _renewal(value: object) -> datetime:

@@ -2,23 +2,43 @@
 
 An entry (``ResultsLayout.ledger_entry``) is created with create-if-absent once its prediction is
 known, so whichever run claims an input first owns its row; any other run (a rerun, a concurrent
-run) skips it or drops its own copy. Entries are never changed or deleted. An entry read back is
-checked (``read_entry``): it must be a valid row of this input and model version.
+run) skips it or drops its own copy. An entry read back is checked (``read_entry``): it must be a
+valid row of this input and model version.
+
+The ledger is proof, not a name: an input counts as screened only when its entry reads back valid
+and names a run that is still open (its lease) or whose published rows hold it (``screened``).
+Anything else (an empty or forged file, a copy from another store) is moved to
+``<results>/ledger-quarantine/`` and its input screened again; ``reconcile`` audits a whole store.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-from screening.results import PredictionRow, ResultsLayout
+from model.stored_json import StoredStateError
+from model.stored_json import loads as load_json
+from screening.results import PredictionRow, ResultsLayout, entry_key
 from store import storage
+from store.clock import utc_now
+from store.loading import RETRIED_NEXT_RUN
 
-__all__ = ["LedgerError", "claim", "done_keys", "read_entry"]
+__all__ = ["MAX_PUBLISHED_BYTES", "LedgerError", "Reconciliation", "claim", "done_keys", "quarantine", "read_entry",
+           "reconcile", "screened"]
+
+logger = logging.getLogger(__name__)
+
+READERS = 32  # ledger entries are small GETs: on S3 latency, not bandwidth, is what a read costs
+MAX_PUBLISHED_BYTES = 4 * 2**30  # a run's predictions.jsonl: a national night is a few hundred MB
 
 
 def done_keys(results_uri: str, model_version: str) -> set[str]:
-    """Keys (``results.entry_key``) of the inputs already screened by this model version: one
-    listing, no reads."""
+    """Keys (``results.entry_key``) of the inputs with a ledger entry for this model version: one
+    listing, no reads. A name is not proof (``screened`` is)."""
     folder = ResultsLayout(results_uri).ledger(model_version)  # absent before this version's first run
     return {storage.relative_to(uri, folder)[: -len(".json")]
             for uri in storage.list_files(folder, {".json"}, missing_ok=True)}
@@ -27,23 +47,239 @@ def done_keys(results_uri: str, model_version: str) -> set[str]:
 def claim(results_uri: str, row: PredictionRow) -> bool:
     """Record ``row`` for its input; False when another run recorded that input first."""
     uri = ResultsLayout(results_uri).ledger_entry(row.model_version, row.image_uri)
-    return storage.create_if_absent(uri, json.dumps(row.to_record(), sort_keys=True).encode())
+    return storage.create_if_absent(uri, _entry_bytes(row))
+
+
+def _entry_bytes(row: PredictionRow) -> bytes:
+    return json.dumps(row.to_record(), sort_keys=True).encode()
 
 
 class LedgerError(ValueError):
     """A ledger entry that is not what this code wrote: its row cannot be trusted or used."""
 
 
-def read_entry(results_uri: str, model_version: str, image_uri: str, classes: list[str]) -> PredictionRow:
+def read_entry(results_uri: str, model_version: str, image_uri: str, classes: list[str] | None) -> PredictionRow:
     """The row recorded for ``image_uri``; LedgerError, naming the entry, for one that is damaged or
-    belongs elsewhere (another input or model version: a copied or forged file)."""
+    belongs elsewhere (another input or model version: a copied or forged file). ``classes`` None:
+    those the entry's probability columns name (an audit that has no card)."""
     uri = ResultsLayout(results_uri).ledger_entry(model_version, image_uri)
-    data = storage.read_bytes(uri)
-    try:
-        row = PredictionRow.from_record(json.loads(data), classes)
-    except ValueError as error:  # JSON, UTF-8 and schema alike
-        raise LedgerError(f"{uri}: not a ledger entry: {error}") from error
+    row = _parse_entry(uri, storage.read_bytes(uri, max_bytes=1 << 20), classes)
     if row.model_version != model_version or row.image_uri != image_uri:
         raise LedgerError(f"{uri}: records {row.image_uri!r} for model {row.model_version}, not {image_uri!r} "
                           f"for model {model_version}")
     return row
+
+
+def _parse_entry(uri: str, data: bytes, classes: list[str] | None) -> PredictionRow:
+    try:
+        record = load_json(data, uri)
+        if classes is None:
+            classes = [name[len("prob_"):] for name in record if name.startswith("prob_")] \
+                if isinstance(record, dict) else []
+        return PredictionRow.from_record(record, classes)
+    except StoredStateError as error:
+        raise LedgerError(f"not a ledger entry: {error}") from error
+    except ValueError as error:  # the schema
+        raise LedgerError(f"{uri}: not a ledger entry: {error}") from error
+
+
+@dataclass
+class _PublishedRows:
+    """Which inputs each run's published predictions hold, read once per run and kept: many
+    entries name the same run."""
+
+    results_uri: str
+    open_runs: set[str]
+    problems: list[str] = field(default_factory=list)
+    _rows: dict[str, set[str] | None] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, results_uri: str) -> _PublishedRows:
+        leases = ResultsLayout(results_uri).leases
+        return cls(results_uri, {storage.relative_to(uri, leases)[: -len(".json")]
+                                 for uri in storage.list_files(leases, {".json"}, missing_ok=True)})
+
+    def why_not_held(self, row: PredictionRow) -> str | None:
+        """None when ``row``'s run is open or its published rows hold ``row``; else why not."""
+        if row.run_id in self.open_runs:
+            return None
+        if not row.run_id:
+            return "it names no run"
+        if row.run_id not in self._rows:
+            self._rows[row.run_id] = self._read(row.run_id)
+        held = self._rows[row.run_id]
+        if held is None:
+            return f"it names run {row.run_id}, which is neither open nor published"
+        return None if row.image_uri in held else f"run {row.run_id}'s published predictions have no row for it"
+
+    def _read(self, run_id: str) -> set[str] | None:
+        try:
+            outputs = ResultsLayout(self.results_uri).run(run_id).outputs
+        except ValueError:
+            return None  # not a safe run id: no such run
+        uri = outputs["predictions.jsonl"]
+        try:
+            data = storage.read_bytes(uri, max_bytes=MAX_PUBLISHED_BYTES)
+        except storage.NotFound:
+            return None
+        held = set()
+        for number, line in enumerate(data.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = load_json(line, f"{uri}, line {number}")
+                image_uri = record.get("image_uri") if isinstance(record, dict) else None
+                if not isinstance(image_uri, str) or record.get("run_id") != run_id:
+                    raise StoredStateError(f"{uri}, line {number}: not a row of run {run_id}")
+            except StoredStateError as error:
+                self.problems.append(str(error))
+                continue
+            held.add(image_uri)
+        return held
+
+
+def screened(results_uri: str, model_version: str, inputs: Iterable[str],
+             classes: list[str]) -> tuple[set[str], dict[str, str]]:
+    """Of ``inputs`` (whose entries ``done_keys`` listed), those proven screened, and for each of
+    the others why not ({input: "entry location: problem"}). Reads every entry, ``READERS`` at a
+    time, and each run's published predictions once; damaged lines in those are logged."""
+    published = _PublishedRows.of(results_uri)
+
+    def check(image_uri: str) -> str | None:
+        try:
+            row = read_entry(results_uri, model_version, image_uri, classes)
+        except storage.NotFound:
+            return f"{ResultsLayout(results_uri).ledger_entry(model_version, image_uri)}: gone while read"
+        except LedgerError as error:
+            return str(error)
+        why = published.why_not_held(row)
+        return None if why is None else f"{ResultsLayout(results_uri).ledger_entry(model_version, image_uri)}: {why}"
+
+    inputs = list(inputs)
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
+        found = list(pool.map(check, inputs))
+    for problem in published.problems:
+        logger.warning("%s", problem)
+    proven = {uri for uri, problem in zip(inputs, found, strict=True) if problem is None}
+    return proven, {uri: problem for uri, problem in zip(inputs, found, strict=True) if problem is not None}
+
+
+def quarantine(results_uri: str, model_version: str, image_uri: str) -> str:
+    """Moves the entry of ``image_uri`` aside (kept for an operator, never lost) so that the input
+    can be claimed and screened again; returns where it went."""
+    layout = ResultsLayout(results_uri)
+    uri = layout.ledger_entry(model_version, image_uri)
+    stamp = utc_now().strftime("%Y%m%dT%H%M%S.%fZ")
+    kept = storage.join(layout.quarantine(model_version), f"{entry_key(image_uri)}-{stamp}.json")
+    try:
+        storage.write_bytes(kept, storage.read_bytes(uri, max_bytes=1 << 20))
+    except storage.NotFound:
+        return kept  # moved by a concurrent run already
+    except storage.Unreadable:  # larger than any entry: keep its name and size, not its bytes
+        storage.write_bytes(kept, b"")
+    storage.delete(uri)
+    return kept
+
+
+@dataclass
+class Reconciliation:
+    """What ``reconcile`` found: one line per problem, grouped."""
+
+    entries: int = 0
+    published_rows: int = 0
+    damaged: list[str] = field(default_factory=list)  # entries that do not read back as rows
+    orphans: list[str] = field(default_factory=list)  # valid entries no open run or published row backs
+    missing: list[str] = field(default_factory=list)  # published rows without their entry
+
+    @property
+    def clean(self) -> bool:
+        return not (self.damaged or self.orphans or self.missing)
+
+
+def reconcile(results_uri: str, progress: Callable[[int, int], None] = lambda done, total: None) -> Reconciliation:
+    """Audits the ledger under ``results_uri`` against the published runs: entries that are damaged,
+    entries whose run neither is open nor publishes their row, and published (claimed) rows whose
+    entry is missing or names another run."""
+    layout = ResultsLayout(results_uri)
+    found = Reconciliation()
+    published = _PublishedRows.of(results_uri)
+    ledger_root = storage.join(results_uri, "ledger")
+    entries = [(storage.relative_to(folder, ledger_root), uri)
+               for folder in storage.list_folders(ledger_root, missing_ok=True)
+               for uri in storage.list_files(folder, {".json"}, missing_ok=True)]
+    found.entries = len(entries)
+    owners: dict[tuple[str, str], str] = {}  # (model version, input) -> the run its entry names
+
+    def read(item: tuple[str, str]) -> PredictionRow | str:
+        version, uri = item
+        try:
+            row = _parse_entry(uri, storage.read_bytes(uri, max_bytes=1 << 20), None)
+        except (LedgerError, storage.NotFound, storage.Unreadable) as error:
+            return str(error) if str(error).startswith(uri) else f"{uri}: {error}"
+        if not _safe(version) or layout.ledger_entry(version, row.image_uri) != uri:
+            return f"{uri}: records {row.image_uri!r} for model {row.model_version}, which is not this entry's name"
+        return row
+
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
+        for number, (item, result) in enumerate(zip(entries, pool.map(read, entries), strict=True), start=1):
+            progress(number, len(entries))
+            if isinstance(result, str):
+                found.damaged.append(result)
+                continue
+            owners[(result.model_version, result.image_uri)] = result.run_id
+            why = published.why_not_held(result)
+            if why is not None:
+                found.orphans.append(f"{item[1]}: {why}")
+    by_run: dict[str, int] = defaultdict(int)
+    for run_folder in storage.list_folders(storage.join(results_uri, "runs"), missing_ok=True):
+        run_id = storage.relative_to(run_folder, storage.join(results_uri, "runs"))
+        for row in _published(results_uri, run_id, found):
+            by_run[run_id] += 1
+            found.published_rows += 1
+            if row.status == "rejected" and row.reason.endswith(RETRIED_NEXT_RUN):
+                continue  # never claimed: tried again next run
+            owner = owners.get((row.model_version, row.image_uri))
+            if owner is None:
+                found.missing.append(f"{layout.run(run_id).outputs['predictions.jsonl']}: the row of "
+                                     f"{row.image_uri!r} has no ledger entry for model {row.model_version}")
+            elif owner != run_id:
+                found.missing.append(f"{layout.run(run_id).outputs['predictions.jsonl']}: the row of "
+                                     f"{row.image_uri!r} is claimed by run {owner} in the ledger")
+    found.damaged += published.problems
+    return found
+
+
+def _safe(name: str) -> bool:
+    try:
+        ResultsLayout("/").ledger(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _published(results_uri: str, run_id: str, found: Reconciliation) -> list[PredictionRow]:
+    """The rows of a published run (its summary exists); [] for a run still open or never published."""
+    try:
+        outputs = ResultsLayout(results_uri).run(run_id).outputs
+    except ValueError:
+        return []
+    if not storage.exists(outputs["summary.json"]):
+        return []
+    uri = outputs["predictions.jsonl"]
+    try:
+        data = storage.read_bytes(uri, max_bytes=MAX_PUBLISHED_BYTES)
+    except (storage.NotFound, storage.Unreadable) as error:
+        found.damaged.append(f"{uri}: a published run's predictions cannot be read ({error})")
+        return []
+    rows = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = load_json(line, f"{uri}, line {number}")
+            classes = [name[len("prob_"):] for name in record if name.startswith("prob_")] \
+                if isinstance(record, dict) else []
+            rows.append(PredictionRow.from_record(record, classes))
+        except ValueError as error:
+            found.damaged.append(str(error) if str(error).startswith(uri) else f"{uri}, line {number}: {error}")
+    return rows

@@ -26,13 +26,15 @@ import numpy as np
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from model.bundle import BundleError, ModelCard
+from model.stored_json import loads as load_json
 from screening import drift, ledger
 from screening.results import PredictionRow, ResultsLayout, RunSummary, probability_column
 from store import registry, storage
 from store.clock import utc_now
 from templates import render
 
-__all__ = ["DISCLAIMER", "LINK_SECONDS", "MAX_FLAGGED", "MAX_REJECTED", "MODEL_FIGURES", "Link", "model_figures",
+__all__ = ["DISCLAIMER", "LINK_SECONDS", "MAX_FLAGGED", "MAX_REJECTED", "MODEL_FIGURES", "Link", "PublishedRunError",
+           "model_figures",
            "publish_artifacts", "read_run_rows", "report_html", "shared_link", "write_outputs"]
 
 DISCLAIMER = ("Flags are a worklist for radiologist review, not a diagnosis. A flagged image needs a "
@@ -52,8 +54,8 @@ _LINK = re.compile(r"(?:https?|file)://[A-Za-z0-9\-._~:/?&=%]+")
 logger = logging.getLogger(__name__)
 
 
-def read_run_rows(results_uri: str, run_id: str, card: ModelCard,
-                  max_flagged: int = MAX_FLAGGED) -> list[PredictionRow]:
+def read_run_rows(results_uri: str, run_id: str, card: ModelCard, max_flagged: int = MAX_FLAGGED,
+                  damaged: list[str] | None = None) -> list[PredictionRow]:
     """Every row this run claimed, one per input, sorted by URI.
 
     The part files hold them with thumbnails. Only the ``max_flagged`` most probable flagged rows
@@ -62,23 +64,25 @@ def read_run_rows(results_uri: str, run_id: str, card: ModelCard,
 
     Inputs a chunk recorded but no part covers (the process died between claiming and writing its
     part, or a part line is damaged) come from the ledger, when this run claimed them there. A
-    damaged chunk record or ledger entry raises an error naming the file: which rows the run owns
-    could not be told.
+    damaged part line, chunk record or ledger entry is left out, logged and appended to ``damaged``
+    ("location: what is wrong"): one file must not keep the rest of the run from its report, and a
+    ledger entry whose row is not published is screened again later (``ledger.screened``).
     """
+    damaged = damaged if damaged is not None else []
     layout = ResultsLayout(results_uri).run(run_id)
     rows: dict[str, PredictionRow] = {}
     pictured = _MostProbable(card.positive_class, max_flagged)
     repeated: dict[str, str] = {}
     for uri, data in _read_ahead(storage.list_files(layout.parts, {".jsonl"}, missing_ok=True)):
-        for row in _part_rows(uri, data, run_id, card):
+        for row in _part_rows(uri, data, run_id, card, damaged):
             if row.image_uri not in rows:  # a retried chunk may repeat its own rows
                 rows[row.image_uri] = _share_repeated(row, repeated)
                 pictured.offer(row)
     uncovered: set[str] = set()
     for uri, data in _read_ahead(storage.list_files(layout.chunks, {".json"}, missing_ok=True)):
-        uncovered.update(image_uri for image_uri in _chunk_inputs(uri, data) if image_uri not in rows)
+        uncovered.update(image_uri for image_uri in _chunk_inputs(uri, data, damaged) if image_uri not in rows)
     with ThreadPoolExecutor(max_workers=16) as pool:  # one small GET each: latency, not bandwidth, on S3
-        for entry in pool.map(lambda uri: _ledger_entry(results_uri, card, uri), sorted(uncovered)):
+        for entry in pool.map(lambda uri: _ledger_entry(results_uri, card, uri, damaged), sorted(uncovered)):
             if entry is not None and entry.run_id == run_id:
                 rows[entry.image_uri] = entry
     return [rows[uri] for uri in sorted(rows)]
@@ -145,53 +149,80 @@ def _share_repeated(row: PredictionRow, seen: dict[str, str]) -> PredictionRow:
     return row
 
 
-def _part_rows(uri: str, data: bytes, run_id: str, card: ModelCard) -> Iterator[PredictionRow]:
-    """The valid rows of one part file. A damaged line is logged and left out: its input is in the
-    chunk's record, so its row still comes from the ledger."""
+def _part_rows(uri: str, data: bytes, run_id: str, card: ModelCard, damaged: list[str]) -> Iterator[PredictionRow]:
+    """The valid rows of one part file. A damaged line is left out: its input is in the chunk's
+    record, so its row still comes from the ledger."""
     for number, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{uri}, line {number}"
         try:
-            row = PredictionRow.from_record(json.loads(line), card.classes)
+            row = PredictionRow.from_record(load_json(line, where), card.classes)
             if (row.run_id, row.model_version) != (run_id, card.version):
                 raise ValueError(f"a row of run {row.run_id!r} and model {row.model_version}")
-        except ValueError as error:  # JSON, UTF-8 and schema alike
-            logger.error("%s, line %d: not a row of run %s (%s); its row is read from the ledger", uri, number,
-                         run_id, error)
+        except ValueError as error:  # JSON, UTF-8, bounds and schema alike
+            _damage(damaged, where, error, f"not a row of run {run_id}; its row is read from the ledger")
             continue
         yield row
 
 
-def _chunk_inputs(uri: str, data: bytes) -> list[str]:
+def _damage(damaged: list[str], where: str, error: Exception, consequence: str) -> None:
+    problem = str(error) if str(error).startswith(where) else f"{where}: {error}"
+    logger.error("%s (%s)", problem, consequence)
+    damaged.append(f"{problem} ({consequence})")
+
+
+def _chunk_inputs(uri: str, data: bytes, damaged: list[str]) -> list[str]:
     try:
-        inputs = json.loads(data)
+        inputs = load_json(data, uri)
+        if not isinstance(inputs, list) or not all(isinstance(item, str) for item in inputs):
+            raise ValueError("a list of input locations was expected")
     except ValueError as error:
-        raise ValueError(f"{uri}: not a chunk record: {error}") from error
-    if not isinstance(inputs, list) or not all(isinstance(item, str) for item in inputs):
-        raise ValueError(f"{uri}: not a chunk record: a list of input locations was expected")
+        _damage(damaged, uri, error, "not a chunk record; the rows of its parts are kept")
+        return []
     return inputs
 
 
-def _ledger_entry(results_uri: str, card: ModelCard, image_uri: str) -> PredictionRow | None:
+def _ledger_entry(results_uri: str, card: ModelCard, image_uri: str, damaged: list[str]) -> PredictionRow | None:
     try:
         return ledger.read_entry(results_uri, card.version, image_uri, card.classes)
     except storage.NotFound:
         return None  # never claimed by anyone: vanished before reading, or the process died first
+    except ledger.LedgerError as error:
+        _damage(damaged, ResultsLayout(results_uri).ledger_entry(card.version, image_uri), error,
+                "left out of this run's rows; its input is screened again")
+        return None
+
+
+class PublishedRunError(ValueError):
+    """A run whose outputs are published already: they are never written again."""
 
 
 def write_outputs(results_uri: str, rows: list[PredictionRow], card: ModelCard, summary: RunSummary) -> RunSummary:
     """Writes the run's four output files; returns the summary with their locations. Each file is
-    built as one bytes object from the rows, one row at a time, and dropped once written."""
+    built as one bytes object from the rows, one row at a time, and dropped once written.
+
+    Published runs are immutable: ``summary.json`` is written last, create-if-absent, and a run
+    that has one (whatever it holds) is refused with PublishedRunError before anything is written.
+    Until then the other files may be rewritten (a retry, or two runs recovering the same dead run,
+    write the same rows)."""
     outputs = ResultsLayout(results_uri).run(summary.run_id).outputs
+    if storage.exists(outputs["summary.json"]):
+        raise PublishedRunError(f"{outputs['summary.json']}: run {summary.run_id} is published already; "
+                                "its outputs are never written again")
+    history = drift.recent_runs(results_uri, summary)
     summary = summary.with_drift(rows, card.positive_class)
+    summary.note_damage(list(history.damaged))
     summary.outputs = outputs
     storage.write_bytes(outputs["predictions.csv"], _csv_bytes(rows, card.classes))
     storage.write_bytes(outputs["predictions.jsonl"], _jsonl_bytes(rows))
-    storage.write_bytes(outputs["summary.json"], json.dumps(summary.to_dict(), indent=2).encode())
     card_uri = _card_location(summary.model_store_uri, card.version)
     page = report_html(summary, rows, card, figures=model_figures(summary.model_store_uri, card),
-                       card_link=shared_link(card_uri), history=drift.recent_runs(results_uri, summary))
+                       card_link=shared_link(card_uri), history=history)
     storage.write_bytes(outputs["report.html"], page.encode())
+    if not storage.create_if_absent(outputs["summary.json"], json.dumps(summary.to_dict(), indent=2).encode()):
+        raise PublishedRunError(f"{outputs['summary.json']}: run {summary.run_id} was published by another run "
+                                "while this one wrote its outputs")
     return summary
 
 

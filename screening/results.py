@@ -5,7 +5,9 @@ what one prediction row holds, and what a run's summary says (DESIGN.md, 'Screen
     <results>/runs/<run id>/parts/chunk-NNNNNN.jsonl    rows a chunk claimed (with thumbnails)
     <results>/runs/<run id>/chunks/chunk-NNNNNN.json    inputs a chunk set out to screen
     <results>/ledger/<model version>/<sha256 of the image URI>.json
+    <results>/ledger-quarantine/<model version>/<key>-<time>.json   entries that proved nothing
     <results>/open-runs/<run id>.json                   the lease of a live run
+    <results>/peeked/<sha256 of the incoming URI>.json  what its files without an image's name are
 
 Nobody else builds these paths. CSV and JSONL columns derive from ``PredictionRow``'s fields.
 """
@@ -27,12 +29,13 @@ from imaging.dicom_identity import is_accession_number, is_uid, is_view_position
 from model.bundle import is_safe_name
 from store import storage
 
-__all__ = ["OUTPUT_NAMES", "PROBABILITY_BINS", "ROW_STATUSES", "RUN_STATUSES", "PredictionRow", "ResultsLayout",
+__all__ = ["MAX_NAMED_DAMAGE", "OUTPUT_NAMES", "PROBABILITY_BINS", "ROW_STATUSES", "RUN_STATUSES", "PredictionRow", "ResultsLayout",
            "RunLayout", "RunSummary", "entry_key", "probability_column"]
 
 OUTPUT_NAMES = ("predictions.csv", "predictions.jsonl", "summary.json", "report.html")
 ROW_STATUSES = ("ok", "rejected")
 RUN_STATUSES = ("running", "completed", "failed", "abandoned")
+MAX_NAMED_DAMAGE = 100  # damaged files a summary names one by one; it counts all of them
 PROBABILITY_BINS = 20  # a summary's histogram of the positive-class probability: equal bins over [0, 1]
 
 
@@ -100,12 +103,22 @@ class ResultsLayout:
     def ledger_entry(self, model_version: str, image_uri: str) -> str:
         return storage.join(self.ledger(model_version), entry_key(image_uri) + ".json")
 
+    def quarantine(self, model_version: str) -> str:
+        """Where ledger entries that prove nothing are moved (``ledger.quarantine``), kept for a person."""
+        return storage.join(self.uri, "ledger-quarantine", _safe_name("model version", model_version))
+
     @property
     def leases(self) -> str:
         return storage.join(self.uri, "open-runs")
 
     def lease(self, run_id: str) -> str:
         return storage.join(self.leases, _safe_name("run id", run_id) + ".json")
+
+    def peeked(self, incoming_uri: str) -> str:
+        """What the files under ``incoming_uri`` without an image's name were found to be (DICOM or not
+        an image) and their listing stamps then, so that each is peeked into once per content
+        (tasks/screen_chunks.py): one file per incoming location."""
+        return storage.join(self.uri, "peeked", entry_key(storage.canonical(incoming_uri)) + ".json")
 
 
 @dataclass
@@ -181,6 +194,7 @@ class RunSummary:
     model_version: str
     model_store_uri: str = ""
     incoming_uri: str = ""
+    results_uri: str = ""  # absent from leases and summaries written before it existed
     flow_run_id: str = ""
     status: str = "running"  # running | completed | failed | abandoned
     started_at: str = ""
@@ -213,6 +227,16 @@ class RunSummary:
     flag_rate: float | None = None
     probability_histogram: list[int] | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    # Stored state this run found damaged, forged or inconsistent and skipped (or refused) instead of
+    # stopping: how many, and the first MAX_NAMED_DAMAGE of them, each "location: what is wrong".
+    damaged: int = 0
+    damaged_files: list[str] = field(default_factory=list)
+
+    def note_damage(self, problems: list[str]) -> None:
+        """Counts ``problems`` (each "location: what is wrong") and names the first ones."""
+        self.damaged += len(problems)
+        room = MAX_NAMED_DAMAGE - len(self.damaged_files)
+        self.damaged_files += [_shown_line(problem) for problem in problems[:max(room, 0)]]
 
     def tally(self, rows: list[PredictionRow], classes: list[str], threshold: float) -> RunSummary:
         """This summary with its counts taken from ``rows``."""
@@ -263,6 +287,10 @@ def _check_record(record: Any, rules: dict[str, _Rule], required: tuple[str, ...
     for name, rule in rules.items():
         if name in record and not rule.test(record[name]):
             raise ValueError(f"{name} {_shown(record[name])} is not {rule.means}")
+
+
+def _shown_line(text: str) -> str:
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _shown(value: Any) -> str:
@@ -322,7 +350,7 @@ _ROW_RULES = {
     "view_position": _Rule(lambda value: value == "" or is_view_position(value), "a view position or empty"),
 }
 _SUMMARY_RULES = {
-    "run_id": _SAFE, "model_version": _SAFE, "model_store_uri": _TEXT, "incoming_uri": _TEXT,
+    "run_id": _SAFE, "model_version": _SAFE, "model_store_uri": _TEXT, "incoming_uri": _TEXT, "results_uri": _TEXT,
     "engine": _TEXT, "engine_reason": _TEXT,
     "flow_run_id": _Rule(lambda value: value == "" or _is_uuid(value), "a flow run id (a UUID)"),
     "status": _Rule(lambda value: value in RUN_STATUSES, f"one of {', '.join(RUN_STATUSES)}"),
@@ -340,6 +368,9 @@ _SUMMARY_RULES = {
                        "counts by class"),
     "outputs": _Rule(lambda value: isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
                      "locations by name"),
+    "damaged": _COUNT,
+    "damaged_files": _Rule(lambda value: isinstance(value, list) and all(isinstance(v, str) for v in value),
+                           "a list of problems"),
     # Absent from summaries written before they existed: those read back as None.
     "flag_rate": _PROBABILITY,
     "probability_histogram": _optional(_Rule(

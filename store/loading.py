@@ -23,7 +23,11 @@ from imaging.sandbox import decode_isolated
 from model.preprocessing import Preprocessing
 from store import storage
 
-__all__ = ["InputLimits", "LoadedImage", "load_image", "load_images"]
+__all__ = ["RETRIED_NEXT_RUN", "InputLimits", "LoadedImage", "load_image", "load_images"]
+
+# Ends the reason of a rejection that may pass another night (access denied): such a row is
+# reported but never claimed in the ledger, and ``ledger check`` expects no entry for it.
+RETRIED_NEXT_RUN = "tried again next run"
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ def load_image(uri: str, spec: Preprocessing, limits: InputLimits = InputLimits(
     except storage.AccessDenied as error:
         # One object's 403 must not stop the night, nor may a policy fixed tomorrow leave every input
         # rejected for ever: a row now, no ledger claim, another try next run.
-        return LoadedImage(uri, None, None, f"{error.reason}: tried again next run", final=False)
+        return LoadedImage(uri, None, None, f"{error.reason}: {RETRIED_NEXT_RUN}", final=False)
     digest = hashlib.sha256(data).hexdigest()
     decoded = decode_isolated(data, uri, spec.input_size, limits.decode_timeout_seconds, limits.reduced_decode,
                               limits.frontal_chest_only)

@@ -6,17 +6,18 @@ import logging
 import secrets
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import NamedTuple
 
 from prefect import get_run_logger, task
 
 from model.bundle import ModelCard
 from screening import leases, ledger, reports
 from screening.results import ResultsLayout, RunSummary, entry_key
-from store import evaluations, registry
+from store import evaluations, registry, storage
 from store.clock import utc_now, utc_timestamp
 from tasks.retrying import io_step
 
-__all__ = ["flow_run_finished", "new_run_id", "not_yet_screened", "recover_abandoned_runs", "resolve_model",
+__all__ = ["Pending", "Recovery", "new_run_id", "not_yet_screened", "recover_abandoned_runs", "resolve_model",
            "write_run_outputs"]
 
 _logger = logging.getLogger(__name__)  # for helpers that may run outside a Prefect task
@@ -39,77 +40,177 @@ def resolve_model(model_store_uri: str, model_version: str) -> ModelCard:
 
 
 @task(**io_step())
-def not_yet_screened(results_uri: str, model_version: str, inputs: Sequence[str]) -> list[str]:
-    """The inputs this model version has no ledger entry for (one listing, no reads)."""
-    done = ledger.done_keys(results_uri, model_version)
-    return [uri for uri in inputs if entry_key(uri) not in done]
+def not_yet_screened(results_uri: str, card: ModelCard, inputs: Sequence[str]) -> Pending:
+    """The inputs this model version has screened for no one yet. The ledger is proof, not a name:
+    an input whose entry does not read back as its row, or names a run that is neither open nor
+    publishes that row, is screened again, its entry moved to the quarantine and the problem named."""
+    done = ledger.done_keys(results_uri, card.version)
+    listed = [uri for uri in inputs if entry_key(uri) in done]
+    proven, unproven = ledger.screened(results_uri, card.version, listed, card.classes)
+    damaged = []
+    for image_uri, problem in sorted(unproven.items()):
+        kept = ledger.quarantine(results_uri, card.version, image_uri)
+        get_run_logger().error("%s; the entry is moved to %s and its input screened again", problem, kept)
+        damaged.append(f"{problem} (moved to {kept}; screened again)")
+    return Pending([uri for uri in inputs if uri not in proven], len(proven), damaged)
+
+
+class Pending(NamedTuple):
+    todo: list[str]  # in the listing's order
+    already_screened: int
+    damaged: list[str]  # "location: what is wrong" for each ledger entry that proved nothing
 
 
 @task(**io_step(retries=3))
 def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard) -> RunSummary:
     """Predictions, summary, report and artifacts from every row the run claimed; then its lease goes."""
-    rows = reports.read_run_rows(results_uri, summary.run_id, card)
-    summary = reports.write_outputs(results_uri, rows, card, summary.tally(rows, card.classes, card.threshold))
+    damaged: list[str] = []
+    rows = reports.read_run_rows(results_uri, summary.run_id, card, damaged=damaged)
+    summary = summary.tally(rows, card.classes, card.threshold)
+    summary.note_damage(damaged)
+    summary = reports.write_outputs(results_uri, rows, card, summary)
     reports.publish_artifacts(summary, rows, card)
     leases.close_run(results_uri, summary.run_id)
     return summary
 
 
 @task(**io_step())
-def recover_abandoned_runs(results_uri: str, run_id: str, after_minutes: float) -> list[str]:
+def recover_abandoned_runs(results_uri: str, run: RunSummary, after_minutes: float) -> Recovery:
     """Writes the outputs of runs that died without writing them: their leases went stale, or
     their flow runs ended (Failed, Crashed, Cancelled, Completed) with the lease still open.
 
     Their rows are in the ledger already, so no input is screened twice; this only makes them
     reach a predictions file and a report, under the dead run's own folder, with status
-    ``abandoned``. Two runs recovering the same dead run write the same rows. A dead run that
-    cannot be recovered (unreadable card, damaged files) is logged and its lease left.
+    ``abandoned``. Two runs recovering the same dead run write the same rows.
+
+    A lease is followed only as far as ``_refusal`` allows: never into a published run, another
+    model store or results location, or a Prefect flow run that is not a screening of these
+    results; such a lease, and a dead run that cannot be recovered (unreadable card, damaged
+    files), is reported and left for an operator.
     """
     logger = get_run_logger()
-    recovered = []
-    for dead in leases.abandoned_runs(results_uri, timedelta(minutes=after_minutes), finished=flow_run_finished,
-                                    current_run_id=run_id):
-        try:
-            rows = _recover(results_uri, dead, run_id)
-        except (ValueError, OSError) as error:  # BundleError, LedgerError, StorageError: this run, not tonight's
-            logger.error("Run %s died without writing its outputs, and they cannot be written now (%s); "
-                         "its lease %s is left for a later run", dead.run_id, error,
-                         ResultsLayout(results_uri).lease(dead.run_id))
+    flows = _FlowRuns(results_uri)
+    recovered, damaged = [], []
+    for dead in leases.abandoned_runs(results_uri, timedelta(minutes=after_minutes), finished=flows.finished,
+                                    current_run_id=run.run_id, damaged=damaged):
+        lease = ResultsLayout(results_uri).lease(dead.run_id)
+        refusal = _refusal(results_uri, run, dead, flows)
+        if refusal:
+            logger.error("%s: not followed, %s; left for an operator", lease, refusal)
+            damaged.append(f"{lease}: refused, {refusal}; left for an operator")
             continue
-        _mark_crashed(dead.flow_run_id, f"Abandoned: no sign of life since {dead.last_seen_at}; "
-                                        f"its {rows} screened rows were published by run {run_id}")
+        try:
+            rows = _recover(results_uri, dead, run.run_id, damaged)
+        except (ValueError, OSError) as error:  # BundleError, StorageError: this run, not tonight's
+            logger.error("Run %s died without writing its outputs, and they cannot be written now (%s); "
+                         "its lease %s is left for a later run", dead.run_id, error, lease)
+            damaged.append(f"{lease}: run {dead.run_id} cannot be recovered now ({error}); left for a later run")
+            continue
+        if flows.screens_here(dead.flow_run_id):
+            _mark_crashed(dead.flow_run_id, f"Abandoned: no sign of life since {dead.last_seen_at}; "
+                                            f"its {rows} screened rows were published by run {run.run_id}")
         logger.warning("Run %s died at about %s without writing its outputs; its %d screened rows are now in %s",
                        dead.run_id, dead.last_seen_at, rows, dead.outputs["predictions.csv"])
         recovered.append(dead.run_id)
-    return recovered
+    return Recovery(recovered, damaged)
 
 
-def _recover(results_uri: str, dead: RunSummary, run_id: str) -> int:
+class Recovery(NamedTuple):
+    runs: list[str]  # the dead runs whose outputs this run wrote
+    damaged: list[str]  # leases refused or not readable, each "location: why"
+
+
+def _refusal(results_uri: str, run: RunSummary, dead: RunSummary, flows: _FlowRuns) -> str | None:
+    """Why the lease of ``dead`` may not be followed by ``run``, or None. A lease is a file anyone
+    with write access to the results could have written: it may only lead to writing a run that
+    was never published, of this model store and these results, started by a screening flow."""
+    if storage.exists(ResultsLayout(results_uri).run(dead.run_id).outputs["summary.json"]):
+        return f"run {dead.run_id} is published already (its outputs are never written again)"
+    if not _same_place(dead.model_store_uri, run.model_store_uri):
+        return f"it names model store {dead.model_store_uri!r}, not this run's {run.model_store_uri!r}"
+    if dead.results_uri and not _same_place(dead.results_uri, results_uri):  # older leases name none
+        return f"it names results location {dead.results_uri!r}, not {results_uri!r}"
+    facts = flows.facts(dead.flow_run_id)
+    if facts is not None and not facts.screens_here:
+        return f"its flow run {dead.flow_run_id} is {facts.what}, not a screening of these results"
+    return None
+
+
+def _same_place(stored: str, ours: str) -> bool:
+    try:
+        return bool(stored) and storage.canonical(stored) == storage.canonical(ours)
+    except ValueError:  # a scheme this code does not address: not ours
+        return False
+
+
+def _recover(results_uri: str, dead: RunSummary, run_id: str, damaged: list[str]) -> int:
     """Writes a dead run's outputs from its rows and closes its lease; returns its row count."""
     card = registry.load_card(dead.model_store_uri, dead.model_version)
     dead.status, dead.recovered_by, dead.recovered_at, dead.seconds = "abandoned", run_id, utc_timestamp(), None
-    rows = reports.read_run_rows(results_uri, dead.run_id, card)
-    summary = reports.write_outputs(results_uri, rows, card, dead.tally(rows, card.classes, card.threshold))
+    found: list[str] = []
+    rows = reports.read_run_rows(results_uri, dead.run_id, card, damaged=found)
+    summary = dead.tally(rows, card.classes, card.threshold)
+    summary.note_damage(found)
+    summary = reports.write_outputs(results_uri, rows, card, summary)
+    damaged += found
     dead.outputs = summary.outputs
     leases.close_run(results_uri, dead.run_id)
     return len(rows)
 
 
-def flow_run_finished(flow_run_id: str) -> bool:
-    """Whether Prefect has this flow run in a final state (Completed, Failed, Crashed, Cancelled):
-    then its process is done and cannot still be writing. False when Prefect cannot say (another
-    server, an API that is down, a run it does not know), so the lease's age decides."""
-    import httpx
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
+class _FlowFacts(NamedTuple):
+    final: bool  # in a final state: its process cannot still be writing
+    screens_here: bool  # a run of the ``screen`` flow whose parameters name these results
+    what: str  # how to name it in a message
 
-    try:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run_id).state
-    except (ObjectNotFound, httpx.HTTPError, OSError) as error:
-        _logger.info("Prefect cannot say how flow run %s ended (%r): its lease's age decides", flow_run_id, error)
-        return False
-    return state is not None and state.is_final()
+
+class _FlowRuns:
+    """What Prefect knows of the flow runs leases name, asked once each. None for a flow run Prefect
+    cannot tell about (another server, an API that is down, an id it does not know): then the
+    lease's age decides, and nothing is marked in Prefect."""
+
+    def __init__(self, results_uri: str) -> None:
+        self.results = storage.canonical(results_uri)
+        self.known: dict[str, _FlowFacts | None] = {}
+
+    def facts(self, flow_run_id: str) -> _FlowFacts | None:
+        if not flow_run_id:
+            return None
+        if flow_run_id not in self.known:
+            self.known[flow_run_id] = self._ask(flow_run_id)
+        return self.known[flow_run_id]
+
+    def finished(self, flow_run_id: str) -> bool:
+        facts = self.facts(flow_run_id)
+        return facts is not None and facts.final and facts.screens_here
+
+    def screens_here(self, flow_run_id: str) -> bool:
+        facts = self.facts(flow_run_id)
+        return facts is not None and facts.screens_here
+
+    def _ask(self, flow_run_id: str) -> _FlowFacts | None:
+        import httpx
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            with get_client(sync_client=True) as client:
+                flow_run = client.read_flow_run(flow_run_id)
+                name = client.read_flow(flow_run.flow_id).name
+        except (ObjectNotFound, httpx.HTTPError, OSError, ValueError) as error:
+            _logger.info("Prefect cannot say what flow run %s is (%r): its lease's age decides", flow_run_id, error)
+            return None
+        params = flow_run.parameters.get("params") if isinstance(flow_run.parameters, dict) else None
+        results = params.get("results_uri") if isinstance(params, dict) else None
+        here = name == "screen" and isinstance(results, str) and self._same(results)
+        return _FlowFacts(flow_run.state is not None and flow_run.state.is_final(), here,
+                          f"a run of flow {name!r}" if name != "screen" else "a screening of other results")
+
+    def _same(self, results: str) -> bool:
+        try:
+            return storage.canonical(storage.join(results)) == self.results  # relative: to this process' folder
+        except ValueError:
+            return False
 
 
 def _mark_crashed(flow_run_id: str | None, message: str) -> None:

@@ -171,7 +171,8 @@ def test_damaged_old_summaries_are_skipped_and_logged_and_never_fail_the_report(
     storage.write_bytes(storage.join(results, "runs", "not a run id", "summary.json"), b"{}")
 
     with caplog.at_level(logging.WARNING, logger="screening.drift"):
-        _, page = write_run(results, "20261126T010000Z-bbbbbb")
+        summary, page = write_run(results, "20261126T010000Z-bbbbbb")
+    assert summary.damaged == 4 and len(summary.damaged_files) == 4  # counted and named in summary.json too
 
     assert "4 earlier run summaries could not be read and are left out" in page  # not the running one
     assert 'alt="flag rate and rejected share of the last runs"' in page  # the good one is on the chart

@@ -101,7 +101,7 @@ class Tags(HTMLParser):
 
 
 PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "strong", "div", "ul", "li",
-             "table", "tr", "th", "td", "img", "a"}
+             "table", "tr", "th", "td", "img", "a", "code"}
 
 
 def assert_no_markup_from_values(page: str) -> None:
@@ -127,7 +127,9 @@ def test_no_field_of_card_summary_or_rows_becomes_markup_in_the_report(attack, s
     summary = hostile_summary(attack, card, rows, status, store.format(attack=attack))
     earlier = hostile_summary(attack, card, rows[1:], "completed", store.format(attack=attack))
     earlier.flag_rate, earlier.ok = None, hostile("ok", attack)  # neither a rate nor a count
-    history = drift.Drift((drift.RunRates.of(earlier), drift.RunRates.of(summary)), skipped=2)
+    history = drift.Drift((drift.RunRates.of(earlier), drift.RunRates.of(summary)),
+                          damaged=(hostile("drift-a", attack), hostile("drift-b", attack)))
+    summary.note_damage([hostile("stored-file", attack)])  # a damaged file's name is chosen by whoever wrote it
     figures = dict.fromkeys(reports.MODEL_FIGURES, PNG)
     card_link = reports.shared_link(f"{summary.model_store_uri}/v1/card.md")
     page = reports.report_html(summary, rows, card, figures=figures, card_link=card_link, history=history)
@@ -136,7 +138,7 @@ def test_no_field_of_card_summary_or_rows_becomes_markup_in_the_report(attack, s
     assert page.count(f'src="data:image/png;base64,{PNG}"') == 3 and 'alt="flag rate and rejected share' in page
     assert "2 earlier run summaries could not be read" in page and "Not available" not in page
     shown = ["run", "/in/flagged", "/in/rejected", "reason", "class-a", "class-b", "weights", "auc", "sensitivity",
-             "specificity", "target", "warning", "stratum", "within", "temperature", "ece"]
+             "specificity", "target", "warning", "stratum", "within", "temperature", "ece", "stored-file"]
     if status == "abandoned":
         shown += ["last-seen", "recovered-by"]
     for field in shown:  # each really reached the page, as text

@@ -55,7 +55,7 @@ def test_a_damaged_lease_is_reported_and_skipped(location, caplog):
     backdate(location, "dead", timedelta(days=1))
     with caplog.at_level(logging.ERROR, logger="screening.leases"):
         assert [lease.run_id for lease in leases.abandoned_runs(location, ABANDONED_AFTER)] == ["dead"]
-    assert "garbled.json is not a run lease" in caplog.text
+    assert "garbled.json: not a run lease" in caplog.text
 
 
 def test_a_forged_lease_cannot_point_a_run_outside_its_folder(location, caplog):
@@ -65,8 +65,8 @@ def test_a_forged_lease_cannot_point_a_run_outside_its_folder(location, caplog):
         storage.write_bytes(storage.join(ResultsLayout(location).leases, f"{name}.json"), json.dumps(lease).encode())
     with caplog.at_level(logging.ERROR, logger="screening.leases"):
         assert leases.abandoned_runs(location, ABANDONED_AFTER) == []
-    assert "forged.json is not a run lease" in caplog.text and "not a safe name" in caplog.text
-    assert "renamed.json is not a run lease" in caplog.text and "does not match its name" in caplog.text
+    assert "forged.json: not a run lease" in caplog.text and "not a safe name" in caplog.text
+    assert "renamed.json: not a run lease" in caplog.text and "does not match its name" in caplog.text
     with pytest.raises(ValueError, match="not a safe name"):
         ResultsLayout(location).run("../x")
 
@@ -91,15 +91,15 @@ def test_a_lease_with_a_wrong_field_is_reported_and_skipped(location, caplog, ch
     backdate(location, "dead", timedelta(days=1))
     with caplog.at_level(logging.ERROR, logger="screening.leases"):
         assert [lease.run_id for lease in leases.abandoned_runs(location, ABANDONED_AFTER)] == ["dead"]
-    assert "bad.json is not a run lease" in caplog.text and message in caplog.text
-    assert "list.json is not a run lease" in caplog.text
+    assert "bad.json: not a run lease" in caplog.text and message in caplog.text
+    assert "list.json: not a run lease" in caplog.text
 
 
 def test_a_damaged_own_lease_is_not_renewed_and_does_not_fail_the_run(location, caplog):
     storage.write_bytes(ResultsLayout(location).lease("mine"), b"\xff not json")
     with caplog.at_level(logging.ERROR, logger="screening.leases"):
         leases.renew(location, "mine")
-    assert "mine.json is not a run lease" in caplog.text
+    assert "mine.json: not a run lease" in caplog.text
 
 
 def test_a_fresh_lease_whose_flow_run_ended_is_dead_at_once_but_never_the_current_runs(location):
@@ -123,36 +123,46 @@ def test_a_fresh_lease_whose_flow_run_ended_is_dead_at_once_but_never_the_curren
 # --- with a real Prefect API -----------------------------------------------------------------------
 
 
-def _flow_runs_in(states: dict) -> dict[str, str]:
-    """Flow run ids, by name, of flow runs put in the given states."""
+def _flow_runs_in(states: dict, results: str, flow_name: str = "screen") -> dict[str, str]:
+    """Flow run ids, by name, of runs of flow ``flow_name`` screening ``results``, put in the given states."""
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.states import Running
 
-    @flow(name="nightly-screen")
-    def nightly() -> None:
+    @flow(name=flow_name)
+    def nightly(params: dict) -> None:
         pass
 
     ids = {}
     with get_client(sync_client=True) as client:
         for name, state in states.items():
-            flow_run = client.create_flow_run(nightly, name=name, state=Running())
+            flow_run = client.create_flow_run(nightly, name=name, state=Running(),
+                                              parameters={"params": {"results_uri": results}})
             if state.type != Running().type:
                 client.set_flow_run_state(flow_run.id, state, force=True)
             ids[name] = str(flow_run.id)
     return ids
 
 
-def test_prefect_says_which_flow_runs_are_over(prefect_api):
+def test_prefect_says_which_flow_runs_are_over_and_which_screen_these_results(prefect_api, tmp_path):
     from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running
 
-    from tasks.screen_steps import flow_run_finished
+    from tasks.screen_steps import _FlowRuns
 
+    results = str(tmp_path / "results")
     ids = _flow_runs_in({"failed": Failed(), "crashed": Crashed(), "cancelled": Cancelled(),
-                         "completed": Completed(), "running": Running(), "pending": Pending()})
-    assert {name: flow_run_finished(flow_run_id) for name, flow_run_id in ids.items()} == {
+                         "completed": Completed(), "running": Running(), "pending": Pending()}, results)
+    flows = _FlowRuns(results)
+    assert {name: flows.finished(flow_run_id) for name, flow_run_id in ids.items()} == {
         "failed": True, "crashed": True, "cancelled": True, "completed": True, "running": False, "pending": False}
-    assert not flow_run_finished("5b0e7c1e-0000-4000-8000-0000000000ff")  # unknown here: the lease's age decides
+    assert not flows.finished("5b0e7c1e-0000-4000-8000-0000000000ff")  # unknown here: the lease's age decides
+    assert flows.facts("5b0e7c1e-0000-4000-8000-0000000000ff") is None
+    # Over, but not a screening of these results: never taken as this store's dead run, never marked.
+    (other,) = _flow_runs_in({"x": Failed()}, results, flow_name="train").values()
+    (elsewhere,) = _flow_runs_in({"y": Failed()}, str(tmp_path / "other-results")).values()
+    for flow_run_id in (other, elsewhere):
+        assert not flows.finished(flow_run_id) and not flows.screens_here(flow_run_id)
+    assert "a run of flow 'train'" in flows.facts(other).what
 
 
 def test_the_lease_of_a_failed_or_crashed_flow_run_is_recovered_at_once(prefect_api, tmp_path):
@@ -170,13 +180,13 @@ def test_the_lease_of_a_failed_or_crashed_flow_run_is_recovered_at_once(prefect_
                      preprocessing={"version": 1, "input_size": 32, "scale_mode": "unit", "interpolation": "area"},
                      weights={"origin": "none"}, dataset={}, metrics={}, model_sha256=hashlib.sha256(b"m").hexdigest())
     registry.publish(store, "v1", {"model.keras": b"m"}, card)
-    ids = _flow_runs_in({"failed": Failed(), "crashed": Crashed(), "running": Running()})
+    ids = _flow_runs_in({"failed": Failed(), "crashed": Crashed(), "running": Running()}, results)
     for name, flow_run_id in ids.items():  # fresh leases: age alone would leave them for 30 minutes
         leases.open_run(results, RunSummary(f"run-{name}", "v1", model_store_uri=store, flow_run_id=flow_run_id))
 
     @flow
     def recover(run_id: str) -> list[str]:
-        return recover_abandoned_runs(results, run_id, 30.0)
+        return recover_abandoned_runs(results, RunSummary(run_id, "v1", model_store_uri=store), 30.0).runs
 
     assert sorted(recover("tonight")) == ["run-crashed", "run-failed"]
     for name in ("failed", "crashed"):
