@@ -16,6 +16,7 @@ from cli.dataset import dataset  # noqa: E402
 from cli.demo import demo  # noqa: E402
 from cli.evaluate import evaluate  # noqa: E402
 from cli.exits import EXIT_INPUT, EXIT_RUNTIME, EXIT_USAGE  # noqa: E402
+from cli.ledger import ledger_app  # noqa: E402
 from cli.models import models_app  # noqa: E402
 from cli.output import console  # noqa: E402
 from cli.screen import screen  # noqa: E402
@@ -57,6 +58,7 @@ app.command("validate-engines")(validate_engines)
 app.command()(demo)
 app.add_typer(stack_app, name="stack")
 app.add_typer(models_app, name="models")
+app.add_typer(ledger_app, name="ledger")
 app.command()(deploy)
 app.command()(retrain)
 app.command("dataset-updated")(dataset_updated)

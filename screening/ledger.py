@@ -77,10 +77,9 @@ def _parse_entry(uri: str, data: bytes, classes: list[str] | None) -> Prediction
             classes = [name[len("prob_"):] for name in record if name.startswith("prob_")] \
                 if isinstance(record, dict) else []
         return PredictionRow.from_record(record, classes)
-    except StoredStateError as error:
-        raise LedgerError(f"not a ledger entry: {error}") from error
-    except ValueError as error:  # the schema
-        raise LedgerError(f"{uri}: not a ledger entry: {error}") from error
+    except ValueError as error:  # bounds, JSON and schema alike
+        reason = str(error)[len(uri) + 2:] if str(error).startswith(f"{uri}: ") else str(error)
+        raise LedgerError(f"{uri}: not a ledger entry: {reason}") from error
 
 
 @dataclass
@@ -214,8 +213,8 @@ def reconcile(results_uri: str, progress: Callable[[int, int], None] = lambda do
         version, uri = item
         try:
             row = _parse_entry(uri, storage.read_bytes(uri, max_bytes=1 << 20), None)
-        except (LedgerError, storage.NotFound, storage.Unreadable) as error:
-            return str(error) if str(error).startswith(uri) else f"{uri}: {error}"
+        except (LedgerError, storage.NotFound, storage.Unreadable) as error:  # each names the entry
+            return str(error)
         if not _safe(version) or layout.ledger_entry(version, row.image_uri) != uri:
             return f"{uri}: records {row.image_uri!r} for model {row.model_version}, which is not this entry's name"
         return row
