@@ -5,13 +5,23 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from imaging.defaults import DECODE_TIMEOUT_SECONDS
 from model.acceptance import Acceptance
-from model.defaults import BATCH_SIZE, EPOCHS, HEAD
+from model.defaults import BATCH_SIZE, EPOCHS, HEAD, MAX_STRATA
 
-__all__ = ["AuditParameters", "EvaluateParameters", "ScreenParameters", "SynthesizeParameters", "TrainParameters"]
+__all__ = ["MAX_CHUNK_SIZE", "AuditParameters", "EvaluateParameters", "ScreenParameters", "SynthesizeParameters",
+           "TrainParameters"]
+
+
+# The largest chunk a screening run may ask for. A chunk keeps every row it screened in memory until
+# it writes its part file (a flagged row carries two 160 px JPEGs: 12.8 KB in the part file, so
+# 4,096 flagged rows ~52 MB), and a failed chunk is retried whole; at the 10.5 img/s bench/scale_bench.py
+# takes for a two-core fp32 worker, 4,096 images take 6.5 minutes, a ninth of the default chunk
+# timeout (60 minutes), which leaves room for Grad-CAM on every image and slow storage.
+MAX_CHUNK_SIZE = 4096
 
 
 class _Parameters(BaseModel):
@@ -34,7 +44,8 @@ class ScreenParameters(_Parameters):
     model_version: str = Field("production", description="A version in the store, or 'production'.")
     batch_size: int = Field(BATCH_SIZE, ge=1, le=1024,
                             description="Images per forward pass (throughput is flat from 8 up; memory is not).")
-    chunk_size: int = Field(256, ge=1, description="Images per Prefect task.")
+    chunk_size: int = Field(256, ge=1, json_schema_extra={"maximum": MAX_CHUNK_SIZE},
+                            description=f"Images per Prefect task (at most {MAX_CHUNK_SIZE}).")
     limit: int | None = Field(None, ge=0, description="Screen at most this many new images.")
     explain: Literal["flagged", "all", "none"] = Field(
         "flagged", description="Which images get a Grad-CAM overlay and cam_lung_share (a gradient pass each).")
@@ -66,6 +77,17 @@ class ScreenParameters(_Parameters):
         None, pattern=r"^(tcp|tls|ws|wss|inproc)://\S+$",
         description="Screen on an existing Dask cluster (tcp://HOST:8786). Its workers need the model store and "
                     "results (s3://) and the Prefect API (PREFECT_API_URL) within reach.")
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _bounded_chunk(cls, value: int) -> int:
+        if value > MAX_CHUNK_SIZE:
+            raise PydanticCustomError(
+                "chunk_size_too_large",
+                "at most {cap} images per chunk, not {value}: a chunk holds every row it screened (flagged ones with "
+                "two pictures) in memory until it writes them, and is retried whole; screen more images with more "
+                "chunks, not larger ones", {"cap": MAX_CHUNK_SIZE, "value": value})
+        return value
 
     @model_validator(mode="after")
     def _one_place_to_run(self):
@@ -107,6 +129,10 @@ class TrainParameters(_Parameters):
     strata: list[str] | None = Field(
         None, description="Manifest columns to evaluate within (default: every extra column with 2 to 20 levels "
                           "that is not an identifier, hash, path or size).")
+    max_strata: int = Field(
+        MAX_STRATA, ge=1, le=1000,
+        description="Most manifest columns to evaluate within (each is bootstrapped): beyond it the default's extra "
+                    "columns (by name) are dropped and named in the log and the card; naming more is refused.")
     balance_strata: str | None = Field(
         "auto", description="Manifest column(s), joined by '+', whose levels are balanced by class in training and "
                             "early stopping, so the label says nothing about the level; 'auto': each, and jointly, "

@@ -57,7 +57,7 @@ def train(params: TrainParameters) -> TrainedModel:
     loaded = load_labelled(dataset.items, spec)
     split = split_for_training(loaded, params.positive.strip().lower(), params.multiclass, params.test_fraction,
                                params.seed, params.strata, params.balance_strata, params.mixed_strata_only,
-                               params.leave_out)
+                               params.leave_out, params.max_strata)
 
     training, synthetic = split.training_data(loaded.images), None
     if params.synthetic_uri:  # the training part only: validation and test stay real

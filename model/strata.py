@@ -13,7 +13,23 @@ import numpy as np
 
 from model.validity import metadata_baseline_auc
 
-__all__ = ["confounders", "joint_levels"]
+__all__ = ["capped", "confounders", "joint_levels"]
+
+
+def capped(chosen: list[str], limit: int, named: bool = False) -> tuple[list[str], list[str]]:
+    """The stratum variables kept and those dropped, at most ``limit`` kept: every one evaluated
+    within is bootstrapped on the test split, so a manifest of thousands of two-level columns would
+    cost hours. The first ``limit`` in the order given (training's: the columns sorted by name) are
+    kept, predictably: a person reading the card can tell which, and name others. Variables a person
+    ``named`` are never dropped in silence: more than ``limit`` of them is refused (ValueError)."""
+    if limit < 1:
+        raise ValueError(f"at most {limit} strata: at least one must be allowed")
+    if len(chosen) <= limit:
+        return list(chosen), []
+    if named:
+        raise ValueError(f"{len(chosen)} strata named, more than the {limit} allowed (max_strata): each is "
+                         "bootstrapped on the test split; name fewer, or raise max_strata")
+    return list(chosen[:limit]), list(chosen[limit:])
 
 
 def joint_levels(columns: dict[str, list[str]], variables: str) -> list[str]:

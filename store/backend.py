@@ -90,6 +90,11 @@ class Backend:
     def list_folders(self, uri: str, *, missing_ok: bool) -> list[str]:
         raise NotImplementedError
 
+    def list_files_stamped(self, uri: str, *, missing_ok: bool) -> Iterator[tuple[str, str | None]]:
+        """``list_files`` with each file's stamp, where the listing gives one without reading: a
+        backend that cannot gives None (nothing it lists can then be remembered)."""
+        return ((name, None) for name in self.list_files(uri, missing_ok=missing_ok))
+
     def read_bytes(self, uri: str, length: int | None, max_bytes: int | None, within: str | None) -> bytes:
         """``within`` matters only where a file can be a link; others ignore it."""
         raise NotImplementedError

@@ -77,6 +77,14 @@ class LocalBackend(Backend):
             return iter(())
         return _list(uri, root)
 
+    def list_files_stamped(self, uri: str, *, missing_ok: bool) -> Iterator[tuple[str, str | None]]:
+        """The stamp: inode, size, modification and change times (of the link and of its target for a
+        link), from stat calls only: nothing is opened."""
+        root = _path(uri)
+        if missing_ok and not root.exists():
+            return iter(())
+        return ((name, _stamp(path)) for name, path in _walk(uri, root))
+
     def list_folders(self, uri: str, *, missing_ok: bool) -> list[str]:
         location = _path(uri)
         if missing_ok and not location.exists():
@@ -155,6 +163,25 @@ def _list(uri: str, root: Path) -> Iterator[str]:
     """Every entry that is not a folder, found without following links or opening anything (a FIFO
     opened to peek would hang). Links to folders are not descended into; a sub-folder that cannot be
     listed is yielded itself, so that the caller can say so (reading it raises ``Unreadable``)."""
+    return (name for name, _ in _walk(uri, root))
+
+
+def _stamp(path: str) -> str | None:
+    """What changes when the file's bytes may have: a rewrite in place changes the times (a
+    modification time set back still moves the change time), a replacement the inode. None for a
+    folder (one that could not be listed) or a link that leads nowhere."""
+    try:
+        own = os.stat(path, follow_symlinks=False)
+        stamps = [own] if not stat.S_ISLNK(own.st_mode) else [own, os.stat(path)]
+    except OSError:
+        return None
+    if stat.S_ISDIR(stamps[-1].st_mode):
+        return None
+    return "->".join(f"{s.st_dev}:{s.st_ino}:{s.st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}" for s in stamps)
+
+
+def _walk(uri: str, root: Path) -> Iterator[tuple[str, str]]:
+    """``_list``'s entries as (URI, path), sorted by URI."""
     if not root.exists():
         raise NotFound(uri, "no such folder")
     if not root.is_dir():
@@ -178,7 +205,7 @@ def _list(uri: str, root: Path) -> Iterator[str]:
                 pending.append(entry.path)
             else:
                 found.append(entry.path)
-    yield from sorted(_local_uri(path) for path in found)
+    yield from sorted((_local_uri(path), path) for path in found)
 
 
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",

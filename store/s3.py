@@ -125,6 +125,10 @@ class S3Backend(BucketBackend):
 
     def list_files(self, uri: str, *, missing_ok: bool) -> Iterator[str]:
         """A prefix with no keys lists as empty whatever ``missing_ok`` says; a missing bucket is an error."""
+        return (name for name, _ in self.list_files_stamped(uri, missing_ok=missing_ok))
+
+    def list_files_stamped(self, uri: str, *, missing_ok: bool) -> Iterator[tuple[str, str | None]]:
+        """The stamp is the ETag and the size, both in the listing (no request per key)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         location = self.locate(uri)
@@ -134,7 +138,9 @@ class S3Backend(BucketBackend):
             for page in paginator.paginate(Bucket=location.bucket, Prefix=location.prefix):
                 for item in page.get("Contents", []):
                     if not item["Key"].endswith("/"):  # folder markers made by consoles
-                        yield str(BucketKey(SCHEME, location.bucket, item["Key"]))
+                        etag = str(item.get("ETag") or "").strip('"')
+                        stamp = f"etag:{etag}:{item['Size']}" if etag and item.get("Size") is not None else None
+                        yield str(BucketKey(SCHEME, location.bucket, item["Key"])), stamp
         except (BotoCoreError, ClientError) as error:
             raise storage_error(uri, error) from error
 

@@ -50,6 +50,7 @@ __all__ = [
     "exists",
     "join",
     "list_files",
+    "list_files_stamped",
     "list_folders",
     "presigned_url",
     "read_bytes",
@@ -130,6 +131,14 @@ def list_files(uri: str, suffixes: Iterable[str] | None = None, *, missing_ok: b
     for name in _backend(uri).list_files(uri, missing_ok=missing_ok):
         if wanted is None or name.lower().endswith(wanted):
             yield name
+
+
+def list_files_stamped(uri: str, *, missing_ok: bool = False) -> Iterator[tuple[str, str | None]]:
+    """``list_files`` (no filter) with a stamp of each file's content, from the listing alone: a file
+    whose stamp is unchanged holds the bytes it held (S3: its ETag and size; a local file: its inode,
+    size, modification and change times, and its target's for a link). None where the listing cannot
+    tell (a folder that could not be listed, a broken link, a backend without stamps)."""
+    return _backend(uri).list_files_stamped(uri, missing_ok=missing_ok)
 
 
 def list_folders(uri: str, *, missing_ok: bool = False) -> list[str]:

@@ -85,6 +85,7 @@ def make_bundle(run: TrainingRun, fitted: FitResult, evaluation: Evaluation, cal
         metrics=metrics, training={**run.config.to_dict(), "balance_strata": split.balance,
                                    "selected_l2": history["stage1"].get("selected_l2", [None])[0],
                                    "leave_out": "=".join(split.leave_out) if split.leave_out else None,
+                                   **({"strata_dropped": list(split.strata_dropped)} if split.strata_dropped else {}),
                                    "features_engine": fitted.features_engine or {},
                                    "head_selection": fitted.selection, "acceptance": run.acceptance.to_dict()},
         software=software_versions(), validity=audit.validity, calibration=calibration.record,

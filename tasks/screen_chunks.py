@@ -1,31 +1,38 @@
 """Screening work: find inputs, and screen one chunk of them (a Prefect task per chunk).
 
 A chunk is a pure function of its input URIs and the model version: it can run on any worker.
-Inside it, a thread pool reads and decodes while the model predicts the previous batch, and
-only the chunk's own images are ever in memory.
+Inside it, a thread pool reads and decodes while the model predicts the previous batch, never
+more than ``READ_AHEAD_BATCHES`` batches ahead of it, so a few batches of decoded images are in
+memory however large the chunk.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import functools
+import itertools
 import json
+import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from typing import TypeVar
 
 import cv2
 import keras
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 from imaging.decode import IMAGE_SUFFIXES, is_dicom
 from imaging.dicom_identity import Study, deidentify_key
 from imaging.sandbox import decoder_count
+from model import stored_json
 from model.anatomy import lung_share
 from model.bundle import BundleError, ModelCard
 from model.devices import share_gpus
@@ -40,14 +47,23 @@ from store.engines import load_artifacts, reduced_decode_allowed, validated_engi
 from store.loading import InputLimits, LoadedImage, load_image
 from tasks.retrying import io_step
 
-__all__ = ["ChunkResult", "chunked", "find_inputs", "screen_chunk", "screen_images"]
+__all__ = ["CLAIMS_IN_FLIGHT", "PEEKS_IN_FLIGHT", "READ_AHEAD_BATCHES", "ChunkResult", "PeekMemory", "bounded_map",
+           "chunked", "find_inputs", "read_ahead", "screen_chunk", "screen_images"]
+
+LOGGER = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Never worth peeking into for a DICOM preamble.
 _NOT_IMAGES = {".csv", ".json", ".jsonl", ".txt", ".md", ".html", ".htm", ".log", ".xml", ".pdf", ".zip", ".gz"}
+# Peeks (a 132-byte ranged GET each, ~30 ms on S3) in flight at once while inputs are found.
+PEEKS_IN_FLIGHT = 16
+_MEMORY_FORMAT = 1
+_VERDICTS = ("dicom", "not_image")  # what a peek found that stays true while the content does
 
 
 @task(**io_step())
-def find_inputs(incoming_uri: str, exclude: Sequence[str] = ()) -> list[str]:
+def find_inputs(incoming_uri: str, exclude: Sequence[str] = (), results_uri: str | None = None) -> list[str]:
     """What gets a row: every entry under ``incoming_uri`` named like an image, whatever it is, and
     of the rest (``.csv``, ``.json`` and the like aside) regular files that carry the DICOM preamble
     and entries that cannot be read as a regular file (a FIFO, a broken link, a folder that cannot
@@ -55,24 +71,154 @@ def find_inputs(incoming_uri: str, exclude: Sequence[str] = ()) -> list[str]:
 
     Locations in ``exclude`` (the results and the model store, when they lie inside the incoming
     location) are left out, so the system never screens its own outputs.
+
+    Files without an image's name are peeked into (their first 132 bytes), ``PEEKS_IN_FLIGHT`` at a
+    time. With ``results_uri``, what a peek found (DICOM or not an image) is remembered there with
+    the file's listing stamp (``PeekMemory``) and the file is not peeked into again until its stamp
+    changes: each costs one read per content, not one a night for ever.
     """
     excluded = tuple(_comparable(uri).rstrip("/") + "/" for uri in exclude)
-    found = []
-    for uri in storage.list_files(incoming_uri):
+    found, unnamed = [], []
+    for uri, stamp in storage.list_files_stamped(incoming_uri):
         if _comparable(uri).startswith(excluded):
             continue
         suffix = PurePosixPath(uri).suffix.lower()
         if suffix in IMAGE_SUFFIXES:
             found.append(uri)
         elif suffix not in _NOT_IMAGES:
-            try:
-                if is_dicom(storage.read_bytes(uri, length=132, within=incoming_uri)):
-                    found.append(uri)
-            except (storage.Unreadable, storage.AccessDenied):
-                found.append(uri)  # its row will say why
-            except storage.NotFound:
-                continue  # gone since the listing
-    return found
+            unnamed.append((uri, stamp))
+    memory = PeekMemory(results_uri, incoming_uri) if results_uri is not None and unnamed else None
+    known = memory.load() if memory is not None else {}
+    verdicts = {uri: known[uri][1] for uri, stamp in unnamed if stamp is not None and known.get(uri, ("",))[0] == stamp}
+    to_peek = [(uri, stamp) for uri, stamp in unnamed if uri not in verdicts]
+    with ThreadPoolExecutor(max_workers=PEEKS_IN_FLIGHT, thread_name_prefix="peek") as pool:
+        peeks = bounded_map(pool, lambda item: _peek(item[0], incoming_uri), to_peek, 4 * PEEKS_IN_FLIGHT)
+        for (uri, stamp), verdict in zip(to_peek, peeks):
+            if verdict == "unreadable":
+                found.append(uri)  # its row will say why; not remembered: that may pass
+            elif verdict in _VERDICTS and stamp is not None:
+                verdicts[uri] = verdict
+            elif verdict == "dicom":
+                found.append(uri)
+    found += [uri for uri, verdict in verdicts.items() if verdict == "dicom"]
+    if unnamed:
+        _logger().info("%d file(s) without an image's name: %d known from an earlier peek (unchanged since), %d "
+                       "peeked into (%d at a time)", len(unnamed), len(unnamed) - len(to_peek), len(to_peek),
+                       PEEKS_IN_FLIGHT)
+    if memory is not None:
+        memory.save({uri: (stamp, verdicts[uri]) for uri, stamp in unnamed if uri in verdicts and stamp is not None})
+    return sorted(found)
+
+
+def _peek(uri: str, incoming_uri: str) -> str:
+    """'dicom', 'not_image', 'unreadable' (its row will say why) or 'gone' (deleted since the listing)."""
+    try:
+        return "dicom" if is_dicom(storage.read_bytes(uri, length=132, within=incoming_uri)) else "not_image"
+    except (storage.Unreadable, storage.AccessDenied):
+        return "unreadable"
+    except storage.NotFound:
+        return "gone"
+
+
+class PeekMemory:
+    """What the files without an image's name under one incoming location were found to be (DICOM or
+    not an image), each with the stamp its listing gave (``storage.list_files_stamped``) then.
+
+    One object per incoming location under the results (``ResultsLayout.peeked``), not one per file:
+    a night costs one GET, and one PUT only when something changed, however many such files there
+    are; per-file objects would cost a PUT each the first night and a listing of their own every
+    night. Two runs over one incoming location at once may each write it: the last one wins, and what
+    the other learnt is peeked into again, once. Damage costs peeks, never the night: an unreadable,
+    damaged or forged object is logged and taken as empty (and rewritten whole).
+    """
+
+    def __init__(self, results_uri: str, incoming_uri: str) -> None:
+        self.incoming_uri = incoming_uri
+        self.uri = ResultsLayout(results_uri).peeked(incoming_uri)
+        self.loaded: dict[str, tuple[str, str]] = {}
+
+    def load(self) -> dict[str, tuple[str, str]]:
+        """(stamp, verdict) by absolute URI; empty when there is nothing usable."""
+        self.loaded = {}
+        try:
+            data = storage.read_bytes(self.uri, max_bytes=stored_json.MAX_DOCUMENT_BYTES)
+        except storage.NotFound:
+            return {}
+        except storage.StorageError as error:
+            _logger().warning("Skipped what earlier runs found peeking into files (each is peeked into again): %s",
+                              error)
+            return {}
+        try:
+            record = stored_json.loads(data, self.uri)
+            if not isinstance(record, dict) or record.get("format") != _MEMORY_FORMAT \
+                    or not all(isinstance(record.get(verdict), dict) for verdict in _VERDICTS):
+                raise stored_json.StoredStateError(f"{self.uri}: not a record of peeks of format {_MEMORY_FORMAT}")
+        except stored_json.StoredStateError as error:
+            _logger().warning("Skipped what earlier runs found peeking into files, damaged (each is peeked into "
+                              "again): %s", error)
+            return {}
+        for verdict in _VERDICTS:
+            self.loaded.update({storage.join(self.incoming_uri, name): (stamp, verdict)
+                                for name, stamp in record[verdict].items()
+                                if isinstance(stamp, str) and _is_relative(name)})
+        return self.loaded
+
+    def save(self, known: dict[str, tuple[str, str]]) -> None:
+        """Remember ``known``, (stamp, verdict) by URI of every such file listed now (those gone drop
+        out), unless it is what was loaded. A failed write is logged: the next run peeks again."""
+        if known == self.loaded:
+            return
+        entries = [(storage.relative_to(uri, self.incoming_uri), stamp, verdict)
+                   for uri, (stamp, verdict) in sorted(known.items())]
+        payload, kept = _memory_bytes(entries), entries
+        while len(payload) > stored_json.MAX_DOCUMENT_BYTES:  # what the next run would refuse to read
+            kept = kept[: len(kept) * stored_json.MAX_DOCUMENT_BYTES // len(payload) * 9 // 10]
+            payload = _memory_bytes(kept)
+        if len(kept) < len(entries):
+            _logger().warning("%d files without an image's name are too many to remember in one document: %d are, "
+                              "the other %d are peeked into every night (move them out of %s)", len(entries),
+                              len(kept), len(entries) - len(kept), self.incoming_uri)
+        try:
+            storage.write_bytes(self.uri, payload)
+        except storage.StorageError as error:
+            _logger().warning("What the peeks found was not kept (the next run peeks again): %s", error)
+
+
+def _memory_bytes(entries: list[tuple[str, str, str]]) -> bytes:
+    record = {"format": _MEMORY_FORMAT, **{verdict: {} for verdict in _VERDICTS}}
+    for name, stamp, verdict in entries:
+        record[verdict][name] = stamp
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def _is_relative(name: str) -> bool:
+    return bool(name) and not name.startswith("/") and "://" not in name and ".." not in name.split("/")
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return LOGGER
+
+
+def bounded_map(pool: Executor, function: Callable[[T], R], items: Sequence[T], ahead: int) -> Iterator[R]:
+    """``pool.map(function, items)`` with at most ``ahead`` calls submitted and not yet taken: the
+    results (decoded images) waiting for a slow consumer stay bounded, and a consumer that stops
+    early leaves at most ``ahead`` calls to finish (the rest are never started)."""
+    pending: collections.deque[Future[R]] = collections.deque()
+    remaining = iter(items)
+    try:
+        for item in itertools.islice(remaining, max(ahead, 1)):
+            pending.append(pool.submit(function, item))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(remaining, 1):
+                pending.append(pool.submit(function, item))
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def _comparable(uri: str) -> str:
@@ -152,6 +298,18 @@ def _rounded(value: float) -> float | None:
     return None if np.isnan(value) else round(float(value), 4)
 
 
+# Inputs read and decoded ahead of the model, in batches: enough for the reads to keep the model fed
+# (a batch decoded while the previous one is predicted), few enough that decoded images waiting for a
+# slower model stay a few batches (224 px: 150 KB each), not the whole chunk.
+READ_AHEAD_BATCHES = 2
+
+
+def read_ahead(batch_size: int, threads: int) -> int:
+    """Reads and decodes in flight at most (started and not yet taken by the batch being filled):
+    ``READ_AHEAD_BATCHES`` batches, and never fewer than the threads, which would sit idle."""
+    return max(READ_AHEAD_BATCHES * batch_size, threads)
+
+
 def screen_images(
     uris: Sequence[str], loaded_model: LoadedModel, batch_size: int, workers: int | None = None,
     explain: str = "flagged", limits: InputLimits = InputLimits(),
@@ -161,7 +319,9 @@ def screen_images(
     ``limits.frontal_chest_only`` a DICOM that says it is not a frontal chest X-ray is rejected.
 
     Reading and decoding run ahead on ``workers`` threads (default: two per decoder process, since
-    reads wait on storage) while the model predicts. Prediction stays on the fast path; only the
+    reads wait on storage) while the model predicts, at most ``read_ahead`` inputs ahead of it
+    (``READ_AHEAD_BATCHES`` batches): however slow the model and large the chunk, those and the
+    batch being filled are all that is decoded and waiting. Prediction stays on the fast path; only the
     images ``explain`` names ('flagged', 'all' or 'none') take Grad-CAM's gradient pass (on the fp32
     model, whatever the engine).
 
@@ -193,9 +353,11 @@ def screen_images(
                 explanation=None if cam is None else _thumbnail(overlay(item.pixels, cam)),
                 **_study_fields(item.study))
 
-    with ThreadPoolExecutor(max_workers=workers or 2 * decoder_count()) as pool:
+    threads = workers or 2 * decoder_count()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         batch: list[LoadedImage] = []
-        for loaded in pool.map(lambda uri: _load_or_vanish(uri, spec, limits), uris):
+        for loaded in bounded_map(pool, lambda uri: _load_or_vanish(uri, spec, limits), uris,
+                                  read_ahead(batch_size, threads)):
             if isinstance(loaded, str):
                 yield loaded
             elif loaded.pixels is None:

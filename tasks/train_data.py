@@ -14,10 +14,11 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from model.defaults import MAX_STRATA
 from model.linear_head import CrossValidation
 from model.network import IMAGENET_FILE
 from model.preprocessing import Preprocessing
-from model.strata import confounders, joint_levels
+from model.strata import capped, confounders, joint_levels
 from model.training import (
     TrainingData,
 )
@@ -43,6 +44,7 @@ from tasks.retrying import io_step
 __all__ = ["LabelledArrays", "TrainingSplit", "build_split", "class_layout", "discover", "imagenet_record", "load_labelled", "resolve_weights", "split_for_training"]
 
 LOGGER = logging.getLogger(__name__)
+MAX_NAMED_DROPPED = 50  # dropped stratum variables a log line names; the card names all
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class TrainingSplit:
     # cross-validation computes each fold's weights on its own fitting images.
     balance_levels: dict[str, np.ndarray | None] = field(default_factory=lambda: {"none": None})
     mixed_only: bool = False
+    # Stratum variables found but not evaluated within: beyond max_strata, by name.
+    strata_dropped: tuple[str, ...] = ()
 
     @property
     def is_positive(self) -> np.ndarray:
@@ -181,18 +185,21 @@ def _parse_leave_out(leave_out: str | None, columns: dict[str, list[str]]) -> tu
 @task(cache_policy=NO_CACHE)
 def split_for_training(loaded: LabelledArrays, positive: str, multiclass: bool, test_fraction: float, seed: int,
                        strata: list[str] | None = None, balance_strata: str | None = None,
-                       mixed_strata_only: bool = False, leave_out: str | None = None) -> TrainingSplit:
+                       mixed_strata_only: bool = False, leave_out: str | None = None,
+                       max_strata: int = MAX_STRATA) -> TrainingSplit:
     """Patient-held-out test split, then a validation part of the rest (the threshold is chosen on
     validation, never on test). ``leave_out`` ('COL=LEVEL') keeps a whole level out of all three,
     to measure how the model does on a source or site it never saw."""
     return build_split(loaded, positive, multiclass, test_fraction, seed, strata, balance_strata, mixed_strata_only,
-                       leave_out, get_run_logger())
+                       leave_out, get_run_logger(), max_strata)
 
 
 def build_split(loaded: LabelledArrays, positive: str, multiclass: bool, test_fraction: float, seed: int,
                 strata: list[str] | None = None, balance_strata: str | None = None, mixed_strata_only: bool = False,
-                leave_out: str | None = None, logger: logging.Logger | logging.LoggerAdapter = LOGGER) -> TrainingSplit:
-    """``split_for_training``'s split, without Prefect (benches and notebooks call it)."""
+                leave_out: str | None = None, logger: logging.Logger | logging.LoggerAdapter = LOGGER,
+                max_strata: int = MAX_STRATA) -> TrainingSplit:
+    """``split_for_training``'s split, without Prefect (benches and notebooks call it). At most
+    ``max_strata`` stratum variables: beyond it the default's are dropped by name, named ones refused."""
     classes, labels = class_layout(loaded.items, positive, multiclass)
     columns = metadata_columns(loaded.items)
     chosen = default_strata(columns) if strata is None else list(strata)
@@ -206,6 +213,16 @@ def build_split(loaded: LabelledArrays, positive: str, multiclass: bool, test_fr
         if name not in columns:
             raise DatasetError(f"no manifest column {name!r} to stratify by "
                                f"(columns: {', '.join(columns) or 'none: the dataset has no manifest'})")
+    try:
+        chosen, dropped = capped(chosen, max_strata, named=strata is not None)
+    except ValueError as error:
+        raise DatasetError(str(error)) from None
+    if dropped:
+        shown = ", ".join(dropped[:MAX_NAMED_DROPPED]) + (f" and {len(dropped) - MAX_NAMED_DROPPED} more"
+                                                          if len(dropped) > MAX_NAMED_DROPPED else "")
+        logger.warning("%d manifest columns could stratify; the first %d are evaluated within (max_strata), %d "
+                       "dropped: %s (the card names them all; name the ones that matter with strata)",
+                       len(chosen) + len(dropped), len(chosen), len(dropped), shown)
     left_out = _parse_leave_out(leave_out, columns)
     parts = training_parts(loaded.items, test_fraction, seed, "=".join(left_out) if left_out else None)
     aside = {item.uri for item in parts.left_out}
@@ -242,7 +259,8 @@ def build_split(loaded: LabelledArrays, positive: str, multiclass: bool, test_fr
                            strata={name: columns[name] for name in chosen},
                            patients=[item.patient_id or item.uri for item in loaded.items],
                            held_out=held, leave_out=left_out, balance_candidates=candidates,
-                           balance_levels=balance_levels, mixed_only=mixed_strata_only)
+                           balance_levels=balance_levels, mixed_only=mixed_strata_only,
+                           strata_dropped=tuple(dropped))
     if len(candidates) == 1:
         result = result.balanced_by(next(iter(candidates)))
     logger.info("Split by patient: %d train, %d validation, %d test images%s; strata: %s", len(train),

@@ -138,7 +138,7 @@ MODEL_COMMANDS = {"train": "TrainParameters", "screen": "ScreenParameters", "eva
 # The audit's folds train as 'train' does; these training settings are deliberately not its options.
 AUDIT_NOT_OPTIONS = {"model_store_uri", "multiclass", "fine_tune_epochs", "test_fraction", "target_sensitivity",
                      "augment_head", "horizontal_flip", "class_weights", "scale_mode", "force_promote",
-                     "require_approval", "strata", "balance_strata", "mixed_strata_only", "leave_out", "calibrate",
+                     "require_approval", "strata", "max_strata", "balance_strata", "mixed_strata_only", "leave_out", "calibrate",
                      "head", "bootstrap", "min_auc", "min_specificity", "acceptance_bound", "synthetic_uri",
                      "synthetic_share"}
 
