@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.progress import Progress
 
 from cli import lifeline
@@ -61,5 +62,10 @@ def screen(params: ScreenParameters, as_json: bool = JSON_OPTION) -> None:
         console.print(f"[yellow]Run {run_id} had died without writing its outputs; they are now written, "
                       f"with status 'abandoned', in its own run folder.[/yellow]")
     console.print(f"Report: {summary.outputs['report.html']}")
+    if summary.damaged:
+        console.print(f"[red]{summary.damaged} stored files were damaged, forged or inconsistent and were skipped or "
+                      f"refused (named in the report and summary.json); audit with 'cxr-screen ledger check'.[/red]")
+    if summary.unsigned_warning:
+        console.print(f"[red]{escape(summary.unsigned_warning)}[/red]")
     if as_json:
         print_json(summary.to_dict())

@@ -22,7 +22,7 @@ from flows.fan_out import chunk_runner
 from flows.parameters import ScreenParameters
 from screening import leases
 from screening.results import RunSummary
-from store import storage
+from store import registry, storage
 from store.clock import utc_timestamp
 from store.loading import InputLimits
 from tasks.screen_chunks import ChunkResult, chunked, find_inputs, screen_chunk
@@ -43,9 +43,12 @@ def screen(params: ScreenParameters) -> RunSummary:
                                        for name in ("incoming_uri", "results_uri", "model_store_uri")})
     results = params.results_uri
     card = resolve_model(params.model_store_uri, params.model_version)
+    unsigned = registry.unsigned_warning(params.model_store_uri)
+    if unsigned:
+        logger.warning("%s", unsigned)
     run = RunSummary(new_run_id(), card.version, model_store_uri=params.model_store_uri,
                      incoming_uri=params.incoming_uri, results_uri=results, flow_run_id=str(flow_run.get_id() or ""),
-                     started_at=utc_timestamp())
+                     started_at=utc_timestamp(), unsigned_warning=unsigned)
     recovery = recover_abandoned_runs(results, run, params.abandoned_after_minutes)
     run.recovered_runs = recovery.runs
     run.note_damage(recovery.damaged)

@@ -231,6 +231,8 @@ class RunSummary:
     # stopping: how many, and the first MAX_NAMED_DAMAGE of them, each "location: what is wrong".
     damaged: int = 0
     damaged_files: list[str] = field(default_factory=list)
+    # Set when the model store is used without a signing key (store.registry.unsigned_warning).
+    unsigned_warning: str | None = None
 
     def note_damage(self, problems: list[str]) -> None:
         """Counts ``problems`` (each "location: what is wrong") and names the first ones."""
@@ -368,7 +370,7 @@ _SUMMARY_RULES = {
                        "counts by class"),
     "outputs": _Rule(lambda value: isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
                      "locations by name"),
-    "damaged": _COUNT,
+    "damaged": _COUNT, "unsigned_warning": _optional(_TEXT),
     "damaged_files": _Rule(lambda value: isinstance(value, list) and all(isinstance(v, str) for v in value),
                            "a list of problems"),
     # Absent from summaries written before they existed: those read back as None.

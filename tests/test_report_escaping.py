@@ -130,6 +130,7 @@ def test_no_field_of_card_summary_or_rows_becomes_markup_in_the_report(attack, s
     history = drift.Drift((drift.RunRates.of(earlier), drift.RunRates.of(summary)),
                           damaged=(hostile("drift-a", attack), hostile("drift-b", attack)))
     summary.note_damage([hostile("stored-file", attack)])  # a damaged file's name is chosen by whoever wrote it
+    summary.unsigned_warning = hostile("unsigned", attack)  # it names the model store location
     figures = dict.fromkeys(reports.MODEL_FIGURES, PNG)
     card_link = reports.shared_link(f"{summary.model_store_uri}/v1/card.md")
     page = reports.report_html(summary, rows, card, figures=figures, card_link=card_link, history=history)
@@ -138,7 +139,7 @@ def test_no_field_of_card_summary_or_rows_becomes_markup_in_the_report(attack, s
     assert page.count(f'src="data:image/png;base64,{PNG}"') == 3 and 'alt="flag rate and rejected share' in page
     assert "2 earlier run summaries could not be read" in page and "Not available" not in page
     shown = ["run", "/in/flagged", "/in/rejected", "reason", "class-a", "class-b", "weights", "auc", "sensitivity",
-             "specificity", "target", "warning", "stratum", "within", "temperature", "ece", "stored-file"]
+             "specificity", "target", "warning", "stratum", "within", "temperature", "ece", "stored-file", "unsigned"]
     if status == "abandoned":
         shown += ["last-seen", "recovered-by"]
     for field in shown:  # each really reached the page, as text

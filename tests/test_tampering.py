@@ -64,6 +64,9 @@ def incoming(tmp_path) -> str:
 def test_numbers_beyond_json_and_deep_nesting_in_past_runs_never_stop_a_night(model_store, location, incoming):
     results = storage.join(location, "results")
     first = night(incoming, results, model_store)
+    assert registry.signing_key() is None  # the session's store is unsigned: every night says so
+    assert first.unsigned_warning.startswith(f"UNSIGNED MODEL STORE {model_store}")
+    assert f"UNSIGNED MODEL STORE {model_store}: " in storage.read_bytes(first.outputs["report.html"]).decode()
     layout = ResultsLayout(results)
     published = first.outputs["summary.json"]
     summary = json.loads(storage.read_bytes(published))
