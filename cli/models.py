@@ -6,7 +6,11 @@ Each change of production is recorded in production.json's history with who made
 user, or ``--by``) and why (``--reason``), and is written with a compare-and-swap: if production
 changed between reading and writing (another operator, a training), nothing is written and the
 command says who changed it. A bundle is checked (signature where one is required, every file's
-sha256) before it becomes production.
+sha256) before it becomes production. A store used without a signing key is said to be unsigned,
+on stderr (and as ``unsigned_warning`` in ``--json``), by every command.
+
+One damaged card (not JSON, a number beyond what JSON carries, a field of the wrong type) is one
+``unusable`` row of ``list``, naming its file; the other versions are listed.
 
 Exit codes: 2 usage (a missing or blank ``--reason``), 3 input or configuration (an unknown version,
 a damaged bundle, nothing to roll back to, production changed meanwhile, an unreachable store
@@ -47,12 +51,13 @@ REASON = typer.Option(..., "--reason", callback=_reason, help="Why, recorded in 
 @models_app.command("list")
 def list_models(model_store: str = STORE, as_json: bool = AS_JSON) -> None:
     """Every version: when made, test metrics, production / previous / candidate, shortcut warnings."""
+    unsigned = _warn_unsigned(model_store)
     with _clean_errors():
         production, rows = _summaries(model_store)
     if as_json:
         _print_json({"model_store": model_store, "production": production.version,
                      "production_problem": production.problem, "versions": rows,
-                     "history": list(production.history)})
+                     "history": list(production.history), "unsigned_warning": unsigned})
         return
     if production.problem:
         console.print(f"[yellow]warning:[/yellow] {escape(production.problem)}")
@@ -65,18 +70,21 @@ def list_models(model_store: str = STORE, as_json: bool = AS_JSON) -> None:
                          no_wrap=column != "sens / spec")
     for row in rows:
         scores = (f"{_shown(row['sensitivity'])} / {_shown(row['specificity'])}"
-                  if row["problem"] is None else escape(row["problem"]))
+                  if row["problem"] is None else "see below")
         table.add_row(row["version"], row["created_at"][:16].replace("T", " "), _styled(row["status"]),
                       _shown(row["auc"]), scores, {True: "yes", False: "[red]NOT FIT[/red]"}.get(row["fit"], ""),
                       str(len(row["warnings"])) if row["warnings"] else "")
     console.print(table)
     if production.version:
         last = production.history[-1] if production.history else {}
-        console.print(f"Production: [bold]{production.version}[/bold] since {last.get('at') or 'unknown'} "
+        console.print(f"Production: [bold]{production.version}[/bold] since {escape(str(last.get('at') or 'unknown'))} "
                       f"by {escape(str(last.get('by') or 'unknown'))}: {escape(str(last.get('reason') or ''))}")
     for row in rows:
         for line in row["warnings"]:
             console.print(f"[bold red]Shortcut warning[/bold red] {row['version']}: {escape(line)}")
+    for row in rows:
+        if row["problem"] is not None:  # one line each, whole, to read or copy
+            console.print(f"[red]Unusable[/red] {row['version']}: {escape(row['problem'])}")
 
 
 @models_app.command("show")
@@ -86,6 +94,7 @@ def show_model(version: str = typer.Argument(..., help="A version in the store, 
     evaluations, warnings."""
     from store import evaluations, registry
 
+    unsigned = _warn_unsigned(model_store)
     with _clean_errors():
         production = registry.read_production(model_store)
         card = registry.load_card(model_store, version)
@@ -95,9 +104,9 @@ def show_model(version: str = typer.Argument(..., help="A version in the store, 
     if as_json:
         _print_json({**json.loads(card.to_json()), "registry": {"status": status, "production": production.version,
                                                                 "history": history},
-                     "evaluations": evaluated})
+                     "evaluations": evaluated, "unsigned_warning": unsigned})
         return
-    positive, metrics = card.metrics.get("positive", {}), card.metrics
+    positive, metrics = _positive(card), card.metrics
     console.print(f"Model [bold]{card.version}[/bold]: {_styled(status)}")
     console.print(f"  created {card.created_at or 'unknown'}; classes {', '.join(map(escape, card.classes))}; flags "
                   f"{escape(card.positive_class)} at probability >= {card.threshold:.3f}; input {card.input_size} px")
@@ -160,13 +169,17 @@ def promote_model(version: str = typer.Argument(..., help="The version to make p
     recorded with who and why."""
     from store import evaluations, registry
 
+    _warn_unsigned(model_store)
     with _clean_errors():
         if require_evaluation or evaluations.evaluation_required():
             evaluations.require_passing(model_store, registry.load_card(model_store, version),
                                         "--require-evaluation is given" if require_evaluation
                                         else f"{evaluations.REQUIRE_VARIABLE} is set")
         card = registry.load_card(model_store, version)
-        entry = registry.set_production(model_store, version, reason, by=by)
+        seen = registry.read_production(model_store)
+        if seen.problem:  # a pointer that cannot be followed is what promotion replaces: said, not silent
+            errors.print(f"[yellow]warning:[/yellow] {escape(seen.problem)} (replaced now)")
+        entry = registry.set_production(model_store, version, reason, by=by, expected=seen)
     if _fit(card) is False:  # a person may overrule training's verdict; the record says they did
         errors.print(f"[yellow]warning:[/yellow] {version} was found not fit for screening in training: "
                      f"{escape(str(card.validity['fitness'].get('line', '')))}")
@@ -179,6 +192,7 @@ def rollback_model(reason: str = REASON, by: str | None = BY, model_store: str =
     """Make the previous production version production again (twice: two steps back)."""
     from store import registry
 
+    _warn_unsigned(model_store)
     with _clean_errors():
         entry = registry.rollback(model_store, reason, by=by)
     _report_change(entry, entry["version"], as_json)
@@ -196,28 +210,57 @@ def _report_change(entry: dict | None, version: str, as_json: bool) -> None:
 
 
 def _summaries(store: str):
-    """production.json as read, and one row per version, oldest first."""
-    from model.bundle import BundleError
-    from store import registry
+    """production.json as read, and one row per version, oldest first. A card that cannot be read
+    or used is a row of its own (status unusable, ``problem`` naming its file), never the end of
+    the listing."""
+    from store import registry, storage
 
     production = registry.read_production(store)
     cards, rows = {}, []
     for version in registry.list_versions(store):
         try:
             cards[version] = registry.load_card(store, version)
-        except BundleError as error:  # one damaged card must not hide the others
-            rows.append({"version": version, "created_at": "", "status": "unusable", "auc": None,
-                         "sensitivity": None, "specificity": None, "threshold": None, "warnings": [],
-                         "fit": None, "decision": None, "problem": str(error)})
+        except (ValueError, storage.StorageError) as error:  # BundleError, StoredStateError, an unreadable file
+            rows.append(_unusable(version, str(error)))
     current = cards.get(production.version) if production.version else None
     for version, card in cards.items():
-        positive = card.metrics.get("positive", {})
-        rows.append({"version": version, "created_at": card.created_at, "status": _status(card, production, current),
-                     "auc": positive.get("auc"), "sensitivity": positive.get("sensitivity_at_threshold"),
-                     "specificity": positive.get("specificity_at_threshold"), "threshold": card.threshold,
-                     "warnings": card.shortcut_warnings, "fit": _fit(card), "decision": card.promotion.get("reason"),
-                     "problem": None})
+        try:
+            rows.append(_row(card, production, current))
+        except (ValueError, TypeError, KeyError, AttributeError) as error:  # the schema checks what screening uses
+            uri = storage.join(store, version, registry.CARD)
+            rows.append(_unusable(version, f"{uri}: cannot be listed ({type(error).__name__}: {error})"))
     return production, sorted(rows, key=lambda row: row["version"])
+
+
+def _unusable(version: str, problem: str) -> dict:
+    return {"version": version, "created_at": "", "status": "unusable", "auc": None, "sensitivity": None,
+            "specificity": None, "threshold": None, "warnings": [], "fit": None, "decision": None,
+            "problem": " ".join(problem.split())}  # one line
+
+
+def _row(card, production, current) -> dict:
+    positive = _positive(card)
+    return {"version": card.version, "created_at": card.created_at, "status": _status(card, production, current),
+            "auc": positive.get("auc"), "sensitivity": positive.get("sensitivity_at_threshold"),
+            "specificity": positive.get("specificity_at_threshold"), "threshold": card.threshold,
+            "warnings": card.shortcut_warnings, "fit": _fit(card), "decision": card.promotion.get("reason"),
+            "problem": None}
+
+
+def _positive(card) -> dict:
+    """The card's positive-class test metrics (empty when the card holds none, or something else)."""
+    positive = card.metrics.get("positive")
+    return positive if isinstance(positive, dict) else {}
+
+
+def _warn_unsigned(store: str) -> str | None:
+    """Says on stderr that the store is unsigned, when it is; returns the warning."""
+    from store.registry import unsigned_warning
+
+    warning = unsigned_warning(store)
+    if warning:
+        errors.print(f"[bold red]warning:[/bold red] {escape(warning)}")
+    return warning
 
 
 def _fit(card) -> bool | None:
@@ -266,7 +309,12 @@ def _styled(status: str) -> str:
 
 
 def _shown(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    """A figure to three places; n/a for None; anything else (a damaged card's) as escaped text."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.3f}"
+    return escape(repr(value)[:40])
 
 
 def _print_json(value: dict) -> None:

@@ -44,7 +44,11 @@ def train(params: TrainParameters, as_json: bool = JSON_OPTION) -> None:
     json_mode(as_json)
     lifeline.arm()
     from flows.train import train as train_flow
+    from store.registry import unsigned_warning
 
+    unsigned = unsigned_warning(params.model_store_uri)
+    if unsigned:  # before the minutes of training, and again at the end
+        console.print(f"[bold red]warning:[/bold red] {escape(unsigned)}")
     with clean_errors():
         trained = train_flow(params)
     metrics = trained.card.metrics
@@ -75,13 +79,15 @@ def train(params: TrainParameters, as_json: bool = JSON_OPTION) -> None:
     console.print(f"Bundle: {trained.bundle_uri} (model card: card.md)")
     for line in trained.card.shortcut_warnings:
         console.print(f"[bold red]Shortcut warning:[/bold red] {escape(line)}")
+    if unsigned:
+        console.print(f"[bold red]warning:[/bold red] {escape(unsigned)}")
     fitness = trained.card.validity.get("fitness", {})
     if fitness:  # last, where a reader's eye lands
         colour = "green" if fitness.get("fit") else "bold red"
         console.print(f"[{colour}]{escape(fitness.get('line', ''))}[/{colour}]")
     if as_json:
         print_json({"version": trained.version, "bundle_uri": trained.bundle_uri, "promoted": trained.promoted,
-                    "reason": trained.reason, "card": json.loads(trained.card.to_json())})
+                    "reason": trained.reason, "card": json.loads(trained.card.to_json()), "unsigned_warning": unsigned})
 
 
 @parameters_command(AuditParameters, arguments=["dataset_uri"], fields=AUDIT_FIELDS)

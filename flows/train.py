@@ -5,11 +5,14 @@ threshold and score on test, check the fast engines, audit what the model learne
 strata, masked lungs, Grad-CAM) and judge it against its plain baseline and the site's criteria,
 decide promotion against production on the same split, write the bundle, promote if decided
 (unless production changed meanwhile). Each step returns one record (tasks/).
+
+A model store used without a signing key is said to be unsigned first and last: in the log, on
+the returned record (the command line prints it) and on the training artifacts.
 """
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.parameters import TrainParameters
@@ -17,6 +20,7 @@ from model.acceptance import Acceptance
 from model.augmentation import Augmentation
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
+from store.registry import unsigned_warning
 from tasks.bundling import (
     TrainedModel,
     TrainingRun,
@@ -50,6 +54,9 @@ def preprocessing_and_config(params: TrainParameters) -> tuple[Preprocessing, Tr
 @flow(name="train", description="Train a VGG16 transfer-learning classifier and register it.")
 def train(params: TrainParameters) -> TrainedModel:
     """Returns the new version, whether it was promoted and why; its card holds the test metrics."""
+    unsigned = unsigned_warning(params.model_store_uri)
+    if unsigned:
+        get_run_logger().warning("%s", unsigned)
     spec, config = preprocessing_and_config(params)
     weights, weights_info = resolve_weights(params.weights)  # fail fast on a missing weights file
 
@@ -91,6 +98,6 @@ def train(params: TrainParameters) -> TrainedModel:
     bundle_uri = publish_bundle(params.model_store_uri, files, card, engines)
     if promotion.promoted:
         promotion = promote(params.model_store_uri, card.version, promotion, by=f"train flow run {flow_run.name}")
-    trained = TrainedModel(card, bundle_uri, promotion.promoted, promotion.reason)
+    trained = TrainedModel(card, bundle_uri, promotion.promoted, promotion.reason, unsigned)
     report_training(trained)
     return trained

@@ -25,6 +25,7 @@ from typing import Any
 
 import keras
 
+from model import stored_json
 from model.preprocessing import Preprocessing
 
 __all__ = ["BundleError", "ModelCard", "card_problem", "check_file", "file_digests", "is_safe_name",
@@ -85,10 +86,10 @@ class ModelCard:
     def from_json(cls, data: bytes | str, source: str = "card.json") -> ModelCard:
         """A card checked against the schema (``card_problem``); ``source`` (its URI) starts every
         error. Keeps the fields this code knows: a card written by a newer version still loads here."""
-        try:
-            values = json.loads(data)
-        except ValueError as error:  # UnicodeDecodeError and JSONDecodeError alike
-            raise BundleError(f"{source}: not a model card: {error}") from error
+        try:  # bounded: size, depth, integers beyond 2**53, NaN and infinities (model.stored_json)
+            values = stored_json.loads(data, source)
+        except stored_json.StoredStateError as error:
+            raise BundleError(f"{error} (not a model card)") from None
         problem = card_problem(values)
         if problem:
             raise BundleError(f"{source}: {problem}")
@@ -155,8 +156,9 @@ def _threshold_problem(values: dict) -> str | None:
     threshold = values["threshold"]
     if not _is_number(threshold):
         return f"threshold {threshold!r} is not a number"
-    # A threshold of 0 or 1 or beyond would flag every image or none, silently.
-    if not (math.isfinite(threshold) and 0 < threshold < 1):
+    # A threshold of 0 or 1 or beyond would flag every image or none, silently. Compared before any
+    # float conversion: an integer of 400 digits is out of range, not an OverflowError.
+    if not (0 < threshold < 1 and math.isfinite(threshold)):
         return f"threshold {threshold!r} is not in (0, 1)"
     return None
 

@@ -40,6 +40,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from model import stored_json
+
 __all__ = ["GENERATOR_FILES", "GanConfig", "Generator", "build_discriminator", "build_generator", "generate",
            "generator_from_files", "generator_to_files", "init_generator", "train_gan"]
 
@@ -265,13 +267,14 @@ def generator_to_files(generator: Generator) -> dict[str, bytes]:
     return {GENERATOR_FILES[0]: network, GENERATOR_FILES[1]: json.dumps(about, indent=2).encode("utf-8")}
 
 
-def generator_from_files(files: dict[str, bytes]) -> Generator:
+def generator_from_files(files: dict[str, bytes], where: str = "") -> Generator:
     """The inverse of ``generator_to_files`` (Keras safe mode); checks that the network fits the config.
-    Checking the bytes against a card's digests is the caller's (as ``model.bundle.check_file``)."""
+    Checking the bytes against a card's digests is the caller's (as ``model.bundle.check_file``);
+    ``where`` (the folder the files lie in) names them in errors."""
     missing = [name for name in GENERATOR_FILES if name not in files]
     if missing:
         raise ValueError(f"generator files missing: {missing}")
-    about = json.loads(files[GENERATOR_FILES[1]])
+    about = stored_json.loads(files[GENERATOR_FILES[1]], f"{where}/{GENERATOR_FILES[1]}" if where else GENERATOR_FILES[1])
     config, num_classes = GanConfig.from_dict(about["config"]), int(about["num_classes"])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / GENERATOR_FILES[0]

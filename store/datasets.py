@@ -24,6 +24,7 @@ from store import storage
 
 __all__ = [
     "MANIFEST_NAME",
+    "MANIFEST_SIGNATURE",
     "Dataset",
     "DatasetError",
     "DuplicateReport",
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.csv"
+# HMAC of a synthetic dataset's manifest.csv, when CXR_MODEL_SIGNING_KEY is set (store/synthetic_data.py).
+MANIFEST_SIGNATURE = MANIFEST_NAME + ".sig"
 
 
 class DatasetError(ValueError):
@@ -61,6 +64,8 @@ class Dataset:
     items: tuple[LabelledImage, ...]
     source: str  # "manifest" or "folders"
     ignored: tuple[str, ...] = ()  # files found but not used, e.g. images outside class folders
+    # sha256 of manifest.csv as read: a signature checked later is checked against what was used.
+    manifest_sha256: str | None = field(default=None, compare=False)
 
     @property
     def classes(self) -> list[str]:
@@ -137,8 +142,9 @@ def _from_folders(uri: str, files: list[str]) -> Dataset:
 
 
 def _from_manifest(uri: str, manifest_uri: str, files: list[str]) -> Dataset:
+    raw = storage.read_bytes(manifest_uri)
     try:
-        text = storage.read_bytes(manifest_uri).decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:  # a manifest saved in another encoding: say which file, not a traceback
         raise DatasetError(f"{manifest_uri}: not UTF-8 text ({error.reason} at byte {error.start}): save it as "
                            "UTF-8") from None
@@ -170,9 +176,9 @@ def _from_manifest(uri: str, manifest_uri: str, files: list[str]) -> Dataset:
         raise DatasetError(f"{manifest_uri}: {len(absent)} listed file(s) not found under {uri}: {shown}")
     if not items:
         raise DatasetError(f"{manifest_uri}: lists no images")
-    listed = {item.uri for item in items} | {manifest_uri}
+    listed = {item.uri for item in items} | {manifest_uri, storage.join(uri, MANIFEST_SIGNATURE)}
     ignored = tuple(f for f in files if f not in listed)
-    return Dataset(uri, tuple(items), "manifest", ignored)
+    return Dataset(uri, tuple(items), "manifest", ignored, hashlib.sha256(raw).hexdigest())
 
 
 def hash_images(

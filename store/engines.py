@@ -19,6 +19,7 @@ import json
 import logging
 from collections.abc import Sequence
 
+from model import stored_json
 from model.bundle import BundleError, ModelCard, sign
 from model.inference import ENGINES, GATE, INT8_FILES, REDUCED_DECODE, EngineCheck, passes_gate
 from store import registry, storage
@@ -106,10 +107,16 @@ def _share(value: object) -> bool:
 
 
 def _read_record(uri: str, store_uri: str, card: ModelCard) -> tuple[dict[str, dict], dict[str, str]]:
+    """The record's checks (verdicts recomputed) and engine file digests; BundleError naming it
+    when it is unsigned or its signature does not match (with a key set), or it is no record."""
     data = storage.read_bytes(uri)
-    registry.check_signature(storage.join(store_uri, card.version, ENGINES_SIGNATURE), data, ENGINES_FILE)
+    registry.check_signature(storage.join(store_uri, card.version, ENGINES_SIGNATURE), data, ENGINES_FILE,
+                             f"record the checks again with the key set: cxr-screen validate-engines {card.version}")
     try:
-        record = json.loads(data)
+        record = stored_json.loads(data, uri)
+    except stored_json.StoredStateError as error:
+        raise BundleError(f"{error} (not an engine record)") from None
+    try:
         if record["model_sha256"] != card.model_sha256 or record["model_version"] != card.version:
             raise BundleError(f"{uri}: checks of another model, not of {card.version}'s model.keras")
         checks = {}

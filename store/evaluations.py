@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from pydantic import TypeAdapter, ValidationError
 
+from model import stored_json
 from model.acceptance import Verdict
 from model.bundle import BundleError, ModelCard, is_safe_name, sign
 from model.site_evaluation import evaluation_problem, verdict_of
@@ -127,22 +128,27 @@ def _plain(value: object) -> object:
 
 
 def _problem(data: bytes, card: ModelCard, card_digest: str, evaluation_id: str) -> str | None:
+    return _checked(data, card, card_digest, evaluation_id)[1]
+
+
+def _checked(data: bytes, card: ModelCard, card_digest: str, evaluation_id: str) -> tuple[dict | None, str | None]:
+    """The record, or why it cannot be used (after the file's URI, which the caller puts first)."""
     try:
-        record = json.loads(data)
+        record = stored_json.loads(data, EVALUATION)
         problem = evaluation_problem(record)
         if problem:
-            return problem
+            return None, problem
         if record["model_version"] != card.version or record["model_card_sha256"] != card_digest:
-            return (f"an evaluation of {record['model_version']} (card sha256 {record['model_card_sha256'][:12]}...), "
-                    f"not of {card.version} as its card.json now is ({card_digest[:12]}...): moved or stale")
+            return None, (f"an evaluation of {record['model_version']} (card sha256 {record['model_card_sha256'][:12]}"
+                          f"...), not of {card.version} as its card.json now is ({card_digest[:12]}...): moved or stale")
         if record["evaluation_id"] != evaluation_id:
-            return f"it says evaluation {record['evaluation_id']!r}, but it lies in folder {evaluation_id!r}"
+            return None, f"it says evaluation {record['evaluation_id']!r}, but it lies in folder {evaluation_id!r}"
         verdict_of(record)
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as error:
-        # ValueError: bad JSON, bad UTF-8, integers of too many digits, criteria out of range;
-        # OverflowError: an integer too large for a float; RecursionError: nesting too deep.
-        return f"not a valid evaluation ({type(error).__name__}: {str(error)[:200]})"
-    return None
+        # ValueError: bad JSON, bad UTF-8, integers beyond 2**53, non-finite numbers, nesting too
+        # deep (model.stored_json), criteria out of range.
+        return None, f"not a valid evaluation ({type(error).__name__}: {str(error)[:200]})"
+    return record, None
 
 
 def read_evaluation(store_uri: str, card: ModelCard, card_digest: str, evaluation_id: str) -> StoredEvaluation:
@@ -151,14 +157,15 @@ def read_evaluation(store_uri: str, card: ModelCard, card_digest: str, evaluatio
     folder = evaluation_folder(store_uri, card.version, evaluation_id)
     uri = storage.join(folder, EVALUATION)
     try:
-        data = storage.read_bytes(uri, max_bytes=16 * 1024 * 1024)
-        registry.check_signature(storage.join(folder, EVALUATION_SIGNATURE), data, EVALUATION)
+        data = storage.read_bytes(uri, max_bytes=stored_json.MAX_DOCUMENT_BYTES)
+        registry.check_signature(storage.join(folder, EVALUATION_SIGNATURE), data, EVALUATION,
+                                 f"evaluate it again with the key set: cxr-screen evaluate SITE_DATASET --model-store "
+                                 f"{store_uri} --model-version {card.version}")
     except (BundleError, storage.StorageError) as error:
         return StoredEvaluation(evaluation_id, uri, problem=str(error))
-    problem = _problem(data, card, card_digest, evaluation_id)
+    record, problem = _checked(data, card, card_digest, evaluation_id)
     if problem:
         return StoredEvaluation(evaluation_id, uri, problem=f"{uri}: {problem}")
-    record = json.loads(data)
     return StoredEvaluation(evaluation_id, uri, record, verdict_of(record))
 
 

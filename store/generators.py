@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from model import stored_json
 from model.bundle import BundleError, file_digests, is_safe_name
 from model.gan import Generator, generator_from_files
 from store import registry, storage
 
-__all__ = ["GeneratorCard", "load_generator", "publish_generator"]
+__all__ = ["REPUBLISH_GENERATOR", "GeneratorCard", "load_generator", "publish_generator"]
 
 KIND = "cxr-generator"
+REPUBLISH_GENERATOR = "publish the generator again with the key set (cxr-screen synthesize)"
 
 
 @dataclass
@@ -51,9 +53,9 @@ class GeneratorCard:
     def from_json(cls, data: bytes, source: str) -> GeneratorCard:
         """A card checked for what loading relies on; errors start with ``source`` (its URI)."""
         try:
-            values = json.loads(data)
-        except ValueError as error:
-            raise BundleError(f"{source}: not a generator card: {error}") from error
+            values = stored_json.loads(data, source)
+        except stored_json.StoredStateError as error:
+            raise BundleError(f"{error} (not a generator card)") from None
         if not isinstance(values, dict) or values.get("kind") != KIND:
             raise BundleError(f"{source}: not a generator card (kind {values.get('kind') if isinstance(values, dict) else None!r})")
         if not is_safe_name(values.get("version")):
@@ -109,7 +111,7 @@ def _same_but_files(published: bytes, card_json: bytes) -> bool:
     retried. Keras' .keras archive carries a timestamp, so saving the same network again gives other
     bytes; the published card still vouches for the files published with it."""
     try:
-        existing, new = json.loads(published), json.loads(card_json)
+        existing, new = stored_json.loads(published, registry.CARD), stored_json.loads(card_json, registry.CARD)
     except ValueError:
         return False
     return isinstance(existing, dict) and {**existing, "files": None} == {**new, "files": None}
@@ -122,11 +124,12 @@ def load_generator(store_uri: str, version: str) -> tuple[Generator, GeneratorCa
         raise BundleError(f"{store_uri}: {version!r} is not a generator version")
     folder = storage.join(store_uri, version)
     card_uri = storage.join(folder, registry.CARD)
-    card = GeneratorCard.from_json(registry.read_signed_card(folder, lambda: "no such generator version"), card_uri)
+    card = GeneratorCard.from_json(registry.read_signed_card(folder, lambda: "no such generator version",
+                                                             REPUBLISH_GENERATOR), card_uri)
     if card.version != version:
         raise BundleError(f"{card_uri}: the card says version {card.version!r}, but it lies in folder {version!r}")
     files = {name: registry.read_listed(folder, card.files, name) for name in card.files}
     try:
-        return generator_from_files(files), card
-    except (ValueError, KeyError) as error:
+        return generator_from_files(files, folder), card
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise BundleError(f"{folder}: not a usable generator: {error}") from error

@@ -5,10 +5,17 @@
     <store>/<version>/card.json         written last: the version's schema-checked card, with the
                                         sha256 of every other file (``files``)
     <store>/production.json             the production version, and who changed it when and why
+                                        (``signature``: HMAC of the rest, when a signing key is set)
 
 ``card.json`` is written last, so a version folder without one is an unfinished upload and is
-never loaded or listed. With ``CXR_MODEL_SIGNING_KEY`` set, publishing signs card.json and loading
-refuses a bundle whose signature is missing or wrong.
+never loaded or listed. With ``CXR_MODEL_SIGNING_KEY`` set, publishing signs card.json, promotion
+signs production.json, and loading refuses a card or pointer whose signature is missing or wrong
+(one line naming the file and how to write it again with the key). Without a key nothing is
+signed or checked, and ``unsigned_warning`` is the one line training, promotion, screening and the
+models command say so with.
+
+production.json carries its signature inside it (not beside it, as card.json.sig): it is replaced
+with a compare-and-swap, and a second file could not change in the same step.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 
 import keras
 
+from model import stored_json
 from model.bundle import BundleError, ModelCard, check_file, file_digests, is_safe_name, model_from_bytes, sign, signature_matches
 from model.inference import INT8_FILES
 from store import storage
@@ -33,7 +42,7 @@ from store.clock import utc_now, utc_timestamp
 __all__ = ["CARD", "PRODUCTION", "SIGNATURE", "SIGNING_KEY_VARIABLE", "Production", "PromotionConflict",
            "list_versions", "load_card", "load_model", "new_version", "operator", "production_version",
            "publish", "read_file", "read_production", "rollback", "set_production",
-           "signing_key", "verify_bundle"]
+           "signing_key", "unsigned_warning", "verify_bundle"]
 
 PRODUCTION = "production.json"
 CARD = "card.json"
@@ -44,6 +53,10 @@ ENGINES = "engines.json"
 ENGINES_SIGNATURE = "engines.json.sig"
 ENGINE_FILES = (ENGINES, ENGINES_SIGNATURE, *INT8_FILES)
 EVALUATIONS = "evaluations"  # <version>/evaluations/<id>/: site evaluations, by store/evaluations.py
+POINTER_SIGNATURE = "signature"  # the field of production.json that holds its HMAC
+# How to write again, with the key, what a key refuses (check_signature's ``fix``).
+REPUBLISH_MODEL = "publish it again with the key set (cxr-screen train)"
+REPROMOTE = "sign it by promoting a signed version again: cxr-screen models promote VERSION --reason ..."
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +65,19 @@ def signing_key() -> bytes | None:
     """The HMAC key bundles are signed and checked with, or None: then nothing is signed or checked."""
     key = os.environ.get(SIGNING_KEY_VARIABLE, "")
     return key.encode() if key else None
+
+
+def unsigned_warning(store_uri: str) -> str | None:
+    """The one warning, one line, that ``store_uri`` is used unsigned: None when a signing key is
+    set (then everything in it is signed when written and checked when read). Training, promotion,
+    screening and ``cxr-screen models`` log it, print it and put it on their artifacts and reports."""
+    if signing_key() is not None:
+        return None
+    return (f"UNSIGNED MODEL STORE {store_uri}: {SIGNING_KEY_VARIABLE} is not set, so nothing in it is signed or "
+            "checked: whoever can write there can change a model's threshold, which engines serve it or which "
+            "version is production, and nothing will notice. Set the same secret in "
+            f"{SIGNING_KEY_VARIABLE} for training, promotion and screening (versions published without it must "
+            "be published again).")
 
 
 def new_version() -> str:
@@ -93,15 +119,16 @@ def write_bundle(folder: str, files: dict[str, bytes], card_json: bytes, what: s
         published_before()
 
 
-def read_signed_card(folder: str, missing: Callable[[], str]) -> bytes:
-    """card.json's bytes, its signature checked (with a signing key set); a folder without one (an
-    unfinished upload is never read) raises BundleError with ``missing()``, after the card's URI."""
+def read_signed_card(folder: str, missing: Callable[[], str], fix: str = REPUBLISH_MODEL) -> bytes:
+    """card.json's bytes, its signature checked (with a signing key set: ``fix`` says how to write
+    it again with the key); a folder without one (an unfinished upload is never read) raises
+    BundleError with ``missing()``, after the card's URI."""
     uri = storage.join(folder, CARD)
     try:
         card_json = storage.read_bytes(uri)
     except storage.NotFound:
         raise BundleError(f"{uri}: {missing()}") from None
-    _check_signature(folder, card_json)
+    check_signature(storage.join(folder, SIGNATURE), card_json, CARD, fix)
     return card_json
 
 
@@ -171,16 +198,23 @@ class Production:
 def read_production(store_uri: str) -> Production:
     """The pointer with its history and compare-and-swap token. A damaged one reads as no version,
     with ``problem`` saying why (promotion replaces it); one written before histories (version,
-    previous, reason, promoted_at) reads as a history of that one change."""
+    previous, reason, promoted_at) reads as a history of that one change. With a signing key set,
+    an unsigned pointer, one whose signature does not match, or one whose history does not lead to
+    its version is damaged too: nobody but a holder of the key chose that version."""
     uri = storage.join(store_uri, PRODUCTION)
     data, token = storage.read_versioned(uri)
     if data is None:
         return Production()
     try:
-        record = json.loads(data)
+        record = stored_json.loads(data, uri)
         version = record["version"]
-    except (ValueError, TypeError, KeyError) as error:
+    except stored_json.StoredStateError as error:
+        return Production(token=token, problem=str(error))
+    except (TypeError, KeyError) as error:
         return Production(token=token, problem=f"{uri}: not a production pointer ({error!r})")
+    problem = _pointer_problem(uri, record)
+    if problem:
+        return Production(token=token, problem=problem)
     if not is_safe_name(version):
         return Production(token=token, problem=f"{uri}: version {version!r} is not a safe name")
     history = record.get("history")
@@ -192,6 +226,39 @@ def read_production(store_uri: str) -> Production:
     if len(kept) < len(history):
         logger.warning("%s: %d history entries without a valid version ignored", uri, len(history) - len(kept))
     return Production(version, kept, token)
+
+
+def _pointer_bytes(record: dict) -> bytes:
+    """What production.json's signature covers: every field but the signature, as canonical JSON
+    (the pointer holds strings and nulls, which read back and dump again to the same bytes)."""
+    return json.dumps({name: value for name, value in record.items() if name != POINTER_SIGNATURE},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _pointer_problem(uri: str, record: dict) -> str | None:
+    """With a signing key: why the pointer is not to be followed (unsigned, signature wrong, a
+    history that does not lead to its version), or None. Without one: None."""
+    key = signing_key()
+    if key is None:
+        return None
+    signature = record.get(POINTER_SIGNATURE)
+    if not isinstance(signature, str) or not signature:
+        return (f"{uri}: not signed, and {SIGNING_KEY_VARIABLE} is set: an unsigned production pointer is not "
+                f"followed (whoever can write the store could have named any version); {REPROMOTE}")
+    if not signature_matches(_pointer_bytes(record), signature.encode(), key):
+        return (f"{uri}: signature does not match under the key in {SIGNING_KEY_VARIABLE}: changed since it was "
+                f"signed, or signed with another key; {REPROMOTE}")
+    history = record.get("history")
+    if not isinstance(history, list) or not history or not all(
+            isinstance(entry, dict) and is_safe_name(entry.get("version")) for entry in history):
+        return f"{uri}: signed, but its history is not a list of changes: {REPROMOTE}"
+    for before, entry in itertools.pairwise(history):
+        if entry.get("previous") != before["version"]:
+            return (f"{uri}: signed, but its history does not chain: {entry['version']} replaced "
+                    f"{entry.get('previous')!r}, not {before['version']}; {REPROMOTE}")
+    if history[-1]["version"] != record["version"] or history[-1].get("previous") != record.get("previous"):
+        return f"{uri}: signed, but its history ends at {history[-1]['version']}, not at {record['version']!r}; {REPROMOTE}"
+    return None
 
 
 def production_version(store_uri: str) -> str | None:
@@ -231,8 +298,13 @@ def set_production(store_uri: str, version: str, reason: str, *, by: str | None 
     verify_bundle(store_uri, version).spec()
     entry = {"action": action, "version": version, "previous": seen.version, "reason": reason,
              "by": by or operator(), "at": utc_timestamp()}
+    if seen.problem:  # the history could not be read: what was replaced is recorded instead
+        entry["replaced"] = seen.problem
     record = {"version": version, "previous": seen.version, "reason": reason, "promoted_at": entry["at"],
               "promoted_by": entry["by"], "history": [*seen.history, entry]}
+    key = signing_key()
+    if key is not None:
+        record[POINTER_SIGNATURE] = sign(_pointer_bytes(record), key).decode().strip()
     uri = storage.join(store_uri, PRODUCTION)
     if storage.replace_if_unchanged(uri, json.dumps(record, indent=2).encode(), seen.token):
         return entry
@@ -250,6 +322,8 @@ def rollback(store_uri: str, reason: str, *, by: str | None = None, expected: Pr
     """Make the previous production version production again (the one before the current one in
     the lineage: rolling back twice goes two steps back); returns the history entry."""
     seen = expected if expected is not None else read_production(store_uri)
+    if seen.problem:  # its history cannot be trusted to say what came before
+        raise BundleError(seen.problem)
     lineage = seen.lineage()
     if len(lineage) < 2:
         raise BundleError(f"{storage.join(store_uri, PRODUCTION)}: nothing to roll back to: production "
@@ -283,24 +357,24 @@ def load_card(store_uri: str, version: str = "production") -> ModelCard:
     return card
 
 
-def _check_signature(folder: str, card_json: bytes) -> None:
-    check_signature(storage.join(folder, SIGNATURE), card_json, CARD)
-
-
-def check_signature(signature_uri: str, data: bytes, signed: str) -> None:
-    """With a signing key set, ``data`` (the file named ``signed``) must carry a valid signature at
-    ``signature_uri``; without one, nothing is checked."""
+def check_signature(signature_uri: str, data: bytes, signed: str, fix: str = REPUBLISH_MODEL) -> None:
+    """With a signing key set, ``data`` (the file named ``signed``, beside ``signature_uri``) must
+    carry a valid signature there: BundleError otherwise, one line naming the file and ``fix`` (how
+    to write it again with the key). Without a key, nothing is checked."""
     key = signing_key()
     if key is None:
         return
+    folder, _, _ = signature_uri.rpartition("/")
+    uri = f"{folder}/{signed}" if folder else signed
     try:
         signature = storage.read_bytes(signature_uri)
     except storage.NotFound:
-        raise BundleError(f"{signature_uri}: missing: {SIGNING_KEY_VARIABLE} is set, so only signed bundles are "
-                          f"loaded ({signed} is not signed)") from None
+        raise BundleError(f"{uri}: not signed ({signature_uri} missing), and {SIGNING_KEY_VARIABLE} is set: only "
+                          f"what was written with the key is read; {fix}") from None
     if not signature_matches(data, signature, key):
-        raise BundleError(f"{signature_uri}: does not match {signed} under the key in {SIGNING_KEY_VARIABLE}: "
-                          f"{signed} was changed or signed with another key (its signature does not match)")
+        raise BundleError(f"{uri}: signature does not match ({signature_uri}, under the key in "
+                          f"{SIGNING_KEY_VARIABLE}): {signed} was changed since it was signed, or signed with another "
+                          f"key; {fix}")
 
 
 def read_file(store_uri: str, card: ModelCard, name: str) -> bytes:

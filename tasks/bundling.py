@@ -27,7 +27,8 @@ from tasks.train_fit import FitResult
 from tasks.train_scoring import EngineReport, Evaluation
 from templates import render
 
-__all__ = ["TrainedModel", "TrainingRun", "card_markdown", "make_bundle", "publish_bundle", "report_training"]
+__all__ = ["TrainedModel", "TrainingRun", "card_markdown", "make_bundle", "publish_bundle", "report_training",
+           "unsigned_banner"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class TrainedModel:
     bundle_uri: str
     promoted: bool
     reason: str
+    unsigned_warning: str | None = None  # registry.unsigned_warning of its store: None when signed
 
     @property
     def version(self) -> str:
@@ -122,8 +124,12 @@ def publish_bundle(store_uri: str, files: dict[str, bytes], card: ModelCard, eng
 def report_training(trained: TrainedModel) -> None:
     """Log line, markdown summary and per-class table in the Prefect UI."""
     card, bundle_uri = trained.card, trained.bundle_uri
-    get_run_logger().info("Model %s written to %s; %s: %s", card.version, bundle_uri,
-                          "promoted" if trained.promoted else "not promoted", trained.reason)
+    logger = get_run_logger()
+    logger.info("Model %s written to %s; %s: %s", card.version, bundle_uri,
+                "promoted" if trained.promoted else "not promoted", trained.reason)
+    banner = unsigned_banner(trained.unsigned_warning)
+    if trained.unsigned_warning:
+        logger.warning("%s", trained.unsigned_warning)
     metrics, positive = card.metrics, card.metrics["positive"]
     rows = []
     for name in card.classes:
@@ -134,7 +140,17 @@ def report_training(trained: TrainedModel) -> None:
                      "sensitivity": extra["sensitivity"], "specificity": extra["specificity"], "auc": extra["auc"]})
     create_table_artifact(rows, key="training-metrics", description=f"Test-split metrics of model {card.version}")
     create_markdown_artifact(key="training-summary", description=f"Model {card.version}",
-                             markdown=render("training.md.j2", card=card, trained=trained, bundle_uri=bundle_uri,
-                                             metrics=metrics, positive=positive))
+                             markdown=banner + render("training.md.j2", card=card, trained=trained,
+                                                      bundle_uri=bundle_uri, metrics=metrics, positive=positive))
     create_markdown_artifact(key="model-card", description=f"Model card of {card.version}: subgroups, intervals, "
-                                                           "calibration, limitations", markdown=card_markdown(card))
+                                                           "calibration, limitations",
+                             markdown=banner + card_markdown(card))
+
+
+def unsigned_banner(warning: str | None) -> str:
+    """The markdown that opens an artifact of an unsigned store: the warning, first and loud."""
+    if not warning:
+        return ""
+    # The store's URI is text, not markup: character references for what would start markup.
+    text = "".join(f"&#{ord(char)};" if char in "`[]<>|*_\\" else " " if char in "\r\n" else char for char in warning)
+    return f"> **WARNING: {text}**\n\n"

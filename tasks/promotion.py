@@ -3,7 +3,10 @@
 The rule is ``promotion_decision`` (fitness, the baseline guard, experiments, approval, then the
 comparison with production on the same test split); ``decide_promotion`` gathers what it weighs. ``promote`` only writes the decision, against
 the ``production.json`` read before the comparison, so that a version never replaces one it was
-not compared with.
+not compared with. A ``production.json`` that cannot be trusted (damaged; with a signing key,
+unsigned or not matching its signature) is neither compared with nor replaced by training: the new
+version stays a candidate, and the reason says how to promote it. Promotion in an unsigned store
+says so in its log (``registry.unsigned_warning``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ def decide_promotion(store_uri: str, loaded: LabelledArrays, split: TrainingSpli
     """Production is read first (the promotion is written only if it is still production), then
     scored on this test split, then the rule decides."""
     seen = read_production(store_uri)
+    if seen.problem:  # never followed, never silently replaced by a training run
+        get_run_logger().warning("%s", seen.problem)
+        return Promotion(False, f"production.json cannot be used, so the new model was not compared with it: "
+                                f"{seen.problem}; a candidate only: promote it with cxr-screen models promote "
+                                "VERSION --reason ...", None, require_approval, seen)
     production = score_production(store_uri, loaded, split, spec)
     validity = audit.validity
     promoted, reason = promotion_decision(
@@ -63,6 +71,9 @@ def decide_promotion(store_uri: str, loaded: LabelledArrays, split: TrainingSpli
 def promote(store_uri: str, version: str, promotion: Promotion, by: str | None = None) -> Promotion:
     """Make the new version production, unless production changed since ``promotion.seen`` was read
     (another training or an operator won): then it stays a candidate, and the reason says why."""
+    unsigned = registry.unsigned_warning(store_uri)
+    if unsigned:
+        get_run_logger().warning("Promoting %s: %s", version, unsigned)
     try:
         registry.set_production(store_uri, version, promotion.reason, by=by, expected=promotion.seen)
     except registry.PromotionConflict as error:

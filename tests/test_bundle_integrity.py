@@ -55,7 +55,8 @@ def card_values(model: bytes, **changes) -> dict:
     ({"threshold": 1.5}, "threshold 1.5 is not in (0, 1)"),
     ({"threshold": 0}, "threshold 0 is not in (0, 1)"),
     ({"threshold": 1.0}, "threshold 1.0 is not in (0, 1)"),
-    ({"threshold": float("nan")}, "threshold nan is not in (0, 1)"),
+    ({"threshold": float("nan")}, "NaN is not a number JSON allows"),  # refused by model.stored_json
+    ({"threshold": 10**400}, "the integer 10000000000000000000... (401 characters) is beyond +-2**53"),
     ({"threshold": "0.5"}, "threshold '0.5' is not a number"),
     ({"threshold": True}, "threshold True is not a number"),
     ({"threshold": None}, "threshold None is not a number"),
@@ -226,22 +227,23 @@ def test_with_a_key_set_a_wrong_or_missing_signature_refuses_the_bundle(tmp_path
     store = str(tmp_path / "models")
     publish(store, model_bytes, "v-unsigned")  # no key yet: no signature
     monkeypatch.setenv(registry.SIGNING_KEY_VARIABLE, KEY)
-    with pytest.raises(BundleError, match=r"v-unsigned/card.json.sig: missing: CXR_MODEL_SIGNING_KEY is set"):
+    with pytest.raises(BundleError, match=r"/v-unsigned/card.json: not signed \(\S+/v-unsigned/card.json.sig missing\), "
+                                          r"and CXR_MODEL_SIGNING_KEY is set"):
         registry.load_model(store, "v-unsigned")
 
     folder = publish(store, model_bytes, "v-signed")
     monkeypatch.setenv(registry.SIGNING_KEY_VARIABLE, "another key")
-    with pytest.raises(BundleError, match=r"v-signed/card.json.sig: does not match card.json"):
+    with pytest.raises(BundleError, match=r"/v-signed/card.json: signature does not match \(\S+/v-signed/card.json.sig"):
         registry.load_card(store, "v-signed")
 
     # A card rewritten to a valid but different threshold, with a manifest that still matches.
     monkeypatch.setenv(registry.SIGNING_KEY_VARIABLE, KEY)
     card_uri = storage.join(folder, "card.json")
     storage.write_bytes(card_uri, json.dumps({**json.loads(storage.read_bytes(card_uri)), "threshold": 0.99}).encode())
-    with pytest.raises(BundleError, match="does not match card.json"):
+    with pytest.raises(BundleError, match=f"^{card_uri}: signature does not match"):
         registry.verify_bundle(store, "v-signed")
     storage.write_bytes(storage.join(folder, registry.SIGNATURE), b"hmac-sha256:" + b"0" * 64)
-    with pytest.raises(BundleError, match="does not match card.json"):
+    with pytest.raises(BundleError, match=f"^{card_uri}: signature does not match"):
         registry.load_card(store, "v-signed")
 
 
@@ -277,9 +279,29 @@ def test_a_damaged_bundle_is_never_made_production(location, model_bytes, name):
 
 def test_with_a_key_set_an_unsigned_bundle_is_never_made_production(tmp_path, model_bytes, monkeypatch):
     store = str(tmp_path / "models")
-    publish(store, model_bytes, "v-unsigned")
+    registry.publish(store, "v-unsigned", bundle_files(model_bytes), make_card(model_bytes, "v-unsigned"))
     monkeypatch.setenv(registry.SIGNING_KEY_VARIABLE, KEY)
-    publish(store, model_bytes, "v-signed")
-    with pytest.raises(BundleError, match="v-unsigned/card.json.sig: missing"):
+    with pytest.raises(BundleError, match="v-unsigned/card.json: not signed"):
+        registry.set_production(store, "v-unsigned", "forward")
+    publish(store, model_bytes, "v-a")
+    publish(store, model_bytes, "v-b")
+    storage.delete(storage.join(store, "v-a", registry.SIGNATURE))  # what rollback would restore, unsigned now
+    with pytest.raises(BundleError, match="v-a/card.json: not signed"):
         registry.rollback(store, "back")
-    assert registry.production_version(store) == "v-signed"
+    assert registry.production_version(store) == "v-b"
+
+
+def test_a_pointer_unsigned_when_the_key_came_is_replaced_by_the_next_promotion(tmp_path, model_bytes, monkeypatch):
+    """A store used before the key was set: its pointer is not followed (it names no version), and
+    its unsigned history is not carried into the signed one; the entry that replaces it says so."""
+    store = str(tmp_path / "models")
+    publish(store, model_bytes, "v-old")
+    monkeypatch.setenv(registry.SIGNING_KEY_VARIABLE, KEY)
+    with pytest.raises(BundleError, match="production.json: not signed"):
+        registry.load_card(store)
+    publish(store, model_bytes, "v-new")
+    production = registry.read_production(store)
+    assert production.version == "v-new" and production.lineage() == ["v-new"]
+    assert "production.json: not signed" in production.history[-1]["replaced"]
+    with pytest.raises(BundleError, match="nothing to roll back to"):
+        registry.rollback(store, "back")

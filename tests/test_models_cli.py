@@ -159,10 +159,11 @@ def test_a_damaged_or_unsigned_bundle_is_never_promoted(location, model_bytes, m
     assert registry.production_version(location) == "v1"
 
     monkeypatch.setenv(registry.SIGNING_KEY_VARIABLE, KEY)
+    refused = models("promote", "v1", "--reason", "the unsigned one", store=location)
+    assert refused.exit_code == 3 and "v1/card.json: not signed" in " ".join(refused.stderr.split())
     publish(location, model_bytes, "v3")  # signed
-    assert models("promote", "v3", "--reason", "signed", store=location).exit_code == 0
-    refused = models("rollback", "--reason", "back to the unsigned one", store=location)
-    assert refused.exit_code == 3 and "v1/card.json.sig: missing" in refused.stderr
+    promoted = models("promote", "v3", "--reason", "signed", store=location)  # replaces the unsigned pointer
+    assert promoted.exit_code == 0 and "production.json: not signed" in " ".join(promoted.stderr.split())
     assert registry.production_version(location) == "v3"
     assert [row["status"] for row in as_json("list", store=location)["versions"]] == ["unusable", "unusable", "production"]
 
@@ -276,3 +277,55 @@ def test_a_model_not_fit_for_screening_is_a_candidate_only_a_person_promotes(pre
     promoted = models("promote", trained.version, "--reason", "accepted by the radiology lead", store=store)
     assert promoted.exit_code == 0 and registry.production_version(store) == trained.version
     assert "not fit for screening in training" in promoted.output  # stderr is mixed in by CliRunner
+
+
+def test_a_damaged_card_is_one_line_of_the_list_and_the_others_are_listed(location, model_bytes):
+    """A card whose threshold is an integer of 401 digits ended ``models list`` in a traceback (#22)."""
+    for version in ("v1", "v2", "v3", "v4"):
+        publish(location, model_bytes, version)
+    models("promote", "v1", "--reason", "first", store=location)
+    huge = storage.join(location, "v2", registry.CARD)
+    storage.write_bytes(huge, storage.read_bytes(huge).replace(b'"threshold": 0.4', b'"threshold": 1' + b"0" * 400))
+    odd = storage.join(location, "v3", registry.CARD)  # valid for the schema, of no use to a table
+    storage.write_bytes(odd, json.dumps({**json.loads(storage.read_bytes(odd)), "metrics": {
+        "accuracy": "high", "positive": ["auc", 0.9]}}).encode())
+    deep = storage.join(location, "v4", registry.CARD)
+    storage.write_bytes(deep, storage.read_bytes(deep).replace(b'"files": {', b'"deep": ' + b"[" * 40 + b"]" * 40 +
+                                                               b', "files": {'))
+
+    listed = as_json("list", store=location)
+    rows = {row["version"]: row for row in listed["versions"]}
+    assert [rows[v]["status"] for v in ("v1", "v2", "v3", "v4")] == ["production", "unusable", "not promoted", "unusable"]
+    assert rows["v2"]["problem"].startswith(f"{huge}: the integer 10000000000000000000... (401 characters) is beyond")
+    assert rows["v4"]["problem"].startswith(f"{deep}: nested deeper than 32 levels")
+    assert all("\n" not in (row["problem"] or "") for row in rows.values())
+    assert rows["v3"]["auc"] is None and rows["v3"]["problem"] is None
+
+    shown = models("list", store=location)
+    assert shown.exit_code == 0 and shown.exception is None
+    text = " ".join(shown.stdout.split())
+    assert "Traceback" not in shown.output and "beyond +-2**53" in text and "nested deeper" in text
+    assert "Production: v1" in text
+    refused = models("show", "v2", store=location)
+    assert refused.exit_code == 3 and refused.stderr.splitlines()[-1].startswith(f"error: {huge}: the integer")
+
+
+def test_every_models_command_says_when_the_store_is_unsigned(location, model_bytes, monkeypatch):
+    monkeypatch.delenv(registry.SIGNING_KEY_VARIABLE, raising=False)
+    warning = registry.unsigned_warning(location)
+    assert warning is not None
+    publish(location, model_bytes, "v1")
+    publish(location, model_bytes, "v2")
+    for command in (["promote", "v1", "--reason", "first"], ["promote", "v2", "--reason", "second"],
+                    ["rollback", "--reason", "back"], ["list"], ["show", "v1"], ["list", "--json"]):
+        result = models(*command, store=location)
+        assert result.exit_code == 0, result.output
+        assert " ".join(result.stderr.split()) == f"warning: {warning}"
+    assert as_json("list", store=location)["unsigned_warning"] == warning
+    assert as_json("show", "v1", store=location)["unsigned_warning"] == warning
+
+    monkeypatch.setenv(registry.SIGNING_KEY_VARIABLE, KEY)
+    publish(location, model_bytes, "v3")
+    promoted = models("promote", "v3", "--reason", "signed", store=location)
+    assert promoted.exit_code == 0 and "UNSIGNED" not in promoted.stderr
+    assert as_json("list", store=location)["unsigned_warning"] is None
