@@ -54,7 +54,7 @@ def screen(params: ScreenParameters) -> RunSummary:
     run.note_damage(recovery.damaged)
 
     inputs = find_inputs(params.incoming_uri, exclude=[results, params.model_store_uri], results_uri=results)
-    pending = not_yet_screened(results, card, inputs)
+    pending = not_yet_screened(results, card, inputs, params.deidentify)
     run.note_damage(pending.damaged)
     todo = pending.todo
     run.inputs_found, run.already_screened = len(inputs), pending.already_screened

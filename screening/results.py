@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import math
 import re
 import uuid
@@ -25,12 +26,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from imaging.dicom_identity import is_accession_number, is_uid, is_view_position
+from imaging.dicom_identity import deidentify_key, is_accession_number, is_uid, is_view_position
 from model.bundle import is_safe_name
 from store import storage
 
-__all__ = ["MAX_NAMED_DAMAGE", "OUTPUT_NAMES", "PROBABILITY_BINS", "ROW_STATUSES", "RUN_STATUSES", "PredictionRow", "ResultsLayout",
-           "RunLayout", "RunSummary", "entry_key", "probability_column"]
+__all__ = ["DEIDENTIFIED_PREFIX", "MAX_NAMED_DAMAGE", "OUTPUT_NAMES", "PROBABILITY_BINS", "ROW_STATUSES", "RUN_STATUSES", "PredictionRow", "ResultsLayout",
+           "RunLayout", "RunSummary", "entry_key", "input_name", "probability_column"]
 
 OUTPUT_NAMES = ("predictions.csv", "predictions.jsonl", "summary.json", "report.html")
 ROW_STATUSES = ("ok", "rejected")
@@ -44,6 +45,20 @@ def _safe_name(kind: str, name: str) -> str:
     if not is_safe_name(name):
         raise ValueError(f"{kind} {name!r} is not a safe name (letters, digits, '.', '_', '-'; no '..')")
     return name
+
+
+DEIDENTIFIED_PREFIX = "deidentified:"
+
+
+def input_name(uri: str, deidentify: bool) -> str:
+    """What rows, the ledger, chunk records, logs, reports and artifacts call an input: its location,
+    or with de-identification a keyed token of it (``CXR_DEIDENTIFY_KEY``), since a location such as
+    ``PAT123456_DOE_JOHN/ACC998877_<UID>.dcm`` identifies a patient as well as any header does. The
+    same input keeps its token at every run of a site; the clear location stays with the decoder."""
+    if not deidentify:
+        return uri
+    digest = hmac.new(deidentify_key(), uri.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+    return DEIDENTIFIED_PREFIX + digest[:40]
 
 
 def entry_key(image_uri: str) -> str:

@@ -40,7 +40,7 @@ from model.evaluation import flags, predict_classes
 from model.gradcam import grad_cam, overlay
 from model.inference import Predictor, fastest, make_predictor
 from screening import leases, ledger
-from screening.results import PredictionRow, ResultsLayout
+from screening.results import PredictionRow, ResultsLayout, input_name
 from store import registry, storage
 from store.clock import utc_timestamp
 from store.engines import load_artifacts, reduced_decode_allowed, validated_engines
@@ -314,7 +314,8 @@ def screen_images(
     uris: Sequence[str], loaded_model: LoadedModel, batch_size: int, workers: int | None = None,
     explain: str = "flagged", limits: InputLimits = InputLimits(),
 ) -> Iterator[PredictionRow | str]:
-    """Rows for ``uris``, or the URI of a vanished input. Flagged rows carry a thumbnail; rows of
+    """Rows for ``uris``, or the name of a vanished input. Inputs are named by ``results.input_name``
+    (with ``limits.deidentify``, a keyed token: the clear location reaches no row). Flagged rows carry a thumbnail; rows of
     DICOM inputs carry their study's identifiers (``limits.deidentify``: as keyed hashes), and with
     ``limits.frontal_chest_only`` a DICOM that says it is not a frontal chest X-ray is rejected.
 
@@ -344,7 +345,7 @@ def screen_images(
         for index, (item, p) in enumerate(zip(batch, probabilities)):
             cam = cams.get(index)
             yield PredictionRow(
-                image_uri=item.uri, sha256=item.sha256, status="ok", reason="", model_version=card.version,
+                image_uri=input_name(item.uri, limits.deidentify), sha256=item.sha256, status="ok", reason="", model_version=card.version,
                 predicted_class=card.classes[int(predicted[index])],
                 probabilities={c: round(float(v), 6) for c, v in zip(card.classes, p)},
                 flagged=bool(flagged[index]), screened_at=now, engine=predictor.engine,
@@ -359,10 +360,10 @@ def screen_images(
         for loaded in bounded_map(pool, lambda uri: _load_or_vanish(uri, spec, limits), uris,
                                   read_ahead(batch_size, threads)):
             if isinstance(loaded, str):
-                yield loaded
+                yield input_name(loaded, limits.deidentify)
             elif loaded.pixels is None:
                 yield PredictionRow(
-                    image_uri=loaded.uri, sha256=loaded.sha256, status="rejected", reason=loaded.reason or "",
+                    image_uri=input_name(loaded.uri, limits.deidentify), sha256=loaded.sha256, status="rejected", reason=loaded.reason or "",
                     model_version=card.version, predicted_class="", probabilities=dict.fromkeys(card.classes),
                     flagged=False, screened_at=utc_timestamp(), final=loaded.final, **_study_fields(loaded.study))
             else:
@@ -402,7 +403,8 @@ def screen_chunk(
     loaded_model = _model(model_store_uri, model_version, engine, batch_size)
     card = loaded_model.card
     layout = ResultsLayout(results_uri).run(run_id)
-    storage.write_bytes(layout.chunk_inputs(chunk), json.dumps(uris).encode())
+    storage.write_bytes(layout.chunk_inputs(chunk),
+                        json.dumps([input_name(uri, limits.deidentify) for uri in uris]).encode())
     leases.renew_quietly(results_uri, run_id)
     result = ChunkResult(chunk, engine=loaded_model.predictor.engine, engine_reason=loaded_model.why)
     claimed: list[Future[PredictionRow | None]] = []

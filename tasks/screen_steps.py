@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 
 from model.bundle import ModelCard
 from screening import leases, ledger, reports
-from screening.results import ResultsLayout, RunSummary, entry_key
+from screening.results import ResultsLayout, RunSummary, entry_key, input_name
 from store import evaluations, registry, storage
 from store.clock import utc_now, utc_timestamp
 from tasks.retrying import io_step
@@ -40,19 +40,21 @@ def resolve_model(model_store_uri: str, model_version: str) -> ModelCard:
 
 
 @task(**io_step())
-def not_yet_screened(results_uri: str, card: ModelCard, inputs: Sequence[str]) -> Pending:
+def not_yet_screened(results_uri: str, card: ModelCard, inputs: Sequence[str], deidentify: bool = False) -> Pending:
     """The inputs this model version has screened for no one yet. The ledger is proof, not a name:
     an input whose entry does not read back as its row, or names a run that is neither open nor
-    publishes that row, is screened again, its entry moved to the quarantine and the problem named."""
+    publishes that row, is screened again, its entry moved to the quarantine and the problem named.
+    Inputs are looked up by ``input_name`` (a keyed token with ``deidentify``)."""
+    names = {uri: input_name(uri, deidentify) for uri in inputs}
     done = ledger.done_keys(results_uri, card.version)
-    listed = [uri for uri in inputs if entry_key(uri) in done]
+    listed = [name for name in names.values() if entry_key(name) in done]
     proven, unproven = ledger.screened(results_uri, card.version, listed, card.classes)
     damaged = []
-    for image_uri, problem in sorted(unproven.items()):
-        kept = ledger.quarantine(results_uri, card.version, image_uri)
+    for name, problem in sorted(unproven.items()):
+        kept = ledger.quarantine(results_uri, card.version, name)
         get_run_logger().error("%s; the entry is moved to %s and its input screened again", problem, kept)
         damaged.append(f"{problem} (moved to {kept}; screened again)")
-    return Pending([uri for uri in inputs if uri not in proven], len(proven), damaged)
+    return Pending([uri for uri in inputs if names[uri] not in proven], len(proven), damaged)
 
 
 class Pending(NamedTuple):

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
+import hmac
 import io
 import json
 import os
@@ -153,10 +155,16 @@ class Command:
                       "models", "--explain", "all", "--chunk-size", "2", "--batch-size", "2", *options],
                      {**self.environment, **(environment or {})}, self.root, check)
         (self.root / f"screen-{name}.log").write_bytes(output)  # kept to read a failure by
+        # De-identified rows name each input by a keyed token of its location: the test knows the key.
+        tokens = {}
+        if "--deidentify" in options and (environment or {}).get("CXR_DEIDENTIFY_KEY"):
+            tokens = {hmac.new(environment["CXR_DEIDENTIFY_KEY"].encode(), str(incoming / relative).encode(),
+                               hashlib.sha256).hexdigest()[:40]: Path(relative).name for relative in files}
         rows = {}
         for predictions in results.rglob("predictions.csv"):
             for row in csv.DictReader(io.StringIO(predictions.read_text())):
-                rows[Path(row["image_uri"]).name] = row
+                token = row["image_uri"].removeprefix("deidentified:")
+                rows[tokens[token] if tokens else Path(row["image_uri"]).name] = row
         return Screened(incoming, results, self.root / "prefect-home", output, rows)
 
 
@@ -261,11 +269,21 @@ def test_header_fields_a_decoder_reports_on_are_not_echoed(command):
 def test_deidentified_rows_carry_keyed_tokens_and_the_raw_identifiers_reach_no_output(command, screened,
                                                                                       tagged_files):
     """The same files again with --deidentify: every UID a 2.25 token, the accession numbers
-    hexadecimal, the same study the same token, and no raw UID or accession number anywhere."""
+    hexadecimal, the same study the same token, and no raw UID or accession number anywhere. Nor
+    the file's location: a folder named for the patient and a file named for the accession and the
+    SOP UID reach no row, ledger entry, chunk record, part file, report, log or Prefect record."""
     clear = screened.rows
-    hidden = command.screen(tagged_files, "deidentified", options=("--deidentify",),
+    named = {"PATQ55123456_DOEWAXLEY_JOHNATHAR/ACCZ998877_1.2.826.0.1.3680043.10.79.1.1.1.dcm": radiograph(PATIENT_C)}
+    hidden = command.screen({**tagged_files, **named}, "deidentified", options=("--deidentify",),
                             environment={"CXR_DEIDENTIFY_KEY": KEY})
     rows = hidden.rows
+    assert all(row["image_uri"].startswith("deidentified:") for row in rows.values())
+    location = {"folder": "PATQ55123456", "name": "DOEWAXLEY", "given": "JOHNATHAR", "accession": "ACCZ998877",
+                "uid": "1.2.826.0.1.3680043.10.79.1.1.1"}
+    assert leaks([location], {**every_file(hidden.results), **every_file(hidden.prefect_home),
+                              "the screen command's stdout and stderr": hidden.output}) == []
+    assert Path(next(iter(named))).name in rows  # it was screened, under its token
+    rows = {name: row for name, row in rows.items() if name in clear}
     assert {name: row["status"] for name, row in rows.items()} == {name: row["status"] for name, row in clear.items()}
     for name, row in rows.items():
         for field in IDENTIFIERS[:3]:
