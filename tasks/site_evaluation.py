@@ -3,7 +3,6 @@ figures, and the evaluation kept beside the version (and under ``--output``)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -14,6 +13,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from model import stored_json
 from model.acceptance import Acceptance, judge
 from model.anatomy import mask_images
 from model.bundle import BundleError, ModelCard, software_versions
@@ -232,4 +232,4 @@ def publish_evaluation(model_store_uri: str, card: ModelCard, record: dict, reli
                              markdown=markdown + f"\nKept at `{folder}`\n")
     get_run_logger().info("Evaluation %s of %s written to %s: %s", record["evaluation_id"], card.version, folder,
                           record["verdict"]["line"])
-    return json.loads(stored), outputs
+    return stored_json.loads(stored, outputs["evaluation"]), outputs
