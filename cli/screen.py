@@ -38,6 +38,11 @@ def screen(params: ScreenParameters, as_json: bool = JSON_OPTION) -> None:
         with clean_errors():
             deidentify_key()  # no key: one line now, before any input is read
     json_mode(as_json)
+    from store import storage
+
+    with clean_errors():  # as Prefect records them: a later run started elsewhere must tell which results they name
+        params = params.model_copy(update={name: storage.join(getattr(params, name))
+                                           for name in ("incoming_uri", "results_uri", "model_store_uri")})
     lifeline.arm()
     from flows import screen as screening
 

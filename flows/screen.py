@@ -53,8 +53,9 @@ def screen(params: ScreenParameters) -> RunSummary:
     run.recovered_runs = recovery.runs
     run.note_damage(recovery.damaged)
 
-    inputs = find_inputs(params.incoming_uri, exclude=[results, params.model_store_uri], results_uri=results)
-    pending = not_yet_screened(results, card, inputs, params.deidentify)
+    inputs = find_inputs(params.incoming_uri, exclude=[results, params.model_store_uri], results_uri=results,
+                         deidentify=params.deidentify)
+    pending = not_yet_screened(results, card, inputs, params.deidentify, params.abandoned_after_minutes)
     run.note_damage(pending.damaged)
     todo = pending.todo
     run.inputs_found, run.already_screened = len(inputs), pending.already_screened

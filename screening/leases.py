@@ -29,7 +29,8 @@ from screening.results import ResultsLayout, RunSummary
 from store import storage
 from store.clock import utc_now, utc_timestamp
 
-__all__ = ["RENEW_EVERY_SECONDS", "abandoned_runs", "close_run", "kept_alive", "open_run", "renew", "renew_quietly"]
+__all__ = ["RENEW_EVERY_SECONDS", "abandoned_runs", "close_run", "kept_alive", "live_runs", "open_run", "renew",
+           "renew_quietly"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 # next nightly run comes hours later, so a long margin before a silent run is taken for dead costs nothing.
 RENEW_EVERY_SECONDS = 60
 MAX_LEASE_BYTES = 1 << 20  # a lease is a summary so far: a few kB
+CLOCK_SKEW = timedelta(minutes=5)  # how far ahead of ours another machine's clock may be
 
 
 def open_run(results_uri: str, summary: RunSummary) -> None:
@@ -116,12 +118,25 @@ def abandoned_runs(results_uri: str, after: timedelta, *,
     return dead
 
 
+def live_runs(results_uri: str, after: timedelta) -> set[str]:
+    """Ids of the runs whose lease reads back valid and was renewed within ``after``: runs that may
+    still be claiming inputs. A lease file's name alone proves nothing (``ledger.screened``)."""
+    cutoff, live = utc_now() - after, set()
+    for uri in storage.list_files(ResultsLayout(results_uri).leases, {".json"}, missing_ok=True):
+        lease = _read_lease(results_uri, uri, [])
+        if lease is not None and lease[1] >= cutoff:
+            live.add(lease[0].run_id)
+    return live
+
+
 def _read_lease(results_uri: str, uri: str, damaged: list[str]) -> tuple[RunSummary, datetime] | None:
     """The lease at ``uri`` and its last renewal, or None when it is gone or not a valid lease."""
     try:
         lease = load_json(storage.read_bytes(uri, max_bytes=MAX_LEASE_BYTES), uri)
         summary = RunSummary.from_dict(lease)
         renewed_at = _renewal(lease.get("renewed_at"))
+        if renewed_at > utc_now() + CLOCK_SKEW:  # it would never go stale, and its run never be recovered
+            raise ValueError(f"renewed_at {renewed_at.isoformat()} is in the future")
         if ResultsLayout(results_uri).lease(summary.run_id) != uri:
             raise ValueError(f"its run id {summary.run_id!r} does not match its name")
     except storage.NotFound:

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from model.stored_json import StoredStateError
 from model.stored_json import loads as load_json
+from screening import leases
 from screening.results import PredictionRow, ResultsLayout, entry_key
 from store import storage
 from store.clock import utc_now
@@ -33,6 +36,9 @@ __all__ = ["MAX_PUBLISHED_BYTES", "LedgerError", "Reconciliation", "claim", "don
 logger = logging.getLogger(__name__)
 
 READERS = 32  # ledger entries are small GETs: on S3 latency, not bandwidth, is what a read costs
+LIVE_AFTER = timedelta(minutes=30)  # a lease renewed within this is a live run's (the screen flow's default)
+# A stored file that cannot be read as it is, and will not be on a retry: damage, not a failure.
+_DAMAGED_FILE = (storage.Unreadable, storage.AccessDenied, storage.NotAFolder)
 MAX_PUBLISHED_BYTES = 4 * 2**30  # a run's predictions.jsonl: a national night is a few hundred MB
 
 
@@ -88,15 +94,15 @@ class _PublishedRows:
     entries name the same run."""
 
     results_uri: str
-    open_runs: set[str]
+    open_runs: set[str]  # runs whose lease reads back valid and fresh: a lease file's name proves nothing
     problems: list[str] = field(default_factory=list)
     _rows: dict[str, set[str] | None] = field(default_factory=dict)
+    _reading: dict[str, threading.Event] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def of(cls, results_uri: str) -> _PublishedRows:
-        leases = ResultsLayout(results_uri).leases
-        return cls(results_uri, {storage.relative_to(uri, leases)[: -len(".json")]
-                                 for uri in storage.list_files(leases, {".json"}, missing_ok=True)})
+    def of(cls, results_uri: str, live_after: timedelta) -> _PublishedRows:
+        return cls(results_uri, leases.live_runs(results_uri, live_after))
 
     def why_not_held(self, row: PredictionRow) -> str | None:
         """None when ``row``'s run is open or its published rows hold ``row``; else why not."""
@@ -104,12 +110,27 @@ class _PublishedRows:
             return None
         if not row.run_id:
             return "it names no run"
-        if row.run_id not in self._rows:
-            self._rows[row.run_id] = self._read(row.run_id)
-        held = self._rows[row.run_id]
+        held = self._held(row.run_id)
         if held is None:
             return f"it names run {row.run_id}, which is neither open nor published"
         return None if row.image_uri in held else f"run {row.run_id}'s published predictions have no row for it"
+
+    def _held(self, run_id: str) -> set[str] | None:
+        """One read per run, however many reader threads ask for it at once (a run's predictions can
+        be hundreds of MB)."""
+        with self._lock:
+            reading = self._reading.get(run_id)
+            mine = reading is None
+            if mine:
+                reading = self._reading[run_id] = threading.Event()
+        if mine:
+            try:
+                self._rows[run_id] = self._read(run_id)
+            finally:
+                reading.set()
+        else:
+            reading.wait()
+        return self._rows.get(run_id)
 
     def _read(self, run_id: str) -> set[str] | None:
         try:
@@ -120,6 +141,9 @@ class _PublishedRows:
         try:
             data = storage.read_bytes(uri, max_bytes=MAX_PUBLISHED_BYTES)
         except storage.NotFound:
+            return None
+        except _DAMAGED_FILE as error:
+            self.problems.append(f"{error} (a published run's predictions cannot be read)")
             return None
         held = set()
         for number, line in enumerate(data.splitlines(), start=1):
@@ -137,19 +161,20 @@ class _PublishedRows:
         return held
 
 
-def screened(results_uri: str, model_version: str, inputs: Iterable[str],
-             classes: list[str]) -> tuple[set[str], dict[str, str]]:
+def screened(results_uri: str, model_version: str, inputs: Iterable[str], classes: list[str],
+             live_after: timedelta = LIVE_AFTER) -> tuple[set[str], dict[str, str]]:
     """Of ``inputs`` (whose entries ``done_keys`` listed), those proven screened, and for each of
     the others why not ({input: "entry location: problem"}). Reads every entry, ``READERS`` at a
-    time, and each run's published predictions once; damaged lines in those are logged."""
-    published = _PublishedRows.of(results_uri)
+    time, and each run's published predictions once; damaged lines in those are logged. A run is
+    open when its lease was renewed within ``live_after``."""
+    published = _PublishedRows.of(results_uri, live_after)
 
     def check(image_uri: str) -> str | None:
         try:
             row = read_entry(results_uri, model_version, image_uri, classes)
         except storage.NotFound:
             return f"{ResultsLayout(results_uri).ledger_entry(model_version, image_uri)}: gone while read"
-        except LedgerError as error:
+        except (LedgerError, *_DAMAGED_FILE) as error:  # each names the entry
             return str(error)
         why = published.why_not_held(row)
         return None if why is None else f"{ResultsLayout(results_uri).ledger_entry(model_version, image_uri)}: {why}"
@@ -174,7 +199,7 @@ def quarantine(results_uri: str, model_version: str, image_uri: str) -> str:
         storage.write_bytes(kept, storage.read_bytes(uri, max_bytes=1 << 20))
     except storage.NotFound:
         return kept  # moved by a concurrent run already
-    except storage.Unreadable:  # larger than any entry: keep its name and size, not its bytes
+    except _DAMAGED_FILE:  # larger than any entry, or not a file: its name is kept, not its bytes
         storage.write_bytes(kept, b"")
     storage.delete(uri)
     return kept
@@ -195,13 +220,14 @@ class Reconciliation:
         return not (self.damaged or self.orphans or self.missing)
 
 
-def reconcile(results_uri: str, progress: Callable[[int, int], None] = lambda done, total: None) -> Reconciliation:
+def reconcile(results_uri: str, progress: Callable[[int, int], None] = lambda done, total: None,
+              live_after: timedelta = LIVE_AFTER) -> Reconciliation:
     """Audits the ledger under ``results_uri`` against the published runs: entries that are damaged,
     entries whose run neither is open nor publishes their row, and published (claimed) rows whose
     entry is missing or names another run."""
     layout = ResultsLayout(results_uri)
     found = Reconciliation()
-    published = _PublishedRows.of(results_uri)
+    published = _PublishedRows.of(results_uri, live_after)
     ledger_root = storage.join(results_uri, "ledger")
     entries = [(storage.relative_to(folder, ledger_root), uri)
                for folder in storage.list_folders(ledger_root, missing_ok=True)
@@ -213,7 +239,7 @@ def reconcile(results_uri: str, progress: Callable[[int, int], None] = lambda do
         version, uri = item
         try:
             row = _parse_entry(uri, storage.read_bytes(uri, max_bytes=1 << 20), None)
-        except (LedgerError, storage.NotFound, storage.Unreadable) as error:  # each names the entry
+        except (LedgerError, storage.NotFound, *_DAMAGED_FILE) as error:  # each names the entry
             return str(error)
         if not _safe(version) or layout.ledger_entry(version, row.image_uri) != uri:
             return f"{uri}: records {row.image_uri!r} for model {row.model_version}, which is not this entry's name"
@@ -267,7 +293,7 @@ def _published(results_uri: str, run_id: str, found: Reconciliation) -> list[Pre
     uri = outputs["predictions.jsonl"]
     try:
         data = storage.read_bytes(uri, max_bytes=MAX_PUBLISHED_BYTES)
-    except (storage.NotFound, storage.Unreadable) as error:
+    except (storage.NotFound, *_DAMAGED_FILE) as error:
         found.damaged.append(f"{uri}: a published run's predictions cannot be read ({error})")
         return []
     rows = []

@@ -188,7 +188,7 @@ def _ledger_entry(results_uri: str, card: ModelCard, image_uri: str, damaged: li
         return ledger.read_entry(results_uri, card.version, image_uri, card.classes)
     except storage.NotFound:
         return None  # never claimed by anyone: vanished before reading, or the process died first
-    except ledger.LedgerError as error:
+    except (ledger.LedgerError, storage.Unreadable, storage.AccessDenied, storage.NotAFolder) as error:
         _damage(damaged, ResultsLayout(results_uri).ledger_entry(card.version, image_uri), error,
                 "left out of this run's rows; its input is screened again")
         return None
@@ -203,27 +203,55 @@ def write_outputs(results_uri: str, rows: list[PredictionRow], card: ModelCard, 
     built as one bytes object from the rows, one row at a time, and dropped once written.
 
     Published runs are immutable: ``summary.json`` is written last, create-if-absent, and a run
-    that has one (whatever it holds) is refused with PublishedRunError before anything is written.
-    Until then the other files may be rewritten (a retry, or two runs recovering the same dead run,
-    write the same rows)."""
+    that has one is refused with PublishedRunError before each file is written, unless that
+    summary is this very write's, published by an earlier attempt (a retry after the artifacts or
+    the lease failed): then it is returned as it is. Until then the other files may be rewritten
+    (a retry, or two runs recovering the same dead run, write the same rows)."""
     outputs = ResultsLayout(results_uri).run(summary.run_id).outputs
-    if storage.exists(outputs["summary.json"]):
-        raise PublishedRunError(f"{outputs['summary.json']}: run {summary.run_id} is published already; "
-                                "its outputs are never written again")
+    published = _published(outputs["summary.json"], summary)
+    if published is not None:
+        return published
     history = drift.recent_runs(results_uri, summary)
     summary = summary.with_drift(rows, card.positive_class)
     summary.note_damage(list(history.damaged))
     summary.outputs = outputs
-    storage.write_bytes(outputs["predictions.csv"], _csv_bytes(rows, card.classes))
-    storage.write_bytes(outputs["predictions.jsonl"], _jsonl_bytes(rows))
     card_uri = _card_location(summary.model_store_uri, card.version)
-    page = report_html(summary, rows, card, figures=model_figures(summary.model_store_uri, card),
-                       card_link=shared_link(card_uri), history=history)
-    storage.write_bytes(outputs["report.html"], page.encode())
+    files = {"predictions.csv": lambda: _csv_bytes(rows, card.classes), "predictions.jsonl": lambda: _jsonl_bytes(rows),
+             "report.html": lambda: report_html(summary, rows, card, figures=model_figures(summary.model_store_uri, card),
+                                                card_link=shared_link(card_uri), history=history).encode()}
+    for name, build in files.items():
+        data = build()
+        if _published(outputs["summary.json"], summary) is not None:  # published by another run meanwhile
+            raise PublishedRunError(f"{outputs['summary.json']}: run {summary.run_id} was published by another run "
+                                    "while this one wrote its outputs")
+        storage.write_bytes(outputs[name], data)
     if not storage.create_if_absent(outputs["summary.json"], json.dumps(summary.to_dict(), indent=2).encode()):
-        raise PublishedRunError(f"{outputs['summary.json']}: run {summary.run_id} was published by another run "
-                                "while this one wrote its outputs")
+        published = _published(outputs["summary.json"], summary)  # a PUT retried after it landed reads back as ours
+        if published is None:
+            raise PublishedRunError(f"{outputs['summary.json']}: run {summary.run_id} was published by another run "
+                                    "while this one wrote its outputs")
+        return published
     return summary
+
+
+def _published(uri: str, summary: RunSummary) -> RunSummary | None:
+    """None when the run has no summary yet; the stored summary when it is ``summary``'s own (same
+    run, start, flow run and recoverer: an earlier attempt of this write); PublishedRunError else."""
+    try:
+        data = storage.read_bytes(uri, max_bytes=1 << 24)
+    except storage.NotFound:
+        return None
+    except (OSError, ValueError) as error:
+        raise PublishedRunError(f"{uri}: run {summary.run_id} is published already ({error}); "
+                                "its outputs are never written again") from error
+    try:
+        stored = RunSummary.from_dict(load_json(data, uri))
+    except ValueError:
+        stored = None
+    same = ("run_id", "started_at", "flow_run_id", "recovered_by")
+    if stored is not None and all(getattr(stored, name) == getattr(summary, name) for name in same):
+        return stored
+    raise PublishedRunError(f"{uri}: run {summary.run_id} is published already; its outputs are never written again")
 
 
 def _csv_bytes(rows: list[PredictionRow], classes: list[str]) -> bytes:

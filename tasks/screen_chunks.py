@@ -40,7 +40,7 @@ from model.evaluation import flags, predict_classes
 from model.gradcam import grad_cam, overlay
 from model.inference import Predictor, fastest, make_predictor
 from screening import leases, ledger
-from screening.results import PredictionRow, ResultsLayout, input_name
+from screening.results import DEIDENTIFIED_PREFIX, PredictionRow, ResultsLayout, input_name
 from store import registry, storage
 from store.clock import utc_timestamp
 from store.engines import load_artifacts, reduced_decode_allowed, validated_engines
@@ -63,7 +63,8 @@ _VERDICTS = ("dicom", "not_image")  # what a peek found that stays true while th
 
 
 @task(**io_step())
-def find_inputs(incoming_uri: str, exclude: Sequence[str] = (), results_uri: str | None = None) -> list[str]:
+def find_inputs(incoming_uri: str, exclude: Sequence[str] = (), results_uri: str | None = None,
+                deidentify: bool = False) -> list[str]:
     """What gets a row: every entry under ``incoming_uri`` named like an image, whatever it is, and
     of the rest (``.csv``, ``.json`` and the like aside) regular files that carry the DICOM preamble
     and entries that cannot be read as a regular file (a FIFO, a broken link, a folder that cannot
@@ -75,7 +76,8 @@ def find_inputs(incoming_uri: str, exclude: Sequence[str] = (), results_uri: str
     Files without an image's name are peeked into (their first 132 bytes), ``PEEKS_IN_FLIGHT`` at a
     time. With ``results_uri``, what a peek found (DICOM or not an image) is remembered there with
     the file's listing stamp (``PeekMemory``) and the file is not peeked into again until its stamp
-    changes: each costs one read per content, not one a night for ever.
+    changes: each costs one read per content, not one a night for ever. With ``deidentify`` it names
+    them there by ``input_name``'s keyed tokens, as rows do.
     """
     excluded = tuple(_comparable(uri).rstrip("/") + "/" for uri in exclude)
     found, unnamed = [], []
@@ -87,9 +89,10 @@ def find_inputs(incoming_uri: str, exclude: Sequence[str] = (), results_uri: str
             found.append(uri)
         elif suffix not in _NOT_IMAGES:
             unnamed.append((uri, stamp))
-    memory = PeekMemory(results_uri, incoming_uri) if results_uri is not None and unnamed else None
+    memory = PeekMemory(results_uri, incoming_uri, deidentify) if results_uri is not None and unnamed else None
     known = memory.load() if memory is not None else {}
-    verdicts = {uri: known[uri][1] for uri, stamp in unnamed if stamp is not None and known.get(uri, ("",))[0] == stamp}
+    verdicts = {uri: known[memory.key(uri)][1] for uri, stamp in unnamed
+                if stamp is not None and memory is not None and known.get(memory.key(uri), ("",))[0] == stamp}
     to_peek = [(uri, stamp) for uri, stamp in unnamed if uri not in verdicts]
     with ThreadPoolExecutor(max_workers=PEEKS_IN_FLIGHT, thread_name_prefix="peek") as pool:
         peeks = bounded_map(pool, lambda item: _peek(item[0], incoming_uri), to_peek, 4 * PEEKS_IN_FLIGHT)
@@ -132,13 +135,21 @@ class PeekMemory:
     damaged or forged object is logged and taken as empty (and rewritten whole).
     """
 
-    def __init__(self, results_uri: str, incoming_uri: str) -> None:
-        self.incoming_uri = incoming_uri
+    def __init__(self, results_uri: str, incoming_uri: str, deidentify: bool = False) -> None:
+        self.incoming_uri, self.deidentify = incoming_uri, deidentify
         self.uri = ResultsLayout(results_uri).peeked(incoming_uri)
         self.loaded: dict[str, tuple[str, str]] = {}
 
+    def key(self, uri: str) -> str:
+        """How a file is named in the memory: its path below the incoming location, or with
+        de-identification its keyed token (a file name can name a patient)."""
+        return input_name(uri, True) if self.deidentify else storage.relative_to(uri, self.incoming_uri)
+
+    def _valid_key(self, name: str) -> bool:
+        return name.startswith(DEIDENTIFIED_PREFIX) if self.deidentify else _is_relative(name)
+
     def load(self) -> dict[str, tuple[str, str]]:
-        """(stamp, verdict) by absolute URI; empty when there is nothing usable."""
+        """(stamp, verdict) by ``key``; empty when there is nothing usable."""
         self.loaded = {}
         try:
             data = storage.read_bytes(self.uri, max_bytes=stored_json.MAX_DOCUMENT_BYTES)
@@ -158,18 +169,17 @@ class PeekMemory:
                               "again): %s", error)
             return {}
         for verdict in _VERDICTS:
-            self.loaded.update({storage.join(self.incoming_uri, name): (stamp, verdict)
-                                for name, stamp in record[verdict].items()
-                                if isinstance(stamp, str) and _is_relative(name)})
+            self.loaded.update({name: (stamp, verdict) for name, stamp in record[verdict].items()
+                                if isinstance(stamp, str) and self._valid_key(name)})
         return self.loaded
 
     def save(self, known: dict[str, tuple[str, str]]) -> None:
         """Remember ``known``, (stamp, verdict) by URI of every such file listed now (those gone drop
         out), unless it is what was loaded. A failed write is logged: the next run peeks again."""
-        if known == self.loaded:
+        keyed = {self.key(uri): value for uri, value in known.items()}
+        if keyed == self.loaded:
             return
-        entries = [(storage.relative_to(uri, self.incoming_uri), stamp, verdict)
-                   for uri, (stamp, verdict) in sorted(known.items())]
+        entries = [(name, stamp, verdict) for name, (stamp, verdict) in sorted(keyed.items())]
         payload, kept = _memory_bytes(entries), entries
         while len(payload) > stored_json.MAX_DOCUMENT_BYTES:  # what the next run would refuse to read
             kept = kept[: len(kept) * stored_json.MAX_DOCUMENT_BYTES // len(payload) * 9 // 10]
@@ -287,6 +297,11 @@ def _load_or_vanish(uri: str, spec, limits: InputLimits) -> LoadedImage | str:
         return load_image(uri, spec, limits)
     except storage.NotFound:
         return uri  # deleted or moved since listing: not ours to record; a later run will see
+    except storage.StorageError as error:
+        if not limits.deidentify:
+            raise
+        # A failure that ends the chunk reaches Prefect's logs and states: by its token, as the row would.
+        raise type(error)(input_name(uri, True), error.reason) from None
 
 
 def _study_fields(study: Study | None) -> dict[str, str]:
@@ -448,7 +463,13 @@ def _claim(results_uri: str, card: ModelCard, row: PredictionRow) -> PredictionR
     attempt, or None when another run claimed it first."""
     if not row.final or ledger.claim(results_uri, row):
         return row
-    earlier = ledger.read_entry(results_uri, card.version, row.image_uri, card.classes)
+    try:
+        earlier = ledger.read_entry(results_uri, card.version, row.image_uri, card.classes)
+    except (ledger.LedgerError, storage.Unreadable) as error:
+        # Written since this run listed what was screened: moved aside, and claimed once more.
+        kept = ledger.quarantine(results_uri, card.version, row.image_uri)
+        _logger().error("%s; moved to %s and claimed again", error, kept)
+        return row if ledger.claim(results_uri, row) else None
     if earlier.run_id != row.run_id:
         return None
     earlier.thumbnail, earlier.explanation = row.thumbnail, row.explanation

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -40,21 +41,39 @@ def resolve_model(model_store_uri: str, model_version: str) -> ModelCard:
 
 
 @task(**io_step())
-def not_yet_screened(results_uri: str, card: ModelCard, inputs: Sequence[str], deidentify: bool = False) -> Pending:
+def not_yet_screened(results_uri: str, card: ModelCard, inputs: Sequence[str], deidentify: bool = False,
+                     live_after_minutes: float = 30.0) -> Pending:
     """The inputs this model version has screened for no one yet. The ledger is proof, not a name:
     an input whose entry does not read back as its row, or names a run that is neither open nor
     publishes that row, is screened again, its entry moved to the quarantine and the problem named.
-    Inputs are looked up by ``input_name`` (a keyed token with ``deidentify``)."""
+    Inputs are looked up by ``input_name`` (a keyed token with ``deidentify``); a run is open when
+    its lease was renewed within ``live_after_minutes`` (the screen flow's abandoned_after_minutes)."""
     names = {uri: input_name(uri, deidentify) for uri in inputs}
     done = ledger.done_keys(results_uri, card.version)
     listed = [name for name in names.values() if entry_key(name) in done]
-    proven, unproven = ledger.screened(results_uri, card.version, listed, card.classes)
-    damaged = []
-    for name, problem in sorted(unproven.items()):
-        kept = ledger.quarantine(results_uri, card.version, name)
-        get_run_logger().error("%s; the entry is moved to %s and its input screened again", problem, kept)
-        damaged.append(f"{problem} (moved to {kept}; screened again)")
+    proven, unproven = ledger.screened(results_uri, card.version, listed, card.classes,
+                                       timedelta(minutes=live_after_minutes))
+    logger, damaged = get_run_logger(), []
+
+    def move(item: tuple[str, str]) -> str:
+        name, problem = item
+        try:
+            kept = ledger.quarantine(results_uri, card.version, name)
+        except OSError as error:  # it stays; claiming its input will fail and count it as another run's
+            return f"{problem} (it could not be moved aside: {error})"
+        return f"{problem} (moved to {kept}; screened again)"
+
+    with ThreadPoolExecutor(max_workers=ledger.READERS) as pool:
+        for line in pool.map(move, sorted(unproven.items())):
+            damaged.append(line)
+            if len(damaged) <= MAX_LOGGED:
+                logger.error("%s", line)
+    if len(damaged) > MAX_LOGGED:
+        logger.error("... and %d more ledger entries that proved nothing (named in summary.json)", len(damaged) - MAX_LOGGED)
     return Pending([uri for uri in inputs if names[uri] not in proven], len(proven), damaged)
+
+
+MAX_LOGGED = 100  # lines of one kind of damage in the log; summary.json counts them all
 
 
 class Pending(NamedTuple):
@@ -103,6 +122,9 @@ def recover_abandoned_runs(results_uri: str, run: RunSummary, after_minutes: flo
             continue
         try:
             rows = _recover(results_uri, dead, run.run_id, damaged)
+        except reports.PublishedRunError:  # another run recovered it meanwhile: done, by someone
+            logger.info("Run %s was recovered by another run meanwhile", dead.run_id)
+            continue
         except (ValueError, OSError) as error:  # BundleError, StorageError: this run, not tonight's
             logger.error("Run %s died without writing its outputs, and they cannot be written now (%s); "
                          "its lease %s is left for a later run", dead.run_id, error, lease)
@@ -127,7 +149,10 @@ def _refusal(results_uri: str, run: RunSummary, dead: RunSummary, flows: _FlowRu
     with write access to the results could have written: it may only lead to writing a run that
     was never published, of this model store and these results, started by a screening flow."""
     if storage.exists(ResultsLayout(results_uri).run(dead.run_id).outputs["summary.json"]):
-        return f"run {dead.run_id} is published already (its outputs are never written again)"
+        # Nothing is lost by removing it: a published run is never written again. A run that died
+        # between publishing and closing its lease leaves one of these too.
+        leases.close_run(results_uri, dead.run_id)
+        return f"run {dead.run_id} is published already (its outputs are never written again); the lease is removed"
     if not _same_place(dead.model_store_uri, run.model_store_uri):
         return f"it names model store {dead.model_store_uri!r}, not this run's {run.model_store_uri!r}"
     if dead.results_uri and not _same_place(dead.results_uri, results_uri):  # older leases name none
@@ -204,13 +229,15 @@ class _FlowRuns:
             return None
         params = flow_run.parameters.get("params") if isinstance(flow_run.parameters, dict) else None
         results = params.get("results_uri") if isinstance(params, dict) else None
+        if name == "screen" and isinstance(results, str) and "://" not in results and not results.startswith("/"):
+            return None  # relative to a folder this process cannot know: Prefect cannot tell us which results
         here = name == "screen" and isinstance(results, str) and self._same(results)
         return _FlowFacts(flow_run.state is not None and flow_run.state.is_final(), here,
                           f"a run of flow {name!r}" if name != "screen" else "a screening of other results")
 
     def _same(self, results: str) -> bool:
         try:
-            return storage.canonical(storage.join(results)) == self.results  # relative: to this process' folder
+            return storage.canonical(results) == self.results
         except ValueError:
             return False
 

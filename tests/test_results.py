@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 
@@ -219,7 +220,7 @@ def test_a_damaged_or_misplaced_ledger_entry_is_refused_naming_its_file(tmp_path
         assert str(raised.value).startswith(entry)
 
 
-def test_a_damaged_part_line_falls_back_to_the_ledger_and_a_damaged_chunk_record_names_its_file(tmp_path, caplog):
+def test_a_damaged_part_line_falls_back_to_the_ledger_and_a_damaged_chunk_record_is_named_and_skipped(tmp_path, caplog):
     import logging
 
     from screening import ledger
@@ -233,11 +234,36 @@ def test_a_damaged_part_line_falls_back_to_the_ledger_and_a_damaged_chunk_record
     forged = {**mine[1].to_record(), "run_id": "another-run"}
     storage.write_bytes(layout.part(0), (json.dumps(mine[0].to_record(True)) + "\n{damaged\n" + json.dumps(forged)
                                          + "\n").encode())
+    damaged: list[str] = []
     with caplog.at_level(logging.ERROR, logger="screening.reports"):
-        rows = reports.read_run_rows(results, "r1", card())
+        rows = reports.read_run_rows(results, "r1", card(), damaged=damaged)
     assert rows == mine  # b.png from the ledger, a.png with its thumbnail from the part
-    assert "chunk-000000.jsonl, line 2: not a row of run r1" in caplog.text and "line 3" in caplog.text
+    assert "chunk-000000.jsonl, line 2: not valid JSON" in caplog.text and "not a row of run r1" in caplog.text
+    assert [line.split(": ")[0].rsplit("/", 1)[1] for line in damaged] == ["chunk-000000.jsonl, line 2",
+                                                                     "chunk-000000.jsonl, line 3"]
 
+    # A damaged chunk record is named and skipped: the rows of the parts still reach the report.
     storage.write_bytes(layout.chunk_inputs(1), json.dumps({"a": 1}).encode())
-    with pytest.raises(ValueError, match=r"chunk-000001.json: not a chunk record"):
-        reports.read_run_rows(results, "r1", card())
+    damaged = []
+    assert reports.read_run_rows(results, "r1", card(), damaged=damaged) == mine
+    assert any("chunk-000001.json: " in line and "not a chunk record" in line for line in damaged), damaged
+
+
+def test_a_published_run_is_never_written_again_but_a_retry_of_its_own_write_goes_on(tmp_path):
+    rows = [row("a.png", 0.9), row("b.png", 0.1)]
+    summary = RunSummary("r1", "v1", seconds=1.0, started_at="2026-12-07T01:00:00+00:00").tally(rows, CLASSES, 0.5)
+    written = reports.write_outputs(str(tmp_path), rows, card(), summary)
+    before = {uri: storage.read_bytes(uri) for uri in written.outputs.values()}
+    # The artifacts or the lease failed after publishing, and the task is retried: the same write.
+    again = reports.write_outputs(str(tmp_path), rows, card(), summary)
+    assert again.to_dict() == written.to_dict()
+    # Anyone else writing that run (another start, another recoverer, fewer rows) is refused.
+    for other in (dataclasses.replace(summary, started_at="2026-12-07T02:00:00+00:00"),
+                  dataclasses.replace(summary, recovered_by="r9")):
+        with pytest.raises(reports.PublishedRunError, match="published already"):
+            reports.write_outputs(str(tmp_path), rows[:1], card(), other)
+    storage.write_bytes(written.outputs["summary.json"], b"{damaged")  # whatever it holds, it publishes the run
+    with pytest.raises(reports.PublishedRunError, match="published already"):
+        reports.write_outputs(str(tmp_path), rows[:1], card(), summary)
+    assert {uri: storage.read_bytes(uri) for uri in written.outputs.values() if not uri.endswith("summary.json")} \
+        == {uri: data for uri, data in before.items() if not uri.endswith("summary.json")}

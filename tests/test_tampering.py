@@ -120,7 +120,8 @@ def test_a_forged_lease_never_reopens_a_published_run_nor_crashes_another_flow_r
     assert files(layout.run(first.run_id).folder) == published  # byte for byte
     assert "is published already" in named_once(second, layout.lease(first.run_id))
     assert "not a screening of these results" in named_once(second, layout.lease("20260101T000000Z-copied"))
-    assert storage.exists(layout.lease(first.run_id))  # left for an operator, not followed
+    assert not storage.exists(layout.lease(first.run_id))  # removed: a published run is never written again
+    assert storage.exists(layout.lease("20260101T000000Z-copied"))  # left for an operator, not followed
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(bystander.id).state.is_running()  # never marked Crashed
     assert second.recovered_runs == [] and second.screened == 0
@@ -139,13 +140,24 @@ def test_an_empty_or_forged_ledger_entry_hides_no_image_and_ledger_check_names_e
     storage.write_bytes(forged, json.dumps(row).encode())
     code, output = ledger_check(results)
     assert code == 1 and f"damaged: {empty}" in output and f"orphan: {forged}" in output
+    # A lease file's name is no proof that its run is open: garbage, and a lease renewed in the future.
+    more = sorted(storage.list_files(incoming))[2:4]
+    for name, uri in zip(("20260101T000000Z-garbge", "20260101T000000Z-future"), more, strict=True):
+        storage.write_bytes(layout.ledger_entry(version, uri), json.dumps({**row, "image_uri": uri,
+                                                                            "run_id": name}).encode())
+    storage.write_bytes(layout.lease("20260101T000000Z-garbge"), b"\x00 not a lease")
+    storage.write_bytes(layout.lease("20260101T000000Z-future"), json.dumps(
+        {"run_id": "20260101T000000Z-future", "model_version": version, "renewed_at": "2999-01-01T00:00:00+00:00"}).encode())
 
     first = night(incoming, results, model_store)
-    assert sorted(screened_uris(results)) == sorted(storage.list_files(incoming))  # the hidden two included
+    assert sorted(screened_uris(results)) == sorted(storage.list_files(incoming))  # the hidden four included
     assert "not valid JSON" in named_once(first, empty)
     assert "neither open nor published" in named_once(first, forged)
+    assert "in the future" in named_once(first, layout.lease("20260101T000000Z-future"))
     quarantined = list(storage.list_files(storage.join(results, "ledger-quarantine")))
-    assert len(quarantined) == 2  # kept for a person, not lost
+    assert len(quarantined) == 4  # kept for a person, not lost
+    for name in ("20260101T000000Z-garbge", "20260101T000000Z-future"):
+        storage.delete(layout.lease(name))  # an operator's clean-up: ledger check counts leases as open runs
     code, output = ledger_check(results)
     assert code == 0 and "4 ledger entries, 4 published rows: clean" in output, output
 
