@@ -30,8 +30,18 @@ from store import storage
 from store.clock import utc_now
 from store.loading import RETRIED_NEXT_RUN
 
-__all__ = ["MAX_PUBLISHED_BYTES", "LedgerError", "Reconciliation", "claim", "done_keys", "quarantine", "read_entry",
-           "reconcile", "screened"]
+__all__ = [
+    "MAX_PUBLISHED_BYTES",
+    "LedgerError",
+    "Reconciliation",
+    "claim",
+    "done_keys",
+    "quarantine",
+    "read_entry",
+    "reconcile",
+    "screened",
+    "stamped_keys",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +50,20 @@ LIVE_AFTER = timedelta(minutes=30)  # a lease renewed within this is a live run'
 # A stored file that cannot be read as it is, and will not be on a retry: damage, not a failure.
 _DAMAGED_FILE = (storage.Unreadable, storage.AccessDenied, storage.NotAFolder)
 MAX_PUBLISHED_BYTES = 4 * 2**30  # a run's predictions.jsonl: a national night is a few hundred MB
+MAX_PROOF_SHARD_BYTES = 64 * 2**20  # ~110 bytes an entry: 600,000 entries a shard, 150 million in all
 
 
 def done_keys(results_uri: str, model_version: str) -> set[str]:
     """Keys (``results.entry_key``) of the inputs with a ledger entry for this model version: one
     listing, no reads. A name is not proof (``screened`` is)."""
+    return set(stamped_keys(results_uri, model_version))
+
+
+def stamped_keys(results_uri: str, model_version: str) -> dict[str, str | None]:
+    """``done_keys`` with each entry's listing stamp (``storage.list_files_stamped``)."""
     folder = ResultsLayout(results_uri).ledger(model_version)  # absent before this version's first run
-    return {storage.relative_to(uri, folder)[: -len(".json")]
-            for uri in storage.list_files(folder, {".json"}, missing_ok=True)}
+    return {storage.relative_to(uri, folder)[: -len(".json")]: stamp
+            for uri, stamp in storage.list_files_stamped(folder, missing_ok=True) if uri.endswith(".json")}
 
 
 def claim(results_uri: str, row: PredictionRow) -> bool:
@@ -162,30 +178,104 @@ class _PublishedRows:
 
 
 def screened(results_uri: str, model_version: str, inputs: Iterable[str], classes: list[str],
-             live_after: timedelta = LIVE_AFTER) -> tuple[set[str], dict[str, str]]:
+             live_after: timedelta = LIVE_AFTER,
+             stamps: dict[str, str | None] | None = None) -> tuple[set[str], dict[str, str]]:
     """Of ``inputs`` (whose entries ``done_keys`` listed), those proven screened, and for each of
-    the others why not ({input: "entry location: problem"}). Reads every entry, ``READERS`` at a
-    time, and each run's published predictions once; damaged lines in those are logged. A run is
-    open when its lease was renewed within ``live_after``."""
+    the others why not ({input: "entry location: problem"}). A run is open when its lease was
+    renewed within ``live_after``.
+
+    An entry is read (``READERS`` at a time, and each run's published predictions once) unless
+    ``stamps`` (``stamped_keys``) gives it the stamp it had when an earlier night proved it by a
+    published row (``_Proofs``): its bytes are those that were proven, and a published run is
+    never written again. Proofs by an open run are not kept: that run may yet die unpublished."""
+    layout = ResultsLayout(results_uri)
     published = _PublishedRows.of(results_uri, live_after)
+    inputs = list(inputs)
+    keys = {uri: entry_key(uri) for uri in inputs}
+    proofs = _Proofs(layout.proofs(model_version))
+    remembered = proofs.load({keys[uri] for uri in inputs}) if stamps is not None else {}
+    newly: dict[str, str] = {}
 
     def check(image_uri: str) -> str | None:
+        stamp = (stamps or {}).get(keys[image_uri])
+        if stamp is not None and remembered.get(keys[image_uri]) == stamp:
+            return None
         try:
             row = read_entry(results_uri, model_version, image_uri, classes)
         except storage.NotFound:
-            return f"{ResultsLayout(results_uri).ledger_entry(model_version, image_uri)}: gone while read"
+            return f"{layout.ledger_entry(model_version, image_uri)}: gone while read"
         except (LedgerError, *_DAMAGED_FILE) as error:  # each names the entry
             return str(error)
         why = published.why_not_held(row)
-        return None if why is None else f"{ResultsLayout(results_uri).ledger_entry(model_version, image_uri)}: {why}"
+        if why is None and stamp is not None and row.run_id not in published.open_runs:
+            newly[keys[image_uri]] = stamp
+        return None if why is None else f"{layout.ledger_entry(model_version, image_uri)}: {why}"
 
-    inputs = list(inputs)
     with ThreadPoolExecutor(max_workers=READERS) as pool:
         found = list(pool.map(check, inputs))
     for problem in published.problems:
         logger.warning("%s", problem)
+    if newly:
+        proofs.save(newly)
     proven = {uri for uri, problem in zip(inputs, found, strict=True) if problem is None}
     return proven, {uri: problem for uri, problem in zip(inputs, found, strict=True) if problem is not None}
+
+
+class _Proofs:
+    """Ledger entries proven by a published row, each with the listing stamp it had then, in 256
+    shards by the key's first two hex digits (``<results>/ledger-proven/<version>/<xx>.json``): a
+    night reads a few hundred small objects instead of one per already-screened input, and writes
+    only the shards it added to. A forged or damaged shard is logged and ignored (its entries are
+    read again): it can no more hide an image than a forged run folder could."""
+
+    FORMAT = 1
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.shards: dict[str, dict[str, str]] = {}
+
+    def _uri(self, shard: str) -> str:
+        return storage.join(self.folder, f"{shard}.json")
+
+    def load(self, keys: set[str]) -> dict[str, str]:
+        wanted = sorted({key[:2] for key in keys})
+        with ThreadPoolExecutor(max_workers=READERS) as pool:
+            self.shards = dict(zip(wanted, pool.map(self._read, wanted), strict=True))
+        return {key: stamp for shard in self.shards.values() for key, stamp in shard.items()}
+
+    def _read(self, shard: str) -> dict[str, str]:
+        uri = self._uri(shard)
+        try:
+            record = load_json(storage.read_bytes(uri, max_bytes=MAX_PROOF_SHARD_BYTES), uri,
+                               max_bytes=MAX_PROOF_SHARD_BYTES)
+            if not isinstance(record, dict) or record.get("format") != self.FORMAT \
+                    or not isinstance(record.get("proven"), dict):
+                raise StoredStateError(f"{uri}: not a shard of ledger proofs of format {self.FORMAT}")
+        except storage.NotFound:
+            return {}
+        except (StoredStateError, *_DAMAGED_FILE) as error:
+            logger.warning("%s (its entries are read again)", error)
+            return {}
+        return {key: stamp for key, stamp in record["proven"].items()
+                if isinstance(key, str) and key[:2] == shard and isinstance(stamp, str)}
+
+    def save(self, newly: dict[str, str]) -> None:
+        """Adds ``newly`` to the shards it falls in. Two runs at once: the last write wins, and what
+        the other proved is read again, once. A failed write only costs reads."""
+        touched = sorted({key[:2] for key in newly})
+        for key, stamp in newly.items():
+            self.shards.setdefault(key[:2], {})[key] = stamp
+
+        def write(shard: str) -> None:
+            data = json.dumps({"format": self.FORMAT, "proven": self.shards[shard]}, separators=(",", ":")).encode()
+            if len(data) <= MAX_PROOF_SHARD_BYTES:  # beyond it the next night reads those entries instead
+                storage.write_bytes(self._uri(shard), data)
+
+        try:
+            with ThreadPoolExecutor(max_workers=READERS) as pool:
+                list(pool.map(write, touched))
+        except OSError as error:
+            logger.warning("Ledger proofs not kept (the next night reads those entries again): %s", error)
 
 
 def quarantine(results_uri: str, model_version: str, image_uri: str) -> str:

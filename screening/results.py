@@ -6,6 +6,7 @@ what one prediction row holds, and what a run's summary says (DESIGN.md, 'Screen
     <results>/runs/<run id>/chunks/chunk-NNNNNN.json    inputs a chunk set out to screen
     <results>/ledger/<model version>/<sha256 of the image URI>.json
     <results>/ledger-quarantine/<model version>/<key>-<time>.json   entries that proved nothing
+    <results>/ledger-proven/<model version>/<xx>.json    entries proven by a published row, with their stamps
     <results>/open-runs/<run id>.json                   the lease of a live run
     <results>/peeked/<sha256 of the incoming URI>.json  what its files without an image's name are
 
@@ -117,6 +118,10 @@ class ResultsLayout:
 
     def ledger_entry(self, model_version: str, image_uri: str) -> str:
         return storage.join(self.ledger(model_version), entry_key(image_uri) + ".json")
+
+    def proofs(self, model_version: str) -> str:
+        """Where ledger entries proven by a published row are remembered with their stamps (``ledger._Proofs``)."""
+        return storage.join(self.uri, "ledger-proven", _safe_name("model version", model_version))
 
     def quarantine(self, model_version: str) -> str:
         """Where ledger entries that prove nothing are moved (``ledger.quarantine``), kept for a person."""

@@ -49,10 +49,10 @@ def not_yet_screened(results_uri: str, card: ModelCard, inputs: Sequence[str], d
     Inputs are looked up by ``input_name`` (a keyed token with ``deidentify``); a run is open when
     its lease was renewed within ``live_after_minutes`` (the screen flow's abandoned_after_minutes)."""
     names = {uri: input_name(uri, deidentify) for uri in inputs}
-    done = ledger.done_keys(results_uri, card.version)
+    done = ledger.stamped_keys(results_uri, card.version)
     listed = [name for name in names.values() if entry_key(name) in done]
     proven, unproven = ledger.screened(results_uri, card.version, listed, card.classes,
-                                       timedelta(minutes=live_after_minutes))
+                                       timedelta(minutes=live_after_minutes), stamps=done)
     logger, damaged = get_run_logger(), []
 
     def move(item: tuple[str, str]) -> str:
