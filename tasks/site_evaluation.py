@@ -17,9 +17,11 @@ from model import stored_json
 from model.acceptance import Acceptance, judge
 from model.anatomy import mask_images
 from model.bundle import BundleError, ModelCard, software_versions
+from model.defaults import MAX_STRATA
 from model.evaluation import auc
 from model.plots import reliability_png
 from model.site_evaluation import compare_with_card, site_figures
+from model.strata import capped
 from model.training import predict_probabilities
 from model.validity import default_strata
 from store import evaluations, registry, storage
@@ -145,7 +147,11 @@ def measure(model: keras.Model, card: ModelCard, loaded: LabelledArrays, selecti
     spec, rows = card.spec(), selection.rows
     items = [loaded.items[row] for row in rows]
     columns = {name: [values[row] for row in rows] for name, values in metadata_columns(loaded.items).items()}
-    chosen = default_strata(columns) if strata is None else list(strata)
+    chosen, dropped = capped(default_strata(columns) if strata is None else list(strata), MAX_STRATA,
+                             named=strata is not None)
+    if dropped:  # each stratum is bootstrapped: thousands of manifest columns would cost hours
+        logger.warning("%d manifest columns are not evaluated within (at most %d are): %s", len(dropped), MAX_STRATA,
+                       ", ".join(dropped[:50]) + (f" and {len(dropped) - 50} more" if len(dropped) > 50 else ""))
     for name in chosen:
         if name not in columns:
             raise DatasetError(f"no manifest column {name!r} to stratify by "
