@@ -29,7 +29,10 @@ def bootstrap(settings_file: bool = True) -> None:
 
     With ``settings_file``, the ``CXR_*`` values of the deployments' settings file (``cxr.env``, or
     the file ``CXR_SETTINGS`` names) become defaults, so the command line and the deployments
-    share one vocabulary and one file. Raises SystemExit when ``CXR_SETTINGS`` names no file.
+    share one vocabulary and one file. Raises SystemExit when ``CXR_SETTINGS`` names no file, or
+    when the file sets a variable that says where code comes from or runs (``CXR_PROJECT_DIR``,
+    ``CXR_DASK_ADDRESS``, ``CXR_STACK_DIR``: ``deployments/environment_only.py``), which only the
+    real environment may set.
     """
     for key, value in _PROCESS_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -48,6 +51,12 @@ def _load_settings_file() -> None:
     path = os.environ.get("CXR_SETTINGS", "cxr.env")
     if "CXR_SETTINGS" in os.environ and not os.path.isfile(path):
         raise SystemExit(f"error: CXR_SETTINGS names {path}, which is not a file")
-    for key, value in dotenv_values(path).items() if os.path.isfile(path) else ():
+    from deployments.environment_only import refusal
+
+    values = dotenv_values(path) if os.path.isfile(path) else {}
+    refused = refusal(path, values)
+    if refused:
+        raise SystemExit(f"error: {refused}")
+    for key, value in values.items():
         if key.startswith("CXR_") and value is not None:
             os.environ.setdefault(key, value)

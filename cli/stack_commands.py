@@ -41,8 +41,8 @@ def stack_up(
     try:
         state = stack.up(folder, Settings(), port=port, s3_port=s3_port, echo=console.print, workers=workers,
                          dask_port=dask_port, s3_only=s3_only)
-    except ValueError as error:  # refused: the settings or a stack already running
-        console.print(f"[red]error:[/red] {escape(str(error))}")
+    except ValueError as error:  # refused: the settings, a stack already running, a state file not trusted
+        console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(code=EXIT_INPUT) from None
     except RuntimeError as error:  # a process did not start
         console.print(f"[red]error:[/red] {escape(str(error))}")
@@ -71,7 +71,7 @@ def stack_status(folder: Path = STACK_DIR) -> None:
 
     from deployments import stack
 
-    processes = stack.status(folder)
+    processes = _stack_call(stack.status, folder)
     data = stack.stored_data(folder)
     if not processes:
         console.print(f"No stack recorded in {escape(str(folder))}.")
@@ -99,7 +99,7 @@ def stack_down(
     """Stop exactly the processes that 'stack up' started; the local S3 saves its data as it stops."""
     from deployments import stack
 
-    stopped = stack.down(folder)
+    stopped = _stack_call(stack.down, folder)
     console.print(f"Stopped: {', '.join(stopped)}" if stopped else "Nothing was running.")
     if not wipe:
         data = stack.stored_data(folder)
@@ -115,6 +115,16 @@ def stack_down(
         console.print(f"Removed {escape(what)}", soft_wrap=True)
     if not removed:
         console.print("No stored state to remove.")
+
+
+def _stack_call(function, folder: Path):
+    """``function(folder)``; a stack state that is not trusted or is damaged ends the command with
+    one line naming the file (exit 3), and nothing is stopped or used."""
+    try:
+        return function(folder)
+    except ValueError as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
+        raise typer.Exit(code=EXIT_INPUT) from None
 
 
 def _require_api() -> None:
@@ -138,8 +148,8 @@ def _use_stack_if_up(folder: Path) -> None:
     """Point Prefect (and boto3) at the local stack unless an API is configured already."""
     from deployments import stack
 
-    if not os.environ.get("PREFECT_API_URL") and any(stack.status(folder).values()):
-        for key, value in stack.client_environment(folder.resolve()).items():
+    if not os.environ.get("PREFECT_API_URL") and any(_stack_call(stack.status, folder).values()):
+        for key, value in _stack_call(stack.client_environment, folder.resolve()).items():
             os.environ.setdefault(key, value)
 
 

@@ -22,7 +22,8 @@ data (up to a few GB), not a data lake.
 
 The snapshot is a pickle, readable only by its owner (folder 0700, file 0600): it holds the
 objects' bytes, which may be patient images, and loading a pickle runs code, so it must never be
-a file someone else could write. ``summary.json`` beside it says what it holds.
+a file someone else could write: one owned by another user, or that others could write, is
+refused before it is opened for unpickling. ``summary.json`` beside it says what it holds.
 
 ``python -m deployments.s3_server --port 5000 --state .stack/s3``
 """
@@ -36,12 +37,14 @@ import json
 import os
 import pickle
 import signal
+import stat
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from model import stored_json
 from store.clock import utc_timestamp
 
 __all__ = ["SNAPSHOT", "SUMMARY", "main", "read_summary"]
@@ -140,11 +143,34 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def read_summary(folder: Path) -> dict | None:
-    """What the last snapshot in ``folder`` holds, or None when there is none."""
+    """What the last snapshot in ``folder`` holds, or None when there is none; StoredStateError
+    (a ValueError naming the file) when it is damaged or is not a summary this code wrote."""
+    path = folder / SUMMARY
     try:
-        return json.loads((folder / SUMMARY).read_text())
-    except (OSError, ValueError):
+        with open(path, "rb") as handle:
+            data = handle.read(stored_json.MAX_DOCUMENT_BYTES + 1)  # more is refused by loads
+    except OSError:
         return None
+    summary = stored_json.loads(data, str(path))
+    buckets = summary.get("buckets") if isinstance(summary, dict) else None
+    if not (isinstance(buckets, dict) and isinstance(summary.get("saved_at"), str)
+            and all(isinstance(bucket, dict) and all(isinstance(bucket.get(count), int) and bucket[count] >= 0
+                                                     for count in ("objects", "bytes"))
+                    for bucket in buckets.values())):
+        raise stored_json.StoredStateError(f"{path}: not a summary of the local S3's state (saved_at, and buckets "
+                                           "with their objects and bytes)")
+    return summary
+
+
+def _refuse_foreign(path: Path, info: os.stat_result, what: str) -> None:
+    """PermissionError unless ``path`` (``info``: its lstat) belongs to this user and nobody else
+    can write it: the snapshot is unpickled, and unpickling runs whatever the file says."""
+    if info.st_uid != os.geteuid():
+        raise PermissionError(f"{path} is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()}): "
+                              f"a {what} this stack did not write is never loaded")
+    if info.st_mode & 0o022:
+        raise PermissionError(f"{path} can be written by others (mode {stat.S_IMODE(info.st_mode):04o}): "
+                              f"a {what} someone else could have written is never loaded")
 
 
 class Store:
@@ -163,13 +189,20 @@ class Store:
         """Restore the snapshot into moto's S3 backends; returns what was loaded, for the log."""
         from moto.s3.models import s3_backends
 
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _refuse_foreign(self.folder, os.lstat(self.folder), "folder of S3 state")
         os.chmod(self.folder, 0o700)
         path = self.folder / SNAPSHOT
-        if not path.exists():
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
             return f"no stored S3 state in {self.folder}: starting empty"
-        with open(path, "rb") as handle:
-            state = pickle.load(handle)  # noqa: S301 (our own file, in a folder only its owner can write)
+        with open(descriptor, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise PermissionError(f"{path} is not a regular file")
+            _refuse_foreign(path, info, "snapshot")
+            state = pickle.load(handle)  # our own file (checked above), in a folder only its owner can write
         if state.get("format") != FORMAT:
             raise ValueError(f"snapshot format {state.get('format')!r}, this code reads {FORMAT}")
         for account_id, region_name, saved in state["backends"]:
@@ -292,7 +325,10 @@ def main(argv: list[str] | None = None) -> None:
         time.sleep(0.2)
     server.shutdown()
     store.stop()  # waits for requests in flight, then saves
-    summary = read_summary(store.folder) or {"buckets": {}}
+    try:
+        summary = read_summary(store.folder) or {"buckets": {}}
+    except ValueError:  # written a moment ago by this process: damaged only by someone else
+        summary = {"buckets": {}}
     print(f"stopped; the S3 state in {store.folder} holds {len(summary['buckets'])} bucket(s), "
           f"{sum(bucket['objects'] for bucket in summary['buckets'].values())} object(s)", flush=True)
 

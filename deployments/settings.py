@@ -1,7 +1,9 @@
 """Where the deployments read and write, and how they run: one settings object.
 
 Values come from environment variables ``CXR_<NAME>`` or from the file named by ``CXR_SETTINGS``
-(default ``cxr.env`` in the working folder; see ``deployments/cxr.env.example``).
+(default ``cxr.env`` in the working folder; see ``deployments/cxr.env.example``). The settings that
+say where code comes from or runs (``project_dir``, ``dask_address``) come from the environment
+only: a file that sets them is refused (``deployments/environment_only.py``).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import os
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from deployments.environment_only import refusal
 from flows.parameters import ScreenParameters, SynthesizeParameters, TrainParameters
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -20,6 +23,19 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CXR_", env_file=os.environ.get("CXR_SETTINGS", "cxr.env"),
                                       extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The usual sources, in the usual order, once the settings file is known to set none of the
+        environment-only settings (ValueError naming the file otherwise)."""
+        refused = refusal(str(getattr(dotenv_settings, "env_file", None)), getattr(dotenv_settings, "env_vars", {}))
+        if refused:
+            raise ValueError(refused)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
 
     incoming: str = Field("s3://cxr/incoming", description="Where new X-rays arrive (folder or s3://).")
     results: str = Field("s3://cxr/results", description="Where screening writes run folders and its ledger.")
@@ -47,7 +63,8 @@ class Settings(BaseSettings):
         None, description="Silence after which a screening run's lease is taken for dead.")
     screen_chunk_timeout_minutes: float | None = Field(None, description="A chunk running longer is stopped and retried.")
     screen_workers: int | None = Field(None, description="Screen on a local Dask cluster of this many processes.")
-    dask_address: str | None = Field(None, description="Screen on this Dask cluster (tcp://HOST:8786): see README.")
+    dask_address: str | None = Field(None, description="Screen on this Dask cluster (tcp://HOST:8786): see README "
+                                                       "(environment only).")
     synthetic: str = Field("s3://cxr/datasets/synthetic/{version}",
                            description="Where the synthesize deployment writes its synthetic dataset ('{version}': "
                                        "the generator's version).")
@@ -57,7 +74,8 @@ class Settings(BaseSettings):
     synthesize_count: int | None = Field(None, description="Synthetic images per synthesize run.")
     cpu_pool: str = Field("cpu", description="Work pool of nightly screening.")
     gpu_pool: str = Field("gpu", description="Work pool of retraining and synthesis.")
-    project_dir: str = Field(str(PROJECT_DIR), description="Project folder the process workers run flows from.")
+    project_dir: str = Field(str(PROJECT_DIR), description="Project folder the process workers run flows from "
+                                                           "(environment only).")
 
     def screen_parameters(self) -> ScreenParameters:
         return ScreenParameters(incoming_uri=self.incoming, results_uri=self.results, model_store_uri=self.model_store,

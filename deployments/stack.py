@@ -3,19 +3,37 @@ whose objects outlive it (unless real S3 is configured; ``deployments/s3_server.
 Dask scheduler and workers that nightly screening fans its chunks out to, a process worker for each
 pool, and the deployments.
 
-Everything it starts is recorded by pid in ``<folder>/stack.json``, with logs, Prefect's database
-and the S3 data beside it; ``down`` stops exactly those processes and nothing else, and ``wipe``
-removes the stored data. The client environment (Prefect API, S3 endpoint and its credentials) is
-written to ``<folder>/env`` for a shell to ``source``.
+Everything it starts is recorded by pid and full command line in ``<folder>/stack.json``, with
+logs, Prefect's database and the S3 data beside it; ``down`` stops exactly those processes and
+nothing else, and ``wipe`` removes the stored data. The client environment (Prefect API, S3
+endpoint and its credentials) is written to ``<folder>/env`` for a shell to ``source``.
+
+Only what the stack made is trusted. ``stack.json`` is read only when it is a regular file owned by
+this user with mode 0600 (as ``up`` writes it), through the bounded parser, and its shape is
+checked; anything else is refused with one line naming the file (``StackStateError``). A recorded
+process is stopped only while its command line (``/proc/<pid>/cmdline``) is, argument for
+argument, the one it was started with, and it still leads the process group it was started in: a
+recycled pid runs something else. ``up`` refuses a folder owned by someone else, or one others can
+write (they could plant Prefect's settings or a stored state in it).
+
+Models are signed on the stack by default: ``up`` keeps an HMAC key in ``<folder>/signing-key``
+(mode 0600, made once, kept across restarts, never printed) and gives it, as
+``CXR_MODEL_SIGNING_KEY``, to what signs or checks bundles: the process workers (training and
+screening flow runs) and the Dask workers; the servers (Prefect, S3, the Dask scheduler) and the
+deploy step do not get it. A key already in the environment is used instead.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import secrets
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -25,14 +43,23 @@ from pathlib import Path
 
 from deployments.s3_server import read_summary
 from deployments.settings import Settings
+from model import stored_json
 from store import s3
 
-__all__ = ["client_environment", "down", "status", "stored_data", "up", "wipe"]
+__all__ = ["StackStateError", "client_environment", "down", "status", "stored_data", "up", "wipe"]
 
 STATE = "stack.json"
 ENV_FILE = "env"  # the client environment, one 'export' a line, for 'source'
 S3_DATA = "s3"  # the local S3's stored state
+SIGNING_KEY = "signing-key"  # the HMAC key the stack's models are signed with
+SIGNING_KEY_VARIABLE = "CXR_MODEL_SIGNING_KEY"  # store.registry's, named here: importing it loads TensorFlow
+MAX_STATE_BYTES = 2**20  # a stack's state is about 2 kB
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+class StackStateError(ValueError):
+    """A stack's state file or signing key this code does not trust or cannot read; the message is
+    one line naming the file and the reason."""
 
 
 def _wait_for(url: str, what: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -99,31 +126,149 @@ def _start(folder: Path, name: str, command: list[str], environment: dict) -> su
 
 
 def _alive(entry: dict) -> bool:
+    """The recorded process runs: its full command line is the one it was started with, and it leads
+    its own process group (``down`` stops that group). A recycled pid runs something else.
+    (A process that retitles itself would no longer match: Dask's scheduler and workers do when the
+    ``setproctitle`` package is installed, which this project does not install; ``stack status``
+    would then show them stopped, as ``tests/test_stack.py`` checks it does not.)"""
     try:
-        cmdline = Path(f"/proc/{entry['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        cmdline = Path(f"/proc/{entry['pid']}/cmdline").read_bytes()
+        group = os.getpgid(entry["pid"])
     except OSError:
         return False
-    return entry["marker"] in cmdline  # guards against a recycled pid
+    command = [os.fsencode(argument) for argument in entry["command"]]
+    # Each argument ends with a NUL; a zombie's cmdline is empty, and so never matches.
+    return bool(command) and cmdline.split(b"\0")[:-1] == command and group == entry["pid"]
+
+
+def _read_private(path: Path, max_bytes: int) -> bytes | None:
+    """The bytes of ``path``, a regular file owned by this user and readable by this user alone
+    (mode 0600, as the stack writes its state and key); None when there is none. StackStateError
+    naming the file otherwise: whoever else could write it could make 'stack down' stop any process
+    of this user's, or name the key models are signed with."""
+    trusted = "the stack writes it as a file of yours, mode 0600"
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        reason = "a symbolic link" if error.errno == errno.ELOOP else f"cannot be read ({error.strerror})"
+        raise StackStateError(f"{path}: not trusted: {reason}; {trusted}") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        mode = stat.S_IMODE(info.st_mode)
+        if not stat.S_ISREG(info.st_mode):
+            problem = "not a regular file"
+        elif info.st_uid != os.geteuid():
+            problem = f"owned by uid {info.st_uid}, not by you (uid {os.geteuid()})"
+        elif mode != 0o600:
+            problem = f"mode {mode:04o}, not 0600"
+        else:
+            return handle.read(max_bytes + 1)  # more is refused by the parser
+    raise StackStateError(f"{path}: not trusted: {problem}; {trusted}: if no stack of yours runs from "
+                          f"{path.parent}, remove it")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, mode 0600 whatever the umask (a planted link at
+    ``path`` is replaced, never followed)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _read_state(folder: Path) -> dict | None:
+    """``<folder>/stack.json``, trusted and checked, or None when there is none."""
+    path = folder / STATE
+    data = _read_private(path, MAX_STATE_BYTES)
+    if data is None:
+        return None
+    try:
+        state = stored_json.loads(data, str(path), max_bytes=MAX_STATE_BYTES)
+    except stored_json.StoredStateError as error:
+        raise StackStateError(f"{error}; remove it if no stack runs from {folder}") from None
+    problem = _state_problem(state)
+    if problem:
+        raise StackStateError(f"{path}: not a stack's state ({problem}); remove it if no stack runs from {folder}")
+    return state
+
+
+def _state_problem(state: object) -> str | None:
+    if not isinstance(state, dict):
+        return "not an object"
+    environment, processes = state.get("environment"), state.get("processes")
+    if not (isinstance(environment, dict) and all(isinstance(key, str) and isinstance(value, str)
+                                                  for key, value in environment.items())):
+        return "'environment' is not an object of strings"
+    if not isinstance(processes, dict):
+        return "'processes' is not an object"
+    for name, entry in processes.items():
+        if not isinstance(entry, dict):
+            return f"process {name!r} is not an object"
+        if "marker" in entry and "command" not in entry:
+            return (f"process {name!r} is named by a marker, as an earlier version wrote: stop the stack's processes "
+                    f"by hand (their logs are in {state.get('folder')}/logs)")
+        pid, command = entry.get("pid"), entry.get("command")
+        if not (type(pid) is int and pid > 1):
+            return f"process {name!r} has no pid"
+        if not (isinstance(command, list) and command and all(isinstance(part, str) and part for part in command)):
+            return f"process {name!r} has no command line"
+    return None
+
+
+def _signing_key(folder: Path) -> str:
+    """The stack's signing key: ``<folder>/signing-key``, made the first time (64 hex digits, mode
+    0600) and read back after."""
+    path = folder / SIGNING_KEY
+    data = _read_private(path, 1024)
+    if data is None:
+        key = secrets.token_hex(32)
+        _write_private(path, key + "\n")
+        return key
+    key = data.decode("ascii", errors="replace").strip()
+    if not re.fullmatch(r"[0-9a-f]{64}", key):
+        raise StackStateError(f"{path}: not a key the stack made (64 hex digits): remove it (a new one is made, "
+                              "and models signed with the old one are refused)")
+    return key
+
+
+def _trusted_folder(folder: Path) -> None:
+    """StackStateError unless ``folder`` is this user's and nobody else can write it."""
+    info = folder.stat()
+    if info.st_uid != os.geteuid():
+        raise StackStateError(f"{folder}: owned by uid {info.st_uid}, not by you (uid {os.geteuid()}): a stack "
+                              "runs only from a folder of yours")
+    if info.st_mode & 0o022:
+        raise StackStateError(f"{folder}: others can write it (mode {stat.S_IMODE(info.st_mode):04o}), and could "
+                              f"plant the settings and state the stack's processes read: chmod go-w {folder}")
 
 
 def client_environment(folder: Path) -> dict[str, str]:
     """The variables that point Prefect and boto3 at a running stack."""
-    state = json.loads((folder / STATE).read_text())
+    state = _read_state(folder)
+    if state is None:
+        raise StackStateError(f"{folder / STATE}: no stack recorded")
     return state["environment"]
 
 
-def _write_client_environment(folder: Path, environment: dict[str, str]) -> Path:
+def _write_client_environment(folder: Path, environment: dict[str, str], signing_key: Path | None) -> Path:
     """``<folder>/env``: one ``export KEY=VALUE`` a line, values shell-quoted, readable only by
-    the user (it holds the S3 credentials)."""
+    the user (it holds the S3 credentials). The signing key is named by its file, never copied."""
     path = folder / ENV_FILE
     lines = ["# Written by 'cxr-screen stack up', removed by 'stack down': source it to point Prefect and boto3",
              "# at the stack.",
              *(f"export {key}={shlex.quote(value)}" for key, value in environment.items() if key != "PREFECT_HOME")]
-    path.unlink(missing_ok=True)  # O_CREAT keeps an existing file's mode; O_EXCL refuses a planted link
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.fchmod(descriptor, 0o600)  # whatever the umask
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    if signing_key is not None:  # what training and screening run by hand sign and check the stack's models with
+        lines.append(f'export {SIGNING_KEY_VARIABLE}="$(cat {shlex.quote(str(signing_key))})"')
+    _write_private(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -139,7 +284,10 @@ def _size(count: float) -> str:
 
 def stored_data(folder: Path) -> str | None:
     """The local S3's stored data in words (buckets, objects, bytes, when saved), or None."""
-    summary = read_summary(folder.resolve() / S3_DATA)
+    try:
+        summary = read_summary(folder.resolve() / S3_DATA)
+    except stored_json.StoredStateError as error:
+        return f"unknown: its summary cannot be read ({error})"
     if summary is None:
         return None
     buckets = ", ".join(f"{name} ({bucket['objects']} object(s), {_size(bucket['bytes'])})"
@@ -148,10 +296,10 @@ def stored_data(folder: Path) -> str | None:
 
 
 def status(folder: Path) -> dict[str, bool]:
-    path = folder / STATE
-    if not path.exists():
-        return {}
-    return {name: _alive(entry) for name, entry in json.loads(path.read_text())["processes"].items()}
+    """Each recorded process and whether it runs; {} when no stack is recorded. StackStateError
+    when ``stack.json`` is not trusted or damaged."""
+    state = _read_state(folder)
+    return {} if state is None else {name: _alive(entry) for name, entry in state["processes"].items()}
 
 
 def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, start_s3: bool | None = None,
@@ -164,6 +312,8 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
     ``s3_only``: start the local S3 alone (no Prefect server, workers or deployments).
     """
     folder = folder.resolve()
+    if folder.is_dir():
+        _trusted_folder(folder)
     if any(status(folder).values()):
         raise ValueError(f"a stack is already running from {folder}: stop it first (cxr-screen stack down)")
     if workers < 0:
@@ -178,7 +328,8 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
                  else f"CXR_DASK_ADDRESS={settings.dask_address}")
         raise ValueError(f"{given} is set, and --workers {workers} starts the Dask cluster nightly screening "
                            f"uses: unset it, or leave out --workers")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _trusted_folder(folder)
     uses_s3 = any(s3.bucket_of(uri) for uri in (settings.incoming, settings.results, settings.model_store,
                                                  settings.dataset))
     if s3_only:
@@ -196,90 +347,101 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         # Read by the deploy step (nightly-screening's parameters), by 'cxr-screen deploy' here, and
         # exported with the rest for commands run by hand.
         environment["CXR_DASK_ADDRESS"] = dask_address
-    child_environment = {**os.environ, **environment}
+    # Servers get no signing key; what signs or checks bundles (process workers, Dask workers) does.
+    child_environment = {key: value for key, value in os.environ.items() if key != SIGNING_KEY_VARIABLE}
+    child_environment.update(environment)
+    key_file = None if os.environ.get(SIGNING_KEY_VARIABLE) else folder / SIGNING_KEY
+    signing_environment = {**child_environment,
+                           SIGNING_KEY_VARIABLE: os.environ.get(SIGNING_KEY_VARIABLE) or _signing_key(folder)}
+    echo(f"Models are signed with {SIGNING_KEY_VARIABLE} from the environment" if key_file is None
+         else f"Models are signed with the stack's key, {key_file}")
     if not s3_only:
         Path(environment["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     processes: dict[str, dict] = {}
     state = {"folder": str(folder), "ui": None if s3_only else f"http://127.0.0.1:{port}",
              "environment": environment, "processes": processes}
 
-    def record(name: str, process: subprocess.Popen, marker: str) -> None:
-        processes[name] = {"pid": process.pid, "marker": marker, "log": str(folder / "logs" / f"{name}.log")}
-        (folder / STATE).write_text(json.dumps(state, indent=2))  # after each start: down works mid-way too
+    def record(name: str, process: subprocess.Popen) -> None:
+        processes[name] = {"pid": process.pid, "command": [os.fsdecode(part) for part in process.args],
+                           "log": str(folder / "logs" / f"{name}.log")}
+        _write_private(folder / STATE, json.dumps(state, indent=2))  # after each start: down works mid-way too
 
     try:
         if start_s3:
             echo(f"Starting moto S3 on 127.0.0.1:{s3_port}, its data in {folder / S3_DATA}")
             moto = _start(folder, "s3", [sys.executable, "-m", "deployments.s3_server", "--host", "127.0.0.1",
                                          "--port", str(s3_port), "--state", str(folder / S3_DATA)], child_environment)
-            record("s3", moto, "deployments.s3_server")
+            record("s3", moto)
             _wait_for(f"http://127.0.0.1:{s3_port}/", "moto", moto, folder / "logs" / "s3.log")
         if s3_only:
-            state["env_file"] = str(_write_client_environment(folder, environment))
+            state["env_file"] = str(_write_client_environment(folder, environment, key_file))
             return state
         echo(f"Starting Prefect server on 127.0.0.1:{port}")
         server = _start(folder, "server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                            "--port", str(port)], child_environment)
-        record("server", server, "prefect server start")
+        record("server", server)
         _wait_for(f"{api}/health", "Prefect server", server, folder / "logs" / "server.log")
-        dask = _start_dask(folder, workers, dask_port, child_environment, record, echo) if workers else {}
+        dask = (_start_dask(folder, workers, dask_port, child_environment, signing_environment, record, echo)
+                if workers else {})
         echo("Creating work pools and deploying")
-        subprocess.run([sys.executable, "-m", "cli.deploy", *(["--buckets"] if start_s3 else [])],
-                       env=child_environment, cwd=PROJECT_DIR, check=True,
-                       stdout=open(folder / "logs" / "deploy.log", "ab"), stderr=subprocess.STDOUT)
+        with open(folder / "logs" / "deploy.log", "ab") as log:
+            subprocess.run([sys.executable, "-m", "cli.deploy", *(["--buckets"] if start_s3 else [])],
+                           env=child_environment, cwd=PROJECT_DIR, check=True, stdout=log, stderr=subprocess.STDOUT)
         for pool in (settings.cpu_pool, settings.gpu_pool):
             echo(f"Starting a process worker for pool {pool}")
             worker = _start(folder, f"worker-{pool}", [sys.executable, "-m", "prefect", "worker", "start",
                                                        "--pool", pool, "--type", "process",
-                                                       "--name", f"{pool}-worker"], child_environment)
-            record(f"worker-{pool}", worker, f"--pool {pool}")
+                                                       "--name", f"{pool}-worker"], signing_environment)
+            record(f"worker-{pool}", worker)
         if workers:
             _wait_for_dask(folder, dask, workers)
-        state["env_file"] = str(_write_client_environment(folder, environment))
+        state["env_file"] = str(_write_client_environment(folder, environment, key_file))
     except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
         down(folder)
         raise RuntimeError(f"stack did not start: {error}") from error
     return state
 
 
-def _start_dask(folder: Path, workers: int, port: int, environment: dict, record: Callable,
-                echo: Callable[[str], None]) -> dict[str, subprocess.Popen]:
+def _start_dask(folder: Path, workers: int, port: int, environment: dict, signing_environment: dict,
+                record: Callable, echo: Callable[[str], None]) -> dict[str, subprocess.Popen]:
     """A scheduler, once it listens, and ``workers`` worker processes (one thread each: one chunk at
     a time), all on 127.0.0.1, with the stack's client environment (Prefect API, S3) and the project
     on their path: chunks arrive as references to its modules, which the scheduler too unpickles.
+    The workers, which load and check models, also get the signing key (``signing_environment``).
     The workers' thread pools are sized so that they share the cores."""
     from flows.fan_out import local_worker_environment
 
     address = f"tcp://127.0.0.1:{port}"
     echo(f"Starting a Dask scheduler on {address} and {workers} Dask worker process(es)")
-    environment = {**environment, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR),
-                                                                             environment.get("PYTHONPATH")]))}
+    path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR), environment.get("PYTHONPATH")]))}
+    environment, signing_environment = {**environment, **path}, {**signing_environment, **path}
     scheduler_file = folder / "dask" / "scheduler.json"
     scheduler_file.parent.mkdir(exist_ok=True)
     scheduler_file.unlink(missing_ok=True)  # an earlier stack's
     started = {"dask-scheduler": _start(folder, "dask-scheduler", [
         sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
         "--no-dashboard", "--scheduler-file", str(scheduler_file)], environment)}
-    record("dask-scheduler", started["dask-scheduler"], "distributed.cli.dask_scheduler")
+    record("dask-scheduler", started["dask-scheduler"])
     _wait_for_dask(folder, started)  # a port taken fails here, before anything is deployed
     for number in range(1, workers + 1):
         name = f"dask-worker-{number}"
         started[name] = _start(folder, name, [
             sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", name, "--host", "127.0.0.1",
             "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--local-directory", str(folder / "dask")],
-            {**environment, **local_worker_environment(workers)})
-        record(name, started[name], "distributed.cli.dask_worker")
+            {**signing_environment, **local_worker_environment(workers)})
+        record(name, started[name])
     return started
 
 
 def down(folder: Path, timeout: float = 30) -> list[str]:
     """Stop every process ``up`` started from ``folder`` (the S3 server saves its data as it stops)
-    and remove the client environment's file; returns the processes' names."""
-    path = folder.resolve() / STATE
-    (folder.resolve() / ENV_FILE).unlink(missing_ok=True)
-    if not path.exists():
+    and remove the client environment's file; returns the processes' names. StackStateError, and
+    nothing stopped, when ``stack.json`` is not trusted or damaged."""
+    folder = folder.resolve()
+    state = _read_state(folder)
+    (folder / ENV_FILE).unlink(missing_ok=True)
+    if state is None:
         return []
-    state = json.loads(path.read_text())
     stopped = []
     # Workers first, the server and S3 last, so runs in flight can report their end.
     for name, entry in reversed(list(state["processes"].items())):
@@ -295,7 +457,7 @@ def down(folder: Path, timeout: float = 30) -> list[str]:
         if _alive(entry):
             os.killpg(entry["pid"], signal.SIGKILL)
         stopped.append(name)
-    path.unlink()
+    (folder / STATE).unlink()
     return stopped
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 import stat
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,7 +29,11 @@ from store.backend import (
     too_large,
 )
 
-__all__ = ["LocalBackend"]
+__all__ = ["NEW_FILE_MODE", "LocalBackend"]
+
+# Files written here get this mode less the process' umask, as any program's files do: umask 022
+# gives 0644, 027 keeps them from others (0640), 077 private (0600). Folders get 0777 less the umask.
+NEW_FILE_MODE = 0o666
 
 
 def _path(uri: str) -> Path:
@@ -318,7 +322,7 @@ def _replace(uri: str, location: Path, data: bytes) -> None:
 
 def _create_exclusive(uri: str, location: Path, data: bytes) -> bool:
     try:
-        descriptor = os.open(location, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        descriptor = os.open(location, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
     except FileExistsError:
         return False
     try:
@@ -333,9 +337,14 @@ def _create_exclusive(uri: str, location: Path, data: bytes) -> bool:
 def _write_temporary(uri: str, location: Path, data: bytes) -> str:
     try:
         location.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=location.parent, prefix=f".{location.name}.", suffix=".tmp")
     except FileExistsError as error:
         raise NotAFolder(uri, f"{error.filename} is a file, not a folder") from error
+    except PermissionError as error:
+        raise AccessDenied(uri, "permission denied") from error
+    except OSError as error:
+        raise _write_error(uri, error) from error
+    try:
+        descriptor, temporary = _new_temporary(location)
     except PermissionError as error:
         raise AccessDenied(uri, "permission denied") from error
     except OSError as error:
@@ -345,11 +354,23 @@ def _write_temporary(uri: str, location: Path, data: bytes) -> str:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
     except OSError as error:
         os.unlink(temporary)  # a full disk must not also fill up with halves of files
         raise _write_error(uri, error) from error
     return temporary
+
+
+def _new_temporary(location: Path) -> tuple[int, str]:
+    """A new, empty file beside ``location`` (``.<name>.<random>.tmp``), open for writing, with the
+    mode every file the user's programs make gets: ``NEW_FILE_MODE`` less the umask (mkstemp's
+    0600 would make every output private, and a fixed 0644 would ignore a umask that keeps them
+    from others)."""
+    while True:  # 64 random bits: a name taken twice in a row does not happen
+        temporary = str(location.with_name(f".{location.name}.{secrets.token_hex(8)}.tmp"))
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, NEW_FILE_MODE), temporary
+        except FileExistsError:
+            continue
 
 
 def _write_error(uri: str, error: OSError) -> StorageError:
@@ -363,7 +384,7 @@ def _take_lock(uri: str, lock: Path, wait_seconds: float) -> None:
     while True:
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
         except FileExistsError:
             if time.monotonic() > deadline:
                 raise StorageError(uri, f"{lock} has been held for over {wait_seconds:g} s: another writer is "

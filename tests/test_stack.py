@@ -37,15 +37,17 @@ def free_port() -> int:
 
 def cli(*arguments: str, environment: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "cli.main", *arguments], env=environment, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, f"cxr-screen {' '.join(arguments)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return done
 
 
 def stack_environment(folder: Path) -> dict[str, str]:
-    """The CLI's environment for a stack in ``folder``: no settings file, nothing from other tests' harness."""
+    """The CLI's environment for a stack in ``folder``: no settings file, nothing from other tests' harness
+    (no signing key either: the stack makes its own)."""
     (folder / "empty.env").write_text("")
-    environment = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "AWS_"))}
+    environment = {key: value for key, value in os.environ.items()
+                   if not key.startswith(("PREFECT_", "AWS_")) and key != "CXR_MODEL_SIGNING_KEY"}
     environment.update(CXR_STACK_DIR=str(folder), CXR_SETTINGS=str(folder / "empty.env"), COLUMNS="200",
                        PREFECT_HOME=str(folder / "client-home"))
     return environment
@@ -53,6 +55,26 @@ def stack_environment(folder: Path) -> dict[str, str]:
 
 def private(path: Path) -> bool:
     return path.stat().st_mode & 0o777 == 0o600
+
+
+def signing_keys(folder: Path) -> dict[str, str | None]:
+    """The signing key each of the stack's recorded processes was given, by name."""
+    keys = {}
+    for name, entry in json.loads((folder / "stack.json").read_text())["processes"].items():
+        variables = Path(f"/proc/{entry['pid']}/environ").read_bytes().split(b"\0")
+        given = [item.split(b"=", 1)[1].decode() for item in variables if item.startswith(b"CXR_MODEL_SIGNING_KEY=")]
+        keys[name] = given[0] if given else None
+    return keys
+
+
+def the_key(folder: Path, *shown: str) -> str:
+    """The stack's signing key: private, 64 hex digits, never printed, never copied into its other files."""
+    path = folder / "signing-key"
+    key = path.read_text().strip()
+    assert private(path) and len(key) == 64 and private(folder / "stack.json")
+    assert not [text for text in (*shown, (folder / "stack.json").read_text(), (folder / "env").read_text())
+                if key in text], "the signing key was printed or copied"
+    return key
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +100,10 @@ def stack(tmp_path_factory):
         names = ("server", "s3", "dask-scheduler", *(f"dask-worker-{n}" for n in range(1, DASK_WORKERS + 1)),
                  "worker-cpu", "worker-gpu")
         assert all(name in shown for name in names) and "stopped" not in shown, shown
+        # Signed by default: what trains and screens (process workers, Dask workers) has the key; servers do not.
+        key = the_key(folder, shown_up, shown)
+        assert signing_keys(folder) == {name: key if name.startswith(("worker-", "dask-worker-")) else None
+                                        for name in names}
     except BaseException:
         cli("stack", "down", environment=environment, timeout=120)
         raise
@@ -172,6 +198,8 @@ def test_retrain_then_nightly_screening_through_workers(stack):
     (retrain_run,) = [run for run in runs_of(stack, "train/retrain") if run["state_type"] == "COMPLETED"]
     assert {"training-summary", "training-metrics"} <= artifacts_of(stack, retrain_run["id"]).keys()
     production = json.loads(s3_client(stack).get_object(Bucket="cxr", Key="models/production.json")["Body"].read())
+    # Signed with the stack's key (screening below checks the signature with it).
+    s3_client(stack).head_object(Bucket="cxr", Key=f"models/{production['version']}/card.json.sig")
 
     script = ("from deployments.follow import start_run, follow_run; import sys; "
               "run = start_run('screen/nightly-screening'); sys.exit(0 if follow_run(run.id).is_completed() else 1)")
@@ -254,7 +282,7 @@ def test_an_event_without_a_dataset_trains_on_the_configured_one(stack):
             "emit_event(event='cxr.dataset.updated', resource={'prefect.resource.id': 'cxr.dataset.anonymous'}); "
             "EventsWorker.drain_all()")
     done = subprocess.run([sys.executable, "-c", emit], env={**stack["environment"], "PREFECT_API_URL": stack["api"]},
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     (run, *_) = new_runs(stack, "train/retrain", before, 1)
     assert run["parameters"]["params"]["dataset_uri"] == "s3://cxr/datasets/current"
@@ -299,9 +327,14 @@ def test_the_local_s3_keeps_its_objects_across_down_and_up(tmp_path):
 
     environment, s3_port, env_file = stack_environment(tmp_path), free_port(), tmp_path / "env"
 
+    keys = set()
+
     def up() -> dict:
         shown = cli("stack", "up", "--s3-only", "--s3-port", str(s3_port), environment=environment, timeout=120).stdout
         assert f"source {shlex.quote(str(env_file))}\n" in shown and private(env_file), shown
+        keys.add(the_key(tmp_path, shown))
+        assert len(keys) == 1, "the signing key changed across 'stack down' and 'stack up'"
+        assert signing_keys(tmp_path) == {"s3": None}  # the S3 server does not get it
         return json.loads((tmp_path / "stack.json").read_text())
 
     def refused(**put) -> str:
@@ -315,14 +348,15 @@ def test_the_local_s3_keeps_its_objects_across_down_and_up(tmp_path):
         probe = ("import boto3, json; session = boto3.session.Session(); client = session.client('s3'); "
                  "client.create_bucket(Bucket='cxr'); credentials = session.get_credentials(); "
                  "print(json.dumps([client.meta.endpoint_url, credentials.access_key, credentials.secret_key, "
-                 "session.region_name, [bucket['Name'] for bucket in client.list_buckets()['Buckets']]]))")
+                 "session.region_name, [bucket['Name'] for bucket in client.list_buckets()['Buckets']], "
+                 "__import__('os').environ.get('CXR_MODEL_SIGNING_KEY')]))")
         script = f"source {shlex.quote(str(env_file))} && {shlex.quote(sys.executable)} -c {shlex.quote(probe)}"
         sourced = subprocess.run(["bash", "-c", script], env=environment,  # an environment without AWS_ variables
-                                 capture_output=True, text=True, timeout=60)
+                                 capture_output=True, text=True, timeout=60, check=False)
         assert sourced.returncode == 0, sourced.stderr
         assert json.loads(sourced.stdout.splitlines()[-1]) == [
             endpoint, state["environment"]["AWS_ACCESS_KEY_ID"], state["environment"]["AWS_SECRET_ACCESS_KEY"],
-            state["environment"]["AWS_DEFAULT_REGION"], ["cxr"]]
+            state["environment"]["AWS_DEFAULT_REGION"], ["cxr"], *keys]  # commands run by hand sign as the stack
 
         client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
                               aws_secret_access_key="testing", region_name="us-east-1")

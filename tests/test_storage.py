@@ -247,7 +247,7 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_file(tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)],
-                             capture_output=True).returncode == 0
+                             capture_output=True, check=False).returncode == 0
     try:
         if mounted:
             with pytest.raises(storage.NoSpace, match="No space left on device; nothing was written"):
@@ -280,7 +280,7 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_temporary_file(tmp_path):
         assert list((tmp_path / "capped").iterdir()) == []
     finally:
         if mounted:
-            subprocess.run(["umount", str(full)])
+            subprocess.run(["umount", str(full)], check=False)
 
 
 def test_listing_survives_deep_nesting_and_reads_never_leave_the_tree_through_a_linked_folder(tmp_path):
@@ -362,3 +362,45 @@ def test_a_lock_left_by_a_killed_writer_is_named_not_broken(tmp_path):
     assert storage.read_bytes(uri) == b"x" and lock.exists()
     lock.unlink()
     assert storage.replace_if_unchanged(uri, b"y", token) and not lock.exists()
+
+
+@pytest.fixture
+def umask():
+    """Sets the process' umask for the test, and puts the old one back."""
+    import os
+
+    saved = os.umask(0o022)
+    yield os.umask
+    os.umask(saved)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o027, 0o640), (0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_local_outputs_keep_the_umasks_mode(tmp_path, umask, monkeypatch, mask, mode):
+    """Every way a file is written (replaced, created once by a hard link or, where a file system
+    has none, with O_EXCL, replaced under the lock) gets 0666 less the umask, as any program's
+    files do: a site that keeps outputs from others with umask 027 gets 0640, not a forced 0644."""
+    import errno
+    import os
+    import stat
+
+    umask(mask)
+    out = tmp_path / "results"
+    storage.write_bytes(str(out / "predictions.csv"), b"a,b\n")
+    storage.create_if_absent(str(out / "ledger" / "0001.json"), b"{}")
+    _, token = storage.read_versioned(str(out / "production.json"))
+    assert storage.replace_if_unchanged(str(out / "production.json"), b"{}", token)
+    storage.write_bytes(str(out / "predictions.csv"), b"a,b\n1,2\n")  # a replacement, not the first write
+
+    def no_hard_links(*_arguments, **_options):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "link", no_hard_links)
+        storage.create_if_absent(str(out / "ledger" / "0002.json"), b"{}")
+
+    written = {path.relative_to(out).as_posix(): stat.S_IMODE(path.stat().st_mode)
+               for path in out.rglob("*") if path.is_file()}
+    assert written == {name: mode for name in ("predictions.csv", "ledger/0001.json", "ledger/0002.json",
+                                               "production.json")}, {k: oct(v) for k, v in written.items()}
+    folders = {stat.S_IMODE(path.stat().st_mode) for path in (out, out / "ledger")}
+    assert folders == {0o777 & ~mask}
