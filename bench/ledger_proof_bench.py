@@ -54,11 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     print(cpu_line())
     with LatentS3() as server:
-        import boto3
-
-        for latency in args.latency_ms or [0.0, 32.0]:
-            bucket = f"proof-{int(latency)}-{int(time.time())}"
-            boto3.client("s3").create_bucket(Bucket=bucket)
+        for latency, bucket in server.fresh_buckets("proof", args.latency_ms):
             results = f"s3://{bucket}/results"
             inputs = populate(results, args.entries)
             server.set_latency(latency)

@@ -58,11 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     print(cpu_line())
     with LatentS3() as server:
-        import boto3
-
-        for latency in args.latency_ms or [0.0, 32.0]:
-            bucket = f"peek-{int(latency)}-{int(time.time())}"
-            boto3.client("s3").create_bucket(Bucket=bucket)
+        for latency, bucket in server.fresh_buckets("peek", args.latency_ms):
             incoming, results = f"s3://{bucket}/incoming", f"s3://{bucket}/results"
             names = populate(incoming, args.keys)
             sum(1 for _ in storage.list_files(incoming))  # warm: the client made, connections open

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +182,16 @@ class LatentS3:
 
     def set_latency(self, milliseconds: float) -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{self.port}/__bench__/latency?ms={milliseconds}").read()
+
+    def fresh_buckets(self, prefix: str, latencies: list[float] | None) -> Iterator[tuple[float, str]]:
+        """(latency, bucket) for each latency (default 0 and 32 ms): a new, empty bucket each, to fill
+        at no latency; the latency is the caller's to set once it has filled it."""
+        import boto3
+
+        for latency in latencies or [0.0, 32.0]:
+            bucket = f"{prefix}-{int(latency)}-{int(time.time())}"
+            boto3.client("s3").create_bucket(Bucket=bucket)
+            yield latency, bucket
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()

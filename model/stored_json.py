@@ -17,7 +17,7 @@ import json
 import math
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "MAX_DOCUMENT_BYTES", "MAX_SAFE_INTEGER", "StoredStateError", "loads"]
+__all__ = ["MAX_DEPTH", "MAX_DOCUMENT_BYTES", "MAX_SAFE_INTEGER", "StoredStateError", "loads", "reason"]
 
 MAX_DOCUMENT_BYTES = 16 * 2**20  # the largest document we write is a card or summary of some kB
 MAX_DEPTH = 32  # a card, our deepest document, nests 5 levels
@@ -46,6 +46,13 @@ def loads(data: bytes | str, source: str, *, max_bytes: int = MAX_DOCUMENT_BYTES
     if problem:
         raise StoredStateError(f"{source}: {problem}")
     return value
+
+
+def reason(error: Exception, source: str) -> str:
+    """An error's message without the ``source: `` it starts with, for a caller that names the file
+    once itself (storage errors and StoredStateError start with the location)."""
+    message = str(error)
+    return message[len(source) + 2:] if message.startswith(f"{source}: ") else message
 
 
 def _integer(text: str) -> int:

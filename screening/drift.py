@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from model.bundle import is_safe_name
 from model.stored_json import loads as load_json
+from model.stored_json import reason
 from screening.results import ResultsLayout, RunSummary
 from store import storage
 
@@ -147,8 +148,7 @@ def _read_summary(results_uri: str, run_id: str) -> RunSummary | str | None:
     except storage.NotFound:
         return None
     except (OSError, ValueError) as error:  # damaged, forged, a failed read
-        reason = str(error)[len(uri) + 2:] if str(error).startswith(f"{uri}: ") else str(error)
-        problem = f"{uri}: left off the drift chart, not a summary of run {run_id} ({reason})"
+        problem = f"{uri}: left off the drift chart, not a summary of run {run_id} ({reason(error, uri)})"
         logger.warning("%s", problem)
         return problem
     return summary

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
 from model.stored_json import loads as load_json
+from model.stored_json import reason
 from screening.results import ResultsLayout, RunSummary
 from store import storage
 from store.clock import utc_now, utc_timestamp
@@ -56,7 +57,7 @@ def renew(results_uri: str, run_id: str) -> None:
     except storage.NotFound:
         return
     except ValueError as error:  # a missed renewal only risks an early recovery; a crash would lose the chunk
-        logger.error("%s: not a run lease (%s); not renewed", uri, _without(str(error), uri))
+        logger.error("%s: not a run lease (%s); not renewed", uri, reason(error, uri))
         return
     if not isinstance(lease, dict):
         logger.error("%s: not a run lease (a JSON object was expected); not renewed", uri)
@@ -143,16 +144,11 @@ def _read_lease(results_uri: str, uri: str, damaged: list[str]) -> tuple[RunSumm
         return None  # closed between the listing and the read
     except (ValueError, storage.Unreadable) as error:  # JSON, schema, names and size alike
         # Blocking every later run on one damaged file would be worse than leaving it to a person.
-        problem = f"{uri}: not a run lease ({_without(str(error), uri)}); left for an operator"
+        problem = f"{uri}: not a run lease ({reason(error, uri)}); left for an operator"
         logger.error("%s", problem)
         damaged.append(problem)
         return None
     return summary, renewed_at
-
-
-def _without(message: str, uri: str) -> str:
-    """An error's message without the location it starts with (the caller names it once)."""
-    return message[len(uri) + 2:] if message.startswith(f"{uri}: ") else message
 
 
 def _renewal(value: object) -> datetime:

@@ -22,10 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from model.stored_json import StoredStateError
+from model.bundle import is_safe_name
+from model.stored_json import StoredStateError, reason
 from model.stored_json import loads as load_json
 from screening import leases
-from screening.results import PredictionRow, ResultsLayout, entry_key
+from screening.results import PredictionRow, ResultsLayout, entry_key, probability_column
 from store import storage
 from store.clock import utc_now
 from store.loading import RETRIED_NEXT_RUN
@@ -95,13 +96,15 @@ def read_entry(results_uri: str, model_version: str, image_uri: str, classes: li
 def _parse_entry(uri: str, data: bytes, classes: list[str] | None) -> PredictionRow:
     try:
         record = load_json(data, uri)
-        if classes is None:
-            classes = [name[len("prob_"):] for name in record if name.startswith("prob_")] \
-                if isinstance(record, dict) else []
-        return PredictionRow.from_record(record, classes)
+        return PredictionRow.from_record(record, _classes_named(record) if classes is None else classes)
     except ValueError as error:  # bounds, JSON and schema alike
-        reason = str(error)[len(uri) + 2:] if str(error).startswith(f"{uri}: ") else str(error)
-        raise LedgerError(f"{uri}: not a ledger entry: {reason}") from error
+        raise LedgerError(f"{uri}: not a ledger entry: {reason(error, uri)}") from error
+
+
+def _classes_named(record: object) -> list[str]:
+    """The classes a stored row's probability columns name: for an audit that has no card."""
+    prefix = probability_column("")
+    return [name[len(prefix):] for name in record if name.startswith(prefix)] if isinstance(record, dict) else []
 
 
 @dataclass
@@ -331,7 +334,7 @@ def reconcile(results_uri: str, progress: Callable[[int, int], None] = lambda do
             row = _parse_entry(uri, storage.read_bytes(uri, max_bytes=1 << 20), None)
         except (LedgerError, storage.NotFound, *_DAMAGED_FILE) as error:  # each names the entry
             return str(error)
-        if not _safe(version) or layout.ledger_entry(version, row.image_uri) != uri:
+        if not is_safe_name(version) or layout.ledger_entry(version, row.image_uri) != uri:
             return f"{uri}: records {row.image_uri!r} for model {row.model_version}, which is not this entry's name"
         return row
 
@@ -364,14 +367,6 @@ def reconcile(results_uri: str, progress: Callable[[int, int], None] = lambda do
     return found
 
 
-def _safe(name: str) -> bool:
-    try:
-        ResultsLayout("/").ledger(name)
-    except ValueError:
-        return False
-    return True
-
-
 def _published(results_uri: str, run_id: str, found: Reconciliation) -> list[PredictionRow]:
     """The rows of a published run (its summary exists); [] for a run still open or never published."""
     try:
@@ -392,9 +387,7 @@ def _published(results_uri: str, run_id: str, found: Reconciliation) -> list[Pre
             continue
         try:
             record = load_json(line, f"{uri}, line {number}")
-            classes = [name[len("prob_"):] for name in record if name.startswith("prob_")] \
-                if isinstance(record, dict) else []
-            rows.append(PredictionRow.from_record(record, classes))
+            rows.append(PredictionRow.from_record(record, _classes_named(record)))
         except ValueError as error:
-            found.damaged.append(str(error) if str(error).startswith(uri) else f"{uri}, line {number}: {error}")
+            found.damaged.append(f"{uri}, line {number}: {reason(error, f'{uri}, line {number}')}")
     return rows

@@ -27,6 +27,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from model.bundle import BundleError, ModelCard
 from model.stored_json import loads as load_json
+from model.stored_json import reason
 from screening import drift, ledger
 from screening.results import PredictionRow, ResultsLayout, RunSummary, probability_column
 from store import registry, storage
@@ -167,7 +168,7 @@ def _part_rows(uri: str, data: bytes, run_id: str, card: ModelCard, damaged: lis
 
 
 def _damage(damaged: list[str], where: str, error: Exception, consequence: str) -> None:
-    problem = str(error) if str(error).startswith(where) else f"{where}: {error}"
+    problem = f"{where}: {reason(error, where)}"
     logger.error("%s (%s)", problem, consequence)
     damaged.append(f"{problem} ({consequence})")
 
@@ -221,7 +222,7 @@ def write_outputs(results_uri: str, rows: list[PredictionRow], card: ModelCard, 
                                                 card_link=shared_link(card_uri), history=history).encode()}
     for name, build in files.items():
         data = build()
-        if _published(outputs["summary.json"], summary) is not None:  # published by another run meanwhile
+        if storage.exists(outputs["summary.json"]) and _published(outputs["summary.json"], summary) is not None:
             raise PublishedRunError(f"{outputs['summary.json']}: run {summary.run_id} was published by another run "
                                     "while this one wrote its outputs")
         storage.write_bytes(outputs[name], data)

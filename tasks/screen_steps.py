@@ -236,10 +236,7 @@ class _FlowRuns:
                           f"a run of flow {name!r}" if name != "screen" else "a screening of other results")
 
     def _same(self, results: str) -> bool:
-        try:
-            return storage.canonical(results) == self.results
-        except ValueError:
-            return False
+        return _same_place(results, self.results)
 
 
 def _mark_crashed(flow_run_id: str | None, message: str) -> None:
