@@ -24,8 +24,9 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/cxr-screen demo
 
+# One pytest process per core (at most 4); a test file stays on one process, as the stack tests share one stack.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -m "not slow"

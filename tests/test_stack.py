@@ -85,6 +85,8 @@ def stack(tmp_path_factory):
     environment.update(
         CXR_WEIGHTS="none", CXR_TRAIN_INPUT_SIZE="32", CXR_TRAIN_EPOCHS="2", CXR_TIMEZONE="Europe/Zurich",
         CXR_SCREEN_CHUNK_SIZE="4",  # the night's 8 images make 2 chunks, for the 2 Dask workers
+        # The process workers ask for due runs every 2 s instead of every 10 s: the tests start seven runs.
+        PREFECT_WORKER_QUERY_SECONDS="2",
     )
     shown_up = cli("stack", "up", "--port", str(port), "--s3-port", str(s3_port), "--workers", str(DASK_WORKERS),
                    "--dask-port", str(dask_port), environment=environment, timeout=300).stdout

@@ -72,6 +72,33 @@ def test_a_process_is_stopped_only_while_its_full_command_line_matches(tmp_path,
     assert not running(sleeper)
 
 
+def test_down_stops_workers_first_and_waits_once_per_wave(tmp_path):
+    """Processes that ignore SIGTERM are killed after ``timeout``; a wave's processes are waited
+    for together (two stubborn workers and a stubborn server cost two timeouts, not three), and the
+    workers are stopped before the server."""
+    command = ["sh", "-c", "trap '' TERM; sleep 300"]
+    processes = {name: subprocess.Popen(command, start_new_session=True)
+                 for name in ("server", "worker-cpu", "dask-worker-1")}
+    try:
+        for process in processes.values():
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")[:-1] != [os.fsencode(c) for c in command]:
+                assert time.monotonic() < deadline, "sh did not start"
+                time.sleep(0.01)
+        plant(tmp_path, {name: {"pid": process.pid, "command": command} for name, process in processes.items()})
+        begun = time.monotonic()
+        stopped = stack.down(tmp_path, timeout=2)
+        took = time.monotonic() - begun
+        assert stopped[2] == "server" and set(stopped[:2]) == {"worker-cpu", "dask-worker-1"}, stopped
+        assert 4 <= took < 5.5, f"down took {took:.1f} s with a 2 s timeout for 2 waves"
+        for process in processes.values():
+            process.wait(timeout=5)
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait()
+
+
 def test_a_process_that_does_not_lead_its_own_group_is_never_stopped(tmp_path):
     """``down`` stops a recorded pid's whole process group: a process in this test's group, with
     the right command line, is not the stack's, and killing 'its' group would hit others."""
