@@ -29,7 +29,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile -m "not slow"
 
 clean:
 	rm -rf $(VENV) .prefect .pytest_cache

@@ -7,8 +7,6 @@ ImageNet base; the checks here are about the arithmetic and the verdicts, which 
 
 from __future__ import annotations
 
-import time
-
 import cv2
 import numpy as np
 import pytest
@@ -38,7 +36,7 @@ from store.phantoms import chest_phantom
 
 SIZE = 64
 PER_CLASS = 48
-# Small enough to train in well under two minutes on 2 shared CPU cores (about 25 s measured).
+# Small enough to train in under a minute on 2 CPU cores.
 FAST = GanConfig(image_size=SIZE, width=16, epochs=30, batch_size=16, seed=0)
 
 
@@ -173,12 +171,10 @@ def test_memorisation_check_accepts_real_held_out_images(phantoms, features):
 
 
 @pytest.mark.slow
-def test_gan_trains_on_phantoms_in_under_two_minutes_and_beats_its_untrained_self(phantoms, features):
+def test_gan_trained_on_phantoms_beats_its_untrained_self(phantoms, features):
+    """Its training time is bench/gan_bench.py's to report, beside the runs it is compared with."""
     train, labels, held_out = phantoms
-    started = time.monotonic()
     generator = train_gan(train, labels, FAST)
-    seconds = time.monotonic() - started
-    assert seconds < 120, f"training took {seconds:.0f} s"
     assert len(generator.history["generator_loss"]) == FAST.epochs
     untrained = init_generator(2, FAST)
     for label, real in ((0, held_out), (1, train[PER_CLASS:])):
