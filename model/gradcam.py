@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from model.preprocessing import Preprocessing, scale
 
-__all__ = ["LAST_CONVOLUTION", "grad_cam", "grad_cam_and_probabilities", "overlay"]
+__all__ = ["LAST_CONVOLUTION", "cams_from_maps", "grad_cam", "grad_cam_and_probabilities", "overlay", "resized"]
 
 LAST_CONVOLUTION = "block5_conv3"
 
@@ -32,17 +32,20 @@ LAST_CONVOLUTION = "block5_conv3"
 _PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _parts(model: keras.Model) -> tuple[keras.Model, keras.layers.Layer, keras.Model, keras.layers.Dense]:
+def _parts(model: keras.Model) -> tuple[keras.Model, tf.types.experimental.PolymorphicFunction]:
     if model not in _PARTS:
         _PARTS[model] = _build_parts(model)
     return _PARTS[model]
 
 
-def _build_parts(model: keras.Model) -> tuple[keras.Model, keras.layers.Layer, keras.Model, keras.layers.Dense]:
-    """The classifier as: image -> last convolution -> pooling -> head features -> class logits.
+def _build_parts(model: keras.Model) -> tuple[keras.Model, tf.types.experimental.PolymorphicFunction]:
+    """The classifier as: image -> last convolution (the maps), and a compiled function from the
+    maps to their Grad-CAM and the class probabilities.
 
-    Keras 3 cannot hand out a nested model's inner tensors from the outer model, so the base is
-    re-entered from its own input; the layers (and weights) are the model's own.
+    The score's gradient with respect to the maps runs through block5's pooling and the head only,
+    never through the base: the base's work is the forward pass that made the maps, whichever
+    engine ran it. Keras 3 cannot hand out a nested model's inner tensors from the outer model,
+    so the base is re-entered from its own input; the layers (and weights) are the model's own.
     """
     base, head = model.get_layer("vgg16"), model.get_layer("head")
     to_convolution = keras.Model(base.input, base.get_layer(LAST_CONVOLUTION).output)
@@ -50,10 +53,21 @@ def _build_parts(model: keras.Model) -> tuple[keras.Model, keras.layers.Layer, k
     # The score is built from the logits before softmax (see _log_odds), hence the final layer apart.
     final = head.get_layer("probabilities")
     to_head_features = keras.Model(head.input, final.input)
-    return to_convolution, pooling, to_head_features, final
+
+    @tf.function(reduce_retracing=True)
+    def from_maps(maps: tf.Tensor, class_index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        with tf.GradientTape() as tape:
+            tape.watch(maps)
+            features = to_head_features(pooling(maps), training=False)
+            logits = tf.matmul(features, final.kernel) + final.bias
+            score = _log_odds(logits, class_index)
+        channel_weights = tf.reduce_mean(tape.gradient(score, maps), axis=(1, 2), keepdims=True)
+        return tf.nn.relu(tf.reduce_sum(channel_weights * maps, axis=-1)), tf.nn.softmax(logits)
+
+    return to_convolution, from_maps
 
 
-def _log_odds(logits: tf.Tensor, class_index: int) -> tf.Tensor:
+def _log_odds(logits: tf.Tensor, class_index: tf.Tensor) -> tf.Tensor:
     """The class's logit minus the log-sum-exp of the others: its log-odds against the rest.
 
     Softmax ignores a shift common to all logits, so nothing in training pins down the class's
@@ -62,42 +76,66 @@ def _log_odds(logits: tf.Tensor, class_index: int) -> tf.Tensor:
     probability it does not saturate on confident images, where the gradient of a probability
     near 1 vanishes.
     """
-    others = tf.concat([logits[:, :class_index], logits[:, class_index + 1 :]], axis=1)
-    return logits[:, class_index] - tf.reduce_logsumexp(others, axis=1)
+    others = tf.one_hot(class_index, tf.shape(logits)[1], on_value=-np.inf, off_value=0.0, dtype=logits.dtype)
+    return tf.gather(logits, class_index, axis=1) - tf.reduce_logsumexp(logits + others, axis=1)
+
+
+def _check_class(model: keras.Model, class_index: int) -> None:
+    classes = model.output.shape[-1]
+    if not 0 <= class_index < classes:
+        raise ValueError(f"class_index must lie in 0..{classes - 1}, got {class_index}")
+
+
+def cams_from_maps(model: keras.Model, maps: np.ndarray, class_index: int, size: tuple[int, int] | None = None,
+                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM for ``class_index`` from maps of the last convolution (``(n, h, w, channels)``, as
+    any engine's forward pass returns them, see model.inference), and the probabilities the head
+    gives them. Maps are scaled to [0, 1] per image, and resized to ``size`` (height, width) when given.
+
+    For the linear head (pooling, standardisation, one Dense layer) the gradient is the same for
+    every cell, and the map is class activation mapping: the maps weighted by the Dense weights
+    divided by the standardiser's scale (tests/test_gradcam.py checks this by hand)."""
+    _check_class(model, class_index)
+    _, from_maps = _parts(model)
+    maps = np.asarray(maps, np.float32)
+    cams, probabilities = [], []
+    for start in range(0, len(maps), batch_size):
+        cam, probability = from_maps(tf.constant(maps[start : start + batch_size]), tf.constant(class_index))
+        cams.append(cam.numpy())
+        probabilities.append(probability.numpy())
+    if not cams:
+        shape = size or maps.shape[1:3]
+        return np.zeros((0, *shape), np.float32), np.zeros((0, model.output.shape[-1]), np.float32)
+    cam = np.concatenate(cams)
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    cam = np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)  # a map with no positive part stays 0
+    if size is not None:
+        cam = np.stack([resized(one, size) for one in cam])
+    return cam.astype(np.float32), np.concatenate(probabilities)
+
+
+def resized(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A map in [0, 1] at ``size`` (height, width), bilinear: how maps are shown and measured at the
+    input's resolution."""
+    return np.clip(cv2.resize(np.asarray(cam, np.float32), (size[1], size[0]), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
 
 
 def grad_cam_and_probabilities(model: keras.Model, images_uint8: np.ndarray, spec: Preprocessing, class_index: int,
                                batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps ``(n, H, W)`` float32 in [0, 1] at the input resolution for ``class_index``,
-    and the class probabilities ``(n, classes)`` of the same forward pass."""
+    and the class probabilities ``(n, classes)`` of the same forward pass: the float32 reference,
+    with a forward pass of its own (an engine's forward pass gives the maps for nothing, see
+    ``cams_from_maps``)."""
     images_uint8 = np.asarray(images_uint8)
     if images_uint8.ndim != 4 or images_uint8.dtype != np.uint8:
         raise ValueError(f"expected uint8 images (n, h, w, 3), got {images_uint8.dtype} {images_uint8.shape}")
-    classes = model.output.shape[-1]
-    if not 0 <= class_index < classes:
-        raise ValueError(f"class_index must lie in 0..{classes - 1}, got {class_index}")
-    to_convolution, pooling, to_head_features, final = _parts(model)
-    height, width = images_uint8.shape[1:3]
-    maps, probabilities = [], []
-    for start in range(0, len(images_uint8), batch_size):
-        # The same preprocessing as model.training.predict_probabilities.
-        x = scale(images_uint8[start : start + batch_size].astype(np.float32) / 255.0, spec)
-        with tf.GradientTape() as tape:
-            convolution = to_convolution(x, training=False)
-            tape.watch(convolution)
-            features = to_head_features(pooling(convolution), training=False)
-            logits = tf.matmul(features, final.kernel) + final.bias
-            score = _log_odds(logits, class_index)
-        gradient = tape.gradient(score, convolution)
-        channel_weights = tf.reduce_mean(gradient, axis=(1, 2), keepdims=True)
-        cam = tf.nn.relu(tf.reduce_sum(channel_weights * convolution, axis=-1)).numpy()
-        peak = cam.max(axis=(1, 2), keepdims=True)
-        cam = np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)  # a map with no positive part stays 0
-        maps += [np.clip(cv2.resize(one, (width, height), interpolation=cv2.INTER_LINEAR), 0.0, 1.0) for one in cam]
-        probabilities.append(tf.nn.softmax(logits).numpy())
-    if not maps:
-        return np.zeros((0, height, width), np.float32), np.zeros((0, classes), np.float32)
-    return np.stack(maps).astype(np.float32), np.concatenate(probabilities)
+    _check_class(model, class_index)
+    to_convolution, _ = _parts(model)
+    # The same preprocessing as model.training.predict_probabilities.
+    maps = [np.asarray(to_convolution(scale(images_uint8[start : start + batch_size].astype(np.float32) / 255.0, spec),
+                                      training=False)) for start in range(0, len(images_uint8), batch_size)]
+    maps = np.concatenate(maps) if maps else np.zeros((0, 1, 1, 1), np.float32)
+    return cams_from_maps(model, maps, class_index, images_uint8.shape[1:3], batch_size)
 
 
 def grad_cam(model: keras.Model, images_uint8: np.ndarray, spec: Preprocessing, class_index: int,

@@ -19,13 +19,15 @@ import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
+import cv2
 import numpy as np
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from model.bundle import BundleError, ModelCard
+from model.gradcam import overlay
 from model.stored_json import loads as load_json
 from model.stored_json import reason
 from screening import drift, ledger
@@ -135,7 +137,7 @@ class _Ranked:
 
 
 def _drop_pictures(row: PredictionRow) -> None:
-    row.thumbnail = row.explanation = None
+    row.thumbnail = row.cam = row.explanation = None
 
 
 # Fields whose values repeat from row to row (the run, the model, the engine, the class, the second
@@ -295,6 +297,25 @@ def _worklist(rows: Iterable[PredictionRow], card: ModelCard, limit: int) -> lis
                            key=lambda row: -row.probability(card.positive_class))
 
 
+# A map at its own resolution is a few hundred bytes; anything much larger is not one this code wrote.
+_LARGEST_CAM = 64 * 1024
+
+
+def _with_overlay(row: PredictionRow) -> PredictionRow:
+    """The row with its Grad-CAM coloured and laid over its thumbnail, as a JPEG: done here, for the
+    rows the page shows, rather than in screening for every explained image. A row from before maps
+    were kept carries its overlay already; one whose pictures do not decode is shown without."""
+    if row.explanation or not row.cam or not row.thumbnail or len(row.cam) > _LARGEST_CAM:
+        return row
+    thumbnail = cv2.imdecode(np.frombuffer(base64.b64decode(row.thumbnail), np.uint8), cv2.IMREAD_COLOR)
+    cam = cv2.imdecode(np.frombuffer(base64.b64decode(row.cam), np.uint8), cv2.IMREAD_GRAYSCALE)
+    if thumbnail is None or cam is None:
+        return row
+    blended = overlay(cv2.cvtColor(thumbnail, cv2.COLOR_BGR2RGB), cam.astype(np.float32) / 255.0)
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(blended, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return replace(row, explanation=base64.b64encode(jpeg.tobytes()).decode()) if ok else row
+
+
 def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard, max_flagged: int = MAX_FLAGGED,
                 max_rejected: int = MAX_REJECTED, *, figures: dict[str, str] | None = None,
                 card_link: Link | None = None, history: drift.Drift | None = None) -> str:
@@ -313,7 +334,7 @@ def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard,
     history = history or drift.Drift((drift.RunRates.of(summary),))
     return render("report.html.j2",
         summary=summary, card=card, positive=positive, disclaimer=DISCLAIMER,
-        worklist=_worklist(rows, card, max_flagged), flagged=sum(row.flagged for row in rows),
+        worklist=[_with_overlay(row) for row in _worklist(rows, card, max_flagged)], flagged=sum(row.flagged for row in rows),
         rejected=rejected[:max_rejected], rejected_count=len(rejected),
         histogram=_histogram_png(probabilities, card.threshold, positive) if probabilities.size else None,
         card_uri=card_uri, card_link=card_link or _file_link(card_uri),

@@ -68,7 +68,7 @@ def entry_key(image_uri: str) -> str:
     return hashlib.sha256(image_uri.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-_PICTURES = ("thumbnail", "explanation")  # part files only
+_PICTURES = ("thumbnail", "cam", "explanation")  # part files only
 
 
 def probability_column(class_name: str) -> str:
@@ -167,6 +167,9 @@ class PredictionRow:
     view_position: str = ""  # AP, PA, LL, ... (imaging.dicom_identity.VIEW_TERMS), "other", or empty
     # Kept in part files for the report's worklist; never in the CSV, the JSONL or the ledger.
     thumbnail: str | None = field(default=None, metadata={"column": False})  # JPEG, base64
+    # Grad-CAM at its own resolution (14x14 at 224 px), 8-bit grayscale PNG, base64: the report colours
+    # and lays it over the thumbnail for the rows its worklist shows, and only for those.
+    cam: str | None = field(default=None, metadata={"column": False})
     explanation: str | None = field(default=None, metadata={"column": False})  # Grad-CAM overlay, JPEG, base64
     # False for a rejection that may pass (access denied): reported, but not claimed in the ledger.
     final: bool = field(default=True, metadata={"column": False})
@@ -363,7 +366,7 @@ _ROW_RULES = {
     "reason": _TEXT, "model_version": _SAFE, "predicted_class": _TEXT,
     "flagged": _Rule(lambda value: isinstance(value, bool), "true or false"), "screened_at": _TIME,
     "run_id": _Rule(lambda value: value == "" or is_safe_name(value), "a run id"),
-    "cam_lung_share": _PROBABILITY, "thumbnail": _BASE64, "explanation": _BASE64,
+    "cam_lung_share": _PROBABILITY, "thumbnail": _BASE64, "cam": _BASE64, "explanation": _BASE64,
     "engine": _Rule(lambda value: value == "" or is_safe_name(value), "an engine name"),
     # Absent from rows written before they existed: those read back empty.
     **dict.fromkeys(("study_instance_uid", "series_instance_uid", "sop_instance_uid"),

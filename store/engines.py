@@ -21,12 +21,29 @@ from collections.abc import Sequence
 
 from model import stored_json
 from model.bundle import BundleError, ModelCard, sign
-from model.inference import ENGINES, GATE, INT8_FILES, REDUCED_DECODE, EngineCheck, passes_gate
+from model.inference import (
+    ENGINES,
+    EXPLANATION_GATE,
+    GATE,
+    INT8_FILES,
+    REDUCED_DECODE,
+    EngineCheck,
+    explanation_passes,
+    passes_gate,
+)
 from store import registry, storage
 from store.clock import utc_timestamp
 
-__all__ = ["ENGINE_FILES", "ENGINES_FILE", "ENGINES_SIGNATURE", "load_artifacts", "record_checks",
-           "reduced_decode_allowed", "validated_engines"]
+__all__ = [
+    "ENGINES_FILE",
+    "ENGINES_SIGNATURE",
+    "ENGINE_FILES",
+    "explaining_engines",
+    "load_artifacts",
+    "record_checks",
+    "reduced_decode_allowed",
+    "validated_engines",
+]
 
 ENGINES_FILE, ENGINES_SIGNATURE, ENGINE_FILES = registry.ENGINES, registry.ENGINES_SIGNATURE, registry.ENGINE_FILES
 logger = logging.getLogger(__name__)
@@ -43,6 +60,7 @@ def record_checks(store_uri: str, card: ModelCard, checks: Sequence[EngineCheck]
     for name, content in artifacts.items():
         storage.write_bytes(storage.join(folder, name), content)
     data = json.dumps({"model_version": card.version, "model_sha256": card.model_sha256, "gate": GATE,
+                       "explanation_gate": EXPLANATION_GATE,
                        "checked_at": utc_timestamp(),
                        "checks": {check.engine: check.to_dict() for check in checks},
                        "files": {name: hashlib.sha256(content).hexdigest() for name, content in artifacts.items()}},
@@ -76,6 +94,16 @@ def validated_engines(store_uri: str, card: ModelCard) -> tuple[list[str], str]:
     return passed, "; ".join(notes)
 
 
+def explaining_engines(store_uri: str, card: ModelCard) -> list[str]:
+    """The engines whose own forward pass may give this version's explanations: fp32 always, another
+    once its explanations passed their gate (model.inference.EXPLANATION_GATE)."""
+    try:
+        checks, _ = _read_record(storage.join(store_uri, card.version, ENGINES_FILE), store_uri, card)
+    except (storage.NotFound, BundleError):
+        return ["fp32"]
+    return ["fp32", *(engine for engine in ENGINES if checks.get(engine, {}).get("explanation_passed"))]
+
+
 def reduced_decode_allowed(store_uri: str, card: ModelCard) -> bool:
     """Whether large JPEGs may be decoded at reduced resolution for this version: only after that
     shortcut passed the gate on its test split."""
@@ -102,8 +130,20 @@ def load_artifacts(store_uri: str, card: ModelCard, engine: str) -> dict[str, by
     return loaded
 
 
+_OPTIONAL_SHARES = ("probability_difference_q99", "sensitivity_change", "sensitivity_noise", "specificity_change",
+                    "specificity_noise", "explanation_lung_share_difference")
+
+
 def _share(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def _correlation(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -1 <= value <= 1
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _read_record(uri: str, store_uri: str, card: ModelCard) -> tuple[dict[str, dict], dict[str, str]]:
@@ -124,12 +164,17 @@ def _read_record(uri: str, store_uri: str, card: ModelCard) -> tuple[dict[str, d
             check = EngineCheck(**fields)
             if engine not in (*ENGINES, REDUCED_DECODE) or check.engine != engine:
                 raise ValueError(f"engine {engine!r}")
+            optional = [getattr(check, name) for name in _OPTIONAL_SHARES]
             if not (_share(check.flag_agreement) and _share(check.max_probability_difference)
                     and (check.auc_difference is None or _share(check.auc_difference))
-                    and isinstance(check.images, int) and not isinstance(check.images, bool) and check.images > 0):
+                    and all(value is None or _share(value) for value in optional)
+                    and (check.explanation_correlation is None or _correlation(check.explanation_correlation))
+                    and all(value is None or _count(value) for value in (check.flips, check.far_flips))
+                    and _count(check.images) and check.images > 0):
                 raise ValueError(f"the figures of {engine}")
-            # The verdict is the gate's, applied to the figures here, not a stored flag.
-            checks[engine] = {**check.to_dict(), "passed": passes_gate(check.flag_agreement, check.auc_difference)}
+            # The verdicts are the gates', applied to the figures here, not stored flags.
+            checks[engine] = {**check.to_dict(), "passed": passes_gate(check),
+                              "explanation_passed": explanation_passes(check)}
         files = record.get("files", {})
         if not isinstance(files, dict) or not set(files) <= set(INT8_FILES) or not all(
                 isinstance(digest, str) and len(digest) == 64 for digest in files.values()):

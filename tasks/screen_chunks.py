@@ -37,13 +37,13 @@ from model.anatomy import lung_share
 from model.bundle import BundleError, ModelCard
 from model.devices import share_gpus
 from model.evaluation import flags, predict_classes
-from model.gradcam import grad_cam, overlay
+from model.gradcam import cams_from_maps, resized
 from model.inference import Predictor, fastest, make_predictor
 from screening import leases, ledger
 from screening.results import DEIDENTIFIED_PREFIX, PredictionRow, ResultsLayout, input_name
 from store import registry, storage
 from store.clock import utc_timestamp
-from store.engines import load_artifacts, reduced_decode_allowed, validated_engines
+from store.engines import explaining_engines, load_artifacts, reduced_decode_allowed, validated_engines
 from store.loading import InputLimits, LoadedImage, load_image
 from tasks.retrying import io_step
 
@@ -242,6 +242,9 @@ class LoadedModel:
     model: keras.Model  # the fp32 model, for Grad-CAM's gradients
     why: str  # why this engine
     reduced_decode: bool = False  # large JPEGs decoded at reduced resolution: passed the gate
+    # Grad-CAM from the engine's own forward pass: fp32's always, another engine's once its
+    # explanations passed their gate; otherwise from a float32 forward pass of their own.
+    explains_from_forward: bool = True
 
 
 @functools.lru_cache(maxsize=2)
@@ -257,7 +260,8 @@ def _model(model_store_uri: str, model_version: str, engine: str, batch_size: in
         if engine not in allowed:
             raise BundleError(f"engine {engine} may not serve model {card.version}: {notes}")
         predictor = make_predictor(model, spec, engine, load_artifacts(model_store_uri, card, engine))
-        return LoadedModel(card, predictor, model, f"{engine} asked for{shortcut}", reduced)
+        from_forward, explained = _explanations(model_store_uri, card, predictor)
+        return LoadedModel(card, predictor, model, f"{engine} asked for{shortcut}; {explained}", reduced, from_forward)
     predictors = []
     for name in allowed:
         try:
@@ -268,8 +272,19 @@ def _model(model_store_uri: str, model_version: str, engine: str, batch_size: in
     best, speeds = fastest(predictors, batch_size) if len(predictors) > 1 else (predictors[0], {})
     measured = ", ".join(f"{name} {speed:g} img/s" for name, speed in speeds.items())
     why = f"auto: fastest of the validated engines here ({measured})" if speeds else "auto: the only validated engine"
-    get_run_logger().info("Engine %s for model %s: %s%s", best.engine, card.version, why, f"; {notes}" if notes else "")
-    return LoadedModel(card, best, model, why + (f"; {notes}" if notes else "") + shortcut, reduced)
+    from_forward, explained = _explanations(model_store_uri, card, best)
+    get_run_logger().info("Engine %s for model %s: %s%s; %s", best.engine, card.version, why, f"; {notes}" if notes else "",
+                          explained)
+    return LoadedModel(card, best, model, why + (f"; {notes}" if notes else "") + shortcut + f"; {explained}", reduced,
+                       from_forward)
+
+
+def _explanations(model_store_uri: str, card: ModelCard, predictor: Predictor) -> tuple[bool, str]:
+    """Whether ``predictor``'s own maps explain this version, and a line saying how explanations are made."""
+    if predictor.engine in explaining_engines(model_store_uri, card):
+        return True, f"explanations from {predictor.engine}'s forward pass"
+    return False, (f"explanations by a float32 Grad-CAM pass of their own: {predictor.engine}'s explanations have not "
+                   f"passed their gate (cxr-screen validate-engines {card.version})")
 
 
 @dataclass
@@ -290,6 +305,11 @@ def _thumbnail(pixels: np.ndarray, side: int = 160) -> str:
     small = cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA)
     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
     return base64.b64encode(jpeg.tobytes()).decode() if ok else ""
+
+
+def _map_png(cam: np.ndarray) -> str:
+    ok, png = cv2.imencode(".png", np.uint8(np.round(np.clip(cam, 0.0, 1.0) * 255)))
+    return base64.b64encode(png.tobytes()).decode() if ok else ""
 
 
 def _load_or_vanish(uri: str, spec, limits: InputLimits) -> LoadedImage | str:
@@ -337,9 +357,10 @@ def screen_images(
     Reading and decoding run ahead on ``workers`` threads (default: two per decoder process, since
     reads wait on storage) while the model predicts, at most ``read_ahead`` inputs ahead of it
     (``READ_AHEAD_BATCHES`` batches): however slow the model and large the chunk, those and the
-    batch being filled are all that is decoded and waiting. Prediction stays on the fast path; only the
-    images ``explain`` names ('flagged', 'all' or 'none') take Grad-CAM's gradient pass (on the fp32
-    model, whatever the engine).
+    batch being filled are all that is decoded and waiting. The images ``explain`` names ('flagged',
+    'all' or 'none') are explained by Grad-CAM from the maps of the same forward pass (a gradient
+    through the head only), or, where the engine's explanations have not passed their gate, from a
+    float32 forward pass of their own.
 
     Raises ``DeidentifyKeyMissing`` before reading anything when de-identification has no key.
     """
@@ -351,11 +372,20 @@ def screen_images(
 
     def rows_for(batch: list[LoadedImage]) -> Iterator[PredictionRow]:
         pixels = np.stack([item.pixels for item in batch])
-        probabilities = predictor.predict(pixels, batch_size)
+        if explain == "none":
+            probabilities, maps = predictor.predict(pixels, batch_size), None
+        else:
+            probabilities, maps = predictor.predict_with_maps(pixels, batch_size)
         flagged = flags(probabilities[:, positive], card.threshold)
         predicted = predict_classes(probabilities, card.classes, card.positive_class, card.threshold)
         chosen = {"all": np.ones(len(batch), bool), "flagged": flagged, "none": np.zeros(len(batch), bool)}[explain]
-        cams = dict(zip(np.flatnonzero(chosen), grad_cam(model, pixels[chosen], spec, positive))) if chosen.any() else {}
+        cams = {}
+        if chosen.any():
+            if loaded_model.explains_from_forward and maps is not None:
+                chosen_maps = maps[chosen]
+            else:  # the float32 reference: a forward pass of its own, for these images only
+                chosen_maps = make_predictor(model, spec, "fp32").predict_with_maps(pixels[chosen], batch_size)[1]
+            cams = dict(zip(np.flatnonzero(chosen), cams_from_maps(model, chosen_maps, positive)[0]))
         now = utc_timestamp()
         for index, (item, p) in enumerate(zip(batch, probabilities)):
             cam = cams.get(index)
@@ -364,9 +394,9 @@ def screen_images(
                 predicted_class=card.classes[int(predicted[index])],
                 probabilities={c: round(float(v), 6) for c, v in zip(card.classes, p)},
                 flagged=bool(flagged[index]), screened_at=now, engine=predictor.engine,
-                cam_lung_share=None if cam is None else _rounded(lung_share(cam)),
+                cam_lung_share=None if cam is None else _rounded(lung_share(resized(cam, pixels.shape[1:3]))),
                 thumbnail=_thumbnail(item.pixels) if flagged[index] else None,
-                explanation=None if cam is None else _thumbnail(overlay(item.pixels, cam)),
+                cam=None if cam is None else _map_png(cam),
                 **_study_fields(item.study))
 
     threads = workers or 2 * decoder_count()
@@ -472,7 +502,7 @@ def _claim(results_uri: str, card: ModelCard, row: PredictionRow) -> PredictionR
         return row if ledger.claim(results_uri, row) else None
     if earlier.run_id != row.run_id:
         return None
-    earlier.thumbnail, earlier.explanation = row.thumbnail, row.explanation
+    earlier.thumbnail, earlier.cam = row.thumbnail, row.cam
     return earlier
 
 

@@ -3,6 +3,7 @@ concurrent runs, on a folder and on a moto S3 server."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import io
@@ -12,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import cv2
@@ -122,6 +123,14 @@ def test_screen_a_folder_rerun_and_new_arrivals(model_store, tmp_path):
     assert "<script" not in report and "http://" not in report and "https://" not in report
     if stored_summary["flagged"]:
         assert report.count('alt="Grad-CAM"') == stored_summary["flagged"]  # every flagged image explained
+    # Part files keep each explained image's map at its own resolution (the session model's 32 px input:
+    # 2x2), a few hundred bytes; the coloured overlay is made for the report's rows only.
+    parts = [json.loads(line) for uri in storage.list_files(storage.join(results, "runs", summary.run_id, "parts"))
+             for line in storage.read_bytes(uri).decode().splitlines()]
+    explained = [part for part in parts if part.get("cam")]
+    assert len(explained) == stored_summary["flagged"] and not any("explanation" in part for part in parts)
+    maps = [cv2.imdecode(np.frombuffer(base64.b64decode(part["cam"]), np.uint8), cv2.IMREAD_GRAYSCALE) for part in explained]
+    assert all(cam.shape == (2, 2) and cam.max() in (0, 255) for cam in maps), [cam.shape for cam in maps]
     artifacts = flow_run_artifacts(state.state_details.flow_run_id)
     assert {"screening-summary", "screening-flagged", "screening-progress"} <= artifacts.keys()
     assert artifacts["screening-progress"].data == pytest.approx(100.0)
@@ -218,7 +227,7 @@ def test_a_killed_run_is_published_by_a_later_run_once_its_lease_is_stale(model_
 
     # Later: its lease is stale, and its rows are published under its own run folder.
     abandoned_after = timedelta(minutes=ScreenParameters.default("abandoned_after_minutes"))
-    dead["renewed_at"] = (datetime.now(timezone.utc) - abandoned_after - timedelta(minutes=1)).isoformat()
+    dead["renewed_at"] = (datetime.now(UTC) - abandoned_after - timedelta(minutes=1)).isoformat()
     storage.write_bytes(lease_file, json.dumps(dead).encode())
     later = run_screen(incoming, results, model_store)
     assert later.recovered_runs == [dead["run_id"]] and later.screened == 0
