@@ -25,10 +25,17 @@ def validate_engines(
     with clean_errors():
         checks = validate_flow(model_store, version, dataset)
     table = Table(title="Engines against fp32 on the test split")
-    for column in ("engine", "images", "flags agree", "max |p difference|", "AUC difference", "may serve"):
-        table.add_column(column, justify="left" if column in ("engine", "may serve") else "right")
+    for column in ("engine", "images", "flips (outside the band)", "max |p difference|", "AUC difference",
+                   "sensitivity / specificity moved (noise)", "may serve", "explanations"):
+        table.add_column(column, justify="right" if column in ("images", "max |p difference|", "AUC difference") else "left")
     for check in checks:
-        table.add_row(check.engine, str(check.images), f"{check.flag_agreement:.1%}",
-                      f"{check.max_probability_difference:.4f}", shown(check.auc_difference),
-                      "yes" if check.passed else "[red]no: failed the gate[/red]")
+        flips = "n/a" if check.flips is None else f"{check.flips} ({check.far_flips}; band {check.probability_difference_q99:.4f})"
+        rates = " / ".join("n/a" if change is None else f"{change:.3f} ({noise:.3f})" for change, noise in (
+            (check.sensitivity_change, check.sensitivity_noise), (check.specificity_change, check.specificity_noise)))
+        explained = ("not checked" if check.explanation_passed is None else
+                     f"{'yes' if check.explanation_passed else '[red]no[/red]'}: r {check.explanation_correlation:.3f}, "
+                     f"lung share within {check.explanation_lung_share_difference:.3f}")
+        table.add_row(check.engine, str(check.images), flips, f"{check.max_probability_difference:.4f}",
+                      shown(check.auc_difference), rates, "yes" if check.passed else "[red]no: failed the gate[/red]",
+                      explained)
     console.print(table)

@@ -102,3 +102,41 @@ def test_reduced_decoding_is_used_only_after_it_passed_the_gate(location):
     engines.record_checks(location, card(), [check(), check(engine="reduced-jpeg")])
     assert engines.reduced_decode_allowed(location, card())
     assert engines.validated_engines(location, card())[0] == ["fp32", "bf16"]  # a shortcut, not an engine
+
+
+def rule_two(engine: str = "bf16", far_flips: int = 0, correlation: float | None = 0.99, share: float | None = 0.01,
+             claimed: bool = True) -> EngineCheck:
+    """A rule-2 check: 2 flips near the threshold (99.0 % agreement, which rule 1 refused)."""
+    return EngineCheck(engine, 200, 0.99, 0.02, 0.001, claimed, 0.015, 2, far_flips, 0.0, 0.03, 0.01, 0.03,
+                       correlation, share, claimed)
+
+
+def test_rule_two_figures_decide_when_read_and_older_records_keep_rule_one(location):
+    engines.record_checks(location, card(), [rule_two()])
+    assert engines.validated_engines(location, card())[0] == ["fp32", "bf16"]
+    engines.record_checks(location, card(), [rule_two(far_flips=1)])  # a flip far from the threshold
+    allowed, note = engines.validated_engines(location, card())
+    assert allowed == ["fp32"] and "1 outside the band" in note
+    engines.record_checks(location, card(), [check(agreement=0.99)])  # the same agreement, recorded under rule 1
+    assert engines.validated_engines(location, card())[0] == ["fp32"]
+
+
+def test_explanations_come_from_an_engine_only_after_their_own_gate(location):
+    assert engines.explaining_engines(location, card()) == ["fp32"]  # no record: fp32's own maps
+    engines.record_checks(location, card(), [rule_two(), rule_two("int8", correlation=0.80)], INT8)
+    assert engines.validated_engines(location, card())[0] == ["fp32", "bf16", "int8"]
+    assert engines.explaining_engines(location, card()) == ["fp32", "bf16"]  # int8 serves, its maps do not
+    engines.record_checks(location, card(), [rule_two(share=0.2, claimed=True)])  # a forged verdict
+    assert engines.explaining_engines(location, card()) == ["fp32"]
+    engines.record_checks(location, card(), [rule_two(correlation=None, share=None)])  # maps not checked
+    assert engines.explaining_engines(location, card()) == ["fp32"]
+
+
+@pytest.mark.parametrize("field, value", [("far_flips", -1), ("flips", 1.5), ("explanation_correlation", 2.0),
+                                          ("sensitivity_noise", "0.1"), ("explanation_lung_share_difference", -0.1)])
+def test_rule_two_figures_out_of_range_mean_fp32_only(location, field, value):
+    figures = {**rule_two().to_dict(), field: value}
+    storage.write_bytes(storage.join(location, "v1", engines.ENGINES_FILE), json.dumps(
+        {"model_version": "v1", "model_sha256": SHA, "checks": {"bf16": figures}}).encode())
+    allowed, note = engines.validated_engines(location, card())
+    assert allowed == ["fp32"] and "not an engine record" in note

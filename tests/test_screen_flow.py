@@ -4,6 +4,7 @@ concurrent runs, on a folder and on a moto S3 server."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import csv
 import hashlib
 import io
@@ -387,3 +388,29 @@ def test_large_jpegs_are_decoded_at_reduced_resolution_once_that_passed_the_gate
     reduced = {row["image_uri"]: float(row["prob_covid"]) for row in run_rows(str(tmp_path / "results-reduced"))}
     assert full.keys() == reduced.keys() and full != reduced  # the shortcut really changed the pixels
     assert max(abs(full[uri] - reduced[uri]) for uri in full) < 0.05
+
+
+def test_explanations_come_from_the_engine_only_once_they_passed_their_gate(model_store, tmp_path):
+    """bf16 may serve, but until its explanations pass their own gate the explained images take a
+    float32 pass: the summary says which, and the maps agree either way."""
+    store = str(tmp_path / "models")
+    copy_tree(model_store, store)
+    card = registry.load_card(store)
+    unchecked = EngineCheck("bf16", 10, 1.0, 0.001, 0.0, True)  # serves (rule 1), its maps never checked
+    engines.record_checks(store, card, [unchecked])
+    incoming = str(tmp_path / "incoming")
+    write_phantom_dataset(incoming, per_class=3, size=96, seed=7)
+    screen_chunks._model.cache_clear()
+
+    slow = run_screen(incoming, str(tmp_path / "results-float32"), store, engine="bf16", explain="all")
+    assert "explanations by a float32 Grad-CAM pass of their own" in slow.engine_reason
+    checked = dataclasses.replace(unchecked, explanation_correlation=0.999, explanation_lung_share_difference=0.01)
+    engines.record_checks(store, card, [checked])
+    screen_chunks._model.cache_clear()
+    fast = run_screen(incoming, str(tmp_path / "results-forward"), store, engine="bf16", explain="all")
+    assert "explanations from bf16's forward pass" in fast.engine_reason
+
+    shares = [{row["image_uri"]: float(row["cam_lung_share"]) for row in run_rows(str(tmp_path / name))
+               if row["cam_lung_share"]} for name in ("results-float32", "results-forward")]
+    assert shares[0].keys() == shares[1].keys() and len(shares[0]) >= 5
+    assert max(abs(shares[0][uri] - shares[1][uri]) for uri in shares[0]) < 0.05
