@@ -83,8 +83,7 @@ def train(params: TrainParameters) -> TrainedModel:
                    else Calibration())
     oof = fitted.oof_pairs if calibration.oof is None else (fitted.oof_rows, calibration.oof)
     evaluation = evaluate_model(fitted.model, loaded, split, spec, params.target_sensitivity, oof)
-    engines = check_engines(fitted.model, spec, loaded, split, evaluation.threshold, params.seed,
-                            evaluation.test_probabilities)
+    engines = check_engines(fitted.model, spec, loaded, split, evaluation.threshold, params.seed, evaluation)
     criteria = Acceptance(min_auc=params.min_auc, min_specificity=params.min_specificity,
                           target_sensitivity=params.target_sensitivity, bound=params.acceptance_bound)
     audit = audit_model(fitted.model, loaded, split, spec, evaluation, params.bootstrap, params.seed)

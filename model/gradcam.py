@@ -21,11 +21,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from model.defaults import BATCH_SIZE
+from model.inference import Predictor
+from model.network import LAST_CONVOLUTION
 from model.preprocessing import Preprocessing, scale
 
-__all__ = ["LAST_CONVOLUTION", "cams_from_maps", "grad_cam", "grad_cam_and_probabilities", "overlay", "resized"]
+__all__ = ["LAST_CONVOLUTION", "cams_from_maps", "grad_cam", "grad_cam_and_probabilities", "overlay", "predict_and_explain",
+           "resized"]
 
-LAST_CONVOLUTION = "block5_conv3"
 
 
 # Built once per model: screening explains a few images per batch, night after night.
@@ -118,6 +121,21 @@ def resized(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A map in [0, 1] at ``size`` (height, width), bilinear: how maps are shown and measured at the
     input's resolution."""
     return np.clip(cv2.resize(np.asarray(cam, np.float32), (size[1], size[0]), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+
+
+def predict_and_explain(predictor: Predictor, model: keras.Model, images_uint8: np.ndarray, class_index: int,
+                        batch_size: int = BATCH_SIZE) -> tuple[np.ndarray, np.ndarray | None]:
+    """``predictor``'s probabilities of the images and the Grad-CAM of ``class_index`` from the maps of
+    the same forward pass, at the maps' resolution (None where the engine gives no maps), batch by
+    batch: maps of a whole test split would hold 400 KB an image at 224 px."""
+    probabilities, cams = [], []
+    for start in range(0, len(images_uint8), batch_size):
+        probability, maps = predictor.predict_with_maps(images_uint8[start : start + batch_size], batch_size)
+        probabilities.append(probability)
+        cams.append(None if maps is None else cams_from_maps(model, maps, class_index)[0])
+    if not probabilities:
+        return np.zeros((0, predictor.classes), np.float32), None
+    return np.concatenate(probabilities), None if any(cam is None for cam in cams) else np.concatenate(cams)
 
 
 def grad_cam_and_probabilities(model: keras.Model, images_uint8: np.ndarray, spec: Preprocessing, class_index: int,

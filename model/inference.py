@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from model.defaults import BATCH_SIZE
 from model.evaluation import auc, flags
-from model.gradcam import LAST_CONVOLUTION
+from model.network import LAST_CONVOLUTION
 from model.preprocessing import Preprocessing, scale
 
 __all__ = ["ENGINES", "EXPLANATION_GATE", "GATE", "OLD_GATE", "EngineCheck", "FromPixels", "Predictor", "cast_base",

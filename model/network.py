@@ -11,10 +11,12 @@ import numpy as np
 
 from model.defaults import HEAD
 
-__all__ = ["HEADS", "WeightsUnavailable", "build_base", "build_classifier", "build_head", "needs_standardising",
+__all__ = ["HEADS", "LAST_CONVOLUTION", "WeightsUnavailable", "build_base", "build_classifier", "build_head", "needs_standardising",
            "set_calibration", "set_linear_head", "standardise_on", "unfreeze_top_block"]
 
 IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+# VGG16's last convolution: its maps are what Grad-CAM weighs (model/gradcam.py), and every engine returns them.
+LAST_CONVOLUTION = "block5_conv3"
 
 
 class WeightsUnavailable(RuntimeError):

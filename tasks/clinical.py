@@ -22,7 +22,7 @@ from model.calibration import (
     fit_temperature_and_bias,
 )
 from model.evaluation import auc, choose_threshold, flags, sensitivity_specificity
-from model.gradcam import grad_cam
+from model.gradcam import resized
 from model.network import set_calibration
 from model.plots import audit_png, mean_cam_png, reliability_png
 from model.preprocessing import Preprocessing
@@ -192,7 +192,8 @@ def audit_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit
     if len(split.held_out):
         record["left_out"] = _held_out_metrics(model, loaded, split, spec, threshold)
 
-    cams = grad_cam(model, loaded.images[test], spec, positive)
+    cams = np.stack([resized(cam, loaded.images.shape[1:3]) for cam in evaluation.test_cams]) if len(test) else \
+        np.zeros((0, *loaded.images.shape[1:3]), np.float32)
     shares = np.array([lung_share(cam) for cam in cams])
     record["gradcam"] = {"layer": "block5_conv3", "mean_lung_share": {
         name: _mean(shares[split.labels[test] == index]) for index, name in enumerate(split.classes)}}
@@ -242,7 +243,7 @@ def audit_fold(loaded: LabelledArrays, variable: str, level: str, *, positive: s
     return {**row, **_held_out_metrics(model, loaded, split, spec, evaluation.threshold),
             "test_auc": evaluation.metrics["positive"]["auc"],
             "test_within_auc": split.mean_within_auc(split.test, test_scores),
-            "train_images": int(len(split.train)), "threshold": evaluation.threshold, "balanced_by": split.balance,
+            "train_images": len(split.train), "threshold": evaluation.threshold, "balanced_by": split.balance,
             "note": ""}
 
 
@@ -254,7 +255,7 @@ def _held_out_metrics(model: keras.Model, loaded: LabelledArrays, split: Trainin
     truth = split.is_positive[split.held_out]
     scores = predict_probabilities(model, loaded.images[split.held_out], spec)[:, split.classes.index(split.positive)]
     sensitivity, specificity = sensitivity_specificity(truth, flags(scores, threshold))
-    return {"variable": variable, "level": level, "images": int(len(split.held_out)), "positives": int(truth.sum()),
+    return {"variable": variable, "level": level, "images": len(split.held_out), "positives": int(truth.sum()),
             "auc": auc(truth, scores), "sensitivity": None if np.isnan(sensitivity) else sensitivity,
             "specificity": None if np.isnan(specificity) else specificity,
             "flagged_share": float(flags(scores, threshold).mean()) if len(scores) else None,

@@ -13,15 +13,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from model.bundle import BundleError
-from model.defaults import BATCH_SIZE
 from model.evaluation import choose_threshold
 from model.evaluation import evaluate as test_metrics
-from model.gradcam import cams_from_maps
+from model.gradcam import predict_and_explain
 from model.inference import (
     ENGINES,
     REDUCED_DECODE,
     EngineCheck,
-    Predictor,
     check_engine,
     make_predictor,
     quantize_int8,
@@ -50,6 +48,9 @@ class Evaluation:
     threshold: float
     metrics: dict
     test_probabilities: np.ndarray
+    # Grad-CAM of the positive class from the same float32 pass, at the maps' resolution: the audit
+    # and the explanation gate read it rather than passing over the test images again.
+    test_cams: np.ndarray
 
 
 def evaluate_split(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
@@ -67,7 +68,7 @@ def evaluate_split(model: keras.Model, loaded: LabelledArrays, split: TrainingSp
         source = "the validation split"
     # Unweighted: the target is a promise about real patients, whatever weights balanced training.
     threshold = choose_threshold(split.labels[rows] == positive, chosen_on[:, positive], target_sensitivity)
-    test = predict_probabilities(model, loaded.images[split.test], spec)
+    test, test_cams = predict_and_explain(make_predictor(model, spec, "fp32"), model, loaded.images[split.test], positive)
     metrics = test_metrics(split.labels[split.test], test, split.classes, split.positive, threshold)
     metrics["validation"] = {"images": len(rows), "target_sensitivity": target_sensitivity,
                              "threshold_chosen_on": source}
@@ -76,7 +77,7 @@ def evaluate_split(model: keras.Model, loaded: LabelledArrays, split: TrainingSp
                 "specificity %.3f", metrics["accuracy"], split.positive,
                 "n/a" if scores["auc"] is None else f"{scores['auc']:.4f}", threshold, source,
                 scores["sensitivity_at_threshold"], scores["specificity_at_threshold"])
-    return Evaluation(threshold, metrics, test)
+    return Evaluation(threshold, metrics, test, test_cams)
 
 
 evaluate_model = task(name="evaluate_model", cache_policy=NO_CACHE)(evaluate_split)
@@ -96,17 +97,20 @@ class EngineReport:
 
 @task(cache_policy=NO_CACHE)
 def check_engines(model: keras.Model, spec: Preprocessing, loaded: LabelledArrays, split: TrainingSplit,
-                  threshold: float, seed: int, reference: np.ndarray | None = None) -> EngineReport:
+                  threshold: float, seed: int, reference: Evaluation | None = None) -> EngineReport:
     """Every reduced-precision engine against fp32 on the split's test images: the gate an engine
-    passes before it may serve this version (model/inference.py). ``reference``: fp32's
-    probabilities of the test images, when already computed. int8 is quantised first, calibrated
-    on a sample of the training part (``calibration_sample``, drawn with ``seed``). Reduced-resolution
-    JPEG decoding of the test files is held to the same gate."""
+    passes before it may serve this version (model/inference.py), and the gate its explanations pass
+    before its own maps explain. ``reference``: the evaluation of the test images (fp32's
+    probabilities and Grad-CAM), when already made. int8 is quantised first, calibrated on a sample
+    of the training part (``calibration_sample``, drawn with ``seed``). Reduced-resolution JPEG
+    decoding of the test files is held to the same gate."""
     logger = get_run_logger()
     positive = split.classes.index(split.positive)
     test_images, test_labels = loaded.images[split.test], split.labels[split.test]
     if reference is None:
-        reference = predict_probabilities(model, test_images, spec)
+        probabilities, cams = predict_and_explain(make_predictor(model, spec, "fp32"), model, test_images, positive)
+    else:
+        probabilities, cams = reference.test_probabilities, reference.test_cams
     try:
         artifacts = quantize_int8(model, spec, loaded.images[calibration_sample(split.train, seed)])
     except Exception as error:  # noqa: BLE001 - an optional engine must not cost the trained model
@@ -114,37 +118,23 @@ def check_engines(model: keras.Model, spec: Preprocessing, loaded: LabelledArray
                        type(error).__name__, error)
         artifacts = {}
     checks = []
-    _, reference_cams = _probabilities_and_cams(make_predictor(model, spec, "fp32"), model, test_images, positive)
     for engine in ENGINES[1:]:
         if engine == "int8" and not artifacts:
             continue
         predictor = make_predictor(model, spec, engine, artifacts if engine == "int8" else None)
-        candidate, cams = _probabilities_and_cams(predictor, model, test_images, positive)
-        check = check_engine(engine, reference[:, positive], candidate[:, positive], (test_labels == positive).astype(int),
-                             threshold, None if cams is None else (reference_cams, cams))
+        candidate, candidate_cams = predict_and_explain(predictor, model, test_images, positive)
+        check = check_engine(engine, probabilities[:, positive], candidate[:, positive],
+                             (test_labels == positive).astype(int), threshold,
+                             None if candidate_cams is None else (cams, candidate_cams))
         logger.info("Engine %s (%s)", check.summary, "passes" if check.passed else "FAILS the gate: never used")
         checks.append(check)
     test_uris = [loaded.items[index].uri for index in split.test]
-    shortcut = _check_reduced_decode(model, spec, threshold, positive, test_uris, test_images, test_labels, reference)
+    shortcut = _check_reduced_decode(model, spec, threshold, positive, test_uris, test_images, test_labels,
+                                     probabilities)
     if shortcut is not None:
         logger.info("Decoding %s (%s)", shortcut.summary, "passes" if shortcut.passed else "FAILS the gate: not used")
         checks.append(shortcut)
     return EngineReport(checks, artifacts or None)
-
-
-def _probabilities_and_cams(predictor: Predictor, model: keras.Model, images: np.ndarray, class_index: int,
-                            batch_size: int = BATCH_SIZE) -> tuple[np.ndarray, np.ndarray | None]:
-    """The engine's probabilities of ``images`` and the Grad-CAM of ``class_index`` from its own maps (at
-    the maps' resolution; None where the engine gives no maps), batch by batch: maps of a whole test
-    split would hold 400 KB an image at 224 px."""
-    probabilities, cams = [], []
-    for start in range(0, len(images), batch_size):
-        probability, maps = predictor.predict_with_maps(images[start : start + batch_size], batch_size)
-        probabilities.append(probability)
-        cams.append(None if maps is None else cams_from_maps(model, maps, class_index)[0])
-    if any(cam is None for cam in cams):
-        return np.concatenate(probabilities), None
-    return np.concatenate(probabilities), np.concatenate(cams)
 
 
 def _check_reduced_decode(model: keras.Model, spec: Preprocessing, threshold: float, positive: int,
