@@ -48,7 +48,9 @@ class ScreenParameters(_Parameters):
                             description=f"Images per Prefect task (at most {MAX_CHUNK_SIZE}).")
     limit: int | None = Field(None, ge=0, description="Screen at most this many new images.")
     explain: Literal["flagged", "all", "none"] = Field(
-        "flagged", description="Which images get a Grad-CAM overlay and cam_lung_share (a gradient pass each).")
+        "flagged", description="Which images get a Grad-CAM overlay and cam_lung_share (from the forward pass's "
+                               "maps; a float32 pass of their own where the engine's explanations have not passed "
+                               "their gate, and auto then prefers an engine whose have).")
     engine: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto", description="What runs the forward pass: 'auto' times every engine validated for the model version "
                             "(model/inference.py) here and takes the fastest; 'fp32' is the reference.")

@@ -23,9 +23,10 @@ and 0.51-0.87, y 0.18-0.88, inside the boxes with a margin of at least 0.04 (a f
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
-__all__ = ["LUNG_BOXES", "SIDES", "lung_mask", "lung_share", "mask_images"]
+__all__ = ["LUNG_BOXES", "SIDES", "lung_mask", "lung_share", "mask_images", "resized"]
 
 # side -> (top, bottom, left, right), fractions of height and width
 LUNG_BOXES: dict[str, tuple[float, float, float, float]] = {
@@ -92,3 +93,9 @@ def lung_share(cam: np.ndarray, side: str | None = None) -> float:
     if total <= 0:
         return float("nan")
     return float(cam[_box_mask(*cam.shape, side)].sum() / total)
+
+
+def resized(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A map in [0, 1] at ``size`` (height, width), bilinear: how maps are shown and measured at the
+    input's resolution."""
+    return np.clip(cv2.resize(np.asarray(cam, np.float32), (size[1], size[0]), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)

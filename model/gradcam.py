@@ -14,31 +14,27 @@ see the whole image, so even that shift is unreliable there.
 
 from __future__ import annotations
 
-import weakref
-
 import cv2
 import keras
 import numpy as np
 import tensorflow as tf
 
+from model.anatomy import resized
 from model.defaults import BATCH_SIZE
 from model.inference import Predictor
 from model.network import LAST_CONVOLUTION
 from model.preprocessing import Preprocessing, scale
 
-__all__ = ["LAST_CONVOLUTION", "cams_from_maps", "grad_cam", "grad_cam_and_probabilities", "overlay", "predict_and_explain",
-           "resized"]
+__all__ = ["LAST_CONVOLUTION", "cams_from_maps", "grad_cam", "grad_cam_and_probabilities", "overlay", "predict_and_explain"]
 
-
-
-# Built once per model: screening explains a few images per batch, night after night.
-_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _parts(model: keras.Model) -> tuple[keras.Model, tf.types.experimental.PolymorphicFunction]:
-    if model not in _PARTS:
-        _PARTS[model] = _build_parts(model)
-    return _PARTS[model]
+    # Built once per model (screening explains a few images per batch, night after night) and kept
+    # on it, past Keras' attribute tracking; model.network drops it when the head is refitted.
+    if getattr(model, "_gradcam_parts", None) is None:
+        object.__setattr__(model, "_gradcam_parts", _build_parts(model))
+    return model._gradcam_parts
 
 
 def _build_parts(model: keras.Model) -> tuple[keras.Model, tf.types.experimental.PolymorphicFunction]:
@@ -95,9 +91,10 @@ def cams_from_maps(model: keras.Model, maps: np.ndarray, class_index: int, size:
     any engine's forward pass returns them, see model.inference), and the probabilities the head
     gives them. Maps are scaled to [0, 1] per image, and resized to ``size`` (height, width) when given.
 
-    For the linear head (pooling, standardisation, one Dense layer) the gradient is the same for
-    every cell, and the map is class activation mapping: the maps weighted by the Dense weights
-    divided by the standardiser's scale (tests/test_gradcam.py checks this by hand)."""
+    For the linear head (pooling, standardisation, one Dense layer) each channel's mean gradient is
+    its Dense weight over the standardiser's scale, up to one factor (block5_pool sends a window's
+    gradient to its largest cell, and every window has one): the map is class activation mapping
+    (tests/test_gradcam.py checks this by hand)."""
     _check_class(model, class_index)
     _, from_maps = _parts(model)
     maps = np.asarray(maps, np.float32)
@@ -115,12 +112,6 @@ def cams_from_maps(model: keras.Model, maps: np.ndarray, class_index: int, size:
     if size is not None:
         cam = np.stack([resized(one, size) for one in cam])
     return cam.astype(np.float32), np.concatenate(probabilities)
-
-
-def resized(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A map in [0, 1] at ``size`` (height, width), bilinear: how maps are shown and measured at the
-    input's resolution."""
-    return np.clip(cv2.resize(np.asarray(cam, np.float32), (size[1], size[0]), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
 
 
 def predict_and_explain(predictor: Predictor, model: keras.Model, images_uint8: np.ndarray, class_index: int,

@@ -100,11 +100,23 @@ def needs_standardising(model: keras.Model) -> bool:
     return bool((mean == 0).all() and (variance == 1).all())  # as built, before adapt()
 
 
+# Compiled wrappers other modules keep on a model (model.inference's predictors, model.gradcam's
+# parts). Keras' Normalization holds its fitted mean and variance as constants, which a traced graph
+# captures: a refitted head must not be served by graphs traced before.
+_COMPILED = ("_networks", "_gradcam_parts")
+
+
+def _forget_compiled(model: keras.Model) -> None:
+    for name in _COMPILED:
+        model.__dict__.pop(name, None)
+
+
 def standardise_on(model: keras.Model, features) -> None:
     """Fit the linear head's standardisation on base features ``(n, h, w, c)`` of training images."""
     head = model.get_layer("head")
     layer = head.get_layer("standardise")
     layer.adapt(features.mean(axis=(1, 2)))
+    _forget_compiled(model)
 
 
 def set_linear_head(model: keras.Model, mean, variance, kernel, bias) -> None:
@@ -115,6 +127,7 @@ def set_linear_head(model: keras.Model, mean, variance, kernel, bias) -> None:
     layer.adapt_mean.assign(keras.ops.convert_to_tensor(mean, "float32"))
     layer.adapt_variance.assign(keras.ops.convert_to_tensor(variance, "float32"))
     layer.finalize_state()  # Normalization reads the adapted statistics from here
+    _forget_compiled(model)
     head.get_layer("probabilities").set_weights([keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(kernel, "float32")),
                                                  keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(bias, "float32"))])
 

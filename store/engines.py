@@ -130,6 +130,8 @@ def load_artifacts(store_uri: str, card: ModelCard, engine: str) -> dict[str, by
     return loaded
 
 
+# Recorded together under rule 2 (the rates' figures are None together where a class is absent).
+_RULE_TWO = ("probability_difference_q99", "flips", "far_flips")
 _OPTIONAL_SHARES = ("probability_difference_q99", "sensitivity_change", "sensitivity_noise", "specificity_change",
                     "specificity_noise", "explanation_lung_share_difference")
 
@@ -164,6 +166,12 @@ def _read_record(uri: str, store_uri: str, card: ModelCard) -> tuple[dict[str, d
             check = EngineCheck(**fields)
             if engine not in (*ENGINES, REDUCED_DECODE) or check.engine != engine:
                 raise ValueError(f"engine {engine!r}")
+            rule_two = [getattr(check, name) for name in _RULE_TWO]
+            explained = (check.explanation_correlation, check.explanation_lung_share_difference)
+            if (len({value is None for value in rule_two}) > 1 or len({value is None for value in explained}) > 1
+                    or (check.flips is not None and not (_count(check.flips) and _count(check.far_flips)
+                                                         and check.far_flips <= check.flips <= check.images))):
+                raise ValueError(f"the figures of {engine} (incomplete or inconsistent)")
             optional = [getattr(check, name) for name in _OPTIONAL_SHARES]
             if not (_share(check.flag_agreement) and _share(check.max_probability_difference)
                     and (check.auc_difference is None or _share(check.auc_difference))

@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from model.acceptance import Acceptance, compare_with_baseline, judge
-from model.anatomy import lung_share, mask_images
+from model.anatomy import lung_share, mask_images, resized
 from model.calibration import (
     apply_temperature_and_bias,
     brier_score,
@@ -22,7 +22,6 @@ from model.calibration import (
     fit_temperature_and_bias,
 )
 from model.evaluation import auc, choose_threshold, flags, sensitivity_specificity
-from model.gradcam import resized
 from model.network import set_calibration
 from model.plots import audit_png, mean_cam_png, reliability_png
 from model.preprocessing import Preprocessing

@@ -33,11 +33,11 @@ from imaging.decode import IMAGE_SUFFIXES, is_dicom
 from imaging.dicom_identity import Study, deidentify_key
 from imaging.sandbox import decoder_count
 from model import stored_json
-from model.anatomy import lung_share
+from model.anatomy import lung_share, resized
 from model.bundle import BundleError, ModelCard
 from model.devices import share_gpus
 from model.evaluation import flags, predict_classes
-from model.gradcam import cams_from_maps, resized
+from model.gradcam import cams_from_maps
 from model.inference import Predictor, fastest, make_predictor
 from screening import leases, ledger
 from screening.results import DEIDENTIFIED_PREFIX, PredictionRow, ResultsLayout, input_name
@@ -244,12 +244,14 @@ class LoadedModel:
     reduced_decode: bool = False  # large JPEGs decoded at reduced resolution: passed the gate
     # Grad-CAM from the engine's own forward pass: fp32's always, another engine's once its
     # explanations passed their gate; otherwise from a float32 forward pass of their own.
-    explains_from_forward: bool = True
+    explains_from_forward: bool = False
 
 
 @functools.lru_cache(maxsize=2)
-def _model(model_store_uri: str, model_version: str, engine: str, batch_size: int) -> LoadedModel:
-    """Loaded once per process, model version and engine, however many chunks run here."""
+def _model(model_store_uri: str, model_version: str, engine: str, batch_size: int, explain: str = "none") -> LoadedModel:
+    """Loaded once per process, model version and engine, however many chunks run here. With
+    explanations asked for, ``auto`` chooses among the engines whose own maps may explain: another
+    would pay a float32 pass for every explained image, and a night flags a large share."""
     share_gpus()
     model, card = registry.load_model(model_store_uri, model_version)
     allowed, notes = validated_engines(model_store_uri, card)
@@ -260,8 +262,15 @@ def _model(model_store_uri: str, model_version: str, engine: str, batch_size: in
         if engine not in allowed:
             raise BundleError(f"engine {engine} may not serve model {card.version}: {notes}")
         predictor = make_predictor(model, spec, engine, load_artifacts(model_store_uri, card, engine))
-        from_forward, explained = _explanations(model_store_uri, card, predictor)
-        return LoadedModel(card, predictor, model, f"{engine} asked for{shortcut}; {explained}", reduced, from_forward)
+        from_forward, explained = _explanations(model_store_uri, card, predictor, explain)
+        return LoadedModel(card, predictor, model, f"{engine} asked for{shortcut}{explained}", reduced, from_forward)
+    explaining = explaining_engines(model_store_uri, card)
+    if explain != "none" and set(allowed) - set(explaining):
+        left_out = [name for name in allowed if name not in explaining]
+        why_not = (f"left out while explaining: {', '.join(left_out)} (explanations not passed their gate: "
+                   f"cxr-screen validate-engines {card.version})")
+        notes = "; ".join(filter(None, [notes, why_not]))
+        allowed = [name for name in allowed if name in explaining]
     predictors = []
     for name in allowed:
         try:
@@ -272,19 +281,21 @@ def _model(model_store_uri: str, model_version: str, engine: str, batch_size: in
     best, speeds = fastest(predictors, batch_size) if len(predictors) > 1 else (predictors[0], {})
     measured = ", ".join(f"{name} {speed:g} img/s" for name, speed in speeds.items())
     why = f"auto: fastest of the validated engines here ({measured})" if speeds else "auto: the only validated engine"
-    from_forward, explained = _explanations(model_store_uri, card, best)
-    get_run_logger().info("Engine %s for model %s: %s%s; %s", best.engine, card.version, why, f"; {notes}" if notes else "",
+    from_forward, explained = _explanations(model_store_uri, card, best, explain)
+    get_run_logger().info("Engine %s for model %s: %s%s%s", best.engine, card.version, why, f"; {notes}" if notes else "",
                           explained)
-    return LoadedModel(card, best, model, why + (f"; {notes}" if notes else "") + shortcut + f"; {explained}", reduced,
+    return LoadedModel(card, best, model, why + (f"; {notes}" if notes else "") + shortcut + explained, reduced,
                        from_forward)
 
 
-def _explanations(model_store_uri: str, card: ModelCard, predictor: Predictor) -> tuple[bool, str]:
-    """Whether ``predictor``'s own maps explain this version, and a line saying how explanations are made."""
+def _explanations(model_store_uri: str, card: ModelCard, predictor: Predictor, explain: str) -> tuple[bool, str]:
+    """Whether ``predictor``'s own maps explain this version, and a clause (empty without
+    explanations) saying how explanations are made."""
     if predictor.engine in explaining_engines(model_store_uri, card):
-        return True, f"explanations from {predictor.engine}'s forward pass"
-    return False, (f"explanations by a float32 Grad-CAM pass of their own: {predictor.engine}'s explanations have not "
-                   f"passed their gate (cxr-screen validate-engines {card.version})")
+        return True, "" if explain == "none" else f"; explanations from {predictor.engine}'s forward pass"
+    return False, "" if explain == "none" else (
+        f"; explanations by a float32 Grad-CAM pass of their own: {predictor.engine}'s explanations have not "
+        f"passed their gate (cxr-screen validate-engines {card.version})")
 
 
 @dataclass
@@ -445,7 +456,7 @@ def screen_chunk(
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    loaded_model = _model(model_store_uri, model_version, engine, batch_size)
+    loaded_model = _model(model_store_uri, model_version, engine, batch_size, explain)
     card = loaded_model.card
     layout = ResultsLayout(results_uri).run(run_id)
     storage.write_bytes(layout.chunk_inputs(chunk),

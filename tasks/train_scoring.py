@@ -125,7 +125,7 @@ def check_engines(model: keras.Model, spec: Preprocessing, loaded: LabelledArray
         candidate, candidate_cams = predict_and_explain(predictor, model, test_images, positive)
         check = check_engine(engine, probabilities[:, positive], candidate[:, positive],
                              (test_labels == positive).astype(int), threshold,
-                             None if candidate_cams is None else (cams, candidate_cams))
+                             None if candidate_cams is None else (cams, candidate_cams), test_images.shape[1:3])
         logger.info("Engine %s (%s)", check.summary, "passes" if check.passed else "FAILS the gate: never used")
         checks.append(check)
     test_uris = [loaded.items[index].uri for index in split.test]

@@ -241,9 +241,9 @@ def test_decoded_images_waiting_for_a_slow_model_stay_a_few_batches(tmp_path, mo
             started[0] += 1
         return load_image(uri, spec, limits)
 
-    def slow_model(pixels: np.ndarray) -> tuple[np.ndarray, None]:  # slower than the reads
+    def slow_model(pixels: np.ndarray) -> np.ndarray:  # slower than the reads
         time.sleep(0.15)
-        return np.tile([0.9, 0.1], (len(pixels), 1)), None
+        return np.tile([0.9, 0.1], (len(pixels), 1))
 
     monkeypatch.setattr(screen_chunks, "load_image", counting_load)
     model = LoadedModel(card, Predictor("fp32", card.spec(), slow_model, 2), None, "test")

@@ -241,17 +241,19 @@ def test_grad_cam_follows_the_opacities_from_one_lung_to_the_other():
 
     # The same explanations from each engine's own forward pass (the mlp head: a compiled gradient
     # through the head only), held to the explanation gate against the float32 Grad-CAM.
-    # Measured here (AMD EPYC, AVX-512): bf16's maps correlate 1.000 (median) with float32's and move
-    # no lung share by more than 0.012, int8's 0.999 and 0.014; float32's are the reference's own.
+    # Measured (AMD EPYC with AVX-512 and bf16): bf16's maps correlate 1.000 (median) with float32's and
+    # move the lung share by at most 0.003 on 95 % of the 36 images, int8's 0.999 and 0.013; float32's
+    # are the reference's own, to 1e-5.
     explained = np.concatenate([*pairs.values(), negatives])
     reference, reference_probabilities = grad_cam_and_probabilities(model, explained, spec, class_index=1)
     int8 = quantize_int8(model, spec, images)
     for engine in ENGINES:
         predictor = make_predictor(model, spec, engine, int8 if engine == "int8" else None)
         probabilities, maps = predictor.predict_with_maps(explained)
-        cams = cams_from_maps(model, maps, 1, (128, 128))[0]
+        cams = cams_from_maps(model, maps, 1)[0]  # at the maps' resolution, as training's check has them
         if engine == "fp32":
-            np.testing.assert_allclose(cams, reference, atol=1e-5)
+            np.testing.assert_allclose(cams_from_maps(model, maps, 1, (128, 128))[0], reference, atol=1e-5)
+            reference_maps = cams
         check = check_engine(engine, reference_probabilities[:, 1], probabilities[:, 1], np.repeat([1, 0], [24, 12]), 0.5,
-                             (reference, cams))
+                             (reference_maps, cams), (128, 128))
         assert check.explanation_passed and check.explanation_correlation > 0.99, check.summary

@@ -4,8 +4,8 @@ concurrent runs, on a folder and on a moto S3 server."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -24,7 +24,7 @@ import pytest
 from flows.parameters import ScreenParameters
 from flows.screen import screen
 from model.bundle import BundleError
-from model.inference import EngineCheck
+from model.inference import EngineCheck, make_predictor
 from screening import ledger
 from store import engines, registry, storage
 from store.phantoms import chest_phantom, write_phantom_dataset
@@ -390,9 +390,17 @@ def test_large_jpegs_are_decoded_at_reduced_resolution_once_that_passed_the_gate
     assert max(abs(full[uri] - reduced[uri]) for uri in full) < 0.05
 
 
-def test_explanations_come_from_the_engine_only_once_they_passed_their_gate(model_store, tmp_path):
+def test_explanations_come_from_the_engine_only_once_they_passed_their_gate(model_store, tmp_path, monkeypatch):
     """bf16 may serve, but until its explanations pass their own gate the explained images take a
-    float32 pass: the summary says which, and the maps agree either way."""
+    float32 pass: the summary says which, and the maps agree either way. With explanations asked
+    for, auto leaves such an engine out."""
+    engines_made = []
+
+    def recording(model, spec, engine="fp32", artifacts=None):  # the real predictor, counted
+        engines_made.append(engine)
+        return make_predictor(model, spec, engine, artifacts)
+
+    monkeypatch.setattr(screen_chunks, "make_predictor", recording)
     store = str(tmp_path / "models")
     copy_tree(model_store, store)
     card = registry.load_card(store)
@@ -404,11 +412,16 @@ def test_explanations_come_from_the_engine_only_once_they_passed_their_gate(mode
 
     slow = run_screen(incoming, str(tmp_path / "results-float32"), store, engine="bf16", explain="all")
     assert "explanations by a float32 Grad-CAM pass of their own" in slow.engine_reason
+    assert engines_made[0] == "bf16" and engines_made.count("fp32") >= 1  # a float32 pass per batch explained
+    auto = run_screen(incoming, str(tmp_path / "results-auto"), store, explain="all")
+    assert auto.engine == "fp32" and "left out while explaining: bf16" in auto.engine_reason
     checked = dataclasses.replace(unchecked, explanation_correlation=0.999, explanation_lung_share_difference=0.01)
     engines.record_checks(store, card, [checked])
     screen_chunks._model.cache_clear()
+    engines_made.clear()
     fast = run_screen(incoming, str(tmp_path / "results-forward"), store, engine="bf16", explain="all")
     assert "explanations from bf16's forward pass" in fast.engine_reason
+    assert engines_made == ["bf16"]  # no float32 pass
 
     shares = [{row["image_uri"]: float(row["cam_lung_share"]) for row in run_rows(str(tmp_path / name))
                if row["cam_lung_share"]} for name in ("results-float32", "results-forward")]
