@@ -18,8 +18,13 @@ engines that pass the gate.
 Targets: the fp32 flow reaches at least 85% of the fp32 ceiling and 1.7x the naive baseline; on a
 CPU with bf16 units auto reaches 4x the fp32 flow; peak RSS on 10x the inputs grows by under 20%.
 
+--explain-seeds runs the explanation case instead (see explanation_case): what Grad-CAM costs a
+night, with --explain none, flagged and all, on fp32 and auto, one model per seed, and with
+--before REV the same bundle and inputs screened by an earlier revision's flow.
+
     .venv/bin/python bench/screen_bench.py                   # ../shared/data/cxr, 224 px, weights none
     .venv/bin/python bench/screen_bench.py --repeat 0        # skip the (long) 10x run
+    .venv/bin/python bench/screen_bench.py --explain-seeds 0 1 2 --epochs 25 --before c773ec7
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ def make_store(store: str, input_size: int) -> keras.Model:
     return model
 
 
-def train_store(store: str, data: str, input_size: int, epochs: int, fine_tune_epochs: int = 0
+def train_store(store: str, data: str, input_size: int, epochs: int, fine_tune_epochs: int = 0, seed: int = 0
                 ) -> tuple[keras.Model, float]:
     """A model trained by the train flow (weights none, few epochs): a real bundle, its engines
     checked on its test split as always. Returns the model and the training time in seconds."""
@@ -82,7 +87,8 @@ def train_store(store: str, data: str, input_size: int, epochs: int, fine_tune_e
 
     started = time.perf_counter()
     trained = train(TrainParameters(dataset_uri=data, model_store_uri=store, input_size=input_size, weights="none",
-                                    epochs=epochs, augment_draws=1, bootstrap=100, fine_tune_epochs=fine_tune_epochs))
+                                    epochs=epochs, augment_draws=1, bootstrap=100, fine_tune_epochs=fine_tune_epochs,
+                                    seed=seed, force_promote=True))
     seconds = time.perf_counter() - started
     model, _ = registry.load_model(store, trained.version)
     return model, seconds
@@ -141,10 +147,12 @@ def naive_in_subprocess(store: str, data: str, onednn: str) -> float:
 
 
 def flow_in_subprocess(incoming: str, results: str, store: str, batch_size: int, chunk_size: int,
-                       engine: str = "auto", explain: str = "none", workers: int | None = None) -> tuple[dict, float]:
+                       engine: str = "auto", explain: str = "none", workers: int | None = None,
+                       code_from: Path = ROOT) -> tuple[dict, float]:
     """Runs the flow in a fresh process; returns its summary and that process's peak RSS in MiB.
-    ``explain`` 'none' by default: Grad-CAM's gradient pass per flagged image would measure how
-    many images the model flags, not how fast it screens. ``workers``: a local Dask cluster."""
+    ``explain`` 'none' by default: the explanation case measures explanations on their own.
+    ``workers``: a local Dask cluster. ``code_from``: a checkout of another revision, whose code the
+    process runs (the same bundle and inputs: before and after in one run)."""
     code = ("import json, sys; from flows.screen import screen; from flows.parameters import ScreenParameters; "
             "s = screen(ScreenParameters(incoming_uri=sys.argv[1], results_uri=sys.argv[2], model_store_uri=sys.argv[3], "
             "batch_size=int(sys.argv[4]), chunk_size=int(sys.argv[5]), engine=sys.argv[6], explain=sys.argv[7], "
@@ -156,7 +164,7 @@ def flow_in_subprocess(incoming: str, results: str, store: str, batch_size: int,
     output = subprocess.run(
         [sys.executable, "-c", script, sys.executable, "-c", code, incoming, results, store, str(batch_size),
          str(chunk_size), engine, explain, str(workers or 0)],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PREFECT_HOME": tempfile.mkdtemp()},
+        cwd=code_from, capture_output=True, text=True, env={**os.environ, "PREFECT_HOME": tempfile.mkdtemp()},
     )
     if output.returncode != 0:
         sys.exit(f"flow failed:\n{output.stdout[-3000:]}\n{output.stderr[-3000:]}")
@@ -179,6 +187,13 @@ def main() -> None:
     parser.add_argument("--fullsize", type=int, default=200, help="full-size inputs for part (b) (0: skip)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive per-image loop")
     parser.add_argument("--memory-only", action="store_true", help="skip the ceiling and the naive loop")
+    parser.add_argument("--explain-seeds", type=int, nargs="*", default=[],
+                        help="the explanation case only: one model per seed (--epochs, --input-size), screened "
+                             "with --engine fp32 and auto, each with --explain none, flagged and all")
+    parser.add_argument("--explain-images", type=int, default=248, help="inputs of the explanation case")
+    parser.add_argument("--before", default=None,
+                        help="a git revision: the explanation case also runs that revision's flow (auto, flagged) "
+                             "on the same bundle and inputs")
     args = parser.parse_args()
     paths = sorted(p for p in Path(args.data).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
@@ -187,6 +202,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="screen-bench-"))
     store = str(work / "models")
     print(cpu_line())
+    if args.explain_seeds:
+        explanation_case(args, paths, work)
+        return
     print(f"{len(paths)} images from {args.data}; model {args.input_size} px, weights none; "
           f"batch {args.batch_size}, chunk {args.chunk_size}")
 
@@ -285,6 +303,60 @@ def main() -> None:
         print(f"x{args.repeat} inputs: {summary_many['screened']} images at "
               f"{summary_many['screened'] / summary_many['seconds']:.2f} img/s, peak RSS {peak_many:.0f} MiB vs "
               f"{peaks['auto']:.0f} MiB: {growth:+.1%} (target < +20%): {'met' if growth < 0.2 else 'NOT met'}")
+
+
+def explanation_case(args: argparse.Namespace, paths: list[Path], work: Path) -> None:
+    """What explanations cost a night, with a model that flags most of what it sees: the flow end to
+    end with --explain none, flagged and all, on fp32 and on auto, per seed; and, with --before, the
+    same bundle and inputs screened by another revision's flow (auto, flagged). Targets: flagged >=
+    0.85 x none on the same engine; auto with explanations >= 1.8x fp32 with explanations on a CPU
+    with bf16 units."""
+    incoming = work / "incoming-explain"
+    for index, path in enumerate(paths[: args.explain_images]):
+        link_or_copy(path, incoming / f"{index:05d}{path.suffix}")
+    before = None
+    if args.before:
+        before = work / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before], cwd=ROOT, check=True,
+                       capture_output=True)
+    print(f"explanation case: {args.explain_images} inputs, {args.input_size} px, weights none, {args.epochs} epochs, "
+          f"seeds {args.explain_seeds}{f', before = {args.before}' if before else ''}")
+    ratios: dict[str, list[float]] = {"fp32 flagged/none": [], "auto flagged/none": [], "auto/fp32 flagged": [],
+                                      "auto/before flagged": []}
+    try:
+        for seed in args.explain_seeds:
+            store = str(work / f"models-{seed}")
+            _, seconds = train_store(store, args.data, args.input_size, args.epochs, args.fine_tune_epochs, seed)
+            card = registry.load_card(store)
+            print(f"\nseed {seed}: {card.version}, trained in {seconds:.0f} s")
+            for name, check in json.loads(storage.read_bytes(storage.join(store, card.version, "engines.json")))[
+                    "checks"].items():
+                print(f"  check     {EngineCheck(**check).summary}: {'passes' if check['passed'] else 'FAILS'}")
+            speeds = {}
+            runs = [(engine, explain, ROOT) for engine in ("fp32", "auto") for explain in ("none", "flagged", "all")]
+            runs += [("auto", "flagged", before)] if before else []
+            for engine, explain, code in runs:
+                label = f"{'before ' if code != ROOT else ''}{engine} {explain}"
+                summary, _ = flow_in_subprocess(str(incoming), str(work / f"results-{seed}-{label.replace(' ', '-')}"),
+                                                store, args.batch_size, args.chunk_size, engine, explain, code_from=code)
+                speeds[label] = summary["screened"] / summary["seconds"]
+                print(f"  {label:<22} {speeds[label]:6.2f} img/s -> {summary['engine']}, "
+                      f"{summary['flagged']} of {summary['screened']} flagged", flush=True)
+                if code == ROOT and explain == "flagged" and engine == "auto":
+                    print(f"  {'':<22} {summary['engine_reason']}")
+            ratios["fp32 flagged/none"].append(speeds["fp32 flagged"] / speeds["fp32 none"])
+            ratios["auto flagged/none"].append(speeds["auto flagged"] / speeds["auto none"])
+            ratios["auto/fp32 flagged"].append(speeds["auto flagged"] / speeds["fp32 flagged"])
+            if before:
+                ratios["auto/before flagged"].append(speeds["auto flagged"] / speeds["before auto flagged"])
+    finally:
+        if before:
+            subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, capture_output=True)
+    print("\nratios per seed (same run, same bundle and inputs):")
+    for name, values in ratios.items():
+        if values:
+            print(f"  {name:<20} {' '.join(f'{value:.2f}' for value in values)}")
+    print("targets: flagged/none >= 0.85 on each engine; auto/fp32 with explanations >= 1.8 on a CPU with bf16 units")
 
 
 if __name__ == "__main__":
