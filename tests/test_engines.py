@@ -116,7 +116,7 @@ def test_rule_two_figures_decide_when_read_and_older_records_keep_rule_one(locat
     assert engines.validated_engines(location, card())[0] == ["fp32", "bf16"]
     engines.record_checks(location, card(), [rule_two(far_flips=1)])  # a flip far from the threshold
     allowed, note = engines.validated_engines(location, card())
-    assert allowed == ["fp32"] and "1 farther than 0.02 from the threshold" in note
+    assert allowed == ["fp32"] and "1 outside the band" in note
     engines.record_checks(location, card(), [check(agreement=0.99)])  # the same agreement, recorded under rule 1
     assert engines.validated_engines(location, card())[0] == ["fp32"]
 
