@@ -19,6 +19,7 @@ SCREEN_OPTIONS = {
     "batch_size": OptionSpec(envvar="CXR_SCREEN_BATCH_SIZE"),
     "chunk_size": OptionSpec(envvar="CXR_SCREEN_CHUNK_SIZE"),
     "engine": OptionSpec(envvar="CXR_SCREEN_ENGINE"),
+    "explain": OptionSpec(envvar="CXR_SCREEN_EXPLAIN"),
     "max_file_bytes": OptionSpec(envvar="CXR_SCREEN_MAX_FILE_BYTES"),
     "decode_timeout_seconds": OptionSpec(envvar="CXR_SCREEN_DECODE_TIMEOUT_SECONDS"),
     "abandoned_after_minutes": OptionSpec(envvar="CXR_SCREEN_ABANDONED_AFTER_MINUTES"),

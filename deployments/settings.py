@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     screen_batch_size: int | None = Field(None, description="Images per forward pass in nightly screening.")
     screen_chunk_size: int | None = Field(None, description="Images per Prefect task in nightly screening.")
     screen_engine: str | None = Field(None, description="auto, fp32, bf16 or int8 (see model/inference.py).")
+    screen_explain: str | None = Field(None, description="flagged, all or none: which images get Grad-CAM.")
     screen_max_file_bytes: int | None = Field(None, description="Inputs larger than this get a rejected row.")
     screen_decode_timeout_seconds: float | None = Field(None, description="Per-input read and decode time limit.")
     screen_abandoned_after_minutes: float | None = Field(
@@ -80,7 +81,8 @@ class Settings(BaseSettings):
     def screen_parameters(self) -> ScreenParameters:
         return ScreenParameters(incoming_uri=self.incoming, results_uri=self.results, model_store_uri=self.model_store,
                                 **_given(batch_size=self.screen_batch_size, chunk_size=self.screen_chunk_size,
-                                         engine=self.screen_engine, max_file_bytes=self.screen_max_file_bytes,
+                                         engine=self.screen_engine, explain=self.screen_explain,
+                                         max_file_bytes=self.screen_max_file_bytes,
                                          decode_timeout_seconds=self.screen_decode_timeout_seconds,
                                          abandoned_after_minutes=self.screen_abandoned_after_minutes,
                                          chunk_timeout_minutes=self.screen_chunk_timeout_minutes,
