@@ -90,3 +90,15 @@ def test_the_command_line_refuses_the_planted_file_before_doing_anything(tmp_pat
             "names the code the process workers run. Remove it from the file; export it in the environment if you "
             "mean it")
     assert done.stderr.splitlines() == [line], done.stderr
+
+
+def test_the_nightly_screening_takes_its_engine_and_explanations_from_the_settings(tmp_path, monkeypatch,
+                                                                                   clean_environment):
+    (tmp_path / "cxr.env").write_text("CXR_SCREEN_ENGINE=fp32\nCXR_SCREEN_EXPLAIN=all\n")
+    monkeypatch.chdir(tmp_path)
+    parameters = Settings(_env_file="cxr.env").screen_parameters()
+    assert (parameters.engine, parameters.explain) == ("fp32", "all")
+    monkeypatch.setenv("CXR_SCREEN_EXPLAIN", "none")  # the environment beats the file
+    assert Settings(_env_file="cxr.env").screen_parameters().explain == "none"
+    monkeypatch.delenv("CXR_SCREEN_EXPLAIN")
+    assert Settings(_env_file=None).screen_parameters().explain == "flagged"  # unset: the parameters' default
