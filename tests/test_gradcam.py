@@ -257,3 +257,16 @@ def test_grad_cam_follows_the_opacities_from_one_lung_to_the_other():
         check = check_engine(engine, reference_probabilities[:, 1], probabilities[:, 1], np.repeat([1, 0], [24, 12]), 0.5,
                              (reference_maps, cams), (128, 128))
         assert check.explanation_passed and check.explanation_correlation > 0.99, check.summary
+
+
+def test_explaining_batches_of_any_size_compiles_the_gradient_at_most_twice():
+    """Screening explains however many images of a batch are flagged: the compiled gradient through
+    the head generalises its batch size rather than tracing again for each count."""
+    from model.gradcam import _parts
+
+    model = build_classifier(2, input_size=64, weights=None, head="mlp")
+    maps = np.random.default_rng(0).random((16, 4, 4, 512)).astype(np.float32)
+    for count in (3, 5, 7, 16, 1, 11):
+        cams, probabilities = cams_from_maps(model, maps[:count], 1)
+        assert cams.shape == (count, 4, 4) and probabilities.shape == (count, 2)
+    assert _parts(model)[1].experimental_get_tracing_count() <= 2
