@@ -353,7 +353,8 @@ def explanation_case(args: argparse.Namespace, paths: list[Path], work: Path) ->
                 ratios["auto/before flagged"].append(speeds["auto flagged"] / speeds["before auto flagged"])
     finally:
         if before:
-            subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, capture_output=True)
+            subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, capture_output=True,
+                           check=False)
     print("\nratios per seed (same run, same bundle and inputs):")
     for name, values in ratios.items():
         if values:
