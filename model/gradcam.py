@@ -21,15 +21,14 @@ import tensorflow as tf
 
 from model.anatomy import resized
 from model.defaults import BATCH_SIZE
-from model.inference import Predictor
-from model.network import LAST_CONVOLUTION
-from model.preprocessing import Preprocessing, scale
+from model.inference import Predictor, make_predictor
+from model.preprocessing import Preprocessing
 
-__all__ = ["LAST_CONVOLUTION", "cams_from_maps", "grad_cam", "grad_cam_and_probabilities", "overlay", "predict_and_explain"]
-
+__all__ = ["cams_from_maps", "grad_cam", "grad_cam_and_probabilities", "overlay", "predict_and_explain"]
 
 
-def _parts(model: keras.Model) -> tuple[keras.Model, tf.types.experimental.PolymorphicFunction]:
+
+def _parts(model: keras.Model) -> tf.types.experimental.PolymorphicFunction:
     # Built once per model (screening explains a few images per batch, night after night) and kept
     # on it, past Keras' attribute tracking; model.network drops it when the head is refitted.
     if getattr(model, "_gradcam_parts", None) is None:
@@ -37,18 +36,13 @@ def _parts(model: keras.Model) -> tuple[keras.Model, tf.types.experimental.Polym
     return model._gradcam_parts
 
 
-def _build_parts(model: keras.Model) -> tuple[keras.Model, tf.types.experimental.PolymorphicFunction]:
-    """The classifier as: image -> last convolution (the maps), and a compiled function from the
-    maps to their Grad-CAM and the class probabilities.
-
-    The score's gradient with respect to the maps runs through block5's pooling and the head only,
-    never through the base: the base's work is the forward pass that made the maps, whichever
-    engine ran it. Keras 3 cannot hand out a nested model's inner tensors from the outer model,
-    so the base is re-entered from its own input; the layers (and weights) are the model's own.
-    """
-    base, head = model.get_layer("vgg16"), model.get_layer("head")
-    to_convolution = keras.Model(base.input, base.get_layer(LAST_CONVOLUTION).output)
-    pooling = base.get_layer("block5_pool")
+def _build_parts(model: keras.Model) -> tf.types.experimental.PolymorphicFunction:
+    """A compiled function from maps of the last convolution to their Grad-CAM and the class
+    probabilities. The score's gradient with respect to the maps runs through block5's pooling and
+    the head only, never through the base: the base's work is the forward pass that made the maps,
+    whichever engine ran it. The layers (and weights) are the model's own."""
+    head = model.get_layer("head")
+    pooling = model.get_layer("vgg16").get_layer("block5_pool")
     # The score is built from the logits before softmax (see _log_odds), hence the final layer apart.
     final = head.get_layer("probabilities")
     to_head_features = keras.Model(head.input, final.input)
@@ -63,7 +57,7 @@ def _build_parts(model: keras.Model) -> tuple[keras.Model, tf.types.experimental
         channel_weights = tf.reduce_mean(tape.gradient(score, maps), axis=(1, 2), keepdims=True)
         return tf.nn.relu(tf.reduce_sum(channel_weights * maps, axis=-1)), tf.nn.softmax(logits)
 
-    return to_convolution, from_maps
+    return from_maps
 
 
 def _log_odds(logits: tf.Tensor, class_index: tf.Tensor) -> tf.Tensor:
@@ -96,7 +90,7 @@ def cams_from_maps(model: keras.Model, maps: np.ndarray, class_index: int, size:
     gradient to its largest cell, and every window has one): the map is class activation mapping
     (tests/test_gradcam.py checks this by hand)."""
     _check_class(model, class_index)
-    _, from_maps = _parts(model)
+    from_maps = _parts(model)
     maps = np.asarray(maps, np.float32)
     cams, probabilities = [], []
     for start in range(0, len(maps), batch_size):
@@ -139,12 +133,10 @@ def grad_cam_and_probabilities(model: keras.Model, images_uint8: np.ndarray, spe
     if images_uint8.ndim != 4 or images_uint8.dtype != np.uint8:
         raise ValueError(f"expected uint8 images (n, h, w, 3), got {images_uint8.dtype} {images_uint8.shape}")
     _check_class(model, class_index)
-    to_convolution, _ = _parts(model)
-    # The same preprocessing as model.training.predict_probabilities.
-    maps = [np.asarray(to_convolution(scale(images_uint8[start : start + batch_size].astype(np.float32) / 255.0, spec),
-                                      training=False)) for start in range(0, len(images_uint8), batch_size)]
-    maps = np.concatenate(maps) if maps else np.zeros((0, 1, 1, 1), np.float32)
-    return cams_from_maps(model, maps, class_index, images_uint8.shape[1:3], batch_size)
+    probabilities, cams = predict_and_explain(make_predictor(model, spec, "fp32"), model, images_uint8, class_index,
+                                              batch_size)
+    return np.stack([resized(cam, images_uint8.shape[1:3]) for cam in cams]) if len(cams) else \
+        np.zeros((0, *images_uint8.shape[1:3]), np.float32), probabilities
 
 
 def grad_cam(model: keras.Model, images_uint8: np.ndarray, spec: Preprocessing, class_index: int,

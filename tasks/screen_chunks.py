@@ -31,13 +31,14 @@ from prefect.exceptions import MissingContextError
 
 from imaging.decode import IMAGE_SUFFIXES, is_dicom
 from imaging.dicom_identity import Study, deidentify_key
+from imaging.raster import encode_png
 from imaging.sandbox import decoder_count
 from model import stored_json
 from model.anatomy import lung_share, resized
 from model.bundle import BundleError, ModelCard
 from model.devices import share_gpus
 from model.evaluation import flags, predict_classes
-from model.gradcam import cams_from_maps
+from model.gradcam import cams_from_maps, predict_and_explain
 from model.inference import Predictor, fastest, make_predictor
 from screening import leases, ledger
 from screening.results import DEIDENTIFIED_PREFIX, PredictionRow, ResultsLayout, input_name
@@ -262,7 +263,7 @@ def _model(model_store_uri: str, model_version: str, engine: str, batch_size: in
         if engine not in allowed:
             raise BundleError(f"engine {engine} may not serve model {card.version}: {notes}")
         predictor = make_predictor(model, spec, engine, load_artifacts(model_store_uri, card, engine))
-        from_forward, explained = _explanations(model_store_uri, card, predictor, explain)
+        from_forward, explained = _explanations(explaining_engines(model_store_uri, card), card, predictor, explain)
         return LoadedModel(card, predictor, model, f"{engine} asked for{shortcut}{explained}", reduced, from_forward)
     explaining = explaining_engines(model_store_uri, card)
     if explain != "none" and set(allowed) - set(explaining):
@@ -281,17 +282,17 @@ def _model(model_store_uri: str, model_version: str, engine: str, batch_size: in
     best, speeds = fastest(predictors, batch_size) if len(predictors) > 1 else (predictors[0], {})
     measured = ", ".join(f"{name} {speed:g} img/s" for name, speed in speeds.items())
     why = f"auto: fastest of the validated engines here ({measured})" if speeds else "auto: the only validated engine"
-    from_forward, explained = _explanations(model_store_uri, card, best, explain)
+    from_forward, explained = _explanations(explaining, card, best, explain)
     get_run_logger().info("Engine %s for model %s: %s%s%s", best.engine, card.version, why, f"; {notes}" if notes else "",
                           explained)
     return LoadedModel(card, best, model, why + (f"; {notes}" if notes else "") + shortcut + explained, reduced,
                        from_forward)
 
 
-def _explanations(model_store_uri: str, card: ModelCard, predictor: Predictor, explain: str) -> tuple[bool, str]:
-    """Whether ``predictor``'s own maps explain this version, and a clause (empty without
-    explanations) saying how explanations are made."""
-    if predictor.engine in explaining_engines(model_store_uri, card):
+def _explanations(explaining: list[str], card: ModelCard, predictor: Predictor, explain: str) -> tuple[bool, str]:
+    """Whether ``predictor``'s own maps explain this version (``explaining``: the engines whose may),
+    and a clause (empty without explanations) saying how explanations are made."""
+    if predictor.engine in explaining:
         return True, "" if explain == "none" else f"; explanations from {predictor.engine}'s forward pass"
     return False, "" if explain == "none" else (
         f"; explanations by a float32 Grad-CAM pass of their own: {predictor.engine}'s explanations have not "
@@ -316,11 +317,6 @@ def _thumbnail(pixels: np.ndarray, side: int = 160) -> str:
     small = cv2.resize(pixels, (side, side), interpolation=cv2.INTER_AREA)
     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
     return base64.b64encode(jpeg.tobytes()).decode() if ok else ""
-
-
-def _map_png(cam: np.ndarray) -> str:
-    ok, png = cv2.imencode(".png", np.uint8(np.round(np.clip(cam, 0.0, 1.0) * 255)))
-    return base64.b64encode(png.tobytes()).decode() if ok else ""
 
 
 def _load_or_vanish(uri: str, spec, limits: InputLimits) -> LoadedImage | str:
@@ -393,10 +389,11 @@ def screen_images(
         cams = {}
         if chosen.any():
             if loaded_model.explains_from_forward and maps is not None:
-                chosen_maps = maps[chosen]
+                explained = cams_from_maps(model, maps[chosen], positive)[0]
             else:  # the float32 reference: a forward pass of its own, for these images only
-                chosen_maps = make_predictor(model, spec, "fp32").predict_with_maps(pixels[chosen], batch_size)[1]
-            cams = dict(zip(np.flatnonzero(chosen), cams_from_maps(model, chosen_maps, positive)[0]))
+                explained = predict_and_explain(make_predictor(model, spec, "fp32"), model, pixels[chosen], positive,
+                                                batch_size)[1]
+            cams = dict(zip(np.flatnonzero(chosen), explained))
         now = utc_timestamp()
         for index, (item, p) in enumerate(zip(batch, probabilities)):
             cam = cams.get(index)
@@ -407,7 +404,7 @@ def screen_images(
                 flagged=bool(flagged[index]), screened_at=now, engine=predictor.engine,
                 cam_lung_share=None if cam is None else _rounded(lung_share(resized(cam, pixels.shape[1:3]))),
                 thumbnail=_thumbnail(item.pixels) if flagged[index] else None,
-                cam=None if cam is None else _map_png(cam),
+                cam=None if cam is None else base64.b64encode(encode_png(np.uint8(np.round(cam * 255)))).decode(),
                 **_study_fields(item.study))
 
     threads = workers or 2 * decoder_count()
