@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import TypeVar
 
@@ -40,7 +41,7 @@ from model.devices import share_gpus
 from model.evaluation import flags, predict_classes
 from model.gradcam import cams_from_maps, predict_and_explain
 from model.inference import Predictor, fastest, make_predictor
-from screening import leases, ledger
+from screening import engine_speeds, leases, ledger
 from screening.results import DEIDENTIFIED_PREFIX, PredictionRow, ResultsLayout, input_name
 from store import registry, storage
 from store.clock import utc_timestamp
@@ -279,14 +280,27 @@ def _model(model_store_uri: str, model_version: str, engine: str, batch_size: in
         except (BundleError, storage.StorageError, ImportError, RuntimeError) as error:
             # An optional engine that cannot be loaded here is left out; fp32 always can be.
             notes = "; ".join(filter(None, [notes, f"{name} could not be loaded ({error})"]))
-    best, speeds = fastest(predictors, batch_size) if len(predictors) > 1 else (predictors[0], {})
-    measured = ", ".join(f"{name} {speed:g} img/s" for name, speed in speeds.items())
-    why = f"auto: fastest of the validated engines here ({measured})" if speeds else "auto: the only validated engine"
+    best, why = _fastest_here(predictors, spec.input_size, batch_size)
     from_forward, explained = _explanations(explaining, card, best, explain)
     get_run_logger().info("Engine %s for model %s: %s%s%s", best.engine, card.version, why, f"; {notes}" if notes else "",
                           explained)
     return LoadedModel(card, best, model, why + (f"; {notes}" if notes else "") + shortcut + explained, reduced,
                        from_forward)
+
+
+def _fastest_here(predictors: list[Predictor], input_size: int, batch_size: int) -> tuple[Predictor, str]:
+    """The fastest of ``predictors`` on this machine, by the speeds measured here within the week
+    (screening.engine_speeds), or timed now and kept; and the clause saying so."""
+    if len(predictors) == 1:
+        return predictors[0], "auto: the only validated engine"
+    key = engine_speeds.machine_key([predictor.engine for predictor in predictors], input_size, batch_size)
+    known = engine_speeds.recall(key)
+    if known is None:
+        _, speeds = fastest(predictors, batch_size)
+        engine_speeds.remember(key, speeds)
+        known = engine_speeds.Measured(speeds, datetime.now(UTC))
+    best = max(predictors, key=lambda predictor: known.speeds[predictor.engine])
+    return best, f"auto: fastest of the validated engines here ({known.describe()})"
 
 
 def _explanations(explaining: list[str], card: ModelCard, predictor: Predictor, explain: str) -> tuple[bool, str]:

@@ -20,6 +20,8 @@ import pytest
 _PREFECT_HOME = tempfile.mkdtemp(prefix="cxr-prefect-home-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# auto's measured engine speeds (screening/engine_speeds.py): kept per test session, not in ~/.cache.
+os.environ["CXR_ENGINE_SPEEDS"] = str(Path(_PREFECT_HOME) / "engine-speeds.json")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One OpenBLAS thread (read when numpy loads; subprocesses inherit it). Training's head selection
 # is hundreds of small scikit-learn solves: two OpenBLAS threads spin against TensorFlow's threads
