@@ -192,6 +192,9 @@ def main() -> None:
     parser.add_argument("--explain-seeds", type=int, nargs="*", default=[],
                         help="the explanation case only: one model per seed (--epochs, --input-size), screened "
                              "with --engine fp32 and auto, each with --explain none, flagged and all")
+    parser.add_argument("--explain-stores", nargs="*", default=[],
+                        help="the explanation case on these model stores (their latest version) instead of "
+                             "training one per seed")
     parser.add_argument("--explain-images", type=int, default=248, help="inputs of the explanation case")
     parser.add_argument("--before", default=None,
                         help="a git revision: the explanation case also runs that revision's flow (auto, flagged) "
@@ -204,7 +207,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="screen-bench-"))
     store = str(work / "models")
     print(cpu_line())
-    if args.explain_seeds:
+    if args.explain_seeds or args.explain_stores:
         explanation_case(args, paths, work)
         return
     print(f"{len(paths)} images from {args.data}; model {args.input_size} px, weights none; "
@@ -310,9 +313,10 @@ def main() -> None:
 def explanation_case(args: argparse.Namespace, paths: list[Path], work: Path) -> None:
     """What explanations cost a night, with a model that flags most of what it sees: the flow end to
     end with --explain none, flagged and all, on fp32 and on auto, per seed; and, with --before, the
-    same bundle and inputs screened by another revision's flow (auto, flagged). Targets: flagged >=
-    0.85 x none on the same engine; auto with explanations >= 1.8x fp32 with explanations on a CPU
-    with bf16 units."""
+    same bundle and inputs screened by another revision's flow (auto, flagged). auto's first run per
+    model times the engines (as a machine's first night does); the others use the speeds it kept.
+    Targets: flagged >= 0.85 x none on the same engine; auto with explanations >= 1.8x fp32 with
+    explanations on a CPU with bf16 units."""
     incoming = work / "incoming-explain"
     for index, path in enumerate(paths[: args.explain_images]):
         link_or_copy(path, incoming / f"{index:05d}{path.suffix}")
@@ -322,25 +326,35 @@ def explanation_case(args: argparse.Namespace, paths: list[Path], work: Path) ->
         subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before], cwd=ROOT, check=True,
                        capture_output=True)
     print(f"explanation case: {args.explain_images} inputs, {args.input_size} px, weights none, {args.epochs} epochs, "
-          f"seeds {args.explain_seeds}{f', before = {args.before}' if before else ''}")
+          f"seeds {args.explain_seeds}{f', stores {args.explain_stores}' if args.explain_stores else ''}"
+          f"{f', before = {args.before}' if before else ''}")
     ratios: dict[str, list[float]] = {"fp32 flagged/none": [], "auto flagged/none": [], "auto/fp32 flagged": [],
-                                      "auto/before flagged": []}
+                                      "auto/before flagged": [], "auto timing/fp32 flagged": []}
+    # auto keeps the engine speeds it measured (screening/engine_speeds.py); per model, the first auto
+    # run measures them, as the first night on a machine does, and the others use what it kept.
+    speeds_file = work / "engine-speeds.json"
+    os.environ["CXR_ENGINE_SPEEDS"] = str(speeds_file)
     try:
-        for seed in args.explain_seeds:
-            store = str(work / f"models-{seed}")
-            _, seconds = train_store(store, args.data, args.input_size, args.epochs, args.fine_tune_epochs, seed)
+        models = [(f"seed {seed}", str(work / f"models-{seed}"), seed) for seed in args.explain_seeds]
+        models += [(f"store {store}", store, None) for store in args.explain_stores]
+        for name, store, seed in models:
+            if seed is not None:
+                _, seconds = train_store(store, args.data, args.input_size, args.epochs, args.fine_tune_epochs, seed)
             card = registry.load_card(store)
-            print(f"\nseed {seed}: {card.version}, trained in {seconds:.0f} s")
-            for name, check in json.loads(storage.read_bytes(storage.join(store, card.version, "engines.json")))[
-                    "checks"].items():
+            print(f"\n{name}: {card.version}" + (f", trained in {seconds:.0f} s" if seed is not None else ""))
+            for check in json.loads(storage.read_bytes(storage.join(store, card.version, "engines.json")))[
+                    "checks"].values():
                 print(f"  check     {EngineCheck(**check).summary}: {'passes' if check['passed'] else 'FAILS'}")
             speeds = {}
-            runs = [(engine, explain, ROOT) for engine in ("fp32", "auto") for explain in ("none", "flagged", "all")]
-            runs += [("auto", "flagged", before)] if before else []
-            for engine, explain, code in runs:
-                label = f"{'before ' if code != ROOT else ''}{engine} {explain}"
-                summary, _ = flow_in_subprocess(str(incoming), str(work / f"results-{seed}-{label.replace(' ', '-')}"),
-                                                store, args.batch_size, args.chunk_size, engine, explain, code_from=code)
+            speeds_file.unlink(missing_ok=True)
+            runs = [("auto", "flagged", ROOT, "auto flagged (timing)")]
+            runs += [(engine, explain, ROOT, f"{engine} {explain}") for engine in ("fp32", "auto")
+                     for explain in ("none", "flagged", "all")]
+            runs += [("auto", "flagged", before, "before auto flagged")] if before else []
+            for engine, explain, code, label in runs:
+                results = str(work / f"results-{name.replace(' ', '-').replace('/', '_')}-{label.replace(' ', '-')}")
+                summary, _ = flow_in_subprocess(str(incoming), results, store, args.batch_size, args.chunk_size,
+                                                engine, explain, code_from=code)
                 speeds[label] = summary["screened"] / summary["seconds"]
                 print(f"  {label:<22} {speeds[label]:6.2f} img/s -> {summary['engine']}, "
                       f"{summary['flagged']} of {summary['screened']} flagged", flush=True)
@@ -349,6 +363,7 @@ def explanation_case(args: argparse.Namespace, paths: list[Path], work: Path) ->
             ratios["fp32 flagged/none"].append(speeds["fp32 flagged"] / speeds["fp32 none"])
             ratios["auto flagged/none"].append(speeds["auto flagged"] / speeds["auto none"])
             ratios["auto/fp32 flagged"].append(speeds["auto flagged"] / speeds["fp32 flagged"])
+            ratios["auto timing/fp32 flagged"].append(speeds["auto flagged (timing)"] / speeds["fp32 flagged"])
             if before:
                 ratios["auto/before flagged"].append(speeds["auto flagged"] / speeds["before auto flagged"])
     finally:
@@ -358,7 +373,7 @@ def explanation_case(args: argparse.Namespace, paths: list[Path], work: Path) ->
     print("\nratios per seed (same run, same bundle and inputs):")
     for name, values in ratios.items():
         if values:
-            print(f"  {name:<20} {' '.join(f'{value:.2f}' for value in values)}")
+            print(f"  {name:<26} {' '.join(f'{value:.2f}' for value in values)}")
     print("targets: flagged/none >= 0.85 on each engine; auto/fp32 with explanations >= 1.8 on a CPU with bf16 units")
 
 
