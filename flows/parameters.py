@@ -52,8 +52,9 @@ class ScreenParameters(_Parameters):
                                "maps; a float32 pass of their own where the engine's explanations have not passed "
                                "their gate, and auto then prefers an engine whose have).")
     engine: Literal["auto", "fp32", "bf16", "int8"] = Field(
-        "auto", description="What runs the forward pass: 'auto' times every engine validated for the model version "
-                            "(model/inference.py) here and takes the fastest; 'fp32' is the reference.")
+        "auto", description="What runs the forward pass: 'auto' takes the fastest engine validated for the model "
+                            "version (model/inference.py) on this machine, timed here once a week "
+                            "(CXR_ENGINE_SPEEDS); 'fp32' is the reference.")
     max_file_bytes: int = Field(
         128 * 1024 * 1024, ge=1024,
         description="Inputs larger than this (from stat, or the S3 object's size, before reading) get a rejected row; "
