@@ -69,7 +69,7 @@ class ScopeModel:
             with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
                 values = {name: arrays[name] for name in ("mean", "precision", "threshold", "pass_rate",
                                                           "calibration_images")}
-        except Exception as error:  # noqa: BLE001 - zip, npy and key errors all mean the same here
+        except Exception as error:  # zip, npy and key errors all mean the same here
             raise ValueError(f"{source}: not a scope model ({type(error).__name__}: {error})") from error
         mean, precision = values["mean"].astype(np.float64), values["precision"].astype(np.float64)
         features = mean.shape[0] if mean.ndim == 1 else 0
