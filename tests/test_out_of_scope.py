@@ -25,7 +25,7 @@ def test_every_kind_is_made_and_the_images_vary(tmp_path):
     assert all(any(np.array_equal(image, 255 - original) for original in originals) for image in inverted)
     counts = write_out_of_scope_set(str(tmp_path / "oos"), 2, xrays, size=64, seed=2)
     assert counts == dict.fromkeys(KINDS, 2)
-    assert len(storage.list_files(str(tmp_path / "oos"))) == 2 * len(KINDS)
+    assert len(list(storage.list_files(str(tmp_path / "oos")))) == 2 * len(KINDS)
 
 
 def test_without_xrays_only_the_other_kinds():
