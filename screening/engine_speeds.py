@@ -85,7 +85,8 @@ def machine_key(engines: list[str], input_size: int, batch_size: int) -> dict:
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                     tf.config.threading.get_inter_op_parallelism_threads()],
-        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", ""),
+        # Unset and '1' are both TensorFlow's default (on, on x86): one key for both.
+        "onednn": "off" if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false") else "on",
         "gpus": gpus,
         "engines": sorted(engines),
         "input_size": int(input_size),

@@ -65,8 +65,12 @@ def test_the_key_names_what_speeds_depend_on(monkeypatch):
     measured = key()
     assert {"cpu", "cpu_flags", "cores", "threads", "gpus", "engines", "input_size", "batch_size", "tensorflow",
             "openvino", "onednn"} <= set(measured)
-    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0" if measured["onednn"] != "0" else "1")
-    assert key() != measured  # oneDNN off makes bf16 a different engine
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    default = key()
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    assert key() == default  # unset and '1' are both TensorFlow's default
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert key() != default  # oneDNN off makes bf16 another engine
 
 
 def test_speeds_are_measured_again_after_a_week_and_not_from_the_future():
