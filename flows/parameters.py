@@ -172,6 +172,12 @@ class TrainParameters(_Parameters):
     synthetic_share: float = Field(
         0.3, gt=0, lt=1, description="With synthetic_uri: the most the synthetic images may make up of the minority "
                                      "class's training images (0.3: at most 3 in 10).")
+    scope_pass_rate: float = Field(
+        0.99, ge=0.5, lt=1, description="The scope gate's threshold passes this share of real X-rays like the training "
+                                        "ones (chosen on out-of-fold scores of the training images; model/scope.py).")
+    scope_negatives_uri: str | None = Field(
+        None, description="An out-of-scope set (a folder with one subfolder per kind) the card reports the scope "
+                          "gate's rejection rates on; by default training builds one (store/out_of_scope.py).")
 
 
 class AuditParameters(TrainParameters):

@@ -65,6 +65,9 @@ class ModelCard:
     # shortcut warnings (model.validity.audit); empty for a dataset without metadata columns.
     validity: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)  # temperature, ECE and Brier before/after
+    # The scope gate (model/scope.py, its arrays in scope.npz): pass rate, threshold, false rejection on
+    # the test split and rejection per kind of an out-of-scope set, with intervals; empty before it.
+    scope: dict = field(default_factory=dict)
     # sha256 of every other file of the bundle, by name (card.json cannot hold its own); empty in
     # bundles written before manifests, where only model.keras is checked (model_sha256).
     files: dict = field(default_factory=dict)
@@ -107,7 +110,7 @@ class ModelCard:
 _REQUIRED = ("version", "classes", "positive_class", "threshold", "preprocessing", "weights", "dataset", "metrics",
              "model_sha256")
 _DICTS = ("preprocessing", "weights", "dataset", "metrics", "training", "software", "promotion", "validity",
-          "calibration", "files")
+          "calibration", "files", "scope")
 
 
 def _is_number(value: object) -> bool:

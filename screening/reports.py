@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -28,6 +28,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from model.bundle import BundleError, ModelCard
 from model.gradcam import overlay
+from model.scope import SCOPE_PREFIX
 from model.stored_json import loads as load_json
 from model.stored_json import reason
 from screening import drift, ledger
@@ -335,12 +336,20 @@ def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard,
     return render("report.html.j2",
         summary=summary, card=card, positive=positive, disclaimer=DISCLAIMER,
         worklist=[_with_overlay(row) for row in _worklist(rows, card, max_flagged)], flagged=sum(row.flagged for row in rows),
-        rejected=rejected[:max_rejected], rejected_count=len(rejected),
+        rejected=rejected[:max_rejected], rejected_count=len(rejected), rejected_by_reason=_by_reason(rejected),
         histogram=_histogram_png(probabilities, card.threshold, positive) if probabilities.size else None,
         card_uri=card_uri, card_link=card_link or _file_link(card_uri),
         figures=[(title, (figures or {}).get(name)) for name, title in MODEL_FIGURES.items()],
         history=history, drift_chart=history.chart_png(),
     )
+
+
+def _by_reason(rejected: list[PredictionRow]) -> list[tuple[str, int]]:
+    """Counts of the scope gate's reasons (a fixed vocabulary, model/scope.py) and, as one line, of
+    everything refused before the model (unreadable, undecodable, too large: each row says which)."""
+    counted = Counter(row.reason if row.reason.startswith(SCOPE_PREFIX) else "refused before the model"
+                                  for row in rejected)
+    return counted.most_common()
 
 
 def model_figures(model_store_uri: str, card: ModelCard) -> dict[str, str]:

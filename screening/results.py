@@ -158,6 +158,10 @@ class PredictionRow:
     engine: str = ""  # what ran the forward pass (model/inference.py); empty for rejected rows
     # Share of the Grad-CAM map inside the lung-field prior (model/anatomy.py), for explained images.
     cam_lung_share: float | None = None
+    # Distance from the training images in the model's features (model/scope.py); above the card's
+    # scope threshold the image is refused. Empty where the model has no scope gate or the image
+    # was not decoded.
+    scope_score: float | None = None
     # Where PACS keeps a DICOM input (imaging/dicom_identity.py), keyed hashes when de-identified; empty
     # for other inputs. Never a patient's name, id or birth date.
     study_instance_uid: str = ""
@@ -366,7 +370,7 @@ _ROW_RULES = {
     "reason": _TEXT, "model_version": _SAFE, "predicted_class": _TEXT,
     "flagged": _Rule(lambda value: isinstance(value, bool), "true or false"), "screened_at": _TIME,
     "run_id": _Rule(lambda value: value == "" or is_safe_name(value), "a run id"),
-    "cam_lung_share": _PROBABILITY, "thumbnail": _BASE64, "cam": _BASE64, "explanation": _BASE64,
+    "cam_lung_share": _PROBABILITY, "scope_score": _optional(_SECONDS), "thumbnail": _BASE64, "cam": _BASE64, "explanation": _BASE64,
     "engine": _Rule(lambda value: value == "" or is_safe_name(value), "an engine name"),
     # Absent from rows written before they existed: those read back empty.
     **dict.fromkeys(("study_instance_uid", "series_instance_uid", "sop_instance_uid"),

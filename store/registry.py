@@ -36,6 +36,7 @@ import keras
 from model import stored_json
 from model.bundle import BundleError, ModelCard, check_file, file_digests, is_safe_name, model_from_bytes, sign, signature_matches
 from model.inference import INT8_FILES
+from model.scope import SCOPE_FILE, ScopeModel
 from store import storage
 from store.clock import utc_now, utc_timestamp
 
@@ -390,6 +391,18 @@ def load_model(store_uri: str, version: str = "production") -> tuple[keras.Model
     """The model and its card; checks signature, schema, sha256 and preprocessing, loads in Keras safe mode."""
     card = load_card(store_uri, version)
     return model_from_bytes(read_file(store_uri, card, "model.keras"), card), card
+
+
+def load_scope(store_uri: str, card: ModelCard) -> ScopeModel | None:
+    """The version's scope gate (model/scope.py), checked against the manifest; None for a version
+    trained before it."""
+    if SCOPE_FILE not in card.files:
+        return None
+    data = read_file(store_uri, card, SCOPE_FILE)
+    try:
+        return ScopeModel.from_bytes(data, f"{card.version}/{SCOPE_FILE}")
+    except ValueError as error:  # listed and hashed, yet not a scope model: written by a broken trainer
+        raise BundleError(f"model {card.version}: {error}") from error
 
 
 def verify_bundle(store_uri: str, version: str = "production", *, include_model: bool = True) -> ModelCard:

@@ -15,6 +15,7 @@ from model.acceptance import Acceptance
 from model.bundle import ModelCard, file_digests, model_to_bytes, software_versions
 from model.plots import confusion_png, curves_png, roc_png
 from model.preprocessing import Preprocessing
+from model.scope import SCOPE_FILE
 from model.training import TrainingConfig
 from store import engines, registry
 from store.clock import utc_timestamp
@@ -22,6 +23,7 @@ from store.datasets import Dataset, fingerprint
 from tasks.clinical import Audit, Calibration
 from tasks.promotion import Promotion
 from tasks.retrying import io_step
+from tasks.scope_fitting import ScopeFit
 from tasks.train_data import LabelledArrays, TrainingSplit
 from tasks.train_fit import FitResult
 from tasks.train_scoring import EngineReport, Evaluation
@@ -70,7 +72,7 @@ class TrainingRun:
 
 @task(cache_policy=NO_CACHE)
 def make_bundle(run: TrainingRun, fitted: FitResult, evaluation: Evaluation, calibration: Calibration, audit: Audit,
-                promotion: Promotion) -> tuple[ModelCard, dict[str, bytes]]:
+                promotion: Promotion, scope: ScopeFit | None = None) -> tuple[ModelCard, dict[str, bytes]]:
     """The card and every other file of the bundle, as bytes; the card lists their sha256."""
     model, history, metrics, split, loaded = fitted.model, fitted.history, evaluation.metrics, run.split, run.loaded
     model_bytes = model_to_bytes(model)
@@ -92,7 +94,7 @@ def make_bundle(run: TrainingRun, fitted: FitResult, evaluation: Evaluation, cal
                                    "head_selection": fitted.selection, "acceptance": run.acceptance.to_dict()},
         software=software_versions(), validity=audit.validity, calibration=calibration.record,
         model_sha256=hashlib.sha256(model_bytes).hexdigest(),
-        created_at=utc_timestamp(), promotion=promotion.card_record(),
+        created_at=utc_timestamp(), promotion=promotion.card_record(), scope=scope.record if scope else {},
     )
     figures = {"calibration.png": calibration.figure, "gradcam.png": audit.mean_cam}
     positive = metrics["positive"]
@@ -105,6 +107,7 @@ def make_bundle(run: TrainingRun, fitted: FitResult, evaluation: Evaluation, cal
                            (positive["sensitivity_at_threshold"], positive["specificity_at_threshold"])),
         **{name: figure for name, figure in figures.items() if figure is not None},
         "card.md": card_markdown(card).encode(),
+        **({SCOPE_FILE: scope.model.to_bytes()} if scope and scope.model else {}),
     }
     card.files = file_digests(files)  # card.json vouches for every other file (store/registry.py)
     return card, files

@@ -41,6 +41,7 @@ from model.devices import share_gpus
 from model.evaluation import flags, predict_classes
 from model.gradcam import cams_from_maps, predict_and_explain
 from model.inference import Predictor, fastest, make_predictor
+from model.scope import REASONS, ScopeModel, scope_features
 from screening import engine_speeds, leases, ledger
 from screening.results import DEIDENTIFIED_PREFIX, PredictionRow, ResultsLayout, input_name
 from store import registry, storage
@@ -247,6 +248,8 @@ class LoadedModel:
     # Grad-CAM from the engine's own forward pass: fp32's always, another engine's once its
     # explanations passed their gate; otherwise from a float32 forward pass of their own.
     explains_from_forward: bool = False
+    # The scope gate fitted at training (model/scope.py); None for a version trained before it.
+    scope: ScopeModel | None = None
 
 
 @functools.lru_cache(maxsize=2)
@@ -256,6 +259,11 @@ def _model(model_store_uri: str, model_version: str, engine: str, batch_size: in
     would pay a float32 pass for every explained image, and a night flags a large share."""
     share_gpus()
     model, card = registry.load_model(model_store_uri, model_version)
+    scope = registry.load_scope(model_store_uri, card)
+    if scope is None:
+        get_run_logger().warning("Model %s was trained before the scope gate: every decodable image is scored, "
+                                 "whatever it shows (train a new version to refuse what is not a chest X-ray)",
+                                 card.version)
     allowed, notes = validated_engines(model_store_uri, card)
     spec = card.spec()
     reduced = reduced_decode_allowed(model_store_uri, card)
@@ -265,7 +273,8 @@ def _model(model_store_uri: str, model_version: str, engine: str, batch_size: in
             raise BundleError(f"engine {engine} may not serve model {card.version}: {notes}")
         predictor = make_predictor(model, spec, engine, load_artifacts(model_store_uri, card, engine))
         from_forward, explained = _explanations(explaining_engines(model_store_uri, card), card, predictor, explain)
-        return LoadedModel(card, predictor, model, f"{engine} asked for{shortcut}{explained}", reduced, from_forward)
+        return LoadedModel(card, predictor, model, f"{engine} asked for{shortcut}{explained}", reduced, from_forward,
+                           scope)
     explaining = explaining_engines(model_store_uri, card)
     if explain != "none" and set(allowed) - set(explaining):
         left_out = [name for name in allowed if name not in explaining]
@@ -285,7 +294,7 @@ def _model(model_store_uri: str, model_version: str, engine: str, batch_size: in
     get_run_logger().info("Engine %s for model %s: %s%s%s", best.engine, card.version, why, f"; {notes}" if notes else "",
                           explained)
     return LoadedModel(card, best, model, why + (f"; {notes}" if notes else "") + shortcut + explained, reduced,
-                       from_forward)
+                       from_forward, scope)
 
 
 def _fastest_here(predictors: list[Predictor], input_size: int, batch_size: int) -> tuple[Predictor, str]:
@@ -391,15 +400,23 @@ def screen_images(
     spec = card.spec()
     positive = card.classes.index(card.positive_class)
 
+    scope = loaded_model.scope
+
     def rows_for(batch: list[LoadedImage]) -> Iterator[PredictionRow]:
         pixels = np.stack([item.pixels for item in batch])
-        if explain == "none":
+        if explain == "none" and scope is None:
             probabilities, maps = predictor.predict(pixels, batch_size), None
-        else:
+        else:  # the maps give the explanations and the scope gate's features
             probabilities, maps = predictor.predict_with_maps(pixels, batch_size)
-        flagged = flags(probabilities[:, positive], card.threshold)
+        scores, refused = np.full(len(batch), np.nan), [None] * len(batch)
+        if scope is not None:
+            if maps is None:  # an int8 engine quantised before maps: the features from a float32 pass
+                maps = make_predictor(model, spec, "fp32").predict_with_maps(pixels, batch_size)[1]
+            scores, refused = scope.judge(pixels, scope_features(maps))
+        in_scope = np.array([reason is None for reason in refused])
+        flagged = flags(probabilities[:, positive], card.threshold) & in_scope
         predicted = predict_classes(probabilities, card.classes, card.positive_class, card.threshold)
-        chosen = {"all": np.ones(len(batch), bool), "flagged": flagged, "none": np.zeros(len(batch), bool)}[explain]
+        chosen = {"all": in_scope, "flagged": flagged, "none": np.zeros(len(batch), bool)}[explain]
         cams = {}
         if chosen.any():
             if loaded_model.explains_from_forward and maps is not None:
@@ -410,6 +427,14 @@ def screen_images(
             cams = dict(zip(np.flatnonzero(chosen), explained))
         now = utc_timestamp()
         for index, (item, p) in enumerate(zip(batch, probabilities)):
+            score = None if np.isnan(scores[index]) else round(float(scores[index]), 3)
+            if refused[index] is not None:  # not analysed: the worklist never shows it
+                yield PredictionRow(
+                    image_uri=input_name(item.uri, limits.deidentify), sha256=item.sha256, status="rejected",
+                    reason=REASONS[refused[index]], model_version=card.version, predicted_class="",
+                    probabilities=dict.fromkeys(card.classes), flagged=False, screened_at=now, engine=predictor.engine,
+                    scope_score=score, **_study_fields(item.study))
+                continue
             cam = cams.get(index)
             yield PredictionRow(
                 image_uri=input_name(item.uri, limits.deidentify), sha256=item.sha256, status="ok", reason="", model_version=card.version,
@@ -417,6 +442,7 @@ def screen_images(
                 probabilities={c: round(float(v), 6) for c, v in zip(card.classes, p)},
                 flagged=bool(flagged[index]), screened_at=now, engine=predictor.engine,
                 cam_lung_share=None if cam is None else _rounded(lung_share(resized(cam, pixels.shape[1:3]))),
+                scope_score=score,
                 thumbnail=_thumbnail(item.pixels) if flagged[index] else None,
                 cam=None if cam is None else base64.b64encode(encode_png(np.uint8(np.round(cam * 255)))).decode(),
                 **_study_fields(item.study))

@@ -47,6 +47,11 @@ class FitResult:
     oof: np.ndarray | None = None
     oof_rows: np.ndarray | None = None
     baseline: dict | None = None  # oof, oof_rows, test probabilities, record (model.linear_head.Selection)
+    # The saved model's pooled base features of the cross-validation images (rows into the loaded
+    # arrays, features) and of the test images, where no later stage changed the base: the scope gate
+    # (tasks/scope_fitting.py) is fitted on them with no second pass. None otherwise.
+    pooled: tuple[np.ndarray, np.ndarray] | None = None
+    test_pooled: np.ndarray | None = None
 
     @property
     def oof_pairs(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -154,8 +159,10 @@ def fit(data: TrainingData, spec: Preprocessing, config: TrainingConfig, weights
     logger.info("Training took %.0f s", time.perf_counter() - started)
     history = {stage: {k: (values if k == "cross_validation" else [float(v) for v in values])
                        for k, values in h.items()} for stage, h in history.items()}
+    unchanged = cv is not None and not config.fine_tune_epochs and cv.rows is not None
     return FitResult(model, history, chosen if chosen != "none" else None, features_engine, selection,
-                     oof, None if oof is None else cv.rows, baseline)
+                     oof, None if oof is None else cv.rows, baseline,
+                     (cv.rows, plain) if unchanged else None, test_plain if unchanged and len(test_plain) else None)
 
 
 fit_model = task(name="fit_model", cache_policy=NO_CACHE)(fit)

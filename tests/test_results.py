@@ -37,7 +37,7 @@ def row(name: str, p: float | None, **changes) -> PredictionRow:
 def test_columns_follow_the_row_fields_and_the_classes():
     assert PredictionRow.columns(CLASSES) == ["image_uri", "sha256", "status", "reason", "model_version",
                                               "predicted_class", "prob_non-covid", "prob_covid", "flagged",
-                                              "screened_at", "run_id", "engine", "cam_lung_share",
+                                              "screened_at", "run_id", "engine", "cam_lung_share", "scope_score",
                                               "study_instance_uid", "series_instance_uid", "sop_instance_uid",
                                               "accession_number", "view_position"]
     record = row("a.png", 0.8, thumbnail="abc").to_record()
