@@ -124,10 +124,8 @@ def test_the_pixels_name_what_is_plainly_not_a_radiograph(phantom_layout):
 def test_a_turned_or_inverted_radiograph_is_named_so(phantom_layout, turn, expected):
     """On phantoms (nearly symmetric top to bottom, so turned by 180 degrees they look upright: real
     X-rays are not, see the test on them below)."""
-    from model.scope import pixel_reason
+    from model.scope import pixel_reason, template_matches, thumbnail
     from store.phantoms import chest_phantom
-
-    from model.scope import template_matches, thumbnail
 
     template, _, typical = phantom_layout
     named = 0
