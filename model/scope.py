@@ -44,6 +44,9 @@ __all__ = [
 
 PASS_RATE = 0.99  # of real frontal chest X-rays like the training ones
 SCOPE_FILE = "scope.npz"  # the bundle file ScopeModel.to_bytes writes
+# Fewer images than this say too little about 512 features for their distance to refuse anything:
+# the score is kept on every row, the threshold is infinite, and the pixel and layout checks decide.
+MIN_FEATURE_IMAGES = 200
 FOLDS = 5
 
 
@@ -59,7 +62,7 @@ def scope_features(maps: np.ndarray) -> np.ndarray:
 class ScopeModel:
     mean: np.ndarray  # (features,) of the square-rooted training features
     precision: np.ndarray  # (features, features): the inverse of the shrunk covariance
-    threshold: float  # scores above it are out of scope
+    threshold: float  # scores above it are out of scope (infinite: too few training images to say)
     pass_rate: float  # what the threshold was chosen for
     calibration_images: int  # out-of-fold scores the threshold was chosen from
     template: np.ndarray | None = None  # (THUMBNAIL, THUMBNAIL): the upright training X-ray (fit_template)
@@ -111,7 +114,7 @@ class ScopeModel:
             raise ValueError(f"{source}: mean {mean.shape} and precision {precision.shape} do not fit together")
         scalars = [values[name] for name in ("threshold", "pass_rate", "calibration_images")]
         if any(value.shape != () for value in scalars) or not all(np.isfinite(mean)) \
-                or not np.isfinite(precision).all() or not math.isfinite(float(values["threshold"])) \
+                or not np.isfinite(precision).all() or not float(values["threshold"]) > 0 \
                 or not 0 < float(values["pass_rate"]) < 1 or int(values["calibration_images"]) < 1:
             raise ValueError(f"{source}: values out of range")
         if template is not None and (template.shape != (THUMBNAIL, THUMBNAIL) or not np.isfinite(template).all()
@@ -147,8 +150,8 @@ def fit_scope(features: np.ndarray, groups: np.ndarray | None = None, pass_rate:
         mean, precision = _fit(features[fitted])
         scores[held_out] = ScopeModel(mean, precision, math.inf, pass_rate, 1).score(features[held_out])
     rank = math.ceil((len(scores) + 1) * pass_rate)
-    # Fewer scores than the rate needs (rank > n): no finite threshold guarantees it; take the largest.
-    threshold = float(np.sort(scores)[min(rank, len(scores)) - 1])
+    threshold = float(np.sort(scores)[rank - 1]) if rank <= len(scores) and len(scores) >= MIN_FEATURE_IMAGES \
+        else math.inf
     mean, precision = _fit(features)
     layout = fit_layout(pixels, pass_rate) if pixels is not None else (None, None, None)
     return ScopeModel(mean, precision, threshold, pass_rate, len(scores), *layout)

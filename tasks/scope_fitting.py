@@ -11,6 +11,7 @@ transformed X-rays made from the test images, which the fit has not seen).
 from __future__ import annotations
 
 import collections
+import math
 import tempfile
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from scipy.stats import binomtest
 
 from model.inference import make_predictor
 from model.preprocessing import Preprocessing
-from model.scope import REASONS, ScopeModel, fit_scope, scope_features
+from model.scope import MIN_FEATURE_IMAGES, REASONS, ScopeModel, fit_scope, scope_features
 from store import storage
 from store.loading import load_images
 from store.out_of_scope import write_out_of_scope_set
@@ -89,7 +90,11 @@ def fit_scope_model(model: keras.Model, loaded: LabelledArrays, split: TrainingS
     else:
         rows, features = pooled
     groups = np.array([loaded.items[row].patient_id or loaded.items[row].sha256 for row in rows])
-    scope = fit_scope(features, groups, pass_rate, pixels=loaded.images[rows])
+    try:
+        scope = fit_scope(features, groups, pass_rate, pixels=loaded.images[rows])
+    except ValueError as error:  # too few images or patients to say what is typical
+        logger.warning("No scope gate for this version (%s): screening will score every image that decodes", error)
+        return ScopeFit()
     test_images = loaded.images[split.test]
     test_features = features_of(model, spec, test_images) if test_pooled is None else test_pooled
     _, test_reasons = scope.judge(test_images, test_features)
@@ -103,7 +108,9 @@ def fit_scope_model(model: keras.Model, loaded: LabelledArrays, split: TrainingS
                           "reasons": {REASONS.get(key, "refused before the model"): count for key, count in
                                       collections.Counter(reason for reason in given if reason).most_common()}}
     record = {
-        "pass_rate": pass_rate, "threshold": round(scope.threshold, 4), "calibration_images": scope.calibration_images,
+        "pass_rate": pass_rate, "calibration_images": scope.calibration_images,
+        # None: too few training images for the feature score to refuse anything (model.scope.MIN_FEATURE_IMAGES)
+        "threshold": round(scope.threshold, 4) if math.isfinite(scope.threshold) else None,
         "test_false_rejection": {**rate(sum(reason is not None for reason in test_reasons), len(test_reasons)),
                                  "reasons": {REASONS[key]: count for key, count in
                                              collections.Counter(reason for reason in test_reasons if reason).items()}},
@@ -112,6 +119,9 @@ def fit_scope_model(model: keras.Model, loaded: LabelledArrays, split: TrainingS
                          "kinds": per_kind},
     }
     false_rejection = record["test_false_rejection"]
+    if not math.isfinite(scope.threshold):
+        logger.warning("Scope: %d training images are too few for the feature score to refuse anything (at least %d): "
+                       "only the pixel and layout checks refuse images", scope.calibration_images, MIN_FEATURE_IMAGES)
     logger.info("Scope: threshold %.1f (%.1f %% of training images' out-of-fold scores pass); test X-rays refused "
                 "%d of %d (%.1f %%, 95 %% CI %.1f-%.1f %%); out-of-scope set refused %d of %d (%s)",
                 scope.threshold, 100 * pass_rate, false_rejection["count"], false_rejection["of"],

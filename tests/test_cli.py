@@ -140,7 +140,7 @@ AUDIT_NOT_OPTIONS = {"model_store_uri", "multiclass", "fine_tune_epochs", "test_
                      "augment_head", "horizontal_flip", "class_weights", "scale_mode", "force_promote",
                      "require_approval", "strata", "max_strata", "balance_strata", "mixed_strata_only", "leave_out", "calibrate",
                      "head", "bootstrap", "min_auc", "min_specificity", "acceptance_bound", "synthetic_uri",
-                     "synthetic_share"}
+                     "synthetic_share", "scope_pass_rate", "scope_negatives_uri"}
 
 
 def click_command(name: str):

@@ -77,6 +77,12 @@ def test_damaged_scope_bytes_are_refused_naming_the_file(fitted, damage):
         ScopeModel.from_bytes(data, "v1/scope.npz")
 
 
+def test_with_few_images_the_feature_score_refuses_nothing():
+    few = fit_scope(relu_features(np.random.default_rng(9), 120))
+    assert few.threshold == float("inf") and few.in_scope(np.full((1, 32), 1e4)).all()
+    assert ScopeModel.from_bytes(few.to_bytes()).threshold == float("inf")
+
+
 def test_too_few_images_or_patients_are_refused():
     with pytest.raises(ValueError, match="at least 10"):
         fit_scope(np.ones((6, 4)))
