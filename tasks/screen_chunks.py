@@ -390,7 +390,9 @@ def screen_images(
     batch being filled are all that is decoded and waiting. The images ``explain`` names ('flagged',
     'all' or 'none') are explained by Grad-CAM from the maps of the same forward pass (a gradient
     through the head only), or, where the engine's explanations have not passed their gate, from a
-    float32 forward pass of their own.
+    float32 forward pass of their own. With the version's scope gate (model/scope.py), every decoded
+    image is judged from the same forward pass's features and its pixels: one out of scope is a
+    rejected row with the gate's reason and never flagged or explained; every row keeps its score.
 
     Raises ``DeidentifyKeyMissing`` before reading anything when de-identification has no key.
     """
