@@ -34,32 +34,29 @@ from cli import bootstrap
 bootstrap()  # first: TensorFlow's runtime options are read when it loads
 import cv2
 import numpy as np
-from scipy.stats import binomtest
 
 from bench.machine import cpu_line
 from model import scope
 from model.preprocessing import Preprocessing
 from store.loading import load_images
 from store.out_of_scope import KINDS, write_out_of_scope_set
+from tasks.scope_fitting import rate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 
 
-def rate(hits: int, total: int) -> str:
-    if not total:
-        return "n/a"
-    interval = binomtest(hits, total).proportion_ci(method="wilson")
-    return f"{hits / total:.3f} [{interval.low:.3f}, {interval.high:.3f}] ({hits}/{total})"
+def shown(hits: int, total: int) -> str:
+    figures = rate(hits, total)
+    return "n/a" if not total else f"{figures['rate']:.3f} [{figures['low']:.3f}, {figures['high']:.3f}] ({hits}/{total})"
 
 
 def statistics(pixels: np.ndarray, template: np.ndarray) -> dict[str, float]:
     grey = pixels.mean(axis=2)
-    centred = grey - grey.mean()
     matches = scope.template_matches(scope.thumbnail(pixels), template)
     best_other = max(value for name, value in matches.items() if name != "as is")
     return {"colourfulness": scope.colourfulness(pixels), "spread": float(grey.std()),
-            "neighbours": float((centred[:, 1:] * centred[:, :-1]).mean() / max(float(centred.var()), 1e-6)),
-            "match": matches["as is"], "other orientation - as is": best_other - matches["as is"]}
+            "neighbours": scope.neighbour_correlation(grey), "match": matches["as is"],
+            "other orientation - as is": best_other - matches["as is"]}
 
 
 def main() -> None:
@@ -123,14 +120,12 @@ def main() -> None:
     features_out = np.zeros(len(pixel_reasons), bool)
     forward_seconds = score_seconds = None
     if model is not None:
-        from model.inference import make_predictor
-
-        predictor = make_predictor(model, spec, "fp32")
+        from tasks.scope_fitting import features_of
 
         def features(images: np.ndarray) -> np.ndarray:
-            return np.concatenate([scope.scope_features(predictor.predict_with_maps(images[start : start + 32], 32)[1])
-                                   for start in range(0, len(images), 32)])
+            return features_of(model, spec, images)
 
+        features(real[:32])  # compiles the graph outside the timing
         started = time.perf_counter()
         train_features = features(real[~test])
         forward_seconds = (time.perf_counter() - started) / int((~test).sum())
@@ -149,7 +144,7 @@ def main() -> None:
         given = [reason for reason, named in zip(reasons, names) if named == name]
         rejected = sum(reason is not None for reason in given)
         counted = collections.Counter(reason for reason in given if reason)
-        print(f"  {name:<16} {rate(rejected, len(given))}  {dict(counted.most_common())}")
+        print(f"  {name:<16} {shown(rejected, len(given))}  {dict(counted.most_common())}")
     print(f"\ngate per image: pixel checks {1000 * pixel_seconds:.2f} ms"
           + (f", feature score {1000 * score_seconds:.3f} ms; the forward pass {1000 * forward_seconds:.0f} ms "
              f"(share of the two: {(pixel_seconds + score_seconds) / forward_seconds:.1%})" if forward_seconds else ""))

@@ -187,6 +187,12 @@ def colourfulness(rgb: np.ndarray) -> float:
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
+def neighbour_correlation(grey: np.ndarray) -> float:
+    """Correlation of each pixel with its right-hand neighbour: near 1 in any radiograph, near 0 in noise."""
+    centred = grey - grey.mean()
+    return float((centred[:, 1:] * centred[:, :-1]).mean() / max(float(centred.var()), 1e-6))
+
+
 def thumbnail(rgb: np.ndarray, side: int = THUMBNAIL) -> np.ndarray:
     """Grey, ``side`` x ``side``, zero mean and unit spread (all zeros for a flat image)."""
     grey = cv2.resize(rgb.mean(axis=2).astype(np.float32), (side, side), interpolation=cv2.INTER_AREA)
@@ -237,9 +243,7 @@ def pixel_reason(rgb: np.ndarray, layout: tuple[np.ndarray, float, float] | None
     grey = rgb.mean(axis=2)
     if grey.std() < MIN_SPREAD:
         return "blank"
-    centred = grey - grey.mean()
-    neighbours = float((centred[:, 1:] * centred[:, :-1]).mean() / max(float(centred.var()), 1e-6))
-    if neighbours < MIN_NEIGHBOUR_CORRELATION:
+    if neighbour_correlation(grey) < MIN_NEIGHBOUR_CORRELATION:
         return "noise"
     if layout is None:
         return None

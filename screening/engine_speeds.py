@@ -107,13 +107,13 @@ def recall(key: dict, now: datetime | None = None) -> Measured | None:
     return None
 
 
-def remember(key: dict, speeds: dict[str, float], now: datetime | None = None) -> None:
-    """Keeps ``speeds`` (measured side by side just now) under ``key``; never fails the run that
-    measured them: a file that cannot be written only means timing again next time."""
+def remember(key: dict, speeds: dict[str, float], now: datetime | None = None) -> Measured:
+    """Keeps ``speeds`` (measured side by side just now) under ``key`` and returns them; never fails
+    the run that measured them: a file that cannot be written only means timing again next time."""
+    now = now or datetime.now(UTC)
     path = speeds_file()
     if path is None:
-        return
-    now = now or datetime.now(UTC)
+        return Measured(speeds, now)
     kept = [entry for entry in _entries(path) if entry["key"] != key and now - entry["measured_at"] <= MAX_AGE]
     kept.append({"key": key, "speeds": speeds, "measured_at": now})
     kept = sorted(kept, key=lambda entry: entry["measured_at"])[-MAX_ENTRIES:]
@@ -131,6 +131,7 @@ def remember(key: dict, speeds: dict[str, float], now: datetime | None = None) -
         log.warning("Engine speeds not kept in %s (%s): auto will time the engines again next run", path, error)
         if temporary is not None:
             temporary.unlink(missing_ok=True)
+    return Measured(speeds, now)
 
 
 def _entries(path: Path | None) -> list[dict]:

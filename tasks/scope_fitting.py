@@ -76,6 +76,14 @@ def _negatives(uri: str | None, spec: Preprocessing, test_images: np.ndarray, se
     return np.stack([pixels for pixels, _ in kept]), [kind for _, kind in kept], refused
 
 
+def _refusals(reasons: list[str | None]) -> dict:
+    """The share refused (``rate``) and the count of each reason given (keys of model.scope.REASONS,
+    or 'loader': refused before the model)."""
+    counted = collections.Counter(reason for reason in reasons if reason)
+    return {**rate(sum(counted.values()), len(reasons)),
+            "reasons": {REASONS.get(key, "refused before the model"): count for key, count in counted.most_common()}}
+
+
 @task(cache_policy=NO_CACHE)
 def fit_scope_model(model: keras.Model, loaded: LabelledArrays, split: TrainingSplit, spec: Preprocessing,
                     pass_rate: float, negatives_uri: str | None = None, seed: int = 0,
@@ -101,19 +109,13 @@ def fit_scope_model(model: keras.Model, loaded: LabelledArrays, split: TrainingS
     negatives, kinds, refused = _negatives(negatives_uri, spec, test_images, seed)
     _, negative_reasons = scope.judge(negatives, features_of(model, spec, negatives))
     kinds, negative_reasons = kinds + refused, negative_reasons + ["loader"] * len(refused)
-    per_kind = {}
-    for kind in dict.fromkeys(kinds):
-        given = [reason for reason, named in zip(negative_reasons, kinds) if named == kind]
-        per_kind[kind] = {**rate(sum(reason is not None for reason in given), len(given)),
-                          "reasons": {REASONS.get(key, "refused before the model"): count for key, count in
-                                      collections.Counter(reason for reason in given if reason).most_common()}}
+    per_kind = {kind: _refusals([reason for reason, named in zip(negative_reasons, kinds) if named == kind])
+                for kind in dict.fromkeys(kinds)}
     record = {
         "pass_rate": pass_rate, "calibration_images": scope.calibration_images,
         # None: too few training images for the feature score to refuse anything (model.scope.MIN_FEATURE_IMAGES)
         "threshold": round(scope.threshold, 4) if math.isfinite(scope.threshold) else None,
-        "test_false_rejection": {**rate(sum(reason is not None for reason in test_reasons), len(test_reasons)),
-                                 "reasons": {REASONS[key]: count for key, count in
-                                             collections.Counter(reason for reason in test_reasons if reason).items()}},
+        "test_false_rejection": _refusals(test_reasons),
         "out_of_scope": {"source": negatives_uri or "built (store.out_of_scope)",
                          "rejection": rate(sum(reason is not None for reason in negative_reasons), len(kinds)),
                          "kinds": per_kind},

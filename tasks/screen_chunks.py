@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import TypeVar
 
@@ -305,9 +304,7 @@ def _fastest_here(predictors: list[Predictor], input_size: int, batch_size: int)
     key = engine_speeds.machine_key([predictor.engine for predictor in predictors], input_size, batch_size)
     known = engine_speeds.recall(key)
     if known is None:
-        _, speeds = fastest(predictors, batch_size)
-        engine_speeds.remember(key, speeds)
-        known = engine_speeds.Measured(speeds, datetime.now(UTC))
+        known = engine_speeds.remember(key, fastest(predictors, batch_size)[1])
     best = max(predictors, key=lambda predictor: known.speeds[predictor.engine])
     return best, f"auto: fastest of the validated engines here ({known.describe()})"
 
