@@ -14,6 +14,7 @@ import typer  # noqa: E402
 
 from cli.dataset import dataset  # noqa: E402
 from cli.demo import demo  # noqa: E402
+from cli.drift import drift_app  # noqa: E402
 from cli.evaluate import evaluate  # noqa: E402
 from cli.exits import EXIT_INPUT, EXIT_RUNTIME, EXIT_USAGE  # noqa: E402
 from cli.ledger import ledger_app  # noqa: E402
@@ -59,6 +60,7 @@ app.command()(demo)
 app.add_typer(stack_app, name="stack")
 app.add_typer(models_app, name="models")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(drift_app, name="drift")
 app.command()(deploy)
 app.command()(retrain)
 app.command("dataset-updated")(dataset_updated)

@@ -1,4 +1,7 @@
-"""The deployments: ``nightly-screening`` on the cpu pool, ``retrain`` and ``synthesize`` on the gpu pool.
+"""The deployments: ``nightly-screening`` on the cpu pool, ``retrain`` and ``synthesize`` on the gpu pool;
+and the automation that answers a screening run's drift alarm (the event ``cxr.screening.drift``)
+with a notification through the site's notification block and, with ``CXR_PAUSE_ON_DRIFT=true``,
+a paused nightly deployment, until a person resumes it.
 
 A deploy script rather than prefect.yaml: parameters come typed from ``Settings`` (prefect.yaml
 templating would hand the server strings for the integer parameters), and the schedule, the
@@ -11,15 +14,29 @@ import json
 from uuid import UUID
 
 from prefect import flow
+from prefect.automations import Automation
+from prefect.blocks.core import Block
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-from prefect.events import DeploymentEventTrigger
+from prefect.events import DeploymentEventTrigger, EventTrigger
+from prefect.events.actions import PauseDeployment, SendNotification
 from prefect.schedules import Cron
 
 from deployments.settings import Settings
+from tasks.screen_steps import DRIFT_EVENT
 
 DATASET_UPDATED = "cxr.dataset.updated"
 DATASET_URI_LABEL = "cxr.dataset.uri"  # the resource label of the event that carries the dataset's URI
 SCREENING, RETRAIN, SYNTHESIZE = "screen/nightly-screening", "train/retrain", "synthesize/synthesize"
+DRIFT_AUTOMATION = "cxr-screening-drift"
+_DRIFT_SUBJECT = "Drift alarm: screening run {{ event.payload.run_id }}"
+_DRIFT_BODY = """Screening run {{ event.payload.run_id }} (model {{ event.payload.model_version }}) does not look like \
+{{ "the site's last accepted nights" if event.payload.reference == "site nights" else "the model's test split" }}: \
+drift score {{ event.payload.score }}; failing tests: {{ event.payload.failing | join(", ") }}.
+Report: {{ event.payload.report }}
+Once the change is understood and here to stay: cxr-screen drift accept {{ event.payload.run_id }}"""
+_PAUSED = f"""
+The nightly-screening deployment is paused until a person resumes it: prefect deployment resume '{SCREENING}'"""
 
 
 def deploy_all(settings: Settings) -> dict[str, UUID]:
@@ -62,7 +79,46 @@ def deploy_all(settings: Settings) -> dict[str, UUID]:
         tags=["training", "synthesis"],
         **common,
     )
-    return {SCREENING: screening, RETRAIN: retrain, SYNTHESIZE: synthesize}
+    deployed = {SCREENING: screening, RETRAIN: retrain, SYNTHESIZE: synthesize}
+    automation = drift_automation(settings, screening)
+    if automation is not None:
+        deployed[DRIFT_AUTOMATION] = automation
+    return deployed
+
+
+def drift_automation(settings: Settings, screening: UUID) -> UUID | None:
+    """The automation answering ``cxr.screening.drift`` (replacing one deployed before): a message
+    through the notification block ``settings.drift_notify_block`` ("block-type/name", e.g.
+    ``custom-webhook/cxr-drift``) and, with ``settings.pause_on_drift``, the nightly deployment
+    paused. None (and no automation) when neither is asked for: the alarm is then in the run's
+    log, report, summary and Prefect event only. ValueError names a block that cannot be loaded."""
+    actions: list = []
+    if settings.drift_notify_block:
+        try:
+            block = Block.load(settings.drift_notify_block)
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"CXR_DRIFT_NOTIFY_BLOCK {settings.drift_notify_block!r}: no such notification block "
+                             f"on this Prefect server ({error}); create it first (README, 'Drift alarms')") from None
+        if not hasattr(block, "notify"):
+            raise ValueError(f"CXR_DRIFT_NOTIFY_BLOCK {settings.drift_notify_block!r} is not a notification block")
+        body = _DRIFT_BODY + (_PAUSED if settings.pause_on_drift else "")
+        actions.append(SendNotification(block_document_id=block._block_document_id, subject=_DRIFT_SUBJECT, body=body))
+    if settings.pause_on_drift:
+        actions.append(PauseDeployment(source="selected", deployment_id=screening))
+    with get_client(sync_client=True) as client:
+        for existing in client.read_automations_by_name(DRIFT_AUTOMATION):
+            client.delete_automation(existing.id)
+    if not actions:
+        return None
+    automation = Automation(
+        name=DRIFT_AUTOMATION,
+        description="A screening run's inputs do not look like the reference (screening/drift.py): tell the site "
+                    + ("and pause nightly screening" if settings.pause_on_drift else ""),
+        trigger=EventTrigger(expect={DRIFT_EVENT}, match={"prefect.resource.id": "cxr.screening.run.*"},
+                             posture="Reactive", threshold=1, within=0),
+        actions=actions,
+    ).create()
+    return automation.id
 
 
 def _from_event(label: str, default: str) -> str:

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     train_min_specificity: float | None = Field(
         None, description="Acceptance: lowest test specificity at the threshold (see acceptance_bound).")
     train_acceptance_bound: str | None = Field(None, description="'lower' (95 % bound) or 'point' (estimate).")
+    train_scope_pass_rate: float | None = Field(
+        None, description="Share of real frontal X-rays the scope gate lets through (chosen on training images).")
+    train_scope_negatives: str | None = Field(
+        None, description="Out-of-scope set (a folder or s3:// prefix, one subfolder per kind) the scope gate is "
+                          "measured on; unset: one training builds.")
     train_require_approval: bool | None = Field(
         None, description="Leave retrained models as candidates until 'cxr-screen models promote'.")
     screen_batch_size: int | None = Field(None, description="Images per forward pass in nightly screening.")
@@ -64,6 +69,12 @@ class Settings(BaseSettings):
         None, description="Silence after which a screening run's lease is taken for dead.")
     screen_chunk_timeout_minutes: float | None = Field(None, description="A chunk running longer is stopped and retried.")
     screen_workers: int | None = Field(None, description="Screen on a local Dask cluster of this many processes.")
+    screen_drift_window: int | None = Field(None, description="Accepted nights that make the drift reference.")
+    drift_notify_block: str | None = Field(
+        None, description="Notification block ('block-type/name', e.g. custom-webhook/cxr-drift) a drift alarm is "
+                          "sent through, by the automation 'cxr-screen deploy' creates.")
+    pause_on_drift: bool = Field(False, description="A drift alarm also pauses the nightly-screening deployment "
+                                                    "until a person resumes it.")
     dask_address: str | None = Field(None, description="Screen on this Dask cluster (tcp://HOST:8786): see README "
                                                        "(environment only).")
     synthetic: str = Field("s3://cxr/datasets/synthetic/{version}",
@@ -86,7 +97,8 @@ class Settings(BaseSettings):
                                          decode_timeout_seconds=self.screen_decode_timeout_seconds,
                                          abandoned_after_minutes=self.screen_abandoned_after_minutes,
                                          chunk_timeout_minutes=self.screen_chunk_timeout_minutes,
-                                         workers=self.screen_workers, dask_address=self.dask_address))
+                                         workers=self.screen_workers, dask_address=self.dask_address,
+                                         drift_window=self.screen_drift_window))
 
     def train_parameters(self) -> TrainParameters:
         return TrainParameters(dataset_uri=self.dataset, model_store_uri=self.model_store, weights=self.weights,
@@ -94,7 +106,9 @@ class Settings(BaseSettings):
                                         input_size=self.train_input_size,
                                         require_approval=self.train_require_approval,
                                         min_auc=self.train_min_auc, min_specificity=self.train_min_specificity,
-                                        acceptance_bound=self.train_acceptance_bound))
+                                        acceptance_bound=self.train_acceptance_bound,
+                                        scope_pass_rate=self.train_scope_pass_rate,
+                                        scope_negatives_uri=self.train_scope_negatives))
 
     def synthesize_parameters(self) -> SynthesizeParameters:
         return SynthesizeParameters(dataset_uri=self.dataset, out_uri=self.synthetic,

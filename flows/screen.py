@@ -4,7 +4,8 @@ Steps: resolve the model version, publish the rows of earlier runs that died wit
 their outputs, list the incoming images, skip those this model version has already screened (the
 ledger), screen the rest in chunks (in this process, or fanned out over Dask: flows/fan_out.py),
 gathered as they finish, then write predictions, summary, report and Prefect
-artifacts for this run, also when a chunk failed (then the run fails after).
+artifacts for this run, also when a chunk failed (then the run fails after), and announce a drift
+alarm (screening/drift.py) as the Prefect event ``cxr.screening.drift``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from store import registry, storage
 from store.clock import utc_timestamp
 from store.loading import InputLimits
 from tasks.screen_chunks import ChunkResult, chunked, find_inputs, screen_chunk
-from tasks.screen_steps import new_run_id, not_yet_screened, recover_abandoned_runs, resolve_model, write_run_outputs
+from tasks.screen_steps import (
+    announce_drift,
+    new_run_id,
+    not_yet_screened,
+    recover_abandoned_runs,
+    resolve_model,
+    write_run_outputs,
+)
 
 # Process-local listeners of (screened so far, to screen), for progress bars in the command line.
 progress_listeners: list[Callable[[int, int], None]] = []
@@ -80,7 +88,8 @@ def screen(params: ScreenParameters) -> RunSummary:
             raise
         finally:
             run.finished_at, run.seconds = utc_timestamp(), round(time.perf_counter() - started, 3)
-            run = write_run_outputs(results, run, card)
+            run = write_run_outputs(results, run, card, params.drift_window)
+            announce_drift(run)
             logger.info("Run %s %s: %d screened, %d flagged, %d rejected. Report: %s", run.run_id, run.status,
                         run.screened, run.flagged, run.rejected, run.outputs["report.html"])
     return run

@@ -1,7 +1,8 @@
 """On-demand retraining: VGG16 transfer learning, evaluation on a patient-held-out split, registry.
 
 Reads top to bottom as the steps: find the data, load it, split it, fit, calibrate, choose the
-threshold and score on test, check the fast engines, fit the scope gate, audit what the model learned (metadata
+threshold and score on test, check the fast engines, fit the scope gate (and keep what the test
+split looked like, screening's drift reference), audit what the model learned (metadata
 strata, masked lungs, Grad-CAM) and judge it against its plain baseline and the site's criteria,
 decide promotion against production on the same split, write the bundle, promote if decided
 (unless production changed meanwhile). Each step returns one record (tasks/).
@@ -30,7 +31,7 @@ from tasks.bundling import (
 )
 from tasks.clinical import Calibration, audit_model, calibrate_model, judge_fitness
 from tasks.promotion import decide_promotion, promote
-from tasks.scope_fitting import fit_scope_model
+from tasks.scope_fitting import fit_scope_model, test_split_profile
 from tasks.synthetic_training import add_synthetic
 from tasks.train_data import (
     discover,
@@ -87,6 +88,7 @@ def train(params: TrainParameters) -> TrainedModel:
     engines = check_engines(fitted.model, spec, loaded, split, evaluation.threshold, params.seed, evaluation)
     scope = fit_scope_model(fitted.model, loaded, split, spec, params.scope_pass_rate, params.scope_negatives_uri,
                             params.seed, fitted.pooled, fitted.test_pooled)
+    reference = test_split_profile(loaded, split, evaluation.test_probabilities, scope)  # screening's drift reference
     criteria = Acceptance(min_auc=params.min_auc, min_specificity=params.min_specificity,
                           target_sensitivity=params.target_sensitivity, bound=params.acceptance_bound)
     audit = audit_model(fitted.model, loaded, split, spec, evaluation, params.bootstrap, params.seed)
@@ -96,7 +98,7 @@ def train(params: TrainParameters) -> TrainedModel:
                                  force=params.force_promote, require_approval=params.require_approval,
                                  leave_out=params.leave_out)
     run = TrainingRun(dataset, loaded, split, spec, config, weights_info, params.test_fraction, criteria, synthetic)
-    card, files = make_bundle(run, fitted, evaluation, calibration, audit, promotion, scope)
+    card, files = make_bundle(run, fitted, evaluation, calibration, audit, promotion, scope, reference)
     bundle_uri = publish_bundle(params.model_store_uri, files, card, engines)
     if promotion.promoted:
         promotion = promote(params.model_store_uri, card.version, promotion, by=f"train flow run {flow_run.name}")

@@ -18,20 +18,26 @@ from collections.abc import Callable
 from pydicom.dataset import Dataset
 
 from imaging.dicom_fields import field_value, is_multi
-from imaging.dicom_identity import OTHER_VIEW, VIEW_TERMS, Study, is_accession_number, is_uid
+from imaging.dicom_identity import (
+    MODALITY_TERMS,
+    NON_STANDARD,
+    NOT_FRONTAL_CHEST,
+    OTHER_VIEW,
+    PHOTOMETRIC_TERMS,
+    VIEW_TERMS,
+    Study,
+    is_accession_number,
+    is_uid,
+    manufacturer_name,
+    pixel_spacing_bin,
+)
 from imaging.limits import ImageDecodeError
 
 __all__ = ["NOT_FRONTAL_CHEST", "SCREENED_MODALITIES", "check_frontal_chest", "read_study"]
 
-NOT_FRONTAL_CHEST = "not a frontal chest X-ray"
 SCREENED_MODALITIES = ("CR", "DX", "DR")
 # Modality defined terms (PS3.3 C.7.3.1.1.1) a reason may name; any other value is "non-standard".
-_NAMED_MODALITIES = frozenset({
-    "AR", "AU", "BDUS", "BI", "BMD", "CT", "DG", "DOC", "ECG", "EPS", "ES", "GM", "HC", "HD", "IO", "IOL", "IVOCT",
-    "IVUS", "KER", "KO", "LEN", "LS", "MG", "MR", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPV", "OSS", "OT", "PLAN",
-    "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE", "RTIMAGE", "RTPLAN", "RTRECORD", "RTSTRUCT", "SC", "SEG",
-    "SM", "SMR", "SR", "SRF", "TG", "US", "VA", "XA", "XC",
-})  # fmt: skip
+_NAMED_MODALITIES = MODALITY_TERMS
 _CHEST_WORDS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})
 # Body parts (PS3.16 Annex L, and common vendor words) a reason may name.
 _NAMED_BODY_PARTS = frozenset({
@@ -46,14 +52,44 @@ _UNUSABLE = "\\"
 
 
 def read_study(dataset: Dataset, uri: str) -> Study:
-    """The study's identifiers and view position; whatever is unreadable or does not fit is empty."""
+    """The study's identifiers, view position and acquisition fields; whatever is unreadable or does
+    not fit is empty, and a value outside a field's vocabulary is named by a word of ours."""
     return Study(
         study_instance_uid=_identifier(dataset, "StudyInstanceUID", uri, is_uid),
         series_instance_uid=_identifier(dataset, "SeriesInstanceUID", uri, is_uid),
         sop_instance_uid=_identifier(dataset, "SOPInstanceUID", uri, is_uid),
         accession_number=_identifier(dataset, "AccessionNumber", uri, is_accession_number),
         view_position=_readable_view(dataset, uri),
+        modality=_term(dataset, "Modality", uri, lambda text: text.upper() if text.upper() in MODALITY_TERMS
+                       else NON_STANDARD),
+        manufacturer=_term(dataset, "Manufacturer", uri, manufacturer_name),
+        photometric_interpretation=_term(dataset, "PhotometricInterpretation", uri,
+                                         lambda text: text.upper() if text.upper() in PHOTOMETRIC_TERMS else NON_STANDARD),
+        pixel_spacing=_spacing(dataset, uri),
     )
+
+
+def _term(dataset: Dataset, keyword: str, uri: str, named: Callable[[str], str]) -> str:
+    """A text element as a word of ours (``named``); empty when absent, unreadable or of several values."""
+    try:
+        text = _text(dataset, keyword, uri)
+    except ImageDecodeError:
+        return ""
+    return "" if text is None or text == _UNUSABLE else named(text)
+
+
+def _spacing(dataset: Dataset, uri: str) -> str:
+    """The bin of the row spacing of PixelSpacing, else ImagerPixelSpacing; empty when neither is usable."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = field_value(dataset, keyword, uri)
+            first = value[0] if is_multi(value) and len(value) else value
+            found = pixel_spacing_bin(float(first)) if first is not None else ""
+        except (ImageDecodeError, TypeError, ValueError, OverflowError):
+            found = ""
+        if found:
+            return found
+    return ""
 
 
 def check_frontal_chest(dataset: Dataset, uri: str) -> None:

@@ -1,10 +1,13 @@
-"""Which DICOM study a row belongs to, so that a flag can be found in PACS, and nothing more.
+"""Which DICOM study a row belongs to, so that a flag can be found in PACS, and how it was acquired.
 
 A row carries the study, series and instance UIDs, the accession number and the view position of a
-DICOM input (empty for other inputs), never a patient's name, id or birth date. Every value is
+DICOM input (empty for other inputs), and the header fields a site's drift is watched on (Modality,
+Manufacturer, PhotometricInterpretation, a pixel spacing bin: screening/drift.py), never a
+patient's name, id or birth date. Every value is
 checked against a narrow grammar wherever it crosses a boundary (read from a header, sent back by a
 decoder worker, read back from storage): a UID is digits and dots, an accession number a short
-alphanumeric code, a view position one of our own words. Anything else becomes empty rather than
+alphanumeric code, a view position, modality, manufacturer, photometric interpretation or pixel
+spacing one of our own words. Anything else becomes empty rather than
 being quoted, since header text can hold anything, a name included.
 
 With ``deidentify``, the UIDs and the accession number are replaced with keyed hashes
@@ -28,16 +31,26 @@ from typing import Any
 from imaging.limits import ImageDecodeError
 
 __all__ = [
+    "ACQUISITION_FIELDS",
     "DEIDENTIFY_KEY_VARIABLE",
     "IDENTITY_FIELDS",
+    "MANUFACTURERS",
+    "MODALITY_TERMS",
+    "NON_STANDARD",
+    "NOT_FRONTAL_CHEST",
+    "PHOTOMETRIC_TERMS",
+    "PIXEL_SPACING_BINS",
     "VIEW_TERMS",
     "DeidentifyKeyMissing",
     "DicomRejected",
     "Study",
     "deidentify_key",
     "is_accession_number",
+    "is_study_field",
     "is_uid",
     "is_view_position",
+    "manufacturer_name",
+    "pixel_spacing_bin",
 ]
 
 DEIDENTIFY_KEY_VARIABLE = "CXR_DEIDENTIFY_KEY"
@@ -74,21 +87,75 @@ def is_view_position(value: Any) -> bool:
     return value in VIEW_TERMS or value == OTHER_VIEW
 
 
+# Modality defined terms (PS3.3 C.7.3.1.1.1); any other value is "non-standard".
+MODALITY_TERMS = frozenset({
+    "AR", "AU", "BDUS", "BI", "BMD", "CR", "CT", "DG", "DOC", "DR", "DX", "ECG", "EPS", "ES", "GM", "HC", "HD", "IO",
+    "IOL", "IVOCT", "IVUS", "KER", "KO", "LEN", "LS", "MG", "MR", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPV", "OSS",
+    "OT", "PLAN", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE", "RTIMAGE", "RTPLAN", "RTRECORD", "RTSTRUCT",
+    "SC", "SEG", "SM", "SMR", "SR", "SRF", "TG", "US", "VA", "XA", "XC",
+})  # fmt: skip
+NON_STANDARD = "non-standard"
+NOT_FRONTAL_CHEST = "not a frontal chest X-ray"  # how the DICOM guard's reasons begin
+# Makers of radiography systems, as a row names them; a Manufacturer whose first word is none of
+# these is "other" (the element is free text, and free text may hold a name).
+MANUFACTURERS = {
+    "AGFA": "Agfa", "CANON": "Canon", "CARESTREAM": "Carestream", "KODAK": "Carestream", "DRGEM": "DRGEM",
+    "FUJI": "Fujifilm", "FUJIFILM": "Fujifilm", "GE": "GE", "HOLOGIC": "Hologic", "KONICA": "Konica Minolta",
+    "PHILIPS": "Philips", "RAYENCE": "Rayence", "SAMSUNG": "Samsung", "SHIMADZU": "Shimadzu", "SIEMENS": "Siemens",
+    "TOSHIBA": "Canon", "VIEWORKS": "Vieworks", "VARIAN": "Varian", "VAREX": "Varex", "ICRCO": "iCRco",
+    "SWISSRAY": "Swissray", "HITACHI": "Hitachi", "MINDRAY": "Mindray", "PLANMED": "Planmed", "ANALOGIC": "Analogic",
+}  # fmt: skip
+OTHER_MANUFACTURER = "other"
+PHOTOMETRIC_TERMS = frozenset({"MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422",
+                               "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"})
+# Bins of the first PixelSpacing (or ImagerPixelSpacing) value, in mm: detectors differ by these.
+PIXEL_SPACING_BINS = ("< 0.10 mm", "0.10-0.15 mm", "0.15-0.20 mm", "0.20-0.30 mm", ">= 0.30 mm")
+_SPACING_EDGES = (0.10, 0.15, 0.20, 0.30)
+
+
+def pixel_spacing_bin(millimetres: float) -> str:
+    """The bin of a pixel spacing in mm (finite, > 0); "" for anything else."""
+    if not (isinstance(millimetres, (int, float)) and 0 < millimetres < 100):
+        return ""
+    return PIXEL_SPACING_BINS[sum(millimetres >= edge for edge in _SPACING_EDGES)]
+
+
+def manufacturer_name(text: str) -> str:
+    """A Manufacturer element's value as a row names it: a maker of MANUFACTURERS by its first word, else "other"."""
+    words = re.findall(r"[A-Z]+", text.upper())
+    return MANUFACTURERS.get(words[0], OTHER_MANUFACTURER) if words else OTHER_MANUFACTURER
+
+
 _UID_FIELDS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
-IDENTITY_FIELDS = (*_UID_FIELDS, "accession_number", "view_position")
+ACQUISITION_FIELDS = ("modality", "manufacturer", "photometric_interpretation", "pixel_spacing")
+IDENTITY_FIELDS = (*_UID_FIELDS, "accession_number", "view_position", *ACQUISITION_FIELDS)
 _CHECKS = {**dict.fromkeys(_UID_FIELDS, is_uid), "accession_number": is_accession_number,
-           "view_position": is_view_position}
+           "view_position": is_view_position,
+           "modality": lambda value: value in MODALITY_TERMS or value == NON_STANDARD,
+           "manufacturer": lambda value: value in MANUFACTURERS.values() or value == OTHER_MANUFACTURER,
+           "photometric_interpretation": lambda value: value in PHOTOMETRIC_TERMS or value == NON_STANDARD,
+           "pixel_spacing": lambda value: value in PIXEL_SPACING_BINS}
+
+
+def is_study_field(name: str, value: Any) -> bool:
+    """``value`` is what a row may hold in the study field ``name``: empty, or a value of its grammar."""
+    return value == "" or (isinstance(value, str) and _CHECKS[name](value))
 
 
 @dataclass(frozen=True)
 class Study:
-    """A DICOM input's place in PACS; each value checked, empty when absent or unusable."""
+    """A DICOM input's place in PACS and how it was acquired; each value checked, empty when absent or unusable."""
 
     study_instance_uid: str = ""
     series_instance_uid: str = ""
     sop_instance_uid: str = ""
     accession_number: str = ""
     view_position: str = ""  # a word of VIEW_TERMS, "other", or empty
+    # How it was acquired (drift is watched on these), each a word of its vocabulary above, or empty.
+    modality: str = ""
+    manufacturer: str = ""
+    photometric_interpretation: str = ""
+    pixel_spacing: str = ""  # a bin of PIXEL_SPACING_BINS
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():

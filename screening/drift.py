@@ -1,28 +1,51 @@
-"""Drift at a glance: the flag rate and rejected share of the last runs, read from their summaries.
+"""Drift: does tonight look like the nights before, and like what the model was tested on?
 
-A model whose flag rate creeps up night after night, or a feed whose rejected share jumps, is seen
-on one small chart in every report. Only the summaries are read (one small GET each, at most
-``RECENT_RUNS``), found by listing the run folders one level deep, never the files inside them.
-An old summary that cannot be read is logged and left out: it never fails tonight's report.
+Two views, both from the last runs' summaries (one small GET each, at most ``RECENT_RUNS``, found
+by listing the run folders one level deep, never the files inside them; an old summary that cannot
+be read is logged and left out, it never fails tonight's report):
+
+- at a glance, the flag rate, rejected share and drift score of the last runs on small charts;
+- tested (``judge``): tonight's profile (model/drift_tests.py: probabilities, scope scores, image
+  brightness and contrast, the share rejected and why, DICOM Modality, Manufacturer, ViewPosition,
+  PhotometricInterpretation and pixel spacing) against a reference. The reference is the site's
+  last ``drift_window`` accepted nights of this model version once there are ``MIN_NIGHTS`` of
+  them, and until then the model's own test split (kept in its bundle at training). A night is
+  accepted when it completed and did not alarm, or when a person accepted its alarm
+  (``cxr-screen drift accept RUN_ID``: a new scanner that is here to stay). Each night keeps a
+  bounded sample of its profile in its summary for the nights after it.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import math
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from collections import Counter
+
+from imaging.dicom_identity import NOT_FRONTAL_CHEST
 from model.bundle import is_safe_name
+from model.drift_tests import ALPHA, MAX_CATEGORY_NAME, Profile, compare
+from model.scope import SCOPE_PREFIX
 from model.stored_json import loads as load_json
 from model.stored_json import reason
-from screening.results import ResultsLayout, RunSummary
+from screening.results import PredictionRow, ResultsLayout, RunSummary
 from store import storage
+from store.clock import utc_timestamp
 
-__all__ = ["RECENT_RUNS", "Drift", "RunRates", "recent_runs"]
+__all__ = ["DRIFT_WINDOW", "MIN_NIGHTS", "RECENT_RUNS", "Drift", "RunRates", "accept", "accepted_runs", "judge",
+           "night_profile", "reason_category", "recent_runs"]
 
 RECENT_RUNS = 30  # runs on the chart, this one included
+DRIFT_WINDOW = 14  # accepted nights that make the site's reference (ScreenParameters.drift_window)
+ALARM_SCORE = round(-math.log10(ALPHA), 6)  # the score above which a run alarms
+MIN_NIGHTS = 3  # accepted nights of a model version before they, not its test split, are the reference
+_DICOM_FIELDS = {"DICOM Modality": "modality", "DICOM Manufacturer": "manufacturer",
+                 "DICOM ViewPosition": "view_position", "DICOM PhotometricInterpretation": "photometric_interpretation",
+                 "DICOM pixel spacing": "pixel_spacing"}
 MAX_SUMMARY_BYTES = 4 * 1024 * 1024  # a summary is a few kB; anything larger is not one
 
 logger = logging.getLogger(__name__)
@@ -37,6 +60,7 @@ class RunRates:
     run_id: str
     flag_rate: float | None
     rejected_share: float | None
+    drift_score: float | None = None  # None before drift was tested
 
     @classmethod
     def of(cls, summary: RunSummary) -> RunRates:
@@ -46,7 +70,8 @@ class RunRates:
         rejected = None
         if _count(summary.screened) and summary.screened and _count(summary.rejected):
             rejected = _rate(summary.rejected / summary.screened)
-        return cls(summary.run_id, flag_rate, rejected)
+        score = summary.drift.get("score") if isinstance(summary.drift, dict) else None
+        return cls(summary.run_id, flag_rate, rejected, float(score) if isinstance(score, (int, float)) else None)
 
 
 def _count(value: object) -> bool:
@@ -70,6 +95,7 @@ class Drift:
     runs: tuple[RunRates, ...]
     damaged: tuple[str, ...] = ()
     problem: str | None = None
+    summaries: tuple[RunSummary, ...] = ()  # the earlier runs' summaries, oldest first
 
     @property
     def skipped(self) -> int:
@@ -116,6 +142,27 @@ class Drift:
         axis.legend(fontsize=8, loc="upper left")
         return base64.b64encode(figure_png(figure, dpi=100)).decode()
 
+    def score_chart_png(self) -> str | None:
+        """The drift score per run, with the alarm line, as a small PNG, base64; None until an
+        earlier run has a score to compare with."""
+        if not self.earlier or all(rates.drift_score is None for rates in self.earlier):
+            return None
+        import matplotlib.pyplot as plt
+
+        from model.plots import figure_png
+
+        offsets = range(1 - len(self.runs), 1)
+        figure, axis = plt.subplots(figsize=(6, 2.2))
+        scores = [float("nan") if rates.drift_score is None else rates.drift_score for rates in self.runs]
+        axis.plot(offsets, scores, "o-", markersize=3, color="#4c72b0", label="drift score")
+        axis.axhline(ALARM_SCORE, color="#c44e52", linestyle="--", linewidth=1, label="alarm")
+        axis.set_xlabel("runs before this one (0 = this run)")
+        axis.set_ylabel("-log10 adjusted p")
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="upper left")
+        return base64.b64encode(figure_png(figure, dpi=100)).decode()
+
 
 def recent_runs(results_uri: str, current: RunSummary, limit: int = RECENT_RUNS) -> Drift:
     """This run and up to ``limit - 1`` runs before it (by run id, which sorts by start time), from
@@ -133,8 +180,9 @@ def recent_runs(results_uri: str, current: RunSummary, limit: int = RECENT_RUNS)
         if limit > 1 else []
     with ThreadPoolExecutor(max_workers=8) as pool:  # one small GET each: latency, not bandwidth, on S3
         found = list(pool.map(lambda name: _read_summary(results_uri, name), earlier))
-    read = [RunRates.of(summary) for summary in found if isinstance(summary, RunSummary)]
-    return Drift((*read, RunRates.of(current)), damaged=tuple(problem for problem in found if isinstance(problem, str)))
+    summaries = tuple(summary for summary in found if isinstance(summary, RunSummary))
+    return Drift((*map(RunRates.of, summaries), RunRates.of(current)),
+                 damaged=tuple(problem for problem in found if isinstance(problem, str)), summaries=summaries)
 
 
 def _read_summary(results_uri: str, run_id: str) -> RunSummary | str | None:
@@ -152,3 +200,104 @@ def _read_summary(results_uri: str, run_id: str) -> RunSummary | str | None:
         logger.warning("%s", problem)
         return problem
     return summary
+
+
+def reason_category(reason: str) -> str:
+    """A rejection reason as a category of the drift test: the scope gate's and the DICOM guard's
+    reasons as they are (fixed words), without what names one file (a size, a ViewPosition in
+    brackets); any other reason by its first clause."""
+    head = reason.split(" (")[0].strip()
+    if not (head.startswith(SCOPE_PREFIX) or head.startswith(NOT_FRONTAL_CHEST)):
+        head = head.split(":")[0].strip()
+    return head[:MAX_CATEGORY_NAME] or "no reason given"
+
+
+def night_profile(rows: list[PredictionRow], positive_class: str) -> Profile:
+    """What tonight's rows looked like (model/drift_tests.py): only what they hold."""
+    ok = [row for row in rows if row.status == "ok"]
+    values = {
+        "probability": [row.probabilities[positive_class] for row in ok
+                        if row.probabilities.get(positive_class) is not None],
+        "scope score": [row.scope_score for row in rows if row.scope_score is not None],
+        "image brightness": [row.image_brightness for row in rows if row.image_brightness is not None],
+        "image contrast": [row.image_contrast for row in rows if row.image_contrast is not None],
+    }
+    categories = {
+        "rejected share": {"ok": len(ok), "rejected": len(rows) - len(ok)} if rows else {},
+        "rejection reasons": Counter(reason_category(row.reason) for row in rows if row.status == "rejected"),
+        **{name: Counter(getattr(row, field) for row in rows if getattr(row, field))
+           for name, field in _DICOM_FIELDS.items()},
+    }
+    return Profile({name: found for name, found in values.items() if found},
+                   {name: dict(counts) for name, counts in categories.items() if counts})
+
+
+def _acceptances(results_uri: str) -> str:
+    return storage.join(results_uri, "drift-accepted")
+
+
+def accepted_runs(results_uri: str) -> set[str]:
+    """The runs whose drift alarm a person accepted (``accept``); a listing that fails accepts none."""
+    folder = _acceptances(results_uri)
+    try:
+        names = [storage.relative_to(uri, folder) for uri in storage.list_files(folder, missing_ok=True)]
+    except (OSError, ValueError) as error:
+        logger.warning("The accepted drift alarms under %s could not be listed (%s): none are counted", folder, error)
+        return set()
+    return {name.removesuffix(".json") for name in names if name.endswith(".json") and is_safe_name(name[:-5])}
+
+
+def accept(results_uri: str, run_id: str, by: str, note: str = "") -> str:
+    """Records that a person accepted run ``run_id``'s drift (its night joins the reference of the
+    nights after it); returns where. ValueError when the run has no published summary."""
+    summary = _read_summary(results_uri, run_id)
+    if not isinstance(summary, RunSummary):
+        raise ValueError(f"run {run_id} has no readable summary under {results_uri}"
+                         + (f" ({summary})" if isinstance(summary, str) else ""))
+    uri = storage.join(_acceptances(results_uri), f"{run_id}.json")  # run_id checked safe by _read_summary
+    import json
+
+    storage.write_bytes(uri, json.dumps({"run_id": run_id, "accepted_at": utc_timestamp(), "by": by,
+                                         "note": note}, indent=2).encode())
+    return uri
+
+
+def _is_accepted(summary: RunSummary, model_version: str, accepted: set[str]) -> bool:
+    """A night that may join the reference: of this model version, completed, with a profile, and
+    either without an alarm or with its alarm accepted by a person."""
+    if summary.model_version != model_version or summary.status != "completed" or not summary.screened:
+        return False
+    if not isinstance(summary.drift_profile, dict):
+        return False
+    alarmed = isinstance(summary.drift, dict) and summary.drift.get("alarm") is True
+    return not alarmed or summary.run_id in accepted
+
+
+def judge(summary: RunSummary, rows: list[PredictionRow], positive_class: str, history: Drift,
+          test_split: Profile | None, window: int = DRIFT_WINDOW, accepted: set[str] | None = None) -> RunSummary:
+    """``summary`` with its ``drift`` (the tests against the reference, the score, the alarm) and
+    ``drift_profile`` (a bounded sample of tonight's profile, for the nights after it)."""
+    import dataclasses
+    import hashlib
+
+    tonight = night_profile(rows, positive_class)
+    nights = [earlier for earlier in reversed(history.summaries)
+              if _is_accepted(earlier, summary.model_version, accepted or set())][:window]
+    if len(nights) >= MIN_NIGHTS:
+        reference = Profile.merged(Profile.from_dict(night.drift_profile) for night in nights)
+        described = {"kind": "site nights", "model_version": summary.model_version,
+                     "runs": sorted(night.run_id for night in nights)}
+    elif test_split is not None:
+        reference = test_split
+        described = {"kind": "test split", "model_version": summary.model_version,
+                     "accepted_nights": len(nights), "nights_needed": MIN_NIGHTS}
+    else:
+        reference = None
+        described = {"kind": "none", "model_version": summary.model_version, "accepted_nights": len(nights),
+                     "nights_needed": MIN_NIGHTS,
+                     "why": "the model was trained before drift references were kept, and the site has too few "
+                            "accepted nights of it"}
+    result = compare(tonight, reference) if reference is not None else compare(Profile(), Profile())
+    seed = int.from_bytes(hashlib.sha256(summary.run_id.encode()).digest()[:4], "big")
+    return dataclasses.replace(summary, drift=result.to_dict(reference=described),
+                               drift_profile=tonight.sample(seed=seed).to_dict())

@@ -4,7 +4,8 @@ Built to stay flat at a national night's scale: the full table goes only to the 
 report.html shows the ``MAX_FLAGGED`` most probable flagged images and the first ``MAX_REJECTED``
 rejected inputs, and says how many more the CSV holds. Only the pictures the report can show are
 kept in memory while a run's parts are read. Beside them the report embeds the model's own plots
-from its bundle (checked against the card's sha256) and the last runs' rates (screening/drift.py).
+from its bundle (checked against the card's sha256), the last runs' rates and tonight's drift tests
+(screening/drift.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from model.bundle import BundleError, ModelCard
+from model.drift_tests import DRIFT_REFERENCE_FILE, Profile
 from model.gradcam import overlay
 from model.scope import SCOPE_PREFIX
 from model.stored_json import loads as load_json
@@ -202,7 +204,8 @@ class PublishedRunError(ValueError):
     """A run whose outputs are published already: they are never written again."""
 
 
-def write_outputs(results_uri: str, rows: list[PredictionRow], card: ModelCard, summary: RunSummary) -> RunSummary:
+def write_outputs(results_uri: str, rows: list[PredictionRow], card: ModelCard, summary: RunSummary,
+                  drift_window: int = drift.DRIFT_WINDOW) -> RunSummary:
     """Writes the run's four output files; returns the summary with their locations. Each file is
     built as one bytes object from the rows, one row at a time, and dropped once written.
 
@@ -218,6 +221,9 @@ def write_outputs(results_uri: str, rows: list[PredictionRow], card: ModelCard, 
     history = drift.recent_runs(results_uri, summary)
     summary = summary.with_drift(rows, card.positive_class)
     summary.note_damage(list(history.damaged))
+    summary = drift.judge(summary, rows, card.positive_class, history, _test_split(summary, card),
+                          drift_window, drift.accepted_runs(results_uri))
+    history = replace(history, runs=(*history.earlier, drift.RunRates.of(summary)))
     summary.outputs = outputs
     card_uri = _card_location(summary.model_store_uri, card.version)
     files = {"predictions.csv": lambda: _csv_bytes(rows, card.classes), "predictions.jsonl": lambda: _jsonl_bytes(rows),
@@ -236,6 +242,17 @@ def write_outputs(results_uri: str, rows: list[PredictionRow], card: ModelCard, 
                                     "while this one wrote its outputs")
         return published
     return summary
+
+
+def _test_split(summary: RunSummary, card: ModelCard) -> Profile | None:
+    """The version's drift reference from its bundle; None (and a damaged file noted) where it cannot be read."""
+    try:
+        return registry.load_drift_reference(summary.model_store_uri, card)
+    except (OSError, ValueError) as error:  # BundleError, StorageError: tonight is still reported
+        problem = f"{card.version}/{DRIFT_REFERENCE_FILE}: not used as the drift reference ({error})"
+        logger.error("%s", problem)
+        summary.note_damage([problem])
+        return None
 
 
 def _published(uri: str, summary: RunSummary) -> RunSummary | None:
@@ -340,7 +357,8 @@ def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard,
         histogram=_histogram_png(probabilities, card.threshold, positive) if probabilities.size else None,
         card_uri=card_uri, card_link=card_link or _file_link(card_uri),
         figures=[(title, (figures or {}).get(name)) for name, title in MODEL_FIGURES.items()],
-        history=history, drift_chart=history.chart_png(),
+        history=history, drift_chart=history.chart_png(), drift_score_chart=history.score_chart_png(),
+        drift=summary.drift, alarm_line=drift.ALARM_SCORE,
     )
 
 

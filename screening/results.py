@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from imaging.dicom_identity import deidentify_key, is_accession_number, is_uid, is_view_position
+from imaging.dicom_identity import ACQUISITION_FIELDS, deidentify_key, is_accession_number, is_study_field, is_uid, is_view_position
 from model.bundle import is_safe_name
 from store import storage
 
@@ -169,6 +169,15 @@ class PredictionRow:
     sop_instance_uid: str = ""
     accession_number: str = ""
     view_position: str = ""  # AP, PA, LL, ... (imaging.dicom_identity.VIEW_TERMS), "other", or empty
+    # How a DICOM input was acquired, each a word of imaging.dicom_identity's vocabularies or empty:
+    # drift is watched on these (screening/drift.py).
+    modality: str = ""
+    manufacturer: str = ""
+    photometric_interpretation: str = ""
+    pixel_spacing: str = ""
+    # The decoded image's mean grey level and its standard deviation, over [0, 1]: empty where not decoded.
+    image_brightness: float | None = None
+    image_contrast: float | None = None
     # Kept in part files for the report's worklist; never in the CSV, the JSONL or the ledger.
     thumbnail: str | None = field(default=None, metadata={"column": False})  # JPEG, base64
     # Grad-CAM at its own resolution (14x14 at 224 px), 8-bit grayscale PNG, base64: the report colours
@@ -253,6 +262,11 @@ class RunSummary:
     # 1.0). None in summaries written before they existed, and where no row was ok.
     flag_rate: float | None = None
     probability_histogram: list[int] | None = None
+    # Drift tested (screening/drift.py): {"alarm", "score", "reference", "tests": [{"name", "statistic",
+    # "p_value", "alarm", "samples"}]}, and a bounded sample of this run's profile for the runs after it
+    # (model/drift_tests.Profile). None in summaries written before they existed.
+    drift: dict[str, Any] | None = None
+    drift_profile: dict[str, Any] | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     # Stored state this run found damaged, forged or inconsistent and skipped (or refused) instead of
     # stopping: how many, and the first MAX_NAMED_DAMAGE of them, each "location: what is wrong".
@@ -377,6 +391,9 @@ _ROW_RULES = {
                     _Rule(lambda value: value == "" or is_uid(value), "a DICOM UID or empty")),
     "accession_number": _Rule(lambda value: value == "" or is_accession_number(value), "an accession number or empty"),
     "view_position": _Rule(lambda value: value == "" or is_view_position(value), "a view position or empty"),
+    **{name: _Rule(lambda value, name=name: is_study_field(name, value), f"a {name.replace('_', ' ')} of ours or empty")
+       for name in ACQUISITION_FIELDS},
+    "image_brightness": _PROBABILITY, "image_contrast": _PROBABILITY,
 }
 _SUMMARY_RULES = {
     "run_id": _SAFE, "model_version": _SAFE, "model_store_uri": _TEXT, "incoming_uri": _TEXT, "results_uri": _TEXT,
@@ -402,7 +419,28 @@ _SUMMARY_RULES = {
                            "a list of problems"),
     # Absent from summaries written before they existed: those read back as None.
     "flag_rate": _PROBABILITY,
+    "drift": _optional(_Rule(lambda value: _is_drift(value), "a drift result (alarm, score, reference, tests)")),
+    "drift_profile": _optional(_Rule(lambda value: _is_profile(value), "a drift profile (values, categories)")),
     "probability_histogram": _optional(_Rule(
         lambda value: isinstance(value, list) and len(value) == PROBABILITY_BINS and all(map(_COUNT.test, value)),
         f"a list of {PROBABILITY_BINS} counts")),
 }
+
+
+def _is_drift(value: Any) -> bool:
+    if not isinstance(value, dict) or not {"alarm", "score", "reference", "tests"} <= set(value):
+        return False
+    tests = value["tests"]
+    return (isinstance(value["alarm"], bool) and _is_number(value["score"]) and isinstance(tests, list)
+            and all(isinstance(test, dict) and isinstance(test.get("name"), str) and isinstance(test.get("alarm"), bool)
+                    and _is_number(test.get("statistic")) and _is_number(test.get("p_value")) for test in tests))
+
+
+def _is_profile(value: Any) -> bool:
+    from model.drift_tests import Profile
+
+    try:
+        Profile.from_dict(value)
+    except ValueError:
+        return False
+    return True

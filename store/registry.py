@@ -36,6 +36,7 @@ import keras
 from model import stored_json
 from model.bundle import BundleError, ModelCard, check_file, file_digests, is_safe_name, model_from_bytes, sign, signature_matches
 from model.inference import INT8_FILES
+from model.drift_tests import DRIFT_REFERENCE_FILE, Profile
 from model.scope import SCOPE_FILE, ScopeModel
 from store import storage
 from store.clock import utc_now, utc_timestamp
@@ -403,6 +404,18 @@ def load_scope(store_uri: str, card: ModelCard) -> ScopeModel | None:
         return ScopeModel.from_bytes(data, f"{card.version}/{SCOPE_FILE}")
     except ValueError as error:  # listed and hashed, yet not a scope model: written by a broken trainer
         raise BundleError(f"model {card.version}: {error}") from error
+
+
+def load_drift_reference(store_uri: str, card: ModelCard) -> Profile | None:
+    """What the version's test split looked like (model/drift_tests.py), checked against the
+    manifest; None for a version trained before it."""
+    if DRIFT_REFERENCE_FILE not in card.files:
+        return None
+    data = read_file(store_uri, card, DRIFT_REFERENCE_FILE)
+    try:
+        return Profile.from_dict(stored_json.loads(data, f"{card.version}/{DRIFT_REFERENCE_FILE}"))
+    except ValueError as error:  # listed and hashed, yet not a profile: written by a broken trainer
+        raise BundleError(f"model {card.version}: {DRIFT_REFERENCE_FILE}: {error}") from error
 
 
 def verify_bundle(store_uri: str, version: str = "production", *, include_model: bool = True) -> ModelCard:

@@ -15,6 +15,7 @@ from model.acceptance import Acceptance
 from model.bundle import ModelCard, file_digests, model_to_bytes, software_versions
 from model.plots import confusion_png, curves_png, roc_png
 from model.preprocessing import Preprocessing
+from model.drift_tests import DRIFT_REFERENCE_FILE, Profile
 from model.scope import SCOPE_FILE
 from model.training import TrainingConfig
 from store import engines, registry
@@ -72,7 +73,8 @@ class TrainingRun:
 
 @task(cache_policy=NO_CACHE)
 def make_bundle(run: TrainingRun, fitted: FitResult, evaluation: Evaluation, calibration: Calibration, audit: Audit,
-                promotion: Promotion, scope: ScopeFit | None = None) -> tuple[ModelCard, dict[str, bytes]]:
+                promotion: Promotion, scope: ScopeFit | None = None, drift_reference: Profile | None = None
+                ) -> tuple[ModelCard, dict[str, bytes]]:
     """The card and every other file of the bundle, as bytes; the card lists their sha256."""
     model, history, metrics, split, loaded = fitted.model, fitted.history, evaluation.metrics, run.split, run.loaded
     model_bytes = model_to_bytes(model)
@@ -108,6 +110,7 @@ def make_bundle(run: TrainingRun, fitted: FitResult, evaluation: Evaluation, cal
         **{name: figure for name, figure in figures.items() if figure is not None},
         "card.md": card_markdown(card).encode(),
         **({SCOPE_FILE: scope.model.to_bytes()} if scope and scope.model else {}),
+        **({DRIFT_REFERENCE_FILE: json.dumps(drift_reference.to_dict()).encode()} if drift_reference else {}),
     }
     card.files = file_digests(files)  # card.json vouches for every other file (store/registry.py)
     return card, files

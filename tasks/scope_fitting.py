@@ -21,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from scipy.stats import binomtest
 
+from model.drift_tests import Profile, image_statistics
 from model.inference import make_predictor
 from model.preprocessing import Preprocessing
 from model.scope import MIN_FEATURE_IMAGES, REASONS, ScopeModel, fit_scope, scope_features
@@ -29,7 +30,7 @@ from store.loading import load_images
 from store.out_of_scope import write_out_of_scope_set
 from tasks.train_data import LabelledArrays, TrainingSplit
 
-__all__ = ["OUT_OF_SCOPE_PER_KIND", "ScopeFit", "fit_scope_model", "rate"]
+__all__ = ["OUT_OF_SCOPE_PER_KIND", "ScopeFit", "fit_scope_model", "rate", "test_split_profile"]
 
 OUT_OF_SCOPE_PER_KIND = 20  # images of each kind in the set training builds
 
@@ -38,6 +39,28 @@ OUT_OF_SCOPE_PER_KIND = 20  # images of each kind in the set training builds
 class ScopeFit:
     model: ScopeModel | None = None
     record: dict = field(default_factory=dict)  # the card's ``scope``
+    # The gate's score and reason (a key of REASONS, None: passed) of each test image, in the split's order.
+    test_scores: np.ndarray | None = None
+    test_reasons: list[str | None] | None = None
+
+
+def test_split_profile(loaded: LabelledArrays, split: TrainingSplit, test_probabilities: np.ndarray,
+                       scope: ScopeFit) -> Profile:
+    """What the test split looked like to the model, screening's drift reference until a site has
+    nights of its own (screening/drift.py): the positive-class probabilities of the images the gate
+    passed, every image's scope score, brightness and contrast, and the share and reasons refused."""
+    reasons = scope.test_reasons if scope.test_reasons is not None else [None] * len(split.test)
+    passed = np.array([reason is None for reason in reasons], bool)
+    positive = split.classes.index(split.positive)
+    statistics = image_statistics(loaded.images[split.test])
+    values = {"probability": test_probabilities[passed, positive].tolist(),
+              "image brightness": statistics[:, 0].tolist(), "image contrast": statistics[:, 1].tolist()}
+    if scope.test_scores is not None:
+        values["scope score"] = [float(score) for score in scope.test_scores if np.isfinite(score)]
+    refused = collections.Counter(REASONS[reason] for reason in reasons if reason is not None)
+    categories = {"rejected share": {"ok": int(passed.sum()), "rejected": int((~passed).sum())},
+                  **({"rejection reasons": dict(refused)} if refused else {})}
+    return Profile(values, categories).sample()
 
 
 def rate(hits: int, total: int) -> dict:
@@ -105,7 +128,7 @@ def fit_scope_model(model: keras.Model, loaded: LabelledArrays, split: TrainingS
         return ScopeFit()
     test_images = loaded.images[split.test]
     test_features = features_of(model, spec, test_images) if test_pooled is None else test_pooled
-    _, test_reasons = scope.judge(test_images, test_features)
+    test_scores, test_reasons = scope.judge(test_images, test_features)
     negatives, kinds, refused = _negatives(negatives_uri, spec, test_images, seed)
     _, negative_reasons = scope.judge(negatives, features_of(model, spec, negatives))
     kinds, negative_reasons = kinds + refused, negative_reasons + ["loader"] * len(refused)
@@ -130,4 +153,4 @@ def fit_scope_model(model: keras.Model, loaded: LabelledArrays, split: TrainingS
                 100 * false_rejection["rate"], 100 * false_rejection["low"], 100 * false_rejection["high"],
                 record["out_of_scope"]["rejection"]["count"], len(kinds),
                 ", ".join(f"{kind} {figures['count']}/{figures['of']}" for kind, figures in per_kind.items()))
-    return ScopeFit(scope, record)
+    return ScopeFit(scope, record, np.asarray(test_scores, float), list(test_reasons))

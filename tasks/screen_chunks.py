@@ -36,6 +36,7 @@ from imaging.sandbox import decoder_count
 from model import stored_json
 from model.anatomy import lung_share, resized
 from model.bundle import BundleError, ModelCard
+from model.drift_tests import image_statistics
 from model.devices import share_gpus
 from model.evaluation import flags, predict_classes
 from model.gradcam import cams_from_maps, predict_and_explain
@@ -408,6 +409,7 @@ def screen_images(
         else:  # the maps give the explanations and the scope gate's features
             probabilities, maps = predictor.predict_with_maps(pixels, batch_size)
         scores, refused = np.full(len(batch), np.nan), [None] * len(batch)
+        statistics = np.round(image_statistics(pixels), 4)  # watched for drift (screening/drift.py)
         if scope is not None:
             if maps is None:  # an int8 engine quantised before maps: the features from a float32 pass
                 maps = make_predictor(model, spec, "fp32").predict_with_maps(pixels, batch_size)[1]
@@ -432,7 +434,8 @@ def screen_images(
                     image_uri=input_name(item.uri, limits.deidentify), sha256=item.sha256, status="rejected",
                     reason=REASONS[refused[index]], model_version=card.version, predicted_class="",
                     probabilities=dict.fromkeys(card.classes), flagged=False, screened_at=now, engine=predictor.engine,
-                    scope_score=score, **_study_fields(item.study))
+                    scope_score=score, image_brightness=float(statistics[index, 0]),
+                    image_contrast=float(statistics[index, 1]), **_study_fields(item.study))
                 continue
             cam = cams.get(index)
             yield PredictionRow(
@@ -441,7 +444,8 @@ def screen_images(
                 probabilities={c: round(float(v), 6) for c, v in zip(card.classes, p)},
                 flagged=bool(flagged[index]), screened_at=now, engine=predictor.engine,
                 cam_lung_share=None if cam is None else _rounded(lung_share(resized(cam, pixels.shape[1:3]))),
-                scope_score=score,
+                scope_score=score, image_brightness=float(statistics[index, 0]),
+                image_contrast=float(statistics[index, 1]),
                 thumbnail=_thumbnail(item.pixels) if flagged[index] else None,
                 cam=None if cam is None else base64.b64encode(encode_png(np.uint8(np.round(cam * 255)))).decode(),
                 **_study_fields(item.study))

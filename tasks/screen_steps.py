@@ -12,13 +12,13 @@ from typing import NamedTuple
 from prefect import get_run_logger, task
 
 from model.bundle import ModelCard
-from screening import leases, ledger, reports
+from screening import drift, leases, ledger, reports
 from screening.results import ResultsLayout, RunSummary, entry_key, input_name
 from store import evaluations, registry, storage
 from store.clock import utc_now, utc_timestamp
 from tasks.retrying import io_step
 
-__all__ = ["Pending", "Recovery", "new_run_id", "not_yet_screened", "recover_abandoned_runs", "resolve_model",
+__all__ = ["DRIFT_EVENT", "Pending", "Recovery", "announce_drift", "new_run_id", "not_yet_screened", "recover_abandoned_runs", "resolve_model",
            "write_run_outputs"]
 
 _logger = logging.getLogger(__name__)  # for helpers that may run outside a Prefect task
@@ -83,16 +83,60 @@ class Pending(NamedTuple):
 
 
 @task(**io_step(retries=3))
-def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard) -> RunSummary:
-    """Predictions, summary, report and artifacts from every row the run claimed; then its lease goes."""
+def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard, drift_window: int = drift.DRIFT_WINDOW
+                      ) -> RunSummary:
+    """Predictions, summary (with its drift tests), report and artifacts from every row the run
+    claimed; then its lease goes."""
     damaged: list[str] = []
     rows = reports.read_run_rows(results_uri, summary.run_id, card, damaged=damaged)
     summary = summary.tally(rows, card.classes, card.threshold)
     summary.note_damage(damaged)
-    summary = reports.write_outputs(results_uri, rows, card, summary)
+    summary = reports.write_outputs(results_uri, rows, card, summary, drift_window)
     reports.publish_artifacts(summary, rows, card)
     leases.close_run(results_uri, summary.run_id)
     return summary
+
+
+DRIFT_EVENT = "cxr.screening.drift"
+
+
+def announce_drift(summary: RunSummary) -> bool:
+    """Logs a drift alarm and emits the Prefect event ``cxr.screening.drift`` (its resource the run,
+    related to the model version and the flow run; its payload the score and the failing tests),
+    which the automation ``cxr-screen deploy`` creates turns into a notification and, where asked,
+    a paused nightly deployment. Returns whether there was an alarm to announce."""
+    result = summary.drift
+    if not isinstance(result, dict) or result.get("alarm") is not True:
+        return False
+    failing = [test["name"] for test in result["tests"] if test.get("alarm")]
+    reference = result.get("reference") or {}
+    get_run_logger().warning("Drift alarm: run %s differs from %s (score %.1f): %s. Report: %s", summary.run_id,
+                             _reference_words(reference), result["score"], ", ".join(failing),
+                             summary.outputs.get("report.html", ""))
+    from prefect.events import emit_event
+
+    related = [{"prefect.resource.id": f"cxr.model.{summary.model_version}", "prefect.resource.role": "model"}]
+    if summary.flow_run_id:
+        related.append({"prefect.resource.id": f"prefect.flow-run.{summary.flow_run_id}",
+                        "prefect.resource.role": "flow-run"})
+    emit_event(event=DRIFT_EVENT,
+               resource={"prefect.resource.id": f"cxr.screening.run.{summary.run_id}",
+                         "prefect.resource.name": f"screening run {summary.run_id}",
+                         "cxr.results.uri": summary.results_uri},
+               related=related,
+               payload={"run_id": summary.run_id, "model_version": summary.model_version, "score": result["score"],
+                        "failing": failing, "reference": reference.get("kind", ""),
+                        "tests": [{key: test[key] for key in ("name", "statistic", "p_value", "alarm")}
+                                  for test in result["tests"]],
+                        "report": summary.outputs.get("report.html", "")})
+    return True
+
+
+def _reference_words(reference: dict) -> str:
+    kind = reference.get("kind")
+    if kind == "site nights":
+        return f"the site's last {len(reference.get('runs', []))} accepted nights"
+    return "the model's test split" if kind == "test split" else "no reference"
 
 
 @task(**io_step())

@@ -43,7 +43,8 @@ def refused(dataset: Dataset) -> DicomRejected:
 
 def test_a_dicom_row_knows_its_study_and_other_formats_have_none():
     study = decoded(chest())
-    assert study == Study(STUDY_UID, SERIES_UID, study.sop_instance_uid, "ACC0042", "PA")
+    assert study == Study(STUDY_UID, SERIES_UID, study.sop_instance_uid, "ACC0042", "PA", modality="DX",
+                          photometric_interpretation="MONOCHROME2")
     assert re.fullmatch(r"[0-9.]+", study.sop_instance_uid)
     assert decode_image_and_study(encode(gradient(), ".png"), "x.png", frontal_chest_only=True)[1] is None
 
@@ -95,11 +96,30 @@ def test_header_text_is_never_quoted_in_a_reason_or_a_field():
     error = refused(chest(Modality=["DX", "CT"]))
     assert error.reason == "not a frontal chest X-ray: DICOM Modality (non-standard value), not CR, DX or DR"
     hostile = chest(ViewPosition=PATIENT_NAME, AccessionNumber=PATIENT_NAME[:16], StudyInstanceUID="1.2.DOE",
-                    SeriesInstanceUID="1.2." + "3" * 70)
+                    SeriesInstanceUID="1.2." + "3" * 70, Manufacturer=PATIENT_NAME)
     study = decoded(hostile)
-    assert study == Study("", "", study.sop_instance_uid, "", "other")
+    assert study == Study("", "", study.sop_instance_uid, "", "other", modality="DX", manufacturer="other",
+                          photometric_interpretation="MONOCHROME2")
     for part in PATIENT_NAME.split("^"):
         assert part not in repr(study)
+
+
+@pytest.mark.parametrize("header, expected", [
+    ({"Manufacturer": "SIEMENS Healthineers", "PixelSpacing": [0.143, 0.143]},
+     {"manufacturer": "Siemens", "pixel_spacing": "0.10-0.15 mm"}),
+    ({"Manufacturer": "Carestream Health", "ImagerPixelSpacing": [0.168, 0.168]},
+     {"manufacturer": "Carestream", "pixel_spacing": "0.15-0.20 mm"}),
+    ({"Manufacturer": "Acme Imaging", "PixelSpacing": [0.35, 0.35]}, {"manufacturer": "other", "pixel_spacing": ">= 0.30 mm"}),
+    ({"Manufacturer": None, "PixelSpacing": b"abc\\def"}, {"manufacturer": "", "pixel_spacing": ""}),
+    ({"PixelSpacing": [0.0, 0.0]}, {"pixel_spacing": ""}),
+    ({"Modality": "CR"}, {"modality": "CR"}),
+    ({"Modality": "XYZ"}, {"modality": "non-standard"}),
+])
+def test_how_it_was_acquired_is_named_by_our_words(header, expected):
+    """The header fields drift is watched on: a maker by its first word, pixel spacing in bins, anything
+    else "other", "non-standard" or empty; never the header's own text."""
+    study = decoded(chest(**header), frontal_chest_only=False)
+    assert {name: getattr(study, name) for name in expected} == expected
 
 
 def test_a_rejection_before_the_header_is_read_names_no_study_and_one_after_it_does():
@@ -119,7 +139,9 @@ def test_a_study_holds_only_values_that_fit_their_grammar():
     for field, value in [("study_instance_uid", "1.2.abc"), ("study_instance_uid", "19330517"),  # a birth date
                          ("study_instance_uid", "17.05.1921"), ("sop_instance_uid", "1.2." + "3" * 61),
                          ("accession_number", "DOE^JANE"),
-                         ("accession_number", "-1+1"), ("view_position", "Zorblattnik")]:
+                         ("accession_number", "-1+1"), ("view_position", "Zorblattnik"),
+                         ("manufacturer", "DOE^JANE"), ("modality", "ct"), ("pixel_spacing", "0.1"),
+                         ("photometric_interpretation", "JOHN")]:
         with pytest.raises(ValueError, match=field):
             Study(**{field: value})
     good = Study(STUDY_UID, SERIES_UID, "1.2.3", "ACC0042", "LL")

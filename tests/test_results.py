@@ -39,7 +39,9 @@ def test_columns_follow_the_row_fields_and_the_classes():
                                               "predicted_class", "prob_non-covid", "prob_covid", "flagged",
                                               "screened_at", "run_id", "engine", "cam_lung_share", "scope_score",
                                               "study_instance_uid", "series_instance_uid", "sop_instance_uid",
-                                              "accession_number", "view_position"]
+                                              "accession_number", "view_position", "modality", "manufacturer",
+                                              "photometric_interpretation", "pixel_spacing", "image_brightness",
+                                              "image_contrast"]
     record = row("a.png", 0.8, thumbnail="abc").to_record()
     assert list(record) == PredictionRow.columns(CLASSES)  # the thumbnail never reaches CSV or ledger
     assert row("a.png", 0.8, thumbnail="abc").to_record(with_thumbnail=True)["thumbnail"] == "abc"
