@@ -88,7 +88,7 @@ def categories_test(name: str, tonight: Iterable[str] | Mapping[str, int],
     different sizes compare."""
     tonight, reference = Counter(tonight), Counter(reference)
     sizes = (sum(tonight.values()), sum(reference.values()))
-    names = sorted(set(tonight) | set(reference))
+    names = sorted(name for name in set(tonight) | set(reference) if tonight[name] + reference[name] > 0)
     if min(sizes) < MIN_SAMPLES or len(names) < 2:
         return DriftTest(name, 0.0, 1.0, sizes)
     table = np.array([[tonight[category] for category in names], [reference[category] for category in names]])

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 SMALL = dict(input_size=32, weights="none", epochs=3, augment_draws=2, batch_size=8)
 BUNDLE_FILES = {"model.keras", "card.json", "card.md", "history.json", "curves.png", "confusion.png", "roc.png",
                 "calibration.png", "gradcam.png", "engines.json", "model-int8.xml",
-                "model-int8.bin", "scope.npz"}
+                "model-int8.bin", "scope.npz", "drift-reference.json"}
 
 
 def bundle_files(bundle_uri: str) -> set[str]:
