@@ -21,10 +21,9 @@ import base64
 import logging
 import math
 import statistics
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-from collections import Counter
 
 from imaging.dicom_identity import NOT_FRONTAL_CHEST
 from model.bundle import is_safe_name
@@ -207,7 +206,7 @@ def reason_category(reason: str) -> str:
     reasons as they are (fixed words), without what names one file (a size, a ViewPosition in
     brackets); any other reason by its first clause."""
     head = reason.split(" (")[0].strip()
-    if not (head.startswith(SCOPE_PREFIX) or head.startswith(NOT_FRONTAL_CHEST)):
+    if not head.startswith((SCOPE_PREFIX, NOT_FRONTAL_CHEST)):
         head = head.split(":")[0].strip()
     return head[:MAX_CATEGORY_NAME] or "no reason given"
 

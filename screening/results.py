@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from imaging.dicom_identity import ACQUISITION_FIELDS, deidentify_key, is_accession_number, is_study_field, is_uid, is_view_position
+from imaging.dicom_identity import (
+    ACQUISITION_FIELDS,
+    deidentify_key,
+    is_accession_number,
+    is_study_field,
+    is_uid,
+    is_view_position,
+)
 from model.bundle import is_safe_name
 from store import storage
 

@@ -35,8 +35,8 @@ import keras
 
 from model import stored_json
 from model.bundle import BundleError, ModelCard, check_file, file_digests, is_safe_name, model_from_bytes, sign, signature_matches
-from model.inference import INT8_FILES
 from model.drift_tests import DRIFT_REFERENCE_FILE, Profile
+from model.inference import INT8_FILES
 from model.scope import SCOPE_FILE, ScopeModel
 from store import storage
 from store.clock import utc_now, utc_timestamp

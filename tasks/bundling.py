@@ -13,9 +13,9 @@ from prefect.cache_policies import NO_CACHE
 
 from model.acceptance import Acceptance
 from model.bundle import ModelCard, file_digests, model_to_bytes, software_versions
+from model.drift_tests import DRIFT_REFERENCE_FILE, Profile
 from model.plots import confusion_png, curves_png, roc_png
 from model.preprocessing import Preprocessing
-from model.drift_tests import DRIFT_REFERENCE_FILE, Profile
 from model.scope import SCOPE_FILE
 from model.training import TrainingConfig
 from store import engines, registry

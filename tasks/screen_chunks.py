@@ -36,8 +36,8 @@ from imaging.sandbox import decoder_count
 from model import stored_json
 from model.anatomy import lung_share, resized
 from model.bundle import BundleError, ModelCard
-from model.drift_tests import image_statistics
 from model.devices import share_gpus
+from model.drift_tests import image_statistics
 from model.evaluation import flags, predict_classes
 from model.gradcam import cams_from_maps, predict_and_explain
 from model.inference import Predictor, fastest, make_predictor

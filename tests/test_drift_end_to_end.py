@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def real(prefect_api, tmp_path_factory) -> dict:
     rng, held = np.random.default_rng(7), set()
     for patients in strata.values():
         chosen = sorted(patients)
-        held |= set(rng.choice(chosen, int(round(HELD_OUT * len(chosen))), replace=False))
+        held |= set(rng.choice(chosen, round(HELD_OUT * len(chosen)), replace=False))
     training = [row for row in rows if row["patient_id"] not in held]
     night = [row for row in rows if row["patient_id"] in held]
     for row in training:
@@ -137,9 +138,9 @@ def test_a_night_out_of_scope_is_refused_for_the_right_reasons(real):
 
 
 class _Receiver(http.server.BaseHTTPRequestHandler):
-    received: list[dict] = []
+    received: ClassVar[list[dict]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - the http.server name
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         type(self).received.append(json.loads(body or b"{}"))
         self.send_response(200)
@@ -214,9 +215,7 @@ def test_a_mixed_night_alarms_and_the_automation_notifies_and_pauses(real, tmp_p
         assert run_id in message["subject"] and "rejected share" in message["body"] and "paused" in message["body"]
         paused = None
         while time.monotonic() < deadline:
-            paused = _run([sys.executable, "-c", "from prefect.client.orchestration import get_client as g\n"
-                           "with g(sync_client=True) as c: print(c.read_deployment_by_name("
-                           "'screen/nightly-screening').paused)"], environment).stdout.strip().splitlines()[-1]
+            paused = _run([sys.executable, "-c", _READ_PAUSED], environment).stdout.strip().splitlines()[-1]
             if paused == "True":
                 break
             time.sleep(1)
@@ -228,6 +227,11 @@ def test_a_mixed_night_alarms_and_the_automation_notifies_and_pauses(real, tmp_p
         except subprocess.TimeoutExpired:
             server.kill()
         receiver.shutdown()
+
+
+_READ_PAUSED = """from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    print(client.read_deployment_by_name('screen/nightly-screening').paused)"""
 
 
 def _run(command: list[str], environment: dict) -> subprocess.CompletedProcess:
