@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from cli.exits import EXIT_INPUT, EXIT_RUNTIME
+from cli.exits import EXIT_INPUT, EXIT_RUNTIME, clean_errors
 from cli.output import console
 
 __all__ = ["dataset_updated", "deploy", "retrain", "stack_app"]
@@ -159,7 +159,8 @@ def deploy() -> None:
     _require_api()
     from cli.deploy import main as deploy_main
 
-    deploy_main()
+    with clean_errors():  # a notification block that cannot be used: one line, exit 3
+        deploy_main()
 
 
 def retrain(

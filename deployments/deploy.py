@@ -15,6 +15,7 @@ from uuid import UUID
 
 from prefect import flow
 from prefect.automations import Automation
+from prefect.blocks.abstract import NotificationBlock
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -40,6 +41,9 @@ The nightly-screening deployment is paused until a person resumes it: prefect de
 
 
 def deploy_all(settings: Settings) -> dict[str, UUID]:
+    """Every deployment, and the drift automation where asked for; a notification block that cannot
+    be used is refused (ValueError) before anything is deployed."""
+    notify = notification_block(settings.drift_notify_block) if settings.drift_notify_block else None
     common = dict(build=False, push=False, print_next_steps=False, ignore_warnings=True)
     screening = flow.from_source(settings.project_dir, "cli.flow_runs.screen").deploy(
         name="nightly-screening",
@@ -80,29 +84,34 @@ def deploy_all(settings: Settings) -> dict[str, UUID]:
         **common,
     )
     deployed = {SCREENING: screening, RETRAIN: retrain, SYNTHESIZE: synthesize}
-    automation = drift_automation(settings, screening)
+    automation = drift_automation(settings, screening, notify)
     if automation is not None:
         deployed[DRIFT_AUTOMATION] = automation
     return deployed
 
 
-def drift_automation(settings: Settings, screening: UUID) -> UUID | None:
+def notification_block(name: str) -> UUID:
+    """The id of the notification block ``name`` ("block-type/name", e.g. ``custom-webhook/cxr-drift``);
+    ValueError names one that does not exist or is not a notification block."""
+    try:
+        block = Block.load(name)
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"CXR_DRIFT_NOTIFY_BLOCK {name!r}: no such block on this Prefect server ({error}); "
+                         "create it first (README, 'Drift alarms')") from None
+    if not isinstance(block, NotificationBlock):
+        raise ValueError(f"CXR_DRIFT_NOTIFY_BLOCK {name!r} is a {type(block).__name__}, not a notification block")
+    return block._block_document_id
+
+
+def drift_automation(settings: Settings, screening: UUID, notify: UUID | None) -> UUID | None:
     """The automation answering ``cxr.screening.drift`` (replacing one deployed before): a message
-    through the notification block ``settings.drift_notify_block`` ("block-type/name", e.g.
-    ``custom-webhook/cxr-drift``) and, with ``settings.pause_on_drift``, the nightly deployment
-    paused. None (and no automation) when neither is asked for: the alarm is then in the run's
-    log, report, summary and Prefect event only. ValueError names a block that cannot be loaded."""
+    through the notification block ``notify`` (``notification_block``) and, with
+    ``settings.pause_on_drift``, the nightly deployment paused. None (and no automation) when
+    neither is asked for: the alarm is then in the run's log, report, summary and Prefect event only."""
     actions: list = []
-    if settings.drift_notify_block:
-        try:
-            block = Block.load(settings.drift_notify_block)
-        except (ValueError, KeyError) as error:
-            raise ValueError(f"CXR_DRIFT_NOTIFY_BLOCK {settings.drift_notify_block!r}: no such notification block "
-                             f"on this Prefect server ({error}); create it first (README, 'Drift alarms')") from None
-        if not hasattr(block, "notify"):
-            raise ValueError(f"CXR_DRIFT_NOTIFY_BLOCK {settings.drift_notify_block!r} is not a notification block")
+    if notify is not None:
         body = _DRIFT_BODY + (_PAUSED if settings.pause_on_drift else "")
-        actions.append(SendNotification(block_document_id=block._block_document_id, subject=_DRIFT_SUBJECT, body=body))
+        actions.append(SendNotification(block_document_id=notify, subject=_DRIFT_SUBJECT, body=body))
     if settings.pause_on_drift:
         actions.append(PauseDeployment(source="selected", deployment_id=screening))
     with get_client(sync_client=True) as client:

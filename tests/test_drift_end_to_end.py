@@ -194,8 +194,16 @@ def test_a_mixed_night_alarms_and_the_automation_notifies_and_pauses(real, tmp_p
         _run([sys.executable, "-c", block], environment)
         deploy_environment = {**environment, "CXR_DRIFT_NOTIFY_BLOCK": "custom-webhook/cxr-drift",
                               "CXR_PAUSE_ON_DRIFT": "true"}
-        deployed = _run([sys.executable, "-m", "cli.deploy"], deploy_environment).stdout
-        assert "deployed cxr-screening-drift" in deployed, deployed
+        missing = subprocess.run([sys.executable, "-m", "cli.main", "deploy"], cwd=ROOT, capture_output=True,
+                                 text=True, env={**deploy_environment, "CXR_DRIFT_NOTIFY_BLOCK": "custom-webhook/nobody"})
+        assert missing.returncode == 3, missing.stdout + missing.stderr
+        assert "CXR_DRIFT_NOTIFY_BLOCK 'custom-webhook/nobody': no such block" in missing.stdout + missing.stderr
+        assert "deployed" not in missing.stdout  # refused before anything is deployed
+        for _ in range(2):  # deploying again replaces the automation
+            deployed = _run([sys.executable, "-m", "cli.deploy"], deploy_environment).stdout
+            assert "deployed cxr-screening-drift" in deployed, deployed
+        count = _run([sys.executable, "-c", _COUNT_AUTOMATIONS], environment).stdout.strip().splitlines()[-1]
+        assert count == "1"
 
         screened = _run([sys.executable, "-m", "cli.main", "screen", str(mixed), "--results", str(tmp_path / "results"),
                          "--model-store", real["store"], "--model-version", real["version"]], environment).stdout
@@ -229,6 +237,9 @@ def test_a_mixed_night_alarms_and_the_automation_notifies_and_pauses(real, tmp_p
         receiver.shutdown()
 
 
+_COUNT_AUTOMATIONS = """from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    print(len(client.read_automations_by_name('cxr-screening-drift')))"""
 _READ_PAUSED = """from prefect.client.orchestration import get_client
 with get_client(sync_client=True) as client:
     print(client.read_deployment_by_name('screen/nightly-screening').paused)"""
