@@ -15,7 +15,7 @@ Printed, each share with its 95 % Wilson interval (tasks.scope_fitting.rate):
   patients in two halves; tonight is --night-size rows of one half (without replacement), compared
   with the model's test split (its bundle's drift reference) and with site nights (what
   screening.drift compares with once a site has accepted nights: 14 ordinary nights merged, each
-  kept as a summary keeps it), drawn from the other half, so that tonight never repeats an image
+  kept as a summary keeps it, judged at the site's own bar, and at the rule's alone), drawn from the other half, so that tonight never repeats an image
   of its reference. The 14 nights repeat the other half's ~60 images; a third reference, those
   images each once, tells what the repeats cost;
 - the alarm rate of mixed nights, where a share (--mix) of tonight's rows are out of scope;
@@ -52,8 +52,8 @@ import cv2
 import numpy as np
 
 from bench.machine import cpu_line
-from model.drift_tests import Profile, compare
-from screening.drift import DRIFT_WINDOW, night_profile, reason_category
+from model.drift_tests import ALPHA, compare
+from screening.drift import DRIFT_WINDOW, night_profile, reason_category, site_reference
 from screening.results import PredictionRow
 from store import registry, storage
 from store.out_of_scope import KINDS, write_out_of_scope_set
@@ -165,7 +165,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     patients = sorted(set(patient_of.values()))
     others = [row for _, row in other]
-    references = ("test split", "site nights", "site half once")
+    references = ("test split", "site nights", "site, rule only", "site half once")
     alarms = collections.Counter()  # (reference, mix) -> nights that alarmed
     failing = {name: collections.Counter() for name in references}
     sizes = set()  # a half may hold fewer images than --night-size
@@ -179,20 +179,23 @@ def main() -> None:
         tonight_pool = [row for path, row in night if patient_of[path] not in half]
         size = min(args.night_size, len(site_pool), len(tonight_pool))
         sizes.add(size)
-        site = Profile.merged(night_profile(draw(site_pool, size), card.positive_class).sample(seed=index)
-                              for index in range(DRIFT_WINDOW))
-        compared = dict(zip(references, (test_split, site, night_profile(site_pool, card.positive_class))))
+        site, site_alpha = site_reference([night_profile(draw(site_pool, size), card.positive_class).sample(seed=index)
+                                           for index in range(DRIFT_WINDOW)])
+        compared = {"test split": (test_split, ALPHA), "site nights": (site, site_alpha),
+                    "site, rule only": (site, ALPHA),
+                    "site half once": (night_profile(site_pool, card.positive_class), ALPHA)}
         for mix in [0.0, *args.mix]:
             out = round(mix * size)
             tonight = night_profile(draw(tonight_pool, size - out) + draw(others, out), card.positive_class)
-            for name, reference in compared.items():
-                result = compare(tonight, reference)
+            for name, (reference, alpha) in compared.items():
+                result = compare(tonight, reference, alpha)
                 alarms[name, mix] += result.alarm
                 if not mix:
                     failing[name].update(result.failing())
 
     print(f"\ndrift alarm over {args.nights} nights of {min(sizes)}-{max(sizes)} rows (rate [95 % Wilson interval])\n"
-          f"  site nights: {DRIFT_WINDOW} nights drawn from the other half's patients, merged (images repeat);\n"
+          f"  site nights: {DRIFT_WINDOW} nights drawn from the other half's patients, merged (images repeat), at the\n"
+          f"  site's own bar (screening.drift.site_reference); site, rule only: the same at the Bonferroni rule alone;\n"
           f"  site half once: each of the other half's images once (the same patients, no repeats)")
     print(f"  {'out of scope':<14}" + "".join(f"{'vs ' + name:<34}" for name in references).rstrip())
     for mix in [0.0, *args.mix]:

@@ -35,8 +35,8 @@ from screening.results import PredictionRow, ResultsLayout, RunSummary
 from store import storage
 from store.clock import utc_timestamp
 
-__all__ = ["DRIFT_WINDOW", "MIN_NIGHTS", "RECENT_RUNS", "Drift", "RunRates", "accept", "accepted_runs", "judge",
-           "night_profile", "reason_category", "recent_runs"]
+__all__ = ["ALARM_SCORE", "DRIFT_WINDOW", "MIN_NIGHTS", "RECENT_RUNS", "Drift", "RunRates", "accept", "accepted_runs",
+           "alarm_score", "judge", "night_profile", "reason_category", "recent_runs", "site_reference"]
 
 RECENT_RUNS = 30  # runs on the chart, this one included
 DRIFT_WINDOW = 14  # accepted nights that make the site's reference (ScreenParameters.drift_window)
@@ -272,6 +272,28 @@ def _is_accepted(summary: RunSummary, model_version: str, accepted: set[str]) ->
     return not alarmed or summary.run_id in accepted
 
 
+def alarm_score(result: dict | None) -> float:
+    """The score above which the run ``result`` (a summary's ``drift``) alarms."""
+    reference = (result or {}).get("reference") or {}
+    score = reference.get("alarm_score") if isinstance(reference, dict) else None
+    return float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else ALARM_SCORE
+
+
+def site_reference(nights: list[Profile]) -> tuple[Profile, float]:
+    """The site's accepted nights as one reference, and the alpha a night is judged at against it.
+
+    Nights differ by more than sampling: a clinic's day, the patients who return, the wards that
+    happened to send. So the bar is set by the site's own nights as well as by the rule: each
+    accepted night is scored against the others (leave one out), and a night alarms only when its
+    score exceeds ALARM_SCORE and every one of those. If tonight is like the accepted nights, the
+    chance its score is the highest of them all is at most 1 / (nights + 1), whatever the tests
+    assume; and at most ALPHA where their assumptions hold."""
+    merged = Profile.merged(nights)
+    own = [compare(night, Profile.merged(nights[:index] + nights[index + 1:])).score
+           for index, night in enumerate(nights)]
+    return merged, min(ALPHA, 10 ** -max(own, default=0.0))
+
+
 def judge(summary: RunSummary, rows: list[PredictionRow], positive_class: str, history: Drift,
           test_split: Profile | None, window: int = DRIFT_WINDOW, accepted: set[str] | None = None) -> RunSummary:
     """``summary`` with its ``drift`` (the tests against the reference, the score, the alarm) and
@@ -282,10 +304,11 @@ def judge(summary: RunSummary, rows: list[PredictionRow], positive_class: str, h
     tonight = night_profile(rows, positive_class)
     nights = [earlier for earlier in reversed(history.summaries)
               if _is_accepted(earlier, summary.model_version, accepted or set())][:window]
+    alpha = ALPHA
     if len(nights) >= MIN_NIGHTS:
-        reference = Profile.merged(Profile.from_dict(night.drift_profile) for night in nights)
+        reference, alpha = site_reference([Profile.from_dict(night.drift_profile) for night in nights])
         described = {"kind": "site nights", "model_version": summary.model_version,
-                     "runs": sorted(night.run_id for night in nights)}
+                     "runs": sorted(night.run_id for night in nights), "alarm_score": round(-math.log10(alpha), 4)}
     elif test_split is not None:
         reference = test_split
         described = {"kind": "test split", "model_version": summary.model_version,
@@ -296,7 +319,7 @@ def judge(summary: RunSummary, rows: list[PredictionRow], positive_class: str, h
                      "nights_needed": MIN_NIGHTS,
                      "why": "the model was trained before drift references were kept, and the site has too few "
                             "accepted nights of it"}
-    result = compare(tonight, reference) if reference is not None else compare(Profile(), Profile())
+    result = compare(tonight, reference, alpha) if reference is not None else compare(Profile(), Profile())
     seed = int.from_bytes(hashlib.sha256(summary.run_id.encode()).digest()[:4], "big")
     return dataclasses.replace(summary, drift=result.to_dict(reference=described),
                                drift_profile=tonight.sample(seed=seed).to_dict())

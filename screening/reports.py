@@ -358,7 +358,7 @@ def report_html(summary: RunSummary, rows: list[PredictionRow], card: ModelCard,
         card_uri=card_uri, card_link=card_link or _file_link(card_uri),
         figures=[(title, (figures or {}).get(name)) for name, title in MODEL_FIGURES.items()],
         history=history, drift_chart=history.chart_png(), drift_score_chart=history.score_chart_png(),
-        drift=summary.drift, alarm_line=drift.ALARM_SCORE,
+        drift=summary.drift, alarm_line=drift.alarm_score(summary.drift),
     )
 
 

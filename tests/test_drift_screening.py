@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from model.drift_tests import SAMPLE_VALUES, Profile
+from model.drift_tests import SAMPLE_VALUES, Profile, compare
 from model.scope import REASONS
 from screening import drift
 from screening.results import PredictionRow, ResultsLayout, RunSummary
@@ -159,3 +159,26 @@ def test_a_person_accepts_an_alarm_from_the_command_line(tmp_path):
     assert missing.exit_code == 3 and "has no readable summary" in missing.output
     forged = CliRunner().invoke(app, ["drift", "accept", "../../etc", "--results", results])
     assert forged.exit_code == 3 and "not a safe name" in forged.output
+
+
+def test_against_the_site_the_bar_is_its_own_nights_so_ordinary_variation_does_not_alarm():
+    """Nights that differ by more than chance (each its own brightness, as clinics' days do): the
+    Bonferroni rule alone alarms on many of them; with the site's own bar at most about 1 in 15 do,
+    and a night that really changed still alarms."""
+    rng = np.random.default_rng(11)
+
+    def night(offset: float, size: int = 60) -> Profile:
+        rows = [row(index, rng, brightness=float(rng.normal(0.5 + offset, 0.05))) for index in range(size)]
+        return drift.night_profile(rows, "covid").sample()
+
+    plain = calibrated = 0
+    for _ in range(60):
+        nights = [night(rng.normal(0, 0.02)) for _ in range(drift.DRIFT_WINDOW)]
+        tonight = night(rng.normal(0, 0.02))
+        reference, alpha = drift.site_reference(nights)
+        assert alpha <= 0.01
+        plain += compare(tonight, reference).alarm
+        calibrated += compare(tonight, reference, alpha).alarm
+    assert plain >= 10 and calibrated <= 8, (plain, calibrated)
+    changed = night(0.25)
+    assert compare(changed, reference, alpha).alarm
