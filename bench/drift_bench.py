@@ -17,7 +17,9 @@ Printed, each share with its 95 % Wilson interval (tasks.scope_fitting.rate):
   screening.drift compares with once a site has accepted nights: 14 ordinary nights merged, each
   kept as a summary keeps it, judged at the site's own bar, and at the rule's alone), drawn from the other half, so that tonight never repeats an image
   of its reference. The 14 nights repeat the other half's ~60 images; a third reference, those
-  images each once, tells what the repeats cost;
+  images each once, tells what the repeats cost; and the other half's patients in 3 disjoint
+  nights (the fewest a site's reference takes), at their own bar and at the rule alone, tell what
+  the site's own bar does when nights differ as patients do;
 - the alarm rate of mixed nights, where a share (--mix) of tonight's rows are out of scope;
 - which tests alarm on ordinary nights, and how often.
 
@@ -53,7 +55,7 @@ import numpy as np
 
 from bench.machine import cpu_line
 from model.drift_tests import ALPHA, compare
-from screening.drift import DRIFT_WINDOW, night_profile, reason_category, site_reference
+from screening.drift import DRIFT_WINDOW, MIN_NIGHTS, night_profile, reason_category, site_reference
 from screening.results import PredictionRow
 from store import registry, storage
 from store.out_of_scope import KINDS, write_out_of_scope_set
@@ -165,7 +167,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     patients = sorted(set(patient_of.values()))
     others = [row for _, row in other]
-    references = ("test split", "site nights", "site, rule only", "site half once")
+    references = ("test split", "site nights", "site, rule only", "site half once", "3 by patient",
+                  "3 by patient, rule only")
     alarms = collections.Counter()  # (reference, mix) -> nights that alarmed
     failing = {name: collections.Counter() for name in references}
     sizes = set()  # a half may hold fewer images than --night-size
@@ -184,6 +187,13 @@ def main() -> None:
         compared = {"test split": (test_split, ALPHA), "site nights": (site, site_alpha),
                     "site, rule only": (site, ALPHA),
                     "site half once": (night_profile(site_pool, card.positive_class), ALPHA)}
+        # The half's patients in MIN_NIGHTS disjoint nights: nights that differ as patients do.
+        groups = np.array_split(rng.permutation(sorted(half)), MIN_NIGHTS)
+        by_patient, patient_alpha = site_reference([
+            night_profile([row for path, row in night if patient_of[path] in set(group)], card.positive_class).sample()
+            for group in groups])
+        compared["3 by patient"] = (by_patient, patient_alpha)
+        compared["3 by patient, rule only"] = (by_patient, ALPHA)
         for mix in [0.0, *args.mix]:
             out = round(mix * size)
             tonight = night_profile(draw(tonight_pool, size - out) + draw(others, out), card.positive_class)
@@ -196,7 +206,8 @@ def main() -> None:
     print(f"\ndrift alarm over {args.nights} nights of {min(sizes)}-{max(sizes)} rows (rate [95 % Wilson interval])\n"
           f"  site nights: {DRIFT_WINDOW} nights drawn from the other half's patients, merged (images repeat), at the\n"
           f"  site's own bar (screening.drift.site_reference); site, rule only: the same at the Bonferroni rule alone;\n"
-          f"  site half once: each of the other half's images once (the same patients, no repeats)")
+          f"  site half once: each of the other half's images once (the same patients, no repeats);\n"
+          f"  3 by patient: the other half's patients in {MIN_NIGHTS} disjoint nights, at their own bar and at the rule alone")
     print(f"  {'out of scope':<14}" + "".join(f"{'vs ' + name:<34}" for name in references).rstrip())
     for mix in [0.0, *args.mix]:
         print(f"  {f'{mix:.0%}':<14}" + "".join(f"{shown(alarms[name, mix], args.nights):<34}"
