@@ -182,3 +182,31 @@ def test_against_the_site_the_bar_is_its_own_nights_so_ordinary_variation_does_n
     assert plain >= 10 and calibrated <= 8, (plain, calibrated)
     changed = night(0.25)
     assert compare(changed, reference, alpha).alarm
+
+
+def test_nights_of_dicoms_become_the_site_reference_and_a_new_scanner_alarms(model_store, tmp_path):
+    """Through the screen flow: the header fields reach the rows and the profile, a person accepts
+    the first nights (they may differ from phantoms' test split), and a night from another maker's
+    detector alarms on the headers that changed."""
+    from store.phantoms import chest_phantom
+    from tests.dicom_builder import dicom_bytes, radiograph
+    from tests.test_screen_flow import run_screen
+
+    def night(name: str, seed: int, maker: str, spacing: float) -> str:
+        for index in range(12):
+            pixels = chest_phantom(np.random.default_rng(seed * 100 + index), 128).astype(np.uint16) * 16
+            header = dict(Manufacturer=maker, PixelSpacing=[spacing, spacing], ViewPosition="PA", BodyPartExamined="CHEST")
+            storage.write_bytes(str(tmp_path / name / f"{index}.dcm"), dicom_bytes(radiograph(pixels, bits_stored=12,
+                                                                                              **header)))
+        return str(tmp_path / name)
+
+    results = str(tmp_path / "results")
+    for seed in range(drift.MIN_NIGHTS):
+        summary = run_screen(night(f"night-{seed}", seed, "AGFA HealthCare", 0.14), results, model_store)
+        assert summary.screened == 12 and summary.drift["reference"]["kind"] == "test split"
+        assert {"DICOM Manufacturer": {"Agfa": 12}}.items() <= Profile.from_dict(summary.drift_profile).categories.items()
+        drift.accept(results, summary.run_id, "test")
+    tonight = run_screen(night("new-scanner", 9, "Carestream Health", 0.2), results, model_store)
+    assert tonight.drift["reference"]["kind"] == "site nights" and len(tonight.drift["reference"]["runs"]) == 3
+    failing = {test["name"] for test in tonight.drift["tests"] if test["alarm"]}
+    assert tonight.drift["alarm"] and {"DICOM Manufacturer", "DICOM pixel spacing"} <= failing
