@@ -12,7 +12,7 @@ from rich.markup import escape
 from cli.exits import EXIT_INPUT, EXIT_RUNTIME, clean_errors
 from cli.output import console
 
-__all__ = ["dataset_updated", "deploy", "retrain", "stack_app"]
+__all__ = ["dataset_updated", "deploy", "require_prefect_api", "retrain", "stack_app"]
 
 stack_app = typer.Typer(help="A local stack: Prefect server and UI, S3 endpoint, workers, deployments.",
                         no_args_is_help=True)
@@ -151,6 +151,12 @@ def _use_stack_if_up(folder: Path) -> None:
     if not os.environ.get("PREFECT_API_URL") and any(_stack_call(stack.status, folder).values()):
         for key, value in _stack_call(stack.client_environment, folder.resolve()).items():
             os.environ.setdefault(key, value)
+
+
+def require_prefect_api() -> None:
+    """The local stack's API when it is up and none is configured; exit 3 without a lasting Prefect API."""
+    _use_stack_if_up(Path(os.environ.get("CXR_STACK_DIR", ".stack")))
+    _require_api()
 
 
 def deploy() -> None:

@@ -36,8 +36,8 @@ _DRIFT_BODY = """Screening run {{ event.payload.run_id }} (model {{ event.payloa
 drift score {{ event.payload.score }}; failing tests: {{ event.payload.failing | join(", ") }}.
 Report: {{ event.payload.report }}
 Once the change is understood and here to stay: cxr-screen drift accept {{ event.payload.run_id }}"""
-_PAUSED = f"""
-The nightly-screening deployment is paused until a person resumes it: prefect deployment resume '{SCREENING}'"""
+_PAUSED = """
+The nightly-screening deployment is paused until a person resumes it: cxr-screen drift resume (or its toggle in the UI)."""
 
 
 def deploy_all(settings: Settings) -> dict[str, UUID]:
@@ -93,10 +93,13 @@ def deploy_all(settings: Settings) -> dict[str, UUID]:
 def notification_block(name: str) -> UUID:
     """The id of the notification block ``name`` ("block-type/name", e.g. ``custom-webhook/cxr-drift``);
     ValueError names one that does not exist or is not a notification block."""
+    if name.count("/") != 1:
+        raise ValueError(f"CXR_DRIFT_NOTIFY_BLOCK {name!r}: give the block as block-type/name, "
+                         "e.g. custom-webhook/cxr-drift")
     try:
         block = Block.load(name)
-    except (ValueError, KeyError) as error:
-        raise ValueError(f"CXR_DRIFT_NOTIFY_BLOCK {name!r}: no such block on this Prefect server ({error}); "
+    except Exception as error:  # noqa: BLE001 - ValueError (no such block), or a block type not installed here
+        raise ValueError(f"CXR_DRIFT_NOTIFY_BLOCK {name!r}: cannot be loaded from this Prefect server ({error}); "
                          "create it first (README, 'Drift alarms')") from None
     if not isinstance(block, NotificationBlock):
         raise ValueError(f"CXR_DRIFT_NOTIFY_BLOCK {name!r} is a {type(block).__name__}, not a notification block")

@@ -74,7 +74,7 @@ class ScreenParameters(_Parameters):
         False, description="Replace the DICOM study, series and instance UIDs and the accession number in the rows "
                            "with keyed hashes (key: CXR_DEIDENTIFY_KEY), the same token for the same study.")
     drift_window: int = Field(
-        14, ge=1, le=29, description="Accepted nights of this model version that make the drift reference once there "
+        14, ge=3, le=29, description="Accepted nights of this model version that make the drift reference once there "
                                      "are 3 of them (until then, the model's test split); looked for among the last 29 runs.")
     workers: int | None = Field(
         None, ge=1, le=256, description="Screen on a local Dask cluster of this many processes (threads sized so "

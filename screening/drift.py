@@ -36,7 +36,7 @@ from store import storage
 from store.clock import utc_timestamp
 
 __all__ = ["ALARM_SCORE", "DRIFT_WINDOW", "MIN_NIGHTS", "RECENT_RUNS", "Drift", "RunRates", "accept", "accepted_runs",
-           "alarm_score", "judge", "night_profile", "reason_category", "recent_runs", "site_reference"]
+           "alarm_score", "judge", "why_not_joining", "night_profile", "reason_category", "recent_runs", "site_reference"]
 
 RECENT_RUNS = 30  # runs on the chart, this one included
 DRIFT_WINDOW = 14  # accepted nights that make the site's reference (ScreenParameters.drift_window)
@@ -246,9 +246,11 @@ def accepted_runs(results_uri: str) -> set[str]:
     return {name.removesuffix(".json") for name in names if name.endswith(".json") and is_safe_name(name[:-5])}
 
 
-def accept(results_uri: str, run_id: str, by: str, note: str = "") -> str:
+def accept(results_uri: str, run_id: str, by: str, note: str = "") -> tuple[str, str | None]:
     """Records that a person accepted run ``run_id``'s drift (its night joins the reference of the
-    nights after it); returns where. ValueError when the run has no published summary."""
+    nights after it, among the last RECENT_RUNS - 1 runs of its model version); returns where, and
+    why the night still cannot join (``why_not_joining``), if it cannot. ValueError when the run
+    has no published summary."""
     summary = _read_summary(results_uri, run_id)
     if not isinstance(summary, RunSummary):
         raise ValueError(f"run {run_id} has no readable summary under {results_uri}"
@@ -258,18 +260,31 @@ def accept(results_uri: str, run_id: str, by: str, note: str = "") -> str:
 
     storage.write_bytes(uri, json.dumps({"run_id": run_id, "accepted_at": utc_timestamp(), "by": by,
                                          "note": note}, indent=2).encode())
-    return uri
+    return uri, why_not_joining(summary)
+
+
+def why_not_joining(summary: RunSummary) -> str | None:
+    """Why an accepted run's night still cannot join the reference, or None."""
+    if summary.status != "completed":
+        return f"it is a {summary.status} run: only completed runs join the reference"
+    if not summary.screened or not isinstance(summary.drift_profile, dict):
+        return "it kept no drift profile (nothing screened, or written before drift was tested)"
+    return None
 
 
 def _is_accepted(summary: RunSummary, model_version: str, accepted: set[str]) -> bool:
     """A night that may join the reference: of this model version, completed, with a profile, and
-    either without an alarm or with its alarm accepted by a person."""
+    either accepted by a person or tested without an alarm (a night nothing was tested on, too small
+    or against nothing, is not vouched for; except where the version has no reference at all)."""
     if summary.model_version != model_version or summary.status != "completed" or not summary.screened:
         return False
-    if not isinstance(summary.drift_profile, dict):
+    if not isinstance(summary.drift_profile, dict) or not isinstance(summary.drift, dict):
         return False
-    alarmed = isinstance(summary.drift, dict) and summary.drift.get("alarm") is True
-    return not alarmed or summary.run_id in accepted
+    if summary.run_id in accepted:
+        return True
+    reference = summary.drift.get("reference")
+    untested = not summary.drift.get("tests") and not (isinstance(reference, dict) and reference.get("kind") == "none")
+    return summary.drift.get("alarm") is False and not untested
 
 
 def alarm_score(result: dict | None) -> float:
@@ -279,19 +294,23 @@ def alarm_score(result: dict | None) -> float:
     return float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else ALARM_SCORE
 
 
-def site_reference(nights: list[Profile]) -> tuple[Profile, float]:
+def site_reference(nights: list[Profile], setting_bar: list[bool] | None = None) -> tuple[Profile, float]:
     """The site's accepted nights as one reference, and the alpha a night is judged at against it.
 
     Nights differ by more than sampling: a clinic's day, the patients who return, the wards that
-    happened to send. So the bar is set by the site's own nights as well as by the rule: each
-    accepted night is scored against the others (leave one out), and a night alarms only when its
-    score exceeds ALARM_SCORE and every one of those. If tonight is like the accepted nights, the
-    chance its score is the highest of them all is at most 1 / (nights + 1), whatever the tests
-    assume; and at most ALPHA where their assumptions hold."""
-    merged = Profile.merged(nights)
-    own = [compare(night, Profile.merged(nights[:index] + nights[index + 1:])).score
-           for index, night in enumerate(nights)]
-    return merged, min(ALPHA, 10 ** -max(own, default=0.0))
+    happened to send. So the bar is set by the site's own nights as well as by the rule: each night
+    is scored against the others (leave one out), and a night alarms only when its score exceeds
+    ALARM_SCORE and every one of those. If tonight is like the accepted nights, the chance its score
+    is the highest of them all is at most 1 / (nights + 1), whatever the tests assume; and at most
+    ALPHA where their assumptions hold. Only the nights ``setting_bar`` marks (default: all) set
+    the bar, each scored against the other marked ones: a night that alarmed and that a person
+    accepted (a new scanner) is in the reference, but beside the others it would lift the bar over
+    every later change."""
+    marks = setting_bar if setting_bar is not None else [True] * len(nights)
+    setting = [night for night, marked in zip(nights, marks) if marked]
+    own = [compare(night, Profile.merged(setting[:index] + setting[index + 1:])).score
+           for index, night in enumerate(setting)] if len(setting) > 1 else []
+    return Profile.merged(nights), min(ALPHA, 10 ** -max(own, default=0.0))
 
 
 def judge(summary: RunSummary, rows: list[PredictionRow], positive_class: str, history: Drift,
@@ -301,16 +320,25 @@ def judge(summary: RunSummary, rows: list[PredictionRow], positive_class: str, h
     import dataclasses
     import hashlib
 
-    tonight = night_profile(rows, positive_class)
+    seed = int.from_bytes(hashlib.sha256(summary.run_id.encode()).digest()[:4], "big")
+    # Tested as it is kept: a stored night holds at most SAMPLE_VALUES values of each quantity, and
+    # the site's bar is set on those; a larger night tested whole would alarm on differences that
+    # the bar, set at that size, allows for.
+    kept = night_profile(rows, positive_class).sample(seed=seed)
+    accepted = accepted or set()
     nights = [earlier for earlier in reversed(history.summaries)
-              if _is_accepted(earlier, summary.model_version, accepted or set())][:window]
-    alpha = ALPHA
+              if _is_accepted(earlier, summary.model_version, accepted)][:max(window, MIN_NIGHTS)]
+    alpha, tonight = ALPHA, kept
     if len(nights) >= MIN_NIGHTS:
-        reference, alpha = site_reference([Profile.from_dict(night.drift_profile) for night in nights])
+        reference, alpha = site_reference([Profile.from_dict(night.drift_profile) for night in nights],
+                                          [night.drift.get("alarm") is not True for night in nights])
         described = {"kind": "site nights", "model_version": summary.model_version,
                      "runs": sorted(night.run_id for night in nights), "alarm_score": round(-math.log10(alpha), 4)}
     elif test_split is not None:
-        reference = test_split
+        # The test split's refusals are the scope gate's alone: tonight's are counted among the images
+        # that reached it, not those the DICOM guard or the loader refused (a site's routine laterals).
+        reference, tonight = test_split, night_profile([row for row in rows if row.image_brightness is not None],
+                                                       positive_class).sample(seed=seed)
         described = {"kind": "test split", "model_version": summary.model_version,
                      "accepted_nights": len(nights), "nights_needed": MIN_NIGHTS}
     else:
@@ -320,6 +348,4 @@ def judge(summary: RunSummary, rows: list[PredictionRow], positive_class: str, h
                      "why": "the model was trained before drift references were kept, and the site has too few "
                             "accepted nights of it"}
     result = compare(tonight, reference, alpha) if reference is not None else compare(Profile(), Profile())
-    seed = int.from_bytes(hashlib.sha256(summary.run_id.encode()).digest()[:4], "big")
-    return dataclasses.replace(summary, drift=result.to_dict(reference=described),
-                               drift_profile=tonight.sample(seed=seed).to_dict())
+    return dataclasses.replace(summary, drift=result.to_dict(reference=described), drift_profile=kept.to_dict())

@@ -439,6 +439,7 @@ def _is_drift(value: Any) -> bool:
         return False
     tests = value["tests"]
     return (isinstance(value["alarm"], bool) and _is_number(value["score"]) and isinstance(tests, list)
+            and (value["reference"] is None or isinstance(value["reference"], dict))
             and all(isinstance(test, dict) and isinstance(test.get("name"), str) and isinstance(test.get("alarm"), bool)
                     and _is_number(test.get("statistic")) and _is_number(test.get("p_value")) for test in tests))
 

@@ -228,6 +228,10 @@ def test_a_mixed_night_alarms_and_the_automation_notifies_and_pauses(real, tmp_p
                 break
             time.sleep(1)
         assert paused == "True", "the nightly deployment was not paused"
+        assert "cxr-screen drift resume" in message["body"]
+        resumed = _run([sys.executable, "-m", "cli.main", "drift", "resume"], environment).stdout
+        assert "Resumed screen/nightly-screening" in resumed
+        assert _run([sys.executable, "-c", _READ_PAUSED], environment).stdout.strip().splitlines()[-1] == "False"
     finally:
         server.terminate()
         try:
