@@ -35,8 +35,23 @@ from screening.results import PredictionRow, ResultsLayout, RunSummary
 from store import storage
 from store.clock import utc_timestamp
 
-__all__ = ["ALARM_SCORE", "DRIFT_WINDOW", "MIN_NIGHTS", "RECENT_RUNS", "Drift", "RunRates", "accept", "accepted_runs",
-           "alarm_score", "judge", "why_not_joining", "night_profile", "reason_category", "recent_runs", "site_reference"]
+__all__ = [
+    "ALARM_SCORE",
+    "DRIFT_WINDOW",
+    "MIN_NIGHTS",
+    "RECENT_RUNS",
+    "Drift",
+    "RunRates",
+    "accept",
+    "accepted_runs",
+    "alarm_score",
+    "judge",
+    "night_profile",
+    "reason_category",
+    "recent_runs",
+    "site_reference",
+    "why_not_joining",
+]
 
 RECENT_RUNS = 30  # runs on the chart, this one included
 DRIFT_WINDOW = 14  # accepted nights that make the site's reference (ScreenParameters.drift_window)
