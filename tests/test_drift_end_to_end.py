@@ -197,7 +197,7 @@ def test_a_mixed_night_alarms_and_the_automation_notifies_and_pauses(real, tmp_p
         missing = subprocess.run([sys.executable, "-m", "cli.main", "deploy"], cwd=ROOT, capture_output=True,
                                  text=True, env={**deploy_environment, "CXR_DRIFT_NOTIFY_BLOCK": "custom-webhook/nobody"})
         assert missing.returncode == 3, missing.stdout + missing.stderr
-        assert "CXR_DRIFT_NOTIFY_BLOCK 'custom-webhook/nobody': no such block" in missing.stdout + missing.stderr
+        assert "CXR_DRIFT_NOTIFY_BLOCK 'custom-webhook/nobody': cannot be loaded" in missing.stdout + missing.stderr
         assert "deployed" not in missing.stdout  # refused before anything is deployed
         for _ in range(2):  # deploying again replaces the automation
             deployed = _run([sys.executable, "-m", "cli.deploy"], deploy_environment).stdout
