@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     train_min_specificity: float | None = Field(
         None, description="Acceptance: lowest test specificity at the threshold (see acceptance_bound).")
     train_acceptance_bound: str | None = Field(None, description="'lower' (95 % bound) or 'point' (estimate).")
+    train_dataset_prefixes: str | None = Field(
+        None, description="Comma-separated folders or s3:// prefixes retraining may read datasets from; an event "
+                          "naming a dataset elsewhere is refused. Unset: anywhere.")
     train_scope_pass_rate: float | None = Field(
         None, description="Share of real frontal X-rays the scope gate lets through (chosen on training images).")
     train_scope_negatives: str | None = Field(
@@ -108,6 +111,7 @@ class Settings(BaseSettings):
                                         min_auc=self.train_min_auc, min_specificity=self.train_min_specificity,
                                         acceptance_bound=self.train_acceptance_bound,
                                         scope_pass_rate=self.train_scope_pass_rate,
+                                        dataset_prefixes=_listed(self.train_dataset_prefixes),
                                         scope_negatives_uri=self.train_scope_negatives))
 
     def synthesize_parameters(self) -> SynthesizeParameters:
@@ -120,3 +124,8 @@ class Settings(BaseSettings):
 def _given(**values) -> dict:
     """The settings that are set; the rest take the flow's defaults."""
     return {name: value for name, value in values.items() if value is not None}
+
+
+def _listed(text: str | None) -> list[str] | None:
+    """A comma-separated setting as a list; None when unset."""
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]

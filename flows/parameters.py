@@ -105,6 +105,9 @@ class ScreenParameters(_Parameters):
 class TrainParameters(_Parameters):
     dataset_uri: str = Field(description="Labelled dataset: class sub-folders or a manifest.csv (folder or s3://).")
     model_store_uri: str = Field("models", description="Model store (folder or s3://).")
+    dataset_prefixes: list[str] | None = Field(
+        None, description="Where training may read datasets from (folders or s3:// prefixes); a dataset_uri "
+                          "elsewhere (say, named by an event) is refused before anything is read. Unset: anywhere.")
     positive: str = Field("covid", description="The class to flag (COVID-19); binary mode trains it vs the rest.")
     multiclass: bool = Field(False, description="One output per class folder instead of binary.")
     epochs: int = Field(EPOCHS, ge=1, description="Most stage 1 epochs (head on cached features, base frozen); "

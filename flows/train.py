@@ -21,6 +21,7 @@ from model.acceptance import Acceptance
 from model.augmentation import Augmentation
 from model.preprocessing import Preprocessing
 from model.training import TrainingConfig
+from store.datasets import require_allowed
 from store.registry import unsigned_warning
 from tasks.bundling import (
     TrainedModel,
@@ -56,6 +57,7 @@ def preprocessing_and_config(params: TrainParameters) -> tuple[Preprocessing, Tr
 @flow(name="train", description="Train a VGG16 transfer-learning classifier and register it.")
 def train(params: TrainParameters) -> TrainedModel:
     """Returns the new version, whether it was promoted and why; its card holds the test metrics."""
+    require_allowed(params.dataset_uri, params.dataset_prefixes)  # an event may name the dataset: not any
     unsigned = unsigned_warning(params.model_store_uri)
     if unsigned:
         get_run_logger().warning("%s", unsigned)

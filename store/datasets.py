@@ -36,6 +36,7 @@ __all__ = [
     "fingerprint",
     "hash_images",
     "metadata_columns",
+    "require_allowed",
     "split_dataset",
     "training_parts",
 ]
@@ -113,6 +114,21 @@ def metadata_columns(items: Sequence[LabelledImage]) -> dict[str, list[str]]:
 
 def normalise_label(label: str) -> str:
     return label.strip().lower()
+
+
+def require_allowed(uri: str, prefixes: Sequence[str] | None) -> None:
+    """DatasetError unless ``uri`` lies under one of ``prefixes`` (None: anywhere). Compared by
+    ``storage.canonical``, so ``..`` and links cannot step out, and by whole path segments, so
+    ``s3://cxr/datasets-evil`` is not under ``s3://cxr/datasets``."""
+    if prefixes is None:
+        return
+    place = storage.canonical(uri)
+    for prefix in prefixes:
+        root = storage.canonical(prefix).rstrip("/")
+        if place == root or place.startswith(root + "/"):
+            return
+    raise DatasetError(f"{uri}: not under the dataset locations training may read ({', '.join(prefixes) or 'none'}; "
+                       "CXR_TRAIN_DATASET_PREFIXES)")
 
 
 def discover_dataset(uri: str) -> Dataset:

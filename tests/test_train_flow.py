@@ -232,3 +232,23 @@ def test_validate_engines_rechecks_an_existing_version_on_its_own_test_split(pre
     victim.unlink()
     with pytest.raises(BundleError, match="not the one its card recorded"):
         validate_engines(store, card.version)
+
+
+def test_a_dataset_outside_the_allowed_locations_is_refused_before_anything_is_read(prefect_api, tmp_path, s3_bucket):
+    """An event names the dataset retrain reads (cxr.dataset.uri): with CXR_TRAIN_DATASET_PREFIXES,
+    one elsewhere fails the run at once, and no model is trained, stored or signed."""
+    from store.datasets import DatasetError
+
+    write_phantom_dataset(str(tmp_path / "attacker" / "data"), per_class=4, size=64, seed=1)
+    allowed = [str(tmp_path / "datasets"), s3_bucket + "/datasets"]
+    for dataset in (str(tmp_path / "attacker" / "data"), str(tmp_path / "datasets" / ".." / "attacker" / "data"),
+                    str(tmp_path / "datasets-evil"), s3_bucket + "/datasets-evil/x"):
+        with pytest.raises(DatasetError, match="not under the dataset locations training may read"):
+            train(TrainParameters(dataset_uri=dataset, model_store_uri=str(tmp_path / "models"), weights="none",
+                                  dataset_prefixes=allowed))
+    assert not (tmp_path / "models").exists()
+    from store.datasets import require_allowed
+
+    for dataset in (str(tmp_path / "datasets"), str(tmp_path / "datasets" / "2026-12"), s3_bucket + "/datasets/v2"):
+        require_allowed(dataset, allowed)  # under an allowed location: no error
+    require_allowed(str(tmp_path / "attacker"), None)  # no prefixes configured: anywhere
