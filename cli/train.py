@@ -24,6 +24,7 @@ TRAIN_OPTIONS = {
     "weights": OptionSpec(envvar="CXR_WEIGHTS"),
     "require_approval": OptionSpec(envvar="CXR_TRAIN_REQUIRE_APPROVAL"),
     "strata": OptionSpec(comma_separated="COL[,COL]"),
+    "dataset_prefixes": OptionSpec(comma_separated="URI[,URI]", envvar="CXR_TRAIN_DATASET_PREFIXES"),
     "min_auc": OptionSpec(envvar="CXR_TRAIN_MIN_AUC"),
     "min_specificity": OptionSpec(envvar="CXR_TRAIN_MIN_SPECIFICITY"),
     "acceptance_bound": OptionSpec(envvar="CXR_TRAIN_ACCEPTANCE_BOUND"),
