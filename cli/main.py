@@ -20,6 +20,7 @@ from cli.exits import EXIT_INPUT, EXIT_RUNTIME, EXIT_USAGE  # noqa: E402
 from cli.ledger import ledger_app  # noqa: E402
 from cli.models import models_app  # noqa: E402
 from cli.output import console  # noqa: E402
+from cli.report_link import report_link  # noqa: E402
 from cli.screen import screen  # noqa: E402
 from cli.stack_commands import dataset_updated, deploy, retrain, stack_app  # noqa: E402
 from cli.synthesize import synthesize  # noqa: E402
@@ -55,6 +56,7 @@ def main(
 # In the order 'cxr-screen --help' lists them.
 for command in (dataset, train, synthesize, screen, audit, evaluate):
     app.command()(command)
+app.command("report-link")(report_link)
 app.command("validate-engines")(validate_engines)
 app.command()(demo)
 app.add_typer(stack_app, name="stack")

@@ -451,11 +451,15 @@ def publish_artifacts(summary: RunSummary, rows: list[PredictionRow], card: Mode
         key="screening-flagged", description=f"Flagged images, run {summary.run_id} (worklist, not a diagnosis)",
     )
     report_uri = summary.outputs.get("report.html", "")
+    # Prefect keeps artifacts for as long as it keeps runs, readable by whoever reads the API: a
+    # presigned URL there would be a bearer token to the report for its whole life. So only a
+    # link that grants nothing (file://) is kept; on S3 the artifact names the object, and
+    # 'cxr-screen report-link RUN_ID' makes a short-lived link when a person needs one.
     link = shared_link(report_uri) if report_uri else None
+    link = link if link is not None and link.expires_at is None else None
     if link is not None:
-        valid = f"; the link is valid until {link.expires_at}" if link.expires_at else ""
         create_link_artifact(link=link.href, link_text=f"Report of screening run {summary.run_id}",
-                             key="screening-report", description=f"report.html of run {summary.run_id}{valid}")
+                             key="screening-report", description=f"report.html of run {summary.run_id}")
     markdown = render("summary.md.j2", summary=summary, card=card, disclaimer=DISCLAIMER, report_link=link)
     create_markdown_artifact(key="screening-summary", description=f"Screening run {summary.run_id}",
                              markdown=markdown)

@@ -251,9 +251,13 @@ def test_a_screening_run_links_its_report_and_shows_the_trained_models_plots_and
 
 
 @pytest.mark.slow
-def test_on_s3_the_artifacts_link_the_report_presigned_and_say_until_when(prefect_api, s3_bucket):
+def test_on_s3_the_artifacts_name_the_report_and_a_link_is_made_only_on_demand(prefect_api, s3_bucket, monkeypatch):
+    """Prefect keeps artifacts as long as runs: no bearer URL there. `cxr-screen report-link` makes a
+    short-lived one when a person asks."""
     from prefect import flow
+    from typer.testing import CliRunner
 
+    from cli.main import app
     from tests.conftest import flow_run_artifacts
 
     rows, summary = screened("r1")
@@ -265,11 +269,17 @@ def test_on_s3_the_artifacts_link_the_report_presigned_and_say_until_when(prefec
 
     state = publish(return_state=True)
     artifacts = flow_run_artifacts(state.state_details.flow_run_id)
-    link = artifacts["screening-report"].data.split("](", 1)[1].rstrip(")")
-    assert link.startswith("http://127.0.0.1:") and "X-Amz-Expires=604800" in link
-    assert "the link is valid until" in artifacts["screening-report"].description
+    assert "screening-report" not in artifacts
+    markdown = artifacts["screening-summary"].data
+    assert f"Report: `{summary.outputs['report.html']}`" in markdown and "X-Amz-" not in markdown
+    assert f"cxr-screen report-link {summary.run_id}" in markdown
+
+    done = CliRunner().invoke(app, ["report-link", summary.run_id, "--results", f"{s3_bucket}/results",
+                                    "--minutes", "5"])
+    assert done.exit_code == 0, done.output
+    link = done.stdout.strip().splitlines()[0]
+    assert link.startswith("http://127.0.0.1:") and "X-Amz-Expires=300" in link
     with urllib.request.urlopen(link, timeout=10) as response:
         assert response.read() == storage.read_bytes(summary.outputs["report.html"])
-    markdown = artifacts["screening-summary"].data
-    assert f"Report: [{summary.outputs['report.html']}](http://127.0.0.1:" in markdown
-    assert "(the link is valid until " in markdown
+    missing = CliRunner().invoke(app, ["report-link", "20990101T000000Z-000000", "--results", f"{s3_bucket}/results"])
+    assert missing.exit_code == 3 and "no report there" in missing.output
