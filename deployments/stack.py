@@ -46,7 +46,7 @@ from deployments.settings import Settings
 from model import stored_json
 from store import s3
 
-__all__ = ["StackStateError", "client_environment", "down", "status", "stored_data", "up", "wipe"]
+__all__ = ["StackStateError", "client_environment", "down", "server_environment", "status", "stored_data", "up", "wipe"]
 
 STATE = "stack.json"
 ENV_FILE = "env"  # the client environment, one 'export' a line, for 'source'
@@ -114,6 +114,25 @@ def _wait_for_dask(folder: Path, processes: dict[str, subprocess.Popen], workers
     with Client(scheduler_file=str(scheduler_file), timeout=30, set_as_default=False) as client:
         while len(client.scheduler_info()["workers"]) < workers:
             check()
+
+
+# What a server the stack starts may inherit: the process basics and its own settings. The Prefect
+# server, the S3 server and the Dask scheduler read no model, image or bucket, so they get no AWS
+# credentials, signing or de-identification key; the workers, which do, get the whole environment.
+_BASICS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
+           "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
+_SERVER_SETTINGS = {"server": ("PREFECT_",), "s3": ("MOTO_",),
+                    # It unpickles references to the project's modules, which read Prefect's settings on import.
+                    "dask-scheduler": ("PREFECT_", "DASK_")}
+_NEVER_TO_SERVERS = ("PREFECT_API_KEY",)
+
+
+def server_environment(name: str, environment: dict[str, str]) -> dict[str, str]:
+    """The variables of ``environment`` the server ``name`` needs (an allow-list): the basics, the
+    locale's LC_* and its own settings; never a credential or key."""
+    prefixes = _SERVER_SETTINGS[name]
+    return {key: value for key, value in environment.items()
+            if (key in _BASICS or key.startswith("LC_") or key.startswith(prefixes)) and key not in _NEVER_TO_SERVERS}
 
 
 def _start(folder: Path, name: str, command: list[str], environment: dict) -> subprocess.Popen:
@@ -370,7 +389,8 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         if start_s3:
             echo(f"Starting moto S3 on 127.0.0.1:{s3_port}, its data in {folder / S3_DATA}")
             moto = _start(folder, "s3", [sys.executable, "-m", "deployments.s3_server", "--host", "127.0.0.1",
-                                         "--port", str(s3_port), "--state", str(folder / S3_DATA)], child_environment)
+                                         "--port", str(s3_port), "--state", str(folder / S3_DATA)],
+                          server_environment("s3", child_environment))
             record("s3", moto)
             _wait_for(f"http://127.0.0.1:{s3_port}/", "moto", moto, folder / "logs" / "s3.log")
         if s3_only:
@@ -378,7 +398,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
             return state
         echo(f"Starting Prefect server on 127.0.0.1:{port}")
         server = _start(folder, "server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                           "--port", str(port)], child_environment)
+                                           "--port", str(port)], server_environment("server", child_environment))
         record("server", server)
         _wait_for(f"{api}/health", "Prefect server", server, folder / "logs" / "server.log")
         dask = (_start_dask(folder, workers, dask_port, child_environment, signing_environment, record, echo)
@@ -420,7 +440,7 @@ def _start_dask(folder: Path, workers: int, port: int, environment: dict, signin
     scheduler_file.unlink(missing_ok=True)  # an earlier stack's
     started = {"dask-scheduler": _start(folder, "dask-scheduler", [
         sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
-        "--no-dashboard", "--scheduler-file", str(scheduler_file)], environment)}
+        "--no-dashboard", "--scheduler-file", str(scheduler_file)], server_environment("dask-scheduler", environment))}
     record("dask-scheduler", started["dask-scheduler"])
     _wait_for_dask(folder, started)  # a port taken fails here, before anything is deployed
     for number in range(1, workers + 1):

@@ -67,6 +67,15 @@ def signing_keys(folder: Path) -> dict[str, str | None]:
     return keys
 
 
+def environments(folder: Path) -> dict[str, dict[str, str]]:
+    """The environment each of the stack's recorded processes runs with, by name."""
+    found = {}
+    for name, entry in json.loads((folder / "stack.json").read_text())["processes"].items():
+        items = Path(f"/proc/{entry['pid']}/environ").read_bytes().split(b"\0")
+        found[name] = dict(item.decode(errors="replace").split("=", 1) for item in items if b"=" in item)
+    return found
+
+
 def the_key(folder: Path, *shown: str) -> str:
     """The stack's signing key: private, 64 hex digits, never printed, never copied into its other files."""
     path = folder / "signing-key"
@@ -87,6 +96,7 @@ def stack(tmp_path_factory):
         CXR_SCREEN_CHUNK_SIZE="4",  # the night's 8 images make 2 chunks, for the 2 Dask workers
         # The process workers ask for due runs every 2 s instead of every 10 s: the tests start seven runs.
         PREFECT_WORKER_QUERY_SECONDS="2",
+        CXR_DEIDENTIFY_KEY="the site's de-identification key, for the workers only",
     )
     shown_up = cli("stack", "up", "--port", str(port), "--s3-port", str(s3_port), "--workers", str(DASK_WORKERS),
                    "--dask-port", str(dask_port), environment=environment, timeout=300).stdout
@@ -106,6 +116,14 @@ def stack(tmp_path_factory):
         key = the_key(folder, shown_up, shown)
         assert signing_keys(folder) == {name: key if name.startswith(("worker-", "dask-worker-")) else None
                                         for name in names}
+        # The servers get an allow-list: no credential or key of any kind (the workers need theirs).
+        for name, variables in environments(folder).items():
+            secrets = sorted(key for key in variables if key.startswith("AWS_SECRET") or
+                             (key.startswith("CXR_") and key.endswith("_KEY")))
+            if name.startswith(("worker-", "dask-worker-")):
+                assert {"AWS_SECRET_ACCESS_KEY", "CXR_DEIDENTIFY_KEY"} <= set(secrets), (name, secrets)
+            else:
+                assert not secrets, (name, secrets)
     except BaseException:
         cli("stack", "down", environment=environment, timeout=120)
         raise
