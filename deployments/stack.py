@@ -132,7 +132,7 @@ def server_environment(name: str, environment: dict[str, str]) -> dict[str, str]
     locale's LC_* and its own settings; never a credential or key."""
     prefixes = _SERVER_SETTINGS[name]
     return {key: value for key, value in environment.items()
-            if (key in _BASICS or key.startswith("LC_") or key.startswith(prefixes)) and key not in _NEVER_TO_SERVERS}
+            if (key in _BASICS or key.startswith(("LC_", *prefixes))) and key not in _NEVER_TO_SERVERS}
 
 
 def _start(folder: Path, name: str, command: list[str], environment: dict) -> subprocess.Popen:
