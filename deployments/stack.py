@@ -40,6 +40,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from deployments.s3_server import read_summary
 from deployments.settings import Settings
@@ -135,13 +136,24 @@ def server_environment(name: str, environment: dict[str, str]) -> dict[str, str]
             if (key in _BASICS or key.startswith(("LC_", *prefixes))) and key not in _NEVER_TO_SERVERS}
 
 
+def _private_log(log: Path) -> BinaryIO:
+    """``log`` opened for appending, 0600 in a 0700 folder (also one an older stack made readable)."""
+    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log.parent.chmod(0o700)
+    handle = open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")  # noqa: SIM115 - the caller closes it
+    os.fchmod(handle.fileno(), 0o600)
+    return handle
+
+
 def _start(folder: Path, name: str, command: list[str], environment: dict) -> subprocess.Popen:
-    log = folder / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as handle:
+    """``name`` started with its log (0600: logs hold exceptions and call stacks); a server's files
+    (Prefect's database, the S3 data, the scheduler's) are made private too (umask 077). Workers keep
+    the user's umask: what their runs write to a local results folder is for the site to share."""
+    with _private_log(folder / "logs" / f"{name}.log") as handle:
         # Own session: stopping the group stops the process and its children (flow runs) only.
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment,
-                                cwd=PROJECT_DIR, start_new_session=True)
+                                cwd=PROJECT_DIR, start_new_session=True,
+                                umask=0o077 if name in _SERVER_SETTINGS else -1)
 
 
 def _alive(entry: dict) -> bool:
@@ -404,7 +416,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         dask = (_start_dask(folder, workers, dask_port, child_environment, signing_environment, record, echo)
                 if workers else {})
         echo("Creating work pools and deploying")
-        with open(folder / "logs" / "deploy.log", "ab") as log:
+        with _private_log(folder / "logs" / "deploy.log") as log:
             subprocess.run([sys.executable, "-m", "cli.deploy", *(["--buckets"] if start_s3 else [])],
                            env=child_environment, cwd=PROJECT_DIR, check=True, stdout=log, stderr=subprocess.STDOUT)
         for pool in (settings.cpu_pool, settings.gpu_pool):

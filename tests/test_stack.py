@@ -116,6 +116,9 @@ def stack(tmp_path_factory):
         key = the_key(folder, shown_up, shown)
         assert signing_keys(folder) == {name: key if name.startswith(("worker-", "dask-worker-")) else None
                                         for name in names}
+        # What the stack and its servers write is private: logs, Prefect's database, the S3 data.
+        assert all(private(log) for log in (folder / "logs").iterdir())
+        assert private(folder / "prefect" / "prefect.db") and (folder / "logs").stat().st_mode & 0o777 == 0o700
         # The servers get an allow-list: no credential or key of any kind (the workers need theirs).
         for name, variables in environments(folder).items():
             secrets = sorted(key for key in variables if key.startswith("AWS_SECRET") or
