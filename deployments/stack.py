@@ -381,6 +381,10 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
     # Servers get no signing key; what signs or checks bundles (process workers, Dask workers) does.
     child_environment = {key: value for key, value in os.environ.items() if key != SIGNING_KEY_VARIABLE}
     child_environment.update(environment)
+    if settings.train_require_approval is None:
+        # The stack's retrain runs on events: what it trains waits for a person ('cxr-screen models
+        # promote') unless the site says otherwise (CXR_TRAIN_REQUIRE_APPROVAL=false).
+        child_environment["CXR_TRAIN_REQUIRE_APPROVAL"] = "true"
     key_file = None if os.environ.get(SIGNING_KEY_VARIABLE) else folder / SIGNING_KEY
     signing_environment = {**child_environment,
                            SIGNING_KEY_VARIABLE: os.environ.get(SIGNING_KEY_VARIABLE) or _signing_key(folder)}

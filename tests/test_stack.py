@@ -208,6 +208,7 @@ def test_deployments_are_configured(stack):
     assert screening["parameters"]["params"]["dask_address"] == stack["dask"]  # the stack's scheduler
     assert retrain["schedules"] == []
     assert retrain["parameters"]["params"]["weights"] == "none" and retrain["parameters"]["params"]["input_size"] == 32
+    assert retrain["parameters"]["params"]["require_approval"] is True  # the stack's default: a person promotes
     pools = {pool["name"]: pool["type"] for pool in api(stack, "POST", "/work_pools/filter", {})}
     assert pools["cpu"] == "process" and pools["gpu"] == "process"
 
@@ -220,7 +221,16 @@ def test_retrain_then_nightly_screening_through_workers(stack):
     assert "Completed" in done.stdout
     (retrain_run,) = [run for run in runs_of(stack, "train/retrain") if run["state_type"] == "COMPLETED"]
     assert {"training-summary", "training-metrics"} <= artifacts_of(stack, retrain_run["id"]).keys()
+    # A candidate until a person promotes it: the stack's retrain requires approval.
+    keys = [item["Key"] for item in s3_client(stack).list_objects_v2(Bucket="cxr", Prefix="models/")["Contents"]]
+    assert "models/production.json" not in keys
+    (version,) = {key.split("/")[1] for key in keys if key.endswith("/card.json")}
+    client_environment = {**stack["environment"],
+                          **json.loads((stack["folder"] / "stack.json").read_text())["environment"]}
+    cli("models", "promote", version, "--reason", "reviewed the card", "--by", "dr-lee", "--model-store",
+        "s3://cxr/models", environment={**client_environment, "CXR_MODEL_SIGNING_KEY": the_key(stack["folder"])})
     production = json.loads(s3_client(stack).get_object(Bucket="cxr", Key="models/production.json")["Body"].read())
+    assert production["version"] == version
     # Signed with the stack's key (screening below checks the signature with it).
     s3_client(stack).head_object(Bucket="cxr", Key=f"models/{production['version']}/card.json.sig")
 
