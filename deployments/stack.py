@@ -456,14 +456,17 @@ def _start_dask(folder: Path, workers: int, port: int, environment: dict, signin
     scheduler_file.unlink(missing_ok=True)  # an earlier stack's
     started = {"dask-scheduler": _start(folder, "dask-scheduler", [
         sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
-        "--no-dashboard", "--scheduler-file", str(scheduler_file)], server_environment("dask-scheduler", environment))}
+        # --no-dashboard still serves HTTP (health, metrics, logs) on 0.0.0.0: bind it to loopback too.
+        "--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],
+        server_environment("dask-scheduler", environment))}
     record("dask-scheduler", started["dask-scheduler"])
     _wait_for_dask(folder, started)  # a port taken fails here, before anything is deployed
     for number in range(1, workers + 1):
         name = f"dask-worker-{number}"
         started[name] = _start(folder, name, [
             sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", name, "--host", "127.0.0.1",
-            "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--local-directory", str(folder / "dask")],
+            "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
+            "--local-directory", str(folder / "dask")],
             {**signing_environment, **local_worker_environment(workers)})
         record(name, started[name])
     return started

@@ -76,6 +76,29 @@ def environments(folder: Path) -> dict[str, dict[str, str]]:
     return found
 
 
+def listening(pids: list[int]) -> list[str]:
+    """The addresses the processes ``pids`` listen on (TCP, IPv4 and IPv6), as hex "address:port"."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                found.append(fields[1])
+    return found
+
+
+LOOPBACK = ("0100007F:", "00000000000000000000000001000000:")  # 127.0.0.1 and ::1 as /proc/net shows them
+
+
 def the_key(folder: Path, *shown: str) -> str:
     """The stack's signing key: private, 64 hex digits, never printed, never copied into its other files."""
     path = folder / "signing-key"
@@ -116,6 +139,9 @@ def stack(tmp_path_factory):
         key = the_key(folder, shown_up, shown)
         assert signing_keys(folder) == {name: key if name.startswith(("worker-", "dask-worker-")) else None
                                         for name in names}
+        # Nothing of the stack listens beyond this machine (Dask serves HTTP even with --no-dashboard).
+        addresses = listening(pids)
+        assert addresses and all(address.startswith(LOOPBACK) for address in addresses), addresses
         # What the stack and its servers write is private: logs, Prefect's database, the S3 data.
         assert all(private(log) for log in (folder / "logs").iterdir())
         assert private(folder / "prefect" / "prefect.db") and (folder / "logs").stat().st_mode & 0o777 == 0o700
