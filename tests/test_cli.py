@@ -140,7 +140,7 @@ AUDIT_NOT_OPTIONS = {"model_store_uri", "multiclass", "fine_tune_epochs", "test_
                      "augment_head", "horizontal_flip", "class_weights", "scale_mode", "force_promote",
                      "require_approval", "strata", "max_strata", "balance_strata", "mixed_strata_only", "leave_out", "calibrate",
                      "head", "bootstrap", "min_auc", "min_specificity", "acceptance_bound", "synthetic_uri",
-                     "synthetic_share", "scope_pass_rate", "scope_negatives_uri"}
+                     "synthetic_share", "scope_pass_rate", "scope_negatives_uri", "dataset_prefixes"}
 
 
 def click_command(name: str):
@@ -175,7 +175,7 @@ def test_every_field_is_an_option_with_the_models_default_and_description(comman
         assert param.required == field.is_required(), name
         if not field.is_required():
             assert param.default == expected, name
-        assert param.help in (field.description, f"COL[,COL]: {field.description}"), name
+        assert param.help in (field.description, f"COL[,COL]: {field.description}", f"URI[,URI]: {field.description}"), name
 
 
 def test_help_shows_the_models_description_and_default(monkeypatch):
