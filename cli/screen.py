@@ -69,13 +69,15 @@ def screen(params: ScreenParameters, as_json: bool = JSON_OPTION) -> None:
         console.print(f"[yellow]Run {run_id} had died without writing its outputs; they are now written, "
                       f"with status 'abandoned', in its own run folder.[/yellow]")
     console.print(f"Report: {summary.outputs['report.html']}")
+    from screening.drift import reference_words
+
     drift = summary.drift or {}
     if drift.get("alarm"):
         failing = ", ".join(test["name"] for test in drift["tests"] if test["alarm"])
-        console.print(f"[red]Drift alarm (score {drift['score']:.1f}): {escape(failing)} differ from the "
-                      f"{escape(_reference(drift))}; see the report's drift section.[/red]")
+        console.print(f"[red]Drift alarm (score {drift['score']:.1f}): {escape(failing)} differ from "
+                      f"{escape(reference_words(drift))}; see the report's drift section.[/red]")
     elif drift:
-        console.print(f"Drift: no alarm (score {drift['score']:.2f} against the {escape(_reference(drift))}).")
+        console.print(f"Drift: no alarm (score {drift['score']:.2f} against {escape(reference_words(drift))}).")
     if summary.damaged:
         console.print(f"[red]{summary.damaged} stored files were damaged, forged or inconsistent and were skipped or "
                       f"refused (named in the report and summary.json); audit with 'cxr-screen ledger check'.[/red]")
@@ -84,7 +86,3 @@ def screen(params: ScreenParameters, as_json: bool = JSON_OPTION) -> None:
     if as_json:
         print_json(summary.to_dict())
 
-
-def _reference(drift: dict) -> str:
-    kind = (drift.get("reference") or {}).get("kind")
-    return {"site nights": "site's last accepted nights", "test split": "model's test split"}.get(kind, "no reference")

@@ -18,6 +18,8 @@ be read is logged and left out, it never fails tonight's report):
 from __future__ import annotations
 
 import base64
+import dataclasses
+import hashlib
 import logging
 import math
 import statistics
@@ -139,7 +141,6 @@ class Drift:
             return None
         import matplotlib.pyplot as plt
 
-        from model.plots import figure_png  # matplotlib (with the Agg backend) only when there is a chart
 
         offsets = range(1 - len(self.runs), 1)  # 0 is this run, -1 the one before
         figure, axis = plt.subplots(figsize=(6, 2.4))
@@ -149,12 +150,7 @@ class Drift:
                       for rates in self.runs]
             axis.plot(offsets, values, "o-", markersize=3, color=colour, label=label)
         axis.axvline(0, color="#4c72b0", linestyle=":", linewidth=1)
-        axis.set_xlabel("runs before this one (0 = this run)")
-        axis.set_ylabel("%")
-        axis.set_ylim(bottom=0)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8, loc="upper left")
-        return base64.b64encode(figure_png(figure, dpi=100)).decode()
+        return _finished(figure, axis, "%")
 
     def score_chart_png(self) -> str | None:
         """The drift score per run, with the alarm line, as a small PNG, base64; None until an
@@ -163,19 +159,24 @@ class Drift:
             return None
         import matplotlib.pyplot as plt
 
-        from model.plots import figure_png
-
         offsets = range(1 - len(self.runs), 1)
         figure, axis = plt.subplots(figsize=(6, 2.2))
         scores = [float("nan") if rates.drift_score is None else rates.drift_score for rates in self.runs]
         axis.plot(offsets, scores, "o-", markersize=3, color="#4c72b0", label="drift score")
         axis.axhline(ALARM_SCORE, color="#c44e52", linestyle="--", linewidth=1, label="alarm")
-        axis.set_xlabel("runs before this one (0 = this run)")
-        axis.set_ylabel("-log10 adjusted p")
-        axis.set_ylim(bottom=0)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8, loc="upper left")
-        return base64.b64encode(figure_png(figure, dpi=100)).decode()
+        return _finished(figure, axis, "-log10 adjusted p")
+
+
+def _finished(figure, axis, ylabel: str) -> str:
+    """A chart of the last runs with its axes labelled, as a PNG, base64."""
+    from model.plots import figure_png  # matplotlib (with the Agg backend) only when there is a chart
+
+    axis.set_xlabel("runs before this one (0 = this run)")
+    axis.set_ylabel(ylabel)
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="upper left")
+    return base64.b64encode(figure_png(figure, dpi=100)).decode()
 
 
 def recent_runs(results_uri: str, current: RunSummary, limit: int = RECENT_RUNS) -> Drift:
@@ -302,6 +303,15 @@ def _is_accepted(summary: RunSummary, model_version: str, accepted: set[str]) ->
     return summary.drift.get("alarm") is False and not untested
 
 
+def reference_words(result: dict | None) -> str:
+    """What the run ``result`` (a summary's ``drift``) was compared with, in words."""
+    reference = (result or {}).get("reference") or {}
+    kind = reference.get("kind") if isinstance(reference, dict) else None
+    if kind == "site nights":
+        return f"the site's last {len(reference.get('runs', []))} accepted nights"
+    return "the model's test split" if kind == "test split" else "no reference"
+
+
 def alarm_score(result: dict | None) -> float:
     """The score above which the run ``result`` (a summary's ``drift``) alarms."""
     reference = (result or {}).get("reference") or {}
@@ -332,9 +342,6 @@ def judge(summary: RunSummary, rows: list[PredictionRow], positive_class: str, h
           test_split: Profile | None, window: int = DRIFT_WINDOW, accepted: set[str] | None = None) -> RunSummary:
     """``summary`` with its ``drift`` (the tests against the reference, the score, the alarm) and
     ``drift_profile`` (a bounded sample of tonight's profile, for the nights after it)."""
-    import dataclasses
-    import hashlib
-
     seed = int.from_bytes(hashlib.sha256(summary.run_id.encode()).digest()[:4], "big")
     # Tested as it is kept: a stored night holds at most SAMPLE_VALUES values of each quantity, and
     # the site's bar is set on those; a larger night tested whole would alarm on differences that

@@ -111,7 +111,7 @@ def announce_drift(summary: RunSummary) -> bool:
     failing = [test["name"] for test in result["tests"] if test.get("alarm")]
     reference = result.get("reference") or {}
     get_run_logger().warning("Drift alarm: run %s differs from %s (score %.1f): %s. Report: %s", summary.run_id,
-                             _reference_words(reference), result["score"], ", ".join(failing),
+                             drift.reference_words(result), result["score"], ", ".join(failing),
                              summary.outputs.get("report.html", ""))
     from prefect.events import emit_event
 
@@ -130,13 +130,6 @@ def announce_drift(summary: RunSummary) -> bool:
                                   for test in result["tests"]],
                         "report": summary.outputs.get("report.html", "")})
     return True
-
-
-def _reference_words(reference: dict) -> str:
-    kind = reference.get("kind")
-    if kind == "site nights":
-        return f"the site's last {len(reference.get('runs', []))} accepted nights"
-    return "the model's test split" if kind == "test split" else "no reference"
 
 
 @task(**io_step())
