@@ -30,6 +30,15 @@ def stack_up(
     dask_port: int = typer.Option(8786, help="Port of the Dask scheduler (127.0.0.1), with --workers."),
     s3_only: bool = typer.Option(False, "--s3-only", help="Start only the local S3 endpoint, with its stored data: "
                                                           "no Prefect server, workers or deployments."),
+    database: str = typer.Option("sqlite", help="Prefect's database: sqlite (a file in the stack's folder) or "
+                                                "postgres (a PostgreSQL server the stack starts, its data in "
+                                                "<folder>/postgres, or the one --database-url names)."),
+    database_url: str | None = typer.Option(None, envvar="CXR_STACK_DATABASE_URL", show_default=False,
+                                            help="An existing PostgreSQL database for Prefect, "
+                                                 "postgresql://user:password@host:port/database. Give it in the "
+                                                 "environment: a command line is visible to every user."),
+    database_port: int = typer.Option(5432, help="Port of the stack's PostgreSQL server (127.0.0.1), "
+                                                 "with --database postgres."),
 ) -> None:
     """Start server, S3 endpoint (unless AWS_ENDPOINT_URL names one), cpu and gpu workers, with --workers N
     a Dask scheduler and N Dask workers; deploy. Writes the client environment to <folder>/env."""
@@ -40,7 +49,8 @@ def stack_up(
 
     try:
         state = stack.up(folder, Settings(), port=port, s3_port=s3_port, echo=console.print, workers=workers,
-                         dask_port=dask_port, s3_only=s3_only)
+                         dask_port=dask_port, s3_only=s3_only, database=database,
+                         database_url=database_url, database_port=database_port)
     except ValueError as error:  # refused: the settings, a stack already running, a state file not trusted
         console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(code=EXIT_INPUT) from None
@@ -48,7 +58,8 @@ def stack_up(
         console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(code=EXIT_RUNTIME) from None
     if state["ui"]:
-        console.print(f"Stack is up. Prefect UI: [bold]{state['ui']}[/bold]")
+        console.print(f"Stack is up. Prefect UI: [bold]{state['ui']}[/bold] (log in with PREFECT_API_AUTH_STRING "
+                      f"from the client environment). Prefect's database: {escape(state['database'])}.", soft_wrap=True)
     else:
         console.print(f"Local S3 is up at {state['environment']['AWS_ENDPOINT_URL']} (no Prefect server).")
     if workers:
@@ -130,6 +141,8 @@ def _stack_call(function, folder: Path):
 def _require_api() -> None:
     """Commands that talk to deployments need a Prefect server that lasts: without one, Prefect
     would start a temporary server, and a run or an event would be lost with it."""
+    import base64
+
     import httpx
 
     url = os.environ.get("PREFECT_API_URL")
@@ -137,11 +150,23 @@ def _require_api() -> None:
         console.print("[red]error:[/red] no Prefect API: start the local stack ('cxr-screen stack up') "
                       "or set PREFECT_API_URL to your Prefect server")
         raise typer.Exit(code=EXIT_INPUT)
+    # An authenticated call, not the health check: a server that wants credentials answers its
+    # health check to anyone, and a run started without them would fail at its first call.
+    credentials = os.environ.get("PREFECT_API_AUTH_STRING")
     try:
-        httpx.get(url.rstrip("/") + "/health", timeout=5).raise_for_status()
+        response = httpx.get(url.rstrip("/") + "/admin/version", timeout=5, headers={
+            "Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()} if credentials else None)
     except httpx.HTTPError as error:
         console.print(f"[red]error:[/red] the Prefect API at {escape(url)} does not answer ({escape(str(error))})")
         raise typer.Exit(code=EXIT_INPUT) from None
+    if response.status_code == 401:
+        console.print(f"[red]error:[/red] the Prefect API at {escape(url)} wants credentials: "
+                      + ("PREFECT_API_AUTH_STRING is refused" if credentials else "set PREFECT_API_AUTH_STRING")
+                      + " (the local stack's are in its client environment, <stack folder>/env)", soft_wrap=True)
+        raise typer.Exit(code=EXIT_INPUT)
+    if response.is_error:
+        console.print(f"[red]error:[/red] the Prefect API at {escape(url)} answered {response.status_code}")
+        raise typer.Exit(code=EXIT_INPUT)
 
 
 def _use_stack_if_up(folder: Path) -> None:

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from deployments import postgres
 from deployments.s3_server import read_summary
 from deployments.settings import Settings
 from model import stored_json
@@ -54,6 +55,11 @@ ENV_FILE = "env"  # the client environment, one 'export' a line, for 'source'
 S3_DATA = "s3"  # the local S3's stored state
 SIGNING_KEY = "signing-key"  # the HMAC key the stack's models are signed with
 SIGNING_KEY_VARIABLE = "CXR_MODEL_SIGNING_KEY"  # store.registry's, named here: importing it loads TensorFlow
+POSTGRES_DATA = "postgres"  # the PostgreSQL cluster, with --database postgres
+POSTGRES_PASSWORD = "postgres-password"
+DASK_TLS = "dask-tls"  # the Dask cluster's CA certificate, and certificates and keys of its scheduler, workers and clients
+API_AUTH = "prefect-auth"  # the Prefect API's credentials, 'cxr:<token>', as its UI's login asks for them
+_STOP_SIGNALS = ("SIGTERM", "SIGINT")  # PostgreSQL: SIGINT is its fast shutdown, SIGTERM waits for every client
 MAX_STATE_BYTES = 2**20  # a stack's state is about 2 kB
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -112,7 +118,10 @@ def _wait_for_dask(folder: Path, processes: dict[str, subprocess.Popen], workers
         return
     from distributed import Client
 
-    with Client(scheduler_file=str(scheduler_file), timeout=30, set_as_default=False) as client:
+    from flows.dask_tls import DaskCertificates
+
+    security = DaskCertificates.in_folder(folder / DASK_TLS).security()
+    with Client(scheduler_file=str(scheduler_file), timeout=30, set_as_default=False, security=security) as client:
         while len(client.scheduler_info()["workers"]) < workers:
             check()
 
@@ -122,10 +131,11 @@ def _wait_for_dask(folder: Path, processes: dict[str, subprocess.Popen], workers
 # credentials, signing or de-identification key; the workers, which do, get the whole environment.
 _BASICS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
            "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
-_SERVER_SETTINGS = {"server": ("PREFECT_",), "s3": ("MOTO_",),
+_SERVER_SETTINGS = {"server": ("PREFECT_",), "s3": ("MOTO_",), "postgres": (),
                     # It unpickles references to the project's modules, which read Prefect's settings on import.
                     "dask-scheduler": ("PREFECT_", "DASK_")}
-_NEVER_TO_SERVERS = ("PREFECT_API_KEY",)
+# The Prefect server checks PREFECT_SERVER_API_AUTH_STRING; no server needs a client's credentials.
+_NEVER_TO_SERVERS = ("PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")
 
 
 def server_environment(name: str, environment: dict[str, str]) -> dict[str, str]:
@@ -133,7 +143,8 @@ def server_environment(name: str, environment: dict[str, str]) -> dict[str, str]
     locale's LC_* and its own settings; never a credential or key."""
     prefixes = _SERVER_SETTINGS[name]
     return {key: value for key, value in environment.items()
-            if (key in _BASICS or key.startswith(("LC_", *prefixes))) and key not in _NEVER_TO_SERVERS}
+            if (key in _BASICS or key.startswith(("LC_", *prefixes))) and key not in _NEVER_TO_SERVERS
+            and not (name != "server" and "DATABASE" in key)}  # a database URL holds its password
 
 
 def _private_log(log: Path) -> BinaryIO:
@@ -250,25 +261,48 @@ def _state_problem(state: object) -> str | None:
         pid, command = entry.get("pid"), entry.get("command")
         if not (type(pid) is int and pid > 1):
             return f"process {name!r} has no pid"
-        if not (isinstance(command, list) and command and all(isinstance(part, str) and part for part in command)):
+        if not (isinstance(command, list) and command and all(isinstance(part, str) for part in command)):
             return f"process {name!r} has no command line"
+        if entry.get("signal", "SIGTERM") not in _STOP_SIGNALS:
+            return f"process {name!r} has a stop signal other than {' or '.join(_STOP_SIGNALS)}"
     return None
 
 
-def _signing_key(folder: Path) -> str:
-    """The stack's signing key: ``<folder>/signing-key``, made the first time (64 hex digits, mode
-    0600) and read back after."""
-    path = folder / SIGNING_KEY
+def _stored_secret(folder: Path, name: str, make: Callable[[], str], pattern: str, what: str) -> str:
+    """``<folder>/<name>``: made the first time (mode 0600) and read back after, so that clients
+    and what it protects outlive a restart; StackStateError when it is not what the stack made."""
+    path = folder / name
     data = _read_private(path, 1024)
     if data is None:
-        key = secrets.token_hex(32)
-        _write_private(path, key + "\n")
-        return key
-    key = data.decode("ascii", errors="replace").strip()
-    if not re.fullmatch(r"[0-9a-f]{64}", key):
-        raise StackStateError(f"{path}: not a key the stack made (64 hex digits): remove it (a new one is made, "
-                              "and models signed with the old one are refused)")
-    return key
+        secret = make()
+        _write_private(path, secret + "\n")
+        return secret
+    secret = data.decode("ascii", errors="replace").strip()
+    if not re.fullmatch(pattern, secret):
+        raise StackStateError(f"{path}: not {what}")
+    return secret
+
+
+def _postgres_password(folder: Path) -> str:
+    """The password of the stack's PostgreSQL cluster: ``<folder>/postgres-password``, 43 URL-safe characters."""
+    return _stored_secret(folder, POSTGRES_PASSWORD, lambda: secrets.token_urlsafe(32), r"[A-Za-z0-9_-]{43}",
+                          "a password the stack made: restore it, or remove it together with the cluster in "
+                          f"{folder / POSTGRES_DATA} ('stack down --wipe')")
+
+
+def _signing_key(folder: Path) -> str:
+    """The stack's signing key: ``<folder>/signing-key``, 64 hex digits. A new one makes the models
+    signed with the old one refused."""
+    return _stored_secret(folder, SIGNING_KEY, lambda: secrets.token_hex(32), r"[0-9a-f]{64}",
+                          "a key the stack made (64 hex digits): remove it (a new one is made, and models signed "
+                          "with the old one are refused)")
+
+
+def _api_auth(folder: Path) -> str:
+    """The Prefect API's credentials: ``<folder>/prefect-auth``, 'cxr:' and 43 URL-safe characters."""
+    return _stored_secret(folder, API_AUTH, lambda: f"cxr:{secrets.token_urlsafe(32)}", r"cxr:[A-Za-z0-9_-]{43}",
+                          "the Prefect API's credentials as the stack makes them: remove it (a new one is made at "
+                          "'stack up'; clients then need the new client environment)")
 
 
 def _trusted_folder(folder: Path) -> None:
@@ -334,13 +368,17 @@ def status(folder: Path) -> dict[str, bool]:
 
 
 def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, start_s3: bool | None = None,
-       echo: Callable[[str], None] = print, workers: int = 0, dask_port: int = 8786, s3_only: bool = False) -> dict:
+       echo: Callable[[str], None] = print, workers: int = 0, dask_port: int = 8786, s3_only: bool = False,
+       database: str = "sqlite", database_url: str | None = None, database_port: int = 5432) -> dict:
     """Start the stack and deploy; returns its state (processes, environment, UI address, the
     client environment's file).
 
     ``workers``: also a Dask scheduler on ``dask_port`` and this many Dask worker processes, which
     nightly screening fans its chunks out to (``CXR_DASK_ADDRESS``); 0: chunks run in the flow's process.
     ``s3_only``: start the local S3 alone (no Prefect server, workers or deployments).
+    ``database``: Prefect's database: "sqlite" (a file in the folder) or "postgres", a PostgreSQL
+    server started on 127.0.0.1:``database_port`` with its cluster in ``<folder>/postgres``, or the
+    one ``database_url`` names (postgresql://user:password@host:port/database).
     """
     folder = folder.resolve()
     if folder.is_dir():
@@ -349,11 +387,22 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         raise ValueError(f"a stack is already running from {folder}: stop it first (cxr-screen stack down)")
     if workers < 0:
         raise ValueError(f"workers must be 0 or more, not {workers}")
+    if database not in ("sqlite", "postgres"):
+        raise ValueError(f"database must be sqlite or postgres, not {database!r}")
+    server_database = {}
+    if database_url:  # implies postgres
+        database = "postgres"
+        server_database["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = postgres.asyncpg_url(database_url)
+    elif database == "postgres" and not s3_only:
+        try:
+            postgres.require()
+        except postgres.PostgresError as error:
+            raise ValueError(str(error)) from None
     if s3_only and (workers or os.environ.get("AWS_ENDPOINT_URL")):
         raise ValueError("--s3-only starts the local S3 alone: " + (
             f"leave out --workers {workers}" if workers
             else f"AWS_ENDPOINT_URL names another endpoint ({os.environ['AWS_ENDPOINT_URL']}): unset it"))
-    dask_address = f"tcp://127.0.0.1:{dask_port}"
+    dask_address = f"tls://127.0.0.1:{dask_port}"
     if workers and (settings.screen_workers is not None or settings.dask_address not in (None, dask_address)):
         given = (f"CXR_SCREEN_WORKERS={settings.screen_workers}" if settings.screen_workers is not None
                  else f"CXR_DASK_ADDRESS={settings.dask_address}")
@@ -367,9 +416,11 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         start_s3 = True
     elif start_s3 is None:
         start_s3 = uses_s3 and not os.environ.get("AWS_ENDPOINT_URL")
-    api = f"http://127.0.0.1:{port}/api"
+    ui = f"http://127.0.0.1:{port}"
+    api = f"{ui}/api"
     environment = {} if s3_only else {"PREFECT_API_URL": api, "PREFECT_HOME": str(folder / "prefect"),
-                                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+                                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                                      "PREFECT_API_AUTH_STRING": _api_auth(folder)}
     environment["TF_CPP_MIN_LOG_LEVEL"] = "2"
     if start_s3:
         environment.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", AWS_ACCESS_KEY_ID="testing",
@@ -378,6 +429,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         # Read by the deploy step (nightly-screening's parameters), by 'cxr-screen deploy' here, and
         # exported with the rest for commands run by hand.
         environment["CXR_DASK_ADDRESS"] = dask_address
+        environment["CXR_DASK_TLS"] = str(folder / DASK_TLS)  # the client certificate the flow runs connect with
     # Servers get no signing key; what signs or checks bundles (process workers, Dask workers) does.
     child_environment = {key: value for key, value in os.environ.items() if key != SIGNING_KEY_VARIABLE}
     child_environment.update(environment)
@@ -393,12 +445,12 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
     if not s3_only:
         Path(environment["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     processes: dict[str, dict] = {}
-    state = {"folder": str(folder), "ui": None if s3_only else f"http://127.0.0.1:{port}",
+    state = {"folder": str(folder), "ui": None if s3_only else ui,
              "environment": environment, "processes": processes}
 
-    def record(name: str, process: subprocess.Popen) -> None:
-        processes[name] = {"pid": process.pid, "command": [os.fsdecode(part) for part in process.args],
-                           "log": str(folder / "logs" / f"{name}.log")}
+    def record(name: str, process: subprocess.Popen, stop_signal: str = "SIGTERM", command: list | None = None) -> None:
+        processes[name] = {"pid": process.pid, "command": [os.fsdecode(part) for part in command or process.args],
+                           "log": str(folder / "logs" / f"{name}.log"), "signal": stop_signal}
         _write_private(folder / STATE, json.dumps(state, indent=2))  # after each start: down works mid-way too
 
     try:
@@ -412,9 +464,15 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         if s3_only:
             state["env_file"] = str(_write_client_environment(folder, environment, key_file))
             return state
+        if database == "postgres" and not database_url:
+            server_database = _start_postgres(folder, database_port, child_environment, record, echo)
+        state["database"] = ("SQLite, in " + str(folder / "prefect") if database == "sqlite" else
+                             "PostgreSQL, " + ("as configured" if database_url else f"on 127.0.0.1:{database_port}"))
         echo(f"Starting Prefect server on 127.0.0.1:{port}")
         server = _start(folder, "server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                           "--port", str(port)], server_environment("server", child_environment))
+                                           "--port", str(port)],
+                        {**server_environment("server", child_environment), **_api_protection(environment, ui),
+                         **server_database})
         record("server", server)
         _wait_for(f"{api}/health", "Prefect server", server, folder / "logs" / "server.log")
         dask = (_start_dask(folder, workers, dask_port, child_environment, signing_environment, record, echo)
@@ -432,10 +490,34 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         if workers:
             _wait_for_dask(folder, dask, workers)
         state["env_file"] = str(_write_client_environment(folder, environment, key_file))
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:  # PostgresError is a RuntimeError
         down(folder)
         raise RuntimeError(f"stack did not start: {error}") from error
     return state
+
+
+def _start_postgres(folder: Path, port: int, environment: dict, record: Callable,
+                    echo: Callable[[str], None]) -> dict[str, str]:
+    """The stack's PostgreSQL server, its cluster made the first time; returns the Prefect server's
+    setting that points it there (the URL holds the password: it goes to that server alone)."""
+    password, data = _postgres_password(folder), folder / POSTGRES_DATA
+    if postgres.initialize(data, password):
+        echo(f"Made a PostgreSQL database cluster in {data}")
+    echo(f"Starting PostgreSQL on 127.0.0.1:{port}, its data in {data}")
+    command = postgres.server_command(data, port)
+    process = _start(folder, "postgres", postgres.as_started(command), server_environment("postgres", environment))
+    record("postgres", process, stop_signal="SIGINT", command=command)  # the command line it runs with
+    postgres.wait_until_ready(password, port, process, folder / "logs" / "postgres.log")
+    return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": postgres.connection_url(password, port)}
+
+
+def _api_protection(environment: dict[str, str], ui: str) -> dict[str, str]:
+    """The Prefect server's side of the API's protection: every call but the health check needs the
+    credentials (HTTP Basic); a changing call needs a CSRF token as well, which Prefect's clients and
+    UI fetch by themselves and a cross-site form cannot; and only the UI's own origin may call it
+    from a browser (CORS)."""
+    return {"PREFECT_SERVER_API_AUTH_STRING": environment["PREFECT_API_AUTH_STRING"],
+            "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true", "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": ui}
 
 
 def _start_dask(folder: Path, workers: int, port: int, environment: dict, signing_environment: dict,
@@ -445,10 +527,15 @@ def _start_dask(folder: Path, workers: int, port: int, environment: dict, signin
     on their path: chunks arrive as references to its modules, which the scheduler too unpickles.
     The workers, which load and check models, also get the signing key (``signing_environment``).
     The workers' thread pools are sized so that they share the cores."""
+    from flows.dask_tls import make_certificates
     from flows.fan_out import local_worker_environment
 
-    address = f"tcp://127.0.0.1:{port}"
-    echo(f"Starting a Dask scheduler on {address} and {workers} Dask worker process(es)")
+    address = f"tls://127.0.0.1:{port}"
+    # Mutual TLS: a process without a certificate of this CA cannot connect, and so cannot run code in
+    # the workers (which hold the keys). Made once, kept across restarts; the CA's key is not kept.
+    certificates = make_certificates(folder / DASK_TLS)
+    echo(f"Starting a Dask scheduler on {address} and {workers} Dask worker process(es), TLS with the certificates "
+         f"in {folder / DASK_TLS}")
     path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_DIR), environment.get("PYTHONPATH")]))}
     environment, signing_environment = {**environment, **path}, {**signing_environment, **path}
     scheduler_file = folder / "dask" / "scheduler.json"
@@ -457,7 +544,8 @@ def _start_dask(folder: Path, workers: int, port: int, environment: dict, signin
     started = {"dask-scheduler": _start(folder, "dask-scheduler", [
         sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
         # --no-dashboard still serves HTTP (health, metrics, logs) on 0.0.0.0: bind it to loopback too.
-        "--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],
+        "--no-dashboard", "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file),
+        *certificates.scheduler_arguments()],
         server_environment("dask-scheduler", environment))}
     record("dask-scheduler", started["dask-scheduler"])
     _wait_for_dask(folder, started)  # a port taken fails here, before anything is deployed
@@ -466,7 +554,7 @@ def _start_dask(folder: Path, workers: int, port: int, environment: dict, signin
         started[name] = _start(folder, name, [
             sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", name, "--host", "127.0.0.1",
             "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
-            "--local-directory", str(folder / "dask")],
+            "--local-directory", str(folder / "dask"), *certificates.worker_arguments()],
             {**signing_environment, **local_worker_environment(workers)})
         record(name, started[name])
     return started
@@ -486,13 +574,14 @@ def down(folder: Path, timeout: float = 30) -> list[str]:
     # signalled at once and waited for once: a wave takes as long as its slowest process, not the sum.
     entries = list(state["processes"].items())
     workers = [(name, entry) for name, entry in entries if name.startswith(("worker-", "dask-worker-"))]
-    for wave in (workers, [item for item in entries if item not in workers]):
+    database = [(name, entry) for name, entry in entries if name == "postgres"]  # after the server that uses it
+    for wave in (workers, [item for item in entries if item not in workers + database], database):
         signalled = []
         for name, entry in reversed(wave):
             if not _alive(entry):
                 continue
             try:
-                os.killpg(entry["pid"], signal.SIGTERM)
+                os.killpg(entry["pid"], signal.Signals[entry.get("signal", "SIGTERM")])
             except ProcessLookupError:
                 continue
             signalled.append((name, entry))
@@ -516,6 +605,7 @@ def wipe(folder: Path) -> list[str]:
         raise ValueError(f"the stack in {folder} is running: stop it first")
     removed = []
     for name, what in ((S3_DATA, "S3 data"), ("prefect", "Prefect's database (flow runs, logs, artifacts)"),
+                       (POSTGRES_DATA, "Prefect's PostgreSQL database (flow runs, logs, artifacts)"),
                        ("dask", "Dask scratch space")):
         path = folder / name
         if not path.exists():

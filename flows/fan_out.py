@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from prefect.client.orchestration import get_client
@@ -63,7 +64,7 @@ def chunk_runner(workers: int | None = None, dask_address: str | None = None,
             raise FanOutError(f"the workers of the Dask cluster at {dask_address} must report to a Prefect server "
                               f"they can reach: set PREFECT_API_URL (now {api_url or 'unset: a temporary server'})")
     if dask_address is not None:
-        runner = DaskTaskRunner(address=dask_address)
+        runner = DaskTaskRunner(address=dask_address, client_kwargs=_client_security(dask_address))
     else:
         runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
             "n_workers": workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
@@ -76,6 +77,26 @@ def chunk_runner(workers: int | None = None, dask_address: str | None = None,
         except OSError as error:  # TimeoutError and refused connections alike
             raise FanOutError(f"cannot reach the Dask scheduler at {dask_address or 'a new local cluster'}: {error}") from None
         yield runner
+
+
+def _client_security(dask_address: str) -> dict:
+    """The client certificate of ``CXR_DASK_TLS``, a folder with ``ca.pem``, ``client-cert.pem`` and
+    ``client-key.pem`` (as ``cxr-screen stack up --workers`` makes them, or mounted from a site's
+    own CA); without it, Dask's own TLS settings apply, if any. A cluster with certificates is
+    never addressed over plain TCP: its scheduler would refuse it anyway, after a timeout."""
+    folder = os.environ.get("CXR_DASK_TLS")
+    if not folder:
+        return {}
+    if not dask_address.startswith("tls://"):
+        raise FanOutError(f"CXR_DASK_TLS is set, and {dask_address} is not a tls:// address: the cluster's scheduler "
+                          "takes TLS connections only")
+    from flows.dask_tls import DaskCertificates
+
+    certificates = DaskCertificates.in_folder(Path(folder))
+    missing = [str(path) for path in (certificates.ca_file, *certificates.pair("client")) if not path.is_file()]
+    if missing:
+        raise FanOutError(f"CXR_DASK_TLS={folder}: missing {', '.join(missing)}")
+    return {"security": certificates.security("client")}
 
 
 def _temporary_server_url() -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from distributed import Client
 
-from deployments.dask_tls import DaskCertificates, DaskTLSError, make_certificates
+from flows.dask_tls import DaskCertificates, DaskTLSError, make_certificates
 
 STARTUP_SECONDS = 60
 

@@ -7,6 +7,7 @@ the runs, the checks read the Prefect REST API, S3 and the UI in a headless Chro
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -14,6 +15,7 @@ import os
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -130,13 +132,16 @@ def stack(tmp_path_factory):
         assert f"export PREFECT_API_URL={state['environment']['PREFECT_API_URL']}\n" in env_file.read_text()
         pids = [entry["pid"] for entry in state["processes"].values()]
         dask = state["environment"]["CXR_DASK_ADDRESS"]
-        pids += dask_worker_pids(dask)  # the processes the workers' nannies started, not named in stack.json
+        pids += dask_worker_pids(dask, folder)  # the processes the workers' nannies started, not named in stack.json
         shown = cli("stack", "status", environment=environment).stdout
         names = ("server", "s3", "dask-scheduler", *(f"dask-worker-{n}" for n in range(1, DASK_WORKERS + 1)),
                  "worker-cpu", "worker-gpu")
         assert all(name in shown for name in names) and "stopped" not in shown, shown
         # Signed by default: what trains and screens (process workers, Dask workers) has the key; servers do not.
         key = the_key(folder, shown_up, shown)
+        auth = state["environment"]["PREFECT_API_AUTH_STRING"]
+        assert private(folder / "prefect-auth") and (folder / "prefect-auth").read_text() == auth + "\n"
+        assert auth not in shown_up + shown and f"export PREFECT_API_AUTH_STRING={auth}\n" in env_file.read_text()
         assert signing_keys(folder) == {name: key if name.startswith(("worker-", "dask-worker-")) else None
                                         for name in names}
         # Nothing of the stack listens beyond this machine (Dask serves HTTP even with --no-dashboard).
@@ -153,10 +158,16 @@ def stack(tmp_path_factory):
                 assert {"AWS_SECRET_ACCESS_KEY", "CXR_DEIDENTIFY_KEY"} <= set(secrets), (name, secrets)
             else:
                 assert not secrets, (name, secrets)
+            # The API's credentials: the server checks them, the scheduler and S3 never see them.
+            assert variables.get("PREFECT_SERVER_API_AUTH_STRING") == (auth if name == "server" else None), name
+            assert variables.get("PREFECT_API_AUTH_STRING") == (None if name in ("server", "s3", "dask-scheduler")
+                                                                else auth), name
     except BaseException:
         cli("stack", "down", environment=environment, timeout=120)
         raise
-    yield {"folder": folder, "environment": environment, "api": state["environment"]["PREFECT_API_URL"],
+    yield {"folder": folder, "environment": environment, "api": state["environment"]["PREFECT_API_URL"], "auth": auth,
+           # What a shell that sourced the stack's env file has (the API with its credentials, S3).
+           "client": {**environment, **{key: value for key, value in state["environment"].items() if key != "PREFECT_HOME"}},
            "ui": state["ui"], "s3": state["environment"]["AWS_ENDPOINT_URL"], "dask": dask}
     shown_down = cli("stack", "down", environment=environment, timeout=120).stdout
     assert not [pid for pid in pids if running(pid)], "stack down left processes running"
@@ -174,12 +185,18 @@ def running(pid: int) -> bool:
         return False
 
 
-def dask_worker_pids(address: str) -> list[int]:
+def dask_security(folder: Path):
+    from flows.dask_tls import DaskCertificates
+
+    return DaskCertificates.in_folder(folder / "dask-tls").security()
+
+
+def dask_worker_pids(address: str, folder: Path) -> list[int]:
     from distributed import Client
 
-    with Client(address, timeout=30, set_as_default=False) as client:
+    with Client(address, timeout=30, set_as_default=False, security=dask_security(folder)) as client:
         pids = client.run(os.getpid)
-    assert len(pids) == DASK_WORKERS and all(host.startswith("tcp://127.0.0.1:") for host in pids), pids
+    assert len(pids) == DASK_WORKERS and all(host.startswith("tls://127.0.0.1:") for host in pids), pids
     return list(pids.values())
 
 
@@ -190,8 +207,21 @@ def s3_client(stack):
                         aws_secret_access_key="testing", region_name="us-east-1")
 
 
+def basic(credentials: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+
+
 def api(stack, method: str, path: str, body: dict | None = None):
-    response = httpx.request(method, stack["api"] + path, json=body, timeout=30)
+    """A call to the stack's API as a client of its own would make it: with the credentials, and a
+    CSRF token for a call that changes something."""
+    headers = basic(stack["auth"])
+    if method != "GET":
+        if "csrf" not in stack:
+            response = httpx.get(f"{stack['api']}/csrf-token", params={"client": "cxr-tests"}, headers=headers, timeout=30)
+            response.raise_for_status()
+            stack["csrf"] = response.json()["token"]
+        headers.update({"Prefect-Csrf-Token": stack["csrf"], "Prefect-Csrf-Client": "cxr-tests"})
+    response = httpx.request(method, stack["api"] + path, json=body, timeout=30, headers=headers)
     response.raise_for_status()
     return response.json()
 
@@ -239,6 +269,62 @@ def test_deployments_are_configured(stack):
     assert pools["cpu"] == "process" and pools["gpu"] == "process"
 
 
+def test_the_api_wants_credentials_a_csrf_token_and_the_uis_own_origin(stack):
+    """What an anonymous caller, or a web page in the operator's browser, could do before: rewrite
+    nightly-screening's parameters. Now only the health check answers without the credentials."""
+    deployment = api(stack, "GET", "/deployments/name/screen/nightly-screening")
+    url = f"{stack['api']}/deployments/{deployment['id']}"
+    change = {"parameters": {"params": {**deployment["parameters"]["params"], "model_store_uri": "s3://attacker/models"}}}
+    assert httpx.get(f"{stack['api']}/health", timeout=30).status_code == 200
+    assert httpx.get(url, timeout=30).status_code == 401
+    # A change is refused for want of a CSRF token (checked first: 403) or of the credentials (401).
+    anonymous = httpx.patch(url, json=change, timeout=30)
+    guessed = httpx.patch(url, json=change, headers=basic("cxr:guessed"), timeout=30)
+    no_token = httpx.patch(url, json=change, headers=basic(stack["auth"]), timeout=30)
+    assert (anonymous.status_code, guessed.status_code, no_token.status_code) == (403, 403, 403)
+    headers = {"Prefect-Csrf-Token": api(stack, "GET", "/csrf-token?client=probe")["token"], "Prefect-Csrf-Client": "probe"}
+    assert httpx.patch(url, json=change, headers=headers, timeout=30).status_code == 401  # a token is not a login
+    assert httpx.patch(url, json=change, headers={**headers, **basic("cxr:guessed")}, timeout=30).status_code == 401
+    assert api(stack, "GET", f"/deployments/{deployment['id']}")["parameters"] == deployment["parameters"]
+    # A browser lets only the UI's own origin call the API.
+    preflight = {"Access-Control-Request-Method": "PATCH", "Access-Control-Request-Headers": "authorization"}
+    foreign = httpx.options(url, headers={"Origin": "http://evil.example", **preflight}, timeout=30)
+    own = httpx.options(url, headers={"Origin": stack["ui"], **preflight}, timeout=30)
+    assert "access-control-allow-origin" not in foreign.headers, foreign.headers
+    assert own.headers.get("access-control-allow-origin") == stack["ui"], own.headers
+
+
+def test_the_dask_cluster_takes_only_clients_with_the_stacks_certificate(stack, tmp_path):
+    """Before: anyone who could connect ran code in the workers, which hold the keys. Now a plain TCP
+    client, a TLS client without a certificate, and one with a certificate of another CA are refused."""
+    from distributed import Client
+
+    from flows.dask_tls import make_certificates
+
+    address, port = stack["dask"], stack["dask"].rsplit(":", 1)[1]
+    assert address == f"tls://127.0.0.1:{port}"
+    for folder in (stack["folder"] / "dask-tls", stack["folder"] / "dask-tls" / ".."):
+        assert folder.stat().st_mode & 0o077 == 0
+    assert all(private(path) for path in (stack["folder"] / "dask-tls").iterdir())
+    with Client(address, timeout=30, set_as_default=False, security=dask_security(stack["folder"])) as client:
+        assert client.submit(sum, [1, 2]).result(timeout=60) == 3
+    other = make_certificates(tmp_path / "other-ca")
+    refused = []
+    for what, (target, security) in {"plain TCP": (f"tcp://127.0.0.1:{port}", None),
+                                     "another CA's certificate": (address, other.security())}.items():
+        try:
+            Client(target, timeout=5, set_as_default=False, **({"security": security} if security else {})).close()
+        except OSError:
+            refused.append(what)
+    assert refused == ["plain TCP", "another CA's certificate"]
+    # A TLS client that trusts the stack's CA but has no certificate of its own: the scheduler ends the handshake.
+    context = ssl.create_default_context(cafile=str(stack["folder"] / "dask-tls" / "ca.pem"))
+    context.check_hostname = False
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as raw, \
+            context.wrap_socket(raw) as tls, pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+        tls.recv(1)
+
+
 def test_retrain_then_nightly_screening_through_workers(stack):
     upload_phantoms(stack, "datasets/current", per_class=12, seed=0)
     incoming = upload_phantoms(stack, "incoming/night-1", per_class=4, seed=1)
@@ -251,10 +337,8 @@ def test_retrain_then_nightly_screening_through_workers(stack):
     keys = [item["Key"] for item in s3_client(stack).list_objects_v2(Bucket="cxr", Prefix="models/")["Contents"]]
     assert "models/production.json" not in keys
     (version,) = {key.split("/")[1] for key in keys if key.endswith("/card.json")}
-    client_environment = {**stack["environment"],
-                          **json.loads((stack["folder"] / "stack.json").read_text())["environment"]}
     cli("models", "promote", version, "--reason", "reviewed the card", "--by", "dr-lee", "--model-store",
-        "s3://cxr/models", environment={**client_environment, "CXR_MODEL_SIGNING_KEY": the_key(stack["folder"])})
+        "s3://cxr/models", environment={**stack["client"], "CXR_MODEL_SIGNING_KEY": the_key(stack["folder"])})
     production = json.loads(s3_client(stack).get_object(Bucket="cxr", Key="models/production.json")["Body"].read())
     assert production["version"] == version
     # Signed with the stack's key (screening below checks the signature with it).
@@ -262,7 +346,7 @@ def test_retrain_then_nightly_screening_through_workers(stack):
 
     script = ("from deployments.follow import start_run, follow_run; import sys; "
               "run = start_run('screen/nightly-screening'); sys.exit(0 if follow_run(run.id).is_completed() else 1)")
-    environment = {**stack["environment"], "PREFECT_API_URL": stack["api"]}
+    environment = stack["client"]
     subprocess.run([sys.executable, "-c", script], env=environment, cwd=ROOT, check=True, timeout=600,
                    capture_output=True)
     screening_run = next(run for run in runs_of(stack, "screen/nightly-screening") if run["state_type"] == "COMPLETED")
@@ -292,7 +376,7 @@ def test_a_second_nightly_run_while_one_runs_is_cancelled(stack):
     """Concurrency limit 1 with CANCEL_NEW: of two runs due at once, one runs and one is cancelled."""
     script = ("from deployments.follow import start_run; "
               "print(' '.join(str(start_run('screen/nightly-screening').id) for _ in range(2)))")
-    environment = {**stack["environment"], "PREFECT_API_URL": stack["api"]}
+    environment = stack["client"]
     created = subprocess.run([sys.executable, "-c", script], env=environment, cwd=ROOT, check=True,
                              capture_output=True, text=True, timeout=120).stdout.split()[-2:]
     deadline, states = time.monotonic() + 300, {}
@@ -340,7 +424,7 @@ def test_an_event_without_a_dataset_trains_on_the_configured_one(stack):
     emit = ("from prefect.events import emit_event; from prefect.events.worker import EventsWorker; "
             "emit_event(event='cxr.dataset.updated', resource={'prefect.resource.id': 'cxr.dataset.anonymous'}); "
             "EventsWorker.drain_all()")
-    done = subprocess.run([sys.executable, "-c", emit], env={**stack["environment"], "PREFECT_API_URL": stack["api"]},
+    done = subprocess.run([sys.executable, "-c", emit], env=stack["client"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     (run, *_) = new_runs(stack, "train/retrain", before, 1)
@@ -359,6 +443,11 @@ def test_the_ui_shows_both_runs_completed_and_the_screening_artifacts(stack):
             "--no-first-run", "--disable-sync"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
+            # The UI asks for the API's credentials first, as it would ask the operator.
+            page.goto(stack["ui"], wait_until="networkidle")
+            page.locator("input[type=password]").fill(stack["auth"])
+            page.get_by_role("button", name="Login").click()
+            page.wait_for_url(lambda url: "login" not in url, timeout=30_000)
             for run in runs.values():
                 page.goto(f"{stack['ui']}/runs/flow-run/{run['id']}", wait_until="networkidle")
                 page.get_by_text(run["name"]).first.wait_for(timeout=30_000)
