@@ -443,7 +443,8 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
     echo(f"Models are signed with {SIGNING_KEY_VARIABLE} from the environment" if key_file is None
          else f"Models are signed with the stack's key, {key_file}")
     if not s3_only:
-        Path(environment["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+        Path(environment["PREFECT_HOME"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+        Path(environment["PREFECT_HOME"]).chmod(0o700)  # also one an older stack made readable
     processes: dict[str, dict] = {}
     state = {"folder": str(folder), "ui": None if s3_only else ui,
              "environment": environment, "processes": processes}

@@ -203,8 +203,9 @@ def dask_worker_pids(address: str, folder: Path) -> list[int]:
 def s3_client(stack):
     import boto3
 
-    return boto3.client("s3", endpoint_url=stack["s3"], aws_access_key_id="testing",
-                        aws_secret_access_key="testing", region_name="us-east-1")
+    client = stack["client"]
+    return boto3.client("s3", endpoint_url=stack["s3"], aws_access_key_id=client["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=client["AWS_SECRET_ACCESS_KEY"], region_name=client["AWS_DEFAULT_REGION"])
 
 
 def basic(credentials: str) -> dict[str, str]:
