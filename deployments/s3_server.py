@@ -25,13 +25,25 @@ objects' bytes, which may be patient images, and loading a pickle runs code, so 
 a file someone else could write: one owned by another user, or that others could write, is
 refused before it is opened for unpickling. ``summary.json`` beside it says what it holds.
 
-``python -m deployments.s3_server --port 5000 --state .stack/s3``
+What it trusts: with ``--credentials FILE`` (JSON ``{"access_key_id": ..., "secret_access_key": ...}``,
+a regular file of this user, mode 0600, read once at start; never the environment), only requests
+signed with that key pair (AWS Signature Version 4 for S3, in the Authorization header or a
+presigned URL; ``deployments/sigv4.py``) reach moto, and a body whose SHA-256 was signed is checked
+against it. Being on 127.0.0.1 is not enough: any local user, or a web page in a browser there,
+can reach the port. Whatever the credentials, the server answers only for S3 (not moto's other
+services), refuses moto's control API (``/moto-api``, which can empty every bucket), serves no
+CORS (a web page cannot read its answers) and answers only requests whose Host is this server's
+own address (a page that rebinds its DNS name to 127.0.0.1 is refused). Without ``--credentials``
+signatures are not checked: anyone who can connect can read and write every object.
+
+``python -m deployments.s3_server --port 5000 --state .stack/s3 --credentials .stack/s3-credentials``
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -43,11 +55,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from xml.sax.saxutils import escape
 
+from deployments import sigv4
 from model import stored_json
 from store.clock import utc_timestamp
 
-__all__ = ["SNAPSHOT", "SUMMARY", "main", "read_summary"]
+__all__ = ["SNAPSHOT", "SUMMARY", "GuardedApplication", "allowed_hosts", "main", "read_summary"]
 
 SNAPSHOT = "state.pickle"
 SUMMARY = "summary.json"
@@ -55,6 +69,8 @@ FORMAT = 1
 QUIET_SECONDS = 0.5  # save this long after the last change...
 LONGEST_DELAY_SECONDS = 5.0  # ...or this long after the first unsaved one, whichever comes first
 MUTATING_METHODS = frozenset({"PUT", "POST", "DELETE", "PATCH"})
+RAW_REQUEST = "cxr.raw_request"  # environ key: the request target and headers exactly as sent
+DRAIN_LIMIT_BYTES = 16 * 2**20  # a refused request's body is read up to this, so its client sees the answer
 
 
 class Gate:
@@ -289,15 +305,136 @@ class PersistentApplication:
                 self.store.changed()
 
 
+def allowed_hosts(host: str, port: int) -> frozenset[str]:
+    """The Host values a request may carry: this server's loopback names and ``host``, with the
+    port (and without it when the port is HTTP's default)."""
+    names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
+    hosts = {f"{name}:{port}" for name in names} | (names if port == 80 else set())
+    return frozenset(name.lower() for name in hosts)
+
+
+class GuardedApplication:
+    """What reaches moto: requests for this server's Host, signed with ``credentials`` (when
+    given), not for moto's control API, not CORS preflights; and moto's CORS headers never leave."""
+
+    def __init__(self, application, credentials: sigv4.Credentials | None, hosts: frozenset[str]) -> None:
+        self.application = application
+        self.credentials = credentials
+        self.hosts = hosts
+
+    def __call__(self, environ, start_response):
+        try:
+            self._check(environ)
+        except sigv4.Refused as refusal:
+            return _refuse(environ, start_response, refusal)
+
+        def without_cors(status, headers, exc_info=None):
+            kept = [(name, value) for name, value in headers if not name.lower().startswith("access-control-")]
+            return start_response(status, kept, exc_info)
+
+        return self.application(environ, without_cors)
+
+    def _check(self, environ) -> None:
+        target, headers = environ[RAW_REQUEST]
+        hosts = [value.strip().lower() for name, value in headers if name.lower() == "host"]
+        if len(hosts) != 1 or hosts[0] not in self.hosts or environ.get("HTTP_HOST", "").lower() != hosts[0]:
+            raise sigv4.Refused(400, "InvalidHost", "The Host header must name this server (127.0.0.1, localhost "
+                                                    "or [::1] with its port)")
+        if not target.startswith("/"):
+            raise sigv4.Refused(400, "InvalidRequest", "The request target must be a path")
+        if environ.get("PATH_INFO", "").lstrip("/").startswith("moto-api"):
+            raise sigv4.Refused(403, "AccessDenied", "moto's control API is not served")
+        if environ.get("REQUEST_METHOD", "").upper() == "OPTIONS":
+            raise sigv4.Refused(403, "AccessDenied", "CORS is not served: this endpoint is not for web pages")
+        if self.credentials is None:
+            return
+        digest = sigv4.verify(sigv4.Request(environ["REQUEST_METHOD"], target, headers), self.credentials)
+        if digest is not None:
+            body = _read_body(environ, limit=None)
+            environ["wsgi.input"] = io.BytesIO(body)  # the body again, for moto (or for _refuse to drain)
+            environ["CONTENT_LENGTH"] = str(len(body))
+            environ.pop("wsgi.input_terminated", None)
+            if hashlib.sha256(body).hexdigest() != digest:
+                raise sigv4.Refused(400, "XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' header "
+                                                                      "does not match what was computed.")
+
+
+def _read_body(environ, limit: int | None) -> bytes:
+    """The request's body (chunked or of Content-Length bytes); at most ``limit`` bytes of it."""
+    stream = environ["wsgi.input"]
+    if environ.get("wsgi.input_terminated"):
+        return stream.read() if limit is None else stream.read(limit)
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise sigv4.Refused(400, "InvalidArgument", "Content-Length is not a number") from None
+    if limit is not None:
+        length = min(length, limit)
+    chunks, left = [], length
+    while left > 0:
+        chunk = stream.read(min(left, 2**20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _refuse(environ, start_response, refusal: sigv4.Refused):
+    """An S3 error document for ``refusal``; the request never reaches moto, so nothing changes."""
+    method = environ.get("REQUEST_METHOD", "")
+    target = environ[RAW_REQUEST][0] if RAW_REQUEST in environ else environ.get("PATH_INFO", "")
+    # ascii(): what a client sent never starts a line of its own in the log (the stack shows its 'error:' lines)
+    print(f"refused {ascii(method)[1:-1]} {ascii(target)[1:-1]}: {refusal.code} ({ascii(refusal.message)[1:-1]})",
+          file=sys.stderr, flush=True)
+    with contextlib.suppress(sigv4.Refused, OSError):
+        _read_body(environ, limit=DRAIN_LIMIT_BYTES)  # a client still sending would see a reset, not the error
+    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{escape(refusal.code)}</Code>'
+            f"<Message>{escape(refusal.message)}</Message></Error>").encode()
+    reasons = {400: "Bad Request", 403: "Forbidden"}
+    start_response(f"{refusal.status} {reasons.get(refusal.status, 'Error')}",
+                   [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+    return [] if method.upper() == "HEAD" else [body]
+
+
+def _request_handler():
+    """moto's request handler, also handing the application the request target and headers as
+    sent (SigV4 signs those, not werkzeug's decoded path or its environ keys)."""
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
+
+    class RequestHandler(MotoRequestHandler):
+        def make_environ(self):
+            environ = super().make_environ()
+
+            def as_sent(text: str) -> str:  # http.server decodes as Latin-1; back to the bytes, read as UTF-8
+                return text.encode("latin-1").decode("utf-8", "surrogateescape")
+
+            environ[RAW_REQUEST] = (as_sent(self.path),
+                                    tuple((name, as_sent(value)) for name, value in self.headers.items()))
+            return environ
+
+    return RequestHandler
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--state", type=Path, required=True, help="folder of the stored state")
+    parser.add_argument("--credentials", type=Path, help="JSON file (mode 0600) with the access_key_id and "
+                        "secret_access_key requests must be signed with; without it, signatures are not checked")
     arguments = parser.parse_args(argv)
     os.environ.setdefault("MOTO_PORT", str(arguments.port))
+    os.environ["MOTO_DISABLE_GLOBAL_CORS"] = "true"  # read when moto is imported; its headers are stripped anyway
 
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    credentials = None
+    if arguments.credentials is not None:
+        try:
+            credentials = sigv4.read_credentials(arguments.credentials)
+        except sigv4.CredentialsError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(3)
+    from moto.moto_server.werkzeug_app import create_backend_app
     from werkzeug.serving import make_server
 
     store = Store(arguments.state.resolve())
@@ -307,13 +444,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: cannot read the stored S3 state in {store.folder} ({type(error).__name__}: {error}); "
               f"move it away, or remove it with 'cxr-screen stack down --wipe'", file=sys.stderr, flush=True)
         sys.exit(3)
+    # moto's S3 application alone: its dispatcher would also serve every other AWS service moto fakes.
+    application = GuardedApplication(PersistentApplication(create_backend_app("s3"), store), credentials,
+                                     allowed_hosts(arguments.host, arguments.port))
     try:
-        server = make_server(arguments.host, arguments.port,
-                             PersistentApplication(DomainDispatcherApplication(create_backend_app), store),
-                             threaded=True, request_handler=MotoRequestHandler)
+        server = make_server(arguments.host, arguments.port, application, threaded=True,
+                             request_handler=_request_handler())
     except OSError as error:
         print(f"error: cannot listen on {arguments.host}:{arguments.port} ({error})", file=sys.stderr, flush=True)
         sys.exit(1)
+    if credentials is None:
+        print("warning: no --credentials: signatures are not checked, anyone who can connect can read and "
+              "write every object", file=sys.stderr, flush=True)
+    else:
+        print(f"requests must be signed (SigV4) with access key {credentials.access_key_id} from "
+              f"{arguments.credentials}", flush=True)
     stop_signals: list[int] = []  # a plain list: a handler that took a lock could deadlock the thread it interrupts
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, _frame: stop_signals.append(signum))
