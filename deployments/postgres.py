@@ -103,7 +103,7 @@ def initialize(data: Path, password: str) -> bool:
 def server_command(data: Path, port: int) -> list[str]:
     """``postgres`` serving ``data`` on 127.0.0.1:``port``, TCP only: what to start (for root, in a
     user namespace) is ``as_started(command)``."""
-    return [str(_programs() / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", "",
+    return [str(_programs() / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-c", "unix_socket_directories=",
             # The stack's database: its only clients are the Prefect server's connection pools.
             "-c", "max_connections=100", "-c", "password_encryption=scram-sha-256"]
 

@@ -37,6 +37,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,7 @@ from typing import BinaryIO
 from deployments import postgres
 from deployments.s3_server import read_summary
 from deployments.settings import Settings
+from deployments.sigv4 import Credentials, CredentialsError, new_credentials, read_credentials
 from model import stored_json
 from store import s3
 
@@ -58,6 +60,7 @@ SIGNING_KEY_VARIABLE = "CXR_MODEL_SIGNING_KEY"  # store.registry's, named here: 
 POSTGRES_DATA = "postgres"  # the PostgreSQL cluster, with --database postgres
 POSTGRES_PASSWORD = "postgres-password"
 DASK_TLS = "dask-tls"  # the Dask cluster's CA certificate, and certificates and keys of its scheduler, workers and clients
+S3_CREDENTIALS = "s3-credentials"  # the only key pair the local S3 accepts
 API_AUTH = "prefect-auth"  # the Prefect API's credentials, 'cxr:<token>', as its UI's login asks for them
 _STOP_SIGNALS = ("SIGTERM", "SIGINT")  # PostgreSQL: SIGINT is its fast shutdown, SIGTERM waits for every client
 MAX_STATE_BYTES = 2**20  # a stack's state is about 2 kB
@@ -78,6 +81,9 @@ def _wait_for(url: str, what: str, process: subprocess.Popen, log: Path, timeout
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status < 500:
                     return
+        except urllib.error.HTTPError as error:  # it answers: the S3 endpoint refuses an unsigned request (403)
+            if error.code < 500:
+                return
         except OSError:
             pass
         time.sleep(0.5)
@@ -261,7 +267,7 @@ def _state_problem(state: object) -> str | None:
         pid, command = entry.get("pid"), entry.get("command")
         if not (type(pid) is int and pid > 1):
             return f"process {name!r} has no pid"
-        if not (isinstance(command, list) and command and all(isinstance(part, str) for part in command)):
+        if not (isinstance(command, list) and command and all(isinstance(part, str) and part for part in command)):
             return f"process {name!r} has no command line"
         if entry.get("signal", "SIGTERM") not in _STOP_SIGNALS:
             return f"process {name!r} has a stop signal other than {' or '.join(_STOP_SIGNALS)}"
@@ -288,6 +294,18 @@ def _postgres_password(folder: Path) -> str:
     return _stored_secret(folder, POSTGRES_PASSWORD, lambda: secrets.token_urlsafe(32), r"[A-Za-z0-9_-]{43}",
                           "a password the stack made: restore it, or remove it together with the cluster in "
                           f"{folder / POSTGRES_DATA} ('stack down --wipe')")
+
+
+def _s3_credentials(folder: Path) -> Credentials:
+    """The key pair the local S3 checks signatures against: ``<folder>/s3-credentials`` (JSON, 0600),
+    made the first time and kept, so that a client environment and the stored data outlive a restart."""
+    path = folder / S3_CREDENTIALS
+    if not path.exists() and not path.is_symlink():
+        _write_private(path, new_credentials().document())
+    try:
+        return read_credentials(path)
+    except CredentialsError as error:
+        raise StackStateError(f"{error}: remove it (a new pair is made at 'stack up')") from None
 
 
 def _signing_key(folder: Path) -> str:
@@ -423,8 +441,9 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
                                       "PREFECT_API_AUTH_STRING": _api_auth(folder)}
     environment["TF_CPP_MIN_LOG_LEVEL"] = "2"
     if start_s3:
-        environment.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", AWS_ACCESS_KEY_ID="testing",
-                           AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        s3_keys = _s3_credentials(folder)
+        environment.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", AWS_ACCESS_KEY_ID=s3_keys.access_key_id,
+                           AWS_SECRET_ACCESS_KEY=s3_keys.secret_access_key, AWS_DEFAULT_REGION="us-east-1")
     if workers:
         # Read by the deploy step (nightly-screening's parameters), by 'cxr-screen deploy' here, and
         # exported with the rest for commands run by hand.
@@ -458,7 +477,8 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         if start_s3:
             echo(f"Starting moto S3 on 127.0.0.1:{s3_port}, its data in {folder / S3_DATA}")
             moto = _start(folder, "s3", [sys.executable, "-m", "deployments.s3_server", "--host", "127.0.0.1",
-                                         "--port", str(s3_port), "--state", str(folder / S3_DATA)],
+                                         "--port", str(s3_port), "--state", str(folder / S3_DATA),
+                                         "--credentials", str(folder / S3_CREDENTIALS)],
                           server_environment("s3", child_environment))
             record("s3", moto)
             _wait_for(f"http://127.0.0.1:{s3_port}/", "moto", moto, folder / "logs" / "s3.log")

@@ -507,8 +507,19 @@ def test_the_local_s3_keeps_its_objects_across_down_and_up(tmp_path):
             endpoint, state["environment"]["AWS_ACCESS_KEY_ID"], state["environment"]["AWS_SECRET_ACCESS_KEY"],
             state["environment"]["AWS_DEFAULT_REGION"], ["cxr"], *keys]  # commands run by hand sign as the stack
 
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
-                              aws_secret_access_key="testing", region_name="us-east-1")
+        keys_of_the_stack = {"aws_access_key_id": state["environment"]["AWS_ACCESS_KEY_ID"],
+                             "aws_secret_access_key": state["environment"]["AWS_SECRET_ACCESS_KEY"]}
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys_of_the_stack)
+        assert private(tmp_path / "s3-credentials") and "testing" not in keys_of_the_stack.values()
+        # Only requests signed with the stack's own pair: no unsigned write, no guessed key, no moto reset.
+        assert httpx.put(f"{endpoint}/cxr/planted", content=b"x", timeout=30).status_code == 403
+        guessed = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                               aws_secret_access_key="testing", region_name="us-east-1")
+        with pytest.raises(ClientError, match="InvalidAccessKeyId"):
+            guessed.list_objects_v2(Bucket="cxr")
+        assert httpx.post(f"{endpoint}/moto-api/reset", timeout=30).status_code == 403
+        assert httpx.get(f"{endpoint}/cxr", headers={"Host": "rebound.example"}, timeout=30).status_code == 400
+        assert [item["Key"] for item in client.list_objects_v2(Bucket="cxr").get("Contents", [])] == []
         model = os.urandom(6_000_000)  # over moto's in-memory buffer: kept in a temporary file
         client.put_object(Bucket="cxr", Key="models/v1/model.keras", Body=model)
         client.put_object(Bucket="cxr", Key="ledger/0001.json", Body=b'{"image": 1}', IfNoneMatch="*")
