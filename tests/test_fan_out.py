@@ -123,6 +123,19 @@ def test_a_remote_cluster_is_refused_local_folders_and_a_temporary_api(tmp_path,
             pass
 
 
+def test_a_cluster_with_certificates_is_addressed_over_tls_with_them(tmp_path, monkeypatch):
+    from flows.dask_tls import make_certificates
+
+    monkeypatch.setenv("CXR_DASK_TLS", str(tmp_path / "dask-tls"))
+    with pytest.raises(FanOutError, match=r"dask-tls: missing .*ca\.pem"):
+        with chunk_runner(dask_address="tls://127.0.0.1:9"):
+            pass
+    make_certificates(tmp_path / "dask-tls")
+    with pytest.raises(FanOutError, match="not a tls:// address"):
+        with chunk_runner(dask_address="tcp://127.0.0.1:9"):
+            pass
+
+
 def test_an_unreachable_scheduler_is_one_clear_error(prefect_api):
     from dask import config
 

@@ -287,6 +287,11 @@ def test_the_api_wants_credentials_a_csrf_token_and_the_uis_own_origin(stack):
     assert httpx.patch(url, json=change, headers=headers, timeout=30).status_code == 401  # a token is not a login
     assert httpx.patch(url, json=change, headers={**headers, **basic("cxr:guessed")}, timeout=30).status_code == 401
     assert api(stack, "GET", f"/deployments/{deployment['id']}")["parameters"] == deployment["parameters"]
+    # The commands say which variable is wrong, before starting anything.
+    refused = subprocess.run([sys.executable, "-m", "cli.main", "retrain", "--no-follow"], cwd=ROOT, text=True,
+                             env={**stack["client"], "PREFECT_API_AUTH_STRING": "cxr:guessed"}, capture_output=True,
+                             timeout=120, check=False)
+    assert refused.returncode == 3 and "wants credentials: PREFECT_API_AUTH_STRING is refused" in refused.stdout, refused
     # A browser lets only the UI's own origin call the API.
     preflight = {"Access-Control-Request-Method": "PATCH", "Access-Control-Request-Headers": "authorization"}
     foreign = httpx.options(url, headers={"Origin": "http://evil.example", **preflight}, timeout=30)

@@ -206,6 +206,32 @@ def test_the_signing_key_is_made_once_private_and_kept(tmp_path):
         stack._signing_key(tmp_path)
 
 
+def test_the_api_credentials_and_s3_keys_are_made_once_private_and_kept(tmp_path):
+    auth, keys = stack._api_auth(tmp_path), stack._s3_credentials(tmp_path)
+    assert auth.startswith("cxr:") and len(auth) == 47 and stack._api_auth(tmp_path) == auth
+    assert stack._s3_credentials(tmp_path) == keys and keys.access_key_id != "testing"
+    for name in (stack.API_AUTH, stack.S3_CREDENTIALS):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+    (tmp_path / stack.S3_CREDENTIALS).chmod(0o644)
+    with pytest.raises(stack.StackStateError, match=r"s3-credentials: mode 0644.*remove it"):
+        stack._s3_credentials(tmp_path)
+    (tmp_path / stack.API_AUTH).write_text("admin:admin\n")
+    with pytest.raises(stack.StackStateError, match=r"prefect-auth: not the Prefect API's credentials"):
+        stack._api_auth(tmp_path)
+
+
+def test_no_server_but_prefect_gets_the_api_credentials_or_the_database_url():
+    given = {"PATH": "/usr/bin", "PREFECT_API_URL": "http://127.0.0.1:1/api", "PREFECT_API_AUTH_STRING": "cxr:secret",
+             "PREFECT_SERVER_DATABASE_CONNECTION_URL": "postgresql+asyncpg://prefect:pw@127.0.0.1:1/prefect",
+             "AWS_SECRET_ACCESS_KEY": "secret", "CXR_DEIDENTIFY_KEY": "secret", "DASK_DISTRIBUTED__X": "1"}
+    assert stack.server_environment("dask-scheduler", given) == {
+        "PATH": "/usr/bin", "PREFECT_API_URL": "http://127.0.0.1:1/api", "DASK_DISTRIBUTED__X": "1"}
+    assert stack.server_environment("postgres", given) == {"PATH": "/usr/bin"}
+    assert stack.server_environment("s3", given) == {"PATH": "/usr/bin"}
+    # The server checks its own PREFECT_SERVER_API_AUTH_STRING, which the stack adds; never a client's.
+    assert "PREFECT_API_AUTH_STRING" not in stack.server_environment("server", given)
+
+
 def test_the_client_environment_names_the_key_file_and_sourcing_it_gives_the_key(tmp_path):
     key = stack._signing_key(tmp_path)
     env_file = stack._write_client_environment(tmp_path, {"AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
