@@ -140,31 +140,40 @@ def _stack_call(function, folder: Path):
 
 def _require_api() -> None:
     """Commands that talk to deployments need a Prefect server that lasts: without one, Prefect
-    would start a temporary server, and a run or an event would be lost with it."""
+    would start a temporary server, and a run or an event would be lost with it. The API and its
+    credentials come from the environment or the active Prefect profile, as Prefect's clients take them."""
     import base64
 
     import httpx
+    from prefect.settings import get_current_settings
 
-    url = os.environ.get("PREFECT_API_URL")
+    settings = get_current_settings().api
+
+    def secret(variable: str, value) -> str | None:
+        return os.environ.get(variable) or (value.get_secret_value() if value else None)
+
+    url = os.environ.get("PREFECT_API_URL") or settings.url
     if not url:
         console.print("[red]error:[/red] no Prefect API: start the local stack ('cxr-screen stack up') "
                       "or set PREFECT_API_URL to your Prefect server")
         raise typer.Exit(code=EXIT_INPUT)
     # An authenticated call, not the health check: a server that wants credentials answers its
     # health check to anyone, and a run started without them would fail at its first call.
-    credentials = os.environ.get("PREFECT_API_AUTH_STRING")
+    credentials, key = secret("PREFECT_API_AUTH_STRING", settings.auth_string), secret("PREFECT_API_KEY", settings.key)
+    headers = ({"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()} if credentials
+               else {"Authorization": f"Bearer {key}"} if key else None)
     try:
-        response = httpx.get(url.rstrip("/") + "/admin/version", timeout=5, headers={
-            "Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()} if credentials else None)
+        response = httpx.get(url.rstrip("/") + "/admin/version", timeout=5, headers=headers)
     except httpx.HTTPError as error:
         console.print(f"[red]error:[/red] the Prefect API at {escape(url)} does not answer ({escape(str(error))})")
         raise typer.Exit(code=EXIT_INPUT) from None
-    if response.status_code == 401:
-        console.print(f"[red]error:[/red] the Prefect API at {escape(url)} wants credentials: "
-                      + ("PREFECT_API_AUTH_STRING is refused" if credentials else "set PREFECT_API_AUTH_STRING")
-                      + " (the local stack's are in its client environment, <stack folder>/env)", soft_wrap=True)
+    if response.status_code in (401, 403):
+        given = "PREFECT_API_AUTH_STRING is refused" if credentials else "PREFECT_API_KEY is refused" if key else \
+            "set PREFECT_API_AUTH_STRING"
+        console.print(f"[red]error:[/red] the Prefect API at {escape(url)} wants credentials: {given} (the local "
+                      "stack's are in its client environment, <stack folder>/env)", soft_wrap=True)
         raise typer.Exit(code=EXIT_INPUT)
-    if response.is_error:
+    if response.status_code >= 500:  # a 404 is an API without that route (Prefect Cloud): it answered
         console.print(f"[red]error:[/red] the Prefect API at {escape(url)} answered {response.status_code}")
         raise typer.Exit(code=EXIT_INPUT)
 

@@ -24,8 +24,8 @@ import time
 import urllib.parse
 from pathlib import Path
 
-__all__ = ["DATABASE", "USER", "PostgresError", "as_started", "asyncpg_url", "connection_url", "initialize", "require", "server_command",
-           "wait_until_ready"]
+__all__ = ["DATABASE", "USER", "PostgresError", "as_started", "asyncpg_url", "connection_url", "initialize", "require",
+           "require_free_port", "server_command", "wait_until_ready"]
 
 USER = "prefect"
 DATABASE = "prefect"
@@ -113,6 +113,17 @@ def as_started(command: list[str]) -> list[str]:
     return _as_ordinary_user(command)
 
 
+def require_free_port(port: int) -> None:
+    """PostgresError when something listens on 127.0.0.1:``port`` already (a site's own PostgreSQL
+    on 5432, say): the stack would otherwise log in to that one."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise PostgresError(f"127.0.0.1:{port} is taken (another PostgreSQL server?): choose --database-port")
+
+
 def connection_url(password: str, port: int, host: str = "127.0.0.1") -> str:
     """The URL Prefect's server connects with (SQLAlchemy, asyncpg)."""
     return f"postgresql+asyncpg://{USER}:{urllib.parse.quote(password, safe='')}@{host}:{port}/{DATABASE}"
@@ -141,6 +152,9 @@ def wait_until_ready(password: str, port: int, process: subprocess.Popen, log: P
                 connection = await asyncpg.connect(host="127.0.0.1", port=port, user=USER, password=password,
                                                    database="postgres", timeout=5)
                 break
+            except asyncpg.InvalidAuthorizationSpecificationError as error:  # a wrong password, or not ours
+                raise PostgresError(f"the PostgreSQL server on 127.0.0.1:{port} refused the stack's password ({error}):"
+                                    f" if another server uses that port, choose --database-port; see {log}") from None
             except (TimeoutError, OSError, asyncpg.CannotConnectNowError) as error:
                 if time.monotonic() > deadline:
                     raise PostgresError(f"PostgreSQL did not take connections on 127.0.0.1:{port} within "

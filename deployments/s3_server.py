@@ -354,6 +354,7 @@ class GuardedApplication:
             environ["wsgi.input"] = io.BytesIO(body)  # the body again, for moto (or for _refuse to drain)
             environ["CONTENT_LENGTH"] = str(len(body))
             environ.pop("wsgi.input_terminated", None)
+            environ.pop("HTTP_TRANSFER_ENCODING", None)  # the body is whole now: chunked would make it read as empty
             if hashlib.sha256(body).hexdigest() != digest:
                 raise sigv4.Refused(400, "XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' header "
                                                                       "does not match what was computed.")

@@ -156,11 +156,18 @@ def verify(request: Request, credentials: Credentials, now: float | None = None)
 
 
 def _query_parameters(query: str) -> list[tuple[str, str]]:
-    """The query's names and values, decoded (``+`` stays a plus, as S3 reads it)."""
+    """The query's names and values, decoded. A ``+`` or an escape that is not UTF-8 is refused: the
+    server behind reads ``+`` as a space and such bytes as something else, so the request it acts on
+    would not be the one that was signed (SigV4 clients escape both)."""
     pairs = []
     for pair in query.split("&") if query else []:
         name, _, value = pair.partition("=")
-        pairs.append((urllib.parse.unquote(name), urllib.parse.unquote(value)))
+        if "+" in pair:
+            raise Refused(400, "InvalidArgument", "A '+' in the query is ambiguous: escape it as %2B, or a space as %20")
+        try:
+            pairs.append(tuple(urllib.parse.unquote(part, errors="strict") for part in (name, value)))
+        except UnicodeDecodeError:
+            raise Refused(400, "InvalidArgument", "The query escapes bytes that are not UTF-8") from None
     return pairs
 
 

@@ -39,7 +39,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,7 +50,8 @@ from deployments.sigv4 import Credentials, CredentialsError, new_credentials, re
 from model import stored_json
 from store import s3
 
-__all__ = ["StackStateError", "client_environment", "down", "server_environment", "status", "stored_data", "up", "wipe"]
+__all__ = ["StackStateError", "client_environment", "down", "server_environment", "status", "stored_data", "up", "wipe",
+           "worker_environment"]
 
 STATE = "stack.json"
 ENV_FILE = "env"  # the client environment, one 'export' a line, for 'source'
@@ -142,6 +143,21 @@ _SERVER_SETTINGS = {"server": ("PREFECT_",), "s3": ("MOTO_",), "postgres": (),
                     "dask-scheduler": ("PREFECT_", "DASK_")}
 # The Prefect server checks PREFECT_SERVER_API_AUTH_STRING; no server needs a client's credentials.
 _NEVER_TO_SERVERS = ("PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")
+
+
+# What the workers (and the deploy step) may inherit besides the basics: the project's, Prefect's, Dask's
+# and AWS's settings, the numeric and GPU libraries', TLS trust and proxies; not whatever else the
+# shell that ran 'stack up' holds (other services' tokens), and never a database URL (its password).
+_WORKER_SETTINGS = ("CXR_", "PREFECT_", "DASK_", "AWS_", "PYTHON", "TF_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "CUDA_",
+                    "NVIDIA_", "XLA_", "KERAS_", "OPENVINO_", "MPLCONFIGDIR", "LD_LIBRARY_PATH", "SSL_CERT_",
+                    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
+                    "https_proxy", "no_proxy")
+
+
+def worker_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """The variables of ``environment`` the stack's workers may inherit (an allow-list)."""
+    return {key: value for key, value in environment.items()
+            if (key in _BASICS or key.startswith(("LC_", *_WORKER_SETTINGS))) and "DATABASE" not in key}
 
 
 def server_environment(name: str, environment: dict[str, str]) -> dict[str, str]:
@@ -291,6 +307,9 @@ def _stored_secret(folder: Path, name: str, make: Callable[[], str], pattern: st
 
 def _postgres_password(folder: Path) -> str:
     """The password of the stack's PostgreSQL cluster: ``<folder>/postgres-password``, 43 URL-safe characters."""
+    if (folder / POSTGRES_DATA / "PG_VERSION").exists() and not (folder / POSTGRES_PASSWORD).exists():
+        raise StackStateError(f"{folder / POSTGRES_PASSWORD}: missing, and the cluster in {folder / POSTGRES_DATA} "
+                              "was made with it: restore it, or remove the cluster ('stack down --wipe')")
     return _stored_secret(folder, POSTGRES_PASSWORD, lambda: secrets.token_urlsafe(32), r"[A-Za-z0-9_-]{43}",
                           "a password the stack made: restore it, or remove it together with the cluster in "
                           f"{folder / POSTGRES_DATA} ('stack down --wipe')")
@@ -428,6 +447,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
                            f"uses: unset it, or leave out --workers")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     _trusted_folder(folder)
+    folder.chmod(0o700)  # also one an older stack, or the user, made readable: it holds the keys
     uses_s3 = any(s3.bucket_of(uri) for uri in (settings.incoming, settings.results, settings.model_store,
                                                  settings.dataset))
     if s3_only:
@@ -450,7 +470,8 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         environment["CXR_DASK_ADDRESS"] = dask_address
         environment["CXR_DASK_TLS"] = str(folder / DASK_TLS)  # the client certificate the flow runs connect with
     # Servers get no signing key; what signs or checks bundles (process workers, Dask workers) does.
-    child_environment = {key: value for key, value in os.environ.items() if key != SIGNING_KEY_VARIABLE}
+    child_environment = {key: value for key, value in worker_environment(os.environ).items()
+                         if key != SIGNING_KEY_VARIABLE}
     child_environment.update(environment)
     if settings.train_require_approval is None:
         # The stack's retrain runs on events: what it trains waits for a person ('cxr-screen models
@@ -511,7 +532,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         if workers:
             _wait_for_dask(folder, dask, workers)
         state["env_file"] = str(_write_client_environment(folder, environment, key_file))
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:  # PostgresError is a RuntimeError
+    except Exception as error:  # whatever stopped it, nothing it started is left running
         down(folder)
         raise RuntimeError(f"stack did not start: {error}") from error
     return state
@@ -525,6 +546,7 @@ def _start_postgres(folder: Path, port: int, environment: dict, record: Callable
     if postgres.initialize(data, password):
         echo(f"Made a PostgreSQL database cluster in {data}")
     echo(f"Starting PostgreSQL on 127.0.0.1:{port}, its data in {data}")
+    postgres.require_free_port(port)
     command = postgres.server_command(data, port)
     process = _start(folder, "postgres", postgres.as_started(command), server_environment("postgres", environment))
     record("postgres", process, stop_signal="SIGINT", command=command)  # the command line it runs with

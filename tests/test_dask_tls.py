@@ -1,4 +1,4 @@
-"""deployments/dask_tls.py: the certificate files it writes, and a real Dask scheduler and worker
+"""flows/dask_tls.py: the certificate files it writes, and a real Dask scheduler and worker
 started with its flags, which serve a client holding our client certificate and refuse one
 without TLS, without a certificate, or with a certificate from another CA."""
 

@@ -135,3 +135,19 @@ def test_down_keeps_the_database_and_wipe_removes_it(stack):
     shown = cli("stack", "down", "--wipe", environment=environment, timeout=120).stdout
     assert f"Removed Prefect's PostgreSQL database (flow runs, logs, artifacts), in {folder / 'postgres'}" in shown, shown
     assert not (folder / "postgres").exists()
+
+
+def test_a_taken_port_or_a_lost_password_is_refused_before_anything_starts(tmp_path):
+    import socket
+
+    from deployments import postgres, stack
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(postgres.PostgresError, match=f"127.0.0.1:{taken.getsockname()[1]} is taken"):
+            postgres.require_free_port(taken.getsockname()[1])
+    (tmp_path / "postgres").mkdir()
+    (tmp_path / "postgres" / "PG_VERSION").write_text("15\n")
+    with pytest.raises(stack.StackStateError, match="postgres-password: missing, and the cluster .* was made with it"):
+        stack._postgres_password(tmp_path)
