@@ -253,6 +253,19 @@ def test_a_presigned_url_works_until_tampered_or_expired(endpoint):
         assert answer.value.code == 403, refused
 
 
+def test_a_query_the_server_behind_would_read_otherwise_is_refused(endpoint):
+    """'+' (a space to the server, a plus to SigV4) and escapes that are not UTF-8 would let whoever
+    holds a signed URL change what the server lists without breaking the signature."""
+    s3 = _client(endpoint)
+    s3.put_object(Bucket=BUCKET, Key="a b/one", Body=b"x")
+    url = s3.generate_presigned_url("list_objects_v2", Params={"Bucket": BUCKET, "Prefix": "a+b"}, ExpiresIn=60)
+    assert "prefix=a%2Bb" in url and b"<KeyCount>0</KeyCount>" in urllib.request.urlopen(url, timeout=10).read()
+    for altered in (url.replace("prefix=a%2Bb", "prefix=a+b"), url.replace("prefix=a%2Bb", "prefix=a%FFb")):
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(altered, timeout=10)
+        assert answer.value.code == 400 and b"InvalidArgument" in answer.value.read(), altered
+
+
 def test_the_moto_api_is_never_served(endpoint):
     _client(endpoint).put_object(Bucket=BUCKET, Key="survivor", Body=b"still here")
     for path in ("/moto-api/reset", "/moto-api/", "/moto-api", "//moto-api/reset"):
