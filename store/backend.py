@@ -66,6 +66,8 @@ class Capabilities:
     shared: bool
     presignable: bool
     conditional_writes: bool
+    # Every file listed is a DICOM instance (a PACS): nothing to peek into to know it.
+    dicom_instances: bool = False
 
 
 class Backend:

@@ -28,19 +28,20 @@ from store.backend import (
     StorageError,
     Unreadable,
 )
+from store.dicomweb import SCHEMES, DicomWebBackend
 from store.local import LocalBackend
 from store.s3 import S3Backend
 from store.s3 import client as _client  # noqa: F401 - tests fill buckets with the client storage uses
 
 __all__ = [
+    "PRESIGNED_MAX_SECONDS",
     "AccessDenied",
     "Backend",
     "Capabilities",
     "LocationError",
-    "NotAFolder",
     "NoSpace",
+    "NotAFolder",
     "NotFound",
-    "PRESIGNED_MAX_SECONDS",
     "StorageError",
     "Unreadable",
     "canonical",
@@ -80,6 +81,8 @@ def unregister(scheme: str) -> None:
 
 register(_LOCAL, LocalBackend())
 register("s3", S3Backend())
+for _scheme in SCHEMES:
+    register(_scheme, DicomWebBackend())
 
 
 def _backend(uri: str) -> Backend:

@@ -84,11 +84,12 @@ def find_inputs(incoming_uri: str, exclude: Sequence[str] = (), results_uri: str
     """
     excluded = tuple(_comparable(uri).rstrip("/") + "/" for uri in exclude)
     found, unnamed = [], []
+    instances = storage.capabilities(incoming_uri).dicom_instances  # a PACS lists DICOM instances only
     for uri, stamp in storage.list_files_stamped(incoming_uri):
         if _comparable(uri).startswith(excluded):
             continue
         suffix = PurePosixPath(uri).suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
+        if instances or suffix in IMAGE_SUFFIXES:
             found.append(uri)
         elif suffix not in _NOT_IMAGES:
             unnamed.append((uri, stamp))

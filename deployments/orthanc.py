@@ -1,0 +1,108 @@
+"""A local PACS: Orthanc with its DICOMweb plugin (Debian's ``orthanc`` and ``orthanc-dicomweb``),
+configured by this code, for the tests and for a site that wants one beside the stack.
+
+Its configuration is generated into its folder (0700, the file 0600): storage in that folder,
+HTTP authentication on with one generated user, access from other machines refused, the DICOM
+(DIMSE) server off unless a port is asked for. Orthanc 1.10 cannot bind to one address: it listens
+on every interface, and with ``RemoteAccessAllowed`` off it answers other machines' HTTP requests
+with 403 and no data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DICOMWEB_PLUGIN", "Orthanc", "OrthancError", "configure", "start"]
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+INSTALL_HINT = "install Debian's Orthanc and its DICOMweb plugin (apt-get install orthanc orthanc-dicomweb)"
+
+
+class OrthancError(RuntimeError):
+    """Orthanc is missing or did not start; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Orthanc:
+    """A configured Orthanc: where it answers and with which credentials."""
+
+    folder: Path
+    http_port: int
+    user: str
+    password: str
+    dicom_port: int | None = None
+    aet: str = "CXRPACS"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        """The DICOMweb root, as a screening location names it."""
+        return f"dicomweb+http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def command(self) -> list[str]:
+        return [_program(), "--no-jobs", str(self.folder / "orthanc.json")]
+
+
+def _program() -> str:
+    program = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
+    if program is None or not DICOMWEB_PLUGIN.exists():
+        raise OrthancError(f"Orthanc or its DICOMweb plugin is not installed: {INSTALL_HINT}")
+    return program
+
+
+def configure(folder: Path, http_port: int, dicom_port: int | None = None, user: str = "cxr",
+              password: str | None = None) -> Orthanc:
+    """Write ``<folder>/orthanc.json`` (0600) for an Orthanc storing in ``<folder>/db``."""
+    _program()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    orthanc = Orthanc(folder, http_port, user, password or secrets.token_urlsafe(24), dicom_port)
+    configuration = {
+        "Name": "cxr-screen PACS", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+        "HttpPort": http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
+        "RegisteredUsers": {user: orthanc.password}, "HttpDescribeErrors": False,
+        "DicomServerEnabled": dicom_port is not None, "DicomPort": dicom_port or 4242, "DicomAet": orthanc.aet,
+        "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": False, "DicomModalities": {},
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Ssl": False,
+                     "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+        "StableAge": 1, "SaveJobs": False, "LimitFindResults": 0, "LimitFindInstances": 0,
+    }
+    descriptor = os.open(folder / "orthanc.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(configuration, handle, indent=2)
+    return orthanc
+
+
+def start(orthanc: Orthanc, log: Path, timeout: float = 60) -> subprocess.Popen:
+    """Orthanc started in its own process group and answering (``/system`` with the credentials)."""
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(orthanc.command(), stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True, cwd=orthanc.folder)
+    request = urllib.request.Request(f"{orthanc.url}/system")
+    manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+    manager.add_password(None, orthanc.url, orthanc.user, orthanc.password)
+    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(manager))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise OrthancError(f"Orthanc exited with code {process.returncode}; see {log}")
+        try:
+            with opener.open(request, timeout=2):
+                return process
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.3)
+    process.kill()
+    raise OrthancError(f"Orthanc did not answer at {orthanc.url} within {timeout:.0f} s; see {log}")

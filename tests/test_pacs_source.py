@@ -1,0 +1,97 @@
+"""A PACS as the night's source (store/dicomweb.py): a real Orthanc with its DICOMweb plugin,
+authentication on, started by the test on 127.0.0.1; screening lists the night's instances with
+QIDO-RS, reads them with WADO-RS into the same decoder and guards as files, and screens each once.
+Skips, saying so, where Debian's orthanc and orthanc-dicomweb are not installed."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import urllib.request
+
+import numpy as np
+import pytest
+from pydicom.uid import generate_uid
+
+from store import storage
+from store.phantoms import chest_phantom
+from tests.conftest import _free_port
+from tests.dicom_builder import dicom_bytes, radiograph
+from tests.test_screen_flow import run_rows, run_screen
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    from deployments import orthanc
+
+    folder = tmp_path_factory.mktemp("orthanc")
+    try:
+        server = orthanc.configure(folder / "pacs", _free_port())
+    except orthanc.OrthancError as error:
+        pytest.skip(str(error))
+    process = orthanc.start(server, folder / "orthanc.log")
+    try:
+        yield server
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def credentials(pacs, monkeypatch):
+    monkeypatch.setenv("CXR_DICOMWEB_USER", pacs.user)
+    monkeypatch.setenv("CXR_DICOMWEB_PASSWORD", pacs.password)
+
+
+def send(pacs, **header) -> str:
+    """One chest radiograph into the PACS (its REST API, as a modality's export would); its SOP UID."""
+    pixels = chest_phantom(np.random.default_rng(sum(header.get("AccessionNumber", "").encode())), 128)
+    dataset = radiograph(pixels.astype(np.uint16) * 16, bits_stored=12, **{
+        "StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(), "PatientID": "P-1",
+        "StudyDate": "20261205", "AccessionNumber": "ACC-1", "ViewPosition": "PA", "BodyPartExamined": "CHEST",
+        **header})
+    token = base64.b64encode(f"{pacs.user}:{pacs.password}".encode()).decode()
+    request = urllib.request.Request(f"{pacs.url}/instances", data=dicom_bytes(dataset), method="POST",
+                                     headers={"Authorization": f"Basic {token}", "Content-Type": "application/dicom"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+    return str(dataset.SOPInstanceUID)
+
+
+def test_a_night_from_the_pacs_is_screened_once(pacs, credentials, model_store, tmp_path):
+    night = [send(pacs, AccessionNumber=f"N1-{number}", StudyDate="20261205") for number in range(3)]
+    night.append(send(pacs, AccessionNumber="N1-lateral", ViewPosition="LL"))  # refused by the view guard
+    send(pacs, AccessionNumber="old", StudyDate="20250101")  # outside the night's window
+    location = f"{pacs.dicomweb}?StudyDate=20261201-"
+    results = str(tmp_path / "results")
+
+    summary = run_screen(location, results, model_store)
+    rows = {row["sop_instance_uid"]: row for row in run_rows(results)}
+    assert summary.status == "completed" and set(rows) == set(night), [row["accession_number"] for row in rows.values()]
+    assert {uid: row["status"] for uid, row in rows.items()} == {**dict.fromkeys(night[:3], "ok"), night[3]: "rejected"}
+    for uid, row in rows.items():  # each row names its instance by its WADO-RS path, and no credential
+        assert row["image_uri"].startswith(pacs.dicomweb + "/studies/") and row["image_uri"].endswith(f"/instances/{uid}")
+        assert pacs.password not in str(row)
+    assert "lateral" in rows[night[3]]["reason"] or "view" in rows[night[3]]["reason"], rows[night[3]]["reason"]
+
+    again = run_screen(location, results, model_store)  # nothing new: nothing screened twice
+    assert again.screened == 0 and len(run_rows(results)) == len(night)
+    newcomer = send(pacs, AccessionNumber="N2-1", StudyDate="20261206")
+    run_screen(location, results, model_store)
+    assert [row["sop_instance_uid"] for row in run_rows(results)].count(newcomer) == 1
+
+
+def test_without_the_pacs_credentials_the_run_fails_naming_the_setting(pacs, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXR_DICOMWEB_USER", pacs.user)
+    monkeypatch.setenv("CXR_DICOMWEB_PASSWORD", "guessed")
+    with pytest.raises(storage.AccessDenied, match="CXR_DICOMWEB_USER"):
+        list(storage.list_files(pacs.dicomweb))
+    with pytest.raises(storage.LocationError, match="credentials do not belong in a location"):
+        list(storage.list_files(pacs.dicomweb.replace("://", f"://{pacs.user}:{pacs.password}@")))
+    with pytest.raises(storage.LocationError, match="cannot filter on PatientName"):
+        list(storage.list_files(f"{pacs.dicomweb}?PatientName=DOE"))
+    with pytest.raises(storage.LocationError, match="read-only"):
+        storage.write_bytes(f"{pacs.dicomweb}/studies/1/series/2/instances/3", b"x")
