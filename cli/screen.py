@@ -27,6 +27,7 @@ SCREEN_OPTIONS = {
     "deidentify": OptionSpec(flags="--deidentify/--no-deidentify"),
     "workers": OptionSpec(envvar="CXR_SCREEN_WORKERS"),
     "drift_window": OptionSpec(envvar="CXR_SCREEN_DRIFT_WINDOW"),
+    "since": OptionSpec(envvar="CXR_SCREEN_SINCE"),
     "dask_address": OptionSpec(envvar="CXR_DASK_ADDRESS"),
 }
 

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     screen_chunk_timeout_minutes: float | None = Field(None, description="A chunk running longer is stopped and retried.")
     screen_workers: int | None = Field(None, description="Screen on a local Dask cluster of this many processes.")
     screen_drift_window: int | None = Field(None, description="Accepted nights that make the drift reference.")
+    screen_since: str | None = Field(None, description="With a PACS location: the night's window, e.g. 1d.")
     drift_notify_block: str | None = Field(
         None, description="Notification block ('block-type/name', e.g. custom-webhook/cxr-drift) a drift alarm is "
                           "sent through, by the automation 'cxr-screen deploy' creates.")
@@ -101,7 +102,7 @@ class Settings(BaseSettings):
                                          abandoned_after_minutes=self.screen_abandoned_after_minutes,
                                          chunk_timeout_minutes=self.screen_chunk_timeout_minutes,
                                          workers=self.screen_workers, dask_address=self.dask_address,
-                                         drift_window=self.screen_drift_window))
+                                         drift_window=self.screen_drift_window, since=self.screen_since))
 
     def train_parameters(self) -> TrainParameters:
         return TrainParameters(dataset_uri=self.dataset, model_store_uri=self.model_store, weights=self.weights,

@@ -76,6 +76,10 @@ class ScreenParameters(_Parameters):
     drift_window: int = Field(
         14, ge=3, le=29, description="Accepted nights of this model version that make the drift reference once there "
                                      "are 3 of them (until then, the model's test split); looked for among the last 29 runs.")
+    since: str | None = Field(
+        None, pattern=r"^[1-9][0-9]{0,3}[dw]$",
+        description="With a PACS location (dicomweb+http://...): only studies dated within this window before the "
+                    "run's day, e.g. 1d (yesterday and today) or 2w; DICOM's StudyDate has a day's resolution.")
     workers: int | None = Field(
         None, ge=1, le=256, description="Screen on a local Dask cluster of this many processes (threads sized so "
                                         "that the cores are shared, not oversubscribed). Unset: in this process.")

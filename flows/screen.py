@@ -10,6 +10,7 @@ alarm (screening/drift.py) as the Prefect event ``cxr.screening.drift``.
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ from screening import leases
 from screening.results import RunSummary
 from store import registry, storage
 from store.clock import utc_timestamp
+from store.dicomweb import dated_since
 from store.loading import InputLimits
 from tasks.screen_chunks import ChunkResult, chunked, find_inputs, screen_chunk
 from tasks.screen_steps import (
@@ -49,6 +51,12 @@ def screen(params: ScreenParameters) -> RunSummary:
     # the run that may one day recover this one can start in another folder too.
     params = params.model_copy(update={name: storage.join(getattr(params, name))
                                        for name in ("incoming_uri", "results_uri", "model_store_uri")})
+    if params.since:  # the night's window, asked of the PACS; the summary keeps the location as asked
+        if not storage.capabilities(params.incoming_uri).dicom_instances:
+            raise ValueError(f"since={params.since} is for a PACS location (dicomweb+http://...), not "
+                             f"{params.incoming_uri}")
+        params = params.model_copy(update={"incoming_uri": dated_since(params.incoming_uri, params.since,
+                                                                       datetime.date.today())})
     results = params.results_uri
     card = resolve_model(params.model_store_uri, params.model_version)
     unsigned = registry.unsigned_warning(params.model_store_uri)

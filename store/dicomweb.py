@@ -15,6 +15,7 @@ token) or ``CXR_DICOMWEB_USER`` and ``CXR_DICOMWEB_PASSWORD`` (HTTP Basic). A lo
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import urllib.parse
@@ -31,7 +32,7 @@ from store.backend import (
     too_large,
 )
 
-__all__ = ["SCHEMES", "DicomWebBackend"]
+__all__ = ["SCHEMES", "DicomWebBackend", "dated_since"]
 
 SCHEMES = ("dicomweb+http", "dicomweb+https")
 TIMEOUT_SECONDS = 60
@@ -42,6 +43,17 @@ SERIES_FILTERS = frozenset({"Modality", "SeriesInstanceUID", "SeriesNumber", "Bo
                             "SeriesDescription"})
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _INSTANCE = re.compile(r"studies/([0-9.]+)/series/([0-9.]+)/instances/([0-9.]+)")
+
+
+def dated_since(uri: str, since: str, today: datetime.date) -> str:
+    """``uri`` with ``StudyDate=<today - since>-`` (``since``: days ``Nd`` or weeks ``Nw``), the
+    window a nightly run asks the PACS for; LocationError when it filters on StudyDate already."""
+    _, _, filters = _split(uri)
+    if "StudyDate" in filters:
+        raise LocationError(f"{_public(uri)}: give either StudyDate in the location or a window (since), not both")
+    days = int(since[:-1]) * (7 if since.endswith("w") else 1)
+    start = (today - datetime.timedelta(days=days)).strftime("%Y%m%d")
+    return f"{uri}{'&' if '?' in uri else '?'}StudyDate={start}-"
 
 
 def _split(uri: str) -> tuple[str, str, dict[str, str]]:

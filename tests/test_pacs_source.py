@@ -95,3 +95,26 @@ def test_without_the_pacs_credentials_the_run_fails_naming_the_setting(pacs, mon
         list(storage.list_files(f"{pacs.dicomweb}?PatientName=DOE"))
     with pytest.raises(storage.LocationError, match="read-only"):
         storage.write_bytes(f"{pacs.dicomweb}/studies/1/series/2/instances/3", b"x")
+
+
+def test_a_nightly_window_asks_the_pacs_for_recent_studies_only(pacs, credentials, model_store, tmp_path):
+    import datetime
+
+    from store.dicomweb import dated_since
+
+    today = datetime.date.today()
+    assert dated_since("dicomweb+http://h/dicom-web", "1d", datetime.date(2026, 3, 1)) == \
+        "dicomweb+http://h/dicom-web?StudyDate=20260228-"
+    assert dated_since("dicomweb+http://h/r?Modality=DX", "2w", datetime.date(2026, 3, 1)).endswith(
+        "?Modality=DX&StudyDate=20260215-")
+    with pytest.raises(storage.LocationError, match="either StudyDate"):
+        dated_since("dicomweb+http://h/r?StudyDate=2026-", "1d", today)
+    recent = send(pacs, AccessionNumber="W-recent", StudyDate=today.strftime("%Y%m%d"))
+    send(pacs, AccessionNumber="W-old", StudyDate=(today - datetime.timedelta(days=10)).strftime("%Y%m%d"))
+    results = str(tmp_path / "results")
+    summary = run_screen(pacs.dicomweb, results, model_store, since="2d")
+    assert summary.incoming_uri.endswith(f"?StudyDate={(today - datetime.timedelta(days=2)):%Y%m%d}-")
+    assert recent in {row["sop_instance_uid"] for row in run_rows(results)}
+    assert "W-old" not in {row["accession_number"] for row in run_rows(results)}
+    with pytest.raises(ValueError, match="since=1d is for a PACS location"):
+        run_screen(str(tmp_path), results, model_store, since="1d")
