@@ -12,7 +12,7 @@
   viewer displays a Secondary Capture.
 
 Every UID made here is derived from the source's UIDs, the model version and the object's kind,
-under the site's UID root (``CXR_UID_ROOT``; default ``2.25``, the UUID-derived root): a rerun
+under the site's UID root (default ``2.25``, the UUID-derived root): a rerun
 makes the same objects (a PACS then keeps one copy), and a new model version makes new ones.
 """
 
