@@ -13,6 +13,7 @@ bootstrap()  # before Prefect or TensorFlow is imported anywhere
 import typer  # noqa: E402
 
 from cli.dataset import dataset  # noqa: E402
+from cli.deliveries import deliveries  # noqa: E402
 from cli.demo import demo  # noqa: E402
 from cli.drift import drift_app  # noqa: E402
 from cli.evaluate import evaluate  # noqa: E402
@@ -57,6 +58,7 @@ def main(
 for command in (dataset, train, synthesize, screen, audit, evaluate):
     app.command()(command)
 app.command("report-link")(report_link)
+app.command()(deliveries)
 app.command("validate-engines")(validate_engines)
 app.command()(demo)
 app.add_typer(stack_app, name="stack")

@@ -28,6 +28,9 @@ SCREEN_OPTIONS = {
     "workers": OptionSpec(envvar="CXR_SCREEN_WORKERS"),
     "drift_window": OptionSpec(envvar="CXR_SCREEN_DRIFT_WINDOW"),
     "since": OptionSpec(envvar="CXR_SCREEN_SINCE"),
+    "deliver_to": OptionSpec(envvar="CXR_SCREEN_DELIVER_TO"),
+    "uid_root": OptionSpec(envvar="CXR_UID_ROOT"),
+    "delivery_max_nights": OptionSpec(envvar="CXR_DELIVERY_MAX_NIGHTS"),
     "dask_address": OptionSpec(envvar="CXR_DASK_ADDRESS"),
 }
 

@@ -3,9 +3,10 @@ configured by this code, for the tests and for a site that wants one beside the 
 
 Its configuration is generated into its folder (0700, the file 0600): storage in that folder,
 HTTP authentication on with one generated user, access from other machines refused, the DICOM
-(DIMSE) server off unless a port is asked for. Orthanc 1.10 cannot bind to one address: it listens
+(DIMSE) server off unless a port is asked for, and then storing only from known AE titles on
+127.0.0.1. Orthanc 1.10 cannot bind to one address: it listens
 on every interface, and with ``RemoteAccessAllowed`` off it answers other machines' HTTP requests
-with 403 and no data.
+with 403 and no data; its DICOM port refuses an AE title it does not know, or one from another host.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def _program() -> str:
 
 
 def configure(folder: Path, http_port: int, dicom_port: int | None = None, user: str = "cxr",
-              password: str | None = None) -> Orthanc:
-    """Write ``<folder>/orthanc.json`` (0600) for an Orthanc storing in ``<folder>/db``."""
+              password: str | None = None, calling_aets: tuple[str, ...] = ("CXRSCREEN",)) -> Orthanc:
+    """Write ``<folder>/orthanc.json`` (0600) for an Orthanc storing in ``<folder>/db``; with a
+    ``dicom_port``, it takes C-STORE from ``calling_aets`` alone (on 127.0.0.1)."""
     _program()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)
@@ -74,7 +76,8 @@ def configure(folder: Path, http_port: int, dicom_port: int | None = None, user:
         "HttpPort": http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
         "RegisteredUsers": {user: orthanc.password}, "HttpDescribeErrors": False,
         "DicomServerEnabled": dicom_port is not None, "DicomPort": dicom_port or 4242, "DicomAet": orthanc.aet,
-        "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": False, "DicomModalities": {},
+        "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": False, "DicomModalities": {aet.lower(): [aet, "127.0.0.1", 104] for aet in calling_aets},
+        "DicomCheckModalityHost": True,
         "Plugins": [str(DICOMWEB_PLUGIN)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Ssl": False,
                      "StudiesMetadata": "Full", "SeriesMetadata": "Full"},

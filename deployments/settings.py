@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     screen_workers: int | None = Field(None, description="Screen on a local Dask cluster of this many processes.")
     screen_drift_window: int | None = Field(None, description="Accepted nights that make the drift reference.")
     screen_since: str | None = Field(None, description="With a PACS location: the night's window, e.g. 1d.")
+    screen_deliver_to: str | None = Field(None, description="Where results go back as DICOM (STOW-RS or C-STORE).")
+    uid_root: str | None = Field(None, description="The UID root of the DICOM objects delivered.")
+    delivery_max_nights: int | None = Field(None, description="Runs a delivery may fail on before it is dead.")
     drift_notify_block: str | None = Field(
         None, description="Notification block ('block-type/name', e.g. custom-webhook/cxr-drift) a drift alarm is "
                           "sent through, by the automation 'cxr-screen deploy' creates.")
@@ -102,7 +105,9 @@ class Settings(BaseSettings):
                                          abandoned_after_minutes=self.screen_abandoned_after_minutes,
                                          chunk_timeout_minutes=self.screen_chunk_timeout_minutes,
                                          workers=self.screen_workers, dask_address=self.dask_address,
-                                         drift_window=self.screen_drift_window, since=self.screen_since))
+                                         drift_window=self.screen_drift_window, since=self.screen_since,
+                                         deliver_to=self.screen_deliver_to, uid_root=self.uid_root,
+                                         delivery_max_nights=self.delivery_max_nights))
 
     def train_parameters(self) -> TrainParameters:
         return TrainParameters(dataset_uri=self.dataset, model_store_uri=self.model_store, weights=self.weights,

@@ -80,6 +80,17 @@ class ScreenParameters(_Parameters):
         None, pattern=r"^[1-9][0-9]{0,3}[dw]$",
         description="With a PACS location (dicomweb+http://...): only studies dated within this window before the "
                     "run's day, e.g. 1d (yesterday and today) or 2w; DICOM's StudyDate has a day's resolution.")
+    deliver_to: str | None = Field(
+        None, pattern=r"^(dicomweb\+https?://\S+|dimse://\S+)$",
+        description="Send each PACS image's results back as DICOM (a TID 1500 SR; for a flagged image its heat map "
+                    "as a Secondary Capture): dicomweb+http(s)://HOST:PORT/ROOT (STOW-RS) or dimse://AET@HOST:PORT "
+                    "(C-STORE). What fails is retried on later runs.")
+    uid_root: str = Field(
+        "2.25", pattern=r"^[1-9][0-9]*(\.(0|[1-9][0-9]*))*$", max_length=40,
+        description="The UID root of the DICOM objects delivered (the site's; default 2.25, UUID-derived).")
+    delivery_max_nights: int = Field(
+        3, ge=1, le=30, description="Runs on which a delivery may fail before it waits for a person "
+                                    "('cxr-screen deliveries RESULTS --retry').")
     workers: int | None = Field(
         None, ge=1, le=256, description="Screen on a local Dask cluster of this many processes (threads sized so "
                                         "that the cores are shared, not oversubscribed). Unset: in this process.")
@@ -103,6 +114,9 @@ class ScreenParameters(_Parameters):
     def _one_place_to_run(self):
         if self.workers is not None and self.dask_address is not None:
             raise ValueError("workers and dask_address exclude each other: a local cluster or an existing one")
+        if self.deliver_to is not None and self.deidentify:
+            raise ValueError("deliver_to and deidentify exclude each other: results filed back into the PACS need "
+                             "the studies' own UIDs, which de-identified rows do not keep")
         return self
 
 

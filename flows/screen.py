@@ -31,6 +31,7 @@ from store.loading import InputLimits
 from tasks.screen_chunks import ChunkResult, chunked, find_inputs, screen_chunk
 from tasks.screen_steps import (
     announce_drift,
+    deliver_results,
     new_run_id,
     not_yet_screened,
     recover_abandoned_runs,
@@ -88,6 +89,8 @@ def screen(params: ScreenParameters) -> RunSummary:
         try:
             with leases.kept_alive(results, run.run_id):  # also while chunks queue on a busy cluster
                 failures = _screen_chunks(runner, params, card.version, todo, run, limits)
+                if params.deliver_to:
+                    run.delivery = deliver_results(params, run.run_id, card)
             if failures:
                 raise failures[0]
             run.status = "completed"

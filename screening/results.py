@@ -274,6 +274,9 @@ class RunSummary:
     # (model/drift_tests.Profile). None in summaries written before they existed.
     drift: dict[str, Any] | None = None
     drift_profile: dict[str, Any] | None = None
+    # Results sent back to a PACS (screening/delivery.py): {"destination", "prepared", "delivered",
+    # "pending", "dead", "error"}; None when the run delivers nothing.
+    delivery: dict[str, Any] | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     # Stored state this run found damaged, forged or inconsistent and skipped (or refused) instead of
     # stopping: how many, and the first MAX_NAMED_DAMAGE of them, each "location: what is wrong".
@@ -428,6 +431,10 @@ _SUMMARY_RULES = {
     "flag_rate": _PROBABILITY,
     "drift": _optional(_Rule(lambda value: _is_drift(value), "a drift result (alarm, score, reference, tests)")),
     "drift_profile": _optional(_Rule(lambda value: _is_profile(value), "a drift profile (values, categories)")),
+    "delivery": _optional(_Rule(
+        lambda value: isinstance(value, dict) and isinstance(value.get("destination"), str)
+        and all(_COUNT.test(value.get(name, 0)) for name in ("prepared", "delivered", "pending", "dead")),
+        "a delivery tally (destination and counts)")),
     "probability_histogram": _optional(_Rule(
         lambda value: isinstance(value, list) and len(value) == PROBABILITY_BINS and all(map(_COUNT.test, value)),
         f"a list of {PROBABILITY_BINS} counts")),

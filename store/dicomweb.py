@@ -32,7 +32,7 @@ from store.backend import (
     too_large,
 )
 
-__all__ = ["SCHEMES", "DicomWebBackend", "dated_since"]
+__all__ = ["SCHEMES", "DicomWebBackend", "dated_since", "read_metadata", "store_instances"]
 
 SCHEMES = ("dicomweb+http", "dicomweb+https")
 TIMEOUT_SECONDS = 60
@@ -90,6 +90,17 @@ def _session():
     return session
 
 
+NOT_IMAGES = frozenset({"SR", "PR", "KO", "SEG", "REG", "DOC"})  # reports and states, never a radiograph
+
+
+def _an_image_series(item: dict) -> bool:
+    """Not a series of reports or presentation states, and not AI results marked not for diagnosis
+    (this product's delivered objects among them): screening them would only fill the rejected list."""
+    modality = (item.get("00080060", {}).get("Value") or [""])[0]
+    description = (item.get("0008103E", {}).get("Value") or [""])[0]
+    return modality not in NOT_IMAGES and "NOT FOR DIAGNOSIS" not in str(description).upper()
+
+
 def _value(item: dict, tag: str) -> str | None:
     values = item.get(tag, {}).get("Value") or [None]
     return values[0] if isinstance(values[0], str) and _UID.fullmatch(values[0]) else None
@@ -135,7 +146,7 @@ class DicomWebBackend(Backend):
             for study in filter(None, studies):
                 series_list = [given[1]] if len(given) > 1 else [
                     _value(item, "0020000E") for item in client.search_for_series(
-                        study, search_filters=series_filters, get_remaining=True)]
+                        study, search_filters=series_filters, get_remaining=True) if _an_image_series(item)]
                 for series in filter(None, series_list):
                     for item in client.search_for_instances(study, series, get_remaining=True):
                         instance = _value(item, "00080018")
@@ -188,6 +199,44 @@ class DicomWebBackend(Backend):
 
     def delete(self, uri: str) -> None:
         self.write_bytes(uri, b"")
+
+
+def read_metadata(uri: str) -> dict:
+    """An instance's header as DICOM JSON (WADO-RS ``/metadata``): no pixels, nothing to parse but JSON."""
+    root, below, _ = _split(uri)
+    if not _INSTANCE.fullmatch(below):
+        raise Unreadable(_public(uri), "not a DICOMweb instance (.../studies/S/series/S/instances/I)")
+    try:
+        response = _session().get(f"{root}/{below}/metadata", headers={"Accept": "application/dicom+json"},
+                                  timeout=TIMEOUT_SECONDS)
+        response.raise_for_status()
+        (metadata,) = response.json()
+    except Exception as error:  # noqa: BLE001 - requests' errors and a malformed answer, sorted below
+        raise _storage_error(_public(uri), error) from None
+    return metadata
+
+
+def store_instances(destination: str, objects: Sequence[bytes]) -> None:
+    """STOW-RS ``objects`` (Part 10 files) to the DICOMweb root ``destination`` in one request;
+    StorageError naming the destination when any is refused (a PACS keeps one copy per SOP Instance
+    UID, so sending again what it has is harmless)."""
+    root, below, filters = _split(destination)
+    if below or filters:
+        raise LocationError(f"{_public(destination)}: a STOW-RS destination is the DICOMweb root, without a path or query")
+    boundary = f"cxr-{os.urandom(8).hex()}"
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n"
+                    for data in objects) + b"--" + boundary.encode() + b"--\r\n"
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+               "Accept": "application/dicom+json"}
+    try:
+        response = _session().post(f"{root}/studies", data=body, headers=headers, timeout=TIMEOUT_SECONDS)
+        response.raise_for_status()
+        answer = response.json() if response.content else {}
+    except Exception as error:  # noqa: BLE001 - requests' errors, sorted below
+        raise _storage_error(_public(destination), error) from None
+    failed = answer.get("00081198", {}).get("Value") if isinstance(answer, dict) else None
+    if failed:
+        raise StorageError(_public(destination), f"the PACS refused {len(failed)} of {len(objects)} object(s)")
 
 
 def _first_part(body: bytes, content_type: str, uri: str) -> bytes:

@@ -100,6 +100,27 @@ def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard, dr
 DRIFT_EVENT = "cxr.screening.drift"
 
 
+@task
+def deliver_results(params, run_id: str, card: ModelCard) -> dict:
+    """This run's PACS images' DICOM results built and kept, then everything pending sent to
+    ``params.deliver_to`` (screening/delivery.py). A failure is counted and logged, never raised:
+    the rows are the run's result, delivered or not."""
+    from screening import delivery
+
+    logger = get_run_logger()
+    tally = {"destination": params.deliver_to, "prepared": 0, "delivered": 0, "pending": 0, "dead": 0}
+    try:
+        tally["prepared"] = delivery.prepare(params.results_uri, run_id, card, params.deliver_to, params.uid_root)
+        tally.update(delivery.deliver(params.results_uri, params.deliver_to, params.delivery_max_nights))
+    except (storage.StorageError, OSError, ValueError) as error:
+        logger.error("Delivery to %s stopped: %s; the rows are kept, and what is pending is sent on the next run",
+                     params.deliver_to, error)
+        tally["error"] = str(error)[:500]
+    logger.info("Delivery to %s: %d prepared, %d delivered, %d pending, %d waiting for a person (dead)",
+                params.deliver_to, tally["prepared"], tally["delivered"], tally["pending"], tally["dead"])
+    return tally
+
+
 def announce_drift(summary: RunSummary) -> bool:
     """Logs a drift alarm and emits the Prefect event ``cxr.screening.drift`` (its resource the run,
     related to the model version and the flow run; its payload the score and the failing tests),

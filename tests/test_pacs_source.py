@@ -9,6 +9,7 @@ import base64
 import os
 import signal
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from tests.conftest import _free_port
 from tests.dicom_builder import dicom_bytes, radiograph
 from tests.test_screen_flow import run_rows, run_screen
 
+ROOT = Path(__file__).resolve().parents[1]
+
 pytestmark = pytest.mark.slow
 
 
@@ -29,7 +32,7 @@ def pacs(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("orthanc")
     try:
-        server = orthanc.configure(folder / "pacs", _free_port())
+        server = orthanc.configure(folder / "pacs", _free_port(), dicom_port=_free_port())
     except orthanc.OrthancError as error:
         pytest.skip(str(error))
     process = orthanc.start(server, folder / "orthanc.log")
@@ -118,3 +121,99 @@ def test_a_nightly_window_asks_the_pacs_for_recent_studies_only(pacs, credential
     assert "W-old" not in {row["accession_number"] for row in run_rows(results)}
     with pytest.raises(ValueError, match="since=1d is for a PACS location"):
         run_screen(str(tmp_path), results, model_store, since="1d")
+
+
+def orthanc_instances(pacs, modality: str) -> list[bytes]:
+    """Every instance of ``modality`` Orthanc holds, as files (its REST API, as an administrator would look)."""
+    import json
+
+    token = base64.b64encode(f"{pacs.user}:{pacs.password}".encode()).decode()
+    headers = {"Authorization": f"Basic {token}"}
+    query = urllib.request.Request(f"{pacs.url}/tools/find", method="POST", headers=headers, data=json.dumps(
+        {"Level": "Instance", "Query": {"Modality": modality}}).encode())
+    with urllib.request.urlopen(query, timeout=30) as response:
+        found = json.loads(response.read())
+    files = []
+    for instance in found:
+        with urllib.request.urlopen(urllib.request.Request(f"{pacs.url}/instances/{instance}/file", headers=headers),
+                                    timeout=30) as response:
+            files.append(response.read())
+    return files
+
+
+def test_results_go_back_to_the_pacs_once_and_a_pacs_that_is_down_costs_nothing(pacs, credentials, model_store,
+                                                                              tmp_path):
+    import io
+    import json
+    import subprocess
+    import sys
+
+    from pydicom import dcmread
+
+    from screening.dicom_results import read_report
+
+    night = [send(pacs, AccessionNumber=f"D1-{number}", StudyDate="20300107") for number in range(4)]
+    location, results = f"{pacs.dicomweb}?StudyDate=20300107-20300131", str(tmp_path / "results")
+    summary = run_screen(location, results, model_store, deliver_to=pacs.dicomweb)
+    rows = {row["sop_instance_uid"]: row for row in run_rows(results)}
+    assert set(rows) == set(night) and summary.delivery["delivered"] == summary.delivery["prepared"] == 4
+    reports = [read_report(dcmread(io.BytesIO(data))) for data in orthanc_instances(pacs, "SR")]
+    mine = {report["source_sop_instance_uid"]: report for report in reports if report["source_sop_instance_uid"] in rows}
+    assert set(mine) == set(night)  # one report per image, referencing it
+    for uid, report in mine.items():
+        assert report["present"] == (rows[uid]["flagged"] == "True"), (report, rows[uid]["flagged"])
+        assert report["probability"] == pytest.approx(float(rows[uid]["prob_covid"]), abs=1e-6)
+    captures = [dcmread(io.BytesIO(data)) for data in orthanc_instances(pacs, "OT")]
+    flagged = {uid for uid, row in rows.items() if row["flagged"] == "True"}
+    assert len(captures) == len(flagged) and all("NOT FOR DIAGNOSIS" in capture.SeriesDescription for capture in captures)
+
+    # Again: nothing new to screen or send, and the PACS holds no second copy; its objects are not inputs.
+    again = run_screen(location, results, model_store, deliver_to=pacs.dicomweb)
+    assert again.screened == 0 and again.delivery["prepared"] == 0 and again.delivery["delivered"] == 4
+    assert len(orthanc_instances(pacs, "SR")) == len(reports) and len(orthanc_instances(pacs, "OT")) == len(captures)
+
+    # A PACS that does not answer: the run completes with its rows; the objects wait, then go.
+    late = send(pacs, AccessionNumber="D2-1", StudyDate="20300108")
+    down = f"dicomweb+http://127.0.0.1:{_free_port()}/dicom-web"
+    missed = run_screen(location, results, model_store, deliver_to=down, delivery_max_nights=2)
+    assert missed.status == "completed" and late in {row["sop_instance_uid"] for row in run_rows(results)}
+    assert missed.delivery["pending"] == 1 and missed.delivery["delivered"] == 4
+    environment = {**os.environ, "COLUMNS": "200"}
+    shown = subprocess.run([sys.executable, "-m", "cli.main", "deliveries", results, "--json"], cwd=ROOT, env=environment,
+                           capture_output=True, text=True, timeout=120, check=False)
+    (pending,) = [entry for entry in json.loads(shown.stdout)["deliveries"] if entry["status"] == "pending"]
+    assert shown.returncode == 0 and pending["sop_instance_uid"] == late and "did not answer" in pending["last_error"]
+    dead = run_screen(location, results, model_store, deliver_to=down, delivery_max_nights=2)
+    assert dead.delivery["dead"] == 1
+    shown = subprocess.run([sys.executable, "-m", "cli.main", "deliveries", results], cwd=ROOT, env=environment,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert shown.returncode == 1 and "1 dead" in shown.stdout, shown.stdout
+    retried = subprocess.run([sys.executable, "-m", "cli.main", "deliveries", results, "--retry"], cwd=ROOT,
+                             env=environment, capture_output=True, text=True, timeout=120, check=False)
+    assert retried.returncode == 0 and "1 dead deliveries go to the next runs again" in retried.stdout
+    back = run_screen(location, results, model_store, deliver_to=pacs.dicomweb)
+    assert back.delivery["delivered"] == 5 and back.delivery["pending"] == back.delivery["dead"] == 0
+    assert late in {read_report(dcmread(io.BytesIO(data)))["source_sop_instance_uid"]
+                    for data in orthanc_instances(pacs, "SR")}
+    assert len(run_rows(results)) == 5  # the rows, whatever happened to the deliveries
+
+
+def test_results_go_to_a_pacs_over_dimse_from_a_known_ae_title_only(pacs, credentials, model_store, tmp_path,
+                                                                    monkeypatch):
+    import io
+
+    from pydicom import dcmread
+
+    from screening.dicom_results import read_report
+
+    image = send(pacs, AccessionNumber="C1-1", StudyDate="20310109")
+    location, results = f"{pacs.dicomweb}?StudyDate=20310109-", str(tmp_path / "results")
+    destination = f"dimse://{pacs.aet}@127.0.0.1:{pacs.dicom_port}"
+    monkeypatch.setenv("CXR_DICOM_CALLING_AET", "STRANGER")
+    refused = run_screen(location, results, model_store, deliver_to=destination)
+    assert refused.status == "completed" and refused.delivery["pending"] == 1
+    monkeypatch.setenv("CXR_DICOM_CALLING_AET", "CXRSCREEN")
+    stored = run_screen(location, results, model_store, deliver_to=destination)
+    assert stored.delivery["delivered"] == 1 and stored.delivery["pending"] == 0
+    assert image in {read_report(dcmread(io.BytesIO(data)))["source_sop_instance_uid"]
+                     for data in orthanc_instances(pacs, "SR")}
