@@ -165,7 +165,7 @@ def test_an_unknown_scheme_is_one_clear_location_error_naming_those_served(memor
     for verb in (storage.read_bytes, storage.exists, storage.capabilities, storage.join,
                  lambda uri: list(storage.list_files(uri))):
         with pytest.raises(storage.LocationError, match=r"'gs://bucket/x': unsupported scheme \(use a path, "
-                                                        r"file://, s3://, mem://\)"):
+                                                        r"file://, s3://, dicomweb\+http://, dicomweb\+https://, mem://\)"):
             verb("gs://bucket/x")
     storage.unregister("mem")
     with pytest.raises(storage.LocationError, match="unsupported scheme"):
