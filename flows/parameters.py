@@ -114,6 +114,11 @@ class ScreenParameters(_Parameters):
     def _one_place_to_run(self):
         if self.workers is not None and self.dask_address is not None:
             raise ValueError("workers and dask_address exclude each other: a local cluster or an existing one")
+        for name in ("incoming_uri", "deliver_to"):
+            value = getattr(self, name) or ""
+            if value.startswith("dicomweb+") and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+                raise ValueError(f"{name}: credentials do not belong in a location (they would be kept in Prefect and "
+                                 "the results); set CXR_DICOMWEB_USER and CXR_DICOMWEB_PASSWORD, or CXR_DICOMWEB_TOKEN")
         if self.deliver_to is not None and self.deidentify:
             raise ValueError("deliver_to and deidentify exclude each other: results filed back into the PACS need "
                              "the studies' own UIDs, which de-identified rows do not keep")

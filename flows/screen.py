@@ -52,7 +52,7 @@ def screen(params: ScreenParameters) -> RunSummary:
     # the run that may one day recover this one can start in another folder too.
     params = params.model_copy(update={name: storage.join(getattr(params, name))
                                        for name in ("incoming_uri", "results_uri", "model_store_uri")})
-    if params.since:  # the night's window, asked of the PACS; the summary keeps the location as asked
+    if params.since:  # the night's window, asked of the PACS; the summary keeps the location with it
         if not storage.capabilities(params.incoming_uri).dicom_instances:
             raise ValueError(f"since={params.since} is for a PACS location (dicomweb+http://...), not "
                              f"{params.incoming_uri}")
@@ -89,7 +89,7 @@ def screen(params: ScreenParameters) -> RunSummary:
         try:
             with leases.kept_alive(results, run.run_id):  # also while chunks queue on a busy cluster
                 failures = _screen_chunks(runner, params, card.version, todo, run, limits)
-                if params.deliver_to:
+                if params.deliver_to:  # after the chunks wrote their rows; before the outputs, which count it
                     run.delivery = deliver_results(params, run.run_id, card)
             if failures:
                 raise failures[0]

@@ -46,6 +46,9 @@ __all__ = ["MAX_NIGHTS", "Delivery", "deliver", "entries", "prepare", "retry_dea
 logger = logging.getLogger(__name__)
 
 MAX_NIGHTS = 3  # runs on which an object may fail before it waits for a person
+STATUSES = ("pending", "delivered", "dead")
+OBJECT_NAMES = ("report.dcm", "heat-map.dcm")
+GIVE_UP_AFTER = 3  # entries in a row that the destination did not take: the rest wait for the next run
 TRIES = 3  # within a run, with BACKOFF_SECONDS between them
 BACKOFF_SECONDS = (1.0, 4.0)
 CAPTURE_SIDE = 512  # the heat map's side in the Secondary Capture: the thumbnail's map, legible in a viewer
@@ -77,11 +80,18 @@ def _entry_uri(results_uri: str, model_version: str, sop_instance_uid: str) -> s
 
 
 def _read(uri: str) -> Delivery:
+    """An entry as this code writes it, or StoredStateError: its objects are read and sent by name."""
     record = load_json(storage.read_bytes(uri, max_bytes=64 * 1024), uri)
     try:
-        return Delivery(**record)
+        delivery = Delivery(**record)
     except TypeError as error:
         raise StoredStateError(f"{uri}: not a delivery entry ({error})") from None
+    if not (delivery.status in STATUSES and set(delivery.objects) <= set(OBJECT_NAMES)
+            and all(type(getattr(delivery, name)) is int and getattr(delivery, name) >= 0 for name in ("attempts", "nights"))
+            and uri.rsplit("/", 1)[-1] == f"{delivery.sop_instance_uid}.json"
+            and all(isinstance(getattr(delivery, name), str) for name in ("image_uri", "destination", "last_error"))):
+        raise StoredStateError(f"{uri}: not a delivery entry this code wrote (status, objects, counts or UID)")
+    return delivery
 
 
 def _write(uri: str, delivery: Delivery) -> None:
@@ -142,18 +152,30 @@ def prepare(results_uri: str, run_id: str, card: ModelCard, destination: str,
         entry = _entry_uri(results_uri, card.version, row.sop_instance_uid)
         if storage.exists(entry):
             continue
-        header = Dataset.from_json(read_metadata(row.image_uri))
-        screening = Screening(card.positive_class, row.probability(card.positive_class), card.threshold, card.version)
-        objects = {"report.dcm": structured_report(header, screening, uid_root)}
-        picture = _heat_map(row) if row.flagged else None
-        if picture is not None:
-            objects["heat-map.dcm"] = heat_map_capture(header, picture, screening, uid_root)
+        try:
+            objects = _objects(row, card, Dataset.from_json(read_metadata(row.image_uri)), uid_root)
+        except Exception as error:  # noqa: BLE001 - a header pydicom or highdicom cannot take: this image only
+            logger.error("The DICOM results of %s could not be built: %s", row.image_uri, error)
+            _write(entry, Delivery(row.sop_instance_uid, row.image_uri, [], destination, status="dead",
+                                   last_error=f"could not be built: {str(error)[:400]}"))
+            continue
         folder = storage.join(_folder(results_uri, card.version), row.sop_instance_uid)
         for name, dataset in objects.items():
             storage.write_bytes(storage.join(folder, name), _part10(dataset))
         _write(entry, Delivery(row.sop_instance_uid, row.image_uri, sorted(objects), destination))
         made += 1
     return made
+
+
+def _objects(row: PredictionRow, card: ModelCard, header, uid_root: str) -> dict:
+    if str(header.get("SOPInstanceUID", "")) != row.sop_instance_uid:
+        raise ValueError("the PACS's metadata names another instance")
+    screening = Screening(card.positive_class, row.probability(card.positive_class), card.threshold, card.version)
+    objects = {"report.dcm": structured_report(header, screening, uid_root)}
+    picture = _heat_map(row) if row.flagged else None
+    if picture is not None:
+        objects["heat-map.dcm"] = heat_map_capture(header, picture, screening, uid_root)
+    return objects
 
 
 def _part10(dataset) -> bytes:
@@ -180,11 +202,19 @@ def _sender(destination: str) -> Callable[[list[bytes]], None]:
 
 def deliver(results_uri: str, destination: str, max_nights: int = MAX_NIGHTS,
             sleep: Callable[[float], None] = time.sleep) -> Counter:
-    """Send every pending entry's objects to ``destination``; returns the entries by status after."""
-    send, tally = _sender(destination), Counter()
+    """Send every pending entry's objects to ``destination``; returns how many were delivered now,
+    and how many are pending and dead after. After GIVE_UP_AFTER entries in a row that did not go,
+    the rest wait for the next run untouched: a PACS that is down costs minutes, not hours."""
+    send, tally, failed_in_a_row = _sender(destination), Counter(delivered=0, pending=0, dead=0), 0
     for version, delivery in entries(results_uri):
-        if delivery.status != "pending":
-            tally[delivery.status] += 1
+        if delivery.status != "pending" or failed_in_a_row >= GIVE_UP_AFTER:
+            if delivery.status != "delivered":
+                tally[delivery.status] += 1
+            continue
+        if not delivery.objects:  # nothing was built for it (an earlier version's dead entry, revived)
+            delivery.status, delivery.last_error = "dead", "no objects to send: it could not be built"
+            _write(_entry_uri(results_uri, version, delivery.sop_instance_uid), delivery)
+            tally["dead"] += 1
             continue
         folder = storage.join(_folder(results_uri, version), delivery.sop_instance_uid)
         error = None
@@ -196,14 +226,15 @@ def deliver(results_uri: str, destination: str, max_nights: int = MAX_NIGHTS,
                 break
             except storage.LocationError:
                 raise
-            except (storage.StorageError, OSError) as failure:
+            except Exception as failure:  # noqa: BLE001 - whatever stopped this entry, the others go on
                 error = failure
                 if isinstance(failure, (storage.Unreadable, storage.AccessDenied)) or attempt == TRIES - 1:
                     break  # refused as it is: another try in this run would be refused the same
                 sleep(BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS) - 1)])
         if error is None:
-            delivery.status, delivery.last_error = "delivered", ""
+            delivery.status, delivery.last_error, failed_in_a_row = "delivered", "", 0
         else:
+            failed_in_a_row += 1
             delivery.nights += 1
             delivery.last_error = str(error)[:500]
             delivery.status = "dead" if delivery.nights >= max_nights else "pending"

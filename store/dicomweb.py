@@ -16,6 +16,7 @@ token) or ``CXR_DICOMWEB_USER`` and ``CXR_DICOMWEB_PASSWORD`` (HTTP Basic). A lo
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import urllib.parse
@@ -36,6 +37,7 @@ __all__ = ["SCHEMES", "DicomWebBackend", "dated_since", "read_metadata", "store_
 
 SCHEMES = ("dicomweb+http", "dicomweb+https")
 TIMEOUT_SECONDS = 60
+MAX_METADATA_BYTES = 4 * 2**20
 # QIDO-RS attributes a location's query may filter on, by the level that answers them.
 STUDY_FILTERS = frozenset({"StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "StudyInstanceUID",
                            "PatientID", "ReferringPhysicianName", "StudyDescription"})
@@ -207,12 +209,21 @@ def read_metadata(uri: str) -> dict:
     if not _INSTANCE.fullmatch(below):
         raise Unreadable(_public(uri), "not a DICOMweb instance (.../studies/S/series/S/instances/I)")
     try:
-        response = _session().get(f"{root}/{below}/metadata", headers={"Accept": "application/dicom+json"},
-                                  timeout=TIMEOUT_SECONDS)
-        response.raise_for_status()
-        (metadata,) = response.json()
+        with _session().get(f"{root}/{below}/metadata", headers={"Accept": "application/dicom+json"},
+                            timeout=TIMEOUT_SECONDS, stream=True) as response:
+            response.raise_for_status()
+            body = bytearray()
+            for chunk in response.iter_content(2**16):
+                body += chunk
+                if len(body) > MAX_METADATA_BYTES:  # a header is kilobytes; more is not one to trust
+                    raise Unreadable(_public(uri), f"metadata over {MAX_METADATA_BYTES:,} bytes")
+        (metadata,) = json.loads(body)
+    except StorageError:
+        raise
     except Exception as error:  # noqa: BLE001 - requests' errors and a malformed answer, sorted below
         raise _storage_error(_public(uri), error) from None
+    if not isinstance(metadata, dict):
+        raise Unreadable(_public(uri), "metadata that is not one DICOM JSON object")
     return metadata
 
 
@@ -230,10 +241,15 @@ def store_instances(destination: str, objects: Sequence[bytes]) -> None:
                "Accept": "application/dicom+json"}
     try:
         response = _session().post(f"{root}/studies", data=body, headers=headers, timeout=TIMEOUT_SECONDS)
+        if response.status_code == 409:  # it has them (the UIDs are derived): what a resend is for
+            return
         response.raise_for_status()
-        answer = response.json() if response.content else {}
     except Exception as error:  # noqa: BLE001 - requests' errors, sorted below
         raise _storage_error(_public(destination), error) from None
+    try:
+        answer = response.json() if response.content else {}
+    except ValueError:  # stored (2xx) with an answer that is not JSON: nothing says any failed
+        answer = {}
     failed = answer.get("00081198", {}).get("Value") if isinstance(answer, dict) else None
     if failed:
         raise StorageError(_public(destination), f"the PACS refused {len(failed)} of {len(objects)} object(s)")

@@ -33,13 +33,22 @@ def store_instances(destination: str, objects: Sequence[bytes]) -> None:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_SECONDS
     for sop_class in {str(dataset.SOPClassUID) for dataset in datasets}:
         ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    association = ae.associate(host, port, ae_title=called)
+    try:
+        association = ae.associate(host, port, ae_title=called)
+    except (RuntimeError, ValueError) as error:
+        raise StorageError(destination, f"no association: {error}") from None
     if not association.is_established:
         raise StorageError(destination, "the PACS did not accept an association (is CXR_DICOM_CALLING_AET known "
                                         "to it, and the called AE title right?)")
+    accepted = {str(context.abstract_syntax) for context in association.accepted_contexts}
     try:
         for dataset in datasets:
-            status = association.send_c_store(dataset)
+            if str(dataset.SOPClassUID) not in accepted:
+                raise StorageError(destination, f"the PACS does not take SOP class {dataset.SOPClassUID}")
+            try:
+                status = association.send_c_store(dataset)
+            except (RuntimeError, ValueError) as error:  # the association dropped, or a context went missing
+                raise StorageError(destination, f"C-STORE of {dataset.SOPInstanceUID} failed: {error}") from None
             code = getattr(status, "Status", None)
             if code is None or code not in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or stored with a warning
                 raise StorageError(destination, f"C-STORE of {dataset.SOPInstanceUID} answered "
