@@ -60,6 +60,7 @@ from xml.sax.saxutils import escape
 from deployments import sigv4
 from model import stored_json
 from store.clock import utc_timestamp
+from store.private_files import write_private
 
 __all__ = ["SNAPSHOT", "SUMMARY", "GuardedApplication", "allowed_hosts", "main", "read_summary"]
 
@@ -141,21 +142,6 @@ def _summarize(backends) -> dict:
             current = [key for key in bucket.keys.values() if isinstance(key, FakeKey)]
             buckets[name] = {"objects": len(current), "bytes": sum(key.size for key in current)}
     return {"saved_at": utc_timestamp(), "buckets": buckets}
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, readable only by the owner."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def read_summary(folder: Path) -> dict | None:
@@ -264,8 +250,8 @@ class Store:
                 buffer = io.BytesIO()
                 _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
                 data = buffer.getvalue()
-            _write_private(self.folder / SNAPSHOT, data)
-            _write_private(self.folder / SUMMARY, json.dumps(summary, indent=2).encode())
+            write_private(self.folder / SNAPSHOT, data)
+            write_private(self.folder / SUMMARY, json.dumps(summary, indent=2).encode())
 
     def _save_after_changes(self) -> None:
         while not self._stopping.is_set():

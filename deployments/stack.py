@@ -49,6 +49,7 @@ from deployments.settings import Settings
 from deployments.sigv4 import Credentials, CredentialsError, new_credentials, read_credentials
 from model import stored_json
 from store import s3
+from store.private_files import write_private
 
 __all__ = ["StackStateError", "client_environment", "down", "server_environment", "status", "stored_data", "up", "wipe",
            "worker_environment"]
@@ -234,20 +235,8 @@ def _read_private(path: Path, max_bytes: int) -> bytes | None:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, mode 0600 whatever the umask (a planted link at
-    ``path`` is replaced, never followed)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(descriptor, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
+    """``text`` to ``path`` atomically, mode 0600 whatever the umask (a planted link is replaced, never followed)."""
+    write_private(path, text.encode())
 
 def _read_state(folder: Path) -> dict | None:
     """``<folder>/stack.json``, trusted and checked, or None when there is none."""

@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from distributed import Security
 
+from store.private_files import write_private
+
 ROLES = ("scheduler", "worker", "client")
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 # 825 days: the longest that browsers and macOS accept for a leaf; also used for the CA, which
@@ -211,11 +213,11 @@ def _write_new_set(certificates: DaskCertificates, hosts: tuple[str, ...]) -> No
             .sign(ca_key, hashes.SHA256())
         )
         cert_path, key_path = certificates.pair(role)
-        _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
-        _write_private(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+        write_private(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
     # Written last: a set cut short has a missing or mismatched CA, which _usable rejects.
-    _write_private(certificates.ca_file, authority.public_bytes(serialization.Encoding.PEM))
+    write_private(certificates.ca_file, authority.public_bytes(serialization.Encoding.PEM))
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key, now: datetime.datetime) -> x509.CertificateBuilder:
@@ -240,18 +242,3 @@ def _general_names(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
             names.append(x509.DNSName(host))
     return names
 
-
-def _write_private(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` as 0600 from its first byte (O_EXCL on a fresh temporary name,
-    so no link planted there is followed), then rename it over ``path`` in one step."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(content)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
