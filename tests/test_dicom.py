@@ -12,7 +12,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless, RLELossless
+from pydicom.uid import JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 from imaging.decode import ImageDecodeError, decode_image
 from tests.dicom_builder import COLUMNS, PATIENT_NAME, ROWS, dicom_bytes, radiograph, ramp
@@ -98,14 +98,26 @@ def test_jpeg_baseline_decodes_with_an_installed_handler():
     assert np.abs(gray(dataset) - pixels.astype(int)).max() <= 3
 
 
-def test_compression_without_a_decoder_is_rejected_with_the_syntax_named():
-    dataset = radiograph(ramp(0, 255).astype(np.uint8), bits_stored=8)
+def test_jpeg_ls_decodes_with_the_installed_handler():
+    """pyjpegls (which highdicom brings) reads JPEG-LS, lossless: the exact pixels come back."""
+    jpeg_ls = pytest.importorskip("jpeg_ls")
+    pixels = ramp(0, 255).astype(np.uint8)
+    dataset = radiograph(pixels, bits_stored=8)
     dataset.file_meta.TransferSyntaxUID = JPEGLSLossless
-    dataset.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + bytes(64)])
+    dataset.PixelData = encapsulate([jpeg_ls.encode(pixels).tobytes()])
     dataset["PixelData"].VR = "OB"
     dataset["PixelData"].is_undefined_length = True
-    with pytest.raises(ImageDecodeError, match="unsupported DICOM compression.*JPEG-LS"):
-        decode_image(dicom_bytes(dataset), "ls.dcm")
+    assert np.abs(gray(dataset) - pixels.astype(int)).max() <= 1
+
+
+def test_compression_without_a_decoder_is_rejected_with_the_syntax_named():
+    dataset = radiograph(ramp(0, 255).astype(np.uint8), bits_stored=8)
+    dataset.file_meta.TransferSyntaxUID = JPEGLosslessSV1  # process 14: no decoder installed here
+    dataset.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(64)])
+    dataset["PixelData"].VR = "OB"
+    dataset["PixelData"].is_undefined_length = True
+    with pytest.raises(ImageDecodeError, match=r"unsupported DICOM compression \(JPEG Lossless.*Process 14"):
+        decode_image(dicom_bytes(dataset), "lossless.dcm")
 
 
 def test_multi_frame_is_rejected():
