@@ -50,3 +50,31 @@ def test_entries_this_code_did_not_write_are_left_alone(tmp_path):
                             json.dumps({**planted, **change, "sop_instance_uid": planted["sop_instance_uid"]
                                         if name == "1.9.4" else name}).encode())
     assert [entry.sop_instance_uid for _, entry in delivery.entries(results)] == [good]
+
+
+def test_a_destination_that_refuses_the_credentials_is_not_asked_again_in_the_run(tmp_path):
+    import http.server
+    import threading
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *arguments):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        results = str(tmp_path)
+        (uid,) = pending_entries(results, 1)
+        tally = delivery.deliver(results, f"dicomweb+http://127.0.0.1:{server.server_address[1]}/dicom-web",
+                                 max_nights=1, sleep=lambda seconds: None)
+    finally:
+        server.shutdown()
+    (entry,) = [entry for _, entry in delivery.entries(results)]
+    assert tally == {"delivered": 0, "pending": 0, "dead": 1} and entry.sop_instance_uid == uid
+    assert entry.attempts == 1 and "refused the credentials (403)" in entry.last_error  # no retry: it would be refused
