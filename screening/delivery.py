@@ -21,7 +21,6 @@ be parsed outside the decoder's sandbox.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import time
@@ -33,10 +32,10 @@ import cv2
 import numpy as np
 
 from model.bundle import ModelCard, is_safe_name
-from model.gradcam import overlay
 from model.stored_json import StoredStateError
 from model.stored_json import loads as load_json
 from screening.dicom_results import DEFAULT_UID_ROOT, FINDINGS, Screening, heat_map_capture, structured_report
+from screening.reports import heat_map
 from screening.results import PredictionRow, ResultsLayout
 from store import storage
 from store.clock import utc_timestamp
@@ -112,15 +111,9 @@ def entries(results_uri: str) -> list[tuple[str, Delivery]]:
 
 
 def _heat_map(row: PredictionRow) -> np.ndarray | None:
-    """The row's thumbnail with its Grad-CAM laid over, RGB, CAPTURE_SIDE square; None without both."""
-    if not row.thumbnail or not row.cam:
-        return None
-    thumbnail = cv2.imdecode(np.frombuffer(base64.b64decode(row.thumbnail), np.uint8), cv2.IMREAD_COLOR)
-    cam = cv2.imdecode(np.frombuffer(base64.b64decode(row.cam), np.uint8), cv2.IMREAD_GRAYSCALE)
-    if thumbnail is None or cam is None:
-        return None
-    blended = overlay(cv2.cvtColor(thumbnail, cv2.COLOR_BGR2RGB), cam.astype(np.float32) / 255.0)
-    return cv2.resize(blended, (CAPTURE_SIDE, CAPTURE_SIDE), interpolation=cv2.INTER_CUBIC)
+    """The report's heat map of the row, CAPTURE_SIDE square; None without one."""
+    blended = heat_map(row)
+    return None if blended is None else cv2.resize(blended, (CAPTURE_SIDE, CAPTURE_SIDE), interpolation=cv2.INTER_CUBIC)
 
 
 def _run_rows(results_uri: str, run_id: str, card: ModelCard) -> list[PredictionRow]:

@@ -40,7 +40,7 @@ from store.clock import utc_now
 from templates import render
 
 __all__ = ["DISCLAIMER", "LINK_SECONDS", "MAX_FLAGGED", "MAX_REJECTED", "MODEL_FIGURES", "Link", "PublishedRunError",
-           "model_figures",
+           "heat_map", "model_figures",
            "publish_artifacts", "read_run_rows", "report_html", "shared_link", "write_outputs"]
 
 DISCLAIMER = ("Flags are a worklist for radiologist review, not a diagnosis. A flagged image needs a "
@@ -319,17 +319,25 @@ def _worklist(rows: Iterable[PredictionRow], card: ModelCard, limit: int) -> lis
 _LARGEST_CAM = 64 * 1024
 
 
-def _with_overlay(row: PredictionRow) -> PredictionRow:
-    """The row with its Grad-CAM coloured and laid over its thumbnail, as a JPEG: done here, for the
-    rows the page shows, rather than in screening for every explained image. A row from before maps
-    were kept carries its overlay already; one whose pictures do not decode is shown without."""
-    if row.explanation or not row.cam or not row.thumbnail or len(row.cam) > _LARGEST_CAM:
-        return row
+def heat_map(row: PredictionRow) -> np.ndarray | None:
+    """The row's Grad-CAM coloured and laid over its thumbnail (RGB), or None where the row has no
+    map and thumbnail, or they do not decode, or the map is larger than one this code wrote."""
+    if not row.cam or not row.thumbnail or len(row.cam) > _LARGEST_CAM:
+        return None
     thumbnail = cv2.imdecode(np.frombuffer(base64.b64decode(row.thumbnail), np.uint8), cv2.IMREAD_COLOR)
     cam = cv2.imdecode(np.frombuffer(base64.b64decode(row.cam), np.uint8), cv2.IMREAD_GRAYSCALE)
     if thumbnail is None or cam is None:
+        return None
+    return overlay(cv2.cvtColor(thumbnail, cv2.COLOR_BGR2RGB), cam.astype(np.float32) / 255.0)
+
+
+def _with_overlay(row: PredictionRow) -> PredictionRow:
+    """The row with its heat map as a JPEG: done here, for the rows the page shows, rather than in
+    screening for every explained image. A row from before maps were kept carries its overlay
+    already; one whose pictures do not decode is shown without."""
+    blended = None if row.explanation else heat_map(row)
+    if blended is None:
         return row
-    blended = overlay(cv2.cvtColor(thumbnail, cv2.COLOR_BGR2RGB), cam.astype(np.float32) / 255.0)
     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(blended, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
     return replace(row, explanation=base64.b64encode(jpeg.tobytes()).decode()) if ok else row
 
