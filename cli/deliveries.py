@@ -1,6 +1,7 @@
-"""``cxr-screen deliveries RESULTS``: where each PACS image's DICOM results stand (screening/delivery.py):
-delivered, pending (sent again by the next run) or dead (failed on too many runs; ``--retry`` gives
-them to the next runs again). Exit codes: 0 nothing dead, 1 some dead, 3 a location that cannot be read."""
+"""``cxr-screen deliveries RESULTS``: where PACS images' DICOM results stand (screening/delivery.py):
+each open one, pending (sent again by the next run) or dead (failed on too many runs; ``--retry``
+gives them to the next runs again), and how many were delivered. Exit codes: 0 nothing dead, 1 some
+dead, 3 a location that cannot be read."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ __all__ = ["deliveries"]
 def deliveries(results: str = typer.Argument(..., help="Results location (folder or s3://)."),
                retry: bool = typer.Option(False, "--retry", help="Give every dead delivery to the next runs again."),
                as_json: bool = JSON_OPTION) -> None:
-    """Each PACS image's DICOM results: delivered, pending or dead, with the last error."""
+    """PACS images' DICOM results not delivered yet (pending or dead, with the last error), and how many were."""
     from screening import delivery
     from store import storage
 
@@ -28,7 +29,8 @@ def deliveries(results: str = typer.Argument(..., help="Results location (folder
         location = storage.join(results)
         revived = delivery.retry_dead(location) if retry else 0
         found = delivery.entries(location)
-    counts = Counter(entry.status for _, entry in found)
+        counts = Counter(entry.status for _, entry in found)
+        counts["delivered"] += delivery.delivered_count(location)
     if as_json:
         print_json({"results": results, "revived": revived, "counts": dict(counts),
                     "deliveries": [{"model_version": version, **vars(entry)} for version, entry in found]})

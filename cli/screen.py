@@ -67,6 +67,9 @@ def screen(params: ScreenParameters, as_json: bool = JSON_OPTION) -> None:
         f"Screened {summary.screened} new image(s) with model {summary.model_version}: "
         f"{summary.flagged} flagged, {summary.rejected} rejected, {summary.already_screened} already done."
     )
+    if summary.duplicates:
+        console.print(f"{summary.duplicates} image(s) were DICOM instances already screened under another location "
+                      "(same SOP Instance UID): not screened again; their rows say where (status duplicate).")
     if summary.engine:
         console.print(f"Engine: {summary.engine} ({summary.engine_reason})")
     for run_id in summary.recovered_runs:

@@ -83,6 +83,7 @@ def screen(params: ScreenParameters) -> RunSummary:
 
     limits = InputLimits(params.max_file_bytes, params.decode_timeout_seconds, within=run.incoming_uri,
                          frontal_chest_only=params.frontal_chest_only, deidentify=params.deidentify)
+    delivered: dict[str, str] = {}
     with chunk_runner(params.workers, params.dask_address, [params.model_store_uri, results, params.incoming_uri]) \
             as runner:
         leases.open_run(results, run)  # from the first claim on, a lease says this run is alive
@@ -90,7 +91,7 @@ def screen(params: ScreenParameters) -> RunSummary:
             with leases.kept_alive(results, run.run_id):  # also while chunks queue on a busy cluster
                 failures = _screen_chunks(runner, params, card.version, todo, run, limits)
                 if params.deliver_to:  # after the chunks wrote their rows; before the outputs, which count it
-                    run.delivery = deliver_results(params, run.run_id, card)
+                    run.delivery, delivered = deliver_results(params, run.run_id, card)
             if failures:
                 raise failures[0]
             run.status = "completed"
@@ -99,7 +100,7 @@ def screen(params: ScreenParameters) -> RunSummary:
             raise
         finally:
             run.finished_at, run.seconds = utc_timestamp(), round(time.perf_counter() - started, 3)
-            run = write_run_outputs(results, run, card, params.drift_window)
+            run = write_run_outputs(results, run, card, params.drift_window, delivered)
             announce_drift(run)
             logger.info("Run %s %s: %d screened, %d flagged, %d rejected. Report: %s", run.run_id, run.status,
                         run.screened, run.flagged, run.rejected, run.outputs["report.html"])
@@ -137,5 +138,6 @@ def _count(run: RunSummary, result: ChunkResult, size: int, logger) -> None:
     if result.engine and result.engine not in run.engine.split(", "):
         run.engine = ", ".join(filter(None, [run.engine, result.engine]))
         run.engine_reason = "; ".join(filter(None, [run.engine_reason, result.engine_reason]))
-    logger.info("Chunk %d: %d images in %.1f s (%d flagged, %d rejected, %d already done by another run)",
-                result.chunk, size, result.seconds, result.flagged, result.rejected, result.already_done)
+    logger.info("Chunk %d: %d images in %.1f s (%d flagged, %d rejected, %d already done by another run, %d the "
+                "same DICOM instance as another input)", result.chunk, size, result.seconds, result.flagged,
+                result.rejected, result.already_done, result.duplicates)

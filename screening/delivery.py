@@ -4,10 +4,15 @@ After a run, every screened image that came from a PACS (``dicomweb+`` location,
 gets its DICOM objects (screening/dicom_results.py: the TID 1500 SR, and for a flagged image the
 heat map's Secondary Capture), built once from the instance's header (WADO-RS metadata, JSON) and
 the row, and kept under ``<results>/deliveries/<model version>/<SOP Instance UID>/``. Beside them
-``<SOP Instance UID>.json`` is the delivery's ledger entry:
+``<SOP Instance UID>.json`` is the delivery's ledger entry while it is open (pending or dead); once
+the destination has taken it, it moves to ``<results>/delivered/<model version>/``, so a night reads
+what is still to send, not every delivery ever made:
 
     {"status": "pending" | "delivered" | "dead", "image_uri", "objects": [names], "attempts",
      "nights", "last_error", "updated_at", "destination"}
+
+A PACS image that is a "duplicate" row (the same instance screened under another location first,
+screening/ledger.py ``InstanceClaims``) is delivered with that first row's results.
 
 Each run sends what is pending (tonight's and earlier nights'), with a few tries and backoff
 within the run; an entry that failed on ``max_nights`` runs is "dead" and waits for a person
@@ -21,6 +26,7 @@ be parsed outside the decoder's sandbox.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -36,16 +42,17 @@ from model.stored_json import StoredStateError
 from model.stored_json import loads as load_json
 from screening.dicom_results import DEFAULT_UID_ROOT, FINDINGS, Screening, heat_map_capture, structured_report
 from screening.reports import heat_map
-from screening.results import PredictionRow, ResultsLayout
+from screening import ledger
+from screening.results import DELIVERY_STATUSES, PredictionRow, ResultsLayout
 from store import storage
 from store.clock import utc_timestamp
 
-__all__ = ["MAX_NIGHTS", "Delivery", "deliver", "entries", "prepare", "retry_dead"]
+__all__ = ["MAX_NIGHTS", "Delivery", "Outcome", "deliver", "delivered_count", "entries", "prepare", "retry_dead"]
 
 logger = logging.getLogger(__name__)
 
 MAX_NIGHTS = 3  # runs on which an object may fail before it waits for a person
-STATUSES = ("pending", "delivered", "dead")
+MAX_NAMED_DEAD = 100  # dead entries a run's summary and report name one by one; the CLI lists all
 OBJECT_NAMES = ("report.dcm", "heat-map.dcm")
 GIVE_UP_AFTER = 3  # entries in a row that the destination did not take: the rest wait for the next run
 TRIES = 3  # within a run, with BACKOFF_SECONDS between them
@@ -78,6 +85,12 @@ def _entry_uri(results_uri: str, model_version: str, sop_instance_uid: str) -> s
     return storage.join(_folder(results_uri, model_version), f"{sop_instance_uid}.json")
 
 
+def _delivered_uri(results_uri: str, model_version: str, sop_instance_uid: str) -> str:
+    if not is_safe_name(model_version):
+        raise ValueError(f"model version {model_version!r} is not a safe name")
+    return storage.join(results_uri, "delivered", model_version, f"{sop_instance_uid}.json")
+
+
 def _read(uri: str) -> Delivery:
     """An entry as this code writes it, or StoredStateError: its objects are read and sent by name."""
     record = load_json(storage.read_bytes(uri, max_bytes=64 * 1024), uri)
@@ -85,7 +98,7 @@ def _read(uri: str) -> Delivery:
         delivery = Delivery(**record)
     except TypeError as error:
         raise StoredStateError(f"{uri}: not a delivery entry ({error})") from None
-    if not (delivery.status in STATUSES and set(delivery.objects) <= set(OBJECT_NAMES)
+    if not (delivery.status in DELIVERY_STATUSES and set(delivery.objects) <= set(OBJECT_NAMES)
             and all(type(getattr(delivery, name)) is int and getattr(delivery, name) >= 0 for name in ("attempts", "nights"))
             and uri.rsplit("/", 1)[-1] == f"{delivery.sop_instance_uid}.json"
             and all(isinstance(getattr(delivery, name), str) for name in ("image_uri", "destination", "last_error"))):
@@ -99,7 +112,8 @@ def _write(uri: str, delivery: Delivery) -> None:
 
 
 def entries(results_uri: str) -> list[tuple[str, Delivery]]:
-    """Every delivery entry under ``results_uri``, by model version: (version, entry)."""
+    """Every open delivery entry (pending or dead) under ``results_uri``, by model version: (version,
+    entry). Delivered ones are only counted (``delivered_count``)."""
     found = []
     for uri in storage.list_files(storage.join(results_uri, "deliveries"), {".json"}, missing_ok=True):
         version = uri.rsplit("/", 2)[-2]
@@ -108,6 +122,11 @@ def entries(results_uri: str) -> list[tuple[str, Delivery]]:
         except (StoredStateError, storage.StorageError) as error:
             logger.error("%s: left alone (%s)", uri, error)
     return found
+
+
+def delivered_count(results_uri: str) -> int:
+    """How many images' results a destination has taken: a listing, no reads."""
+    return sum(1 for _ in storage.list_files(storage.join(results_uri, "delivered"), {".json"}, missing_ok=True))
 
 
 def _heat_map(row: PredictionRow) -> np.ndarray | None:
@@ -128,36 +147,71 @@ def _run_rows(results_uri: str, run_id: str, card: ModelCard) -> list[Prediction
     return rows
 
 
+@dataclass
+class Prepared:
+    """What ``prepare`` did: how many images got new objects, and the SOP Instance UID of every row
+    of the run that has a delivery entry (new or earlier), by the row's input."""
+
+    made: int = 0
+    instances: dict[str, str] = field(default_factory=dict)
+
+
 def prepare(results_uri: str, run_id: str, card: ModelCard, destination: str,
-            uid_root: str = DEFAULT_UID_ROOT) -> int:
-    """Build and keep the objects of this run's screened PACS images, each with a pending entry;
-    returns how many. An image whose entry exists (an earlier run's) keeps it."""
+            uid_root: str = DEFAULT_UID_ROOT) -> Prepared:
+    """Build and keep the objects of this run's PACS images, each with a pending entry. An image
+    whose entry exists (an earlier run's, open or delivered) keeps it."""
     from pydicom import Dataset
 
     from store.dicomweb import read_metadata
 
     if card.positive_class not in FINDINGS:
         raise ValueError(f"the model's positive class {card.positive_class!r} has no coded finding")
-    made = 0
+    prepared, originals = Prepared(), _Originals(results_uri, card)
     for row in _run_rows(results_uri, run_id, card):
-        if row.status != "ok" or not row.sop_instance_uid or not storage.capabilities(row.image_uri).dicom_instances:
+        if row.status not in ("ok", "duplicate") or not row.sop_instance_uid \
+                or not storage.capabilities(row.image_uri).dicom_instances:
             continue
-        entry = _entry_uri(results_uri, card.version, row.sop_instance_uid)
-        if storage.exists(entry):
+        sop = row.sop_instance_uid
+        entry = _entry_uri(results_uri, card.version, sop)
+        if storage.exists(entry) or storage.exists(_delivered_uri(results_uri, card.version, sop)):
+            prepared.instances[row.image_uri] = sop
             continue
         try:
-            objects = _objects(row, card, Dataset.from_json(read_metadata(row.image_uri)), uid_root)
+            screened = originals.of(row) if row.status == "duplicate" else row
+            if screened is None:
+                continue  # its first row was not a prediction (refused by the scope gate): nothing to send
+            objects = _objects(screened, card, Dataset.from_json(read_metadata(row.image_uri)), uid_root)
         except Exception as error:  # noqa: BLE001 - a header pydicom or highdicom cannot take: this image only
             logger.error("The DICOM results of %s could not be built: %s", row.image_uri, error)
-            _write(entry, Delivery(row.sop_instance_uid, row.image_uri, [], destination, status="dead",
+            _write(entry, Delivery(sop, row.image_uri, [], destination, status="dead",
                                    last_error=f"could not be built: {str(error)[:400]}"))
+            prepared.instances[row.image_uri] = sop
             continue
-        folder = storage.join(_folder(results_uri, card.version), row.sop_instance_uid)
+        folder = storage.join(_folder(results_uri, card.version), sop)
         for name, dataset in objects.items():
             storage.write_bytes(storage.join(folder, name), _part10(dataset))
-        _write(entry, Delivery(row.sop_instance_uid, row.image_uri, sorted(objects), destination))
-        made += 1
-    return made
+        _write(entry, Delivery(sop, row.image_uri, sorted(objects), destination))
+        prepared.made += 1
+        prepared.instances[row.image_uri] = sop
+    return prepared
+
+
+class _Originals:
+    """The row a "duplicate" row's instance was screened as, with its pictures (for the heat map):
+    its ledger entry, and its run's part files, read once per run."""
+
+    def __init__(self, results_uri: str, card: ModelCard) -> None:
+        self.results_uri, self.card = results_uri, card
+        self.runs: dict[str, dict[str, PredictionRow]] = {}
+
+    def of(self, row: PredictionRow) -> PredictionRow | None:
+        first = ledger.read_entry(self.results_uri, self.card.version, row.same_as, self.card.classes)
+        if first.status != "ok" or first.sop_instance_uid != row.sop_instance_uid:
+            return None
+        if first.run_id not in self.runs:
+            self.runs[first.run_id] = {kept.image_uri: kept for kept in _run_rows(self.results_uri, first.run_id, self.card)}
+        pictured = self.runs[first.run_id].get(first.image_uri, first)
+        return dataclasses.replace(pictured, image_uri=row.image_uri)
 
 
 def _objects(row: PredictionRow, card: ModelCard, header, uid_root: str) -> dict:
@@ -193,50 +247,81 @@ def _sender(destination: str) -> Callable[[list[bytes]], None]:
                                 "dimse://AET@HOST:PORT (C-STORE)")
 
 
+@dataclass
+class Outcome:
+    """What ``deliver`` left: counts of delivered now, pending and dead; the status of every entry
+    it saw, by SOP Instance UID; and the first MAX_NAMED_DEAD dead entries."""
+
+    counts: Counter
+    statuses: dict[str, str] = field(default_factory=dict)
+    dead: list[dict[str, str | int]] = field(default_factory=list)
+
+
 def deliver(results_uri: str, destination: str, max_nights: int = MAX_NIGHTS,
-            sleep: Callable[[float], None] = time.sleep) -> Counter:
-    """Send every pending entry's objects to ``destination``; returns how many were delivered now,
-    and how many are pending and dead after. After GIVE_UP_AFTER entries in a row that did not go,
-    the rest wait for the next run untouched: a PACS that is down costs minutes, not hours."""
-    send, tally, failed_in_a_row = _sender(destination), Counter(delivered=0, pending=0, dead=0), 0
+            sleep: Callable[[float], None] = time.sleep) -> Outcome:
+    """Send every pending entry's objects to ``destination``. After GIVE_UP_AFTER entries in a row
+    that did not go, the rest wait for the next run untouched: a PACS that is down costs minutes,
+    not hours."""
+    send, failed_in_a_row = _sender(destination), 0
+    outcome = Outcome(Counter(delivered=0, pending=0, dead=0))
     for version, delivery in entries(results_uri):
-        if delivery.status != "pending" or failed_in_a_row >= GIVE_UP_AFTER:
-            if delivery.status != "delivered":
-                tally[delivery.status] += 1
-            continue
-        if not delivery.objects:  # nothing was built for it (an earlier version's dead entry, revived)
-            delivery.status, delivery.last_error = "dead", "no objects to send: it could not be built"
-            _write(_entry_uri(results_uri, version, delivery.sop_instance_uid), delivery)
-            tally["dead"] += 1
-            continue
-        folder = storage.join(_folder(results_uri, version), delivery.sop_instance_uid)
-        error = None
-        for attempt in range(TRIES):
-            delivery.attempts += 1
-            try:
-                send([storage.read_bytes(storage.join(folder, name)) for name in delivery.objects])
-                error = None
-                break
-            except storage.LocationError:
-                raise
-            except Exception as failure:  # noqa: BLE001 - whatever stopped this entry, the others go on
-                error = failure
-                if isinstance(failure, (storage.Unreadable, storage.AccessDenied)) or attempt == TRIES - 1:
-                    break  # refused as it is: another try in this run would be refused the same
-                sleep(BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS) - 1)])
-        if error is None:
-            delivery.status, delivery.last_error, failed_in_a_row = "delivered", "", 0
+        if delivery.status == "delivered":  # written before delivered entries moved out
+            _close(results_uri, version, delivery)
+        elif delivery.status == "pending" and failed_in_a_row < GIVE_UP_AFTER:
+            failed_in_a_row = 0 if _send(results_uri, version, delivery, send, max_nights, sleep) else failed_in_a_row + 1
+            delivery.destination = destination
+            if delivery.status == "delivered":
+                _close(results_uri, version, delivery)
+            else:
+                _write(_entry_uri(results_uri, version, delivery.sop_instance_uid), delivery)
+            outcome.counts[delivery.status] += 1
         else:
-            failed_in_a_row += 1
-            delivery.nights += 1
-            delivery.last_error = str(error)[:500]
-            delivery.status = "dead" if delivery.nights >= max_nights else "pending"
-            logger.warning("Delivery of %s's results to %s failed (night %d of %d): %s", delivery.sop_instance_uid,
-                           destination, delivery.nights, max_nights, delivery.last_error)
-        delivery.destination = destination
-        _write(_entry_uri(results_uri, version, delivery.sop_instance_uid), delivery)
-        tally[delivery.status] += 1
-    return tally
+            outcome.counts[delivery.status] += 1
+        outcome.statuses[delivery.sop_instance_uid] = delivery.status
+        if delivery.status == "dead" and len(outcome.dead) < MAX_NAMED_DEAD:
+            outcome.dead.append({"model_version": version, "sop_instance_uid": delivery.sop_instance_uid,
+                                 "image_uri": delivery.image_uri, "nights": delivery.nights,
+                                 "last_error": delivery.last_error})
+    return outcome
+
+
+def _send(results_uri: str, version: str, delivery: Delivery, send: Callable[[list[bytes]], None], max_nights: int,
+          sleep: Callable[[float], None]) -> bool:
+    """One entry's objects sent, with TRIES tries; ``delivery`` updated. True when they went."""
+    if not delivery.objects:  # nothing was built for it (an earlier version's dead entry, revived)
+        delivery.status, delivery.last_error = "dead", "no objects to send: it could not be built"
+        return False
+    folder = storage.join(_folder(results_uri, version), delivery.sop_instance_uid)
+    error = None
+    for attempt in range(TRIES):
+        delivery.attempts += 1
+        try:
+            send([storage.read_bytes(storage.join(folder, name)) for name in delivery.objects])
+            error = None
+            break
+        except storage.LocationError:
+            raise
+        except Exception as failure:  # noqa: BLE001 - whatever stopped this entry, the others go on
+            error = failure
+            if isinstance(failure, (storage.Unreadable, storage.AccessDenied)) or attempt == TRIES - 1:
+                break  # refused as it is: another try in this run would be refused the same
+            sleep(BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS) - 1)])
+    if error is None:
+        delivery.status, delivery.last_error = "delivered", ""
+        return True
+    delivery.nights += 1
+    delivery.last_error = str(error)[:500]
+    delivery.status = "dead" if delivery.nights >= max_nights else "pending"
+    logger.warning("Delivery of %s's results failed (night %d of %d): %s", delivery.sop_instance_uid,
+                   delivery.nights, max_nights, delivery.last_error)
+    return False
+
+
+def _close(results_uri: str, version: str, delivery: Delivery) -> None:
+    """A delivered entry out of the open ones: written where delivered ones are, then removed. A
+    crash between leaves it in both; the next run sends it again (one copy in the PACS) and closes it."""
+    _write(_delivered_uri(results_uri, version, delivery.sop_instance_uid), delivery)
+    storage.delete(_entry_uri(results_uri, version, delivery.sop_instance_uid))
 
 
 def retry_dead(results_uri: str) -> int:

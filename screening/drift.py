@@ -85,7 +85,7 @@ class RunRates:
             flag_rate = _rate(summary.flagged / summary.ok)
         rejected = None
         if _count(summary.screened) and summary.screened and _count(summary.rejected):
-            rejected = _rate(summary.rejected / summary.screened)
+            rejected = _rate(summary.rejected / summary.screened)  # duplicates are in neither
         score = summary.drift.get("score") if isinstance(summary.drift, dict) else None
         return cls(summary.run_id, flag_rate, rejected, float(score) if isinstance(score, (int, float)) else None)
 
@@ -228,7 +228,9 @@ def reason_category(reason: str) -> str:
 
 
 def night_profile(rows: list[PredictionRow], positive_class: str) -> Profile:
-    """What tonight's rows looked like (model/drift_tests.py): only what they hold."""
+    """What tonight's rows looked like (model/drift_tests.py): only what they hold. Duplicates
+    (images screened under another location) are not tonight's."""
+    rows = [row for row in rows if row.status != "duplicate"]
     ok = [row for row in rows if row.status == "ok"]
     values = {
         "probability": [row.probabilities[positive_class] for row in ok

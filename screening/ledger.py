@@ -9,6 +9,10 @@ The ledger is proof, not a name: an input counts as screened only when its entry
 and names a run that is still open (its lease) or whose published rows hold it (``screened``).
 Anything else (an empty or forged file, a copy from another store) is moved to
 ``<results>/ledger-quarantine/`` and its input screened again; ``reconcile`` audits a whole store.
+
+A DICOM image is also claimed by its instance (``InstanceClaims``): the same SOP Instance UID
+arriving under two locations (a folder export and the PACS) is screened once per model version; the
+other location gets a "duplicate" row naming the first.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import NamedTuple
 
 from model.bundle import is_safe_name
 from model.stored_json import StoredStateError, reason
@@ -33,6 +38,7 @@ from store.loading import RETRIED_NEXT_RUN
 
 __all__ = [
     "MAX_PUBLISHED_BYTES",
+    "InstanceClaims",
     "LedgerError",
     "Reconciliation",
     "claim",
@@ -285,9 +291,13 @@ def quarantine(results_uri: str, model_version: str, image_uri: str) -> str:
     """Moves the entry of ``image_uri`` aside (kept for an operator, never lost) so that the input
     can be claimed and screened again; returns where it went."""
     layout = ResultsLayout(results_uri)
-    uri = layout.ledger_entry(model_version, image_uri)
+    return _move_aside(layout.ledger_entry(model_version, image_uri), layout.quarantine(model_version),
+                       entry_key(image_uri))
+
+
+def _move_aside(uri: str, folder: str, name: str) -> str:
     stamp = utc_now().strftime("%Y%m%dT%H%M%S.%fZ")
-    kept = storage.join(layout.quarantine(model_version), f"{entry_key(image_uri)}-{stamp}.json")
+    kept = storage.join(folder, f"{name}-{stamp}.json")
     try:
         storage.write_bytes(kept, storage.read_bytes(uri, max_bytes=1 << 20))
     except storage.NotFound:
@@ -296,6 +306,88 @@ def quarantine(results_uri: str, model_version: str, image_uri: str) -> str:
         storage.write_bytes(kept, b"")
     storage.delete(uri)
     return kept
+
+
+class Owner(NamedTuple):
+    """The input a DICOM instance was screened as, and the run that screened it."""
+
+    image_uri: str
+    run_id: str
+
+
+class InstanceClaims:
+    """Which input screens each DICOM instance for a model version: the first to claim its SOP
+    Instance UID (``ResultsLayout.instance_entry``, create-if-absent), once the image has decoded
+    and before the model sees it, so the same image under a second location costs a read, not a
+    forward pass, a second row in the worklist or a second result in the PACS.
+
+    A claim proves nothing by itself, like a ledger entry: it holds while the run that made it is
+    open, or while its input's ledger entry reads back valid for the same instance and is held by
+    a published run. Any other claim (forged, damaged, or left by a run that died before its row)
+    is moved to the quarantine and the instance claimed again, so a planted file can never stop an
+    image from being screened. Safe from many threads of one chunk."""
+
+    def __init__(self, results_uri: str, model_version: str, run_id: str, classes: list[str],
+                 live_after: timedelta = LIVE_AFTER) -> None:
+        self.results_uri, self.model_version, self.run_id, self.classes = results_uri, model_version, run_id, classes
+        self.live_after = live_after
+        self.published = _PublishedRows.of(results_uri, live_after)
+        self.layout = ResultsLayout(results_uri)
+
+    def screened_as(self, sop_instance_uid: str, image_uri: str) -> Owner | None:
+        """None when ``image_uri`` is (now, or was already) the input that screens this instance;
+        otherwise the input that does."""
+        uri = self.layout.instance_entry(self.model_version, sop_instance_uid)
+        claim = json.dumps({"sop_instance_uid": sop_instance_uid, "image_uri": image_uri, "run_id": self.run_id},
+                           sort_keys=True).encode()
+        for _ in range(2):  # a second time after moving an unproven claim aside
+            if storage.create_if_absent(uri, claim):
+                return None
+            try:
+                owner = self._read(uri, sop_instance_uid)
+            except storage.NotFound:
+                continue  # moved aside by another run meanwhile
+            except (StoredStateError, *_DAMAGED_FILE) as error:
+                problem = str(error)
+            else:
+                if owner.image_uri == image_uri:
+                    return None  # this input's own claim, from an attempt that died before its row
+                problem = self._why_not_held(owner, sop_instance_uid)
+                if problem is None:
+                    return owner
+                problem = f"{uri}: {problem}"
+            kept = _move_aside(uri, self.layout.quarantine(self.model_version), f"instance-{entry_key(sop_instance_uid)}")
+            logger.error("%s; moved to %s and claimed again", problem, kept)
+        return None  # claims keep changing under us: screening twice beats not screening
+
+    @staticmethod
+    def _read(uri: str, sop_instance_uid: str) -> Owner:
+        record = load_json(storage.read_bytes(uri, max_bytes=64 * 1024), uri)
+        if not (isinstance(record, dict) and record.get("sop_instance_uid") == sop_instance_uid
+                and isinstance(record.get("image_uri"), str) and record["image_uri"]
+                and isinstance(record.get("run_id"), str) and is_safe_name(record["run_id"])):
+            raise StoredStateError(f"{uri}: not a claim of instance {sop_instance_uid} this code wrote")
+        return Owner(record["image_uri"], record["run_id"])
+
+    def _why_not_held(self, owner: Owner, sop_instance_uid: str) -> str | None:
+        if owner.run_id in self.published.open_runs:
+            return None
+        problem = self._row_problem(owner, sop_instance_uid)
+        if problem is not None and owner.run_id in leases.live_runs(self.results_uri, self.live_after):
+            self.published.open_runs.add(owner.run_id)  # a run that started after this chunk
+            return None
+        return problem
+
+    def _row_problem(self, owner: Owner, sop_instance_uid: str) -> str | None:
+        try:
+            row = read_entry(self.results_uri, self.model_version, owner.image_uri, self.classes)
+        except storage.NotFound:
+            return f"it names {owner.image_uri!r}, which has no ledger entry, and run {owner.run_id} is not open"
+        except (LedgerError, *_DAMAGED_FILE) as error:
+            return str(error)
+        if row.sop_instance_uid != sop_instance_uid:
+            return f"it names {owner.image_uri!r}, whose row is of another instance"
+        return self.published.why_not_held(row)
 
 
 @dataclass

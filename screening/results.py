@@ -5,6 +5,7 @@ what one prediction row holds, and what a run's summary says (DESIGN.md, 'Screen
     <results>/runs/<run id>/parts/chunk-NNNNNN.jsonl    rows a chunk claimed (with thumbnails)
     <results>/runs/<run id>/chunks/chunk-NNNNNN.json    inputs a chunk set out to screen
     <results>/ledger/<model version>/<sha256 of the image URI>.json
+    <results>/ledger-instances/<model version>/<sha256 of the SOP Instance UID>.json   which input screens a DICOM instance
     <results>/ledger-quarantine/<model version>/<key>-<time>.json   entries that proved nothing
     <results>/ledger-proven/<model version>/<xx>.json    entries proven by a published row, with their stamps
     <results>/open-runs/<run id>.json                   the lease of a live run
@@ -38,11 +39,13 @@ from imaging.dicom_identity import (
 from model.bundle import is_safe_name
 from store import storage
 
-__all__ = ["DEIDENTIFIED_PREFIX", "MAX_NAMED_DAMAGE", "OUTPUT_NAMES", "PROBABILITY_BINS", "ROW_STATUSES", "RUN_STATUSES", "PredictionRow", "ResultsLayout",
+__all__ = ["DELIVERY_STATUSES", "DEIDENTIFIED_PREFIX", "MAX_NAMED_DAMAGE", "OUTPUT_NAMES", "PROBABILITY_BINS", "ROW_STATUSES", "RUN_STATUSES", "PredictionRow", "ResultsLayout",
            "RunLayout", "RunSummary", "entry_key", "input_name", "probability_column"]
 
 OUTPUT_NAMES = ("predictions.csv", "predictions.jsonl", "summary.json", "report.html")
-ROW_STATUSES = ("ok", "rejected")
+# "duplicate": a DICOM instance (SOP Instance UID) another input was screened as; no prediction of its own.
+ROW_STATUSES = ("ok", "rejected", "duplicate")
+DELIVERY_STATUSES = ("pending", "delivered", "dead")
 RUN_STATUSES = ("running", "completed", "failed", "abandoned")
 MAX_NAMED_DAMAGE = 100  # damaged files a summary names one by one; it counts all of them
 PROBABILITY_BINS = 20  # a summary's histogram of the positive-class probability: equal bins over [0, 1]
@@ -126,6 +129,11 @@ class ResultsLayout:
     def ledger_entry(self, model_version: str, image_uri: str) -> str:
         return storage.join(self.ledger(model_version), entry_key(image_uri) + ".json")
 
+    def instance_entry(self, model_version: str, sop_instance_uid: str) -> str:
+        """Which input screens the DICOM instance for this version (``ledger.InstanceClaims``)."""
+        return storage.join(self.uri, "ledger-instances", _safe_name("model version", model_version),
+                            entry_key(sop_instance_uid) + ".json")
+
     def proofs(self, model_version: str) -> str:
         """Where ledger entries proven by a published row are remembered with their stamps (``ledger._Proofs``)."""
         return storage.join(self.uri, "ledger-proven", _safe_name("model version", model_version))
@@ -154,7 +162,7 @@ class PredictionRow:
 
     image_uri: str
     sha256: str | None
-    status: str  # "ok" or "rejected"
+    status: str  # ROW_STATUSES
     reason: str
     model_version: str
     predicted_class: str
@@ -185,6 +193,11 @@ class PredictionRow:
     # The decoded image's mean grey level and its standard deviation, over [0, 1]: empty where not decoded.
     image_brightness: float | None = None
     image_contrast: float | None = None
+    # A "duplicate" row's original: the input screened as the same DICOM instance (``ledger.InstanceClaims``).
+    same_as: str = ""
+    # Where this image's DICOM results stood when the run published its rows (screening/delivery.py):
+    # DELIVERY_STATUSES, or empty where the run delivers nothing for it. The ledger keeps it empty.
+    delivery: str = ""
     # Kept in part files for the report's worklist; never in the CSV, the JSONL or the ledger.
     thumbnail: str | None = field(default=None, metadata={"column": False})  # JPEG, base64
     # Grad-CAM at its own resolution (14x14 at 224 px), 8-bit grayscale PNG, base64: the report colours
@@ -261,6 +274,7 @@ class RunSummary:
     screened: int = 0
     ok: int = 0
     rejected: int = 0
+    duplicates: int = 0  # rows of instances screened as another input (not counted in ``screened``)
     flagged: int = 0
     predicted: dict[str, int] = field(default_factory=dict)
     images_per_second: float | None = None
@@ -275,7 +289,7 @@ class RunSummary:
     drift: dict[str, Any] | None = None
     drift_profile: dict[str, Any] | None = None
     # Results sent back to a PACS (screening/delivery.py): {"destination", "prepared", "delivered",
-    # "pending", "dead", "error"}; None when the run delivers nothing.
+    # "pending", "dead", "dead_entries": [the first of them], "error"}; None when the run delivers nothing.
     delivery: dict[str, Any] | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     # Stored state this run found damaged, forged or inconsistent and skipped (or refused) instead of
@@ -294,9 +308,10 @@ class RunSummary:
     def tally(self, rows: list[PredictionRow], classes: list[str], threshold: float) -> RunSummary:
         """This summary with its counts taken from ``rows``."""
         ok = [row for row in rows if row.status == "ok"]
+        duplicates = sum(row.status == "duplicate" for row in rows)
         return dataclasses.replace(
-            self, classes=list(classes), threshold=threshold, screened=len(rows), ok=len(ok),
-            rejected=len(rows) - len(ok), flagged=sum(row.flagged for row in rows),
+            self, classes=list(classes), threshold=threshold, screened=len(rows) - duplicates, ok=len(ok),
+            rejected=len(rows) - len(ok) - duplicates, duplicates=duplicates, flagged=sum(row.flagged for row in rows),
             predicted=dict(sorted(Counter(row.predicted_class for row in ok).items())),
             images_per_second=round(len(rows) / self.seconds, 3) if self.seconds else None,
         )
@@ -355,6 +370,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_dead_list(value: Any) -> bool:
+    """A summary's dead deliveries (screening/delivery.Outcome.dead): what the report names."""
+    return isinstance(value, list) and all(
+        isinstance(item, dict) and all(isinstance(item.get(name), str) for name in
+                                       ("model_version", "sop_instance_uid", "image_uri", "last_error"))
+        and _COUNT.test(item.get("nights")) for item in value)
+
+
 def _is_time(value: Any) -> bool:
     try:
         datetime.fromisoformat(value)
@@ -403,7 +426,8 @@ _ROW_RULES = {
     "view_position": _Rule(lambda value: value == "" or is_view_position(value), "a view position or empty"),
     **{name: _Rule(lambda value, name=name: is_study_field(name, value), f"a {name.replace('_', ' ')} of ours or empty")
        for name in ACQUISITION_FIELDS},
-    "image_brightness": _PROBABILITY, "image_contrast": _PROBABILITY,
+    "image_brightness": _PROBABILITY, "image_contrast": _PROBABILITY, "same_as": _TEXT,
+    "delivery": _Rule(lambda value: value == "" or value in DELIVERY_STATUSES, "a delivery status or empty"),
 }
 _SUMMARY_RULES = {
     "run_id": _SAFE, "model_version": _SAFE, "model_store_uri": _TEXT, "incoming_uri": _TEXT, "results_uri": _TEXT,
@@ -415,6 +439,7 @@ _SUMMARY_RULES = {
     "recovered_by": _optional(_SAFE), "seconds": _optional(_SECONDS), "images_per_second": _optional(_SECONDS),
     "inputs_found": _optional(_COUNT), "already_screened": _optional(_COUNT), "to_screen": _optional(_COUNT),
     "claimed_by_other_runs": _COUNT, "vanished": _COUNT, "screened": _COUNT, "ok": _COUNT, "rejected": _COUNT,
+    "duplicates": _COUNT,
     "flagged": _COUNT, "threshold": _PROBABILITY,
     "recovered_runs": _Rule(lambda value: isinstance(value, list) and all(map(is_safe_name, value)),
                             "a list of run ids"),
@@ -433,8 +458,9 @@ _SUMMARY_RULES = {
     "drift_profile": _optional(_Rule(lambda value: _is_profile(value), "a drift profile (values, categories)")),
     "delivery": _optional(_Rule(
         lambda value: isinstance(value, dict) and isinstance(value.get("destination"), str)
-        and all(_COUNT.test(value.get(name, 0)) for name in ("prepared", "delivered", "pending", "dead")),
-        "a delivery tally (destination and counts)")),
+        and all(_COUNT.test(value.get(name, 0)) for name in ("prepared", "delivered", "pending", "dead"))
+        and _is_dead_list(value.get("dead_entries", [])),
+        "a delivery tally (destination, counts and dead entries)")),
     "probability_histogram": _optional(_Rule(
         lambda value: isinstance(value, list) and len(value) == PROBABILITY_BINS and all(map(_COUNT.test, value)),
         f"a list of {PROBABILITY_BINS} counts")),

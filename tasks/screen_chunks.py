@@ -328,6 +328,7 @@ class ChunkResult:
     ok: int = 0
     rejected: int = 0
     flagged: int = 0
+    duplicates: int = 0  # DICOM instances another input screens (their rows say which)
     already_done: int = 0  # claimed first by another run: not this run's rows
     vanished: list[str] = field(default_factory=list)  # listed, then gone before reading
     seconds: float = 0.0
@@ -377,6 +378,7 @@ def read_ahead(batch_size: int, threads: int) -> int:
 def screen_images(
     uris: Sequence[str], loaded_model: LoadedModel, batch_size: int, workers: int | None = None,
     explain: str = "flagged", limits: InputLimits = InputLimits(),
+    instances: Callable[[str, str], ledger.Owner | None] | None = None,
 ) -> Iterator[PredictionRow | str]:
     """Rows for ``uris``, or the name of a vanished input. Inputs are named by ``results.input_name``
     (with ``limits.deidentify``, a keyed token: the clear location reaches no row). Flagged rows carry a thumbnail; rows of
@@ -392,6 +394,8 @@ def screen_images(
     float32 forward pass of their own. With the version's scope gate (model/scope.py), every decoded
     image is judged from the same forward pass's features and its pixels: one out of scope is a
     rejected row with the gate's reason and never flagged or explained; every row keeps its score.
+    With ``instances`` (``ledger.InstanceClaims.screened_as``), a decoded DICOM whose instance
+    another input screens is not predicted: its row is a "duplicate" naming that input.
 
     Raises ``DeidentifyKeyMissing`` before reading anything when de-identification has no key.
     """
@@ -451,13 +455,28 @@ def screen_images(
                 cam=None if cam is None else base64.b64encode(encode_png(np.uint8(np.round(cam * 255)))).decode(),
                 **_study_fields(item.study))
 
+    def load(uri: str) -> tuple[LoadedImage | str, ledger.Owner | None]:
+        """Read and decoded, and for a DICOM its instance claimed: on the reading threads, since a
+        claim is a conditional write (~30 ms on S3)."""
+        loaded = _load_or_vanish(uri, spec, limits)
+        if instances is None or isinstance(loaded, str) or loaded.pixels is None or loaded.study is None \
+                or not loaded.study.sop_instance_uid:
+            return loaded, None
+        return loaded, instances(loaded.study.sop_instance_uid, input_name(loaded.uri, limits.deidentify))
+
     threads = workers or 2 * decoder_count()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         batch: list[LoadedImage] = []
-        for loaded in bounded_map(pool, lambda uri: _load_or_vanish(uri, spec, limits), uris,
-                                  read_ahead(batch_size, threads)):
+        for loaded, owner in bounded_map(pool, load, uris, read_ahead(batch_size, threads)):
             if isinstance(loaded, str):
                 yield input_name(loaded, limits.deidentify)
+            elif owner is not None:
+                yield PredictionRow(
+                    image_uri=input_name(loaded.uri, limits.deidentify), sha256=loaded.sha256, status="duplicate",
+                    reason=f"the same DICOM instance (SOP Instance UID) as {owner.image_uri}, screened by run "
+                           f"{owner.run_id}", model_version=card.version, predicted_class="",
+                    probabilities=dict.fromkeys(card.classes), flagged=False, screened_at=utc_timestamp(),
+                    same_as=owner.image_uri, **_study_fields(loaded.study))
             elif loaded.pixels is None:
                 yield PredictionRow(
                     image_uri=input_name(loaded.uri, limits.deidentify), sha256=loaded.sha256, status="rejected", reason=loaded.reason or "",
@@ -509,7 +528,9 @@ def screen_chunk(
     limits = dataclasses.replace(limits, reduced_decode=loaded_model.reduced_decode)
     try:
         with ThreadPoolExecutor(max_workers=CLAIMS_IN_FLIGHT, thread_name_prefix="claim") as claims:
-            for produced in screen_images(uris, loaded_model, batch_size, explain=explain, limits=limits):
+            instances = ledger.InstanceClaims(results_uri, card.version, run_id, card.classes)
+            for produced in screen_images(uris, loaded_model, batch_size, explain=explain, limits=limits,
+                                          instances=instances.screened_as):
                 if time.monotonic() - renewed > leases.RENEW_EVERY_SECONDS:
                     leases.renew_quietly(results_uri, run_id)
                     renewed = time.monotonic()
@@ -520,6 +541,8 @@ def screen_chunk(
                 produced.run_id = run_id
                 if produced.status == "rejected":
                     logger.warning("Rejected %s: %s", produced.image_uri, produced.reason)
+                elif produced.status == "duplicate":
+                    logger.info("Not screened again: %s is %s", produced.image_uri, produced.reason)
                 claimed.append(claims.submit(_claim, results_uri, card, produced))
     finally:
         # Rows claimed before a failure are written too, so they reach this run's outputs.
@@ -534,6 +557,7 @@ def screen_chunk(
     result.claimed = len(mine)
     result.ok = sum(row.status == "ok" for row in mine)
     result.rejected = sum(row.status == "rejected" for row in mine)
+    result.duplicates = sum(row.status == "duplicate" for row in mine)
     result.flagged = sum(row.flagged for row in mine)
     result.seconds = time.perf_counter() - started
     return result

@@ -83,12 +83,15 @@ class Pending(NamedTuple):
 
 
 @task(**io_step(retries=3))
-def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard, drift_window: int = drift.DRIFT_WINDOW
-                      ) -> RunSummary:
+def write_run_outputs(results_uri: str, summary: RunSummary, card: ModelCard, drift_window: int = drift.DRIFT_WINDOW,
+                      delivered: dict[str, str] | None = None) -> RunSummary:
     """Predictions, summary (with its drift tests), report and artifacts from every row the run
-    claimed; then its lease goes."""
+    claimed, each row with where its DICOM results stand (``delivered``, by input, from
+    ``deliver_results``); then its lease goes."""
     damaged: list[str] = []
     rows = reports.read_run_rows(results_uri, summary.run_id, card, damaged=damaged)
+    for row in rows:
+        row.delivery = (delivered or {}).get(row.image_uri, "")
     summary = summary.tally(rows, card.classes, card.threshold)
     summary.note_damage(damaged)
     summary = reports.write_outputs(results_uri, rows, card, summary, drift_window)
@@ -101,24 +104,31 @@ DRIFT_EVENT = "cxr.screening.drift"
 
 
 @task
-def deliver_results(params, run_id: str, card: ModelCard) -> dict:
+def deliver_results(params, run_id: str, card: ModelCard) -> tuple[dict, dict[str, str]]:
     """This run's PACS images' DICOM results built and kept, then everything pending sent to
-    ``params.deliver_to`` (screening/delivery.py). A failure is counted and logged, never raised:
-    the rows are the run's result, delivered or not."""
+    ``params.deliver_to`` (screening/delivery.py): the summary's tally, and where each of this run's
+    images' results stand, by input. A failure is counted and logged, never raised: the rows are
+    the run's result, delivered or not."""
     from screening import delivery
 
     logger = get_run_logger()
     tally = {"destination": params.deliver_to, "prepared": 0, "delivered": 0, "pending": 0, "dead": 0}
+    images: dict[str, str] = {}
     try:
-        tally["prepared"] = delivery.prepare(params.results_uri, run_id, card, params.deliver_to, params.uid_root)
-        tally.update(delivery.deliver(params.results_uri, params.deliver_to, params.delivery_max_nights))
+        prepared = delivery.prepare(params.results_uri, run_id, card, params.deliver_to, params.uid_root)
+        tally["prepared"] = prepared.made
+        images = dict.fromkeys(prepared.instances, "pending")
+        outcome = delivery.deliver(params.results_uri, params.deliver_to, params.delivery_max_nights)
+        tally.update(outcome.counts, dead_entries=outcome.dead)
+        # An instance the open entries no longer hold was delivered (tonight or on an earlier run).
+        images = {image: outcome.statuses.get(sop, "delivered") for image, sop in prepared.instances.items()}
     except Exception as error:  # noqa: BLE001 - delivery never fails the run: its rows are its result
         logger.error("Delivery to %s stopped: %s; the rows are kept, and what is pending is sent on the next run",
                      params.deliver_to, error)
         tally["error"] = str(error)[:500]
     logger.info("Delivery to %s: %d prepared, %d delivered now, %d pending, %d waiting for a person (dead)",
                 params.deliver_to, tally["prepared"], tally["delivered"], tally["pending"], tally["dead"])
-    return tally
+    return tally, images
 
 
 def announce_drift(summary: RunSummary) -> bool:

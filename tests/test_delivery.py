@@ -31,8 +31,8 @@ def test_a_destination_that_does_not_answer_costs_a_few_entries_not_all(tmp_path
     results = str(tmp_path)
     pending_entries(results, 6)
     waits = []
-    tally = delivery.deliver(results, f"dicomweb+http://127.0.0.1:{closed_port()}/dicom-web", sleep=waits.append)
-    assert tally == {"delivered": 0, "pending": 6, "dead": 0}
+    outcome = delivery.deliver(results, f"dicomweb+http://127.0.0.1:{closed_port()}/dicom-web", sleep=waits.append)
+    assert outcome.counts == {"delivered": 0, "pending": 6, "dead": 0} and set(outcome.statuses.values()) == {"pending"}
     found = {entry.sop_instance_uid: entry for _, entry in delivery.entries(results)}
     tried = sorted(uid for uid, entry in found.items() if entry.attempts)
     assert len(tried) == delivery.GIVE_UP_AFTER and all(found[uid].attempts == delivery.TRIES for uid in tried)
@@ -71,10 +71,12 @@ def test_a_destination_that_refuses_the_credentials_is_not_asked_again_in_the_ru
     try:
         results = str(tmp_path)
         (uid,) = pending_entries(results, 1)
-        tally = delivery.deliver(results, f"dicomweb+http://127.0.0.1:{server.server_address[1]}/dicom-web",
-                                 max_nights=1, sleep=lambda seconds: None)
+        outcome = delivery.deliver(results, f"dicomweb+http://127.0.0.1:{server.server_address[1]}/dicom-web",
+                                   max_nights=1, sleep=lambda seconds: None)
     finally:
         server.shutdown()
     (entry,) = [entry for _, entry in delivery.entries(results)]
-    assert tally == {"delivered": 0, "pending": 0, "dead": 1} and entry.sop_instance_uid == uid
+    assert outcome.counts == {"delivered": 0, "pending": 0, "dead": 1} and entry.sop_instance_uid == uid
     assert entry.attempts == 1 and "refused the credentials (403)" in entry.last_error  # no retry: it would be refused
+    (named,) = outcome.dead  # what the run's summary and report name
+    assert named["sop_instance_uid"] == uid and named["nights"] == 1 and "403" in named["last_error"]

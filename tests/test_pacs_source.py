@@ -150,6 +150,7 @@ def test_results_go_back_to_the_pacs_once_and_a_pacs_that_is_down_costs_nothing(
 
     from pydicom import dcmread
 
+    from screening import delivery
     from screening.dicom_results import read_report
 
     night = [send(pacs, AccessionNumber=f"D1-{number}", StudyDate="20300107") for number in range(4)]
@@ -157,6 +158,8 @@ def test_results_go_back_to_the_pacs_once_and_a_pacs_that_is_down_costs_nothing(
     summary = run_screen(location, results, model_store, deliver_to=pacs.dicomweb)
     rows = {row["sop_instance_uid"]: row for row in run_rows(results)}
     assert set(rows) == set(night) and summary.delivery["delivered"] == summary.delivery["prepared"] == 4
+    assert {row["delivery"] for row in rows.values()} == {"delivered"}  # each row says so
+    assert delivery.entries(results) == [] and delivery.delivered_count(results) == 4  # none left to read nightly
     reports = [read_report(dcmread(io.BytesIO(data))) for data in orthanc_instances(pacs, "SR")]
     mine = {report["source_sop_instance_uid"]: report for report in reports if report["source_sop_instance_uid"] in rows}
     assert set(mine) == set(night)  # one report per image, referencing it
@@ -178,13 +181,16 @@ def test_results_go_back_to_the_pacs_once_and_a_pacs_that_is_down_costs_nothing(
     missed = run_screen(location, results, model_store, deliver_to=down, delivery_max_nights=2)
     assert missed.status == "completed" and late in {row["sop_instance_uid"] for row in run_rows(results)}
     assert missed.delivery["pending"] == 1 and missed.delivery["delivered"] == 0
+    assert {row["sop_instance_uid"]: row["delivery"] for row in run_rows(results)}[late] == "pending"
     environment = {**os.environ, "COLUMNS": "200"}
     shown = subprocess.run([sys.executable, "-m", "cli.main", "deliveries", results, "--json"], cwd=ROOT, env=environment,
                            capture_output=True, text=True, timeout=120, check=False)
     (pending,) = [entry for entry in json.loads(shown.stdout)["deliveries"] if entry["status"] == "pending"]
     assert shown.returncode == 0 and pending["sop_instance_uid"] == late and "did not answer" in pending["last_error"]
     dead = run_screen(location, results, model_store, deliver_to=down, delivery_max_nights=2)
-    assert dead.delivery["dead"] == 1
+    assert dead.delivery["dead"] == 1 and dead.delivery["dead_entries"][0]["sop_instance_uid"] == late
+    page = storage.read_bytes(dead.outputs["report.html"]).decode()  # the dead-letter list, in the report
+    assert "1 images' results could not be delivered" in page and late in page, page[:2000]
     shown = subprocess.run([sys.executable, "-m", "cli.main", "deliveries", results], cwd=ROOT, env=environment,
                            capture_output=True, text=True, timeout=120, check=False)
     assert shown.returncode == 1 and "1 dead" in shown.stdout, shown.stdout
@@ -217,6 +223,62 @@ def test_results_go_to_a_pacs_over_dimse_from_a_known_ae_title_only(pacs, creden
     assert stored.delivery["delivered"] == 1 and stored.delivery["pending"] == 0
     assert image in {read_report(dcmread(io.BytesIO(data)))["source_sop_instance_uid"]
                      for data in orthanc_instances(pacs, "SR")}
+
+
+def test_a_destination_that_refuses_the_credentials_leaves_the_rows_and_waits_for_a_person(
+        pacs, credentials, model_store, tmp_path):
+    from deployments import orthanc
+
+    other = orthanc.configure(tmp_path / "other-pacs", _free_port())  # a PACS with a password we do not have
+    process = orthanc.start(other, tmp_path / "other.log")
+    try:
+        image = send(pacs, AccessionNumber="R1-1", StudyDate="20320110")
+        location, results = f"{pacs.dicomweb}?StudyDate=20320110-", str(tmp_path / "results")
+        summary = run_screen(location, results, model_store, deliver_to=other.dicomweb, delivery_max_nights=1)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    (row,) = run_rows(results)
+    assert summary.status == "completed" and row["status"] == "ok" and row["sop_instance_uid"] == image
+    assert row["delivery"] == "dead" and summary.delivery["dead"] == 1  # refused: no retry within the night
+    (entry,) = summary.delivery["dead_entries"]
+    assert "refused the credentials (401)" in entry["last_error"] and entry["nights"] == 1, entry
+
+
+def test_an_instance_screened_from_a_folder_export_is_not_screened_again_from_the_pacs_but_delivered(
+        pacs, credentials, model_store, tmp_path):
+    import io
+
+    from pydicom import dcmread
+
+    from screening.dicom_results import read_report
+
+    pixels = chest_phantom(np.random.default_rng(7), 128)
+    dataset = radiograph(pixels.astype(np.uint16) * 16, bits_stored=12, StudyInstanceUID=generate_uid(),
+                         SeriesInstanceUID=generate_uid(), PatientID="P-2", StudyDate="20330111",
+                         AccessionNumber="E1-1", ViewPosition="PA", BodyPartExamined="CHEST")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "IM0001.dcm").write_bytes(dicom_bytes(dataset))  # the modality's folder export, screened first
+    results = str(tmp_path / "results")
+    first = run_screen(str(export), results, model_store)
+    (screened,) = run_rows(results)
+    assert first.screened == 1 and screened["status"] == "ok"
+
+    token = base64.b64encode(f"{pacs.user}:{pacs.password}".encode()).decode()
+    request = urllib.request.Request(f"{pacs.url}/instances", data=dicom_bytes(dataset), method="POST",
+                                     headers={"Authorization": f"Basic {token}", "Content-Type": "application/dicom"})
+    urllib.request.urlopen(request, timeout=30).close()  # the same instance, sent to the PACS
+    second = run_screen(f"{pacs.dicomweb}?StudyDate=20330111-", results, model_store, deliver_to=pacs.dicomweb)
+    rows = {row["image_uri"]: row for row in run_rows(results)}
+    (from_pacs,) = [row for uri, row in rows.items() if uri.startswith(pacs.dicomweb)]
+    assert second.screened == 0 and second.duplicates == 1 and from_pacs["status"] == "duplicate"
+    assert from_pacs["same_as"] == str(export / "IM0001.dcm") and from_pacs["delivery"] == "delivered"
+    # The PACS gets the result of the one screening: the folder row's probability, referencing the instance.
+    (report,) = [read_report(dcmread(io.BytesIO(data))) for data in orthanc_instances(pacs, "SR")
+                 if read_report(dcmread(io.BytesIO(data)))["source_sop_instance_uid"] == str(dataset.SOPInstanceUID)]
+    assert report["probability"] == pytest.approx(float(screened["prob_covid"]), abs=1e-6)
+    assert report["present"] == (screened["flagged"] == "True")
 
 
 def test_pacs_credentials_never_go_into_parameters_and_delivery_needs_the_real_uids():

@@ -41,7 +41,7 @@ def test_columns_follow_the_row_fields_and_the_classes():
                                               "study_instance_uid", "series_instance_uid", "sop_instance_uid",
                                               "accession_number", "view_position", "modality", "manufacturer",
                                               "photometric_interpretation", "pixel_spacing", "image_brightness",
-                                              "image_contrast"]
+                                              "image_contrast", "same_as", "delivery"]
     record = row("a.png", 0.8, thumbnail="abc").to_record()
     assert list(record) == PredictionRow.columns(CLASSES)  # the thumbnail never reaches CSV or ledger
     assert row("a.png", 0.8, thumbnail="abc").to_record(with_thumbnail=True)["thumbnail"] == "abc"
