@@ -14,7 +14,8 @@ from cli.output import console
 
 __all__ = ["dataset_updated", "deploy", "require_prefect_api", "retrain", "stack_app"]
 
-stack_app = typer.Typer(help="A local stack: Prefect server and UI, S3 endpoint, workers, deployments.",
+stack_app = typer.Typer(help="A local stack: Prefect server and UI, S3 endpoint, workers, deployments, and "
+                             "optionally a local PACS (Orthanc).",
                         no_args_is_help=True)
 STACK_DIR = typer.Option(".stack", envvar="CXR_STACK_DIR", help="Folder for the stack's state and logs.")
 
@@ -39,9 +40,18 @@ def stack_up(
                                                  "environment: a command line is visible to every user."),
     database_port: int = typer.Option(5432, help="Port of the stack's PostgreSQL server (127.0.0.1), "
                                                  "with --database postgres."),
+    pacs: bool = typer.Option(False, "--pacs", help="Also start Orthanc as the site's local PACS (Debian's orthanc "
+                                                    "and orthanc-dicomweb), its studies in <folder>/orthanc, user cxr "
+                                                    "with the password in <folder>/pacs-password; the workers and the "
+                                                    "client environment get them. Orthanc 1.10 cannot bind to one "
+                                                    "address: it listens on every interface and refuses other "
+                                                    "machines (HTTP 403; DICOM only from known AE titles on "
+                                                    "127.0.0.1)."),
+    pacs_port: int = typer.Option(8042, help="Port of the PACS's HTTP and DICOMweb server, with --pacs."),
+    pacs_dicom_port: int = typer.Option(4242, help="Port of the PACS's DICOM (C-STORE) server, with --pacs."),
 ) -> None:
     """Start server, S3 endpoint (unless AWS_ENDPOINT_URL names one), cpu and gpu workers, with --workers N
-    a Dask scheduler and N Dask workers; deploy. Writes the client environment to <folder>/env."""
+    a Dask scheduler and N Dask workers, with --pacs Orthanc; deploy. Writes the client environment to <folder>/env."""
     import shlex
 
     from deployments import stack
@@ -50,7 +60,8 @@ def stack_up(
     try:
         state = stack.up(folder, Settings(), port=port, s3_port=s3_port, echo=console.print, workers=workers,
                          dask_port=dask_port, s3_only=s3_only, database=database,
-                         database_url=database_url, database_port=database_port)
+                         database_url=database_url, database_port=database_port, pacs=pacs, pacs_port=pacs_port,
+                         pacs_dicom_port=pacs_dicom_port)
     except ValueError as error:  # refused: the settings, a stack already running, a state file not trusted
         console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(code=EXIT_INPUT) from None
@@ -65,6 +76,8 @@ def stack_up(
     if workers:
         console.print(f"Dask scheduler: {state['environment']['CXR_DASK_ADDRESS']} with {workers} worker(s); "
                       "nightly-screening fans its chunks out to it.")
+    if "pacs" in state:
+        _show_pacs(state["pacs"])
     if "s3" in state["processes"]:
         data = stack.stored_data(folder)
         console.print(f"S3 data: {escape(data) if data else 'none stored yet'}. Kept across 'stack down' and "
@@ -105,7 +118,8 @@ def stack_status(folder: Path = STACK_DIR) -> None:
 def stack_down(
     folder: Path = STACK_DIR,
     wipe: bool = typer.Option(False, "--wipe", help="Also remove the stored state: the local S3's data (models, "
-                                                    "ledger, results, datasets) and Prefect's run history."),
+                                                    "ledger, results, datasets), Prefect's run history and the "
+                                                    "PACS's studies."),
 ) -> None:
     """Stop exactly the processes that 'stack up' started; the local S3 saves its data as it stops."""
     from deployments import stack
@@ -116,6 +130,9 @@ def stack_down(
         data = stack.stored_data(folder)
         if data and "s3" in stopped:
             console.print(f"S3 data kept for the next 'stack up': {escape(data)}", soft_wrap=True)
+        if "orthanc" in stopped:
+            console.print(f"PACS studies kept in {escape(str(folder.resolve() / stack.PACS_DATA))} for the next "
+                          "'stack up --pacs'; 'stack down --wipe' removes them.", soft_wrap=True)
         return
     try:
         removed = stack.wipe(folder)
@@ -126,6 +143,14 @@ def stack_down(
         console.print(f"Removed {escape(what)}", soft_wrap=True)
     if not removed:
         console.print("No stored state to remove.")
+
+
+def _show_pacs(pacs: dict[str, str]) -> None:
+    """Where the stack's PACS answers; its password is named by its file, never printed."""
+    console.print(f"PACS (Orthanc): DICOMweb {escape(pacs['dicomweb'])} (CXR_STACK_PACS in the client environment), "
+                  f"DICOM {escape(pacs['dicom'])}, web UI {escape(pacs['explorer'])}; user cxr, password in "
+                  f"{escape(pacs['password_file'])}. It listens on every interface (Orthanc 1.10 cannot bind to one "
+                  "address) and refuses other machines.", soft_wrap=True)
 
 
 def _stack_call(function, folder: Path):

@@ -1,5 +1,5 @@
 """A local PACS: Orthanc with its DICOMweb plugin (Debian's ``orthanc`` and ``orthanc-dicomweb``),
-configured by this code, for the tests and for a site that wants one beside the stack.
+configured by this code, for the tests, the PACS benchmark and the local stack (``stack up --pacs``).
 
 Its configuration is generated into its folder (0700, the file 0600): storage in that folder,
 HTTP authentication on with one generated user, access from other machines refused, the DICOM
@@ -15,14 +15,16 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DICOMWEB_PLUGIN", "Orthanc", "OrthancError", "configure", "start"]
+__all__ = ["DICOMWEB_PLUGIN", "Orthanc", "OrthancError", "configure", "require", "start", "wait_until_ready"]
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 INSTALL_HINT = "install Debian's Orthanc and its DICOMweb plugin (apt-get install orthanc orthanc-dicomweb)"
@@ -52,6 +54,11 @@ class Orthanc:
         """The DICOMweb root, as a screening location names it."""
         return f"dicomweb+http://127.0.0.1:{self.http_port}/dicom-web"
 
+    @property
+    def dimse(self) -> str | None:
+        """Its DICOM (C-STORE) address as a delivery location names it; None without a DICOM port."""
+        return f"dimse://{self.aet}@127.0.0.1:{self.dicom_port}" if self.dicom_port else None
+
     def command(self) -> list[str]:
         return [_program(), "--no-jobs", str(self.folder / "orthanc.json")]
 
@@ -61,6 +68,20 @@ def _program() -> str:
     if program is None or not DICOMWEB_PLUGIN.exists():
         raise OrthancError(f"Orthanc or its DICOMweb plugin is not installed: {INSTALL_HINT}")
     return program
+
+
+def require(ports: Mapping[int, str]) -> None:
+    """OrthancError, in one line, unless Orthanc and its plugin are installed and each of ``ports``
+    (a port: the option that chose it) is free on every address: Orthanc listens on all of them, so
+    whatever holds the port on any one (a site's own Orthanc on 8042, say) is in its way."""
+    _program()
+    for port, option in ports.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no owner
+            try:
+                probe.bind(("0.0.0.0", port))  # a probe, closed at once: where Orthanc will listen
+            except OSError:
+                raise OrthancError(f"port {port} is taken (another Orthanc, or another service?): choose {option}") from None
 
 
 def configure(folder: Path, http_port: int, dicom_port: int | None = None, user: str = "cxr",
@@ -94,6 +115,13 @@ def start(orthanc: Orthanc, log: Path, timeout: float = 60) -> subprocess.Popen:
     with open(log, "ab") as handle:
         process = subprocess.Popen(orthanc.command(), stdout=handle, stderr=subprocess.STDOUT,
                                    start_new_session=True, cwd=orthanc.folder)
+    wait_until_ready(orthanc, process, log, timeout)
+    return process
+
+
+def wait_until_ready(orthanc: Orthanc, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    """Until ``process`` answers ``/system`` with the credentials (whatever else holds the port would
+    refuse them); OrthancError, and the process killed, when it exits or stays silent."""
     request = urllib.request.Request(f"{orthanc.url}/system")
     manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
     manager.add_password(None, orthanc.url, orthanc.user, orthanc.password)
@@ -104,7 +132,7 @@ def start(orthanc: Orthanc, log: Path, timeout: float = 60) -> subprocess.Popen:
             raise OrthancError(f"Orthanc exited with code {process.returncode}; see {log}")
         try:
             with opener.open(request, timeout=2):
-                return process
+                return
         except (urllib.error.URLError, OSError):
             time.sleep(0.3)
     process.kill()

@@ -1,7 +1,7 @@
 """A local stack on one machine, bound to 127.0.0.1: Prefect server and UI, a moto S3 server
 whose objects outlive it (unless real S3 is configured; ``deployments/s3_server.py``), optionally a
-Dask scheduler and workers that nightly screening fans its chunks out to, a process worker for each
-pool, and the deployments.
+Dask scheduler and workers that nightly screening fans its chunks out to, optionally Orthanc as the
+site's local PACS (``deployments/orthanc.py``), a process worker for each pool, and the deployments.
 
 Everything it starts is recorded by pid and full command line in ``<folder>/stack.json``, with
 logs, Prefect's database and the S3 data beside it; ``down`` stops exactly those processes and
@@ -21,6 +21,13 @@ Models are signed on the stack by default: ``up`` keeps an HMAC key in ``<folder
 ``CXR_MODEL_SIGNING_KEY``, to what signs or checks bundles: the process workers (training and
 screening flow runs) and the Dask workers; the servers (Prefect, S3, the Dask scheduler) and the
 deploy step do not get it. A key already in the environment is used instead.
+
+With ``pacs``, Orthanc stores in ``<folder>/orthanc`` and asks for user ``cxr`` and the password in
+``<folder>/pacs-password`` (made once, 0600), which the workers get as ``CXR_DICOMWEB_USER`` and
+``CXR_DICOMWEB_PASSWORD`` and the client environment exports beside its location, ``CXR_STACK_PACS``;
+the servers and the deploy step do not. Orthanc 1.10 cannot bind to one address: it listens on every
+interface, answers other machines' HTTP requests with 403, and takes DICOM only from known AE titles
+on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from deployments import postgres
+from deployments import orthanc, postgres
 from deployments.s3_server import read_summary
 from deployments.settings import Settings
 from deployments.sigv4 import Credentials, CredentialsError, new_credentials, read_credentials
@@ -64,6 +71,11 @@ POSTGRES_PASSWORD = "postgres-password"
 DASK_TLS = "dask-tls"  # the Dask cluster's CA certificate, and certificates and keys of its scheduler, workers and clients
 S3_CREDENTIALS = "s3-credentials"  # the only key pair the local S3 accepts
 API_AUTH = "prefect-auth"  # the Prefect API's credentials, 'cxr:<token>', as its UI's login asks for them
+PACS_DATA = "orthanc"  # Orthanc's configuration and stored studies, with --pacs
+PACS_PASSWORD = "pacs-password"
+PACS_USER = "cxr"
+PACS_LOCATION = "CXR_STACK_PACS"  # the DICOMweb root, as a screening or delivery location names it
+PACS_CREDENTIALS = ("CXR_DICOMWEB_USER", "CXR_DICOMWEB_PASSWORD")  # store/dicomweb.py's
 _STOP_SIGNALS = ("SIGTERM", "SIGINT")  # PostgreSQL: SIGINT is its fast shutdown, SIGTERM waits for every client
 MAX_STATE_BYTES = 2**20  # a stack's state is about 2 kB
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -135,11 +147,11 @@ def _wait_for_dask(folder: Path, processes: dict[str, subprocess.Popen], workers
 
 
 # What a server the stack starts may inherit: the process basics and its own settings. The Prefect
-# server, the S3 server and the Dask scheduler read no model, image or bucket, so they get no AWS
-# credentials, signing or de-identification key; the workers, which do, get the whole environment.
+# server, the S3 server, the Dask scheduler and Orthanc read no model, image or bucket, so they get no
+# AWS or PACS credentials, signing or de-identification key; the workers, which do, get them.
 _BASICS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
            "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
-_SERVER_SETTINGS = {"server": ("PREFECT_",), "s3": ("MOTO_",), "postgres": (),
+_SERVER_SETTINGS = {"server": ("PREFECT_",), "s3": ("MOTO_",), "postgres": (), "orthanc": (),
                     # It unpickles references to the project's modules, which read Prefect's settings on import.
                     "dask-scheduler": ("PREFECT_", "DASK_")}
 # The Prefect server checks PREFECT_SERVER_API_AUTH_STRING; no server needs a client's credentials.
@@ -331,6 +343,13 @@ def _api_auth(folder: Path) -> str:
                           "'stack up'; clients then need the new client environment)")
 
 
+def _pacs_password(folder: Path) -> str:
+    """The password Orthanc asks user ``cxr`` for: ``<folder>/pacs-password``, 43 URL-safe characters."""
+    return _stored_secret(folder, PACS_PASSWORD, lambda: secrets.token_urlsafe(32), r"[A-Za-z0-9_-]{43}",
+                          "a password the stack made: remove it (a new one is made at 'stack up --pacs'; clients "
+                          "then need the new client environment)")
+
+
 def _trusted_folder(folder: Path) -> None:
     """StackStateError unless ``folder`` is this user's and nobody else can write it."""
     info = folder.stat()
@@ -354,9 +373,16 @@ def _write_client_environment(folder: Path, environment: dict[str, str], signing
     """``<folder>/env``: one ``export KEY=VALUE`` a line, values shell-quoted, readable only by
     the user (it holds the S3 credentials). The signing key is named by its file, never copied."""
     path = folder / ENV_FILE
+    pacs = (PACS_LOCATION, *PACS_CREDENTIALS)
     lines = ["# Written by 'cxr-screen stack up', removed by 'stack down': source it to point Prefect and boto3",
              "# at the stack.",
-             *(f"export {key}={shlex.quote(value)}" for key, value in environment.items() if key != "PREFECT_HOME")]
+             *(f"export {key}={shlex.quote(value)}" for key, value in environment.items()
+               if key != "PREFECT_HOME" and key not in pacs)]
+    if PACS_LOCATION in environment:
+        lines += [(f'# The stack\'s PACS (Orthanc): screen from it with CXR_INCOMING="${PACS_LOCATION}", deliver to '
+                   f'it with CXR_SCREEN_DELIVER_TO="${PACS_LOCATION}".'),
+                  *(f"export {key}={shlex.quote(environment[key])}" for key in pacs),
+                  "unset CXR_DICOMWEB_TOKEN  # another PACS's: store/dicomweb.py would send it instead"]
     if signing_key is not None:  # what training and screening run by hand sign and check the stack's models with
         lines.append(f'export {SIGNING_KEY_VARIABLE}="$(cat {shlex.quote(str(signing_key))})"')
     _write_private(path, "\n".join(lines) + "\n")
@@ -395,7 +421,8 @@ def status(folder: Path) -> dict[str, bool]:
 
 def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, start_s3: bool | None = None,
        echo: Callable[[str], None] = print, workers: int = 0, dask_port: int = 8786, s3_only: bool = False,
-       database: str = "sqlite", database_url: str | None = None, database_port: int = 5432) -> dict:
+       database: str = "sqlite", database_url: str | None = None, database_port: int = 5432, pacs: bool = False,
+       pacs_port: int = 8042, pacs_dicom_port: int = 4242) -> dict:
     """Start the stack and deploy; returns its state (processes, environment, UI address, the
     client environment's file).
 
@@ -405,6 +432,8 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
     ``database``: Prefect's database: "sqlite" (a file in the folder) or "postgres", a PostgreSQL
     server started on 127.0.0.1:``database_port`` with its cluster in ``<folder>/postgres``, or the
     one ``database_url`` names (postgresql://user:password@host:port/database).
+    ``pacs``: also Orthanc, the site's local PACS, with DICOMweb on ``pacs_port`` and DICOM on
+    ``pacs_dicom_port``, its studies in ``<folder>/orthanc``.
     """
     folder = folder.resolve()
     if folder.is_dir():
@@ -424,6 +453,8 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
             postgres.require()
         except postgres.PostgresError as error:
             raise ValueError(str(error)) from None
+    if s3_only and pacs:
+        raise ValueError("--s3-only starts the local S3 alone: leave out --pacs")
     if s3_only and (workers or os.environ.get("AWS_ENDPOINT_URL")):
         raise ValueError("--s3-only starts the local S3 alone: " + (
             f"leave out --workers {workers}" if workers
@@ -443,6 +474,10 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         start_s3 = True
     elif start_s3 is None:
         start_s3 = uses_s3 and not os.environ.get("AWS_ENDPOINT_URL")
+    if pacs:  # refused before anything starts
+        _require_pacs(pacs_port, pacs_dicom_port, {
+            "--port": port, "--s3-port": s3_port if start_s3 else None, "--dask-port": dask_port if workers else None,
+            "--database-port": database_port if database == "postgres" and not database_url else None})
     ui = f"http://127.0.0.1:{port}"
     api = f"{ui}/api"
     environment = {} if s3_only else {"PREFECT_API_URL": api, "PREFECT_HOME": str(folder / "prefect"),
@@ -471,12 +506,22 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
                            SIGNING_KEY_VARIABLE: os.environ.get(SIGNING_KEY_VARIABLE) or _signing_key(folder)}
     echo(f"Models are signed with {SIGNING_KEY_VARIABLE} from the environment" if key_file is None
          else f"Models are signed with the stack's key, {key_file}")
+    pacs_server = _configure_pacs(folder, pacs_port, pacs_dicom_port) if pacs else None
+    if pacs_server:
+        # What reads or delivers to the PACS (the workers) gets its credentials, in place of another
+        # PACS's token; the servers and the deploy step do not.
+        environment.update(_pacs_environment(pacs_server))
+        signing_environment = {**{key: value for key, value in signing_environment.items() if key != "CXR_DICOMWEB_TOKEN"},
+                               **_pacs_environment(pacs_server)}
     if not s3_only:
         Path(environment["PREFECT_HOME"]).mkdir(mode=0o700, parents=True, exist_ok=True)
         Path(environment["PREFECT_HOME"]).chmod(0o700)  # also one an older stack made readable
     processes: dict[str, dict] = {}
     state = {"folder": str(folder), "ui": None if s3_only else ui,
              "environment": environment, "processes": processes}
+    if pacs_server:
+        state["pacs"] = {"dicomweb": pacs_server.dicomweb, "dicom": pacs_server.dimse,
+                         "explorer": f"{pacs_server.url}/app/explorer.html", "password_file": str(folder / PACS_PASSWORD)}
 
     def record(name: str, process: subprocess.Popen, stop_signal: str = "SIGTERM", command: list | None = None) -> None:
         processes[name] = {"pid": process.pid, "command": [os.fsdecode(part) for part in command or process.args],
@@ -495,6 +540,8 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         if s3_only:
             state["env_file"] = str(_write_client_environment(folder, environment, key_file))
             return state
+        if pacs_server:
+            _start_orthanc(folder, pacs_server, child_environment, record, echo)
         if database == "postgres" and not database_url:
             server_database = _start_postgres(folder, database_port, child_environment, record, echo)
         state["database"] = ("SQLite, in " + str(folder / "prefect") if database == "sqlite" else
@@ -541,6 +588,46 @@ def _start_postgres(folder: Path, port: int, environment: dict, record: Callable
     record("postgres", process, stop_signal="SIGINT", command=command)  # the command line it runs with
     postgres.wait_until_ready(password, port, process, folder / "logs" / "postgres.log")
     return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": postgres.connection_url(password, port)}
+
+
+def _require_pacs(http_port: int, dicom_port: int, others: dict[str, int | None]) -> None:
+    """ValueError, in one line, unless Orthanc is installed and its two ports are its own: free on
+    every address (Orthanc cannot bind to one), apart, and none that the stack's other servers
+    (``others``, an option: its port, None for a server not started) will take."""
+    ports = {http_port: "--pacs-port", dicom_port: "--pacs-dicom-port"}
+    taken = {port: option for option, port in others.items() if port is not None}
+    try:
+        orthanc.require(ports)
+    except orthanc.OrthancError as error:
+        raise ValueError(str(error)) from None
+    if http_port == dicom_port:
+        raise ValueError(f"--pacs-port and --pacs-dicom-port are both {http_port}: choose two ports")
+    for port, option in ports.items():
+        if port in taken:
+            raise ValueError(f"{option} {port} is the stack's {taken[port]} too: choose another port")
+
+
+def _configure_pacs(folder: Path, http_port: int, dicom_port: int) -> orthanc.Orthanc:
+    """Orthanc's configuration in ``<folder>/orthanc``, with the stack's user and kept password; DICOM
+    stores from the AE title the workers deliver with (store/dimse.py's), on 127.0.0.1 alone."""
+    return orthanc.configure(folder / PACS_DATA, http_port, dicom_port, PACS_USER, _pacs_password(folder),
+                             (os.environ.get("CXR_DICOM_CALLING_AET", "CXRSCREEN"),))
+
+
+def _pacs_environment(server: orthanc.Orthanc) -> dict[str, str]:
+    """Where the stack's PACS answers, and its credentials as store/dicomweb.py reads them."""
+    return {PACS_LOCATION: server.dicomweb, PACS_CREDENTIALS[0]: server.user, PACS_CREDENTIALS[1]: server.password}
+
+
+def _start_orthanc(folder: Path, server: orthanc.Orthanc, environment: dict, record: Callable,
+                   echo: Callable[[str], None]) -> None:
+    """The stack's PACS, once it answers with its credentials."""
+    echo(f"Starting Orthanc (the site's PACS): DICOMweb on port {server.http_port}, DICOM on port {server.dicom_port} "
+         f"(AE title {server.aet}), its studies in {server.folder}. Orthanc 1.10 cannot bind to one address: it listens "
+         "on every interface and refuses other machines (HTTP 403; DICOM only from known AE titles on 127.0.0.1)")
+    process = _start(folder, "orthanc", server.command(), server_environment("orthanc", environment))
+    record("orthanc", process)
+    orthanc.wait_until_ready(server, process, folder / "logs" / "orthanc.log")
 
 
 def _api_protection(environment: dict[str, str], ui: str) -> dict[str, str]:
@@ -630,15 +717,15 @@ def down(folder: Path, timeout: float = 30) -> list[str]:
 
 def wipe(folder: Path) -> list[str]:
     """Remove a stopped stack's stored state: the local S3's data and Prefect's database (the run
-    history, whose artifacts link to that data), and Dask's scratch space; the logs stay. Returns
-    what was removed, in words."""
+    history, whose artifacts link to that data), the PACS's studies, and Dask's scratch space; the
+    logs and the credentials stay. Returns what was removed, in words."""
     folder = folder.resolve()
     if any(status(folder).values()):
         raise ValueError(f"the stack in {folder} is running: stop it first")
     removed = []
     for name, what in ((S3_DATA, "S3 data"), ("prefect", "Prefect's database (flow runs, logs, artifacts)"),
                        (POSTGRES_DATA, "Prefect's PostgreSQL database (flow runs, logs, artifacts)"),
-                       ("dask", "Dask scratch space")):
+                       (PACS_DATA, "the PACS's studies (Orthanc)"), ("dask", "Dask scratch space")):
         path = folder / name
         if not path.exists():
             continue

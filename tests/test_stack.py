@@ -1,5 +1,6 @@
 """The local stack for real: Prefect server, moto S3, a Dask scheduler and workers, cpu and gpu
-process workers, deployments; and the local S3 alone, kept across 'stack down' and 'stack up'.
+process workers, deployments, Orthanc as the site's PACS (where Debian's orthanc and orthanc-dicomweb
+are installed); and the local S3 alone, kept across 'stack down' and 'stack up'.
 
 Everything goes through processes and HTTP, as an operator's would: the CLI starts the stack and
 the runs, the checks read the Prefect REST API, S3 and the UI in a headless Chromium.
@@ -53,6 +54,17 @@ def stack_environment(folder: Path) -> dict[str, str]:
     environment.update(CXR_STACK_DIR=str(folder), CXR_SETTINGS=str(folder / "empty.env"), COLUMNS="200",
                        PREFECT_HOME=str(folder / "client-home"))
     return environment
+
+
+def orthanc_missing() -> str | None:
+    """Why the stack cannot start its PACS here, or None."""
+    from deployments import orthanc
+
+    try:
+        orthanc.require({})
+    except orthanc.OrthancError as error:
+        return str(error)
+    return None
 
 
 def private(path: Path) -> bool:
@@ -124,8 +136,12 @@ def stack(tmp_path_factory):
         CXR_DEIDENTIFY_KEY="the site's de-identification key, for the workers only",
         OTHER_SERVICE_TOKEN="a secret of the operator's shell that no process of the stack needs",
     )
+    # Orthanc, where installed: its checks ride on this stack (one stack start less for the suite).
+    pacs_ports = () if orthanc_missing() else (free_port(), free_port())
+    pacs_arguments = ("--pacs", "--pacs-port", str(pacs_ports[0]), "--pacs-dicom-port", str(pacs_ports[1])) if pacs_ports else ()
+    environment["CXR_DICOMWEB_TOKEN"] = "another PACS's token, which the stack's PACS replaces for the workers"
     shown_up = cli("stack", "up", "--port", str(port), "--s3-port", str(s3_port), "--workers", str(DASK_WORKERS),
-                   "--dask-port", str(dask_port), environment=environment, timeout=300).stdout
+                   "--dask-port", str(dask_port), *pacs_arguments, environment=environment, timeout=300).stdout
     try:
         state = json.loads((folder / "stack.json").read_text())
         env_file = folder / "env"
@@ -136,7 +152,7 @@ def stack(tmp_path_factory):
         pids += dask_worker_pids(dask, folder)  # the processes the workers' nannies started, not named in stack.json
         shown = cli("stack", "status", environment=environment).stdout
         names = ("server", "s3", "dask-scheduler", *(f"dask-worker-{n}" for n in range(1, DASK_WORKERS + 1)),
-                 "worker-cpu", "worker-gpu")
+                 "worker-cpu", "worker-gpu", *(("orthanc",) if pacs_ports else ()))
         assert all(name in shown for name in names) and "stopped" not in shown, shown
         # Signed by default: what trains and screens (process workers, Dask workers) has the key; servers do not.
         key = the_key(folder, shown_up, shown)
@@ -145,9 +161,17 @@ def stack(tmp_path_factory):
         assert auth not in shown_up + shown and f"export PREFECT_API_AUTH_STRING={auth}\n" in env_file.read_text()
         assert signing_keys(folder) == {name: key if name.startswith(("worker-", "dask-worker-")) else None
                                         for name in names}
-        # Nothing of the stack listens beyond this machine (Dask serves HTTP even with --no-dashboard).
-        addresses = listening(pids)
+        # Nothing of the stack listens beyond this machine (Dask serves HTTP even with --no-dashboard),
+        # but Orthanc, which cannot bind to one address: on its two ports alone.
+        pacs_pid = state["processes"]["orthanc"]["pid"] if pacs_ports else None
+        addresses = listening([pid for pid in pids if pid != pacs_pid])
         assert addresses and all(address.startswith(LOOPBACK) for address in addresses), addresses
+        if pacs_ports:
+            assert sorted({int(address.rsplit(":", 1)[1], 16) for address in listening([pacs_pid])}) == sorted(pacs_ports)
+            pacs_password = (folder / "pacs-password").read_text().strip()
+            assert private(folder / "pacs-password") and len(pacs_password) == 43
+            assert pacs_password not in shown_up + shown and private(folder / "orthanc" / "orthanc.json")
+            assert (folder / "orthanc").stat().st_mode & 0o777 == 0o700
         # What the stack and its servers write is private: logs, Prefect's database, the S3 data.
         assert all(private(log) for log in (folder / "logs").iterdir())
         assert private(folder / "prefect" / "prefect.db") and (folder / "logs").stat().st_mode & 0o777 == 0o700
@@ -162,21 +186,30 @@ def stack(tmp_path_factory):
                 assert not secrets, (name, secrets)
             # The API's credentials: the server checks them, the scheduler and S3 never see them.
             assert variables.get("PREFECT_SERVER_API_AUTH_STRING") == (auth if name == "server" else None), name
-            assert variables.get("PREFECT_API_AUTH_STRING") == (None if name in ("server", "s3", "dask-scheduler")
+            assert variables.get("PREFECT_API_AUTH_STRING") == (None if name in ("server", "s3", "dask-scheduler", "orthanc")
                                                                 else auth), name
+            if pacs_ports and name.startswith(("worker-", "dask-worker-")):  # they screen from it and deliver to it
+                assert (variables["CXR_DICOMWEB_USER"], variables["CXR_DICOMWEB_PASSWORD"]) == ("cxr", pacs_password)
+                assert "CXR_DICOMWEB_TOKEN" not in variables, name  # it would be sent instead
+            elif pacs_ports:  # the servers, Orthanc itself included, never see the PACS's password
+                assert not [key for key, value in variables.items() if pacs_password in value], name
     except BaseException:
         cli("stack", "down", environment=environment, timeout=120)
         raise
     yield {"folder": folder, "environment": environment, "api": state["environment"]["PREFECT_API_URL"], "auth": auth,
            # What a shell that sourced the stack's env file has (the API with its credentials, S3).
            "client": {**environment, **{key: value for key, value in state["environment"].items() if key != "PREFECT_HOME"}},
-           "ui": state["ui"], "s3": state["environment"]["AWS_ENDPOINT_URL"], "dask": dask}
+           "ui": state["ui"], "s3": state["environment"]["AWS_ENDPOINT_URL"], "dask": dask, "pacs": bool(pacs_ports)}
     shown_down = cli("stack", "down", environment=environment, timeout=120).stdout
-    assert not [pid for pid in pids if running(pid)], "stack down left processes running"
+    assert not [pid for pid in pids if running(pid)], "stack down left processes running"  # Orthanc's too
     assert not (folder / "stack.json").exists() and not env_file.exists()
     # What the runs wrote stays for the next 'stack up' (test_the_local_s3_keeps_its_objects_across_down_and_up).
     assert "S3 data kept for the next 'stack up': cxr (" in shown_down and (folder / "s3" / "state.pickle").exists()
-    assert "Nothing was running" in cli("stack", "down", environment=environment).stdout
+    assert not pacs_ports or "PACS studies kept in" in shown_down and (folder / "orthanc" / "db").is_dir()
+    shown_wipe = cli("stack", "down", "--wipe", environment=environment).stdout
+    assert "Nothing was running" in shown_wipe and not (folder / "s3").exists()
+    assert not pacs_ports or f"Removed the PACS's studies (Orthanc), in {folder / 'orthanc'}" in shown_wipe, shown_wipe
+    assert not (folder / "orthanc").exists()
 
 
 def running(pid: int) -> bool:
@@ -300,6 +333,42 @@ def test_the_api_wants_credentials_a_csrf_token_and_the_uis_own_origin(stack):
     own = httpx.options(url, headers={"Origin": stack["ui"], **preflight}, timeout=30)
     assert "access-control-allow-origin" not in foreign.headers, foreign.headers
     assert own.headers.get("access-control-allow-origin") == stack["ui"], own.headers
+
+
+def test_the_pacs_answers_the_client_environments_credentials_alone(stack):
+    """'stack up --pacs': a shell that sources the client environment finds Orthanc's DICOMweb root
+    and its credentials there; without them (or with a guess) Orthanc answers 401; what is stored
+    with them (STOW-RS, as delivery stores) is listed (QIDO-RS, as screening lists)."""
+    from pydicom.uid import generate_uid
+
+    from store.dicomweb import store_instances
+    from tests.dicom_builder import dicom_bytes, radiograph
+
+    if not stack["pacs"]:
+        pytest.skip(f"the stack started no PACS: {orthanc_missing()}")
+    names = ("CXR_STACK_PACS", "CXR_DICOMWEB_USER", "CXR_DICOMWEB_PASSWORD", "CXR_DICOMWEB_TOKEN")
+    probe = f"import json, os; print(json.dumps([os.environ.get(name) for name in {names!r}]))"
+    script = f"source {shlex.quote(str(stack['folder'] / 'env'))} && {shlex.quote(sys.executable)} -c {shlex.quote(probe)}"
+    sourced = subprocess.run(["bash", "-c", script], env=stack["environment"], capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert sourced.returncode == 0, sourced.stderr
+    location, user, password, token = json.loads(sourced.stdout.splitlines()[-1])
+    assert location.startswith("dicomweb+http://127.0.0.1:") and user == "cxr" and token is None
+    studies = location.removeprefix("dicomweb+") + "/studies"
+    assert httpx.get(studies, timeout=30).status_code == 401
+    assert httpx.get(studies, headers=basic(f"{user}:guessed"), timeout=30).status_code == 401
+    assert httpx.get(studies, headers=basic(f"{user}:{password}"), timeout=30).status_code == 200
+
+    study = generate_uid()
+    dataset = radiograph(StudyInstanceUID=study, SeriesInstanceUID=generate_uid(), PatientID="P-STACK")
+    credentials = {"CXR_DICOMWEB_USER": user, "CXR_DICOMWEB_PASSWORD": password}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in credentials.items():
+            patch.setenv(name, value)
+        patch.delenv("CXR_DICOMWEB_TOKEN", raising=False)
+        store_instances(location, [dicom_bytes(dataset)])
+    listed = httpx.get(studies, headers=basic(f"{user}:{password}"), timeout=30).json()
+    assert study in [item["0020000D"]["Value"][0] for item in listed], listed
 
 
 def test_the_dask_cluster_takes_only_clients_with_the_stacks_certificate(stack, tmp_path):
