@@ -93,7 +93,7 @@ def test_screen_a_folder_rerun_and_new_arrivals(model_store, tmp_path):
                       "prob_non-covid", "prob_covid", "flagged", "screened_at", "run_id", "engine", "cam_lung_share",
                       "scope_score", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
                       "accession_number", "view_position", "modality", "manufacturer", "photometric_interpretation",
-                      "pixel_spacing", "image_brightness", "image_contrast"]
+                      "pixel_spacing", "image_brightness", "image_contrast", "same_as", "delivery"]
     allowed, _ = engines.validated_engines(model_store, card)
     assert summary.engine in allowed and summary.engine_reason.startswith("auto:")
     for row in rows:
