@@ -18,10 +18,13 @@ radiographs, one study each, dated BENCH_DATE):
     not the flow's start or its report). The wall clock of a short run is coarse: Prefect 3.9.1's
     flow-run heartbeat thread sleeps in 1 s steps and the flow's end joins it, so each flow call
     ends on a whole-second step (a flow with nothing to screen takes 1.1 s).
+    The PACS is also screened as the code did before it kept one HTTP session per thread (a new
+    session, so a new connection, for every QIDO-RS and WADO-RS call): "PACS, a session per call".
 (b) delivery: a TID 1500 SR per instance (screening/dicom_results.py), made before the clock starts,
     sent to Orthanc by STOW-RS one object per request, by STOW-RS 16 per request, and by C-STORE
     one association per object (store/dimse.store_instances, called per object as delivery calls it
-    per image), then, to tell the association's cost from the C-STORE's, all in one association:
+    per image; and again without TCP_NODELAY, as before it was set), then, to tell the association's
+    cost from the C-STORE's, all in one association:
     objects per second, median of --rounds, and ratios. Each way and round sends its own SRs (the
     model version in them names the way and round, so their derived UIDs differ and none is a resend
     Orthanc already holds); Orthanc's instance count checks that each stored all.
@@ -144,6 +147,36 @@ def stop(process: subprocess.Popen) -> None:
 
 # --- (a) screening -----------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def session_per_call():
+    """store/dicomweb.py as it was: a new requests session (a new connection) for every call."""
+    import requests
+
+    kept = dicomweb._session
+
+    def fresh():
+        session = requests.Session()
+        session.auth = (os.environ["CXR_DICOMWEB_USER"], os.environ["CXR_DICOMWEB_PASSWORD"])
+        return session
+
+    dicomweb._session = fresh
+    try:
+        yield
+    finally:
+        dicomweb._session = kept
+
+
+@contextlib.contextmanager
+def nagle():
+    """store/dimse.py as it was: Nagle's algorithm left on."""
+    kept = dimse._no_delay
+    dimse._no_delay = lambda association: None
+    try:
+        yield
+    finally:
+        dimse._no_delay = kept
+
+
 def trained_store(store: str, work: Path, input_size: int) -> str:
     """A small model trained by the train flow on phantoms, production in ``store``: its version."""
     write_phantom_dataset(str(work / "dataset"), per_class=16, size=96, seed=11)
@@ -183,6 +216,7 @@ def timed_delivery(pacs: orthanc.Orthanc, send, objects: list[bytes], per_reques
 WAYS = {"stow_one": ("STOW-RS, one object per request", "stow", 1),
         f"stow_{BATCH}": (f"STOW-RS, {BATCH} objects per request", "stow", BATCH),
         "c_store_one": ("C-STORE, one association per object", "c_store", 1),
+        "c_store_one_nagle": ("  the same without TCP_NODELAY (before)", "c_store_nagle", 1),
         # Not what delivery does (it sends an image's objects per call): says whether the association is the cost.
         "c_store_all": ("C-STORE, all in one association", "c_store", None)}
 
@@ -220,18 +254,29 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         if instance_count(pacs) != len(files):
             raise RuntimeError(f"Orthanc holds {instance_count(pacs)} instances, not the {len(files)} sent")
 
-        sources = {"folder": str(work / "incoming"), "pacs": f"{pacs.dicomweb}?StudyDate={BENCH_DATE}"}
+        pacs_location = f"{pacs.dicomweb}?StudyDate={BENCH_DATE}"
+        sources = {"folder": str(work / "incoming"), "pacs": pacs_location, "pacs_session_per_call": pacs_location}
+        ways = {"pacs_session_per_call": session_per_call}
         print("warm-up: each source screened once, untimed", flush=True)
         for name, source in sources.items():
-            timed_screen(source, str(work / f"results-warm-up-{name}"), store)
+            with ways.get(name, contextlib.nullcontext)():
+                timed_screen(source, str(work / f"results-warm-up-{name}"), store)
         screening = {name: [] for name in sources}
         for round_ in range(args.rounds):
-            # Alternating which goes first: whatever warms up within a round favours neither.
+            # Alternating which goes first: whatever warms up within a round favours none.
             for name in sorted(sources, reverse=round_ % 2 == 1):
-                screening[name].append(timed_screen(sources[name], str(work / f"results-{name}-{round_}"), store))
+                with ways.get(name, contextlib.nullcontext)():
+                    screening[name].append(timed_screen(sources[name], str(work / f"results-{name}-{round_}"), store))
 
-        senders = {"stow": lambda batch: dicomweb.store_instances(pacs.dicomweb, batch),
-                   "c_store": lambda batch: dimse.store_instances(f"dimse://{pacs.aet}@127.0.0.1:{pacs.dicom_port}", batch)}
+        def c_store(batch: list[bytes]) -> None:
+            dimse.store_instances(f"dimse://{pacs.aet}@127.0.0.1:{pacs.dicom_port}", batch)
+
+        def c_store_nagle(batch: list[bytes]) -> None:
+            with nagle():
+                c_store(batch)
+
+        senders = {"stow": lambda batch: dicomweb.store_instances(pacs.dicomweb, batch), "c_store": c_store,
+                   "c_store_nagle": c_store_nagle}
         delivery = {way: [timed_delivery(pacs, senders[sender], reports[way, round_], per_request or len(files))
                           for round_ in range(args.rounds)] for way, (_, sender, per_request) in WAYS.items()}
     finally:
@@ -256,7 +301,8 @@ def show(figures: dict, images: int, size: int, rounds: int) -> dict[str, float]
           f"each), engine auto, explain none; median of {rounds} rounds (range)")
     print(f"  {'source':<26}{'screened':>9}{'ok':>5}{'s':>7}{'images/s':>10}{'range':>13}{'summary img/s':>15}   engine")
     medians, summaries = {}, {}
-    for name, label in (("folder", "folder"), ("pacs", "PACS (QIDO-RS + WADO-RS)")):
+    for name, label in (("folder", "folder"), ("pacs", "PACS (QIDO-RS + WADO-RS)"),
+                        ("pacs_session_per_call", "  PACS, a session per call")):
         runs = screening[name]
         medians[name], shown = spread(runs, "images_per_second")
         summaries[name] = float(np.median([run["summary_images_per_second"] or float("nan") for run in runs]))
@@ -267,8 +313,12 @@ def show(figures: dict, images: int, size: int, rounds: int) -> dict[str, float]
             if run["status"] != "completed" or run["ok"] != images:
                 print(f"  NOTE: a {name} run {run['status']} with {run['ok']} of {images} ok: the comparison is off")
     ratios = {"pacs_to_folder": medians["pacs"] / medians["folder"],
-              "pacs_to_folder_summary": summaries["pacs"] / summaries["folder"]}
+              "pacs_to_folder_summary": summaries["pacs"] / summaries["folder"],
+              "sessions_kept_to_per_call": medians["pacs"] / medians["pacs_session_per_call"],
+              "sessions_kept_to_per_call_summary": summaries["pacs"] / summaries["pacs_session_per_call"]}
     print(f"  {'PACS / folder':<26}{'':21}{ratios['pacs_to_folder']:9.2f}x{'':12}{ratios['pacs_to_folder_summary']:14.2f}x")
+    print(f"  {'sessions kept / per call':<26}{'':21}{ratios['sessions_kept_to_per_call']:9.2f}x{'':12}"
+          f"{ratios['sessions_kept_to_per_call_summary']:14.2f}x")
     print("  (s, images/s: wall clock around the flow call, its fixed costs included, in whole-second steps from\n"
           "   Prefect's heartbeat join; summary img/s: the run's own clock, listing and screening, no start or report)")
 
@@ -286,6 +336,8 @@ def show(figures: dict, images: int, size: int, rounds: int) -> dict[str, float]
             print(f"  NOTE: Orthanc did not store all {images} in every round by {label}: "
                   f"{[run['stored'] for run in runs]}")
     ratios["c_store_one_to_stow_batched"] = medians["c_store_one"] / medians[f"stow_{BATCH}"]
+    ratios["c_store_no_delay_to_nagle"] = medians["c_store_one"] / medians["c_store_one_nagle"]
+    print(f"  C-STORE with TCP_NODELAY / without: {ratios['c_store_no_delay_to_nagle']:.2f}x")
     print(f"  C-STORE one per association / STOW-RS {BATCH} per request: {ratios['c_store_one_to_stow_batched']:.2f}x")
     return ratios
 

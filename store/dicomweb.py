@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import re
+import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
 
@@ -80,15 +81,25 @@ def _public(uri: str) -> str:
     return uri.split("?", 1)[0]
 
 
+_SESSIONS = threading.local()
+
+
 def _session():
+    """This thread's HTTP session for the credentials set now: kept, so that a night's thousands of
+    calls reuse their connections instead of opening one each (requests' sessions are not shared
+    between threads)."""
     import requests
 
-    session = requests.Session()
-    token = os.environ.get("CXR_DICOMWEB_TOKEN")
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    elif os.environ.get("CXR_DICOMWEB_USER"):
-        session.auth = (os.environ["CXR_DICOMWEB_USER"], os.environ.get("CXR_DICOMWEB_PASSWORD", ""))
+    token, user = os.environ.get("CXR_DICOMWEB_TOKEN"), os.environ.get("CXR_DICOMWEB_USER")
+    key = (token, user, os.environ.get("CXR_DICOMWEB_PASSWORD", "") if user else None)
+    sessions = _SESSIONS.__dict__.setdefault("by_credentials", {})
+    session = sessions.get(key)
+    if session is None:
+        session = sessions[key] = requests.Session()
+        if token:
+            session.headers["Authorization"] = f"Bearer {token}"
+        elif user:
+            session.auth = (user, key[2])
     return session
 
 
