@@ -3,10 +3,11 @@
 After a run, every screened image that came from a PACS (``dicomweb+`` location, store/dicomweb.py)
 gets its DICOM objects (screening/dicom_results.py: the TID 1500 SR, and for a flagged image the
 heat map's Secondary Capture), built once from the instance's header (WADO-RS metadata, JSON) and
-the row, and kept under ``<results>/deliveries/<model version>/<SOP Instance UID>/``. Beside them
-``<SOP Instance UID>.json`` is the delivery's ledger entry while it is open (pending or dead); once
-the destination has taken it, it moves to ``<results>/delivered/<model version>/``, so a night reads
-what is still to send, not every delivery ever made:
+the row, and kept under ``<results>/delivery-objects/<model version>/<SOP Instance UID>/``. The
+delivery's ledger entry is ``<results>/deliveries/<model version>/<SOP Instance UID>.json`` while it
+is open (pending or dead); once the destination has taken it, it moves to
+``<results>/delivered/<model version>/``, so a night lists and reads what is still to send, not
+every delivery ever made:
 
     {"status": "pending" | "delivered" | "dead", "image_uri", "objects": [names], "attempts",
      "nights", "last_error", "updated_at", "destination"}
@@ -40,14 +41,16 @@ import numpy as np
 from model.bundle import ModelCard, is_safe_name
 from model.stored_json import StoredStateError
 from model.stored_json import loads as load_json
+from screening import ledger
 from screening.dicom_results import DEFAULT_UID_ROOT, FINDINGS, Screening, heat_map_capture, structured_report
 from screening.reports import heat_map
-from screening import ledger
 from screening.results import DELIVERY_STATUSES, PredictionRow, ResultsLayout
 from store import storage
 from store.clock import utc_timestamp
+from store.loading import RETRIED_NEXT_RUN
 
-__all__ = ["MAX_NIGHTS", "Delivery", "Outcome", "deliver", "delivered_count", "entries", "prepare", "retry_dead"]
+__all__ = ["MAX_NIGHTS", "Delivery", "Outcome", "Prepared", "deliver", "delivered_count", "entries", "prepare",
+           "retry_dead", "was_delivered"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +92,32 @@ def _delivered_uri(results_uri: str, model_version: str, sop_instance_uid: str) 
     if not is_safe_name(model_version):
         raise ValueError(f"model version {model_version!r} is not a safe name")
     return storage.join(results_uri, "delivered", model_version, f"{sop_instance_uid}.json")
+
+
+def _objects_folder(results_uri: str, model_version: str, sop_instance_uid: str) -> str:
+    if not is_safe_name(model_version):
+        raise ValueError(f"model version {model_version!r} is not a safe name")
+    return storage.join(results_uri, "delivery-objects", model_version, sop_instance_uid)
+
+
+def _object_bytes(results_uri: str, model_version: str, sop_instance_uid: str, name: str) -> bytes:
+    try:
+        return storage.read_bytes(storage.join(_objects_folder(results_uri, model_version, sop_instance_uid), name))
+    except storage.NotFound:  # built before the objects moved out of the entries' folder
+        return storage.read_bytes(storage.join(_folder(results_uri, model_version), sop_instance_uid, name))
+
+
+def was_delivered(results_uri: str, model_version: str, sop_instance_uid: str) -> bool:
+    """Whether the instance's results went, by its closed entry read back as this code wrote it: an
+    empty or planted file there is logged and proves nothing."""
+    uri = _delivered_uri(results_uri, model_version, sop_instance_uid)
+    try:
+        return _read(uri).status == "delivered"
+    except storage.NotFound:
+        return False
+    except (StoredStateError, storage.StorageError) as error:
+        logger.error("%s: not taken for delivered (%s)", uri, error)
+        return False
 
 
 def _read(uri: str) -> Delivery:
@@ -166,14 +195,18 @@ def prepare(results_uri: str, run_id: str, card: ModelCard, destination: str,
 
     if card.positive_class not in FINDINGS:
         raise ValueError(f"the model's positive class {card.positive_class!r} has no coded finding")
-    prepared, originals = Prepared(), _Originals(results_uri, card)
-    for row in _run_rows(results_uri, run_id, card):
+    rows = _run_rows(results_uri, run_id, card)
+    prepared = Prepared()
+    originals = _Originals(results_uri, card, {row.same_as for row in rows if row.status == "duplicate"})
+    for row in rows:
         if row.status not in ("ok", "duplicate") or not row.sop_instance_uid \
                 or not storage.capabilities(row.image_uri).dicom_instances:
             continue
+        if row.status == "duplicate" and row.reason.endswith(RETRIED_NEXT_RUN):
+            continue  # its first row is not published yet: the next run looks again, and prepares it then
         sop = row.sop_instance_uid
         entry = _entry_uri(results_uri, card.version, sop)
-        if storage.exists(entry) or storage.exists(_delivered_uri(results_uri, card.version, sop)):
+        if storage.exists(entry) or was_delivered(results_uri, card.version, sop):
             prepared.instances[row.image_uri] = sop
             continue
         try:
@@ -187,7 +220,7 @@ def prepare(results_uri: str, run_id: str, card: ModelCard, destination: str,
                                    last_error=f"could not be built: {str(error)[:400]}"))
             prepared.instances[row.image_uri] = sop
             continue
-        folder = storage.join(_folder(results_uri, card.version), sop)
+        folder = _objects_folder(results_uri, card.version, sop)
         for name, dataset in objects.items():
             storage.write_bytes(storage.join(folder, name), _part10(dataset))
         _write(entry, Delivery(sop, row.image_uri, sorted(objects), destination))
@@ -200,16 +233,17 @@ class _Originals:
     """The row a "duplicate" row's instance was screened as, with its pictures (for the heat map):
     its ledger entry, and its run's part files, read once per run."""
 
-    def __init__(self, results_uri: str, card: ModelCard) -> None:
-        self.results_uri, self.card = results_uri, card
-        self.runs: dict[str, dict[str, PredictionRow]] = {}
+    def __init__(self, results_uri: str, card: ModelCard, wanted: set[str]) -> None:
+        self.results_uri, self.card, self.wanted = results_uri, card, wanted
+        self.runs: dict[str, dict[str, PredictionRow]] = {}  # of each run, the wanted rows alone
 
     def of(self, row: PredictionRow) -> PredictionRow | None:
         first = ledger.read_entry(self.results_uri, self.card.version, row.same_as, self.card.classes)
         if first.status != "ok" or first.sop_instance_uid != row.sop_instance_uid:
             return None
         if first.run_id not in self.runs:
-            self.runs[first.run_id] = {kept.image_uri: kept for kept in _run_rows(self.results_uri, first.run_id, self.card)}
+            self.runs[first.run_id] = {kept.image_uri: kept for kept in _run_rows(self.results_uri, first.run_id, self.card)
+                                       if kept.image_uri in self.wanted}
         pictured = self.runs[first.run_id].get(first.image_uri, first)
         return dataclasses.replace(pictured, image_uri=row.image_uri)
 
@@ -250,10 +284,10 @@ def _sender(destination: str) -> Callable[[list[bytes]], None]:
 @dataclass
 class Outcome:
     """What ``deliver`` left: counts of delivered now, pending and dead; the status of every entry
-    it saw, by SOP Instance UID; and the first MAX_NAMED_DEAD dead entries."""
+    it saw; and the first MAX_NAMED_DEAD dead entries."""
 
     counts: Counter
-    statuses: dict[str, str] = field(default_factory=dict)
+    statuses: dict[tuple[str, str], str] = field(default_factory=dict)  # by (model version, SOP Instance UID)
     dead: list[dict[str, str | int]] = field(default_factory=list)
 
 
@@ -277,7 +311,7 @@ def deliver(results_uri: str, destination: str, max_nights: int = MAX_NIGHTS,
             outcome.counts[delivery.status] += 1
         else:
             outcome.counts[delivery.status] += 1
-        outcome.statuses[delivery.sop_instance_uid] = delivery.status
+        outcome.statuses[version, delivery.sop_instance_uid] = delivery.status
         if delivery.status == "dead" and len(outcome.dead) < MAX_NAMED_DEAD:
             outcome.dead.append({"model_version": version, "sop_instance_uid": delivery.sop_instance_uid,
                                  "image_uri": delivery.image_uri, "nights": delivery.nights,
@@ -291,12 +325,11 @@ def _send(results_uri: str, version: str, delivery: Delivery, send: Callable[[li
     if not delivery.objects:  # nothing was built for it (an earlier version's dead entry, revived)
         delivery.status, delivery.last_error = "dead", "no objects to send: it could not be built"
         return False
-    folder = storage.join(_folder(results_uri, version), delivery.sop_instance_uid)
     error = None
     for attempt in range(TRIES):
         delivery.attempts += 1
         try:
-            send([storage.read_bytes(storage.join(folder, name)) for name in delivery.objects])
+            send([_object_bytes(results_uri, version, delivery.sop_instance_uid, name) for name in delivery.objects])
             error = None
             break
         except storage.LocationError:

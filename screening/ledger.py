@@ -17,6 +17,7 @@ other location gets a "duplicate" row naming the first.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
@@ -57,6 +58,7 @@ LIVE_AFTER = timedelta(minutes=30)  # a lease renewed within this is a live run'
 # A stored file that cannot be read as it is, and will not be on a retry: damage, not a failure.
 _DAMAGED_FILE = (storage.Unreadable, storage.AccessDenied, storage.NotAFolder)
 MAX_PUBLISHED_BYTES = 4 * 2**30  # a run's predictions.jsonl: a national night is a few hundred MB
+MAX_CHUNK_RECORD_BYTES = 64 * 2**20  # a chunk's input names (tasks/screen_chunks.py): thousands of locations
 MAX_PROOF_SHARD_BYTES = 64 * 2**20  # ~110 bytes an entry: 600,000 entries a shard, 150 million in all
 
 
@@ -124,14 +126,18 @@ class _PublishedRows:
     _rows: dict[str, set[str] | None] = field(default_factory=dict)
     _reading: dict[str, threading.Event] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Keep what published runs hold for the process's later chunks (``_SHARED_HELD``): a published
+    # run's predictions are never written again.
+    shared: bool = False
 
     @classmethod
-    def of(cls, results_uri: str, live_after: timedelta) -> _PublishedRows:
-        return cls(results_uri, leases.live_runs(results_uri, live_after))
+    def of(cls, results_uri: str, live_after: timedelta, shared: bool = False) -> _PublishedRows:
+        return cls(results_uri, leases.live_runs(results_uri, live_after), shared=shared)
 
-    def why_not_held(self, row: PredictionRow) -> str | None:
-        """None when ``row``'s run is open or its published rows hold ``row``; else why not."""
-        if row.run_id in self.open_runs:
+    def why_not_held(self, row: PredictionRow, open_runs_hold: bool = True) -> str | None:
+        """None when ``row``'s run is open (with ``open_runs_hold``) or its published rows hold
+        ``row``; else why not."""
+        if open_runs_hold and row.run_id in self.open_runs:
             return None
         if not row.run_id:
             return "it names no run"
@@ -150,12 +156,26 @@ class _PublishedRows:
                 reading = self._reading[run_id] = threading.Event()
         if mine:
             try:
-                self._rows[run_id] = self._read(run_id)
+                self._rows[run_id] = self._read_shared(run_id) if self.shared else self._read(run_id)
             finally:
                 reading.set()
         else:
             reading.wait()
         return self._rows.get(run_id)
+
+    def _read_shared(self, run_id: str) -> set[str] | None:
+        key = (self.results_uri, run_id)
+        with _SHARED_LOCK:
+            if key in _SHARED_HELD:
+                _SHARED_HELD.move_to_end(key)
+                return _SHARED_HELD[key]
+        held = self._read(run_id)
+        if held is not None:
+            with _SHARED_LOCK:
+                _SHARED_HELD[key] = held
+                while len(_SHARED_HELD) > _SHARED_HELD_RUNS:
+                    _SHARED_HELD.popitem(last=False)
+        return held
 
     def _read(self, run_id: str) -> set[str] | None:
         try:
@@ -309,10 +329,18 @@ def _move_aside(uri: str, folder: str, name: str) -> str:
 
 
 class Owner(NamedTuple):
-    """The input a DICOM instance was screened as, and the run that screened it."""
+    """The input a DICOM instance was screened as, the run that screened it, and whether that is
+    final: its row published (a duplicate of it is final too), or only claimed by a run still open
+    (a duplicate of it is tried again next run, when the first row is published or proven lost)."""
 
     image_uri: str
     run_id: str
+    final: bool
+
+
+_SHARED_HELD: collections.OrderedDict[tuple[str, str], set[str]] = collections.OrderedDict()
+_SHARED_HELD_RUNS = 4  # published runs whose inputs a process keeps: a repeated export names the same few
+_SHARED_LOCK = threading.Lock()
 
 
 class InstanceClaims:
@@ -321,73 +349,117 @@ class InstanceClaims:
     and before the model sees it, so the same image under a second location costs a read, not a
     forward pass, a second row in the worklist or a second result in the PACS.
 
-    A claim proves nothing by itself, like a ledger entry: it holds while the run that made it is
-    open, or while its input's ledger entry reads back valid for the same instance and is held by
-    a published run. Any other claim (forged, damaged, or left by a run that died before its row)
-    is moved to the quarantine and the instance claimed again, so a planted file can never stop an
-    image from being screened. Safe from many threads of one chunk."""
+    The claim keeps a fingerprint of the decoded pixels: an input with the same UID and other
+    pixels (a UID reused by a faulty anonymiser, or a planted file) is screened on its own, never
+    given another image's result. A claim proves nothing by itself, like a ledger entry: it holds
+    while the run that made it is open and its chunk records list the input, or while the input's
+    ledger entry reads back valid for the same instance and is held by a published run. Any other
+    claim (forged, damaged, or left by a run that died before its row) is moved to the quarantine
+    and the instance claimed again; one that cannot be read or moved is logged and the image
+    screened. Safe from many threads of one chunk."""
 
     def __init__(self, results_uri: str, model_version: str, run_id: str, classes: list[str],
                  live_after: timedelta = LIVE_AFTER) -> None:
         self.results_uri, self.model_version, self.run_id, self.classes = results_uri, model_version, run_id, classes
         self.live_after = live_after
-        self.published = _PublishedRows.of(results_uri, live_after)
+        self.published = _PublishedRows.of(results_uri, live_after, shared=True)
         self.layout = ResultsLayout(results_uri)
+        self._chunk_inputs: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
 
-    def screened_as(self, sop_instance_uid: str, image_uri: str) -> Owner | None:
-        """None when ``image_uri`` is (now, or was already) the input that screens this instance;
-        otherwise the input that does."""
+    def screened_as(self, sop_instance_uid: str, image_uri: str, pixels: str) -> Owner | None:
+        """None when ``image_uri`` (whose decoded pixels' fingerprint is ``pixels``) is the input
+        that screens this instance, now or already, or must be screened anyway; otherwise the input
+        that does."""
         uri = self.layout.instance_entry(self.model_version, sop_instance_uid)
-        claim = json.dumps({"sop_instance_uid": sop_instance_uid, "image_uri": image_uri, "run_id": self.run_id},
-                           sort_keys=True).encode()
-        for _ in range(2):  # a second time after moving an unproven claim aside
-            if storage.create_if_absent(uri, claim):
-                return None
-            try:
-                owner = self._read(uri, sop_instance_uid)
-            except storage.NotFound:
-                continue  # moved aside by another run meanwhile
-            except (StoredStateError, *_DAMAGED_FILE) as error:
-                problem = str(error)
-            else:
-                if owner.image_uri == image_uri:
-                    return None  # this input's own claim, from an attempt that died before its row
-                problem = self._why_not_held(owner, sop_instance_uid)
-                if problem is None:
-                    return owner
-                problem = f"{uri}: {problem}"
-            kept = _move_aside(uri, self.layout.quarantine(self.model_version), f"instance-{entry_key(sop_instance_uid)}")
-            logger.error("%s; moved to %s and claimed again", problem, kept)
+        claim = json.dumps({"sop_instance_uid": sop_instance_uid, "image_uri": image_uri, "run_id": self.run_id,
+                            "pixels": pixels}, sort_keys=True).encode()
+        try:
+            for _ in range(2):  # a second time after moving an unproven claim aside
+                if storage.create_if_absent(uri, claim):
+                    return None
+                try:
+                    owner, theirs = self._read(uri, sop_instance_uid)
+                except storage.NotFound:
+                    continue  # moved aside by another run meanwhile
+                except (StoredStateError, *_DAMAGED_FILE) as error:
+                    problem = str(error)
+                else:
+                    if owner.image_uri == image_uri:
+                        return None  # this input's own claim, from an attempt that died before its row
+                    if theirs != pixels:
+                        logger.warning("%s has the SOP Instance UID %s of %s, and other pixels: screened on its own",
+                                       image_uri, sop_instance_uid, owner.image_uri)
+                        return None
+                    proven = self._proven(owner, sop_instance_uid)
+                    if isinstance(proven, Owner):
+                        return proven
+                    problem = f"{uri}: {proven}"
+                kept = _move_aside(uri, self.layout.quarantine(self.model_version),
+                                   f"instance-{entry_key(sop_instance_uid)}")
+                logger.error("%s; moved to %s and claimed again", problem, kept)
+        except storage.StorageError as error:  # a claim that cannot be read or moved: never a reason not to screen
+            logger.error("%s; %s is screened", error, image_uri)
         return None  # claims keep changing under us: screening twice beats not screening
 
     @staticmethod
-    def _read(uri: str, sop_instance_uid: str) -> Owner:
+    def _read(uri: str, sop_instance_uid: str) -> tuple[Owner, str]:
         record = load_json(storage.read_bytes(uri, max_bytes=64 * 1024), uri)
         if not (isinstance(record, dict) and record.get("sop_instance_uid") == sop_instance_uid
                 and isinstance(record.get("image_uri"), str) and record["image_uri"]
+                and isinstance(record.get("pixels"), str)
                 and isinstance(record.get("run_id"), str) and is_safe_name(record["run_id"])):
             raise StoredStateError(f"{uri}: not a claim of instance {sop_instance_uid} this code wrote")
-        return Owner(record["image_uri"], record["run_id"])
+        return Owner(record["image_uri"], record["run_id"], final=False), record["pixels"]
 
-    def _why_not_held(self, owner: Owner, sop_instance_uid: str) -> str | None:
-        if owner.run_id in self.published.open_runs:
-            return None
+    def _proven(self, owner: Owner, sop_instance_uid: str) -> Owner | str:
+        """``owner``, final or not, when its claim is proven; otherwise why not."""
         problem = self._row_problem(owner, sop_instance_uid)
-        if problem is not None and owner.run_id in leases.live_runs(self.results_uri, self.live_after):
+        if problem is None:
+            return owner._replace(final=True)
+        if owner.run_id not in self.published.open_runs \
+                and owner.run_id in leases.live_runs(self.results_uri, self.live_after):
             self.published.open_runs.add(owner.run_id)  # a run that started after this chunk
-            return None
-        return problem
+        if owner.run_id not in self.published.open_runs:
+            return problem
+        if self._listed_by(owner.run_id, owner.image_uri):
+            return owner
+        return f"it names {owner.image_uri!r} and run {owner.run_id}, which is open and never set out to screen it"
 
     def _row_problem(self, owner: Owner, sop_instance_uid: str) -> str | None:
         try:
             row = read_entry(self.results_uri, self.model_version, owner.image_uri, self.classes)
         except storage.NotFound:
-            return f"it names {owner.image_uri!r}, which has no ledger entry, and run {owner.run_id} is not open"
+            return f"it names {owner.image_uri!r}, which has no ledger entry"
         except (LedgerError, *_DAMAGED_FILE) as error:
             return str(error)
         if row.sop_instance_uid != sop_instance_uid:
             return f"it names {owner.image_uri!r}, whose row is of another instance"
-        return self.published.why_not_held(row)
+        if row.status == "duplicate":
+            return f"it names {owner.image_uri!r}, itself a duplicate"
+        return self.published.why_not_held(row, open_runs_hold=False)
+
+    def _listed_by(self, run_id: str, image_uri: str) -> bool:
+        """Whether an open run's chunk records (written before a chunk claims anything) list the
+        input: a claim naming a live run proves nothing else. Read again once on a miss, since the
+        run may have started chunks since."""
+        for again in (False, True):
+            with self._lock:
+                known = self._chunk_inputs.get(run_id)
+            if known is not None and (image_uri in known or again):
+                return image_uri in known
+            known = set()
+            try:
+                chunks = ResultsLayout(self.results_uri).run(run_id).chunks
+                for uri in storage.list_files(chunks, {".json"}, missing_ok=True):
+                    names = load_json(storage.read_bytes(uri, max_bytes=MAX_CHUNK_RECORD_BYTES), uri,
+                                      max_bytes=MAX_CHUNK_RECORD_BYTES)
+                    known |= {name for name in names if isinstance(name, str)} if isinstance(names, list) else set()
+            except (ValueError, *_DAMAGED_FILE) as error:
+                logger.warning("%s (the chunk records of run %s)", error, run_id)
+            with self._lock:
+                self._chunk_inputs[run_id] = known
+        return image_uri in known
 
 
 @dataclass
@@ -408,8 +480,9 @@ class Reconciliation:
 def reconcile(results_uri: str, progress: Callable[[int, int], None] = lambda done, total: None,
               live_after: timedelta = LIVE_AFTER) -> Reconciliation:
     """Audits the ledger under ``results_uri`` against the published runs: entries that are damaged,
-    entries whose run neither is open nor publishes their row, and published (claimed) rows whose
-    entry is missing or names another run."""
+    entries whose run neither is open nor publishes their row, duplicates whose first row is not in
+    the ledger as the same instance screened, and published (claimed) rows whose entry is missing or
+    names another run."""
     layout = ResultsLayout(results_uri)
     found = Reconciliation()
     published = _PublishedRows.of(results_uri, live_after)
@@ -419,6 +492,8 @@ def reconcile(results_uri: str, progress: Callable[[int, int], None] = lambda do
                for uri in storage.list_files(folder, {".json"}, missing_ok=True)]
     found.entries = len(entries)
     owners: dict[tuple[str, str], str] = {}  # (model version, input) -> the run its entry names
+    screened_as: dict[tuple[str, str], tuple[str, str]] = {}  # (model version, input) -> (SOP UID, status)
+    duplicates: list[tuple[str, PredictionRow]] = []
 
     def read(item: tuple[str, str]) -> PredictionRow | str:
         version, uri = item
@@ -437,16 +512,24 @@ def reconcile(results_uri: str, progress: Callable[[int, int], None] = lambda do
                 found.damaged.append(result)
                 continue
             owners[(result.model_version, result.image_uri)] = result.run_id
+            screened_as[(result.model_version, result.image_uri)] = (result.sop_instance_uid, result.status)
+            if result.status == "duplicate":
+                duplicates.append((item[1], result))
             why = published.why_not_held(result)
             if why is not None:
                 found.orphans.append(f"{item[1]}: {why}")
+    for uri, row in duplicates:  # a duplicate stands only on a first row of the same instance
+        first = screened_as.get((row.model_version, row.same_as))
+        if first is None or first[0] != row.sop_instance_uid or first[1] == "duplicate":
+            found.orphans.append(f"{uri}: a duplicate of {row.same_as!r}, which has no ledger entry of the same "
+                                 "instance screened")
     by_run: dict[str, int] = defaultdict(int)
     for run_folder in storage.list_folders(storage.join(results_uri, "runs"), missing_ok=True):
         run_id = storage.relative_to(run_folder, storage.join(results_uri, "runs"))
         for row in _published(results_uri, run_id, found):
             by_run[run_id] += 1
             found.published_rows += 1
-            if row.status == "rejected" and row.reason.endswith(RETRIED_NEXT_RUN):
+            if row.status in ("rejected", "duplicate") and row.reason.endswith(RETRIED_NEXT_RUN):
                 continue  # never claimed: tried again next run
             owner = owners.get((row.model_version, row.image_uri))
             if owner is None:

@@ -39,8 +39,22 @@ from imaging.dicom_identity import (
 from model.bundle import is_safe_name
 from store import storage
 
-__all__ = ["DELIVERY_STATUSES", "DEIDENTIFIED_PREFIX", "MAX_NAMED_DAMAGE", "OUTPUT_NAMES", "PROBABILITY_BINS", "ROW_STATUSES", "RUN_STATUSES", "PredictionRow", "ResultsLayout",
-           "RunLayout", "RunSummary", "entry_key", "input_name", "probability_column"]
+__all__ = [
+    "DEIDENTIFIED_PREFIX",
+    "DELIVERY_STATUSES",
+    "MAX_NAMED_DAMAGE",
+    "OUTPUT_NAMES",
+    "PROBABILITY_BINS",
+    "ROW_STATUSES",
+    "RUN_STATUSES",
+    "PredictionRow",
+    "ResultsLayout",
+    "RunLayout",
+    "RunSummary",
+    "entry_key",
+    "input_name",
+    "probability_column",
+]
 
 OUTPUT_NAMES = ("predictions.csv", "predictions.jsonl", "summary.json", "report.html")
 # "duplicate": a DICOM instance (SOP Instance UID) another input was screened as; no prediction of its own.
@@ -233,6 +247,9 @@ class PredictionRow:
         not what this code wrote."""
         rules = {**_ROW_RULES, **{probability_column(c): _PROBABILITY for c in classes}}
         _check_record(record, rules, required=_ROW_REQUIRED)
+        if record["status"] == "duplicate" and (not record.get("same_as") or record["flagged"] or any(
+                record.get(probability_column(c)) is not None for c in classes)):
+            raise ValueError("a duplicate names its first row (same_as) and has no prediction or flag of its own")
         known = {item.name for item in dataclasses.fields(cls)} - {"probabilities"}
         return cls(**{k: v for k, v in record.items() if k in known},
                    probabilities={c: record.get(probability_column(c)) for c in classes})
@@ -313,7 +330,7 @@ class RunSummary:
             self, classes=list(classes), threshold=threshold, screened=len(rows) - duplicates, ok=len(ok),
             rejected=len(rows) - len(ok) - duplicates, duplicates=duplicates, flagged=sum(row.flagged for row in rows),
             predicted=dict(sorted(Counter(row.predicted_class for row in ok).items())),
-            images_per_second=round(len(rows) / self.seconds, 3) if self.seconds else None,
+            images_per_second=round((len(rows) - duplicates) / self.seconds, 3) if self.seconds else None,
         )
 
     def with_drift(self, rows: list[PredictionRow], positive_class: str) -> RunSummary:

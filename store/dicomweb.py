@@ -22,6 +22,7 @@ import re
 import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from store.backend import (
     AccessDenied,
@@ -103,6 +104,27 @@ def _session():
     return session
 
 
+LISTERS = 8  # studies listed at once: each costs a series and an instance query, round trips that add up over a night
+
+
+def _study_instances(root: str, study: str, series_given: list[str], series_filters: dict[str, str]
+                     ) -> list[tuple[str, str]]:
+    """One study's image instances, (location, SOP Instance UID), on this thread's session."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(root, session=_session(), timeout=TIMEOUT_SECONDS)
+    series_list = series_given or [
+        _value(item, "0020000E") for item in client.search_for_series(study, search_filters=series_filters,
+                                                                       get_remaining=True) if _an_image_series(item)]
+    found = []
+    for series in filter(None, series_list):
+        for item in client.search_for_instances(study, series, get_remaining=True):
+            instance = _value(item, "00080018")
+            if instance:
+                found.append((f"dicomweb+{root}/studies/{study}/series/{series}/instances/{instance}", instance))
+    return found
+
+
 NOT_IMAGES = frozenset({"SR", "PR", "KO", "SEG", "REG", "DOC"})  # reports and states, never a radiograph
 
 
@@ -156,15 +178,10 @@ class DicomWebBackend(Backend):
             studies = [given[0]] if given else [
                 _value(item, "0020000D") for item in client.search_for_studies(search_filters=study_filters,
                                                                                get_remaining=True)]
-            for study in filter(None, studies):
-                series_list = [given[1]] if len(given) > 1 else [
-                    _value(item, "0020000E") for item in client.search_for_series(
-                        study, search_filters=series_filters, get_remaining=True) if _an_image_series(item)]
-                for series in filter(None, series_list):
-                    for item in client.search_for_instances(study, series, get_remaining=True):
-                        instance = _value(item, "00080018")
-                        if instance:
-                            yield f"dicomweb+{root}/studies/{study}/series/{series}/instances/{instance}", instance
+            with ThreadPoolExecutor(max_workers=LISTERS, thread_name_prefix="qido") as pool:
+                for found in pool.map(lambda study: _study_instances(root, study, given[1:2], series_filters),
+                                      filter(None, studies)):
+                    yield from found
         except Exception as error:  # noqa: BLE001 - requests' and dicomweb-client's errors, sorted below
             if missing_ok and _status(error) == 404:
                 return

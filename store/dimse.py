@@ -4,6 +4,7 @@ which the PACS must know."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -50,9 +51,10 @@ def store_instances(destination: str, objects: Sequence[bytes]) -> None:
     if not association.is_established:
         raise StorageError(destination, "the PACS did not accept an association (is CXR_DICOM_CALLING_AET known "
                                         "to it, and the called AE title right?)")
-    _no_delay(association)
     accepted = {str(context.abstract_syntax) for context in association.accepted_contexts}
     try:
+        with contextlib.suppress(OSError):  # a socket the peer reset: the C-STORE says so
+            _no_delay(association)
         for dataset in datasets:
             if str(dataset.SOPClassUID) not in accepted:
                 raise StorageError(destination, f"the PACS does not take SOP class {dataset.SOPClassUID}")

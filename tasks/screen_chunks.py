@@ -12,6 +12,7 @@ import base64
 import collections
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -47,7 +48,7 @@ from screening.results import DEIDENTIFIED_PREFIX, PredictionRow, ResultsLayout,
 from store import registry, storage
 from store.clock import utc_timestamp
 from store.engines import explaining_engines, load_artifacts, reduced_decode_allowed, validated_engines
-from store.loading import InputLimits, LoadedImage, load_image
+from store.loading import RETRIED_NEXT_RUN, InputLimits, LoadedImage, load_image
 from tasks.retrying import io_step
 
 __all__ = ["CLAIMS_IN_FLIGHT", "PEEKS_IN_FLIGHT", "READ_AHEAD_BATCHES", "ChunkResult", "PeekMemory", "bounded_map",
@@ -378,7 +379,7 @@ def read_ahead(batch_size: int, threads: int) -> int:
 def screen_images(
     uris: Sequence[str], loaded_model: LoadedModel, batch_size: int, workers: int | None = None,
     explain: str = "flagged", limits: InputLimits = InputLimits(),
-    instances: Callable[[str, str], ledger.Owner | None] | None = None,
+    instances: Callable[[str, str, str], ledger.Owner | None] | None = None,
 ) -> Iterator[PredictionRow | str]:
     """Rows for ``uris``, or the name of a vanished input. Inputs are named by ``results.input_name``
     (with ``limits.deidentify``, a keyed token: the clear location reaches no row). Flagged rows carry a thumbnail; rows of
@@ -462,7 +463,8 @@ def screen_images(
         if instances is None or isinstance(loaded, str) or loaded.pixels is None or loaded.study is None \
                 or not loaded.study.sop_instance_uid:
             return loaded, None
-        return loaded, instances(loaded.study.sop_instance_uid, input_name(loaded.uri, limits.deidentify))
+        pixels = hashlib.sha256(np.ascontiguousarray(loaded.pixels).tobytes()).hexdigest()
+        return loaded, instances(loaded.study.sop_instance_uid, input_name(loaded.uri, limits.deidentify), pixels)
 
     threads = workers or 2 * decoder_count()
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -470,13 +472,14 @@ def screen_images(
         for loaded, owner in bounded_map(pool, load, uris, read_ahead(batch_size, threads)):
             if isinstance(loaded, str):
                 yield input_name(loaded, limits.deidentify)
-            elif owner is not None:
+            elif owner is not None:  # final once the first row is published; until then, looked at again
                 yield PredictionRow(
                     image_uri=input_name(loaded.uri, limits.deidentify), sha256=loaded.sha256, status="duplicate",
-                    reason=f"the same DICOM instance (SOP Instance UID) as {owner.image_uri}, screened by run "
-                           f"{owner.run_id}", model_version=card.version, predicted_class="",
-                    probabilities=dict.fromkeys(card.classes), flagged=False, screened_at=utc_timestamp(),
-                    same_as=owner.image_uri, **_study_fields(loaded.study))
+                    reason=f"the same DICOM instance (SOP Instance UID and pixels) as {owner.image_uri}, screened by "
+                           f"run {owner.run_id}" + ("" if owner.final else f", still open: {RETRIED_NEXT_RUN}"),
+                    model_version=card.version, predicted_class="", probabilities=dict.fromkeys(card.classes),
+                    flagged=False, screened_at=utc_timestamp(), same_as=owner.image_uri, final=owner.final,
+                    **_study_fields(loaded.study))
             elif loaded.pixels is None:
                 yield PredictionRow(
                     image_uri=input_name(loaded.uri, limits.deidentify), sha256=loaded.sha256, status="rejected", reason=loaded.reason or "",

@@ -120,8 +120,11 @@ def deliver_results(params, run_id: str, card: ModelCard) -> tuple[dict, dict[st
         images = dict.fromkeys(prepared.instances, "pending")
         outcome = delivery.deliver(params.results_uri, params.deliver_to, params.delivery_max_nights)
         tally.update(outcome.counts, dead_entries=outcome.dead)
-        # An instance the open entries no longer hold was delivered (tonight or on an earlier run).
-        images = {image: outcome.statuses.get(sop, "delivered") for image, sop in prepared.instances.items()}
+        # An instance the open entries no longer hold was delivered (tonight or on an earlier run),
+        # if its closed entry says so; one whose entry could not be read is not.
+        images = {image: outcome.statuses.get((card.version, sop)) or (
+            "delivered" if delivery.was_delivered(params.results_uri, card.version, sop) else "pending")
+            for image, sop in prepared.instances.items()}
     except Exception as error:  # noqa: BLE001 - delivery never fails the run: its rows are its result
         logger.error("Delivery to %s stopped: %s; the rows are kept, and what is pending is sent on the next run",
                      params.deliver_to, error)
