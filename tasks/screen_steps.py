@@ -113,22 +113,22 @@ def deliver_results(params, run_id: str, card: ModelCard) -> tuple[dict, dict[st
 
     logger = get_run_logger()
     tally = {"destination": params.deliver_to, "prepared": 0, "delivered": 0, "pending": 0, "dead": 0}
-    images: dict[str, str] = {}
+    prepared, statuses = delivery.Prepared(), {}
     try:
         prepared = delivery.prepare(params.results_uri, run_id, card, params.deliver_to, params.uid_root)
         tally["prepared"] = prepared.made
-        images = dict.fromkeys(prepared.instances, "pending")
         outcome = delivery.deliver(params.results_uri, params.deliver_to, params.delivery_max_nights)
         tally.update(outcome.counts, dead_entries=outcome.dead)
-        # An instance the open entries no longer hold was delivered (tonight or on an earlier run),
-        # if its closed entry says so; one whose entry could not be read is not.
-        images = {image: outcome.statuses.get((card.version, sop)) or (
-            "delivered" if delivery.was_delivered(params.results_uri, card.version, sop) else "pending")
-            for image, sop in prepared.instances.items()}
+        statuses = outcome.statuses
     except Exception as error:  # noqa: BLE001 - delivery never fails the run: its rows are its result
         logger.error("Delivery to %s stopped: %s; the rows are kept, and what is pending is sent on the next run",
                      params.deliver_to, error)
         tally["error"] = str(error)[:500]
+    # An instance the open entries no longer hold was delivered (tonight or on an earlier run), if
+    # its closed entry says so; one whose entry could not be read, or that delivery never reached, is not.
+    images = {image: statuses.get((card.version, sop)) or (
+        "delivered" if delivery.was_delivered(params.results_uri, card.version, sop) else "pending")
+        for image, sop in prepared.instances.items()}
     logger.info("Delivery to %s: %d prepared, %d delivered now, %d pending, %d waiting for a person (dead)",
                 params.deliver_to, tally["prepared"], tally["delivered"], tally["pending"], tally["dead"])
     return tally, images

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
@@ -199,7 +200,8 @@ def stack(tmp_path_factory):
     yield {"folder": folder, "environment": environment, "api": state["environment"]["PREFECT_API_URL"], "auth": auth,
            # What a shell that sourced the stack's env file has (the API with its credentials, S3).
            "client": {**environment, **{key: value for key, value in state["environment"].items() if key != "PREFECT_HOME"}},
-           "ui": state["ui"], "s3": state["environment"]["AWS_ENDPOINT_URL"], "dask": dask, "pacs": bool(pacs_ports)}
+           "ui": state["ui"], "s3": state["environment"]["AWS_ENDPOINT_URL"], "dask": dask, "pacs": bool(pacs_ports),
+           "pacs_location": f"dicomweb+http://127.0.0.1:{pacs_ports[0]}/dicom-web" if pacs_ports else None}
     shown_down = cli("stack", "down", environment=environment, timeout=120).stdout
     assert not [pid for pid in pids if running(pid)], "stack down left processes running"  # Orthanc's too
     assert not (folder / "stack.json").exists() and not env_file.exists()
@@ -453,6 +455,52 @@ def test_retrain_then_nightly_screening_through_workers(stack):
         ran_in = [name for name, text in logs.items() if f"Task run '{run['name']}' - Finished" in text]
         assert ran_in and all(name.startswith("dask-worker-") for name in ran_in), (run["name"], ran_in)
     stack["runs"] = {"retrain": retrain_run, "screening": screening_run}
+
+
+def test_the_nightly_deployment_screens_from_the_stacks_pacs_and_delivers_back(stack):
+    """The nightly deployment pointed at the stack's Orthanc (as CXR_INCOMING would point it) and
+    delivering to it: the flow run's worker and the Dask workers read and write the PACS with the
+    credentials the stack gave them alone, and Orthanc holds one report per radiograph after."""
+    from pydicom.uid import generate_uid
+
+    from store.dicomweb import store_instances
+    from store.phantoms import chest_phantom
+    from tests.dicom_builder import dicom_bytes, radiograph
+
+    if not stack["pacs"]:
+        pytest.skip(f"the stack started no PACS: {orthanc_missing()}")
+    if "runs" not in stack:
+        pytest.skip("needs the production model of test_retrain_then_nightly_screening_through_workers")
+    user, password = "cxr", (stack["folder"] / "pacs-password").read_text().strip()
+    location = stack["pacs_location"]
+    night = [radiograph(chest_phantom(np.random.default_rng(seed), 128).astype(np.uint16) * 16, bits_stored=12,
+                        StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(), PatientID=f"P-{seed}",
+                        StudyDate="20340112", AccessionNumber=f"ST-{seed}", ViewPosition="PA", BodyPartExamined="CHEST")
+             for seed in range(3)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CXR_DICOMWEB_USER", user)
+        patch.setenv("CXR_DICOMWEB_PASSWORD", password)
+        store_instances(location, [dicom_bytes(dataset) for dataset in night])
+
+    overrides = {"incoming_uri": f"{location}?StudyDate=20340112-", "results_uri": "s3://cxr/results-pacs",
+                 "deliver_to": location}
+    script = ("from deployments.follow import start_run, follow_run; import json, sys; "
+              f"run = start_run('screen/nightly-screening', json.loads({json.dumps(json.dumps(overrides))})); "
+              "sys.exit(0 if follow_run(run.id).is_completed() else 1)")
+    environment = {key: value for key, value in stack["client"].items() if not key.startswith("CXR_DICOMWEB_")}
+    done = subprocess.run([sys.executable, "-c", script], env=environment, cwd=ROOT, timeout=600,
+                          capture_output=True, text=True, check=False)  # the shell that starts it has no PACS credentials
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = s3_client(stack)
+    keys = [item["Key"] for item in client.list_objects_v2(Bucket="cxr", Prefix="results-pacs/runs/")["Contents"]]
+    (predictions,) = [key for key in keys if key.endswith("predictions.csv")]
+    rows = list(csv.DictReader(io.StringIO(client.get_object(Bucket="cxr", Key=predictions)["Body"].read().decode())))
+    assert sorted(row["sop_instance_uid"] for row in rows) == sorted(str(dataset.SOPInstanceUID) for dataset in night)
+    assert {row["status"] for row in rows} == {"ok"} and {row["delivery"] for row in rows} == {"delivered"}, rows
+    found = httpx.get(location.removeprefix("dicomweb+") + "/instances", params={"Modality": "SR"},
+                      headers=basic(f"{user}:{password}"), timeout=30).json()
+    reports = {item["0020000D"]["Value"][0] for item in found}
+    assert {str(dataset.StudyInstanceUID) for dataset in night} <= reports  # one per radiograph, in its study
 
 
 def test_a_second_nightly_run_while_one_runs_is_cancelled(stack):
