@@ -110,11 +110,17 @@ def configure(folder: Path, http_port: int, dicom_port: int | None = None, user:
     return orthanc
 
 
+# Orthanc reads nothing of ours from its environment: a tester's or an operator's keys stay out of it.
+_ENVIRONMENT = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+
+
 def start(orthanc: Orthanc, log: Path, timeout: float = 60) -> subprocess.Popen:
-    """Orthanc started in its own process group and answering (``/system`` with the credentials)."""
+    """Orthanc started in its own process group, with the process basics of the environment alone,
+    and answering (``/system`` with the credentials)."""
     with open(log, "ab") as handle:
         process = subprocess.Popen(orthanc.command(), stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True, cwd=orthanc.folder)
+                                   start_new_session=True, cwd=orthanc.folder,
+                                   env={name: os.environ[name] for name in _ENVIRONMENT if name in os.environ})
     wait_until_ready(orthanc, process, log, timeout)
     return process
 

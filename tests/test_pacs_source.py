@@ -37,6 +37,10 @@ def pacs(tmp_path_factory):
         pytest.skip(str(error))
     process = orthanc.start(server, folder / "orthanc.log")
     try:
+        # Orthanc gets the process basics alone, never the tester's (or an operator's) keys.
+        environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+        names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
+        assert names <= {"PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"}, names
         yield server
     finally:
         os.killpg(process.pid, signal.SIGTERM)
