@@ -47,8 +47,9 @@ def stack_up(
                                                     "address: it listens on every interface and refuses other "
                                                     "machines (HTTP 403; DICOM only from known AE titles on "
                                                     "127.0.0.1)."),
-    pacs_port: int = typer.Option(8042, help="Port of the PACS's HTTP and DICOMweb server, with --pacs."),
-    pacs_dicom_port: int = typer.Option(4242, help="Port of the PACS's DICOM (C-STORE) server, with --pacs."),
+    pacs_port: int = typer.Option(8042, min=1, max=65535, help="Port of the PACS's HTTP and DICOMweb server, with --pacs "
+                                                                "(Debian's own Orthanc service takes 8042: stop it or choose another)."),
+    pacs_dicom_port: int = typer.Option(4242, min=1, max=65535, help="Port of the PACS's DICOM (C-STORE) server, with --pacs."),
 ) -> None:
     """Start server, S3 endpoint (unless AWS_ENDPOINT_URL names one), cpu and gpu workers, with --workers N
     a Dask scheduler and N Dask workers, with --pacs Orthanc; deploy. Writes the client environment to <folder>/env."""
@@ -148,9 +149,10 @@ def stack_down(
 def _show_pacs(pacs: dict[str, str]) -> None:
     """Where the stack's PACS answers; its password is named by its file, never printed."""
     console.print(f"PACS (Orthanc): DICOMweb {escape(pacs['dicomweb'])} (CXR_STACK_PACS in the client environment), "
-                  f"DICOM {escape(pacs['dicom'])}, web UI {escape(pacs['explorer'])}; user cxr, password in "
-                  f"{escape(pacs['password_file'])}. It listens on every interface (Orthanc 1.10 cannot bind to one "
-                  "address) and refuses other machines.", soft_wrap=True)
+                  f"DICOM {escape(str(pacs['dicom']))} (store and echo only, from the workers' AE title on 127.0.0.1); "
+                  f"user cxr, password in {escape(pacs['password_file'])}. It listens on every interface (Orthanc 1.10 "
+                  "cannot bind to one address) and refuses other machines over HTTP: block its two ports at the "
+                  "site's firewall.", soft_wrap=True)
 
 
 def _stack_call(function, folder: Path):
@@ -208,7 +210,10 @@ def _use_stack_if_up(folder: Path) -> None:
     from deployments import stack
 
     if not os.environ.get("PREFECT_API_URL") and any(_stack_call(stack.status, folder).values()):
-        for key, value in _stack_call(stack.client_environment, folder.resolve()).items():
+        environment = _stack_call(stack.client_environment, folder.resolve())
+        if "CXR_DICOMWEB_USER" in environment:
+            os.environ.pop("CXR_DICOMWEB_TOKEN", None)  # another PACS's, which store/dicomweb.py would send first
+        for key, value in environment.items():
             os.environ.setdefault(key, value)
 
 

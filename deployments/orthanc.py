@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from store.private_files import write_private
+
 __all__ = ["DICOMWEB_PLUGIN", "Orthanc", "OrthancError", "configure", "require", "start", "wait_until_ready"]
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -76,6 +78,8 @@ def require(ports: Mapping[int, str]) -> None:
     whatever holds the port on any one (a site's own Orthanc on 8042, say) is in its way."""
     _program()
     for port, option in ports.items():
+        if not 1 <= port <= 65535:
+            raise OrthancError(f"{option} {port} is not a port (1 to 65535)")
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no owner
             try:
@@ -97,16 +101,22 @@ def configure(folder: Path, http_port: int, dicom_port: int | None = None, user:
         "HttpPort": http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
         "RegisteredUsers": {user: orthanc.password}, "HttpDescribeErrors": False,
         "DicomServerEnabled": dicom_port is not None, "DicomPort": dicom_port or 4242, "DicomAet": orthanc.aet,
-        "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": False, "DicomModalities": {aet.lower(): [aet, "127.0.0.1", 104] for aet in calling_aets},
+        # DICOM has no password: a known AE title on 127.0.0.1 may store and echo, never query or
+        # retrieve (which would hand any local process every study the HTTP password guards).
+        "DicomCheckCalledAet": True, "DicomAlwaysAllowStore": False, "DicomAlwaysAllowEcho": False,
+        "DicomModalities": {aet.lower(): {"AET": aet, "Host": "127.0.0.1", "Port": 104, "AllowStore": True,
+                                          "AllowEcho": True, "AllowFind": False, "AllowFindWorklist": False,
+                                          "AllowGet": False, "AllowMove": False, "AllowStorageCommitment": False}
+                            for aet in calling_aets},
         "DicomCheckModalityHost": True,
+        # Surfaces the product never uses, each one more way in with cached Basic credentials.
+        "WebDavEnabled": False, "OrthancExplorerEnabled": False, "MetricsEnabled": False,
         "Plugins": [str(DICOMWEB_PLUGIN)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Ssl": False,
                      "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
         "StableAge": 1, "SaveJobs": False, "LimitFindResults": 0, "LimitFindInstances": 0,
     }
-    descriptor = os.open(folder / "orthanc.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(configuration, handle, indent=2)
+    write_private(folder / "orthanc.json", json.dumps(configuration, indent=2).encode())  # it holds the password
     return orthanc
 
 
@@ -131,7 +141,8 @@ def wait_until_ready(orthanc: Orthanc, process: subprocess.Popen, log: Path, tim
     request = urllib.request.Request(f"{orthanc.url}/system")
     manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
     manager.add_password(None, orthanc.url, orthanc.user, orthanc.password)
-    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(manager))
+    # Straight to loopback: a site's HTTP proxy would neither reach it nor deserve its credentials.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPBasicAuthHandler(manager))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

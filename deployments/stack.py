@@ -484,6 +484,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
                                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                                       "PREFECT_API_AUTH_STRING": _api_auth(folder)}
     environment["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    environment.update(_loopback_unproxied(os.environ))
     if start_s3:
         s3_keys = _s3_credentials(folder)
         environment.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", AWS_ACCESS_KEY_ID=s3_keys.access_key_id,
@@ -521,7 +522,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
              "environment": environment, "processes": processes}
     if pacs_server:
         state["pacs"] = {"dicomweb": pacs_server.dicomweb, "dicom": pacs_server.dimse,
-                         "explorer": f"{pacs_server.url}/app/explorer.html", "password_file": str(folder / PACS_PASSWORD)}
+                         "password_file": str(folder / PACS_PASSWORD)}
 
     def record(name: str, process: subprocess.Popen, stop_signal: str = "SIGTERM", command: list | None = None) -> None:
         processes[name] = {"pid": process.pid, "command": [os.fsdecode(part) for part in command or process.args],
@@ -590,12 +591,27 @@ def _start_postgres(folder: Path, port: int, environment: dict, record: Callable
     return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": postgres.connection_url(password, port)}
 
 
+def _loopback_unproxied(shell: Mapping[str, str]) -> dict[str, str]:
+    """NO_PROXY and no_proxy with the stack's loopback added, where the shell names a proxy: the
+    workers' calls to the stack's API, S3 and PACS carry its credentials, which a site's proxy would
+    see in clear (and could not forward to this machine's loopback anyway)."""
+    if not any(shell.get(name) for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")):
+        return {}
+    listed = [item.strip() for name in ("NO_PROXY", "no_proxy") for item in shell.get(name, "").split(",") if item.strip()]
+    value = ",".join(dict.fromkeys([*listed, "127.0.0.1", "localhost"]))
+    return {"NO_PROXY": value, "no_proxy": value}
+
+
 def _require_pacs(http_port: int, dicom_port: int, others: dict[str, int | None]) -> None:
     """ValueError, in one line, unless Orthanc is installed and its two ports are its own: free on
     every address (Orthanc cannot bind to one), apart, and none that the stack's other servers
     (``others``, an option: its port, None for a server not started) will take."""
     ports = {http_port: "--pacs-port", dicom_port: "--pacs-dicom-port"}
     taken = {port: option for option, port in others.items() if port is not None}
+    calling = os.environ.get("CXR_DICOM_CALLING_AET", "CXRSCREEN")
+    if not re.fullmatch(r"[ -~]{1,16}", calling) or calling.strip() != calling or "\\" in calling:
+        raise ValueError(f"CXR_DICOM_CALLING_AET {calling!r} is not an AE title (1 to 16 printable characters, "
+                         "no backslash, no leading or trailing space)")
     try:
         orthanc.require(ports)
     except orthanc.OrthancError as error:

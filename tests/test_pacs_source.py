@@ -285,6 +285,43 @@ def test_an_instance_screened_from_a_folder_export_is_not_screened_again_from_th
     assert report["present"] == (screened["flagged"] == "True")
 
 
+def test_over_dicom_the_pacs_takes_stores_and_echoes_from_our_ae_title_and_answers_no_query(pacs, credentials):
+    """DICOM has no password: a process on this machine calling as our AE title may store and echo,
+    never list or fetch the studies the HTTP password guards; another AE title not even echo."""
+    from pydicom import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+
+    send(pacs, AccessionNumber="Q1-1", StudyDate="20350113")
+
+    def associate(calling: str):
+        ae = AE(ae_title=calling)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        return ae.associate("127.0.0.1", pacs.dicom_port, ae_title=pacs.aet)
+
+    ours = associate("CXRSCREEN")
+    assert ours.is_established
+    try:
+        assert ours.send_c_echo().Status == 0x0000
+        query = Dataset()
+        query.QueryRetrieveLevel, query.StudyInstanceUID, query.AccessionNumber = "STUDY", "", ""
+        answers = list(ours.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+    finally:
+        ours.release()
+    matches = [identifier for status, identifier in answers if status and status.Status in (0xFF00, 0xFF01)]
+    # Refused: a failure status, or (Orthanc 1.10) the association aborted with no answer at all.
+    assert matches == [] and not any(status and status.Status == 0x0000 for status, _ in answers), answers
+    stranger = associate("STRANGER")
+    if stranger.is_established:  # Orthanc may take the association and refuse what is asked in it
+        try:
+            status = stranger.send_c_echo()
+            assert not status or status.Status != 0x0000, status
+        finally:
+            stranger.release()
+
+
 def test_pacs_credentials_never_go_into_parameters_and_delivery_needs_the_real_uids():
     from flows.parameters import ScreenParameters
 

@@ -28,14 +28,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def stack_up(folder: Path, *arguments: str):
+def stack_up(folder: Path, *arguments: str, environment: dict[str, str] | None = None):
     """``cxr-screen stack up --pacs`` in this process (no stack starts: each case is refused first)."""
     from typer.testing import CliRunner
 
     from cli.main import app
 
-    return CliRunner().invoke(app, ["stack", "up", "--pacs", "--port", str(free_port()), *arguments],
-                              env={"CXR_STACK_DIR": str(folder)}, terminal_width=200)
+    environment = environment or {}
+    # Free ports for both of the PACS's unless given: a host's own Orthanc service holds the defaults.
+    ports = [option for option in ("--pacs-port", "--pacs-dicom-port") if option not in arguments]
+    defaults = [item for option in ports for item in (option, str(free_port()))]
+    return CliRunner().invoke(app, ["stack", "up", "--pacs", "--port", str(free_port()), *defaults, *arguments],
+                              env={"CXR_STACK_DIR": str(folder), **environment}, terminal_width=200)
 
 
 def require_orthanc() -> None:
@@ -55,11 +59,11 @@ def test_a_missing_orthanc_is_one_line_naming_the_packages(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("option", ["--pacs-port", "--pacs-dicom-port"])
 def test_a_port_taken_on_any_address_is_refused_before_anything_starts(tmp_path, option):
-    """Orthanc listens on every address: a port held on loopback alone is in its way too."""
+    """Orthanc listens on every address: a port held on another loopback address alone is in its way too."""
     require_orthanc()
     folder = tmp_path / "stack"
     with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
+        holder.bind(("127.0.0.2", 0))  # not 127.0.0.1: only a probe of every address sees it
         holder.listen()
         port = holder.getsockname()[1]
         done = stack_up(folder, option, str(port))
@@ -77,11 +81,27 @@ def test_ports_the_stack_takes_itself_and_s3_only_are_refused(tmp_path):
         ("--port", str(server), "--pacs-dicom-port", str(server)):
             f"error: --pacs-dicom-port {server} is the stack's --port too: choose another port",
         ("--s3-only",): "error: --s3-only starts the local S3 alone: leave out --pacs",
+        ("--pacs-port", "70000"): "Invalid value for '--pacs-port'",
+        ("--pacs-dicom-port", "0"): "Invalid value for '--pacs-dicom-port'",
     }
     for arguments, line in refusals.items():
         done = stack_up(tmp_path / "stack", *arguments)
-        assert (done.exit_code, done.output.splitlines()) == (3, [line]), (arguments, done.output)
-    assert not (tmp_path / "stack" / stack.STATE).exists()
+        if line.startswith("Invalid value"):  # typer's own refusal of a number out of range
+            assert done.exit_code == 2 and line in done.output, (arguments, done.output)
+        else:
+            assert (done.exit_code, done.output.splitlines()) == (3, [line]), (arguments, done.output)
+    done = stack_up(tmp_path / "stack", environment={"CXR_DICOM_CALLING_AET": "A" * 17})  # Orthanc would fail late
+    assert done.exit_code == 3 and "CXR_DICOM_CALLING_AET 'AAAAAAAAAAAAAAAAA' is not an AE title" in done.output
+    assert not (tmp_path / "stack").exists() or list((tmp_path / "stack").iterdir()) == []
+
+
+def test_loopback_goes_around_a_sites_proxy_and_a_port_out_of_range_is_refused():
+    assert stack._loopback_unproxied({"NO_PROXY": "corp.example"}) == {}  # no proxy: nothing to go around
+    assert stack._loopback_unproxied({"https_proxy": "http://proxy:3128", "no_proxy": "corp.example, localhost"}) == \
+        dict.fromkeys(("NO_PROXY", "no_proxy"), "corp.example,localhost,127.0.0.1")
+    require_orthanc()
+    with pytest.raises(orthanc.OrthancError, match="--pacs-port 70000 is not a port"):
+        orthanc.require({70000: "--pacs-port"})
 
 
 def test_the_pacs_password_is_made_once_private_and_kept(tmp_path):
