@@ -32,58 +32,49 @@ on 127.0.0.1.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import secrets
 import shlex
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from deployments import orthanc, postgres
+from deployments import orthanc, postgres, stack_secrets
 from deployments.s3_server import read_summary
 from deployments.settings import Settings
-from deployments.sigv4 import Credentials, CredentialsError, new_credentials, read_credentials
+from deployments.stack_environment import SERVERS, loopback_unproxied, server_environment, worker_environment
+from deployments.stack_secrets import (
+    PACS_PASSWORD,
+    POSTGRES_DATA,
+    S3_CREDENTIALS,
+    SIGNING_KEY,
+    StackStateError,
+)
 from model import stored_json
 from store import s3
-from store.private_files import write_private
 
-__all__ = ["StackStateError", "client_environment", "down", "server_environment", "status", "stored_data", "up", "wipe",
-           "worker_environment"]
+__all__ = ["client_environment", "down", "status", "stored_data", "up", "wipe"]
 
 STATE = "stack.json"
 ENV_FILE = "env"  # the client environment, one 'export' a line, for 'source'
 S3_DATA = "s3"  # the local S3's stored state
-SIGNING_KEY = "signing-key"  # the HMAC key the stack's models are signed with
 SIGNING_KEY_VARIABLE = "CXR_MODEL_SIGNING_KEY"  # store.registry's, named here: importing it loads TensorFlow
-POSTGRES_DATA = "postgres"  # the PostgreSQL cluster, with --database postgres
-POSTGRES_PASSWORD = "postgres-password"
 DASK_TLS = "dask-tls"  # the Dask cluster's CA certificate, and certificates and keys of its scheduler, workers and clients
-S3_CREDENTIALS = "s3-credentials"  # the only key pair the local S3 accepts
-API_AUTH = "prefect-auth"  # the Prefect API's credentials, 'cxr:<token>', as its UI's login asks for them
 PACS_DATA = "orthanc"  # Orthanc's configuration and stored studies, with --pacs
-PACS_PASSWORD = "pacs-password"
 PACS_USER = "cxr"
 PACS_LOCATION = "CXR_STACK_PACS"  # the DICOMweb root, as a screening or delivery location names it
 PACS_CREDENTIALS = ("CXR_DICOMWEB_USER", "CXR_DICOMWEB_PASSWORD")  # store/dicomweb.py's
 _STOP_SIGNALS = ("SIGTERM", "SIGINT")  # PostgreSQL: SIGINT is its fast shutdown, SIGTERM waits for every client
 MAX_STATE_BYTES = 2**20  # a stack's state is about 2 kB
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-
-
-class StackStateError(ValueError):
-    """A stack's state file or signing key this code does not trust or cannot read; the message is
-    one line naming the file and the reason."""
 
 
 def _wait_for(url: str, what: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -146,42 +137,6 @@ def _wait_for_dask(folder: Path, processes: dict[str, subprocess.Popen], workers
             check()
 
 
-# What a server the stack starts may inherit: the process basics and its own settings. The Prefect
-# server, the S3 server, the Dask scheduler and Orthanc read no model, image or bucket, so they get no
-# AWS or PACS credentials, signing or de-identification key; the workers, which do, get them.
-_BASICS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
-           "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
-_SERVER_SETTINGS = {"server": ("PREFECT_",), "s3": ("MOTO_",), "postgres": (), "orthanc": (),
-                    # It unpickles references to the project's modules, which read Prefect's settings on import.
-                    "dask-scheduler": ("PREFECT_", "DASK_")}
-# The Prefect server checks PREFECT_SERVER_API_AUTH_STRING; no server needs a client's credentials.
-_NEVER_TO_SERVERS = ("PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")
-
-
-# What the workers (and the deploy step) may inherit besides the basics: the project's, Prefect's, Dask's
-# and AWS's settings, the numeric and GPU libraries', TLS trust and proxies; not whatever else the
-# shell that ran 'stack up' holds (other services' tokens), and never a database URL (its password).
-_WORKER_SETTINGS = ("CXR_", "PREFECT_", "DASK_", "AWS_", "PYTHON", "TF_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "CUDA_",
-                    "NVIDIA_", "XLA_", "KERAS_", "OPENVINO_", "MPLCONFIGDIR", "LD_LIBRARY_PATH", "SSL_CERT_",
-                    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
-                    "https_proxy", "no_proxy")
-
-
-def worker_environment(environment: Mapping[str, str]) -> dict[str, str]:
-    """The variables of ``environment`` the stack's workers may inherit (an allow-list)."""
-    return {key: value for key, value in environment.items()
-            if (key in _BASICS or key.startswith(("LC_", *_WORKER_SETTINGS))) and "DATABASE" not in key}
-
-
-def server_environment(name: str, environment: dict[str, str]) -> dict[str, str]:
-    """The variables of ``environment`` the server ``name`` needs (an allow-list): the basics, the
-    locale's LC_* and its own settings; never a credential or key."""
-    prefixes = _SERVER_SETTINGS[name]
-    return {key: value for key, value in environment.items()
-            if (key in _BASICS or key.startswith(("LC_", *prefixes))) and key not in _NEVER_TO_SERVERS
-            and not (name != "server" and "DATABASE" in key)}  # a database URL holds its password
-
-
 def _private_log(log: Path) -> BinaryIO:
     """``log`` opened for appending, 0600 in a 0700 folder (also one an older stack made readable)."""
     log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -199,7 +154,7 @@ def _start(folder: Path, name: str, command: list[str], environment: dict) -> su
         # Own session: stopping the group stops the process and its children (flow runs) only.
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment,
                                 cwd=PROJECT_DIR, start_new_session=True,
-                                umask=0o077 if name in _SERVER_SETTINGS else -1)
+                                umask=0o077 if name in SERVERS else -1)
 
 
 def _alive(entry: dict) -> bool:
@@ -218,42 +173,10 @@ def _alive(entry: dict) -> bool:
     return bool(command) and cmdline.split(b"\0")[:-1] == command and group == entry["pid"]
 
 
-def _read_private(path: Path, max_bytes: int) -> bytes | None:
-    """The bytes of ``path``, a regular file owned by this user and readable by this user alone
-    (mode 0600, as the stack writes its state and key); None when there is none. StackStateError
-    naming the file otherwise: whoever else could write it could make 'stack down' stop any process
-    of this user's, or name the key models are signed with."""
-    trusted = "the stack writes it as a file of yours, mode 0600"
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        reason = "a symbolic link" if error.errno == errno.ELOOP else f"cannot be read ({error.strerror})"
-        raise StackStateError(f"{path}: not trusted: {reason}; {trusted}") from None
-    with os.fdopen(descriptor, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        mode = stat.S_IMODE(info.st_mode)
-        if not stat.S_ISREG(info.st_mode):
-            problem = "not a regular file"
-        elif info.st_uid != os.geteuid():
-            problem = f"owned by uid {info.st_uid}, not by you (uid {os.geteuid()})"
-        elif mode != 0o600:
-            problem = f"mode {mode:04o}, not 0600"
-        else:
-            return handle.read(max_bytes + 1)  # more is refused by the parser
-    raise StackStateError(f"{path}: not trusted: {problem}; {trusted}: if no stack of yours runs from "
-                          f"{path.parent}, remove it")
-
-
-def _write_private(path: Path, text: str) -> None:
-    """``text`` to ``path`` atomically, mode 0600 whatever the umask (a planted link is replaced, never followed)."""
-    write_private(path, text.encode())
-
 def _read_state(folder: Path) -> dict | None:
     """``<folder>/stack.json``, trusted and checked, or None when there is none."""
     path = folder / STATE
-    data = _read_private(path, MAX_STATE_BYTES)
+    data = stack_secrets.read_private(path, MAX_STATE_BYTES)
     if data is None:
         return None
     try:
@@ -291,76 +214,6 @@ def _state_problem(state: object) -> str | None:
     return None
 
 
-def _stored_secret(folder: Path, name: str, make: Callable[[], str], pattern: str, what: str) -> str:
-    """``<folder>/<name>``: made the first time (mode 0600) and read back after, so that clients
-    and what it protects outlive a restart; StackStateError when it is not what the stack made."""
-    path = folder / name
-    data = _read_private(path, 1024)
-    if data is None:
-        secret = make()
-        _write_private(path, secret + "\n")
-        return secret
-    secret = data.decode("ascii", errors="replace").strip()
-    if not re.fullmatch(pattern, secret):
-        raise StackStateError(f"{path}: not {what}")
-    return secret
-
-
-def _postgres_password(folder: Path) -> str:
-    """The password of the stack's PostgreSQL cluster: ``<folder>/postgres-password``, 43 URL-safe characters."""
-    if (folder / POSTGRES_DATA / "PG_VERSION").exists() and not (folder / POSTGRES_PASSWORD).exists():
-        raise StackStateError(f"{folder / POSTGRES_PASSWORD}: missing, and the cluster in {folder / POSTGRES_DATA} "
-                              "was made with it: restore it, or remove the cluster ('stack down --wipe')")
-    return _stored_secret(folder, POSTGRES_PASSWORD, lambda: secrets.token_urlsafe(32), r"[A-Za-z0-9_-]{43}",
-                          "a password the stack made: restore it, or remove it together with the cluster in "
-                          f"{folder / POSTGRES_DATA} ('stack down --wipe')")
-
-
-def _s3_credentials(folder: Path) -> Credentials:
-    """The key pair the local S3 checks signatures against: ``<folder>/s3-credentials`` (JSON, 0600),
-    made the first time and kept, so that a client environment and the stored data outlive a restart."""
-    path = folder / S3_CREDENTIALS
-    if not path.exists() and not path.is_symlink():
-        _write_private(path, new_credentials().document())
-    try:
-        return read_credentials(path)
-    except CredentialsError as error:
-        raise StackStateError(f"{error}: remove it (a new pair is made at 'stack up')") from None
-
-
-def _signing_key(folder: Path) -> str:
-    """The stack's signing key: ``<folder>/signing-key``, 64 hex digits. A new one makes the models
-    signed with the old one refused."""
-    return _stored_secret(folder, SIGNING_KEY, lambda: secrets.token_hex(32), r"[0-9a-f]{64}",
-                          "a key the stack made (64 hex digits): remove it (a new one is made, and models signed "
-                          "with the old one are refused)")
-
-
-def _api_auth(folder: Path) -> str:
-    """The Prefect API's credentials: ``<folder>/prefect-auth``, 'cxr:' and 43 URL-safe characters."""
-    return _stored_secret(folder, API_AUTH, lambda: f"cxr:{secrets.token_urlsafe(32)}", r"cxr:[A-Za-z0-9_-]{43}",
-                          "the Prefect API's credentials as the stack makes them: remove it (a new one is made at "
-                          "'stack up'; clients then need the new client environment)")
-
-
-def _pacs_password(folder: Path) -> str:
-    """The password Orthanc asks user ``cxr`` for: ``<folder>/pacs-password``, 43 URL-safe characters."""
-    return _stored_secret(folder, PACS_PASSWORD, lambda: secrets.token_urlsafe(32), r"[A-Za-z0-9_-]{43}",
-                          "a password the stack made: remove it (a new one is made at 'stack up --pacs'; clients "
-                          "then need the new client environment)")
-
-
-def _trusted_folder(folder: Path) -> None:
-    """StackStateError unless ``folder`` is this user's and nobody else can write it."""
-    info = folder.stat()
-    if info.st_uid != os.geteuid():
-        raise StackStateError(f"{folder}: owned by uid {info.st_uid}, not by you (uid {os.geteuid()}): a stack "
-                              "runs only from a folder of yours")
-    if info.st_mode & 0o022:
-        raise StackStateError(f"{folder}: others can write it (mode {stat.S_IMODE(info.st_mode):04o}), and could "
-                              f"plant the settings and state the stack's processes read: chmod go-w {folder}")
-
-
 def client_environment(folder: Path) -> dict[str, str]:
     """The variables that point Prefect and boto3 at a running stack."""
     state = _read_state(folder)
@@ -385,7 +238,7 @@ def _write_client_environment(folder: Path, environment: dict[str, str], signing
                   "unset CXR_DICOMWEB_TOKEN  # another PACS's: store/dicomweb.py would send it instead"]
     if signing_key is not None:  # what training and screening run by hand sign and check the stack's models with
         lines.append(f'export {SIGNING_KEY_VARIABLE}="$(cat {shlex.quote(str(signing_key))})"')
-    _write_private(path, "\n".join(lines) + "\n")
+    stack_secrets.write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -437,7 +290,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
     """
     folder = folder.resolve()
     if folder.is_dir():
-        _trusted_folder(folder)
+        stack_secrets.trusted_folder(folder)
     if any(status(folder).values()):
         raise ValueError(f"a stack is already running from {folder}: stop it first (cxr-screen stack down)")
     if workers < 0:
@@ -466,7 +319,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         raise ValueError(f"{given} is set, and --workers {workers} starts the Dask cluster nightly screening "
                            f"uses: unset it, or leave out --workers")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _trusted_folder(folder)
+    stack_secrets.trusted_folder(folder)
     folder.chmod(0o700)  # also one an older stack, or the user, made readable: it holds the keys
     uses_s3 = any(s3.bucket_of(uri) for uri in (settings.incoming, settings.results, settings.model_store,
                                                  settings.dataset))
@@ -482,11 +335,11 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
     api = f"{ui}/api"
     environment = {} if s3_only else {"PREFECT_API_URL": api, "PREFECT_HOME": str(folder / "prefect"),
                                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                                      "PREFECT_API_AUTH_STRING": _api_auth(folder)}
+                                      "PREFECT_API_AUTH_STRING": stack_secrets.api_auth(folder)}
     environment["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    environment.update(_loopback_unproxied(os.environ))
+    environment.update(loopback_unproxied(os.environ))
     if start_s3:
-        s3_keys = _s3_credentials(folder)
+        s3_keys = stack_secrets.s3_credentials(folder)
         environment.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", AWS_ACCESS_KEY_ID=s3_keys.access_key_id,
                            AWS_SECRET_ACCESS_KEY=s3_keys.secret_access_key, AWS_DEFAULT_REGION="us-east-1")
     if workers:
@@ -504,7 +357,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
         child_environment["CXR_TRAIN_REQUIRE_APPROVAL"] = "true"
     key_file = None if os.environ.get(SIGNING_KEY_VARIABLE) else folder / SIGNING_KEY
     signing_environment = {**child_environment,
-                           SIGNING_KEY_VARIABLE: os.environ.get(SIGNING_KEY_VARIABLE) or _signing_key(folder)}
+                           SIGNING_KEY_VARIABLE: os.environ.get(SIGNING_KEY_VARIABLE) or stack_secrets.signing_key(folder)}
     echo(f"Models are signed with {SIGNING_KEY_VARIABLE} from the environment" if key_file is None
          else f"Models are signed with the stack's key, {key_file}")
     pacs_server = _configure_pacs(folder, pacs_port, pacs_dicom_port) if pacs else None
@@ -527,7 +380,7 @@ def up(folder: Path, settings: Settings, port: int = 4200, s3_port: int = 5000, 
     def record(name: str, process: subprocess.Popen, stop_signal: str = "SIGTERM", command: list | None = None) -> None:
         processes[name] = {"pid": process.pid, "command": [os.fsdecode(part) for part in command or process.args],
                            "log": str(folder / "logs" / f"{name}.log"), "signal": stop_signal}
-        _write_private(folder / STATE, json.dumps(state, indent=2))  # after each start: down works mid-way too
+        stack_secrets.write_text(folder / STATE, json.dumps(state, indent=2))  # after each start: down works mid-way too
 
     try:
         if start_s3:
@@ -579,7 +432,7 @@ def _start_postgres(folder: Path, port: int, environment: dict, record: Callable
                     echo: Callable[[str], None]) -> dict[str, str]:
     """The stack's PostgreSQL server, its cluster made the first time; returns the Prefect server's
     setting that points it there (the URL holds the password: it goes to that server alone)."""
-    password, data = _postgres_password(folder), folder / POSTGRES_DATA
+    password, data = stack_secrets.postgres_password(folder), folder / POSTGRES_DATA
     if postgres.initialize(data, password):
         echo(f"Made a PostgreSQL database cluster in {data}")
     echo(f"Starting PostgreSQL on 127.0.0.1:{port}, its data in {data}")
@@ -589,17 +442,6 @@ def _start_postgres(folder: Path, port: int, environment: dict, record: Callable
     record("postgres", process, stop_signal="SIGINT", command=command)  # the command line it runs with
     postgres.wait_until_ready(password, port, process, folder / "logs" / "postgres.log")
     return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": postgres.connection_url(password, port)}
-
-
-def _loopback_unproxied(shell: Mapping[str, str]) -> dict[str, str]:
-    """NO_PROXY and no_proxy with the stack's loopback added, where the shell names a proxy: the
-    workers' calls to the stack's API, S3 and PACS carry its credentials, which a site's proxy would
-    see in clear (and could not forward to this machine's loopback anyway)."""
-    if not any(shell.get(name) for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")):
-        return {}
-    listed = [item.strip() for name in ("NO_PROXY", "no_proxy") for item in shell.get(name, "").split(",") if item.strip()]
-    value = ",".join(dict.fromkeys([*listed, "127.0.0.1", "localhost"]))
-    return {"NO_PROXY": value, "no_proxy": value}
 
 
 def _require_pacs(http_port: int, dicom_port: int, others: dict[str, int | None]) -> None:
@@ -626,7 +468,7 @@ def _require_pacs(http_port: int, dicom_port: int, others: dict[str, int | None]
 def _configure_pacs(folder: Path, http_port: int, dicom_port: int) -> orthanc.Orthanc:
     """Orthanc's configuration in ``<folder>/orthanc``, with the stack's user and kept password; DICOM
     stores from the AE title the workers deliver with (store/dimse.py's), on 127.0.0.1 alone."""
-    return orthanc.configure(folder / PACS_DATA, http_port, dicom_port, PACS_USER, _pacs_password(folder),
+    return orthanc.configure(folder / PACS_DATA, http_port, dicom_port, PACS_USER, stack_secrets.pacs_password(folder),
                              (os.environ.get("CXR_DICOM_CALLING_AET", "CXRSCREEN"),))
 
 

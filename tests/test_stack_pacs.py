@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments import orthanc, stack
+from deployments import orthanc, stack, stack_environment, stack_secrets
 
 INSTALL_LINE = ("error: Orthanc or its DICOMweb plugin is not installed: install Debian's Orthanc and its DICOMweb "
                 "plugin (apt-get install orthanc orthanc-dicomweb)")
@@ -96,8 +96,8 @@ def test_ports_the_stack_takes_itself_and_s3_only_are_refused(tmp_path):
 
 
 def test_loopback_goes_around_a_sites_proxy_and_a_port_out_of_range_is_refused():
-    assert stack._loopback_unproxied({"NO_PROXY": "corp.example"}) == {}  # no proxy: nothing to go around
-    assert stack._loopback_unproxied({"https_proxy": "http://proxy:3128", "no_proxy": "corp.example, localhost"}) == \
+    assert stack_environment.loopback_unproxied({"NO_PROXY": "corp.example"}) == {}  # no proxy: nothing to go around
+    assert stack_environment.loopback_unproxied({"https_proxy": "http://proxy:3128", "no_proxy": "corp.example, localhost"}) == \
         dict.fromkeys(("NO_PROXY", "no_proxy"), "corp.example,localhost,127.0.0.1")
     require_orthanc()
     with pytest.raises(orthanc.OrthancError, match="--pacs-port 70000 is not a port"):
@@ -105,13 +105,13 @@ def test_loopback_goes_around_a_sites_proxy_and_a_port_out_of_range_is_refused()
 
 
 def test_the_pacs_password_is_made_once_private_and_kept(tmp_path):
-    password = stack._pacs_password(tmp_path)
-    path = tmp_path / stack.PACS_PASSWORD
+    password = stack_secrets.pacs_password(tmp_path)
+    path = tmp_path / stack_secrets.PACS_PASSWORD
     assert len(password) == 43 and path.read_text() == password + "\n" and path.stat().st_mode & 0o777 == 0o600
-    assert stack._pacs_password(tmp_path) == password
+    assert stack_secrets.pacs_password(tmp_path) == password
     path.write_text("admin\n")
-    with pytest.raises(stack.StackStateError, match=r"pacs-password: not a password the stack made"):
-        stack._pacs_password(tmp_path)
+    with pytest.raises(stack_secrets.StackStateError, match=r"pacs-password: not a password the stack made"):
+        stack_secrets.pacs_password(tmp_path)
 
 
 def test_the_client_environment_gives_the_pacs_credentials_in_place_of_another_token(tmp_path):
@@ -130,4 +130,4 @@ def test_the_client_environment_gives_the_pacs_credentials_in_place_of_another_t
     # Orthanc itself gets none of them (nor any other credential): the basics alone.
     given = {"PATH": "/usr/bin", "LC_ALL": "C.UTF-8", **stack._pacs_environment(server), "AWS_SECRET_ACCESS_KEY": "s",
              "PREFECT_API_AUTH_STRING": "cxr:s", "CXR_MODEL_SIGNING_KEY": "k"}
-    assert stack.server_environment("orthanc", given) == {"PATH": "/usr/bin", "LC_ALL": "C.UTF-8"}
+    assert stack_environment.server_environment("orthanc", given) == {"PATH": "/usr/bin", "LC_ALL": "C.UTF-8"}

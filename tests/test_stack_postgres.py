@@ -140,7 +140,7 @@ def test_down_keeps_the_database_and_wipe_removes_it(stack):
 def test_a_taken_port_or_a_lost_password_is_refused_before_anything_starts(tmp_path):
     import socket
 
-    from deployments import postgres, stack
+    from deployments import postgres, stack_secrets
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -149,5 +149,5 @@ def test_a_taken_port_or_a_lost_password_is_refused_before_anything_starts(tmp_p
             postgres.require_free_port(taken.getsockname()[1])
     (tmp_path / "postgres").mkdir()
     (tmp_path / "postgres" / "PG_VERSION").write_text("15\n")
-    with pytest.raises(stack.StackStateError, match="postgres-password: missing, and the cluster .* was made with it"):
-        stack._postgres_password(tmp_path)
+    with pytest.raises(stack_secrets.StackStateError, match="postgres-password: missing, and the cluster .* was made with it"):
+        stack_secrets.postgres_password(tmp_path)

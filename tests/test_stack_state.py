@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments import stack
+from deployments import stack, stack_environment, stack_secrets
 from deployments.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def test_a_process_that_does_not_lead_its_own_group_is_never_stopped(tmp_path):
 def refused(tmp_path: Path, sleeper, reason: str) -> None:
     """Every reader refuses, naming the file and ``reason``, and nothing is stopped or removed."""
     for read in (stack.status, stack.down, stack.client_environment, stack.wipe):
-        with pytest.raises(stack.StackStateError) as error:
+        with pytest.raises(stack_secrets.StackStateError) as error:
             read(tmp_path)
         assert str(tmp_path / stack.STATE) in str(error.value) and reason in str(error.value), str(error.value)
         assert "\n" not in str(error.value)
@@ -189,53 +189,53 @@ def test_the_command_line_refuses_a_planted_state_file_with_one_line_and_stops_n
 
 
 def test_the_signing_key_is_made_once_private_and_kept(tmp_path):
-    key = stack._signing_key(tmp_path)
-    path = tmp_path / stack.SIGNING_KEY
+    key = stack_secrets.signing_key(tmp_path)
+    path = tmp_path / stack_secrets.SIGNING_KEY
     assert len(key) == 64 and int(key, 16) >= 0
     assert path.stat().st_mode & 0o777 == 0o600 and path.read_text() == key + "\n"
-    assert stack._signing_key(tmp_path) == key  # kept across restarts
+    assert stack_secrets.signing_key(tmp_path) == key  # kept across restarts
     other = tmp_path / "other"
     other.mkdir()
-    assert stack._signing_key(other) != key  # a stack of its own: a key of its own
+    assert stack_secrets.signing_key(other) != key  # a stack of its own: a key of its own
     path.chmod(0o644)
-    with pytest.raises(stack.StackStateError, match=r"signing-key: not trusted: mode 0644, not 0600"):
-        stack._signing_key(tmp_path)
+    with pytest.raises(stack_secrets.StackStateError, match=r"signing-key: not trusted: mode 0644, not 0600"):
+        stack_secrets.signing_key(tmp_path)
     path.write_text("guessable\n")
     path.chmod(0o600)
-    with pytest.raises(stack.StackStateError, match=r"signing-key: not a key the stack made"):
-        stack._signing_key(tmp_path)
+    with pytest.raises(stack_secrets.StackStateError, match=r"signing-key: not a key the stack made"):
+        stack_secrets.signing_key(tmp_path)
 
 
 def test_the_api_credentials_and_s3_keys_are_made_once_private_and_kept(tmp_path):
-    auth, keys = stack._api_auth(tmp_path), stack._s3_credentials(tmp_path)
-    assert auth.startswith("cxr:") and len(auth) == 47 and stack._api_auth(tmp_path) == auth
-    assert stack._s3_credentials(tmp_path) == keys and keys.access_key_id != "testing"
-    for name in (stack.API_AUTH, stack.S3_CREDENTIALS):
+    auth, keys = stack_secrets.api_auth(tmp_path), stack_secrets.s3_credentials(tmp_path)
+    assert auth.startswith("cxr:") and len(auth) == 47 and stack_secrets.api_auth(tmp_path) == auth
+    assert stack_secrets.s3_credentials(tmp_path) == keys and keys.access_key_id != "testing"
+    for name in (stack_secrets.API_AUTH, stack_secrets.S3_CREDENTIALS):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
-    (tmp_path / stack.S3_CREDENTIALS).chmod(0o644)
-    with pytest.raises(stack.StackStateError, match=r"s3-credentials: mode 0644.*remove it"):
-        stack._s3_credentials(tmp_path)
-    (tmp_path / stack.API_AUTH).write_text("admin:admin\n")
-    with pytest.raises(stack.StackStateError, match=r"prefect-auth: not the Prefect API's credentials"):
-        stack._api_auth(tmp_path)
+    (tmp_path / stack_secrets.S3_CREDENTIALS).chmod(0o644)
+    with pytest.raises(stack_secrets.StackStateError, match=r"s3-credentials: mode 0644.*remove it"):
+        stack_secrets.s3_credentials(tmp_path)
+    (tmp_path / stack_secrets.API_AUTH).write_text("admin:admin\n")
+    with pytest.raises(stack_secrets.StackStateError, match=r"prefect-auth: not the Prefect API's credentials"):
+        stack_secrets.api_auth(tmp_path)
 
 
 def test_no_server_but_prefect_gets_the_api_credentials_or_the_database_url():
     given = {"PATH": "/usr/bin", "PREFECT_API_URL": "http://127.0.0.1:1/api", "PREFECT_API_AUTH_STRING": "cxr:secret",
              "PREFECT_SERVER_DATABASE_CONNECTION_URL": "postgresql+asyncpg://prefect:pw@127.0.0.1:1/prefect",
              "AWS_SECRET_ACCESS_KEY": "secret", "CXR_DEIDENTIFY_KEY": "secret", "DASK_DISTRIBUTED__X": "1"}
-    assert stack.server_environment("dask-scheduler", given) == {
+    assert stack_environment.server_environment("dask-scheduler", given) == {
         "PATH": "/usr/bin", "PREFECT_API_URL": "http://127.0.0.1:1/api", "DASK_DISTRIBUTED__X": "1"}
-    assert stack.server_environment("postgres", given) == {"PATH": "/usr/bin"}
-    assert stack.server_environment("s3", given) == {"PATH": "/usr/bin"}
+    assert stack_environment.server_environment("postgres", given) == {"PATH": "/usr/bin"}
+    assert stack_environment.server_environment("s3", given) == {"PATH": "/usr/bin"}
     # The server checks its own PREFECT_SERVER_API_AUTH_STRING, which the stack adds; never a client's.
-    assert "PREFECT_API_AUTH_STRING" not in stack.server_environment("server", given)
+    assert "PREFECT_API_AUTH_STRING" not in stack_environment.server_environment("server", given)
 
 
 def test_the_client_environment_names_the_key_file_and_sourcing_it_gives_the_key(tmp_path):
-    key = stack._signing_key(tmp_path)
+    key = stack_secrets.signing_key(tmp_path)
     env_file = stack._write_client_environment(tmp_path, {"AWS_ENDPOINT_URL": "http://127.0.0.1:1"},
-                                               tmp_path / stack.SIGNING_KEY)
+                                               tmp_path / stack_secrets.SIGNING_KEY)
     assert key not in env_file.read_text() and env_file.stat().st_mode & 0o777 == 0o600
     shown = subprocess.run(["bash", "-c", f"source '{env_file}' && echo \"$CXR_MODEL_SIGNING_KEY\""],
                            env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=30, check=False)
@@ -247,7 +247,7 @@ def test_up_refuses_a_folder_others_can_write_before_starting_anything(tmp_path,
     folder = tmp_path / "stack"
     folder.mkdir()
     folder.chmod(mode)
-    with pytest.raises(stack.StackStateError, match=f"others can write it \\(mode {mode:04o}\\)"):
+    with pytest.raises(stack_secrets.StackStateError, match=f"others can write it \\(mode {mode:04o}\\)"):
         stack.up(folder, Settings(_env_file=None), echo=lambda line: None, s3_only=True)
     assert list(folder.iterdir()) == []
 
@@ -257,7 +257,7 @@ def test_up_refuses_a_folder_of_another_user(tmp_path):
     folder = tmp_path / "stack"
     folder.mkdir(mode=0o700)
     os.chown(folder, NOBODY, NOBODY)
-    with pytest.raises(stack.StackStateError, match=f"owned by uid {NOBODY}, not by you"):
+    with pytest.raises(stack_secrets.StackStateError, match=f"owned by uid {NOBODY}, not by you"):
         stack.up(folder, Settings(_env_file=None), echo=lambda line: None, s3_only=True)
     assert list(folder.iterdir()) == []
 
