@@ -41,8 +41,10 @@ def bootstrap(settings_file: bool = True) -> None:
     if os.environ.get("PREFECT_HOME"):  # Prefect does not create it, and its database cannot open without it
         os.makedirs(os.path.expanduser(os.environ["PREFECT_HOME"]), exist_ok=True)
     from cli.failure_logs import quiet_expected_failures
+    from cli.signals import resend_signals_lost_in_destructors
 
     quiet_expected_failures()
+    resend_signals_lost_in_destructors()
 
 
 def _load_settings_file() -> None:

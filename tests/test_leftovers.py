@@ -149,7 +149,10 @@ def test_a_killed_command_line_takes_its_prefect_server_with_it(tmp_path, stalle
         assert command.poll() is None and answers(port)
 
         command.send_signal(signum)
-        command.wait()
+        try:
+            command.wait(timeout=CLEANUP_SECONDS + 60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the command still runs {CLEANUP_SECONDS + 60} s after {signum.name}:\n{log.read_text()[-3000:]}")
         killed_at = time.monotonic()
         while server.alive() or port_open(port):
             assert time.monotonic() - killed_at < CLEANUP_SECONDS, (
@@ -166,6 +169,49 @@ def test_a_killed_command_line_takes_its_prefect_server_with_it(tmp_path, stalle
         if command.poll() is None:
             command.kill()
             command.wait()
+
+
+SWALLOWED = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from cli.signals import resend_signals_lost_in_destructors
+if {hook}:
+    resend_signals_lost_in_destructors()
+
+class TerminationSignal(BaseException):  # Prefect's, by name and shape
+    def __init__(self, signal):
+        self.signal = signal
+
+def handler(signum, frame):
+    raise TerminationSignal(signum)
+
+signal.signal(signal.SIGTERM, handler)
+
+class Transport:
+    def __del__(self):  # the signal arrives while a destructor runs, as with asyncio's transports
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100_000):
+            pass
+
+Transport()
+time.sleep(5)
+print("went on")
+"""
+
+
+@pytest.mark.parametrize("hook", [True, False], ids=["with the hook", "without"])
+def test_a_termination_signal_a_destructor_swallowed_is_sent_again(hook):
+    """Python drops an exception raised in a destructor, Prefect's TerminationSignal included: without
+    cli.signals' hook, SIGTERM landing there is ignored and the command goes on."""
+    script = SWALLOWED.format(root=str(Path(__file__).resolve().parents[1]), hook=hook)
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert "Exception ignored in" in done.stderr  # the destructor swallowed it, as it does in the wild
+    if hook:
+        assert done.returncode != 0 and "went on" not in done.stdout and time.monotonic() - began < 4, done
+        assert done.stderr.rstrip().endswith("TerminationSignal: 15"), done.stderr[-500:]
+    else:
+        assert done.returncode == 0 and "went on" in done.stdout  # what the hook is for
 
 
 def test_a_command_that_ends_leaves_nothing_running(tmp_path):
