@@ -49,8 +49,19 @@ from store import storage
 from store.clock import utc_timestamp
 from store.loading import RETRIED_NEXT_RUN
 
-__all__ = ["MAX_NIGHTS", "Delivery", "Outcome", "Prepared", "deliver", "delivered_count", "entries", "prepare",
-           "retry_dead", "was_delivered"]
+__all__ = [
+    "MAX_NIGHTS",
+    "Delivery",
+    "Outcome",
+    "Prepared",
+    "deliver",
+    "delivered_count",
+    "entries",
+    "image_statuses",
+    "prepare",
+    "retry_dead",
+    "was_delivered",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +89,16 @@ class Delivery:
     updated_at: str = field(default_factory=utc_timestamp)
 
 
-def _folder(results_uri: str, model_version: str) -> str:
+def _path(results_uri: str, kind: str, model_version: str, *parts: str) -> str:
+    """``<results>/<kind>/<model version>/...``: kind is deliveries (open entries), delivered (closed
+    ones) or delivery-objects. A version is a folder name: a forged one must not reach outside."""
     if not is_safe_name(model_version):
         raise ValueError(f"model version {model_version!r} is not a safe name")
-    return storage.join(results_uri, "deliveries", model_version)
+    return storage.join(results_uri, kind, model_version, *parts)
+
+
+def _folder(results_uri: str, model_version: str) -> str:
+    return _path(results_uri, "deliveries", model_version)
 
 
 def _entry_uri(results_uri: str, model_version: str, sop_instance_uid: str) -> str:
@@ -89,15 +106,11 @@ def _entry_uri(results_uri: str, model_version: str, sop_instance_uid: str) -> s
 
 
 def _delivered_uri(results_uri: str, model_version: str, sop_instance_uid: str) -> str:
-    if not is_safe_name(model_version):
-        raise ValueError(f"model version {model_version!r} is not a safe name")
-    return storage.join(results_uri, "delivered", model_version, f"{sop_instance_uid}.json")
+    return _path(results_uri, "delivered", model_version, f"{sop_instance_uid}.json")
 
 
 def _objects_folder(results_uri: str, model_version: str, sop_instance_uid: str) -> str:
-    if not is_safe_name(model_version):
-        raise ValueError(f"model version {model_version!r} is not a safe name")
-    return storage.join(results_uri, "delivery-objects", model_version, sop_instance_uid)
+    return _path(results_uri, "delivery-objects", model_version, sop_instance_uid)
 
 
 def _object_bytes(results_uri: str, model_version: str, sop_instance_uid: str, name: str) -> bytes:
@@ -183,6 +196,7 @@ class Prepared:
 
     made: int = 0
     instances: dict[str, str] = field(default_factory=dict)
+    delivered: set[str] = field(default_factory=set)  # of those, the instances a closed entry says went already
 
 
 def prepare(results_uri: str, run_id: str, card: ModelCard, destination: str,
@@ -206,8 +220,12 @@ def prepare(results_uri: str, run_id: str, card: ModelCard, destination: str,
             continue  # its first row is not published yet: the next run looks again, and prepares it then
         sop = row.sop_instance_uid
         entry = _entry_uri(results_uri, card.version, sop)
-        if storage.exists(entry) or was_delivered(results_uri, card.version, sop):
+        if storage.exists(entry):
             prepared.instances[row.image_uri] = sop
+            continue
+        if was_delivered(results_uri, card.version, sop):
+            prepared.instances[row.image_uri] = sop
+            prepared.delivered.add(sop)
             continue
         try:
             screened = originals.of(row) if row.status == "duplicate" else row
@@ -348,6 +366,17 @@ def _send(results_uri: str, version: str, delivery: Delivery, send: Callable[[li
     logger.warning("Delivery of %s's results failed (night %d of %d): %s", delivery.sop_instance_uid,
                    delivery.nights, max_nights, delivery.last_error)
     return False
+
+
+def image_statuses(results_uri: str, model_version: str, prepared: Prepared,
+                   statuses: dict[tuple[str, str], str]) -> dict[str, str]:
+    """Where each of ``prepared``'s images' results stand, by input: as ``deliver`` left its open
+    entry (``Outcome.statuses``), or delivered on an earlier run as ``prepare`` found; otherwise (an
+    open entry that could not be read, a delivery that stopped) delivered only if its closed entry
+    says so."""
+    return {image: statuses.get((model_version, sop)) or (
+        "delivered" if sop in prepared.delivered or was_delivered(results_uri, model_version, sop) else "pending")
+        for image, sop in prepared.instances.items()}
 
 
 def _close(results_uri: str, version: str, delivery: Delivery) -> None:

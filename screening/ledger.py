@@ -362,10 +362,19 @@ class InstanceClaims:
                  live_after: timedelta = LIVE_AFTER) -> None:
         self.results_uri, self.model_version, self.run_id, self.classes = results_uri, model_version, run_id, classes
         self.live_after = live_after
-        self.published = _PublishedRows.of(results_uri, live_after, shared=True)
+        self._published: _PublishedRows | None = None
         self.layout = ResultsLayout(results_uri)
         self._chunk_inputs: dict[str, set[str]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def published(self) -> _PublishedRows:
+        """The live runs and published rows, read when a claim first needs proving: a chunk of new
+        instances (or of no DICOM at all) reads no lease."""
+        with self._lock:
+            if self._published is None:
+                self._published = _PublishedRows.of(self.results_uri, self.live_after, shared=True)
+            return self._published
 
     def screened_as(self, sop_instance_uid: str, image_uri: str, pixels: str) -> Owner | None:
         """None when ``image_uri`` (whose decoded pixels' fingerprint is ``pixels``) is the input

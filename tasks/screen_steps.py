@@ -124,11 +124,7 @@ def deliver_results(params, run_id: str, card: ModelCard) -> tuple[dict, dict[st
         logger.error("Delivery to %s stopped: %s; the rows are kept, and what is pending is sent on the next run",
                      params.deliver_to, error)
         tally["error"] = str(error)[:500]
-    # An instance the open entries no longer hold was delivered (tonight or on an earlier run), if
-    # its closed entry says so; one whose entry could not be read, or that delivery never reached, is not.
-    images = {image: statuses.get((card.version, sop)) or (
-        "delivered" if delivery.was_delivered(params.results_uri, card.version, sop) else "pending")
-        for image, sop in prepared.instances.items()}
+    images = delivery.image_statuses(params.results_uri, card.version, prepared, statuses)
     logger.info("Delivery to %s: %d prepared, %d delivered now, %d pending, %d waiting for a person (dead)",
                 params.deliver_to, tally["prepared"], tally["delivered"], tally["pending"], tally["dead"])
     return tally, images
